@@ -1,0 +1,365 @@
+//! The on-disk, content-addressed cache. Owns the layout and the rule that nothing enters it
+//! unverified: every file is written under `tmp/` and renamed into place only once its digest
+//! (and size) matched. It does not fetch, decode or merge; those live in `source`, `layer`
+//! and `tree`, which write through it.
+//!
+//! ```text
+//! <cache-dir>/                  --cache-dir, $JKMOUNT_CACHE_DIR, $XDG_CACHE_HOME/jkmount, ~/.cache/jkmount
+//!   v1/                         format version: a new layout gets a new directory
+//!     blobs/sha256/<hex>        manifests, indexes, configs, compressed layers, verified
+//!     layers/sha256/<diff_id>/  one decoded layer: content.tar (the verified uncompressed
+//!                               layer, read in place) and index.bin (its entries)
+//!     trees/<key>.bin           merged trees, key = sha256 of the diff_id list
+//!     refs/<registry>/<repo>/<tag>.json   the manifest digest a tag resolved to, and when
+//!     tmp/                      work in progress, on the same filesystem so rename is atomic
+//! ```
+//! Readers never see a half-written file: everything is renamed in whole. Two processes that
+//! fetch the same blob at once each write their own temp file; the second rename replaces the
+//! first with identical bytes.
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::{Digest, HashingWriter};
+use crate::error::{Error, IoContext, Result};
+
+/// The directory inside the cache that holds this version of the layout.
+pub const FORMAT_DIR: &str = "v1";
+
+/// A handle on an opened cache directory.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    root: PathBuf,
+}
+
+/// What a tag resolved to, as stored under `refs/`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TagRecord {
+    /// The digest of the manifest or index the tag pointed to.
+    pub digest: Digest,
+    /// Seconds since the epoch when it was resolved.
+    pub resolved_at: u64,
+}
+
+/// Names a blob in error messages: what it is and which image it belongs to.
+#[derive(Debug, Clone, Copy)]
+pub struct BlobLabel<'a> {
+    /// "manifest", "config" or "layer".
+    pub what: &'static str,
+    /// The image reference as the user gave it.
+    pub reference: &'a str,
+}
+
+impl Cache {
+    /// The default cache directory: `$JKMOUNT_CACHE_DIR` is handled by the command line;
+    /// here `$XDG_CACHE_HOME/jkmount`, else `~/.cache/jkmount`.
+    pub fn default_dir() -> Option<PathBuf> {
+        let xdg = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty());
+        let base = match xdg {
+            Some(dir) => PathBuf::from(dir),
+            None => PathBuf::from(std::env::var_os("HOME")?).join(".cache"),
+        };
+        Some(base.join("jkmount"))
+    }
+
+    /// Opens (creating as needed) the cache under `dir`.
+    pub fn open(dir: &Path) -> Result<Cache> {
+        let root = dir.join(FORMAT_DIR);
+        for sub in ["blobs/sha256", "layers/sha256", "trees", "refs", "tmp"] {
+            let path = root.join(sub);
+            fs::create_dir_all(&path).at(&path)?;
+        }
+        Ok(Cache { root })
+    }
+
+    /// The versioned root (`<cache-dir>/v1`).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where a verified blob lives.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("blobs/sha256").join(digest.hex())
+    }
+
+    /// Whether a verified blob is present.
+    pub fn has_blob(&self, digest: &Digest) -> bool {
+        self.blob_path(digest).is_file()
+    }
+
+    /// Reads a small blob (a manifest or config), re-hashing it so a damaged cache file is
+    /// never trusted. `None` when it is not cached.
+    pub fn read_blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>> {
+        let path = self.blob_path(digest);
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        if Digest::of(&bytes) != *digest {
+            return Err(Error::CacheDamaged {
+                path,
+                detail: format!("content does not hash to {digest}"),
+            });
+        }
+        Ok(Some(bytes))
+    }
+
+    /// Starts writing a blob that must hash to `expected`.
+    pub fn blob_writer(&self, expected: &Digest) -> Result<BlobWriter> {
+        let tmp = self.temp_path("blob");
+        let file = File::create(&tmp).at(&tmp)?;
+        Ok(BlobWriter {
+            out: Some(HashingWriter::new(BufWriter::new(file))),
+            tmp,
+            dest: self.blob_path(expected),
+            expected: expected.clone(),
+        })
+    }
+
+    /// Stores a blob held in memory after checking its digest and size.
+    pub fn insert_blob(&self, digest: &Digest, size: Option<u64>, bytes: &[u8], label: BlobLabel<'_>) -> Result<()> {
+        let mut writer = self.blob_writer(digest)?;
+        writer.write_all(bytes).at(&writer.tmp)?;
+        writer.commit(size, label).map(drop)
+    }
+
+    /// The tag record for `registry/repository:tag`, if one was stored.
+    pub fn read_tag(&self, registry: &str, repository: &str, tag: &str) -> Result<Option<TagRecord>> {
+        let path = self.tag_path(registry, repository, tag);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| Error::CacheDamaged { path, detail: e.to_string() }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(path, e)),
+        }
+    }
+
+    /// Records what a tag resolved to, now.
+    pub fn write_tag(&self, registry: &str, repository: &str, tag: &str, digest: &Digest) -> Result<()> {
+        let record = TagRecord {
+            digest: digest.clone(),
+            resolved_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        };
+        let path = self.tag_path(registry, repository, tag);
+        let json = serde_json::to_vec_pretty(&record).expect("a tag record always serializes");
+        self.write_file_atomic(&path, &json)
+    }
+
+    fn tag_path(&self, registry: &str, repository: &str, tag: &str) -> PathBuf {
+        self.root.join("refs").join(registry).join(repository).join(format!("{tag}.json"))
+    }
+
+    /// The directory of a decoded layer.
+    pub fn layer_dir(&self, diff_id: &Digest) -> PathBuf {
+        self.root.join("layers/sha256").join(diff_id.hex())
+    }
+
+    /// Where a merged tree with this key is persisted.
+    pub fn tree_path(&self, key: &Digest) -> PathBuf {
+        self.root.join("trees").join(format!("{}.bin", key.hex()))
+    }
+
+    /// A fresh, unused path under `tmp/`.
+    pub fn temp_path(&self, prefix: &str) -> PathBuf {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        self.root.join("tmp").join(format!("{prefix}-{}-{n}-{nanos}", std::process::id()))
+    }
+
+    /// Creates a temp directory that is removed on drop unless [`TempDir::commit`] renames it
+    /// into place.
+    pub fn temp_dir(&self, prefix: &str) -> Result<TempDir> {
+        let path = self.temp_path(prefix);
+        fs::create_dir(&path).at(&path)?;
+        Ok(TempDir { path: Some(path) })
+    }
+
+    /// Writes a whole file through `tmp/` and renames it to `dest`.
+    pub fn write_file_atomic(&self, dest: &Path, bytes: &[u8]) -> Result<()> {
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).at(parent)?;
+        }
+        let tmp = self.temp_path("file");
+        let written = fs::write(&tmp, bytes).and_then(|()| fs::rename(&tmp, dest));
+        if written.is_err() {
+            remove_quietly(&tmp);
+        }
+        written.at(dest)
+    }
+}
+
+/// A blob being written; its bytes become visible only through [`BlobWriter::commit`].
+#[derive(Debug)]
+pub struct BlobWriter {
+    out: Option<HashingWriter<BufWriter<File>>>,
+    tmp: PathBuf,
+    dest: PathBuf,
+    expected: Digest,
+}
+
+impl BlobWriter {
+    /// Checks digest and size and renames the blob into place, returning its path. On any
+    /// mismatch the temp file is removed and nothing is cached.
+    pub fn commit(mut self, size: Option<u64>, label: BlobLabel<'_>) -> Result<PathBuf> {
+        let out = self.out.take().expect("commit consumes the writer");
+        let (file, found, count) = out.finish().at(&self.tmp)?;
+        let file = file.into_inner().map_err(|e| Error::io(&self.tmp, e.into_error()))?;
+        file.sync_data().at(&self.tmp)?;
+        if found != self.expected {
+            return Err(Error::DigestMismatch {
+                what: label.what,
+                reference: label.reference.to_owned(),
+                expected: self.expected.clone(),
+                found,
+            });
+        }
+        if let Some(expected) = size.filter(|&s| s != count) {
+            return Err(Error::SizeMismatch {
+                what: label.what,
+                reference: label.reference.to_owned(),
+                digest: self.expected.clone(),
+                expected,
+                found: count,
+            });
+        }
+        fs::rename(&self.tmp, &self.dest).at(&self.dest)?;
+        Ok(self.dest.clone())
+    }
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.as_mut().expect("writer is open until commit").write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.as_mut().expect("writer is open until commit").flush()
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if self.tmp.exists() {
+            remove_quietly(&self.tmp);
+        }
+    }
+}
+
+/// A directory under `tmp/`, removed on drop unless committed.
+#[derive(Debug)]
+pub struct TempDir {
+    path: Option<PathBuf>,
+}
+
+impl TempDir {
+    /// The directory's current path.
+    pub fn path(&self) -> &Path {
+        self.path.as_deref().expect("path is present until commit")
+    }
+
+    /// Renames the directory to `dest`. If another process got there first (the destination
+    /// exists and is not empty) its copy is kept and ours removed: both were verified.
+    pub fn commit(mut self, dest: &Path) -> Result<()> {
+        let path = self.path.take().expect("commit once");
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).at(parent)?;
+        }
+        match fs::rename(&path, dest) {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(e.kind(), io::ErrorKind::DirectoryNotEmpty | io::ErrorKind::AlreadyExists) => {
+                remove_dir_quietly(&path);
+                Ok(())
+            }
+            Err(e) => {
+                remove_dir_quietly(&path);
+                Err(Error::io(dest, e))
+            }
+        }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.take() {
+            remove_dir_quietly(&path);
+        }
+    }
+}
+
+/// Best-effort removal of a temp file; failure only leaves garbage under `tmp/`.
+fn remove_quietly(path: &Path) {
+    if let Err(e) = fs::remove_file(path) {
+        tracing::debug!("could not remove temp file {}: {e}", path.display());
+    }
+}
+
+fn remove_dir_quietly(path: &Path) {
+    if let Err(e) = fs::remove_dir_all(path) {
+        tracing::debug!("could not remove temp dir {}: {e}", path.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LABEL: BlobLabel<'static> = BlobLabel { what: "layer", reference: "test/img:1" };
+
+    #[test]
+    fn stores_a_matching_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let d = Digest::of(b"hello");
+        cache.insert_blob(&d, Some(5), b"hello", LABEL).unwrap();
+        assert_eq!(cache.read_blob(&d).unwrap().unwrap(), b"hello");
+    }
+
+    #[test]
+    fn refuses_a_blob_whose_bytes_do_not_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let d = Digest::of(b"hello");
+        let err = cache.insert_blob(&d, None, b"hellO", LABEL).unwrap_err();
+        assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+        assert!(err.to_string().starts_with(&format!("layer {d} of test/img:1 does not match its digest")), "{err}");
+        assert!(!cache.has_blob(&d));
+        assert_eq!(fs::read_dir(cache.root().join("tmp")).unwrap().count(), 0, "temp file left behind");
+    }
+
+    #[test]
+    fn refuses_a_blob_of_the_wrong_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let d = Digest::of(b"hello");
+        let err = cache.insert_blob(&d, Some(6), b"hello", LABEL).unwrap_err();
+        assert!(matches!(err, Error::SizeMismatch { expected: 6, found: 5, .. }), "{err}");
+        assert!(!cache.has_blob(&d));
+    }
+
+    #[test]
+    fn detects_a_damaged_cached_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let d = Digest::of(b"hello");
+        cache.insert_blob(&d, None, b"hello", LABEL).unwrap();
+        fs::write(cache.blob_path(&d), b"jello").unwrap();
+        assert!(matches!(cache.read_blob(&d), Err(Error::CacheDamaged { .. })));
+    }
+
+    #[test]
+    fn tag_records_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        assert_eq!(cache.read_tag("127.0.0.1:5000", "libs/k", "1").unwrap(), None);
+        let d = Digest::of(b"m");
+        cache.write_tag("127.0.0.1:5000", "libs/k", "1", &d).unwrap();
+        assert_eq!(cache.read_tag("127.0.0.1:5000", "libs/k", "1").unwrap().unwrap().digest, d);
+    }
+}

@@ -1,0 +1,199 @@
+//! The library's error type: one enum whose variants name the object that failed (reference,
+//! digest, layer, path) and say what to do. The command edge adds context with `anyhow`; the
+//! FUSE skin has its own small error type in `fs::core`.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::digest::Digest;
+
+/// Result with the library's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong between an image reference and a mountable tree.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The text given as an image reference cannot be parsed.
+    #[error("invalid image reference {input:?}: {reason}")]
+    InvalidReference {
+        /// What the user typed.
+        input: String,
+        /// Why it was refused.
+        reason: String,
+    },
+
+    /// The text given as a platform cannot be parsed.
+    #[error("invalid platform {input:?}: expected OS/ARCH[/VARIANT], for example linux/amd64")]
+    InvalidPlatform {
+        /// What the user typed.
+        input: String,
+    },
+
+    /// The registry says the repository or the tag does not exist.
+    #[error("{reference}: repository or tag not found on {registry}; check the name and the tag")]
+    NotFound {
+        /// The image reference.
+        reference: String,
+        /// The registry host.
+        registry: String,
+    },
+
+    /// The registry cannot be reached at all.
+    #[error(
+        "cannot reach registry {registry} for {reference} ({detail}); check the address and that the registry is running, or mount from the cache with a digest reference"
+    )]
+    Unreachable {
+        /// The image reference.
+        reference: String,
+        /// The registry host.
+        registry: String,
+        /// The transport's own words.
+        detail: String,
+    },
+
+    /// The registry refused access.
+    #[error(
+        "registry {registry} refused access to {reference} (unauthorized); check the repository name, or that the registry allows anonymous pulls"
+    )]
+    Unauthorized {
+        /// The image reference.
+        reference: String,
+        /// The registry host.
+        registry: String,
+    },
+
+    /// Any other answer from the registry that we cannot use.
+    #[error("registry {registry} failed for {reference}: {detail}")]
+    Registry {
+        /// The image reference.
+        reference: String,
+        /// The registry host.
+        registry: String,
+        /// What the registry or transport said.
+        detail: String,
+    },
+
+    /// An index holds no manifest for the requested platform.
+    #[error(
+        "{reference} has no manifest for platform {platform} (it has: {available}); choose one with --platform"
+    )]
+    NoMatchingPlatform {
+        /// The image reference.
+        reference: String,
+        /// The platform asked for.
+        platform: String,
+        /// The platforms the index offers, comma separated.
+        available: String,
+    },
+
+    /// Bytes did not hash to the digest that names them. Nothing of them was kept.
+    #[error("{what} {expected} of {reference} does not match its digest (got {found}); nothing was cached, try again")]
+    DigestMismatch {
+        /// "manifest", "config", "layer", or "uncompressed layer" (diff_id).
+        what: &'static str,
+        /// The image reference.
+        reference: String,
+        /// The digest the bytes should have had.
+        expected: Digest,
+        /// The digest they had.
+        found: Digest,
+    },
+
+    /// A blob's length differs from its descriptor.
+    #[error("{what} {digest} of {reference} is {found} bytes, its descriptor says {expected}; nothing was cached")]
+    SizeMismatch {
+        /// "manifest", "config" or "layer".
+        what: &'static str,
+        /// The image reference.
+        reference: String,
+        /// The blob's digest.
+        digest: Digest,
+        /// The size in the descriptor.
+        expected: u64,
+        /// The size received.
+        found: u64,
+    },
+
+    /// A manifest, index or config that cannot be used.
+    #[error("{what} {digest} of {reference}: {detail}")]
+    BadDocument {
+        /// "manifest", "index" or "config".
+        what: &'static str,
+        /// The document's digest, or the tag it came from.
+        digest: String,
+        /// The image reference.
+        reference: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+
+    /// A layer whose content cannot be read or applied.
+    #[error("layer {digest} of {reference}: {detail}")]
+    BadLayer {
+        /// The layer's (compressed) digest, or diff_id when applying.
+        digest: Digest,
+        /// The image reference.
+        reference: String,
+        /// What is wrong, naming the path inside the layer where there is one.
+        detail: String,
+    },
+
+    /// An OCI image layout directory that cannot be used.
+    #[error("OCI layout {dir}: {detail}")]
+    Layout {
+        /// The layout directory.
+        dir: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+
+    /// A path asked for with `--subdir` or `--modules` is not a directory of the image.
+    #[error("{path} is not a directory in {images}; check --subdir (or that the image holds modules under /jk/modules)")]
+    NoSuchSubdir {
+        /// The path inside the image.
+        path: String,
+        /// The images, as given.
+        images: String,
+    },
+
+    /// The operating system refused a file operation on the named path.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path operated on.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A cache file that exists but cannot be decoded.
+    #[error("cache file {path} is damaged ({detail}); remove it and try again")]
+    CacheDamaged {
+        /// The cache file.
+        path: PathBuf,
+        /// What failed.
+        detail: String,
+    },
+}
+
+impl Error {
+    /// Wraps an I/O error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Attaches a path to an `io::Result`.
+pub trait IoContext<T> {
+    /// Turns the I/O error into [`Error::Io`] naming `path`.
+    fn at(self, path: impl Into<PathBuf>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T> {
+        self.map_err(|e| Error::io(path, e))
+    }
+}

@@ -1,0 +1,22 @@
+//! jkmount: mount OCI images as read-only directories.
+//!
+//! The library is plain data in, data out: references ([`reference`]), image documents
+//! ([`image`]), the content-addressed [`cache`], layer decoding ([`layer`]), the union
+//! ([`merge`] into a [`tree`]), fetching ([`source`], [`pull`]) and the filesystem core
+//! ([`fs`]). Only `fs::fuse` knows about FUSE, and only `source` is async.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod cache;
+pub mod digest;
+pub mod error;
+pub mod fixture;
+pub mod image;
+pub mod layer;
+pub mod merge;
+pub mod persist;
+pub mod platform;
+pub mod reference;
+pub mod tree;
+
+pub use error::{Error, Result};

@@ -1,0 +1,488 @@
+//! The union of layers, by the OCI image spec's rules: layers are applied bottom to top; in
+//! each, its whiteouts first hide entries of the layers below (`.wh.NAME` removes NAME,
+//! `.wh..wh..opq` empties its directory), then its entries are added in archive order, a later
+//! one replacing an earlier one of the same name (a file replaces a directory and vice versa;
+//! a directory over a directory only takes the new metadata). Whiteout files never appear.
+//!
+//! Containment: paths are normalized inside the image root (`..` at the root stays there),
+//! a symlink met in the middle of a path is resolved inside the image, never on the host, and
+//! a hardlink can only name an entry already in the image. Pure data: no tar, no I/O.
+
+use std::collections::BTreeMap;
+
+use crate::layer::{Entry, EntryKind, Meta};
+use crate::tree::{Node, NodeId, NodeKind, ROOT, Tree};
+
+const WHITEOUT_PREFIX: &[u8] = b".wh.";
+const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
+/// As Linux's limit on symlinks followed while resolving one path.
+const MAX_SYMLINK_HOPS: u32 = 40;
+
+/// An entry that cannot be applied, with the path inside the layer it concerns.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {detail}")]
+pub struct MergeError {
+    /// The entry's path as written in the layer.
+    pub path: String,
+    /// What is wrong.
+    pub detail: String,
+}
+
+#[derive(Debug, Clone)]
+enum BuildKind {
+    Dir { children: BTreeMap<Vec<u8>, NodeId>, parent: NodeId },
+    Leaf(NodeKind),
+}
+
+#[derive(Debug, Clone)]
+struct BuildNode {
+    meta: Meta,
+    kind: BuildKind,
+}
+
+/// A tree under construction, mutable until [`TreeBuilder::finish`].
+#[derive(Debug, Clone)]
+pub struct TreeBuilder {
+    nodes: Vec<BuildNode>,
+}
+
+impl Default for TreeBuilder {
+    fn default() -> Self {
+        let root = BuildNode {
+            meta: Meta::IMPLIED_DIR,
+            kind: BuildKind::Dir { children: BTreeMap::new(), parent: ROOT },
+        };
+        TreeBuilder { nodes: vec![root] }
+    }
+}
+
+/// What one layer entry asks for.
+enum Action<'a> {
+    Opaque { dir: Vec<&'a [u8]>, entry: &'a Entry },
+    Remove { dir: Vec<&'a [u8]>, name: &'a [u8], entry: &'a Entry },
+    Add { components: Vec<&'a [u8]>, entry: &'a Entry },
+}
+
+/// Splits a path into components inside the root: empty and `.` parts dropped, `..` removes
+/// the previous component and stops at the root.
+pub fn components(path: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    for part in path.split(|&b| b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => {
+                out.pop();
+            }
+            name => out.push(name),
+        }
+    }
+    out
+}
+
+fn lossy(path: &[u8]) -> String {
+    String::from_utf8_lossy(path).into_owned()
+}
+
+fn at(entry: &Entry, detail: String) -> MergeError {
+    MergeError { path: lossy(&entry.path), detail }
+}
+
+fn classify(entry: &Entry) -> Result<Action<'_>, MergeError> {
+    let mut components = components(&entry.path);
+    let Some(&last) = components.last() else {
+        return Ok(Action::Add { components, entry });
+    };
+    if last == OPAQUE_MARKER {
+        components.pop();
+        return Ok(Action::Opaque { dir: components, entry });
+    }
+    match last.strip_prefix(WHITEOUT_PREFIX) {
+        Some(b"" | b"." | b"..") => Err(MergeError {
+            path: lossy(&entry.path),
+            detail: "whiteout names no entry".into(),
+        }),
+        Some(name) => {
+            components.pop();
+            Ok(Action::Remove { dir: components, name, entry })
+        }
+        None => Ok(Action::Add { components, entry }),
+    }
+}
+
+impl TreeBuilder {
+    /// An image with nothing but its root directory.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Applies one layer's entries on top of what is there; `layer` is the index recorded in
+    /// file nodes so reads know which layer's content holds their bytes.
+    pub fn apply_layer(&mut self, layer: u32, entries: &[Entry]) -> Result<(), MergeError> {
+        let actions = entries.iter().map(classify).collect::<Result<Vec<_>, _>>()?;
+        for action in &actions {
+            match action {
+                Action::Opaque { dir, entry } => self.hide_lower(dir, None).map_err(|d| at(entry, d))?,
+                Action::Remove { dir, name, entry } => self.hide_lower(dir, Some(name)).map_err(|d| at(entry, d))?,
+                Action::Add { .. } => {}
+            }
+        }
+        for action in &actions {
+            if let Action::Add { components, entry } = action {
+                self.add(layer, components, entry)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes `name` (or, with `None`, everything) from the directory at `dir`, if there is
+    /// one: a whiteout of something absent hides nothing.
+    fn hide_lower(&mut self, dir: &[&[u8]], name: Option<&[u8]>) -> Result<(), String> {
+        let Some(dir) = self.walk(dir, false)? else {
+            return Ok(());
+        };
+        if let BuildKind::Dir { children, .. } = &mut self.nodes[dir as usize].kind {
+            match name {
+                Some(name) => {
+                    children.remove(name);
+                }
+                None => children.clear(),
+            }
+        }
+        Ok(())
+    }
+
+    fn add(&mut self, layer: u32, components: &[&[u8]], entry: &Entry) -> Result<(), MergeError> {
+        let error = |detail: String| at(entry, detail);
+        let Some((&name, parent_path)) = components.split_last() else {
+            return match entry.kind {
+                EntryKind::Dir => {
+                    self.nodes[ROOT as usize].meta = entry.meta;
+                    Ok(())
+                }
+                _ => Err(error("the image root can only be a directory".into())),
+            };
+        };
+        let parent = self.walk(parent_path, true).map_err(error)?.expect("walk with create always finds a directory");
+        let existing = self.child(parent, name);
+        let new_kind = match &entry.kind {
+            EntryKind::Dir => {
+                if let Some(id) = existing.filter(|&id| self.is_dir(id)) {
+                    self.nodes[id as usize].meta = entry.meta;
+                    return Ok(());
+                }
+                BuildKind::Dir { children: BTreeMap::new(), parent }
+            }
+            EntryKind::Hardlink { target } => {
+                let id = self.hardlink_target(target).map_err(error)?;
+                self.insert(parent, name, id);
+                return Ok(());
+            }
+            EntryKind::File { offset, size } => BuildKind::Leaf(NodeKind::File { layer, offset: *offset, size: *size }),
+            EntryKind::Symlink { target } => BuildKind::Leaf(NodeKind::Symlink { target: target.clone() }),
+            EntryKind::CharDevice { rdev } => BuildKind::Leaf(NodeKind::CharDevice { rdev: *rdev }),
+            EntryKind::BlockDevice { rdev } => BuildKind::Leaf(NodeKind::BlockDevice { rdev: *rdev }),
+            EntryKind::Fifo => BuildKind::Leaf(NodeKind::Fifo),
+        };
+        let id = self.push(BuildNode { meta: entry.meta, kind: new_kind });
+        self.insert(parent, name, id);
+        Ok(())
+    }
+
+    fn hardlink_target(&mut self, target: &[u8]) -> Result<NodeId, String> {
+        let parts = components(target);
+        let missing = || format!("hardlink target {} is not in this or a lower layer", lossy(target));
+        let Some((&name, dir)) = parts.split_last() else {
+            return Err("hardlink to the image root".into());
+        };
+        let dir = self.walk(dir, false)?.ok_or_else(missing)?;
+        let id = self.child(dir, name).ok_or_else(missing)?;
+        if self.is_dir(id) {
+            return Err(format!("hardlink target {} is a directory", lossy(target)));
+        }
+        Ok(id)
+    }
+
+    /// Resolves a directory path from the root, following symlinks inside the image. With
+    /// `create`, missing directories are made (as extracting would); without, `None` is
+    /// returned for anything missing or not a directory.
+    fn walk(&mut self, path: &[&[u8]], create: bool) -> Result<Option<NodeId>, String> {
+        let mut pending: Vec<Vec<u8>> = path.iter().rev().map(|c| c.to_vec()).collect();
+        let mut current = ROOT;
+        let mut hops = 0;
+        while let Some(name) = pending.pop() {
+            match name.as_slice() {
+                b"" | b"." => continue,
+                b".." => {
+                    current = self.parent(current);
+                    continue;
+                }
+                _ => {}
+            }
+            let Some(id) = self.child(current, &name) else {
+                if !create {
+                    return Ok(None);
+                }
+                let dir = BuildKind::Dir { children: BTreeMap::new(), parent: current };
+                let id = self.push(BuildNode { meta: Meta::IMPLIED_DIR, kind: dir });
+                self.insert(current, &name, id);
+                current = id;
+                continue;
+            };
+            match &self.nodes[id as usize].kind {
+                BuildKind::Dir { .. } => current = id,
+                BuildKind::Leaf(NodeKind::Symlink { target }) => {
+                    hops += 1;
+                    if hops > MAX_SYMLINK_HOPS {
+                        return Err("too many levels of symbolic links".into());
+                    }
+                    if target.starts_with(b"/") {
+                        current = ROOT;
+                    }
+                    pending.extend(target.split(|&b| b == b'/').rev().map(<[u8]>::to_vec));
+                }
+                BuildKind::Leaf(_) if create => {
+                    return Err(format!("{} is not a directory in the layers below", lossy(&name)));
+                }
+                BuildKind::Leaf(_) => return Ok(None),
+            }
+        }
+        Ok(Some(current))
+    }
+
+    fn push(&mut self, node: BuildNode) -> NodeId {
+        let id = NodeId::try_from(self.nodes.len()).expect("fewer than 2^32 nodes");
+        self.nodes.push(node);
+        id
+    }
+
+    fn child(&self, dir: NodeId, name: &[u8]) -> Option<NodeId> {
+        match &self.nodes[dir as usize].kind {
+            BuildKind::Dir { children, .. } => children.get(name).copied(),
+            BuildKind::Leaf(_) => None,
+        }
+    }
+
+    fn parent(&self, dir: NodeId) -> NodeId {
+        match self.nodes[dir as usize].kind {
+            BuildKind::Dir { parent, .. } => parent,
+            BuildKind::Leaf(_) => ROOT,
+        }
+    }
+
+    fn is_dir(&self, id: NodeId) -> bool {
+        matches!(self.nodes[id as usize].kind, BuildKind::Dir { .. })
+    }
+
+    fn insert(&mut self, dir: NodeId, name: &[u8], id: NodeId) {
+        if let BuildKind::Dir { children, .. } = &mut self.nodes[dir as usize].kind {
+            children.insert(name.to_vec(), id);
+        }
+    }
+
+    /// Freezes what is reachable from `subdir` (the root when `None`) into a [`Tree`] whose root
+    /// is that directory. `None` if `subdir` is not a directory of the image.
+    pub fn finish(mut self, subdir: Option<&str>) -> Result<Option<Tree>, MergeError> {
+        let start = match subdir {
+            None => ROOT,
+            Some(path) => match self.walk(&components(path.as_bytes()), false).map_err(|detail| MergeError { path: path.to_owned(), detail })? {
+                Some(id) => id,
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(self.freeze_from(start)))
+    }
+
+    /// Renumbers breadth first from `start`, dropping what is unreachable, and counts links.
+    fn freeze_from(&self, start: NodeId) -> Tree {
+        const UNSEEN: NodeId = NodeId::MAX;
+        let mut new_id = vec![UNSEEN; self.nodes.len()];
+        let mut order = vec![start];
+        new_id[start as usize] = ROOT;
+        let mut nodes = Vec::new();
+        let mut i = 0;
+        while let Some(&old) = order.get(i) {
+            i += 1;
+            let node = &self.nodes[old as usize];
+            let kind = match &node.kind {
+                BuildKind::Dir { children, .. } => {
+                    let entries = children
+                        .iter()
+                        .map(|(name, &child)| {
+                            if new_id[child as usize] == UNSEEN {
+                                new_id[child as usize] = order.len() as NodeId;
+                                order.push(child);
+                            }
+                            (name.clone(), new_id[child as usize])
+                        })
+                        .collect();
+                    NodeKind::Dir { entries, parent: ROOT }
+                }
+                BuildKind::Leaf(kind) => kind.clone(),
+            };
+            nodes.push(Node { meta: node.meta, kind, nlink: 0 });
+        }
+        count_links(&mut nodes);
+        Tree { nodes }
+    }
+}
+
+/// Sets each directory's parent and every node's link count.
+fn count_links(nodes: &mut [Node]) {
+    let mut links = vec![0u32; nodes.len()];
+    let mut parents = Vec::new();
+    for (id, node) in nodes.iter().enumerate() {
+        if let NodeKind::Dir { entries, .. } = &node.kind {
+            links[id] += 2;
+            for &(_, child) in entries {
+                if matches!(nodes[child as usize].kind, NodeKind::Dir { .. }) {
+                    links[id] += 1;
+                    parents.push((child, id as NodeId));
+                } else {
+                    links[child as usize] += 1;
+                }
+            }
+        }
+    }
+    for (child, parent) in parents {
+        if let NodeKind::Dir { parent: p, .. } = &mut nodes[child as usize].kind {
+            *p = parent;
+        }
+    }
+    for (node, n) in nodes.iter_mut().zip(links) {
+        node.nlink = n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const M: Meta = Meta { mode: 0o644, uid: 0, gid: 0, mtime: 1 };
+
+    fn e(path: &str, kind: EntryKind) -> Entry {
+        Entry { path: path.as_bytes().to_vec(), kind, meta: M }
+    }
+    fn f(path: &str) -> Entry {
+        e(path, EntryKind::File { offset: 0, size: path.len() as u64 })
+    }
+    fn d(path: &str) -> Entry {
+        e(path, EntryKind::Dir)
+    }
+    fn l(path: &str, target: &str) -> Entry {
+        e(path, EntryKind::Symlink { target: target.as_bytes().to_vec() })
+    }
+    fn h(path: &str, target: &str) -> Entry {
+        e(path, EntryKind::Hardlink { target: target.as_bytes().to_vec() })
+    }
+
+    fn merge(layers: &[Vec<Entry>]) -> Result<Tree, MergeError> {
+        let mut b = TreeBuilder::new();
+        for (i, layer) in layers.iter().enumerate() {
+            b.apply_layer(i as u32, layer)?;
+        }
+        Ok(b.finish(None)?.expect("root exists"))
+    }
+
+    /// Paths with a kind letter: `d`irectory, `f`ile from layer N, `l`ink.
+    fn listing(tree: &Tree) -> Vec<String> {
+        tree.walk()
+            .into_iter()
+            .map(|(path, id)| match &tree.node(id).kind {
+                NodeKind::Dir { .. } => format!("{path} d"),
+                NodeKind::File { layer, .. } => format!("{path} f{layer}"),
+                NodeKind::Symlink { target } => format!("{path} -> {}", String::from_utf8_lossy(target)),
+                _ => format!("{path} ?"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn merge_rules_table() {
+        let cases: Vec<(&str, Vec<Vec<Entry>>, Vec<&str>)> = vec![
+            ("whiteout of a file", vec![vec![f("a"), f("b")], vec![f(".wh.a")]], vec!["/ d", "/b f0"]),
+            ("whiteout of a directory", vec![vec![d("d/"), f("d/x")], vec![f(".wh.d")]], vec!["/ d"]),
+            (
+                "opaque directory then re-add in the same layer",
+                vec![vec![d("d/"), f("d/old")], vec![f("d/.wh..wh..opq"), f("d/new")]],
+                vec!["/ d", "/d d", "/d/new f1"],
+            ),
+            (
+                "opaque marker after the re-added entry",
+                vec![vec![d("d/"), f("d/old")], vec![f("d/new"), f("d/.wh..wh..opq")]],
+                vec!["/ d", "/d d", "/d/new f1"],
+            ),
+            (
+                "a whiteout does not hide its own layer's entry",
+                vec![vec![f("keep")], vec![f("x"), f(".wh.x")]],
+                vec!["/ d", "/keep f0", "/x f1"],
+            ),
+            ("directory replaced by a file", vec![vec![d("p/"), f("p/q")], vec![f("p")]], vec!["/ d", "/p f1"]),
+            ("file replaced by a directory", vec![vec![f("p")], vec![d("p/"), f("p/q")]], vec!["/ d", "/p d", "/p/q f1"]),
+            ("whiteout of a name that does not exist", vec![vec![f("a")], vec![f(".wh.nothing"), f("nodir/.wh.x")]], vec!["/ d", "/a f0"]),
+            ("implied parents", vec![vec![f("x/y/z")]], vec!["/ d", "/x d", "/x/y d", "/x/y/z f0"]),
+            ("dot-dot stays inside the root", vec![vec![f("./../../etc/passwd")]], vec!["/ d", "/etc d", "/etc/passwd f0"]),
+            (
+                "a later layer writes through a symlinked directory",
+                vec![vec![d("real/"), l("link", "real")], vec![f("link/file")]],
+                vec!["/ d", "/link -> real", "/real d", "/real/file f1"],
+            ),
+            (
+                "an absolute symlink resolves inside the image",
+                vec![vec![d("real/"), l("abs", "/../../real")], vec![f("abs/file")]],
+                vec!["/ d", "/abs -> /../../real", "/real d", "/real/file f1"],
+            ),
+            ("the same entry twice in a layer: the later wins", vec![vec![f("a"), l("a", "b")]], vec!["/ d", "/a -> b"]),
+            ("directory over directory keeps its contents", vec![vec![d("d/"), f("d/x")], vec![d("d/")]], vec!["/ d", "/d d", "/d/x f0"]),
+        ];
+        for (name, layers, expected) in cases {
+            let tree = merge(&layers).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(listing(&tree), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn hardlinks_share_a_node() {
+        let tree = merge(&[vec![f("a"), h("b", "a"), h("c", "/a")]]).unwrap();
+        let (a, b, c) = (tree.lookup_path("a").unwrap(), tree.lookup_path("b").unwrap(), tree.lookup_path("c").unwrap());
+        assert_eq!((a, a), (b, c));
+        assert_eq!(tree.node(a).nlink, 3);
+
+        let tree = merge(&[vec![f("a"), h("b", "a")], vec![f(".wh.a")]]).unwrap();
+        assert_eq!(tree.lookup_path("a"), None);
+        assert_eq!(tree.node(tree.lookup_path("b").unwrap()).nlink, 1);
+    }
+
+    #[test]
+    fn refuses_what_cannot_be_applied() {
+        let cases: Vec<(Vec<Vec<Entry>>, &str)> = vec![
+            (vec![vec![h("b", "missing")]], "b: hardlink target missing is not in this or a lower layer"),
+            (vec![vec![d("dir/"), h("b", "dir")]], "b: hardlink target dir is a directory"),
+            (vec![vec![f("file"), f("file/x")]], "file/x: file is not a directory in the layers below"),
+            (vec![vec![l("loop", "loop"), f("loop/x")]], "loop/x: too many levels of symbolic links"),
+            (vec![vec![f("dir/.wh.")]], "dir/.wh.: whiteout names no entry"),
+        ];
+        for (layers, expected) in cases {
+            assert_eq!(merge(&layers).unwrap_err().to_string(), expected);
+        }
+    }
+
+    #[test]
+    fn link_counts_and_parents() {
+        let tree = merge(&[vec![d("a/"), d("a/b/"), d("a/c/"), f("a/f")]]).unwrap();
+        let a = tree.lookup_path("a").unwrap();
+        assert_eq!(tree.node(a).nlink, 4);
+        let b = tree.lookup_path("a/b").unwrap();
+        assert!(matches!(tree.node(b).kind, NodeKind::Dir { parent, .. } if parent == a));
+        assert!(matches!(tree.node(ROOT).kind, NodeKind::Dir { parent: ROOT, .. }));
+    }
+
+    #[test]
+    fn finish_at_a_subdirectory() {
+        let mut b = TreeBuilder::new();
+        b.apply_layer(0, &[f("jk/modules/m/index.js"), f("etc/x")]).unwrap();
+        let tree = b.clone().finish(Some("/jk/modules")).unwrap().unwrap();
+        assert_eq!(listing(&tree), ["/ d", "/m d", "/m/index.js f0"]);
+        assert_eq!(b.clone().finish(Some("/nope")).unwrap(), None);
+        assert_eq!(b.finish(Some("/etc/x")).unwrap(), None);
+    }
+}

@@ -139,7 +139,7 @@ pub enum Error {
     },
 
     /// An OCI image layout directory that cannot be used.
-    #[error("OCI layout {dir}: {detail}")]
+    #[error("OCI layout {}: {detail}", dir.display())]
     Layout {
         /// The layout directory.
         dir: PathBuf,
@@ -157,7 +157,7 @@ pub enum Error {
     },
 
     /// The operating system refused a file operation on the named path.
-    #[error("{path}: {source}")]
+    #[error("{}: {source}", path.display())]
     Io {
         /// The path operated on.
         path: PathBuf,
@@ -167,7 +167,7 @@ pub enum Error {
     },
 
     /// A cache file that exists but cannot be decoded.
-    #[error("cache file {path} is damaged ({detail}); remove it and try again")]
+    #[error("cache file {} is damaged ({detail}); remove it and try again", path.display())]
     CacheDamaged {
         /// The cache file.
         path: PathBuf,

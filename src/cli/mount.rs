@@ -1,0 +1,111 @@
+//! `jkmount [OPTIONS] IMAGE... MOUNTPOINT`: pull, merge, mount. By default the command
+//! re-runs itself as a detached server and returns once that server reports the mount live
+//! (a readiness pipe: the server's stdout), or with the server's own error and exit status.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use anyhow::Context;
+use clap::Args;
+use jkmount::fs::FsCore;
+use jkmount::mount::{self, MountRequest};
+use jkmount::mountable;
+
+use super::{ChildExited, GlobalArgs, ResolveArgs, open_cache, parse_images, pull_all};
+
+/// Set in the environment of the detached server so it reports readiness on stdout.
+const SERVER_ENV: &str = "JKMOUNT_BACKGROUND_SERVER";
+/// What the server writes on its stdout once the mount is live.
+const READY: &str = "ready";
+/// The subtree `--modules` presents.
+pub const MODULES_DIR: &str = "/jk/modules";
+/// FUSE worker threads: reads are short `pread`s, a few threads keep the kernel's queue moving.
+const FUSE_THREADS: usize = 4;
+
+/// Arguments of the default (mount) command.
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// Images to stack (later ones on top), then the directory to mount them at.
+    /// An image is a registry reference (host:port/repo:tag, repo@sha256:…, ubuntu) or
+    /// oci:DIR[:TAG] for an OCI image layout on disk.
+    #[arg(required = true, num_args = 2.., value_name = "IMAGE... MOUNTPOINT")]
+    targets: Vec<String>,
+    /// Present only /jk/modules of the images (to mount straight onto node_modules).
+    #[arg(long, conflicts_with = "subdir")]
+    modules: bool,
+    /// Present only this directory of the images.
+    #[arg(long, value_name = "PATH")]
+    subdir: Option<String>,
+    /// Stay in the foreground and serve until unmounted or sent SIGTERM/SIGINT.
+    #[arg(short, long)]
+    foreground: bool,
+    #[command(flatten)]
+    resolve: ResolveArgs,
+}
+
+/// Mounts, in the foreground or through a detached server.
+pub fn run(args: MountArgs, global: &GlobalArgs) -> anyhow::Result<()> {
+    let (mountpoint, images) = args.targets.split_last().expect("clap requires two or more");
+    let images = parse_images(images)?;
+    let options = args.resolve.options()?;
+    let is_server = std::env::var_os(SERVER_ENV).is_some();
+    if !args.foreground && !is_server {
+        return start_server();
+    }
+    if is_server {
+        nix::unistd::setsid().context("cannot start a new session for the background server")?;
+    }
+    let mountpoint = mount::preflight(&PathBuf::from(mountpoint))?;
+    let cache = open_cache(global)?;
+    let pulled = pull_all(&cache, &images, &options)?;
+    let subdir = if args.modules { Some(MODULES_DIR) } else { args.subdir.as_deref() };
+    let mountable = mountable::assemble(&cache, &pulled, subdir)?;
+    let request = MountRequest { mountpoint, fsname: mountable.name.clone(), threads: FUSE_THREADS };
+    let core = FsCore::new(mountable)?;
+    mount::serve(core, &request, || {
+        if is_server {
+            report_ready();
+        }
+    })?;
+    Ok(())
+}
+
+/// Re-runs this command detached and waits for it to say the mount is live.
+fn start_server() -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("cannot find the jkmount executable")?;
+    let mut child = Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(SERVER_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("cannot start the background jkmount")?;
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("stdout is piped");
+    BufReader::new(stdout).read_line(&mut line).context("lost the background jkmount")?;
+    if line.trim_end() == READY {
+        return Ok(());
+    }
+    let status = child.wait().context("lost the background jkmount")?;
+    let code = status.code().and_then(|c| u8::try_from(c).ok()).filter(|&c| c != 0).unwrap_or(1);
+    Err(ChildExited(code).into())
+}
+
+/// Tells the waiting parent that the mount is live, then lets go of its terminal: stdout and
+/// stderr go to /dev/null so nothing holds the caller's pipes open.
+fn report_ready() {
+    let detach = || -> std::io::Result<()> {
+        let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+        nix::unistd::dup2_stderr(&null)?;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{READY}")?;
+        out.flush()?;
+        nix::unistd::dup2_stdout(&null)?;
+        Ok(())
+    };
+    if let Err(e) = detach() {
+        tracing::warn!("could not report readiness: {e}");
+    }
+}

@@ -1,0 +1,298 @@
+//! The filesystem core: lookup, getattr, readdir, read, readlink and statfs over a merged
+//! [`Tree`], returning `Result<_, FsError>`. Inode numbers are node ids + 1 (the root is 1).
+//! File data is read with `pread` from the layers' verified content; nothing here blocks on
+//! the network or holds a lock, so any number of FUSE worker threads can share it.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use crate::error::{IoContext, Result};
+use crate::mountable::Mountable;
+use crate::tree::{NodeId, NodeKind, ROOT, Tree};
+
+/// The FUSE root inode.
+pub const ROOT_INO: u64 = 1;
+/// Block size reported by `stat` and `statfs`.
+pub const BLOCK_SIZE: u32 = 4096;
+/// Longest name `statfs` admits to.
+pub const MAX_NAME: u32 = 255;
+
+/// What a request can fail with; [`FsError`] is mapped to an errno in one place, the adapter.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// No such inode or name.
+    #[error("no such file or directory")]
+    NotFound,
+    /// A directory operation on something else.
+    #[error("not a directory")]
+    NotADirectory,
+    /// A file operation on a directory.
+    #[error("is a directory")]
+    IsADirectory,
+    /// `readlink` on something that is not a symlink.
+    #[error("not a symbolic link")]
+    NotASymlink,
+    /// Any change: the image is read-only.
+    #[error("read-only file system")]
+    ReadOnly,
+    /// Reading a layer's content failed.
+    #[error("reading layer content: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// The kind of a file, as `stat` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// Directory.
+    Directory,
+    /// Regular file.
+    RegularFile,
+    /// Symbolic link.
+    Symlink,
+    /// Character device.
+    CharDevice,
+    /// Block device.
+    BlockDevice,
+    /// Named pipe.
+    NamedPipe,
+}
+
+/// Attributes of one inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    /// Inode number.
+    pub ino: u64,
+    /// Kind.
+    pub kind: FileKind,
+    /// Size in bytes (symlinks: target length).
+    pub size: u64,
+    /// Permission bits including setuid/setgid/sticky.
+    pub perm: u16,
+    /// Link count.
+    pub nlink: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Device number.
+    pub rdev: u32,
+    /// Modification time (also used for access and change times).
+    pub mtime: i64,
+}
+
+/// One directory entry as `readdir` returns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirEntry<'a> {
+    /// The entry's inode.
+    pub ino: u64,
+    /// The offset to resume after this entry.
+    pub next_offset: u64,
+    /// Its kind.
+    pub kind: FileKind,
+    /// Its name.
+    pub name: &'a [u8],
+}
+
+/// Totals for `statfs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsStats {
+    /// Blocks of [`BLOCK_SIZE`] the files' content takes.
+    pub blocks: u64,
+    /// Number of inodes.
+    pub files: u64,
+}
+
+/// The filesystem over one merged tree.
+#[derive(Debug)]
+pub struct FsCore {
+    tree: Tree,
+    layers: Vec<File>,
+    stats: FsStats,
+}
+
+fn ino_of(id: NodeId) -> u64 {
+    u64::from(id) + 1
+}
+
+impl FsCore {
+    /// Opens the layers' content files.
+    pub fn new(mountable: Mountable) -> Result<Self> {
+        let layers = mountable
+            .layers
+            .iter()
+            .map(|path| File::open(path).at(path))
+            .collect::<Result<Vec<_>>>()?;
+        let tree = mountable.tree;
+        let bytes: u64 = tree
+            .nodes
+            .iter()
+            .map(|n| match n.kind {
+                NodeKind::File { size, .. } => size.div_ceil(u64::from(BLOCK_SIZE)),
+                _ => 0,
+            })
+            .sum();
+        let stats = FsStats { blocks: bytes, files: tree.nodes.len() as u64 };
+        Ok(FsCore { tree, layers, stats })
+    }
+
+    fn id(&self, ino: u64) -> Result<NodeId, FsError> {
+        ino.checked_sub(1)
+            .and_then(|id| NodeId::try_from(id).ok())
+            .filter(|&id| (id as usize) < self.tree.nodes.len())
+            .ok_or(FsError::NotFound)
+    }
+
+    /// Attributes of an inode.
+    pub fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
+        Ok(self.attr(self.id(ino)?))
+    }
+
+    fn attr(&self, id: NodeId) -> Attr {
+        let node = self.tree.node(id);
+        let (kind, size, rdev) = match &node.kind {
+            NodeKind::Dir { entries, .. } => (FileKind::Directory, entries.len() as u64 + 2, 0),
+            NodeKind::File { size, .. } => (FileKind::RegularFile, *size, 0),
+            NodeKind::Symlink { target } => (FileKind::Symlink, target.len() as u64, 0),
+            NodeKind::CharDevice { rdev } => (FileKind::CharDevice, 0, *rdev),
+            NodeKind::BlockDevice { rdev } => (FileKind::BlockDevice, 0, *rdev),
+            NodeKind::Fifo => (FileKind::NamedPipe, 0, 0),
+        };
+        Attr {
+            ino: ino_of(id),
+            kind,
+            size,
+            perm: (node.meta.mode & 0o7777) as u16,
+            nlink: node.nlink,
+            uid: node.meta.uid,
+            gid: node.meta.gid,
+            rdev,
+            mtime: node.meta.mtime,
+        }
+    }
+
+    /// Looks `name` up in directory `parent`: `Ok(None)` when absent, which the kernel may
+    /// cache as a negative entry.
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Attr>, FsError> {
+        let dir = self.id(parent)?;
+        if self.tree.entries(dir).is_none() {
+            return Err(FsError::NotADirectory);
+        }
+        Ok(self.tree.lookup(dir, name).map(|id| self.attr(id)))
+    }
+
+    /// Directory entries from `offset` on: `.` and `..` first, then the names in byte order.
+    pub fn readdir(&self, ino: u64, offset: u64) -> Result<impl Iterator<Item = DirEntry<'_>>, FsError> {
+        let id = self.id(ino)?;
+        let node = self.tree.node(id);
+        let NodeKind::Dir { entries, parent } = &node.kind else {
+            return Err(FsError::NotADirectory);
+        };
+        let dots = [(&b"."[..], id), (&b".."[..], if id == ROOT { ROOT } else { *parent })];
+        let all = dots.into_iter().chain(entries.iter().map(|(name, child)| (name.as_slice(), *child)));
+        Ok(all.enumerate().skip(offset as usize).map(|(i, (name, child))| DirEntry {
+            ino: ino_of(child),
+            next_offset: i as u64 + 1,
+            kind: self.attr(child).kind,
+            name,
+        }))
+    }
+
+    /// Checks that an inode can be opened for reading.
+    pub fn open(&self, ino: u64, write: bool) -> Result<(), FsError> {
+        if write {
+            return Err(FsError::ReadOnly);
+        }
+        match self.tree.node(self.id(ino)?).kind {
+            NodeKind::Dir { .. } => Err(FsError::IsADirectory),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads up to `size` bytes at `offset`; fewer only at the end of the file.
+    pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        let id = self.id(ino)?;
+        let NodeKind::File { layer, offset: start, size: file_size } = self.tree.node(id).kind else {
+            return Err(match self.tree.node(id).kind {
+                NodeKind::Dir { .. } => FsError::IsADirectory,
+                _ => FsError::NotFound,
+            });
+        };
+        let len = file_size.saturating_sub(offset).min(u64::from(size));
+        let mut buf = vec![0; len as usize];
+        self.layers[layer as usize].read_exact_at(&mut buf, start + offset)?;
+        Ok(buf)
+    }
+
+    /// A symlink's target, verbatim.
+    pub fn readlink(&self, ino: u64) -> Result<&[u8], FsError> {
+        match &self.tree.node(self.id(ino)?).kind {
+            NodeKind::Symlink { target } => Ok(target),
+            _ => Err(FsError::NotASymlink),
+        }
+    }
+
+    /// Totals for `statfs`.
+    pub fn statfs(&self) -> FsStats {
+        self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::Cache;
+    use crate::fixture::ImageBuilder;
+    use crate::mountable::assemble;
+    use crate::platform::Platform;
+    use crate::pull::{PullOptions, pull};
+    use crate::reference::ImageRef;
+
+    fn core_for(layers: &[&str], subdir: Option<&str>) -> (tempfile::TempDir, FsCore) {
+        let dir = tempfile::tempdir().unwrap();
+        let image = layers.iter().fold(ImageBuilder::new(), |b, l| b.layer(l)).build();
+        image.write_layout(&dir.path().join("layout"), "t").unwrap();
+        let cache = Cache::open(&dir.path().join("cache")).unwrap();
+        let reference = ImageRef::parse(&format!("oci:{}:t", dir.path().join("layout").display())).unwrap();
+        let options = PullOptions { platform: Platform::host(), refresh_tags: false };
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let pulled = runtime.block_on(pull(&cache, &reference, &options)).unwrap();
+        let core = FsCore::new(assemble(&cache, &[pulled], subdir).unwrap()).unwrap();
+        (dir, core)
+    }
+
+    #[test]
+    fn serves_a_layout_image() {
+        let (_dir, fs) = core_for(
+            &["d /a 755\nf /a/hello 644 \"hello\\n\"\nl /a/link hello\nf /gone 600 \"x\"", "w /.wh.gone\nf /a/hello 640 \"bye\\n\""],
+            None,
+        );
+        let a = fs.lookup(ROOT_INO, b"a").unwrap().unwrap();
+        assert_eq!((a.kind, a.perm, a.nlink), (FileKind::Directory, 0o755, 2));
+        assert_eq!(fs.lookup(ROOT_INO, b"gone").unwrap(), None);
+        let hello = fs.lookup(a.ino, b"hello").unwrap().unwrap();
+        assert_eq!((hello.size, hello.perm), (4, 0o640));
+        assert_eq!(fs.read(hello.ino, 0, 4096).unwrap(), b"bye\n");
+        assert_eq!(fs.read(hello.ino, 1, 2).unwrap(), b"ye");
+        assert_eq!(fs.read(hello.ino, 10, 2).unwrap(), b"");
+        let link = fs.lookup(a.ino, b"link").unwrap().unwrap();
+        assert_eq!(fs.readlink(link.ino).unwrap(), b"hello");
+        let names: Vec<_> = fs.readdir(a.ino, 0).unwrap().map(|e| String::from_utf8_lossy(e.name).into_owned()).collect();
+        assert_eq!(names, [".", "..", "hello", "link"]);
+        let rest: Vec<_> = fs.readdir(a.ino, 3).unwrap().map(|e| e.name).collect();
+        assert_eq!(rest, [b"link"]);
+        assert!(matches!(fs.lookup(hello.ino, b"x"), Err(FsError::NotADirectory)));
+        assert!(matches!(fs.getattr(9999), Err(FsError::NotFound)));
+        assert!(matches!(fs.getattr(0), Err(FsError::NotFound)));
+        assert!(matches!(fs.open(hello.ino, true), Err(FsError::ReadOnly)));
+        assert!(matches!(fs.readlink(hello.ino), Err(FsError::NotASymlink)));
+    }
+
+    #[test]
+    fn serves_a_subdirectory_as_root() {
+        let (_dir, fs) = core_for(&["f /jk/modules/m/index.js 644 \"module.exports = 1\\n\"\nf /etc/x 644 \"\""], Some("/jk/modules"));
+        let m = fs.lookup(ROOT_INO, b"m").unwrap().unwrap();
+        assert!(fs.lookup(m.ino, b"index.js").unwrap().is_some());
+        assert_eq!(fs.lookup(ROOT_INO, b"etc").unwrap(), None);
+    }
+}

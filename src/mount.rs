@@ -1,0 +1,329 @@
+//! Putting a filesystem at a mountpoint and taking it away: checks that say what is wrong
+//! before anything is mounted, the mount itself (type `fuse.jkmount`, `ro,nosuid,nodev`,
+//! source = the image references), serving until unmounted or signalled, and `unmount`.
+//! As root the mount is made with mount(2) directly; otherwise through `fusermount3`.
+
+use std::fs::{self, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use fuser::{Config, MountOption, Session, SessionACL};
+use nix::mount::{MntFlags, MsFlags};
+use nix::sys::signal::{SigSet, Signal};
+use nix::unistd::{Uid, getgid, getuid};
+
+use crate::fs::FsCore;
+use crate::fs::fuse::FuseFs;
+
+/// The filesystem type our mounts show in `/proc/mounts`.
+pub const FS_TYPE: &str = "fuse.jkmount";
+const SUBTYPE: &str = "jkmount";
+const DEV_FUSE: &str = "/dev/fuse";
+const FUSERMOUNT: &str = "fusermount3";
+
+/// What can stop a mount or unmount, each naming the path and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// The mountpoint does not exist.
+    #[error("mountpoint {} does not exist; create it with mkdir -p", .0.display())]
+    Missing(PathBuf),
+    /// The mountpoint is not a directory.
+    #[error("mountpoint {} is not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    /// Something is already mounted there.
+    #[error("{} is already a mount point ({fstype} from {origin}); unmount it first", path.display())]
+    AlreadyMounted {
+        /// The mountpoint.
+        path: PathBuf,
+        /// Its filesystem type.
+        fstype: String,
+        /// Its source.
+        origin: String,
+    },
+    /// No FUSE device.
+    #[error("{DEV_FUSE} is missing: load the fuse module (modprobe fuse), or give the container the device (--device /dev/fuse)")]
+    NoFuseDevice,
+    /// Non-root without the setuid helper.
+    #[error("{FUSERMOUNT} is not installed, and it is needed to mount as a non-root user: install the fuse3 package")]
+    NoFusermount,
+    /// The kernel or helper refused the mount.
+    #[error("mounting at {} failed: {source}", path.display())]
+    MountFailed {
+        /// The mountpoint.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+    /// `unmount` on a path that is not a jkmount mount.
+    #[error("{} is not a jkmount mount ({what}); nothing was unmounted", path.display())]
+    NotOurs {
+        /// The path.
+        path: PathBuf,
+        /// What it is instead.
+        what: String,
+    },
+    /// The unmount itself failed.
+    #[error("unmounting {} failed: {source}{hint}", path.display())]
+    UnmountFailed {
+        /// The mountpoint.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+        /// What to do about it.
+        hint: &'static str,
+    },
+}
+
+/// An entry of `/proc/self/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountInfo {
+    /// Where it is mounted.
+    pub mount_point: PathBuf,
+    /// Filesystem type, e.g. `fuse.jkmount`.
+    pub fstype: String,
+    /// Mount source; for jkmount, the image references.
+    pub source: String,
+}
+
+/// Parses `/proc/self/mountinfo` text.
+pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let sep = fields.iter().position(|f| *f == "-")?;
+            Some(MountInfo {
+                mount_point: PathBuf::from(unescape(fields.get(4)?)),
+                fstype: unescape(fields.get(sep + 1)?),
+                source: unescape(fields.get(sep + 2)?),
+            })
+        })
+        .collect()
+}
+
+/// Undoes the kernel's octal escapes (`\040` for a space, …).
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The innermost mount at exactly `path`, if any.
+pub fn mount_at(path: &Path) -> io::Result<Option<MountInfo>> {
+    let text = fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(parse_mountinfo(&text).into_iter().rev().find(|m| m.mount_point == path))
+}
+
+/// Checks everything that can be checked before pulling: the mountpoint and the FUSE device
+/// and helper. Returns the mountpoint's canonical path.
+pub fn preflight(mountpoint: &Path) -> Result<PathBuf, MountError> {
+    let meta = fs::metadata(mountpoint).map_err(|_| MountError::Missing(mountpoint.to_owned()))?;
+    if !meta.is_dir() {
+        return Err(MountError::NotADirectory(mountpoint.to_owned()));
+    }
+    let path = fs::canonicalize(mountpoint).map_err(|_| MountError::Missing(mountpoint.to_owned()))?;
+    if let Some(m) = mount_at(&path).ok().flatten() {
+        return Err(MountError::AlreadyMounted { path, fstype: m.fstype, origin: m.source });
+    }
+    if !Path::new(DEV_FUSE).exists() {
+        return Err(MountError::NoFuseDevice);
+    }
+    if !Uid::effective().is_root() && !on_path(FUSERMOUNT) {
+        return Err(MountError::NoFusermount);
+    }
+    Ok(path)
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
+/// How to mount.
+#[derive(Debug, Clone)]
+pub struct MountRequest {
+    /// The canonical mountpoint (from [`preflight`]).
+    pub mountpoint: PathBuf,
+    /// The mount source shown in `/proc/mounts`: the image references.
+    pub fsname: String,
+    /// FUSE worker threads.
+    pub threads: usize,
+}
+
+/// Mounts `core` and serves it until the filesystem is unmounted (by `jkmount unmount`,
+/// `umount`, or SIGTERM/SIGINT/SIGHUP to this process, which unmount cleanly). `on_ready` runs
+/// once the kernel has completed the FUSE handshake, so the mount is live.
+pub fn serve(core: FsCore, request: &MountRequest, on_ready: impl FnOnce()) -> Result<(), MountError> {
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        signals.add(s);
+    }
+    // Blocked before any FUSE thread exists, so only the waiting thread below receives them.
+    signals.thread_block().map_err(|e| mount_failed(request, e.into()))?;
+    let fs = FuseFs::new(core);
+    let mut config = Config::default();
+    config.n_threads = Some(request.threads);
+    config.clone_fd = true;
+    let mountpoint = request.mountpoint.clone();
+    let session = if Uid::effective().is_root() {
+        config.acl = SessionACL::All;
+        let fd = mount_directly(request).map_err(|e| mount_failed(request, e))?;
+        Session::from_fd(fs, fd, SessionACL::All, config).map_err(|e| {
+            detach(&mountpoint);
+            mount_failed(request, e)
+        })?
+    } else {
+        config.mount_options = vec![
+            MountOption::RO,
+            MountOption::NoSuid,
+            MountOption::NoDev,
+            MountOption::NoAtime,
+            MountOption::DefaultPermissions,
+            MountOption::FSName(request.fsname.clone()),
+            MountOption::Subtype(SUBTYPE.into()),
+        ];
+        Session::new(fs, &mountpoint, &config).map_err(|e| mount_failed(request, e))?
+    };
+    std::thread::Builder::new()
+        .name("jkmount-signals".into())
+        .spawn(move || {
+            if let Ok(signal) = signals.wait() {
+                tracing::info!("{signal} received: unmounting {}", mountpoint.display());
+                if let Err(e) = unmount(&mountpoint, false) {
+                    tracing::warn!("{e}; detaching it instead");
+                    detach(&mountpoint);
+                }
+            }
+        })
+        .map_err(|e| mount_failed(request, e))?;
+    tracing::info!("mounted {} at {}", request.fsname, request.mountpoint.display());
+    on_ready();
+    session.run().map_err(|e| mount_failed(request, e))
+}
+
+fn mount_failed(request: &MountRequest, source: io::Error) -> MountError {
+    MountError::MountFailed { path: request.mountpoint.clone(), source }
+}
+
+/// Mounts with mount(2), as root, and returns the FUSE connection.
+fn mount_directly(request: &MountRequest) -> io::Result<OwnedFd> {
+    let device = OpenOptions::new().read(true).write(true).open(DEV_FUSE)?;
+    let root_mode = fs::metadata(&request.mountpoint)?.mode() & libc_s_ifmt();
+    let options = format!(
+        "fd={},rootmode={root_mode:o},user_id={},group_id={},default_permissions,allow_other",
+        device.as_raw_fd(),
+        getuid(),
+        getgid()
+    );
+    let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME;
+    nix::mount::mount(Some(request.fsname.as_str()), &request.mountpoint, Some(FS_TYPE), flags, Some(options.as_str()))?;
+    Ok(OwnedFd::from(device))
+}
+
+/// The file-type bits of `st_mode`.
+const fn libc_s_ifmt() -> u32 {
+    0o170000
+}
+
+/// Lazily detaches a mount (last resort: the mount disappears, open files keep working).
+fn detach(path: &Path) {
+    if let Err(e) = lazy_unmount(path) {
+        tracing::warn!("could not detach {}: {e}", path.display());
+    }
+}
+
+fn lazy_unmount(path: &Path) -> io::Result<()> {
+    if Uid::effective().is_root() {
+        return nix::mount::umount2(path, MntFlags::MNT_DETACH).map_err(io::Error::from);
+    }
+    run_fusermount(path, true)
+}
+
+fn run_fusermount(path: &Path, lazy: bool) -> io::Result<()> {
+    let mut command = Command::new(FUSERMOUNT);
+    command.arg(if lazy { "-uz" } else { "-u" }).arg("--").arg(path);
+    let output = command.output()?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(String::from_utf8_lossy(&output.stderr).trim().to_owned()))
+    }
+}
+
+/// Unmounts a jkmount mount at `path`; refuses anything else. With `lazy`, a busy mount is
+/// detached now and goes away when its last file is closed.
+pub fn unmount(path: &Path, lazy: bool) -> Result<(), MountError> {
+    let canonical = fs::canonicalize(path).map_err(|_| MountError::Missing(path.to_owned()))?;
+    let not_ours = |what: String| MountError::NotOurs { path: canonical.clone(), what };
+    match mount_at(&canonical) {
+        Ok(Some(m)) if m.fstype == FS_TYPE => {}
+        Ok(Some(m)) => return Err(not_ours(format!("it is a {} mount of {}", m.fstype, m.source))),
+        Ok(None) => return Err(not_ours("it is not a mount point".into())),
+        Err(e) => return Err(not_ours(format!("cannot read /proc/self/mountinfo: {e}"))),
+    }
+    let result = if lazy {
+        lazy_unmount(&canonical)
+    } else if Uid::effective().is_root() {
+        nix::mount::umount2(&canonical, MntFlags::empty()).map_err(io::Error::from)
+    } else {
+        run_fusermount(&canonical, false)
+    };
+    result.map_err(|source| {
+        let busy = source.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32) || source.to_string().contains("busy");
+        let hint = if busy { "; files under it are in use: close them, or use --lazy" } else { "" };
+        MountError::UnmountFailed { path: canonical, source, hint }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_mountinfo_with_escapes() {
+        let text = "36 35 98:0 / /mnt/with\\040space rw,noatime master:1 - fuse.jkmount 127.0.0.1:5000/a:1 ro,user_id=0\n\
+                    37 35 98:0 / /proc rw shared:2 - proc proc rw\n";
+        let mounts = parse_mountinfo(text);
+        assert_eq!(mounts.len(), 2);
+        assert_eq!(mounts[0].mount_point, PathBuf::from("/mnt/with space"));
+        assert_eq!(mounts[0].fstype, FS_TYPE);
+        assert_eq!(mounts[0].source, "127.0.0.1:5000/a:1");
+    }
+
+    #[test]
+    fn preflight_names_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        assert_eq!(preflight(&missing).unwrap_err().to_string(), format!("mountpoint {} does not exist; create it with mkdir -p", missing.display()));
+        let file = dir.path().join("file");
+        fs::write(&file, "").unwrap();
+        assert!(matches!(preflight(&file), Err(MountError::NotADirectory(_))));
+        assert!(matches!(preflight(Path::new("/proc")), Err(MountError::AlreadyMounted { .. })));
+    }
+
+    #[test]
+    fn unmount_refuses_what_is_not_ours() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = unmount(dir.path(), false).unwrap_err();
+        assert!(err.to_string().ends_with("is not a jkmount mount (it is not a mount point); nothing was unmounted"), "{err}");
+        let err = unmount(Path::new("/proc"), false).unwrap_err();
+        assert!(err.to_string().contains("it is a proc mount of proc"), "{err}");
+    }
+}

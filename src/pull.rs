@@ -1,0 +1,216 @@
+//! From an image reference to decoded layers in the cache: resolve the tag (from the cache
+//! unless asked to refresh), choose the platform's manifest, fetch the config, then fetch and
+//! decode the missing layers in parallel. Every document and blob goes through the cache's
+//! verification; a layer already decoded (same diff_id, from any image) is not fetched again.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use oci_client::manifest::{OciDescriptor, OciImageManifest};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::cache::{BlobLabel, Cache};
+use crate::digest::Digest;
+use crate::error::{Error, IoContext, Result};
+use crate::image::{self, Compression, ManifestDoc};
+use crate::layer::{self, LayerSpec};
+use crate::platform::Platform;
+use crate::reference::ImageRef;
+use crate::source::{LayoutSource, RegistrySource};
+
+/// How many layers are fetched and decoded at once.
+const PARALLEL_LAYERS: usize = 4;
+
+/// What a pull needs to know beyond the reference.
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    /// The platform to choose from an index.
+    pub platform: Platform,
+    /// Resolve tags at the registry even when the cache knows them (`--pull always`).
+    pub refresh_tags: bool,
+}
+
+/// An image whose layers are all decoded in the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PulledImage {
+    /// The reference as the user gave it, normalized.
+    pub shown: String,
+    /// The digest of the platform's image manifest.
+    pub manifest: Digest,
+    /// The layers' diff_ids, bottom first.
+    pub diff_ids: Vec<Digest>,
+}
+
+#[derive(Clone)]
+enum Origin {
+    Registry(Arc<RegistrySource>),
+    Layout(LayoutSource),
+}
+
+/// Makes `image` fully present in the cache.
+pub async fn pull(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Result<PulledImage> {
+    let shown = image.to_string();
+    let origin = match image {
+        ImageRef::Registry(r) => Origin::Registry(Arc::new(RegistrySource::new(r))),
+        ImageRef::Layout { dir, tag } => Origin::Layout(LayoutSource::new(dir, tag.as_deref())),
+    };
+    let top = resolve(cache, image, &origin, options, &shown).await?;
+    let (manifest_digest, manifest) = image_manifest(cache, &origin, top, &options.platform, &shown).await?;
+    let (config_digest, config_size) = image::descriptor_digest(&manifest.config, "config", &shown)?;
+    let config = small_blob(cache, &origin, &config_digest, config_size, "config", &shown).await?;
+    let diff_ids = image::parse_diff_ids(&config, &config_digest, &shown)?;
+    if diff_ids.len() != manifest.layers.len() {
+        return Err(Error::BadDocument {
+            what: "config",
+            digest: config_digest.to_string(),
+            reference: shown,
+            detail: format!("lists {} diff_ids for {} layers", diff_ids.len(), manifest.layers.len()),
+        });
+    }
+    fetch_layers(cache, &origin, &manifest.layers, &diff_ids, &shown).await?;
+    Ok(PulledImage { shown, manifest: manifest_digest, diff_ids })
+}
+
+/// The digest the reference names: its own digest, the cached tag, or the registry's answer.
+async fn resolve(cache: &Cache, image: &ImageRef, origin: &Origin, options: &PullOptions, shown: &str) -> Result<Digest> {
+    let (ImageRef::Registry(reference), Origin::Registry(source)) = (image, origin) else {
+        let Origin::Layout(layout) = origin else { unreachable!("layout references have layout origins") };
+        return layout.top_manifest(shown);
+    };
+    if let Some(digest) = reference.digest() {
+        return image::parse_digest(digest, "manifest", shown);
+    }
+    let tag = reference.tag().unwrap_or("latest");
+    let (registry, repository) = (reference.registry(), reference.repository());
+    if !options.refresh_tags {
+        if let Some(record) = cache.read_tag(registry, repository, tag)? {
+            if cache.has_blob(&record.digest) {
+                tracing::debug!("{shown}: using cached tag → {}", record.digest);
+                return Ok(record.digest);
+            }
+        }
+    }
+    let (bytes, digest) = source.fetch_manifest(None).await?;
+    cache.insert_blob(&digest, None, &bytes, BlobLabel { what: "manifest", reference: shown })?;
+    cache.write_tag(registry, repository, tag, &digest)?;
+    tracing::info!("{shown} → {digest}");
+    Ok(digest)
+}
+
+/// Follows an index to the platform's image manifest.
+async fn image_manifest(
+    cache: &Cache,
+    origin: &Origin,
+    top: Digest,
+    platform: &Platform,
+    shown: &str,
+) -> Result<(Digest, OciImageManifest)> {
+    let bytes = manifest_bytes(cache, origin, &top, shown).await?;
+    let index = match image::parse_manifest(&bytes, &top.to_string(), shown)? {
+        ManifestDoc::Image(m) => return Ok((top, m)),
+        ManifestDoc::Index(index) => index,
+    };
+    let chosen = image::select_platform(&index, platform, shown)?;
+    let bytes = manifest_bytes(cache, origin, &chosen, shown).await?;
+    match image::parse_manifest(&bytes, &chosen.to_string(), shown)? {
+        ManifestDoc::Image(m) => Ok((chosen, m)),
+        ManifestDoc::Index(_) => Err(Error::BadDocument {
+            what: "index",
+            digest: chosen.to_string(),
+            reference: shown.to_owned(),
+            detail: "an index inside an index is not supported".into(),
+        }),
+    }
+}
+
+async fn manifest_bytes(cache: &Cache, origin: &Origin, digest: &Digest, shown: &str) -> Result<Vec<u8>> {
+    if let Some(bytes) = cache.read_blob(digest)? {
+        return Ok(bytes);
+    }
+    let bytes = match origin {
+        Origin::Registry(source) => source.fetch_manifest(Some(digest)).await?.0,
+        Origin::Layout(layout) => layout.read_blob(digest)?,
+    };
+    cache.insert_blob(digest, None, &bytes, BlobLabel { what: "manifest", reference: shown })?;
+    Ok(bytes)
+}
+
+async fn small_blob(cache: &Cache, origin: &Origin, digest: &Digest, size: u64, what: &'static str, shown: &str) -> Result<Vec<u8>> {
+    if let Some(bytes) = cache.read_blob(digest)? {
+        return Ok(bytes);
+    }
+    match origin {
+        Origin::Registry(source) => source.fetch_blob(cache, digest, size, what).await?,
+        Origin::Layout(layout) => {
+            let bytes = layout.read_blob(digest)?;
+            cache.insert_blob(digest, Some(size), &bytes, BlobLabel { what, reference: shown })?;
+        }
+    }
+    cache.read_blob(digest)?.ok_or_else(|| Error::CacheDamaged {
+        path: cache.blob_path(digest),
+        detail: "vanished right after it was stored".into(),
+    })
+}
+
+/// One layer to fetch and decode, with everything owned so it can move into a task.
+struct LayerJob {
+    digest: Digest,
+    size: u64,
+    diff_id: Digest,
+    compression: Compression,
+    shown: String,
+}
+
+async fn fetch_layers(cache: &Cache, origin: &Origin, layers: &[OciDescriptor], diff_ids: &[Digest], shown: &str) -> Result<()> {
+    let permits = Arc::new(Semaphore::new(PARALLEL_LAYERS));
+    let mut tasks = JoinSet::new();
+    let mut seen = HashSet::new();
+    for (descriptor, diff_id) in layers.iter().zip(diff_ids) {
+        if layer::is_decoded(cache, diff_id) || !seen.insert(diff_id.clone()) {
+            continue;
+        }
+        let (digest, size) = image::descriptor_digest(descriptor, "layer", shown)?;
+        let compression = image::layer_compression(&descriptor.media_type).ok_or_else(|| Error::BadLayer {
+            digest: digest.clone(),
+            reference: shown.to_owned(),
+            detail: format!("unsupported media type {}", descriptor.media_type),
+        })?;
+        let job = LayerJob { digest, size, diff_id: diff_id.clone(), compression, shown: shown.to_owned() };
+        let (cache, origin, permits) = (cache.clone(), origin.clone(), permits.clone());
+        tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await.expect("the semaphore is never closed");
+            fetch_and_decode(cache, origin, job).await
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("a layer task panicked")?;
+    }
+    Ok(())
+}
+
+async fn fetch_and_decode(cache: Cache, origin: Origin, job: LayerJob) -> Result<()> {
+    let blob_path = match &origin {
+        Origin::Registry(source) => {
+            if !cache.has_blob(&job.digest) {
+                tracing::info!("{}: fetching layer {} ({} bytes)", job.shown, job.digest, job.size);
+                source.fetch_blob(&cache, &job.digest, job.size, "layer").await?;
+            }
+            cache.blob_path(&job.digest)
+        }
+        Origin::Layout(layout) => layout.blob_path(&job.digest),
+    };
+    tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&blob_path).at(&blob_path)?;
+        let spec = LayerSpec {
+            digest: &job.digest,
+            size: job.size,
+            diff_id: &job.diff_id,
+            compression: job.compression,
+            reference: &job.shown,
+        };
+        layer::decode_layer(&cache, file, &spec)
+    })
+    .await
+    .expect("a layer decoder panicked")
+}

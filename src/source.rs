@@ -1,0 +1,217 @@
+//! Where image bytes come from: a registry over the OCI distribution API (via `oci-client`,
+//! the only async code in the crate) or an OCI image layout directory on local disk. Sources
+//! hand back raw bytes or write into the cache; they trust nothing themselves, verification
+//! happens where bytes enter the cache.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use futures_util::StreamExt;
+use oci_client::Reference;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::manifest::OciDescriptor;
+use oci_client::secrets::RegistryAuth;
+use serde::Deserialize;
+
+use crate::cache::{BlobLabel, Cache};
+use crate::digest::Digest;
+use crate::error::{Error, IoContext, Result};
+use crate::image::{ACCEPTED_MANIFEST_TYPES, parse_digest};
+use crate::reference::is_loopback_registry;
+
+/// Annotation that names a manifest's tag in an OCI layout's `index.json`.
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+/// Bounds a connection attempt so an unreachable registry fails fast.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Bounds a stalled transfer.
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A registry repository to fetch from.
+pub struct RegistrySource {
+    client: oci_client::Client,
+    reference: Reference,
+}
+
+impl RegistrySource {
+    /// A client for `reference`'s registry: plain HTTP for loopback registries, HTTPS otherwise.
+    pub fn new(reference: &Reference) -> Self {
+        let registry = reference.resolve_registry();
+        let protocol = if is_loopback_registry(registry) {
+            ClientProtocol::HttpsExcept(vec![registry.to_owned()])
+        } else {
+            ClientProtocol::Https
+        };
+        let config = ClientConfig {
+            protocol,
+            connect_timeout: Some(CONNECT_TIMEOUT),
+            read_timeout: Some(READ_TIMEOUT),
+            ..Default::default()
+        };
+        RegistrySource { client: oci_client::Client::new(config), reference: reference.clone() }
+    }
+
+    fn shown(&self) -> String {
+        self.reference.whole()
+    }
+
+    /// Fetches the manifest the reference's tag (or digest, when given) names. The digest
+    /// returned is of the bytes received, checked against the requested digest if any.
+    pub async fn fetch_manifest(&self, digest: Option<&Digest>) -> Result<(Vec<u8>, Digest)> {
+        let target = match digest {
+            Some(d) => self.reference.clone_with_digest(d.to_string()),
+            None => self.reference.clone(),
+        };
+        let (bytes, _) = self
+            .client
+            .pull_manifest_raw(&target, &RegistryAuth::Anonymous, ACCEPTED_MANIFEST_TYPES)
+            .await
+            .map_err(|e| self.classify(e))?;
+        let found = Digest::of(&bytes);
+        if let Some(expected) = digest.filter(|d| **d != found) {
+            return Err(Error::DigestMismatch {
+                what: "manifest",
+                reference: self.shown(),
+                expected: expected.clone(),
+                found,
+            });
+        }
+        Ok((bytes.to_vec(), found))
+    }
+
+    /// Streams a blob into the cache; it is renamed in only if digest and size match.
+    pub async fn fetch_blob(&self, cache: &Cache, digest: &Digest, size: u64, what: &'static str) -> Result<()> {
+        let auth = RegistryAuth::Anonymous;
+        self.client.store_auth_if_needed(self.reference.resolve_registry(), &auth).await;
+        let descriptor = OciDescriptor { digest: digest.to_string(), size: size as i64, ..Default::default() };
+        let mut stream = self
+            .client
+            .pull_blob_stream(&self.reference, &descriptor)
+            .await
+            .map_err(|e| self.classify(e))?;
+        let mut writer = cache.blob_writer(digest)?;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| Error::Registry {
+                reference: self.shown(),
+                registry: self.reference.resolve_registry().to_owned(),
+                detail: format!("transfer of {what} {digest} failed: {}; nothing was cached, try again", error_chain(&e)),
+            })?;
+            std::io::Write::write_all(&mut writer, &chunk).at(cache.blob_path(digest))?;
+        }
+        let label = BlobLabel { what, reference: &self.shown() };
+        writer.commit(Some(size), label).map(drop)
+    }
+
+    /// Turns an `oci-client` error into one that says what happened to whom.
+    fn classify(&self, e: OciDistributionError) -> Error {
+        let reference = self.shown();
+        let registry = self.reference.resolve_registry().to_owned();
+        match &e {
+            OciDistributionError::RegistryError { envelope, .. } => {
+                let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|x| &x.code).collect();
+                if codes.iter().any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied)) {
+                    return Error::Unauthorized { reference, registry };
+                }
+                if codes.iter().any(|c| {
+                    matches!(c, OciErrorCode::ManifestUnknown | OciErrorCode::NameUnknown | OciErrorCode::NotFound)
+                }) {
+                    return Error::NotFound { reference, registry };
+                }
+            }
+            OciDistributionError::ImageManifestNotFoundError(_) => return Error::NotFound { reference, registry },
+            OciDistributionError::UnauthorizedError { .. } | OciDistributionError::AuthenticationFailure(_) => {
+                return Error::Unauthorized { reference, registry };
+            }
+            OciDistributionError::ServerError { code: 404, .. } => return Error::NotFound { reference, registry },
+            OciDistributionError::ServerError { code: 401 | 403, .. } => {
+                return Error::Unauthorized { reference, registry };
+            }
+            OciDistributionError::RequestError(r) if r.is_connect() || r.is_timeout() => {
+                return Error::Unreachable { reference, registry, detail: error_chain(r) };
+            }
+            _ => {}
+        }
+        Error::Registry { reference, registry, detail: error_chain(&e) }
+    }
+}
+
+/// An error and its sources on one line, deepest cause last, repeated texts left out.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = s.source();
+    }
+    parts.join(": ")
+}
+
+/// An OCI image layout directory.
+#[derive(Debug, Clone)]
+pub struct LayoutSource {
+    dir: PathBuf,
+    tag: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct LayoutIndex {
+    manifests: Vec<OciDescriptor>,
+}
+
+impl LayoutSource {
+    /// The layout at `dir`, choosing `tag` from its index.
+    pub fn new(dir: &Path, tag: Option<&str>) -> Self {
+        LayoutSource { dir: dir.to_owned(), tag: tag.map(str::to_owned) }
+    }
+
+    fn error(&self, detail: impl Into<String>) -> Error {
+        Error::Layout { dir: self.dir.clone(), detail: detail.into() }
+    }
+
+    /// The digest of the manifest (or index) that the tag names in `index.json`; without a
+    /// tag, the layout's only manifest.
+    pub fn top_manifest(&self, shown: &str) -> Result<Digest> {
+        let path = self.dir.join("index.json");
+        let bytes = fs::read(&path).map_err(|e| {
+            self.error(format!("cannot read index.json ({e}); is this an OCI image layout directory?"))
+        })?;
+        let index: LayoutIndex =
+            serde_json::from_slice(&bytes).map_err(|e| self.error(format!("index.json is malformed: {e}")))?;
+        let tag_of = |d: &OciDescriptor| d.annotations.as_ref().and_then(|a| a.get(REF_NAME)).cloned();
+        let tags: Vec<String> = index.manifests.iter().filter_map(tag_of).collect();
+        let chosen = match &self.tag {
+            Some(tag) => index.manifests.iter().find(|d| tag_of(d).as_deref() == Some(tag.as_str())),
+            None if index.manifests.len() == 1 => index.manifests.first(),
+            None => None,
+        };
+        let Some(chosen) = chosen else {
+            let wanted = match &self.tag {
+                Some(tag) => format!("no manifest tagged {tag:?}"),
+                None => format!("{} manifests and no tag given", index.manifests.len()),
+            };
+            let have = if tags.is_empty() { "none".to_owned() } else { tags.join(", ") };
+            return Err(self.error(format!("{wanted} (tags: {have}); use oci:DIR:TAG")));
+        };
+        parse_digest(&chosen.digest, "index", shown)
+    }
+
+    /// Where a blob of the layout is.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.dir.join("blobs/sha256").join(digest.hex())
+    }
+
+    /// Reads a whole (small) blob; the caller verifies it.
+    pub fn read_blob(&self, digest: &Digest) -> Result<Vec<u8>> {
+        let path = self.blob_path(digest);
+        fs::read(&path).map_err(|e| self.error(format!("blob {digest}: {e}")))
+    }
+
+    /// Opens a blob for streaming.
+    pub fn open_blob(&self, digest: &Digest) -> Result<fs::File> {
+        let path = self.blob_path(digest);
+        fs::File::open(&path).map_err(|e| self.error(format!("blob {digest}: {e}")))
+    }
+}

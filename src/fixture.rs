@@ -19,8 +19,10 @@ use std::path::Path;
 
 use flate2::{Compression as Level, GzBuilder};
 use oci_client::manifest::{
-    IMAGE_CONFIG_MEDIA_TYPE, IMAGE_LAYER_GZIP_MEDIA_TYPE, IMAGE_LAYER_MEDIA_TYPE,
-    OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE,
+    IMAGE_CONFIG_MEDIA_TYPE, IMAGE_DOCKER_CONFIG_MEDIA_TYPE, IMAGE_DOCKER_LAYER_GZIP_MEDIA_TYPE,
+    IMAGE_DOCKER_LAYER_TAR_MEDIA_TYPE, IMAGE_LAYER_GZIP_MEDIA_TYPE, IMAGE_LAYER_MEDIA_TYPE,
+    IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE,
+    OCI_IMAGE_MEDIA_TYPE,
 };
 use serde_json::json;
 
@@ -147,9 +149,47 @@ pub struct BuiltImage {
     pub manifest: Blob,
 }
 
+/// Which family of media types an image is written with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaTypes {
+    /// OCI image manifest, index, config and layer types.
+    Oci,
+    /// Docker v2 schema 2 manifest, manifest list, config and `rootfs.diff` layer types.
+    Docker,
+}
+
+impl MediaTypes {
+    fn manifest(self) -> &'static str {
+        match self {
+            MediaTypes::Oci => OCI_IMAGE_MEDIA_TYPE,
+            MediaTypes::Docker => IMAGE_MANIFEST_MEDIA_TYPE,
+        }
+    }
+    fn index(self) -> &'static str {
+        match self {
+            MediaTypes::Oci => OCI_IMAGE_INDEX_MEDIA_TYPE,
+            MediaTypes::Docker => IMAGE_MANIFEST_LIST_MEDIA_TYPE,
+        }
+    }
+    fn config(self) -> &'static str {
+        match self {
+            MediaTypes::Oci => IMAGE_CONFIG_MEDIA_TYPE,
+            MediaTypes::Docker => IMAGE_DOCKER_CONFIG_MEDIA_TYPE,
+        }
+    }
+    fn layer(self, oci_type: &'static str) -> &'static str {
+        match (self, oci_type) {
+            (MediaTypes::Oci, t) => t,
+            (MediaTypes::Docker, IMAGE_LAYER_GZIP_MEDIA_TYPE) => IMAGE_DOCKER_LAYER_GZIP_MEDIA_TYPE,
+            (MediaTypes::Docker, _) => IMAGE_DOCKER_LAYER_TAR_MEDIA_TYPE,
+        }
+    }
+}
+
 /// Stacks layer specs into an image.
 #[derive(Debug, Clone)]
 pub struct ImageBuilder {
+    media_types: MediaTypes,
     compression: Compression,
     os: String,
     architecture: String,
@@ -159,7 +199,7 @@ pub struct ImageBuilder {
 impl Default for ImageBuilder {
     fn default() -> Self {
         let host = crate::platform::Platform::host();
-        ImageBuilder { compression: Compression::Gzip, os: host.os, architecture: host.architecture, layers: Vec::new() }
+        ImageBuilder { media_types: MediaTypes::Oci, compression: Compression::Gzip, os: host.os, architecture: host.architecture, layers: Vec::new() }
     }
 }
 
@@ -167,6 +207,12 @@ impl ImageBuilder {
     /// An empty gzip image for this machine's platform.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Writes the image with this family of media types.
+    pub fn media_types(mut self, media_types: MediaTypes) -> Self {
+        self.media_types = media_types;
+        self
     }
 
     /// Uses this compression for the layers added after.
@@ -197,19 +243,20 @@ impl ImageBuilder {
             "os": self.os,
             "rootfs": { "type": "layers", "diff_ids": diff_ids },
         });
-        let config = Blob::new(serde_json::to_vec(&config).expect("json"), IMAGE_CONFIG_MEDIA_TYPE);
+        let types = self.media_types;
+        let config = Blob::new(serde_json::to_vec(&config).expect("json"), types.config());
         let layers: Vec<_> = self
             .layers
             .iter()
-            .map(|l| json!({ "mediaType": l.media_type, "digest": l.digest.to_string(), "size": l.blob.len() }))
+            .map(|l| json!({ "mediaType": types.layer(l.media_type), "digest": l.digest.to_string(), "size": l.blob.len() }))
             .collect();
         let manifest = json!({
             "schemaVersion": 2,
-            "mediaType": OCI_IMAGE_MEDIA_TYPE,
+            "mediaType": types.manifest(),
             "config": config.descriptor(),
             "layers": layers,
         });
-        let manifest = Blob::new(serde_json::to_vec(&manifest).expect("json"), OCI_IMAGE_MEDIA_TYPE);
+        let manifest = Blob::new(serde_json::to_vec(&manifest).expect("json"), types.manifest());
         BuiltImage { layers: self.layers.clone(), config, manifest }
     }
 }
@@ -249,8 +296,9 @@ pub struct BuiltIndex {
 }
 
 impl BuiltIndex {
-    /// Makes an OCI index of `images`, each tagged with its platform.
-    pub fn new(images: Vec<(&str, &str, BuiltImage)>) -> Self {
+    /// Makes an index of `images` (OCI index or Docker manifest list), each entry tagged with
+    /// its platform.
+    pub fn new(media_types: MediaTypes, images: Vec<(&str, &str, BuiltImage)>) -> Self {
         let manifests: Vec<_> = images
             .iter()
             .map(|(os, arch, img)| {
@@ -259,8 +307,8 @@ impl BuiltIndex {
                 d
             })
             .collect();
-        let index = json!({ "schemaVersion": 2, "mediaType": OCI_IMAGE_INDEX_MEDIA_TYPE, "manifests": manifests });
-        let index = Blob::new(serde_json::to_vec(&index).expect("json"), OCI_IMAGE_INDEX_MEDIA_TYPE);
+        let index = json!({ "schemaVersion": 2, "mediaType": media_types.index(), "manifests": manifests });
+        let index = Blob::new(serde_json::to_vec(&index).expect("json"), media_types.index());
         let images = images.into_iter().map(|(o, a, i)| (o.to_owned(), a.to_owned(), i)).collect();
         BuiltIndex { images, index }
     }

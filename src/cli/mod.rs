@@ -19,7 +19,12 @@ use tracing_subscriber::EnvFilter;
 /// jkmount pulls the images into a verified, content-addressed cache, then presents the union
 /// of their layers at MOUNTPOINT, later images on top. It returns once the mount is live.
 #[derive(Debug, Parser)]
-#[command(name = "jkmount", version, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+#[command(
+    name = "jkmount",
+    version,
+    subcommand_negates_reqs = true,
+    override_usage = "jkmount [OPTIONS] IMAGE... MOUNTPOINT\n       jkmount [OPTIONS] <COMMAND>"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Option<Command>,

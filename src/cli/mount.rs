@@ -29,7 +29,7 @@ pub struct MountArgs {
     /// Images to stack (later ones on top), then the directory to mount them at.
     /// An image is a registry reference (host:port/repo:tag, repo@sha256:…, ubuntu) or
     /// oci:DIR[:TAG] for an OCI image layout on disk.
-    #[arg(required = true, num_args = 2.., value_name = "IMAGE... MOUNTPOINT")]
+    #[arg(required = true, num_args = 2.., value_name = "IMAGE")]
     targets: Vec<String>,
     /// Present only /jk/modules of the images (to mount straight onto node_modules).
     #[arg(long, conflicts_with = "subdir")]

@@ -151,7 +151,7 @@ impl FsCore {
     fn attr(&self, id: NodeId) -> Attr {
         let node = self.tree.node(id);
         let (kind, size, rdev) = match &node.kind {
-            NodeKind::Dir { entries, .. } => (FileKind::Directory, entries.len() as u64 + 2, 0),
+            NodeKind::Dir { .. } => (FileKind::Directory, u64::from(BLOCK_SIZE), 0),
             NodeKind::File { size, .. } => (FileKind::RegularFile, *size, 0),
             NodeKind::Symlink { target } => (FileKind::Symlink, target.len() as u64, 0),
             NodeKind::CharDevice { rdev } => (FileKind::CharDevice, 0, *rdev),

@@ -1,0 +1,50 @@
+//! Shared by the integration tests (`tests/`) and the mount tests (`mount-tests/`): a real
+//! `docker-registry` on 127.0.0.1, and running the `jkmount` binary.
+#![allow(dead_code)]
+
+pub mod registry;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// The jkmount binary under test.
+pub fn jkmount_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_jkmount")
+}
+
+/// Runs jkmount with `--cache-dir cache` and the given arguments, and returns its output.
+pub fn jkmount(cache: &Path, args: &[&str]) -> Output {
+    Command::new(jkmount_bin())
+        .arg("--cache-dir")
+        .arg(cache)
+        .args(args)
+        .output()
+        .expect("jkmount runs")
+}
+
+/// Stdout and stderr of a finished command, for assertion messages.
+pub fn shown(out: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Asserts success and returns stdout.
+pub fn ok(out: Output) -> String {
+    assert!(out.status.success(), "expected success, got {}", shown(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Asserts failure with `code` and returns stderr.
+pub fn fails(out: Output, code: i32) -> String {
+    assert_eq!(out.status.code(), Some(code), "expected exit {code}, got {}", shown(&out));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Runs a future on a fresh single-threaded runtime (fixtures push through the async client).
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(future)
+}

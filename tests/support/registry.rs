@@ -1,0 +1,97 @@
+//! A real CNCF distribution registry (Debian's `docker-registry`) on 127.0.0.1, on a free port,
+//! with temporary storage; stopped (by its PID) when dropped.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BINARY: &str = "docker-registry";
+const READY_WITHIN: Duration = Duration::from_secs(20);
+
+/// A running registry.
+pub struct Registry {
+    child: Option<Child>,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Whether `GET /v2/` answers 200.
+fn answers(addr: &str) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr.parse().expect("addr"), Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if write!(stream, "GET /v2/ HTTP/1.0\r\nHost: {addr}\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).is_ok() && head.ends_with(b"200")
+}
+
+impl Registry {
+    /// Starts a registry and waits (bounded) until it answers.
+    pub fn start() -> Registry {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let addr = format!("127.0.0.1:{}", free_port());
+        let config = dir.path().join("config.yml");
+        let yaml = format!(
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+            dir.path().join("storage").display()
+        );
+        std::fs::write(&config, yaml).expect("write registry config");
+        let log = std::fs::File::create(dir.path().join("registry.log")).expect("log file");
+        let child = Command::new(BINARY)
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {BINARY} ({e}): install it with apt-get install docker-registry"));
+        let mut registry = Registry { child: Some(child), addr, dir };
+        let start = Instant::now();
+        while !answers(&registry.addr) {
+            if let Some(status) = registry.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("{BINARY} exited with {status}: {}", registry.log());
+            }
+            assert!(start.elapsed() < READY_WITHIN, "{BINARY} did not answer within {READY_WITHIN:?}: {}", registry.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        registry
+    }
+
+    /// `127.0.0.1:PORT/name`.
+    pub fn reference(&self, name: &str) -> String {
+        format!("{}/{name}", self.addr)
+    }
+
+    /// What the registry logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("registry.log")
+    }
+
+    /// Stops the registry (it can then no longer be reached at `addr`).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

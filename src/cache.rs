@@ -123,29 +123,53 @@ impl Cache {
     }
 
     /// Stores a blob held in memory after checking its digest and size.
-    pub fn insert_blob(&self, digest: &Digest, size: Option<u64>, bytes: &[u8], label: BlobLabel<'_>) -> Result<()> {
+    pub fn insert_blob(
+        &self,
+        digest: &Digest,
+        size: Option<u64>,
+        bytes: &[u8],
+        label: BlobLabel<'_>,
+    ) -> Result<()> {
         let mut writer = self.blob_writer(digest)?;
         writer.write_all(bytes).at(&writer.tmp)?;
         writer.commit(size, label).map(drop)
     }
 
     /// The tag record for `registry/repository:tag`, if one was stored.
-    pub fn read_tag(&self, registry: &str, repository: &str, tag: &str) -> Result<Option<TagRecord>> {
+    pub fn read_tag(
+        &self,
+        registry: &str,
+        repository: &str,
+        tag: &str,
+    ) -> Result<Option<TagRecord>> {
         let path = self.tag_path(registry, repository, tag);
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| Error::CacheDamaged { path, detail: e.to_string() }),
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| Error::CacheDamaged {
+                        path,
+                        detail: e.to_string(),
+                    })
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io(path, e)),
         }
     }
 
     /// Records what a tag resolved to, now.
-    pub fn write_tag(&self, registry: &str, repository: &str, tag: &str, digest: &Digest) -> Result<()> {
+    pub fn write_tag(
+        &self,
+        registry: &str,
+        repository: &str,
+        tag: &str,
+        digest: &Digest,
+    ) -> Result<()> {
         let record = TagRecord {
             digest: digest.clone(),
-            resolved_at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            resolved_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
         };
         let path = self.tag_path(registry, repository, tag);
         let json = serde_json::to_vec_pretty(&record).expect("a tag record always serializes");
@@ -153,7 +177,11 @@ impl Cache {
     }
 
     fn tag_path(&self, registry: &str, repository: &str, tag: &str) -> PathBuf {
-        self.root.join("refs").join(registry).join(repository).join(format!("{tag}.json"))
+        self.root
+            .join("refs")
+            .join(registry)
+            .join(repository)
+            .join(format!("{tag}.json"))
     }
 
     /// The directory of a decoded layer.
@@ -170,8 +198,12 @@ impl Cache {
     pub fn temp_path(&self, prefix: &str) -> PathBuf {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-        self.root.join("tmp").join(format!("{prefix}-{}-{n}-{nanos}", std::process::id()))
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        self.root
+            .join("tmp")
+            .join(format!("{prefix}-{}-{n}-{nanos}", std::process::id()))
     }
 
     /// Creates a temp directory that is removed on drop unless [`TempDir::commit`] renames it
@@ -211,7 +243,9 @@ impl BlobWriter {
     pub fn commit(mut self, size: Option<u64>, label: BlobLabel<'_>) -> Result<PathBuf> {
         let out = self.out.take().expect("commit consumes the writer");
         let (file, found, count) = out.finish().at(&self.tmp)?;
-        let file = file.into_inner().map_err(|e| Error::io(&self.tmp, e.into_error()))?;
+        let file = file
+            .into_inner()
+            .map_err(|e| Error::io(&self.tmp, e.into_error()))?;
         file.sync_data().at(&self.tmp)?;
         if found != self.expected {
             return Err(Error::DigestMismatch {
@@ -237,10 +271,16 @@ impl BlobWriter {
 
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.out.as_mut().expect("writer is open until commit").write(buf)
+        self.out
+            .as_mut()
+            .expect("writer is open until commit")
+            .write(buf)
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.out.as_mut().expect("writer is open until commit").flush()
+        self.out
+            .as_mut()
+            .expect("writer is open until commit")
+            .flush()
     }
 }
 
@@ -273,7 +313,12 @@ impl TempDir {
         }
         match fs::rename(&path, dest) {
             Ok(()) => Ok(()),
-            Err(e) if matches!(e.kind(), io::ErrorKind::DirectoryNotEmpty | io::ErrorKind::AlreadyExists) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::DirectoryNotEmpty | io::ErrorKind::AlreadyExists
+                ) =>
+            {
                 remove_dir_quietly(&path);
                 Ok(())
             }
@@ -310,7 +355,10 @@ fn remove_dir_quietly(path: &Path) {
 mod tests {
     use super::*;
 
-    const LABEL: BlobLabel<'static> = BlobLabel { what: "layer", reference: "test/img:1" };
+    const LABEL: BlobLabel<'static> = BlobLabel {
+        what: "layer",
+        reference: "test/img:1",
+    };
 
     #[test]
     fn stores_a_matching_blob() {
@@ -328,9 +376,18 @@ mod tests {
         let d = Digest::of(b"hello");
         let err = cache.insert_blob(&d, None, b"hellO", LABEL).unwrap_err();
         assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
-        assert!(err.to_string().starts_with(&format!("layer {d} of test/img:1 does not match its digest")), "{err}");
+        assert!(
+            err.to_string().starts_with(&format!(
+                "layer {d} of test/img:1 does not match its digest"
+            )),
+            "{err}"
+        );
         assert!(!cache.has_blob(&d));
-        assert_eq!(fs::read_dir(cache.root().join("tmp")).unwrap().count(), 0, "temp file left behind");
+        assert_eq!(
+            fs::read_dir(cache.root().join("tmp")).unwrap().count(),
+            0,
+            "temp file left behind"
+        );
     }
 
     #[test]
@@ -339,7 +396,17 @@ mod tests {
         let cache = Cache::open(dir.path()).unwrap();
         let d = Digest::of(b"hello");
         let err = cache.insert_blob(&d, Some(6), b"hello", LABEL).unwrap_err();
-        assert!(matches!(err, Error::SizeMismatch { expected: 6, found: 5, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                Error::SizeMismatch {
+                    expected: 6,
+                    found: 5,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         assert!(!cache.has_blob(&d));
     }
 
@@ -350,16 +417,31 @@ mod tests {
         let d = Digest::of(b"hello");
         cache.insert_blob(&d, None, b"hello", LABEL).unwrap();
         fs::write(cache.blob_path(&d), b"jello").unwrap();
-        assert!(matches!(cache.read_blob(&d), Err(Error::CacheDamaged { .. })));
+        assert!(matches!(
+            cache.read_blob(&d),
+            Err(Error::CacheDamaged { .. })
+        ));
     }
 
     #[test]
     fn tag_records_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::open(dir.path()).unwrap();
-        assert_eq!(cache.read_tag("127.0.0.1:5000", "libs/k", "1").unwrap(), None);
+        assert_eq!(
+            cache.read_tag("127.0.0.1:5000", "libs/k", "1").unwrap(),
+            None
+        );
         let d = Digest::of(b"m");
-        cache.write_tag("127.0.0.1:5000", "libs/k", "1", &d).unwrap();
-        assert_eq!(cache.read_tag("127.0.0.1:5000", "libs/k", "1").unwrap().unwrap().digest, d);
+        cache
+            .write_tag("127.0.0.1:5000", "libs/k", "1", &d)
+            .unwrap();
+        assert_eq!(
+            cache
+                .read_tag("127.0.0.1:5000", "libs/k", "1")
+                .unwrap()
+                .unwrap()
+                .digest,
+            d
+        );
     }
 }

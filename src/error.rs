@@ -87,7 +87,9 @@ pub enum Error {
     },
 
     /// Bytes did not hash to the digest that names them. Nothing of them was kept.
-    #[error("{what} {expected} of {reference} does not match its digest (got {found}); nothing was cached, try again")]
+    #[error(
+        "{what} {expected} of {reference} does not match its digest (got {found}); nothing was cached, try again"
+    )]
     DigestMismatch {
         /// "manifest", "config", "layer", or "uncompressed layer" (diff_id).
         what: &'static str,
@@ -100,7 +102,9 @@ pub enum Error {
     },
 
     /// A blob's length differs from its descriptor.
-    #[error("{what} {digest} of {reference} is {found} bytes, its descriptor says {expected}; nothing was cached")]
+    #[error(
+        "{what} {digest} of {reference} is {found} bytes, its descriptor says {expected}; nothing was cached"
+    )]
     SizeMismatch {
         /// "manifest", "config" or "layer".
         what: &'static str,
@@ -148,7 +152,9 @@ pub enum Error {
     },
 
     /// A path asked for with `--subdir` or `--modules` is not a directory of the image.
-    #[error("{path} is not a directory in {images}; check --subdir (or that the image holds modules under /jk/modules)")]
+    #[error(
+        "{path} is not a directory in {images}; check --subdir (or that the image holds modules under /jk/modules)"
+    )]
     NoSuchSubdir {
         /// The path inside the image.
         path: String,

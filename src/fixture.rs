@@ -50,13 +50,21 @@ pub struct BuiltLayer {
 }
 
 fn invalid(line: &str, why: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, format!("fixture line {line:?}: {why}"))
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("fixture line {line:?}: {why}"),
+    )
 }
 
 /// Builds one layer from its spec.
 pub fn build_layer(spec: &LayerSpecText<'_>, compression: Compression) -> io::Result<BuiltLayer> {
     let mut builder = tar::Builder::new(Vec::new());
-    for line in spec.0.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for line in spec
+        .0
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         append_line(&mut builder, line)?;
     }
     let tar = builder.into_inner()?;
@@ -64,12 +72,19 @@ pub fn build_layer(spec: &LayerSpecText<'_>, compression: Compression) -> io::Re
     let (blob, media_type) = match compression {
         Compression::None => (tar, IMAGE_LAYER_MEDIA_TYPE),
         Compression::Gzip => {
-            let mut gz = GzBuilder::new().mtime(0).write(Vec::new(), Level::default());
+            let mut gz = GzBuilder::new()
+                .mtime(0)
+                .write(Vec::new(), Level::default());
             gz.write_all(&tar)?;
             (gz.finish()?, IMAGE_LAYER_GZIP_MEDIA_TYPE)
         }
     };
-    Ok(BuiltLayer { digest: Digest::of(&blob), blob, diff_id, media_type })
+    Ok(BuiltLayer {
+        digest: Digest::of(&blob),
+        blob,
+        diff_id,
+        media_type,
+    })
 }
 
 fn append_line(builder: &mut tar::Builder<Vec<u8>>, line: &str) -> io::Result<()> {
@@ -83,7 +98,8 @@ fn append_line(builder: &mut tar::Builder<Vec<u8>>, line: &str) -> io::Result<()
     header.set_mtime(FIXTURE_MTIME);
     header.set_uid(0);
     header.set_gid(0);
-    let mode = |text: &str| u32::from_str_radix(text, 8).map_err(|_| invalid(line, "bad octal mode"));
+    let mode =
+        |text: &str| u32::from_str_radix(text, 8).map_err(|_| invalid(line, "bad octal mode"));
     match kind {
         "d" => {
             header.set_entry_type(tar::EntryType::Directory);
@@ -92,8 +108,11 @@ fn append_line(builder: &mut tar::Builder<Vec<u8>>, line: &str) -> io::Result<()
             builder.append_data(&mut header, format!("{path}/"), io::empty())
         }
         "f" => {
-            let (mode_text, content) = rest.split_once(' ').ok_or_else(|| invalid(line, "expected MODE \"CONTENT\""))?;
-            let content: String = serde_json::from_str(content).map_err(|e| invalid(line, &e.to_string()))?;
+            let (mode_text, content) = rest
+                .split_once(' ')
+                .ok_or_else(|| invalid(line, "expected MODE \"CONTENT\""))?;
+            let content: String =
+                serde_json::from_str(content).map_err(|e| invalid(line, &e.to_string()))?;
             header.set_entry_type(tar::EntryType::Regular);
             header.set_mode(mode(mode_text)?);
             header.set_size(content.len() as u64);
@@ -106,11 +125,19 @@ fn append_line(builder: &mut tar::Builder<Vec<u8>>, line: &str) -> io::Result<()
             builder.append_data(&mut header, path, io::empty())
         }
         "l" | "h" => {
-            let entry_type = if kind == "l" { tar::EntryType::Symlink } else { tar::EntryType::Link };
+            let entry_type = if kind == "l" {
+                tar::EntryType::Symlink
+            } else {
+                tar::EntryType::Link
+            };
             header.set_entry_type(entry_type);
             header.set_mode(0o777);
             header.set_size(0);
-            let target = if kind == "h" { rest.trim_start_matches('/') } else { rest };
+            let target = if kind == "h" {
+                rest.trim_start_matches('/')
+            } else {
+                rest
+            };
             builder.append_link(&mut header, path, target)
         }
         _ => Err(invalid(line, "unknown kind (use d, f, l, h, w or o)")),
@@ -130,7 +157,11 @@ pub struct Blob {
 
 impl Blob {
     fn new(bytes: Vec<u8>, media_type: &'static str) -> Self {
-        Blob { digest: Digest::of(&bytes), bytes, media_type }
+        Blob {
+            digest: Digest::of(&bytes),
+            bytes,
+            media_type,
+        }
     }
 
     fn descriptor(&self) -> serde_json::Value {
@@ -199,7 +230,13 @@ pub struct ImageBuilder {
 impl Default for ImageBuilder {
     fn default() -> Self {
         let host = crate::platform::Platform::host();
-        ImageBuilder { media_types: MediaTypes::Oci, compression: Compression::Gzip, os: host.os, architecture: host.architecture, layers: Vec::new() }
+        ImageBuilder {
+            media_types: MediaTypes::Oci,
+            compression: Compression::Gzip,
+            os: host.os,
+            architecture: host.architecture,
+            layers: Vec::new(),
+        }
     }
 }
 
@@ -230,7 +267,8 @@ impl ImageBuilder {
 
     /// Adds a layer on top. Panics on a malformed spec: fixtures are code, fix the test.
     pub fn layer(mut self, spec: &str) -> Self {
-        let layer = build_layer(&LayerSpecText(spec), self.compression).unwrap_or_else(|e| panic!("{e}"));
+        let layer =
+            build_layer(&LayerSpecText(spec), self.compression).unwrap_or_else(|e| panic!("{e}"));
         self.layers.push(layer);
         self
     }
@@ -256,15 +294,26 @@ impl ImageBuilder {
             "config": config.descriptor(),
             "layers": layers,
         });
-        let manifest = Blob::new(serde_json::to_vec(&manifest).expect("json"), types.manifest());
-        BuiltImage { layers: self.layers.clone(), config, manifest }
+        let manifest = Blob::new(
+            serde_json::to_vec(&manifest).expect("json"),
+            types.manifest(),
+        );
+        BuiltImage {
+            layers: self.layers.clone(),
+            config,
+            manifest,
+        }
     }
 }
 
 impl BuiltImage {
     /// Every blob: layers, config, then manifest.
     fn blobs(&self) -> Vec<(&[u8], &Digest)> {
-        let mut out: Vec<(&[u8], &Digest)> = self.layers.iter().map(|l| (&l.blob[..], &l.digest)).collect();
+        let mut out: Vec<(&[u8], &Digest)> = self
+            .layers
+            .iter()
+            .map(|l| (&l.blob[..], &l.digest))
+            .collect();
         out.push((&self.config.bytes, &self.config.digest));
         out.push((&self.manifest.bytes, &self.manifest.digest));
         out
@@ -277,10 +326,15 @@ impl BuiltImage {
     }
 
     /// Pushes layers, config and manifest to `reference` (`host:port/repo:tag`) over plain HTTP.
-    pub async fn push(&self, reference: &str) -> Result<(), oci_client::errors::OciDistributionError> {
+    pub async fn push(
+        &self,
+        reference: &str,
+    ) -> Result<(), oci_client::errors::OciDistributionError> {
         let (client, reference) = push_client(reference);
         for (bytes, digest) in self.blobs().into_iter().take(self.layers.len() + 1) {
-            client.push_blob(&reference, bytes.to_vec(), &digest.to_string()).await?;
+            client
+                .push_blob(&reference, bytes.to_vec(), &digest.to_string())
+                .await?;
         }
         push_manifest(&client, &reference, &self.manifest).await
     }
@@ -307,9 +361,16 @@ impl BuiltIndex {
                 d
             })
             .collect();
-        let index = json!({ "schemaVersion": 2, "mediaType": media_types.index(), "manifests": manifests });
-        let index = Blob::new(serde_json::to_vec(&index).expect("json"), media_types.index());
-        let images = images.into_iter().map(|(o, a, i)| (o.to_owned(), a.to_owned(), i)).collect();
+        let index =
+            json!({ "schemaVersion": 2, "mediaType": media_types.index(), "manifests": manifests });
+        let index = Blob::new(
+            serde_json::to_vec(&index).expect("json"),
+            media_types.index(),
+        );
+        let images = images
+            .into_iter()
+            .map(|(o, a, i)| (o.to_owned(), a.to_owned(), i))
+            .collect();
         BuiltIndex { images, index }
     }
 
@@ -320,12 +381,17 @@ impl BuiltIndex {
     }
 
     /// Pushes every image by digest, then the index under the reference's tag.
-    pub async fn push(&self, reference: &str) -> Result<(), oci_client::errors::OciDistributionError> {
+    pub async fn push(
+        &self,
+        reference: &str,
+    ) -> Result<(), oci_client::errors::OciDistributionError> {
         let (client, tagged) = push_client(reference);
         for (_, _, image) in &self.images {
             let by_digest = tagged.clone_with_digest(image.manifest.digest.to_string());
             for (bytes, digest) in image.blobs().into_iter().take(image.layers.len() + 1) {
-                client.push_blob(&tagged, bytes.to_vec(), &digest.to_string()).await?;
+                client
+                    .push_blob(&tagged, bytes.to_vec(), &digest.to_string())
+                    .await?;
             }
             push_manifest(&client, &by_digest, &image.manifest).await?;
         }
@@ -334,7 +400,9 @@ impl BuiltIndex {
 }
 
 fn push_client(reference: &str) -> (oci_client::Client, oci_client::Reference) {
-    let reference: oci_client::Reference = reference.parse().unwrap_or_else(|e| panic!("{reference}: {e}"));
+    let reference: oci_client::Reference = reference
+        .parse()
+        .unwrap_or_else(|e| panic!("{reference}: {e}"));
     let config = oci_client::client::ClientConfig {
         protocol: oci_client::client::ClientProtocol::Http,
         ..Default::default()
@@ -348,9 +416,17 @@ async fn push_manifest(
     manifest: &Blob,
 ) -> Result<(), oci_client::errors::OciDistributionError> {
     let auth = oci_client::secrets::RegistryAuth::Anonymous;
-    client.store_auth_if_needed(reference.resolve_registry(), &auth).await;
-    let content_type = manifest.media_type.parse().expect("media types are valid header values");
-    client.push_manifest_raw(reference, manifest.bytes.clone(), content_type).await.map(drop)
+    client
+        .store_auth_if_needed(reference.resolve_registry(), &auth)
+        .await;
+    let content_type = manifest
+        .media_type
+        .parse()
+        .expect("media types are valid header values");
+    client
+        .push_manifest_raw(reference, manifest.bytes.clone(), content_type)
+        .await
+        .map(drop)
 }
 
 fn write_layout_entry(
@@ -368,14 +444,21 @@ fn write_layout_entry(
     let index_path = dir.join("index.json");
     let mut index: serde_json::Value = match fs::read(&index_path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map_err(io::Error::other)?,
-        Err(_) => json!({ "schemaVersion": 2, "mediaType": OCI_IMAGE_INDEX_MEDIA_TYPE, "manifests": [] }),
+        Err(_) => {
+            json!({ "schemaVersion": 2, "mediaType": OCI_IMAGE_INDEX_MEDIA_TYPE, "manifests": [] })
+        }
     };
     let mut entry = top.descriptor();
     entry["annotations"] = json!({ "org.opencontainers.image.ref.name": tag });
-    let manifests = index["manifests"].as_array_mut().ok_or_else(|| io::Error::other("index.json without manifests"))?;
+    let manifests = index["manifests"]
+        .as_array_mut()
+        .ok_or_else(|| io::Error::other("index.json without manifests"))?;
     manifests.retain(|m| m["annotations"]["org.opencontainers.image.ref.name"] != tag);
     manifests.push(entry);
-    fs::write(index_path, serde_json::to_vec_pretty(&index).map_err(io::Error::other)?)
+    fs::write(
+        index_path,
+        serde_json::to_vec_pretty(&index).map_err(io::Error::other)?,
+    )
 }
 
 #[cfg(test)]

@@ -3,10 +3,10 @@
 
 use oci_client::manifest::{
     IMAGE_DOCKER_LAYER_GZIP_MEDIA_TYPE, IMAGE_DOCKER_LAYER_TAR_MEDIA_TYPE,
-    IMAGE_LAYER_GZIP_MEDIA_TYPE, IMAGE_LAYER_MEDIA_TYPE, IMAGE_LAYER_NONDISTRIBUTABLE_GZIP_MEDIA_TYPE,
-    IMAGE_LAYER_NONDISTRIBUTABLE_MEDIA_TYPE, IMAGE_MANIFEST_LIST_MEDIA_TYPE,
-    IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE, OciDescriptor,
-    OciImageIndex, OciImageManifest,
+    IMAGE_LAYER_GZIP_MEDIA_TYPE, IMAGE_LAYER_MEDIA_TYPE,
+    IMAGE_LAYER_NONDISTRIBUTABLE_GZIP_MEDIA_TYPE, IMAGE_LAYER_NONDISTRIBUTABLE_MEDIA_TYPE,
+    IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE,
+    OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageIndex, OciImageManifest,
 };
 use serde::Deserialize;
 
@@ -29,6 +29,7 @@ const DOCKER_SCHEMA1_TYPES: &[&str] = &[
 
 /// A manifest document: either an image manifest or an index of them.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // parsed once per pull, never stored in bulk
 pub enum ManifestDoc {
     /// An OCI image manifest or Docker v2 schema 2 manifest.
     Image(OciImageManifest),
@@ -79,10 +80,18 @@ pub fn parse_manifest(bytes: &[u8], label: &str, reference: &str) -> Result<Mani
 }
 
 /// Picks the manifest for `platform` from an index, or says which platforms there are.
-pub fn select_platform(index: &OciImageIndex, platform: &Platform, reference: &str) -> Result<Digest> {
+pub fn select_platform(
+    index: &OciImageIndex,
+    platform: &Platform,
+    reference: &str,
+) -> Result<Digest> {
     let chosen = index.manifests.iter().find(|m| {
         m.platform.as_ref().is_some_and(|p| {
-            platform.matches(&p.os.to_string(), &p.architecture.to_string(), p.variant.as_deref())
+            platform.matches(
+                &p.os.to_string(),
+                &p.architecture.to_string(),
+                p.variant.as_deref(),
+            )
         })
     });
     match chosen {
@@ -100,7 +109,11 @@ pub fn select_platform(index: &OciImageIndex, platform: &Platform, reference: &s
             Err(Error::NoMatchingPlatform {
                 reference: reference.to_owned(),
                 platform: platform.to_string(),
-                available: if available.is_empty() { "none".into() } else { available.join(", ") },
+                available: if available.is_empty() {
+                    "none".into()
+                } else {
+                    available.join(", ")
+                },
             })
         }
     }
@@ -117,7 +130,11 @@ pub fn parse_digest(text: &str, what: &'static str, reference: &str) -> Result<D
 }
 
 /// Reads a descriptor's digest and size.
-pub fn descriptor_digest(desc: &OciDescriptor, what: &'static str, reference: &str) -> Result<(Digest, u64)> {
+pub fn descriptor_digest(
+    desc: &OciDescriptor,
+    what: &'static str,
+    reference: &str,
+) -> Result<(Digest, u64)> {
     let digest = parse_digest(&desc.digest, what, reference)?;
     let size = u64::try_from(desc.size).map_err(|_| Error::BadDocument {
         what,
@@ -199,8 +216,18 @@ mod tests {
     #[test]
     fn selects_platform_from_index() {
         let idx = index();
-        assert_eq!(select_platform(&idx, &"linux/amd64".parse().unwrap(), "r").unwrap().to_string(), B);
-        assert_eq!(select_platform(&idx, &"linux/arm64/v8".parse().unwrap(), "r").unwrap().to_string(), A);
+        assert_eq!(
+            select_platform(&idx, &"linux/amd64".parse().unwrap(), "r")
+                .unwrap()
+                .to_string(),
+            B
+        );
+        assert_eq!(
+            select_platform(&idx, &"linux/arm64/v8".parse().unwrap(), "r")
+                .unwrap()
+                .to_string(),
+            A
+        );
         let err = select_platform(&idx, &"linux/s390x".parse().unwrap(), "r").unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -213,22 +240,38 @@ mod tests {
         let manifest = format!(
             r#"{{"schemaVersion":2,"config":{{"mediaType":"x","digest":"{A}","size":2}},"layers":[]}}"#
         );
-        assert!(matches!(parse_manifest(manifest.as_bytes(), "t", "r").unwrap(), ManifestDoc::Image(_)));
+        assert!(matches!(
+            parse_manifest(manifest.as_bytes(), "t", "r").unwrap(),
+            ManifestDoc::Image(_)
+        ));
     }
 
     #[test]
     fn refuses_schema1_and_unknown_types() {
         let err = parse_manifest(br#"{"schemaVersion":1,"name":"x"}"#, "t", "r").unwrap_err();
         assert!(err.to_string().contains("schema 1"), "{err}");
-        let err = parse_manifest(br#"{"schemaVersion":2,"mediaType":"text/html"}"#, "t", "r").unwrap_err();
-        assert!(err.to_string().contains("unsupported media type text/html"), "{err}");
+        let err = parse_manifest(br#"{"schemaVersion":2,"mediaType":"text/html"}"#, "t", "r")
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("unsupported media type text/html"),
+            "{err}"
+        );
     }
 
     #[test]
     fn diff_ids_from_config() {
-        let cfg = format!(r#"{{"architecture":"amd64","rootfs":{{"type":"layers","diff_ids":["{A}","{B}"]}}}}"#);
+        let cfg = format!(
+            r#"{{"architecture":"amd64","rootfs":{{"type":"layers","diff_ids":["{A}","{B}"]}}}}"#
+        );
         let ids = parse_diff_ids(cfg.as_bytes(), &Digest::of(b""), "r").unwrap();
         assert_eq!(ids.len(), 2);
-        assert!(parse_diff_ids(br#"{"rootfs":{"diff_ids":["md5:x"]}}"#, &Digest::of(b""), "r").is_err());
+        assert!(
+            parse_diff_ids(
+                br#"{"rootfs":{"diff_ids":["md5:x"]}}"#,
+                &Digest::of(b""),
+                "r"
+            )
+            .is_err()
+        );
     }
 }

@@ -37,7 +37,12 @@ pub struct Meta {
 
 impl Meta {
     /// What a directory that a layer implies but does not list gets (as `mkdir -p` would).
-    pub const IMPLIED_DIR: Meta = Meta { mode: 0o755, uid: 0, gid: 0, mtime: 0 };
+    pub const IMPLIED_DIR: Meta = Meta {
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+    };
 }
 
 /// What an entry is, with what each kind needs.
@@ -136,14 +141,22 @@ pub fn decode_layer(cache: &Cache, blob: impl Read, spec: &LayerSpec<'_>) -> Res
     let out = BufWriter::with_capacity(READ_BUFFER, File::create(&content).at(&content)?);
     let compressed = HashingReader::new(BufReader::with_capacity(READ_BUFFER, blob));
     let decoder = Decoder::new(compressed, spec.compression);
-    let tee = TeeReader { inner: HashingReader::new(decoder), out };
+    let tee = TeeReader {
+        inner: HashingReader::new(decoder),
+        out,
+    };
 
     let (index, tee) = read_entries(tee, spec)?;
     let TeeReader { inner, out } = tee;
-    let out = out.into_inner().map_err(|e| Error::io(&content, e.into_error()))?;
+    let out = out
+        .into_inner()
+        .map_err(|e| Error::io(&content, e.into_error()))?;
     out.sync_data().at(&content)?;
     let (decoder, diff_id, _) = inner.into_parts();
-    let (digest, size) = decoder.into_inner().finish().map_err(|e| layer_error(spec, e))?;
+    let (digest, size) = decoder
+        .into_inner()
+        .finish()
+        .map_err(|e| layer_error(spec, e))?;
 
     if digest != *spec.digest {
         return Err(Error::DigestMismatch {
@@ -216,8 +229,10 @@ fn index_entry<R: Read>(entry: &tar::Entry<'_, R>) -> Result<Option<Entry>, Stri
     };
     let meta = Meta {
         mode: field(header.mode().map(u64::from), "mode")? as u32 & 0o7777,
-        uid: u32::try_from(field(header.uid(), "uid")?).map_err(|_| format!("{shown}: uid out of range"))?,
-        gid: u32::try_from(field(header.gid(), "gid")?).map_err(|_| format!("{shown}: gid out of range"))?,
+        uid: u32::try_from(field(header.uid(), "uid")?)
+            .map_err(|_| format!("{shown}: uid out of range"))?,
+        gid: u32::try_from(field(header.gid(), "gid")?)
+            .map_err(|_| format!("{shown}: gid out of range"))?,
         mtime: i64::try_from(field(header.mtime(), "mtime")?).unwrap_or(i64::MAX),
     };
     let link_target = || -> Result<Vec<u8>, String> {
@@ -237,14 +252,23 @@ fn index_entry<R: Read>(entry: &tar::Entry<'_, R>) -> Result<Option<Entry>, Stri
             size: entry.size(),
         },
         T::Directory => EntryKind::Dir,
-        T::Symlink => EntryKind::Symlink { target: link_target()? },
-        T::Link => EntryKind::Hardlink { target: link_target()? },
+        T::Symlink => EntryKind::Symlink {
+            target: link_target()?,
+        },
+        T::Link => EntryKind::Hardlink {
+            target: link_target()?,
+        },
         T::Char => EntryKind::CharDevice { rdev: rdev()? },
         T::Block => EntryKind::BlockDevice { rdev: rdev()? },
         T::Fifo => EntryKind::Fifo,
         T::XGlobalHeader => return Ok(None),
         T::GNUSparse => return Err(format!("{shown}: sparse files are not supported yet")),
-        other => return Err(format!("{shown}: unsupported tar entry type {:?}", other.as_byte() as char)),
+        other => {
+            return Err(format!(
+                "{shown}: unsupported tar entry type {:?}",
+                other.as_byte() as char
+            ));
+        }
     };
     Ok(Some(Entry { path, kind, meta }))
 }
@@ -296,13 +320,16 @@ impl<R: Read, W: Write> Read for TeeReader<R, W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
     use crate::fixture::{LayerSpecText, build_layer};
+    use std::path::Path;
 
     fn read_file_data(content: &Path, offset: u64, size: u64) -> Vec<u8> {
         use std::os::unix::fs::FileExt;
         let mut buf = vec![0; size as usize];
-        File::open(content).unwrap().read_exact_at(&mut buf, offset).unwrap();
+        File::open(content)
+            .unwrap()
+            .read_exact_at(&mut buf, offset)
+            .unwrap();
         buf
     }
 
@@ -324,7 +351,10 @@ mod tests {
             compression,
             reference: "test/img:1",
         };
-        (decode_layer(cache, ShortReader(&layer.blob[..]), &spec), layer.diff_id)
+        (
+            decode_layer(cache, ShortReader(&layer.blob[..]), &spec),
+            layer.diff_id,
+        )
     }
 
     #[test]
@@ -336,12 +366,23 @@ mod tests {
             let (result, diff_id) = decode(&cache, text, compression);
             result.unwrap();
             let index = load_index(&cache, &diff_id).unwrap();
-            let kinds: Vec<_> = index.entries.iter().map(|e| String::from_utf8_lossy(&e.path).into_owned()).collect();
+            let kinds: Vec<_> = index
+                .entries
+                .iter()
+                .map(|e| String::from_utf8_lossy(&e.path).into_owned())
+                .collect();
             assert_eq!(kinds, ["etc/", "etc/hosts", "bin", "etc/hosts2"]);
-            let EntryKind::File { offset, size } = index.entries[1].kind else { panic!("not a file") };
+            let EntryKind::File { offset, size } = index.entries[1].kind else {
+                panic!("not a file")
+            };
             let data = read_file_data(&content_path(&cache, &diff_id), offset, size);
             assert_eq!(data, b"127.0.0.1 localhost\n");
-            assert_eq!(index.entries[2].kind, EntryKind::Symlink { target: b"usr/bin".to_vec() });
+            assert_eq!(
+                index.entries[2].kind,
+                EntryKind::Symlink {
+                    target: b"usr/bin".to_vec()
+                }
+            );
         }
     }
 
@@ -359,9 +400,15 @@ mod tests {
             reference: "test/img:1",
         };
         let err = decode_layer(&cache, &layer.blob[..], &spec).unwrap_err();
-        assert!(err.to_string().contains("uncompressed layer (diff_id)"), "{err}");
+        assert!(
+            err.to_string().contains("uncompressed layer (diff_id)"),
+            "{err}"
+        );
         assert!(!is_decoded(&cache, &wrong));
-        assert_eq!(std::fs::read_dir(cache.root().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(cache.root().join("tmp")).unwrap().count(),
+            0
+        );
     }
 
     #[test]
@@ -370,8 +417,18 @@ mod tests {
         let cache = Cache::open(dir.path()).unwrap();
         let blob = b"this is not gzip at all".to_vec();
         let d = Digest::of(&blob);
-        let spec = LayerSpec { digest: &d, size: blob.len() as u64, diff_id: &d, compression: Compression::Gzip, reference: "r" };
+        let spec = LayerSpec {
+            digest: &d,
+            size: blob.len() as u64,
+            diff_id: &d,
+            compression: Compression::Gzip,
+            reference: "r",
+        };
         let err = decode_layer(&cache, &blob[..], &spec).unwrap_err();
-        assert!(err.to_string().starts_with(&format!("layer {d} of r: cannot read it as tar+gzip")), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("layer {d} of r: cannot read it as tar+gzip")),
+            "{err}"
+        );
     }
 }

@@ -20,8 +20,8 @@ pub mod reference;
 pub mod tree;
 
 pub use error::{Error, Result};
+pub mod fs;
+pub mod mount;
 pub mod mountable;
 pub mod pull;
 pub mod source;
-pub mod fs;
-pub mod mount;

@@ -30,7 +30,10 @@ pub struct MergeError {
 
 #[derive(Debug, Clone)]
 enum BuildKind {
-    Dir { children: BTreeMap<Vec<u8>, NodeId>, parent: NodeId },
+    Dir {
+        children: BTreeMap<Vec<u8>, NodeId>,
+        parent: NodeId,
+    },
     Leaf(NodeKind),
 }
 
@@ -50,7 +53,10 @@ impl Default for TreeBuilder {
     fn default() -> Self {
         let root = BuildNode {
             meta: Meta::IMPLIED_DIR,
-            kind: BuildKind::Dir { children: BTreeMap::new(), parent: ROOT },
+            kind: BuildKind::Dir {
+                children: BTreeMap::new(),
+                parent: ROOT,
+            },
         };
         TreeBuilder { nodes: vec![root] }
     }
@@ -58,9 +64,19 @@ impl Default for TreeBuilder {
 
 /// What one layer entry asks for.
 enum Action<'a> {
-    Opaque { dir: Vec<&'a [u8]>, entry: &'a Entry },
-    Remove { dir: Vec<&'a [u8]>, name: &'a [u8], entry: &'a Entry },
-    Add { components: Vec<&'a [u8]>, entry: &'a Entry },
+    Opaque {
+        dir: Vec<&'a [u8]>,
+        entry: &'a Entry,
+    },
+    Remove {
+        dir: Vec<&'a [u8]>,
+        name: &'a [u8],
+        entry: &'a Entry,
+    },
+    Add {
+        components: Vec<&'a [u8]>,
+        entry: &'a Entry,
+    },
 }
 
 /// Splits a path into components inside the root: empty and `.` parts dropped, `..` removes
@@ -84,7 +100,10 @@ fn lossy(path: &[u8]) -> String {
 }
 
 fn at(entry: &Entry, detail: String) -> MergeError {
-    MergeError { path: lossy(&entry.path), detail }
+    MergeError {
+        path: lossy(&entry.path),
+        detail,
+    }
 }
 
 fn classify(entry: &Entry) -> Result<Action<'_>, MergeError> {
@@ -94,7 +113,10 @@ fn classify(entry: &Entry) -> Result<Action<'_>, MergeError> {
     };
     if last == OPAQUE_MARKER {
         components.pop();
-        return Ok(Action::Opaque { dir: components, entry });
+        return Ok(Action::Opaque {
+            dir: components,
+            entry,
+        });
     }
     match last.strip_prefix(WHITEOUT_PREFIX) {
         Some(b"" | b"." | b"..") => Err(MergeError {
@@ -103,7 +125,11 @@ fn classify(entry: &Entry) -> Result<Action<'_>, MergeError> {
         }),
         Some(name) => {
             components.pop();
-            Ok(Action::Remove { dir: components, name, entry })
+            Ok(Action::Remove {
+                dir: components,
+                name,
+                entry,
+            })
         }
         None => Ok(Action::Add { components, entry }),
     }
@@ -118,11 +144,18 @@ impl TreeBuilder {
     /// Applies one layer's entries on top of what is there; `layer` is the index recorded in
     /// file nodes so reads know which layer's content holds their bytes.
     pub fn apply_layer(&mut self, layer: u32, entries: &[Entry]) -> Result<(), MergeError> {
-        let actions = entries.iter().map(classify).collect::<Result<Vec<_>, _>>()?;
+        let actions = entries
+            .iter()
+            .map(classify)
+            .collect::<Result<Vec<_>, _>>()?;
         for action in &actions {
             match action {
-                Action::Opaque { dir, entry } => self.hide_lower(dir, None).map_err(|d| at(entry, d))?,
-                Action::Remove { dir, name, entry } => self.hide_lower(dir, Some(name)).map_err(|d| at(entry, d))?,
+                Action::Opaque { dir, entry } => {
+                    self.hide_lower(dir, None).map_err(|d| at(entry, d))?
+                }
+                Action::Remove { dir, name, entry } => {
+                    self.hide_lower(dir, Some(name)).map_err(|d| at(entry, d))?
+                }
                 Action::Add { .. } => {}
             }
         }
@@ -162,7 +195,10 @@ impl TreeBuilder {
                 _ => Err(error("the image root can only be a directory".into())),
             };
         };
-        let parent = self.walk(parent_path, true).map_err(error)?.expect("walk with create always finds a directory");
+        let parent = self
+            .walk(parent_path, true)
+            .map_err(error)?
+            .expect("walk with create always finds a directory");
         let existing = self.child(parent, name);
         let new_kind = match &entry.kind {
             EntryKind::Dir => {
@@ -170,27 +206,46 @@ impl TreeBuilder {
                     self.nodes[id as usize].meta = entry.meta;
                     return Ok(());
                 }
-                BuildKind::Dir { children: BTreeMap::new(), parent }
+                BuildKind::Dir {
+                    children: BTreeMap::new(),
+                    parent,
+                }
             }
             EntryKind::Hardlink { target } => {
                 let id = self.hardlink_target(target).map_err(error)?;
                 self.insert(parent, name, id);
                 return Ok(());
             }
-            EntryKind::File { offset, size } => BuildKind::Leaf(NodeKind::File { layer, offset: *offset, size: *size }),
-            EntryKind::Symlink { target } => BuildKind::Leaf(NodeKind::Symlink { target: target.clone() }),
+            EntryKind::File { offset, size } => BuildKind::Leaf(NodeKind::File {
+                layer,
+                offset: *offset,
+                size: *size,
+            }),
+            EntryKind::Symlink { target } => BuildKind::Leaf(NodeKind::Symlink {
+                target: target.clone(),
+            }),
             EntryKind::CharDevice { rdev } => BuildKind::Leaf(NodeKind::CharDevice { rdev: *rdev }),
-            EntryKind::BlockDevice { rdev } => BuildKind::Leaf(NodeKind::BlockDevice { rdev: *rdev }),
+            EntryKind::BlockDevice { rdev } => {
+                BuildKind::Leaf(NodeKind::BlockDevice { rdev: *rdev })
+            }
             EntryKind::Fifo => BuildKind::Leaf(NodeKind::Fifo),
         };
-        let id = self.push(BuildNode { meta: entry.meta, kind: new_kind });
+        let id = self.push(BuildNode {
+            meta: entry.meta,
+            kind: new_kind,
+        });
         self.insert(parent, name, id);
         Ok(())
     }
 
     fn hardlink_target(&mut self, target: &[u8]) -> Result<NodeId, String> {
         let parts = components(target);
-        let missing = || format!("hardlink target {} is not in this or a lower layer", lossy(target));
+        let missing = || {
+            format!(
+                "hardlink target {} is not in this or a lower layer",
+                lossy(target)
+            )
+        };
         let Some((&name, dir)) = parts.split_last() else {
             return Err("hardlink to the image root".into());
         };
@@ -222,8 +277,14 @@ impl TreeBuilder {
                 if !create {
                     return Ok(None);
                 }
-                let dir = BuildKind::Dir { children: BTreeMap::new(), parent: current };
-                let id = self.push(BuildNode { meta: Meta::IMPLIED_DIR, kind: dir });
+                let dir = BuildKind::Dir {
+                    children: BTreeMap::new(),
+                    parent: current,
+                };
+                let id = self.push(BuildNode {
+                    meta: Meta::IMPLIED_DIR,
+                    kind: dir,
+                });
                 self.insert(current, &name, id);
                 current = id;
                 continue;
@@ -241,7 +302,10 @@ impl TreeBuilder {
                     pending.extend(target.split(|&b| b == b'/').rev().map(<[u8]>::to_vec));
                 }
                 BuildKind::Leaf(_) if create => {
-                    return Err(format!("{} is not a directory in the layers below", lossy(&name)));
+                    return Err(format!(
+                        "{} is not a directory in the layers below",
+                        lossy(&name)
+                    ));
                 }
                 BuildKind::Leaf(_) => return Ok(None),
             }
@@ -284,10 +348,17 @@ impl TreeBuilder {
     pub fn finish(mut self, subdir: Option<&str>) -> Result<Option<Tree>, MergeError> {
         let start = match subdir {
             None => ROOT,
-            Some(path) => match self.walk(&components(path.as_bytes()), false).map_err(|detail| MergeError { path: path.to_owned(), detail })? {
-                Some(id) => id,
-                None => return Ok(None),
-            },
+            Some(path) => {
+                match self
+                    .walk(&components(path.as_bytes()), false)
+                    .map_err(|detail| MergeError {
+                        path: path.to_owned(),
+                        detail,
+                    })? {
+                    Some(id) => id,
+                    None => return Ok(None),
+                }
+            }
         };
         Ok(Some(self.freeze_from(start)))
     }
@@ -315,11 +386,18 @@ impl TreeBuilder {
                             (name.clone(), new_id[child as usize])
                         })
                         .collect();
-                    NodeKind::Dir { entries, parent: ROOT }
+                    NodeKind::Dir {
+                        entries,
+                        parent: ROOT,
+                    }
                 }
                 BuildKind::Leaf(kind) => kind.clone(),
             };
-            nodes.push(Node { meta: node.meta, kind, nlink: 0 });
+            nodes.push(Node {
+                meta: node.meta,
+                kind,
+                nlink: 0,
+            });
         }
         count_links(&mut nodes);
         Tree { nodes }
@@ -357,22 +435,47 @@ fn count_links(nodes: &mut [Node]) {
 mod tests {
     use super::*;
 
-    const M: Meta = Meta { mode: 0o644, uid: 0, gid: 0, mtime: 1 };
+    const M: Meta = Meta {
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: 1,
+    };
 
     fn e(path: &str, kind: EntryKind) -> Entry {
-        Entry { path: path.as_bytes().to_vec(), kind, meta: M }
+        Entry {
+            path: path.as_bytes().to_vec(),
+            kind,
+            meta: M,
+        }
     }
     fn f(path: &str) -> Entry {
-        e(path, EntryKind::File { offset: 0, size: path.len() as u64 })
+        e(
+            path,
+            EntryKind::File {
+                offset: 0,
+                size: path.len() as u64,
+            },
+        )
     }
     fn d(path: &str) -> Entry {
         e(path, EntryKind::Dir)
     }
     fn l(path: &str, target: &str) -> Entry {
-        e(path, EntryKind::Symlink { target: target.as_bytes().to_vec() })
+        e(
+            path,
+            EntryKind::Symlink {
+                target: target.as_bytes().to_vec(),
+            },
+        )
     }
     fn h(path: &str, target: &str) -> Entry {
-        e(path, EntryKind::Hardlink { target: target.as_bytes().to_vec() })
+        e(
+            path,
+            EntryKind::Hardlink {
+                target: target.as_bytes().to_vec(),
+            },
+        )
     }
 
     fn merge(layers: &[Vec<Entry>]) -> Result<Tree, MergeError> {
@@ -390,25 +493,44 @@ mod tests {
             .map(|(path, id)| match &tree.node(id).kind {
                 NodeKind::Dir { .. } => format!("{path} d"),
                 NodeKind::File { layer, .. } => format!("{path} f{layer}"),
-                NodeKind::Symlink { target } => format!("{path} -> {}", String::from_utf8_lossy(target)),
+                NodeKind::Symlink { target } => {
+                    format!("{path} -> {}", String::from_utf8_lossy(target))
+                }
                 _ => format!("{path} ?"),
             })
             .collect()
     }
 
+    /// A case: name, layers bottom first, expected listing.
+    type Case = (&'static str, Vec<Vec<Entry>>, Vec<&'static str>);
+
     #[test]
     fn merge_rules_table() {
-        let cases: Vec<(&str, Vec<Vec<Entry>>, Vec<&str>)> = vec![
-            ("whiteout of a file", vec![vec![f("a"), f("b")], vec![f(".wh.a")]], vec!["/ d", "/b f0"]),
-            ("whiteout of a directory", vec![vec![d("d/"), f("d/x")], vec![f(".wh.d")]], vec!["/ d"]),
+        let cases: Vec<Case> = vec![
+            (
+                "whiteout of a file",
+                vec![vec![f("a"), f("b")], vec![f(".wh.a")]],
+                vec!["/ d", "/b f0"],
+            ),
+            (
+                "whiteout of a directory",
+                vec![vec![d("d/"), f("d/x")], vec![f(".wh.d")]],
+                vec!["/ d"],
+            ),
             (
                 "opaque directory then re-add in the same layer",
-                vec![vec![d("d/"), f("d/old")], vec![f("d/.wh..wh..opq"), f("d/new")]],
+                vec![
+                    vec![d("d/"), f("d/old")],
+                    vec![f("d/.wh..wh..opq"), f("d/new")],
+                ],
                 vec!["/ d", "/d d", "/d/new f1"],
             ),
             (
                 "opaque marker after the re-added entry",
-                vec![vec![d("d/"), f("d/old")], vec![f("d/new"), f("d/.wh..wh..opq")]],
+                vec![
+                    vec![d("d/"), f("d/old")],
+                    vec![f("d/new"), f("d/.wh..wh..opq")],
+                ],
                 vec!["/ d", "/d d", "/d/new f1"],
             ),
             (
@@ -416,11 +538,31 @@ mod tests {
                 vec![vec![f("keep")], vec![f("x"), f(".wh.x")]],
                 vec!["/ d", "/keep f0", "/x f1"],
             ),
-            ("directory replaced by a file", vec![vec![d("p/"), f("p/q")], vec![f("p")]], vec!["/ d", "/p f1"]),
-            ("file replaced by a directory", vec![vec![f("p")], vec![d("p/"), f("p/q")]], vec!["/ d", "/p d", "/p/q f1"]),
-            ("whiteout of a name that does not exist", vec![vec![f("a")], vec![f(".wh.nothing"), f("nodir/.wh.x")]], vec!["/ d", "/a f0"]),
-            ("implied parents", vec![vec![f("x/y/z")]], vec!["/ d", "/x d", "/x/y d", "/x/y/z f0"]),
-            ("dot-dot stays inside the root", vec![vec![f("./../../etc/passwd")]], vec!["/ d", "/etc d", "/etc/passwd f0"]),
+            (
+                "directory replaced by a file",
+                vec![vec![d("p/"), f("p/q")], vec![f("p")]],
+                vec!["/ d", "/p f1"],
+            ),
+            (
+                "file replaced by a directory",
+                vec![vec![f("p")], vec![d("p/"), f("p/q")]],
+                vec!["/ d", "/p d", "/p/q f1"],
+            ),
+            (
+                "whiteout of a name that does not exist",
+                vec![vec![f("a")], vec![f(".wh.nothing"), f("nodir/.wh.x")]],
+                vec!["/ d", "/a f0"],
+            ),
+            (
+                "implied parents",
+                vec![vec![f("x/y/z")]],
+                vec!["/ d", "/x d", "/x/y d", "/x/y/z f0"],
+            ),
+            (
+                "dot-dot stays inside the root",
+                vec![vec![f("./../../etc/passwd")]],
+                vec!["/ d", "/etc d", "/etc/passwd f0"],
+            ),
             (
                 "a later layer writes through a symlinked directory",
                 vec![vec![d("real/"), l("link", "real")], vec![f("link/file")]],
@@ -428,11 +570,22 @@ mod tests {
             ),
             (
                 "an absolute symlink resolves inside the image",
-                vec![vec![d("real/"), l("abs", "/../../real")], vec![f("abs/file")]],
+                vec![
+                    vec![d("real/"), l("abs", "/../../real")],
+                    vec![f("abs/file")],
+                ],
                 vec!["/ d", "/abs -> /../../real", "/real d", "/real/file f1"],
             ),
-            ("the same entry twice in a layer: the later wins", vec![vec![f("a"), l("a", "b")]], vec!["/ d", "/a -> b"]),
-            ("directory over directory keeps its contents", vec![vec![d("d/"), f("d/x")], vec![d("d/")]], vec!["/ d", "/d d", "/d/x f0"]),
+            (
+                "the same entry twice in a layer: the later wins",
+                vec![vec![f("a"), l("a", "b")]],
+                vec!["/ d", "/a -> b"],
+            ),
+            (
+                "directory over directory keeps its contents",
+                vec![vec![d("d/"), f("d/x")], vec![d("d/")]],
+                vec!["/ d", "/d d", "/d/x f0"],
+            ),
         ];
         for (name, layers, expected) in cases {
             let tree = merge(&layers).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -443,7 +596,11 @@ mod tests {
     #[test]
     fn hardlinks_share_a_node() {
         let tree = merge(&[vec![f("a"), h("b", "a"), h("c", "/a")]]).unwrap();
-        let (a, b, c) = (tree.lookup_path("a").unwrap(), tree.lookup_path("b").unwrap(), tree.lookup_path("c").unwrap());
+        let (a, b, c) = (
+            tree.lookup_path("a").unwrap(),
+            tree.lookup_path("b").unwrap(),
+            tree.lookup_path("c").unwrap(),
+        );
         assert_eq!((a, a), (b, c));
         assert_eq!(tree.node(a).nlink, 3);
 
@@ -455,11 +612,26 @@ mod tests {
     #[test]
     fn refuses_what_cannot_be_applied() {
         let cases: Vec<(Vec<Vec<Entry>>, &str)> = vec![
-            (vec![vec![h("b", "missing")]], "b: hardlink target missing is not in this or a lower layer"),
-            (vec![vec![d("dir/"), h("b", "dir")]], "b: hardlink target dir is a directory"),
-            (vec![vec![f("file"), f("file/x")]], "file/x: file is not a directory in the layers below"),
-            (vec![vec![l("loop", "loop"), f("loop/x")]], "loop/x: too many levels of symbolic links"),
-            (vec![vec![f("dir/.wh.")]], "dir/.wh.: whiteout names no entry"),
+            (
+                vec![vec![h("b", "missing")]],
+                "b: hardlink target missing is not in this or a lower layer",
+            ),
+            (
+                vec![vec![d("dir/"), h("b", "dir")]],
+                "b: hardlink target dir is a directory",
+            ),
+            (
+                vec![vec![f("file"), f("file/x")]],
+                "file/x: file is not a directory in the layers below",
+            ),
+            (
+                vec![vec![l("loop", "loop"), f("loop/x")]],
+                "loop/x: too many levels of symbolic links",
+            ),
+            (
+                vec![vec![f("dir/.wh.")]],
+                "dir/.wh.: whiteout names no entry",
+            ),
         ];
         for (layers, expected) in cases {
             assert_eq!(merge(&layers).unwrap_err().to_string(), expected);
@@ -473,13 +645,17 @@ mod tests {
         assert_eq!(tree.node(a).nlink, 4);
         let b = tree.lookup_path("a/b").unwrap();
         assert!(matches!(tree.node(b).kind, NodeKind::Dir { parent, .. } if parent == a));
-        assert!(matches!(tree.node(ROOT).kind, NodeKind::Dir { parent: ROOT, .. }));
+        assert!(matches!(
+            tree.node(ROOT).kind,
+            NodeKind::Dir { parent: ROOT, .. }
+        ));
     }
 
     #[test]
     fn finish_at_a_subdirectory() {
         let mut b = TreeBuilder::new();
-        b.apply_layer(0, &[f("jk/modules/m/index.js"), f("etc/x")]).unwrap();
+        b.apply_layer(0, &[f("jk/modules/m/index.js"), f("etc/x")])
+            .unwrap();
         let tree = b.clone().finish(Some("/jk/modules")).unwrap().unwrap();
         assert_eq!(listing(&tree), ["/ d", "/m d", "/m/index.js f0"]);
         assert_eq!(b.clone().finish(Some("/nope")).unwrap(), None);

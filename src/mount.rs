@@ -44,10 +44,14 @@ pub enum MountError {
         origin: String,
     },
     /// No FUSE device.
-    #[error("{DEV_FUSE} is missing: load the fuse module (modprobe fuse), or give the container the device (--device /dev/fuse)")]
+    #[error(
+        "{DEV_FUSE} is missing: load the fuse module (modprobe fuse), or give the container the device (--device /dev/fuse)"
+    )]
     NoFuseDevice,
     /// Non-root without the setuid helper.
-    #[error("{FUSERMOUNT} is not installed, and it is needed to mount as a non-root user: install the fuse3 package")]
+    #[error(
+        "{FUSERMOUNT} is not installed, and it is needed to mount as a non-root user: install the fuse3 package"
+    )]
     NoFusermount,
     /// The kernel or helper refused the mount.
     #[error("mounting at {} failed: {source}", path.display())]
@@ -111,7 +115,9 @@ fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
         match octal {
             Some(d) => {
                 out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
@@ -129,7 +135,10 @@ fn unescape(field: &str) -> String {
 /// The innermost mount at exactly `path`, if any.
 pub fn mount_at(path: &Path) -> io::Result<Option<MountInfo>> {
     let text = fs::read_to_string("/proc/self/mountinfo")?;
-    Ok(parse_mountinfo(&text).into_iter().rev().find(|m| m.mount_point == path))
+    Ok(parse_mountinfo(&text)
+        .into_iter()
+        .rev()
+        .find(|m| m.mount_point == path))
 }
 
 /// Checks everything that can be checked before pulling: the mountpoint and the FUSE device
@@ -139,9 +148,14 @@ pub fn preflight(mountpoint: &Path) -> Result<PathBuf, MountError> {
     if !meta.is_dir() {
         return Err(MountError::NotADirectory(mountpoint.to_owned()));
     }
-    let path = fs::canonicalize(mountpoint).map_err(|_| MountError::Missing(mountpoint.to_owned()))?;
+    let path =
+        fs::canonicalize(mountpoint).map_err(|_| MountError::Missing(mountpoint.to_owned()))?;
     if let Some(m) = mount_at(&path).ok().flatten() {
-        return Err(MountError::AlreadyMounted { path, fstype: m.fstype, origin: m.source });
+        return Err(MountError::AlreadyMounted {
+            path,
+            fstype: m.fstype,
+            origin: m.source,
+        });
     }
     if !Path::new(DEV_FUSE).exists() {
         return Err(MountError::NoFuseDevice);
@@ -153,7 +167,8 @@ pub fn preflight(mountpoint: &Path) -> Result<PathBuf, MountError> {
 }
 
 fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
 /// How to mount.
@@ -170,13 +185,19 @@ pub struct MountRequest {
 /// Mounts `core` and serves it until the filesystem is unmounted (by `jkmount unmount`,
 /// `umount`, or SIGTERM/SIGINT/SIGHUP to this process, which unmount cleanly). `on_ready` runs
 /// once the kernel has completed the FUSE handshake, so the mount is live.
-pub fn serve(core: FsCore, request: &MountRequest, on_ready: impl FnOnce()) -> Result<(), MountError> {
+pub fn serve(
+    core: FsCore,
+    request: &MountRequest,
+    on_ready: impl FnOnce(),
+) -> Result<(), MountError> {
     let mut signals = SigSet::empty();
     for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         signals.add(s);
     }
     // Blocked before any FUSE thread exists, so only the waiting thread below receives them.
-    signals.thread_block().map_err(|e| mount_failed(request, e.into()))?;
+    signals
+        .thread_block()
+        .map_err(|e| mount_failed(request, e.into()))?;
     let fs = FuseFs::new(core);
     let mut config = Config::default();
     config.n_threads = Some(request.threads);
@@ -213,13 +234,20 @@ pub fn serve(core: FsCore, request: &MountRequest, on_ready: impl FnOnce()) -> R
             }
         })
         .map_err(|e| mount_failed(request, e))?;
-    tracing::info!("mounted {} at {}", request.fsname, request.mountpoint.display());
+    tracing::info!(
+        "mounted {} at {}",
+        request.fsname,
+        request.mountpoint.display()
+    );
     on_ready();
     session.run().map_err(|e| mount_failed(request, e))
 }
 
 fn mount_failed(request: &MountRequest, source: io::Error) -> MountError {
-    MountError::MountFailed { path: request.mountpoint.clone(), source }
+    MountError::MountFailed {
+        path: request.mountpoint.clone(),
+        source,
+    }
 }
 
 /// Mounts with mount(2), as root, and returns the FUSE connection.
@@ -233,7 +261,13 @@ fn mount_directly(request: &MountRequest) -> io::Result<OwnedFd> {
         getgid()
     );
     let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME;
-    nix::mount::mount(Some(request.fsname.as_str()), &request.mountpoint, Some(FS_TYPE), flags, Some(options.as_str()))?;
+    nix::mount::mount(
+        Some(request.fsname.as_str()),
+        &request.mountpoint,
+        Some(FS_TYPE),
+        flags,
+        Some(options.as_str()),
+    )?;
     Ok(OwnedFd::from(device))
 }
 
@@ -258,12 +292,17 @@ fn lazy_unmount(path: &Path) -> io::Result<()> {
 
 fn run_fusermount(path: &Path, lazy: bool) -> io::Result<()> {
     let mut command = Command::new(FUSERMOUNT);
-    command.arg(if lazy { "-uz" } else { "-u" }).arg("--").arg(path);
+    command
+        .arg(if lazy { "-uz" } else { "-u" })
+        .arg("--")
+        .arg(path);
     let output = command.output()?;
     if output.status.success() {
         Ok(())
     } else {
-        Err(io::Error::other(String::from_utf8_lossy(&output.stderr).trim().to_owned()))
+        Err(io::Error::other(
+            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        ))
     }
 }
 
@@ -271,10 +310,18 @@ fn run_fusermount(path: &Path, lazy: bool) -> io::Result<()> {
 /// detached now and goes away when its last file is closed.
 pub fn unmount(path: &Path, lazy: bool) -> Result<(), MountError> {
     let canonical = fs::canonicalize(path).map_err(|_| MountError::Missing(path.to_owned()))?;
-    let not_ours = |what: String| MountError::NotOurs { path: canonical.clone(), what };
+    let not_ours = |what: String| MountError::NotOurs {
+        path: canonical.clone(),
+        what,
+    };
     match mount_at(&canonical) {
         Ok(Some(m)) if m.fstype == FS_TYPE => {}
-        Ok(Some(m)) => return Err(not_ours(format!("it is a {} mount of {}", m.fstype, m.source))),
+        Ok(Some(m)) => {
+            return Err(not_ours(format!(
+                "it is a {} mount of {}",
+                m.fstype, m.source
+            )));
+        }
         Ok(None) => return Err(not_ours("it is not a mount point".into())),
         Err(e) => return Err(not_ours(format!("cannot read /proc/self/mountinfo: {e}"))),
     }
@@ -286,9 +333,18 @@ pub fn unmount(path: &Path, lazy: bool) -> Result<(), MountError> {
         run_fusermount(&canonical, false)
     };
     result.map_err(|source| {
-        let busy = source.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32) || source.to_string().contains("busy");
-        let hint = if busy { "; files under it are in use: close them, or use --lazy" } else { "" };
-        MountError::UnmountFailed { path: canonical, source, hint }
+        let busy = source.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32)
+            || source.to_string().contains("busy");
+        let hint = if busy {
+            "; files under it are in use: close them, or use --lazy"
+        } else {
+            ""
+        };
+        MountError::UnmountFailed {
+            path: canonical,
+            source,
+            hint,
+        }
     })
 }
 
@@ -311,19 +367,39 @@ mod tests {
     fn preflight_names_the_problem() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("nope");
-        assert_eq!(preflight(&missing).unwrap_err().to_string(), format!("mountpoint {} does not exist; create it with mkdir -p", missing.display()));
+        assert_eq!(
+            preflight(&missing).unwrap_err().to_string(),
+            format!(
+                "mountpoint {} does not exist; create it with mkdir -p",
+                missing.display()
+            )
+        );
         let file = dir.path().join("file");
         fs::write(&file, "").unwrap();
-        assert!(matches!(preflight(&file), Err(MountError::NotADirectory(_))));
-        assert!(matches!(preflight(Path::new("/proc")), Err(MountError::AlreadyMounted { .. })));
+        assert!(matches!(
+            preflight(&file),
+            Err(MountError::NotADirectory(_))
+        ));
+        assert!(matches!(
+            preflight(Path::new("/proc")),
+            Err(MountError::AlreadyMounted { .. })
+        ));
     }
 
     #[test]
     fn unmount_refuses_what_is_not_ours() {
         let dir = tempfile::tempdir().unwrap();
         let err = unmount(dir.path(), false).unwrap_err();
-        assert!(err.to_string().ends_with("is not a jkmount mount (it is not a mount point); nothing was unmounted"), "{err}");
+        assert!(
+            err.to_string().ends_with(
+                "is not a jkmount mount (it is not a mount point); nothing was unmounted"
+            ),
+            "{err}"
+        );
         let err = unmount(Path::new("/proc"), false).unwrap_err();
-        assert!(err.to_string().contains("it is a proc mount of proc"), "{err}");
+        assert!(
+            err.to_string().contains("it is a proc mount of proc"),
+            "{err}"
+        );
     }
 }

@@ -36,8 +36,10 @@ pub fn load<T: DeserializeOwned>(path: &Path, magic: &[u8; 8]) -> Result<Option<
         tracing::debug!("{} has another format; rebuilding", path.display());
         return Ok(None);
     };
-    postcard::from_bytes(body).map(Some).map_err(|e| Error::CacheDamaged {
-        path: path.to_owned(),
-        detail: e.to_string(),
-    })
+    postcard::from_bytes(body)
+        .map(Some)
+        .map_err(|e| Error::CacheDamaged {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })
 }

@@ -90,7 +90,10 @@ mod tests {
     #[test]
     fn parse_table() {
         let p: Platform = "linux/arm/v7".parse().unwrap();
-        assert_eq!((p.os.as_str(), p.architecture.as_str(), p.variant.as_deref()), ("linux", "arm", Some("v7")));
+        assert_eq!(
+            (p.os.as_str(), p.architecture.as_str(), p.variant.as_deref()),
+            ("linux", "arm", Some("v7"))
+        );
         assert_eq!(p.to_string(), "linux/arm/v7");
         for bad in ["linux", "linux/", "/amd64", "a/b/c/d", ""] {
             assert!(bad.parse::<Platform>().is_err(), "{bad:?}");

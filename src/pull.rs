@@ -56,26 +56,52 @@ pub async fn pull(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Res
         ImageRef::Layout { dir, tag } => Origin::Layout(LayoutSource::new(dir, tag.as_deref())),
     };
     let top = resolve(cache, image, &origin, options, &shown).await?;
-    let (manifest_digest, manifest) = image_manifest(cache, &origin, top, &options.platform, &shown).await?;
-    let (config_digest, config_size) = image::descriptor_digest(&manifest.config, "config", &shown)?;
-    let config = small_blob(cache, &origin, &config_digest, config_size, "config", &shown).await?;
+    let (manifest_digest, manifest) =
+        image_manifest(cache, &origin, top, &options.platform, &shown).await?;
+    let (config_digest, config_size) =
+        image::descriptor_digest(&manifest.config, "config", &shown)?;
+    let config = small_blob(
+        cache,
+        &origin,
+        &config_digest,
+        config_size,
+        "config",
+        &shown,
+    )
+    .await?;
     let diff_ids = image::parse_diff_ids(&config, &config_digest, &shown)?;
     if diff_ids.len() != manifest.layers.len() {
         return Err(Error::BadDocument {
             what: "config",
             digest: config_digest.to_string(),
             reference: shown,
-            detail: format!("lists {} diff_ids for {} layers", diff_ids.len(), manifest.layers.len()),
+            detail: format!(
+                "lists {} diff_ids for {} layers",
+                diff_ids.len(),
+                manifest.layers.len()
+            ),
         });
     }
     fetch_layers(cache, &origin, &manifest.layers, &diff_ids, &shown).await?;
-    Ok(PulledImage { shown, manifest: manifest_digest, diff_ids })
+    Ok(PulledImage {
+        shown,
+        manifest: manifest_digest,
+        diff_ids,
+    })
 }
 
 /// The digest the reference names: its own digest, the cached tag, or the registry's answer.
-async fn resolve(cache: &Cache, image: &ImageRef, origin: &Origin, options: &PullOptions, shown: &str) -> Result<Digest> {
+async fn resolve(
+    cache: &Cache,
+    image: &ImageRef,
+    origin: &Origin,
+    options: &PullOptions,
+    shown: &str,
+) -> Result<Digest> {
     let (ImageRef::Registry(reference), Origin::Registry(source)) = (image, origin) else {
-        let Origin::Layout(layout) = origin else { unreachable!("layout references have layout origins") };
+        let Origin::Layout(layout) = origin else {
+            unreachable!("layout references have layout origins")
+        };
         return layout.top_manifest(shown);
     };
     if let Some(digest) = reference.digest() {
@@ -83,16 +109,25 @@ async fn resolve(cache: &Cache, image: &ImageRef, origin: &Origin, options: &Pul
     }
     let tag = reference.tag().unwrap_or("latest");
     let (registry, repository) = (reference.registry(), reference.repository());
-    if !options.refresh_tags {
-        if let Some(record) = cache.read_tag(registry, repository, tag)? {
-            if cache.has_blob(&record.digest) {
-                tracing::debug!("{shown}: using cached tag → {}", record.digest);
-                return Ok(record.digest);
-            }
-        }
+    let cached = if options.refresh_tags {
+        None
+    } else {
+        cache.read_tag(registry, repository, tag)?
+    };
+    if let Some(record) = cached.filter(|r| cache.has_blob(&r.digest)) {
+        tracing::debug!("{shown}: using cached tag → {}", record.digest);
+        return Ok(record.digest);
     }
     let (bytes, digest) = source.fetch_manifest(None).await?;
-    cache.insert_blob(&digest, None, &bytes, BlobLabel { what: "manifest", reference: shown })?;
+    cache.insert_blob(
+        &digest,
+        None,
+        &bytes,
+        BlobLabel {
+            what: "manifest",
+            reference: shown,
+        },
+    )?;
     cache.write_tag(registry, repository, tag, &digest)?;
     tracing::info!("{shown} → {digest}");
     Ok(digest)
@@ -124,7 +159,12 @@ async fn image_manifest(
     }
 }
 
-async fn manifest_bytes(cache: &Cache, origin: &Origin, digest: &Digest, shown: &str) -> Result<Vec<u8>> {
+async fn manifest_bytes(
+    cache: &Cache,
+    origin: &Origin,
+    digest: &Digest,
+    shown: &str,
+) -> Result<Vec<u8>> {
     if let Some(bytes) = cache.read_blob(digest)? {
         return Ok(bytes);
     }
@@ -132,11 +172,26 @@ async fn manifest_bytes(cache: &Cache, origin: &Origin, digest: &Digest, shown: 
         Origin::Registry(source) => source.fetch_manifest(Some(digest)).await?.0,
         Origin::Layout(layout) => layout.read_blob(digest)?,
     };
-    cache.insert_blob(digest, None, &bytes, BlobLabel { what: "manifest", reference: shown })?;
+    cache.insert_blob(
+        digest,
+        None,
+        &bytes,
+        BlobLabel {
+            what: "manifest",
+            reference: shown,
+        },
+    )?;
     Ok(bytes)
 }
 
-async fn small_blob(cache: &Cache, origin: &Origin, digest: &Digest, size: u64, what: &'static str, shown: &str) -> Result<Vec<u8>> {
+async fn small_blob(
+    cache: &Cache,
+    origin: &Origin,
+    digest: &Digest,
+    size: u64,
+    what: &'static str,
+    shown: &str,
+) -> Result<Vec<u8>> {
     if let Some(bytes) = cache.read_blob(digest)? {
         return Ok(bytes);
     }
@@ -144,7 +199,15 @@ async fn small_blob(cache: &Cache, origin: &Origin, digest: &Digest, size: u64, 
         Origin::Registry(source) => source.fetch_blob(cache, digest, size, what).await?,
         Origin::Layout(layout) => {
             let bytes = layout.read_blob(digest)?;
-            cache.insert_blob(digest, Some(size), &bytes, BlobLabel { what, reference: shown })?;
+            cache.insert_blob(
+                digest,
+                Some(size),
+                &bytes,
+                BlobLabel {
+                    what,
+                    reference: shown,
+                },
+            )?;
         }
     }
     cache.read_blob(digest)?.ok_or_else(|| Error::CacheDamaged {
@@ -162,7 +225,13 @@ struct LayerJob {
     shown: String,
 }
 
-async fn fetch_layers(cache: &Cache, origin: &Origin, layers: &[OciDescriptor], diff_ids: &[Digest], shown: &str) -> Result<()> {
+async fn fetch_layers(
+    cache: &Cache,
+    origin: &Origin,
+    layers: &[OciDescriptor],
+    diff_ids: &[Digest],
+    shown: &str,
+) -> Result<()> {
     let permits = Arc::new(Semaphore::new(PARALLEL_LAYERS));
     let mut tasks = JoinSet::new();
     let mut seen = HashSet::new();
@@ -171,15 +240,25 @@ async fn fetch_layers(cache: &Cache, origin: &Origin, layers: &[OciDescriptor], 
             continue;
         }
         let (digest, size) = image::descriptor_digest(descriptor, "layer", shown)?;
-        let compression = image::layer_compression(&descriptor.media_type).ok_or_else(|| Error::BadLayer {
-            digest: digest.clone(),
-            reference: shown.to_owned(),
-            detail: format!("unsupported media type {}", descriptor.media_type),
-        })?;
-        let job = LayerJob { digest, size, diff_id: diff_id.clone(), compression, shown: shown.to_owned() };
+        let compression =
+            image::layer_compression(&descriptor.media_type).ok_or_else(|| Error::BadLayer {
+                digest: digest.clone(),
+                reference: shown.to_owned(),
+                detail: format!("unsupported media type {}", descriptor.media_type),
+            })?;
+        let job = LayerJob {
+            digest,
+            size,
+            diff_id: diff_id.clone(),
+            compression,
+            shown: shown.to_owned(),
+        };
         let (cache, origin, permits) = (cache.clone(), origin.clone(), permits.clone());
         tasks.spawn(async move {
-            let _permit = permits.acquire_owned().await.expect("the semaphore is never closed");
+            let _permit = permits
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
             fetch_and_decode(cache, origin, job).await
         });
     }
@@ -193,8 +272,15 @@ async fn fetch_and_decode(cache: Cache, origin: Origin, job: LayerJob) -> Result
     let blob_path = match &origin {
         Origin::Registry(source) => {
             if !cache.has_blob(&job.digest) {
-                tracing::info!("{}: fetching layer {} ({} bytes)", job.shown, job.digest, job.size);
-                source.fetch_blob(&cache, &job.digest, job.size, "layer").await?;
+                tracing::info!(
+                    "{}: fetching layer {} ({} bytes)",
+                    job.shown,
+                    job.digest,
+                    job.size
+                );
+                source
+                    .fetch_blob(&cache, &job.digest, job.size, "layer")
+                    .await?;
             }
             cache.blob_path(&job.digest)
         }

@@ -37,7 +37,11 @@ impl ImageRef {
             input: input.to_owned(),
             reason: e.to_string(),
         })?;
-        if reference.repository().bytes().any(|b| b.is_ascii_uppercase()) {
+        if reference
+            .repository()
+            .bytes()
+            .any(|b| b.is_ascii_uppercase())
+        {
             return Err(Error::InvalidReference {
                 input: input.to_owned(),
                 reason: "repository name must be lowercase".into(),
@@ -115,18 +119,56 @@ mod tests {
 
     const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
-    /// input → (registry, repository, tag, digest)
+    /// input, registry, repository, tag, digest
+    type Case<'a> = (&'a str, &'a str, &'a str, Option<&'a str>, Option<&'a str>);
+
     #[test]
     fn registry_references() {
-        let cases: &[(&str, &str, &str, Option<&str>, Option<&str>)] = &[
-            ("ubuntu", "docker.io", "library/ubuntu", Some("latest"), None),
-            ("ubuntu:22.04", "docker.io", "library/ubuntu", Some("22.04"), None),
-            ("jkcfg/kubernetes", "docker.io", "jkcfg/kubernetes", Some("latest"), None),
-            ("127.0.0.1:5000/libs/kubernetes:0.6.0", "127.0.0.1:5000", "libs/kubernetes", Some("0.6.0"), None),
+        let cases: &[Case<'_>] = &[
+            (
+                "ubuntu",
+                "docker.io",
+                "library/ubuntu",
+                Some("latest"),
+                None,
+            ),
+            (
+                "ubuntu:22.04",
+                "docker.io",
+                "library/ubuntu",
+                Some("22.04"),
+                None,
+            ),
+            (
+                "jkcfg/kubernetes",
+                "docker.io",
+                "jkcfg/kubernetes",
+                Some("latest"),
+                None,
+            ),
+            (
+                "127.0.0.1:5000/libs/kubernetes:0.6.0",
+                "127.0.0.1:5000",
+                "libs/kubernetes",
+                Some("0.6.0"),
+                None,
+            ),
             ("localhost/x", "localhost", "x", Some("latest"), None),
             ("ghcr.io/a/b/c:v1", "ghcr.io", "a/b/c", Some("v1"), None),
-            (&format!("repo@{D}"), "docker.io", "library/repo", None, Some(D)),
-            (&format!("h:5000/repo:tag@{D}"), "h:5000", "repo", Some("tag"), Some(D)),
+            (
+                &format!("repo@{D}"),
+                "docker.io",
+                "library/repo",
+                None,
+                Some(D),
+            ),
+            (
+                &format!("h:5000/repo:tag@{D}"),
+                "h:5000",
+                "repo",
+                Some("tag"),
+                Some(D),
+            ),
         ];
         for (input, registry, repo, tag, digest) in cases {
             let ImageRef::Registry(r) = ImageRef::parse(input).unwrap() else {
@@ -142,7 +184,16 @@ mod tests {
 
     #[test]
     fn malformed_references() {
-        for input in ["", "UPPER/case", "repo@sha256:short", "a//b", "repo:", ":tag", "oci:", "oci:dir:bad tag"] {
+        for input in [
+            "",
+            "UPPER/case",
+            "repo@sha256:short",
+            "a//b",
+            "repo:",
+            ":tag",
+            "oci:",
+            "oci:dir:bad tag",
+        ] {
             let err = ImageRef::parse(input).unwrap_err();
             assert!(
                 matches!(err, Error::InvalidReference { .. }),

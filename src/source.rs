@@ -48,7 +48,10 @@ impl RegistrySource {
             read_timeout: Some(READ_TIMEOUT),
             ..Default::default()
         };
-        RegistrySource { client: oci_client::Client::new(config), reference: reference.clone() }
+        RegistrySource {
+            client: oci_client::Client::new(config),
+            reference: reference.clone(),
+        }
     }
 
     fn shown(&self) -> String {
@@ -80,10 +83,22 @@ impl RegistrySource {
     }
 
     /// Streams a blob into the cache; it is renamed in only if digest and size match.
-    pub async fn fetch_blob(&self, cache: &Cache, digest: &Digest, size: u64, what: &'static str) -> Result<()> {
+    pub async fn fetch_blob(
+        &self,
+        cache: &Cache,
+        digest: &Digest,
+        size: u64,
+        what: &'static str,
+    ) -> Result<()> {
         let auth = RegistryAuth::Anonymous;
-        self.client.store_auth_if_needed(self.reference.resolve_registry(), &auth).await;
-        let descriptor = OciDescriptor { digest: digest.to_string(), size: size as i64, ..Default::default() };
+        self.client
+            .store_auth_if_needed(self.reference.resolve_registry(), &auth)
+            .await;
+        let descriptor = OciDescriptor {
+            digest: digest.to_string(),
+            size: size as i64,
+            ..Default::default()
+        };
         let mut stream = self
             .client
             .pull_blob_stream(&self.reference, &descriptor)
@@ -94,11 +109,17 @@ impl RegistrySource {
             let chunk = chunk.map_err(|e| Error::Registry {
                 reference: self.shown(),
                 registry: self.reference.resolve_registry().to_owned(),
-                detail: format!("transfer of {what} {digest} failed: {}; nothing was cached, try again", error_chain(&e)),
+                detail: format!(
+                    "transfer of {what} {digest} failed: {}; nothing was cached, try again",
+                    error_chain(&e)
+                ),
             })?;
             std::io::Write::write_all(&mut writer, &chunk).at(cache.blob_path(digest))?;
         }
-        let label = BlobLabel { what, reference: &self.shown() };
+        let label = BlobLabel {
+            what,
+            reference: &self.shown(),
+        };
         writer.commit(Some(size), label).map(drop)
     }
 
@@ -109,29 +130,70 @@ impl RegistrySource {
         match &e {
             OciDistributionError::RegistryError { envelope, .. } => {
                 let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|x| &x.code).collect();
-                if codes.iter().any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied)) {
-                    return Error::Unauthorized { reference, registry };
+                if codes
+                    .iter()
+                    .any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied))
+                {
+                    return Error::Unauthorized {
+                        reference,
+                        registry,
+                    };
                 }
                 if codes.iter().any(|c| {
-                    matches!(c, OciErrorCode::ManifestUnknown | OciErrorCode::NameUnknown | OciErrorCode::NotFound)
+                    matches!(
+                        c,
+                        OciErrorCode::ManifestUnknown
+                            | OciErrorCode::NameUnknown
+                            | OciErrorCode::NotFound
+                    )
                 }) {
-                    return Error::NotFound { reference, registry };
+                    return Error::NotFound {
+                        reference,
+                        registry,
+                    };
                 }
             }
-            OciDistributionError::ImageManifestNotFoundError(_) => return Error::NotFound { reference, registry },
-            OciDistributionError::UnauthorizedError { .. } | OciDistributionError::AuthenticationFailure(_) => {
-                return Error::Unauthorized { reference, registry };
+            OciDistributionError::ImageManifestNotFoundError(_) => {
+                return Error::NotFound {
+                    reference,
+                    registry,
+                };
             }
-            OciDistributionError::ServerError { code: 404, .. } => return Error::NotFound { reference, registry },
-            OciDistributionError::ServerError { code: 401 | 403, .. } => {
-                return Error::Unauthorized { reference, registry };
+            OciDistributionError::UnauthorizedError { .. }
+            | OciDistributionError::AuthenticationFailure(_) => {
+                return Error::Unauthorized {
+                    reference,
+                    registry,
+                };
+            }
+            OciDistributionError::ServerError { code: 404, .. } => {
+                return Error::NotFound {
+                    reference,
+                    registry,
+                };
+            }
+            OciDistributionError::ServerError {
+                code: 401 | 403, ..
+            } => {
+                return Error::Unauthorized {
+                    reference,
+                    registry,
+                };
             }
             OciDistributionError::RequestError(r) if r.is_connect() || r.is_timeout() => {
-                return Error::Unreachable { reference, registry, detail: error_chain(r) };
+                return Error::Unreachable {
+                    reference,
+                    registry,
+                    detail: error_chain(r),
+                };
             }
             _ => {}
         }
-        Error::Registry { reference, registry, detail: error_chain(&e) }
+        Error::Registry {
+            reference,
+            registry,
+            detail: error_chain(&e),
+        }
     }
 }
 
@@ -164,11 +226,17 @@ struct LayoutIndex {
 impl LayoutSource {
     /// The layout at `dir`, choosing `tag` from its index.
     pub fn new(dir: &Path, tag: Option<&str>) -> Self {
-        LayoutSource { dir: dir.to_owned(), tag: tag.map(str::to_owned) }
+        LayoutSource {
+            dir: dir.to_owned(),
+            tag: tag.map(str::to_owned),
+        }
     }
 
     fn error(&self, detail: impl Into<String>) -> Error {
-        Error::Layout { dir: self.dir.clone(), detail: detail.into() }
+        Error::Layout {
+            dir: self.dir.clone(),
+            detail: detail.into(),
+        }
     }
 
     /// The digest of the manifest (or index) that the tag names in `index.json`; without a
@@ -176,14 +244,24 @@ impl LayoutSource {
     pub fn top_manifest(&self, shown: &str) -> Result<Digest> {
         let path = self.dir.join("index.json");
         let bytes = fs::read(&path).map_err(|e| {
-            self.error(format!("cannot read index.json ({e}); is this an OCI image layout directory?"))
+            self.error(format!(
+                "cannot read index.json ({e}); is this an OCI image layout directory?"
+            ))
         })?;
-        let index: LayoutIndex =
-            serde_json::from_slice(&bytes).map_err(|e| self.error(format!("index.json is malformed: {e}")))?;
-        let tag_of = |d: &OciDescriptor| d.annotations.as_ref().and_then(|a| a.get(REF_NAME)).cloned();
+        let index: LayoutIndex = serde_json::from_slice(&bytes)
+            .map_err(|e| self.error(format!("index.json is malformed: {e}")))?;
+        let tag_of = |d: &OciDescriptor| {
+            d.annotations
+                .as_ref()
+                .and_then(|a| a.get(REF_NAME))
+                .cloned()
+        };
         let tags: Vec<String> = index.manifests.iter().filter_map(tag_of).collect();
         let chosen = match &self.tag {
-            Some(tag) => index.manifests.iter().find(|d| tag_of(d).as_deref() == Some(tag.as_str())),
+            Some(tag) => index
+                .manifests
+                .iter()
+                .find(|d| tag_of(d).as_deref() == Some(tag.as_str())),
             None if index.manifests.len() == 1 => index.manifests.first(),
             None => None,
         };
@@ -192,7 +270,11 @@ impl LayoutSource {
                 Some(tag) => format!("no manifest tagged {tag:?}"),
                 None => format!("{} manifests and no tag given", index.manifests.len()),
             };
-            let have = if tags.is_empty() { "none".to_owned() } else { tags.join(", ") };
+            let have = if tags.is_empty() {
+                "none".to_owned()
+            } else {
+                tags.join(", ")
+            };
             return Err(self.error(format!("{wanted} (tags: {have}); use oci:DIR:TAG")));
         };
         parse_digest(&chosen.digest, "index", shown)

@@ -21,32 +21,90 @@ fn push(registry: &Registry, name: &str, builder: ImageBuilder) -> jkmount::fixt
 #[test]
 fn pulls_an_oci_image_and_caches_every_layer() {
     let registry = Registry::start();
-    let image = push(&registry, "libs/a:1", TWO_LAYERS.iter().fold(ImageBuilder::new(), |b, l| b.layer(l)));
+    let image = push(
+        &registry,
+        "libs/a:1",
+        TWO_LAYERS
+            .iter()
+            .fold(ImageBuilder::new(), |b, l| b.layer(l)),
+    );
     let cache = tempfile::tempdir().unwrap();
-    let out = ok(jkmount(cache.path(), &["pull", &registry.reference("libs/a:1")]));
-    assert_eq!(out, format!("{} {}\n", registry.reference("libs/a:1"), image.manifest.digest));
+    let out = ok(jkmount(
+        cache.path(),
+        &["pull", &registry.reference("libs/a:1")],
+    ));
+    assert_eq!(
+        out,
+        format!(
+            "{} {}\n",
+            registry.reference("libs/a:1"),
+            image.manifest.digest
+        )
+    );
     for layer in &image.layers {
-        let decoded = cache.path().join("v1/layers/sha256").join(layer.diff_id.hex());
-        assert!(decoded.join("content.tar").is_file() && decoded.join("index.bin").is_file(), "{decoded:?}");
-        assert!(cache.path().join("v1/blobs/sha256").join(layer.digest.hex()).is_file());
+        let decoded = cache
+            .path()
+            .join("v1/layers/sha256")
+            .join(layer.diff_id.hex());
+        assert!(
+            decoded.join("content.tar").is_file() && decoded.join("index.bin").is_file(),
+            "{decoded:?}"
+        );
+        assert!(
+            cache
+                .path()
+                .join("v1/blobs/sha256")
+                .join(layer.digest.hex())
+                .is_file()
+        );
     }
-    assert_eq!(std::fs::read_dir(cache.path().join("v1/tmp")).unwrap().count(), 0, "temp files left");
+    assert_eq!(
+        std::fs::read_dir(cache.path().join("v1/tmp"))
+            .unwrap()
+            .count(),
+        0,
+        "temp files left"
+    );
 }
 
 #[test]
 fn pulls_docker_schema2_manifests_and_manifest_lists() {
     let registry = Registry::start();
-    let amd = ImageBuilder::new().media_types(MediaTypes::Docker).layer("f /which 644 \"amd64\"").build();
-    let arm = ImageBuilder::new().media_types(MediaTypes::Docker).layer("f /which 644 \"arm64\"").build();
-    let list = BuiltIndex::new(MediaTypes::Docker, vec![("linux", "amd64", amd.clone()), ("linux", "arm64", arm.clone())]);
+    let amd = ImageBuilder::new()
+        .media_types(MediaTypes::Docker)
+        .layer("f /which 644 \"amd64\"")
+        .build();
+    let arm = ImageBuilder::new()
+        .media_types(MediaTypes::Docker)
+        .layer("f /which 644 \"arm64\"")
+        .build();
+    let list = BuiltIndex::new(
+        MediaTypes::Docker,
+        vec![
+            ("linux", "amd64", amd.clone()),
+            ("linux", "arm64", arm.clone()),
+        ],
+    );
     block_on(list.push(&registry.reference("multi:1"))).expect("push list");
     let cache = tempfile::tempdir().unwrap();
     let reference = registry.reference("multi:1");
-    let out = ok(jkmount(cache.path(), &["pull", "--platform", "linux/arm64", &reference]));
+    let out = ok(jkmount(
+        cache.path(),
+        &["pull", "--platform", "linux/arm64", &reference],
+    ));
     assert_eq!(out, format!("{reference} {}\n", arm.manifest.digest));
-    let out = ok(jkmount(cache.path(), &["pull", "--platform", "linux/amd64", &reference]));
+    let out = ok(jkmount(
+        cache.path(),
+        &["pull", "--platform", "linux/amd64", &reference],
+    ));
     assert_eq!(out, format!("{reference} {}\n", amd.manifest.digest));
-    let err = fails(jkmount(cache.path(), &["pull", "--platform", "linux/s390x", &reference]), 1);
+    let err = fails(
+        jkmount(
+            cache.path(),
+            &["pull", "--platform", "linux/s390x", &reference],
+        ),
+        1,
+    );
     assert!(
         err.contains(&format!("{reference} has no manifest for platform linux/s390x (it has: linux/amd64, linux/arm64); choose one with --platform")),
         "{err}"
@@ -58,80 +116,179 @@ fn pulls_an_oci_index_and_by_digest() {
     let registry = Registry::start();
     let host = ImageBuilder::new().layer("f /x 644 \"host\"").build();
     let other = ImageBuilder::new().layer("f /x 644 \"other\"").build();
-    let index = BuiltIndex::new(MediaTypes::Oci, vec![("windows", "amd64", other), ("linux", "amd64", host.clone())]);
+    let index = BuiltIndex::new(
+        MediaTypes::Oci,
+        vec![
+            ("windows", "amd64", other),
+            ("linux", "amd64", host.clone()),
+        ],
+    );
     block_on(index.push(&registry.reference("idx:1"))).expect("push index");
     let cache = tempfile::tempdir().unwrap();
-    let out = ok(jkmount(cache.path(), &["pull", "--platform", "linux/amd64", &registry.reference("idx:1")]));
-    assert!(out.ends_with(&format!(" {}\n", host.manifest.digest)), "{out}");
+    let out = ok(jkmount(
+        cache.path(),
+        &[
+            "pull",
+            "--platform",
+            "linux/amd64",
+            &registry.reference("idx:1"),
+        ],
+    ));
+    assert!(
+        out.ends_with(&format!(" {}\n", host.manifest.digest)),
+        "{out}"
+    );
     let by_digest = format!("{}@{}", registry.reference("idx"), host.manifest.digest);
-    let out = ok(jkmount(tempfile::tempdir().unwrap().path(), &["pull", &by_digest]));
-    assert!(out.ends_with(&format!(" {}\n", host.manifest.digest)), "{out}");
+    let out = ok(jkmount(
+        tempfile::tempdir().unwrap().path(),
+        &["pull", &by_digest],
+    ));
+    assert!(
+        out.ends_with(&format!(" {}\n", host.manifest.digest)),
+        "{out}"
+    );
 }
 
 #[test]
 fn a_cached_tag_needs_no_registry_unless_asked_to_refresh() {
     let mut registry = Registry::start();
-    push(&registry, "libs/a:1", ImageBuilder::new().layer(TWO_LAYERS[0]));
+    push(
+        &registry,
+        "libs/a:1",
+        ImageBuilder::new().layer(TWO_LAYERS[0]),
+    );
     let cache = tempfile::tempdir().unwrap();
     let reference = registry.reference("libs/a:1");
     let first = ok(jkmount(cache.path(), &["pull", &reference]));
     registry.stop();
     assert_eq!(ok(jkmount(cache.path(), &["pull", &reference])), first);
-    let err = fails(jkmount(cache.path(), &["pull", "--pull", "always", &reference]), 1);
-    assert!(err.contains(&format!("cannot reach registry {} for {reference}", registry.addr)), "{err}");
+    let err = fails(
+        jkmount(cache.path(), &["pull", "--pull", "always", &reference]),
+        1,
+    );
+    assert!(
+        err.contains(&format!(
+            "cannot reach registry {} for {reference}",
+            registry.addr
+        )),
+        "{err}"
+    );
 }
 
 #[test]
 fn a_moved_tag_is_followed_with_pull_always() {
     let registry = Registry::start();
     let reference = registry.reference("libs/a:1");
-    let one = push(&registry, "libs/a:1", ImageBuilder::new().layer("f /v 644 \"1\""));
+    let one = push(
+        &registry,
+        "libs/a:1",
+        ImageBuilder::new().layer("f /v 644 \"1\""),
+    );
     let cache = tempfile::tempdir().unwrap();
-    assert!(ok(jkmount(cache.path(), &["pull", &reference])).contains(&one.manifest.digest.to_string()));
-    let two = push(&registry, "libs/a:1", ImageBuilder::new().layer("f /v 644 \"2\""));
-    assert!(ok(jkmount(cache.path(), &["pull", &reference])).contains(&one.manifest.digest.to_string()));
-    assert!(ok(jkmount(cache.path(), &["pull", "--pull", "always", &reference])).contains(&two.manifest.digest.to_string()));
+    assert!(
+        ok(jkmount(cache.path(), &["pull", &reference])).contains(&one.manifest.digest.to_string())
+    );
+    let two = push(
+        &registry,
+        "libs/a:1",
+        ImageBuilder::new().layer("f /v 644 \"2\""),
+    );
+    assert!(
+        ok(jkmount(cache.path(), &["pull", &reference])).contains(&one.manifest.digest.to_string())
+    );
+    assert!(
+        ok(jkmount(
+            cache.path(),
+            &["pull", "--pull", "always", &reference]
+        ))
+        .contains(&two.manifest.digest.to_string())
+    );
 }
 
 #[test]
 fn errors_name_the_thing_and_the_fix() {
     let registry = Registry::start();
-    push(&registry, "libs/a:1", ImageBuilder::new().layer("f /x 644 \"x\""));
+    push(
+        &registry,
+        "libs/a:1",
+        ImageBuilder::new().layer("f /x 644 \"x\""),
+    );
     let cache = tempfile::tempdir().unwrap();
 
     let missing_tag = registry.reference("libs/a:2");
     let err = fails(jkmount(cache.path(), &["pull", &missing_tag]), 1);
-    assert_eq!(err, format!("jkmount: error: {missing_tag}: repository or tag not found on {}; check the name and the tag\n", registry.addr));
+    assert_eq!(
+        err,
+        format!(
+            "jkmount: error: {missing_tag}: repository or tag not found on {}; check the name and the tag\n",
+            registry.addr
+        )
+    );
 
     let missing_repo = registry.reference("libs/nope:1");
     let err = fails(jkmount(cache.path(), &["pull", &missing_repo]), 1);
-    assert!(err.contains(&format!("{missing_repo}: repository or tag not found")), "{err}");
+    assert!(
+        err.contains(&format!("{missing_repo}: repository or tag not found")),
+        "{err}"
+    );
 
     let dead = format!("127.0.0.1:{}/libs/a:1", free_port());
     let err = fails(jkmount(cache.path(), &["pull", &dead]), 1);
-    assert!(err.contains(&format!("cannot reach registry {}", dead.split('/').next().unwrap())), "{err}");
-    assert!(err.contains("check the address and that the registry is running"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot reach registry {}",
+            dead.split('/').next().unwrap()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("check the address and that the registry is running"),
+        "{err}"
+    );
 
     let err = fails(jkmount(cache.path(), &["pull", "Bad/Name"]), 2);
-    assert!(err.contains("invalid image reference \"Bad/Name\""), "{err}");
-    let err = fails(jkmount(cache.path(), &["pull", "--platform", "linux", "x"]), 2);
+    assert!(
+        err.contains("invalid image reference \"Bad/Name\""),
+        "{err}"
+    );
+    let err = fails(
+        jkmount(cache.path(), &["pull", "--platform", "linux", "x"]),
+        2,
+    );
     assert!(err.contains("invalid platform \"linux\""), "{err}");
-    assert_eq!(std::fs::read_dir(cache.path().join("v1/tmp")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(cache.path().join("v1/tmp"))
+            .unwrap()
+            .count(),
+        0
+    );
 }
 
 #[test]
 fn pulls_an_oci_layout_without_network() {
     let dir = tempfile::tempdir().unwrap();
     let image = ImageBuilder::new().layer(TWO_LAYERS[0]).build();
-    image.write_layout(&dir.path().join("layout"), "v1").unwrap();
+    image
+        .write_layout(&dir.path().join("layout"), "v1")
+        .unwrap();
     let cache = dir.path().join("cache");
     let reference = format!("oci:{}:v1", dir.path().join("layout").display());
-    assert_eq!(ok(jkmount(&cache, &["pull", &reference])), format!("{reference} {}\n", image.manifest.digest));
+    assert_eq!(
+        ok(jkmount(&cache, &["pull", &reference])),
+        format!("{reference} {}\n", image.manifest.digest)
+    );
     let wrong_tag = format!("oci:{}:v2", dir.path().join("layout").display());
     let err = fails(jkmount(&cache, &["pull", &wrong_tag]), 1);
-    assert!(err.contains("no manifest tagged \"v2\" (tags: v1); use oci:DIR:TAG"), "{err}");
+    assert!(
+        err.contains("no manifest tagged \"v2\" (tags: v1); use oci:DIR:TAG"),
+        "{err}"
+    );
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

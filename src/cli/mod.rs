@@ -83,7 +83,10 @@ impl ResolveArgs {
             Some(text) => text.parse::<Platform>()?,
             None => Platform::host(),
         };
-        Ok(jkmount::pull::PullOptions { platform, refresh_tags: self.pull == PullPolicy::Always })
+        Ok(jkmount::pull::PullOptions {
+            platform,
+            refresh_tags: self.pull == PullPolicy::Always,
+        })
     }
 }
 
@@ -112,7 +115,8 @@ pub fn init_logging(global: &GlobalArgs) {
         (false, 2) => "debug",
         _ => "trace",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(format!("jkmount={level},warn")));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("jkmount={level},warn")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -131,13 +135,17 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn parse_images(texts: &[String]) -> anyhow::Result<Vec<ImageRef>> {
-    texts.iter().map(|t| ImageRef::parse(t).map_err(anyhow::Error::from)).collect()
+    texts
+        .iter()
+        .map(|t| ImageRef::parse(t).map_err(anyhow::Error::from))
+        .collect()
 }
 
 fn open_cache(global: &GlobalArgs) -> anyhow::Result<Cache> {
     let dir = match &global.cache_dir {
         Some(dir) => dir.clone(),
-        None => Cache::default_dir().context("no cache directory: set --cache-dir, JKMOUNT_CACHE_DIR or HOME")?,
+        None => Cache::default_dir()
+            .context("no cache directory: set --cache-dir, JKMOUNT_CACHE_DIR or HOME")?,
     };
     Cache::open(&dir).with_context(|| format!("cannot use cache directory {}", dir.display()))
 }
@@ -158,6 +166,8 @@ fn pull_all(
     options: &jkmount::pull::PullOptions,
 ) -> anyhow::Result<Vec<jkmount::pull::PulledImage>> {
     let runtime = runtime()?;
-    let pulls = images.iter().map(|image| jkmount::pull::pull(cache, image, options));
+    let pulls = images
+        .iter()
+        .map(|image| jkmount::pull::pull(cache, image, options));
     Ok(runtime.block_on(futures_util::future::try_join_all(pulls))?)
 }

@@ -46,7 +46,10 @@ pub struct MountArgs {
 
 /// Mounts, in the foreground or through a detached server.
 pub fn run(args: MountArgs, global: &GlobalArgs) -> anyhow::Result<()> {
-    let (mountpoint, images) = args.targets.split_last().expect("clap requires two or more");
+    let (mountpoint, images) = args
+        .targets
+        .split_last()
+        .expect("clap requires two or more");
     let images = parse_images(images)?;
     let options = args.resolve.options()?;
     let is_server = std::env::var_os(SERVER_ENV).is_some();
@@ -59,9 +62,17 @@ pub fn run(args: MountArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     let mountpoint = mount::preflight(&PathBuf::from(mountpoint))?;
     let cache = open_cache(global)?;
     let pulled = pull_all(&cache, &images, &options)?;
-    let subdir = if args.modules { Some(MODULES_DIR) } else { args.subdir.as_deref() };
+    let subdir = if args.modules {
+        Some(MODULES_DIR)
+    } else {
+        args.subdir.as_deref()
+    };
     let mountable = mountable::assemble(&cache, &pulled, subdir)?;
-    let request = MountRequest { mountpoint, fsname: mountable.name.clone(), threads: FUSE_THREADS };
+    let request = MountRequest {
+        mountpoint,
+        fsname: mountable.name.clone(),
+        threads: FUSE_THREADS,
+    };
     let core = FsCore::new(mountable)?;
     mount::serve(core, &request, || {
         if is_server {
@@ -84,12 +95,18 @@ fn start_server() -> anyhow::Result<()> {
         .context("cannot start the background jkmount")?;
     let mut line = String::new();
     let stdout = child.stdout.take().expect("stdout is piped");
-    BufReader::new(stdout).read_line(&mut line).context("lost the background jkmount")?;
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .context("lost the background jkmount")?;
     if line.trim_end() == READY {
         return Ok(());
     }
     let status = child.wait().context("lost the background jkmount")?;
-    let code = status.code().and_then(|c| u8::try_from(c).ok()).filter(|&c| c != 0).unwrap_or(1);
+    let code = status
+        .code()
+        .and_then(|c| u8::try_from(c).ok())
+        .filter(|&c| c != 0)
+        .unwrap_or(1);
     Err(ChildExited(code).into())
 }
 

@@ -132,8 +132,15 @@ impl FsCore {
                 _ => 0,
             })
             .sum();
-        let stats = FsStats { blocks: bytes, files: tree.nodes.len() as u64 };
-        Ok(FsCore { tree, layers, stats })
+        let stats = FsStats {
+            blocks: bytes,
+            files: tree.nodes.len() as u64,
+        };
+        Ok(FsCore {
+            tree,
+            layers,
+            stats,
+        })
     }
 
     fn id(&self, ino: u64) -> Result<NodeId, FsError> {
@@ -182,20 +189,34 @@ impl FsCore {
     }
 
     /// Directory entries from `offset` on: `.` and `..` first, then the names in byte order.
-    pub fn readdir(&self, ino: u64, offset: u64) -> Result<impl Iterator<Item = DirEntry<'_>>, FsError> {
+    pub fn readdir(
+        &self,
+        ino: u64,
+        offset: u64,
+    ) -> Result<impl Iterator<Item = DirEntry<'_>>, FsError> {
         let id = self.id(ino)?;
         let node = self.tree.node(id);
         let NodeKind::Dir { entries, parent } = &node.kind else {
             return Err(FsError::NotADirectory);
         };
-        let dots = [(&b"."[..], id), (&b".."[..], if id == ROOT { ROOT } else { *parent })];
-        let all = dots.into_iter().chain(entries.iter().map(|(name, child)| (name.as_slice(), *child)));
-        Ok(all.enumerate().skip(offset as usize).map(|(i, (name, child))| DirEntry {
-            ino: ino_of(child),
-            next_offset: i as u64 + 1,
-            kind: self.attr(child).kind,
-            name,
-        }))
+        let dots = [
+            (&b"."[..], id),
+            (&b".."[..], if id == ROOT { ROOT } else { *parent }),
+        ];
+        let all = dots.into_iter().chain(
+            entries
+                .iter()
+                .map(|(name, child)| (name.as_slice(), *child)),
+        );
+        Ok(all
+            .enumerate()
+            .skip(offset as usize)
+            .map(|(i, (name, child))| DirEntry {
+                ino: ino_of(child),
+                next_offset: i as u64 + 1,
+                kind: self.attr(child).kind,
+                name,
+            }))
     }
 
     /// Checks that an inode can be opened for reading.
@@ -212,7 +233,12 @@ impl FsCore {
     /// Reads up to `size` bytes at `offset`; fewer only at the end of the file.
     pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
         let id = self.id(ino)?;
-        let NodeKind::File { layer, offset: start, size: file_size } = self.tree.node(id).kind else {
+        let NodeKind::File {
+            layer,
+            offset: start,
+            size: file_size,
+        } = self.tree.node(id).kind
+        else {
             return Err(match self.tree.node(id).kind {
                 NodeKind::Dir { .. } => FsError::IsADirectory,
                 _ => FsError::NotFound,
@@ -250,13 +276,24 @@ mod tests {
 
     fn core_for(layers: &[&str], subdir: Option<&str>) -> (tempfile::TempDir, FsCore) {
         let dir = tempfile::tempdir().unwrap();
-        let image = layers.iter().fold(ImageBuilder::new(), |b, l| b.layer(l)).build();
+        let image = layers
+            .iter()
+            .fold(ImageBuilder::new(), |b, l| b.layer(l))
+            .build();
         image.write_layout(&dir.path().join("layout"), "t").unwrap();
         let cache = Cache::open(&dir.path().join("cache")).unwrap();
-        let reference = ImageRef::parse(&format!("oci:{}:t", dir.path().join("layout").display())).unwrap();
-        let options = PullOptions { platform: Platform::host(), refresh_tags: false };
-        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let pulled = runtime.block_on(pull(&cache, &reference, &options)).unwrap();
+        let reference =
+            ImageRef::parse(&format!("oci:{}:t", dir.path().join("layout").display())).unwrap();
+        let options = PullOptions {
+            platform: Platform::host(),
+            refresh_tags: false,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let pulled = runtime
+            .block_on(pull(&cache, &reference, &options))
+            .unwrap();
         let core = FsCore::new(assemble(&cache, &[pulled], subdir).unwrap()).unwrap();
         (dir, core)
     }
@@ -264,7 +301,10 @@ mod tests {
     #[test]
     fn serves_a_layout_image() {
         let (_dir, fs) = core_for(
-            &["d /a 755\nf /a/hello 644 \"hello\\n\"\nl /a/link hello\nf /gone 600 \"x\"", "w /.wh.gone\nf /a/hello 640 \"bye\\n\""],
+            &[
+                "d /a 755\nf /a/hello 644 \"hello\\n\"\nl /a/link hello\nf /gone 600 \"x\"",
+                "w /.wh.gone\nf /a/hello 640 \"bye\\n\"",
+            ],
             None,
         );
         let a = fs.lookup(ROOT_INO, b"a").unwrap().unwrap();
@@ -277,11 +317,18 @@ mod tests {
         assert_eq!(fs.read(hello.ino, 10, 2).unwrap(), b"");
         let link = fs.lookup(a.ino, b"link").unwrap().unwrap();
         assert_eq!(fs.readlink(link.ino).unwrap(), b"hello");
-        let names: Vec<_> = fs.readdir(a.ino, 0).unwrap().map(|e| String::from_utf8_lossy(e.name).into_owned()).collect();
+        let names: Vec<_> = fs
+            .readdir(a.ino, 0)
+            .unwrap()
+            .map(|e| String::from_utf8_lossy(e.name).into_owned())
+            .collect();
         assert_eq!(names, [".", "..", "hello", "link"]);
         let rest: Vec<_> = fs.readdir(a.ino, 3).unwrap().map(|e| e.name).collect();
         assert_eq!(rest, [b"link"]);
-        assert!(matches!(fs.lookup(hello.ino, b"x"), Err(FsError::NotADirectory)));
+        assert!(matches!(
+            fs.lookup(hello.ino, b"x"),
+            Err(FsError::NotADirectory)
+        ));
         assert!(matches!(fs.getattr(9999), Err(FsError::NotFound)));
         assert!(matches!(fs.getattr(0), Err(FsError::NotFound)));
         assert!(matches!(fs.open(hello.ino, true), Err(FsError::ReadOnly)));
@@ -290,7 +337,10 @@ mod tests {
 
     #[test]
     fn serves_a_subdirectory_as_root() {
-        let (_dir, fs) = core_for(&["f /jk/modules/m/index.js 644 \"module.exports = 1\\n\"\nf /etc/x 644 \"\""], Some("/jk/modules"));
+        let (_dir, fs) = core_for(
+            &["f /jk/modules/m/index.js 644 \"module.exports = 1\\n\"\nf /etc/x 644 \"\""],
+            Some("/jk/modules"),
+        );
         let m = fs.lookup(ROOT_INO, b"m").unwrap().unwrap();
         assert!(fs.lookup(m.ino, b"index.js").unwrap().is_some());
         assert_eq!(fs.lookup(ROOT_INO, b"etc").unwrap(), None);

@@ -167,21 +167,45 @@ impl Filesystem for FuseFs {
         }
     }
 
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.core.getattr(ino.0) {
-            Ok(a) if a.kind == FileKind::Directory => {
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR)
-            }
+            Ok(a) if a.kind == FileKind::Directory => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
             Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         match self.core.readdir(ino.0, offset) {
             Ok(entries) => {
                 for e in entries {
-                    if reply.add(INodeNo(e.ino), e.next_offset, file_type(e.kind), OsStr::from_bytes(e.name)) {
+                    if reply.add(
+                        INodeNo(e.ino),
+                        e.next_offset,
+                        file_type(e.kind),
+                        OsStr::from_bytes(e.name),
+                    ) {
                         break;
                     }
                 }
@@ -191,13 +215,29 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
         match self.core.readdir(ino.0, offset) {
             Ok(entries) => {
                 for e in entries {
-                    let Ok(attr) = self.core.getattr(e.ino) else { continue };
+                    let Ok(attr) = self.core.getattr(e.ino) else {
+                        continue;
+                    };
                     let name = OsStr::from_bytes(e.name);
-                    if reply.add(INodeNo(e.ino), e.next_offset, name, &TTL, &file_attr(&attr), Generation(0)) {
+                    if reply.add(
+                        INodeNo(e.ino),
+                        e.next_offset,
+                        name,
+                        &TTL,
+                        &file_attr(&attr),
+                        Generation(0),
+                    ) {
                         break;
                     }
                 }
@@ -212,12 +252,23 @@ impl Filesystem for FuseFs {
         reply.statfs(s.blocks, 0, 0, s.files, 0, BLOCK_SIZE, MAX_NAME, BLOCK_SIZE);
     }
 
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
         reply.error(Errno::ENODATA);
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 { reply.size(0) } else { reply.data(&[]) }
+        if size == 0 {
+            reply.size(0)
+        } else {
+            reply.data(&[])
+        }
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {

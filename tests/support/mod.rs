@@ -34,17 +34,30 @@ pub fn shown(out: &Output) -> String {
 
 /// Asserts success and returns stdout.
 pub fn ok(out: Output) -> String {
-    assert!(out.status.success(), "expected success, got {}", shown(&out));
+    assert!(
+        out.status.success(),
+        "expected success, got {}",
+        shown(&out)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Asserts failure with `code` and returns stderr.
 pub fn fails(out: Output, code: i32) -> String {
-    assert_eq!(out.status.code(), Some(code), "expected exit {code}, got {}", shown(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "expected exit {code}, got {}",
+        shown(&out)
+    );
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// Runs a future on a fresh single-threaded runtime (fixtures push through the async client).
 pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(future)
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(future)
 }

@@ -19,12 +19,18 @@ pub struct Registry {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// Whether `GET /v2/` answers 200.
 fn answers(addr: &str) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr.parse().expect("addr"), Duration::from_millis(200)) else {
+    let Ok(mut stream) =
+        TcpStream::connect_timeout(&addr.parse().expect("addr"), Duration::from_millis(200))
+    else {
         return false;
     };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
@@ -54,14 +60,30 @@ impl Registry {
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {BINARY} ({e}): install it with apt-get install docker-registry"));
-        let mut registry = Registry { child: Some(child), addr, dir };
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {BINARY} ({e}): install it with apt-get install docker-registry"
+                )
+            });
+        let mut registry = Registry {
+            child: Some(child),
+            addr,
+            dir,
+        };
         let start = Instant::now();
         while !answers(&registry.addr) {
-            if let Some(status) = registry.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = registry
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("{BINARY} exited with {status}: {}", registry.log());
             }
-            assert!(start.elapsed() < READY_WITHIN, "{BINARY} did not answer within {READY_WITHIN:?}: {}", registry.log());
+            assert!(
+                start.elapsed() < READY_WITHIN,
+                "{BINARY} did not answer within {READY_WITHIN:?}: {}",
+                registry.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         registry

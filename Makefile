@@ -1,0 +1,34 @@
+# jkmount: build, demo, tests. `make test` runs every tier; `make demo` the main job end to end.
+CARGO ?= cargo
+
+.PHONY: all build demo test lint test-unit test-integration test-mount clean
+
+all: build
+
+build:
+	$(CARGO) build
+
+# Build an example module image (an OCI layout), mount it, run node against it, unmount.
+demo: build
+	./demo/run.sh
+
+# Every tier, cheapest first. Mount tests need root (or fusermount3) and /dev/fuse.
+test: lint test-unit test-integration test-mount
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+test-unit:
+	$(CARGO) test --lib --bins --examples
+
+# Integration: the CLI against a real docker-registry on 127.0.0.1.
+test-integration:
+	$(CARGO) test --test pull
+
+# Mount: real FUSE mounts read with find, cat, stat, node and GNU tar.
+test-mount:
+	$(CARGO) test --test mount
+
+clean:
+	$(CARGO) clean

@@ -443,3 +443,36 @@ fn mount_errors_name_the_mountpoint_and_leave_nothing_mounted() {
     );
     assert!(err.contains("invalid image reference"), "{err}");
 }
+
+#[test]
+fn a_mount_nobody_waits_for_any_more_never_appears() {
+    // A "registry" that accepts connections and never answers keeps the server pulling.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (connected, accepted) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            held.push(stream);
+            let _ = connected.send(());
+        }
+    });
+    let work = tempfile::tempdir().unwrap();
+    let mnt = work.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let _guard = Mounted { path: mnt.clone() };
+    let mut waiting = Command::new(jkmount_bin())
+        .arg("--cache-dir")
+        .arg(work.path().join("cache"))
+        .arg(format!("{addr}/libs/slow:1"))
+        .arg(&mnt)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    accepted.recv_timeout(WAIT).expect("the server connects to the registry");
+    waiting.kill().unwrap();
+    waiting.wait().unwrap();
+    let needle = mnt.to_str().unwrap().to_owned();
+    wait_until("the orphaned server exits", || live_processes_mentioning(&needle).is_empty());
+    assert!(!is_mounted(&mnt));
+}

@@ -184,11 +184,12 @@ pub struct MountRequest {
 
 /// Mounts `core` and serves it until the filesystem is unmounted (by `jkmount unmount`,
 /// `umount`, or SIGTERM/SIGINT/SIGHUP to this process, which unmount cleanly). `on_ready` runs
-/// once the kernel has completed the FUSE handshake, so the mount is live.
+/// once the kernel has completed the FUSE handshake, so the mount is live; if it fails (nobody
+/// is waiting for the mount any more) the mount is taken down again.
 pub fn serve(
     core: FsCore,
     request: &MountRequest,
-    on_ready: impl FnOnce(),
+    on_ready: impl FnOnce() -> io::Result<()>,
 ) -> Result<(), MountError> {
     let mut signals = SigSet::empty();
     for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
@@ -239,7 +240,17 @@ pub fn serve(
         request.fsname,
         request.mountpoint.display()
     );
-    on_ready();
+    if let Err(e) = on_ready() {
+        let path = &request.mountpoint;
+        tracing::warn!(
+            "nobody is waiting for the mount ({e}); unmounting {}",
+            path.display()
+        );
+        if let Err(e) = unmount(path, false) {
+            tracing::warn!("{e}; detaching it instead");
+            detach(path);
+        }
+    }
     session.run().map_err(|e| mount_failed(request, e))
 }
 

@@ -11,6 +11,7 @@ use clap::Args;
 use jkmount::fs::FsCore;
 use jkmount::mount::{self, MountRequest};
 use jkmount::mountable;
+use nix::sys::signal::Signal;
 
 use super::{ChildExited, GlobalArgs, ResolveArgs, open_cache, parse_images, pull_all};
 
@@ -58,6 +59,10 @@ pub fn run(args: MountArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     }
     if is_server {
         nix::unistd::setsid().context("cannot start a new session for the background server")?;
+        // Until the mount is reported live, the server dies with the command that waits for it
+        // (Ctrl-C, a killed CI step): a mount nobody waits for must not appear later.
+        nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)
+            .context("cannot tie the background server to its parent")?;
     }
     let mountpoint = mount::preflight(&PathBuf::from(mountpoint))?;
     let cache = open_cache(global)?;
@@ -75,9 +80,7 @@ pub fn run(args: MountArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     };
     let core = FsCore::new(mountable)?;
     mount::serve(core, &request, || {
-        if is_server {
-            report_ready();
-        }
+        is_server.then(report_ready).unwrap_or(Ok(()))
     })?;
     Ok(())
 }
@@ -110,19 +113,16 @@ fn start_server() -> anyhow::Result<()> {
     Err(ChildExited(code).into())
 }
 
-/// Tells the waiting parent that the mount is live, then lets go of its terminal: stdout and
-/// stderr go to /dev/null so nothing holds the caller's pipes open.
-fn report_ready() {
-    let detach = || -> std::io::Result<()> {
-        let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
-        nix::unistd::dup2_stderr(&null)?;
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "{READY}")?;
-        out.flush()?;
-        nix::unistd::dup2_stdout(&null)?;
-        Ok(())
-    };
-    if let Err(e) = detach() {
-        tracing::warn!("could not report readiness: {e}");
-    }
+/// Tells the waiting parent that the mount is live, then lets go of it: stdout and stderr go
+/// to /dev/null so nothing holds the caller's pipes open, and the server no longer dies with
+/// the parent. An error means the parent is gone, and the mount is taken down.
+fn report_ready() -> std::io::Result<()> {
+    let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    nix::sys::prctl::set_pdeathsig(None)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{READY}")?;
+    out.flush()?;
+    nix::unistd::dup2_stderr(&null)?;
+    nix::unistd::dup2_stdout(&null)?;
+    Ok(())
 }

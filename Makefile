@@ -1,7 +1,7 @@
 # jkmount: build, demo, tests. `make test` runs every tier; `make demo` the main job end to end.
 CARGO ?= cargo
 
-.PHONY: all build demo test lint test-unit test-integration test-mount clean
+.PHONY: all build demo test lint test-unit test-property test-integration test-mount clean
 
 all: build
 
@@ -13,7 +13,7 @@ demo: build
 	./demo/run.sh
 
 # Every tier, cheapest first. Mount tests need root (or fusermount3) and /dev/fuse.
-test: lint test-unit test-integration test-mount
+test: lint test-unit test-property test-integration test-mount
 
 lint:
 	$(CARGO) fmt --check
@@ -21,6 +21,10 @@ lint:
 
 test-unit:
 	$(CARGO) test --lib --bins --examples
+
+# Property: random layer stacks merged equal a naive path-map model.
+test-property:
+	$(CARGO) test --test merge_model
 
 # Integration: the CLI against a real docker-registry on 127.0.0.1.
 test-integration:

@@ -469,10 +469,14 @@ fn a_mount_nobody_waits_for_any_more_never_appears() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    accepted.recv_timeout(WAIT).expect("the server connects to the registry");
+    accepted
+        .recv_timeout(WAIT)
+        .expect("the server connects to the registry");
     waiting.kill().unwrap();
     waiting.wait().unwrap();
     let needle = mnt.to_str().unwrap().to_owned();
-    wait_until("the orphaned server exits", || live_processes_mentioning(&needle).is_empty());
+    wait_until("the orphaned server exits", || {
+        live_processes_mentioning(&needle).is_empty()
+    });
     assert!(!is_mounted(&mnt));
 }

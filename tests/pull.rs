@@ -265,6 +265,21 @@ fn errors_name_the_thing_and_the_fix() {
 }
 
 #[test]
+fn a_registry_that_wants_credentials_is_named_as_such() {
+    let registry = Registry::start_with_basic_auth("alice", "secret");
+    let reference = registry.reference("private/lib:1");
+    let cache = tempfile::tempdir().unwrap();
+    let err = fails(jkmount(cache.path(), &["pull", &reference]), 1);
+    assert!(
+        err.contains(&format!(
+            "registry {} refused access to {reference} (unauthorized)",
+            registry.addr
+        )),
+        "{err}"
+    );
+}
+
+#[test]
 fn pulls_an_oci_layout_without_network() {
     let dir = tempfile::tempdir().unwrap();
     let image = ImageBuilder::new().layer(TWO_LAYERS[0]).build();

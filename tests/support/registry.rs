@@ -26,7 +26,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Whether `GET /v2/` answers 200.
+/// Whether `GET /v2/` answers (200, or 401 from a registry that wants credentials).
 fn answers(addr: &str) -> bool {
     let Ok(mut stream) =
         TcpStream::connect_timeout(&addr.parse().expect("addr"), Duration::from_millis(200))
@@ -38,19 +38,37 @@ fn answers(addr: &str) -> bool {
         return false;
     }
     let mut head = [0u8; 12];
-    stream.read_exact(&mut head).is_ok() && head.ends_with(b"200")
+    stream.read_exact(&mut head).is_ok() && (head.ends_with(b"200") || head.ends_with(b"401"))
 }
 
 impl Registry {
-    /// Starts a registry and waits (bounded) until it answers.
+    /// Starts an open registry and waits (bounded) until it answers.
     pub fn start() -> Registry {
+        Self::start_with(None)
+    }
+
+    /// Starts a registry that demands HTTP basic auth for this user and password.
+    pub fn start_with_basic_auth(user: &str, password: &str) -> Registry {
+        Self::start_with(Some((user, password)))
+    }
+
+    fn start_with(basic_auth: Option<(&str, &str)>) -> Registry {
         let dir = tempfile::tempdir().expect("tempdir");
         let addr = format!("127.0.0.1:{}", free_port());
         let config = dir.path().join("config.yml");
-        let yaml = format!(
+        let mut yaml = format!(
             "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
             dir.path().join("storage").display()
         );
+        if let Some((user, password)) = basic_auth {
+            let htpasswd = dir.path().join("htpasswd");
+            let hash = bcrypt::hash(password, 4).expect("bcrypt");
+            std::fs::write(&htpasswd, format!("{user}:{hash}\n")).expect("write htpasswd");
+            yaml.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
         std::fs::write(&config, yaml).expect("write registry config");
         let log = std::fs::File::create(dir.path().join("registry.log")).expect("log file");
         let child = Command::new(BINARY)

@@ -157,6 +157,17 @@ fn remove(path: &Path) {
     }
 }
 
+/// Writes a one-file image as an OCI layout under `dir` and returns its reference.
+fn one_file_layout(dir: &Path) -> String {
+    let layout = dir.join("layout");
+    ImageBuilder::new()
+        .layer("f /x 644 \"x\"")
+        .build()
+        .write_layout(&layout, "t")
+        .unwrap();
+    format!("oci:{}:t", layout.display())
+}
+
 fn big_content() -> String {
     (0..60_000).map(|i| format!("{i:05}\n")).collect()
 }
@@ -364,11 +375,7 @@ fn unmount_leaves_no_mount_and_no_server_behind() {
 #[test]
 fn sigterm_to_a_foreground_mount_unmounts_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    ImageBuilder::new()
-        .layer("f /x 644 \"x\"")
-        .build()
-        .write_layout(&dir.path().join("layout"), "t")
-        .unwrap();
+    let image = one_file_layout(dir.path());
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let _guard = Mounted { path: mnt.clone() };
@@ -376,7 +383,7 @@ fn sigterm_to_a_foreground_mount_unmounts_cleanly() {
         .arg("--cache-dir")
         .arg(dir.path().join("cache"))
         .arg("-f")
-        .arg(format!("oci:{}:t", dir.path().join("layout").display()))
+        .arg(&image)
         .arg(&mnt)
         .stdout(Stdio::null())
         .spawn()
@@ -396,12 +403,7 @@ fn sigterm_to_a_foreground_mount_unmounts_cleanly() {
 #[test]
 fn mount_errors_name_the_mountpoint_and_leave_nothing_mounted() {
     let dir = tempfile::tempdir().unwrap();
-    ImageBuilder::new()
-        .layer("f /x 644 \"x\"")
-        .build()
-        .write_layout(&dir.path().join("layout"), "t")
-        .unwrap();
-    let image = format!("oci:{}:t", dir.path().join("layout").display());
+    let image = one_file_layout(dir.path());
     let cache = dir.path().join("cache");
     let missing = dir.path().join("missing");
     let err = fails(jkmount(&cache, &[&image, missing.to_str().unwrap()]), 1);

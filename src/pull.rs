@@ -119,15 +119,7 @@ async fn resolve(
         return Ok(record.digest);
     }
     let (bytes, digest) = source.fetch_manifest(None).await?;
-    cache.insert_blob(
-        &digest,
-        None,
-        &bytes,
-        BlobLabel {
-            what: "manifest",
-            reference: shown,
-        },
-    )?;
+    keep_manifest(cache, &digest, &bytes, shown)?;
     cache.write_tag(registry, repository, tag, &digest)?;
     tracing::info!("{shown} → {digest}");
     Ok(digest)
@@ -172,16 +164,17 @@ async fn manifest_bytes(
         Origin::Registry(source) => source.fetch_manifest(Some(digest)).await?.0,
         Origin::Layout(layout) => layout.read_blob(digest)?,
     };
-    cache.insert_blob(
-        digest,
-        None,
-        &bytes,
-        BlobLabel {
-            what: "manifest",
-            reference: shown,
-        },
-    )?;
+    keep_manifest(cache, digest, &bytes, shown)?;
     Ok(bytes)
+}
+
+/// Stores manifest bytes in the cache, which checks them against `digest`.
+fn keep_manifest(cache: &Cache, digest: &Digest, bytes: &[u8], shown: &str) -> Result<()> {
+    let label = BlobLabel {
+        what: "manifest",
+        reference: shown,
+    };
+    cache.insert_blob(digest, None, bytes, label)
 }
 
 async fn small_blob(

@@ -241,10 +241,10 @@ fn index_entry<R: Read>(entry: &tar::Entry<'_, R>) -> Result<Option<Entry>, Stri
             .map(|l| l.into_owned())
             .ok_or_else(|| format!("{shown}: link without a target"))
     };
-    let rdev = || -> Result<u32, String> {
+    let rdev = || -> u32 {
         let major = header.device_major().ok().flatten().unwrap_or(0);
         let minor = header.device_minor().ok().flatten().unwrap_or(0);
-        Ok(((major & 0xfff) << 8) | (minor & 0xff) | ((minor & !0xff) << 12))
+        ((major & 0xfff) << 8) | (minor & 0xff) | ((minor & !0xff) << 12)
     };
     let kind = match header.entry_type() {
         T::Regular | T::Continuous => EntryKind::File {
@@ -258,8 +258,8 @@ fn index_entry<R: Read>(entry: &tar::Entry<'_, R>) -> Result<Option<Entry>, Stri
         T::Link => EntryKind::Hardlink {
             target: link_target()?,
         },
-        T::Char => EntryKind::CharDevice { rdev: rdev()? },
-        T::Block => EntryKind::BlockDevice { rdev: rdev()? },
+        T::Char => EntryKind::CharDevice { rdev: rdev() },
+        T::Block => EntryKind::BlockDevice { rdev: rdev() },
         T::Fifo => EntryKind::Fifo,
         T::XGlobalHeader => return Ok(None),
         T::GNUSparse => return Err(format!("{shown}: sparse files are not supported yet")),

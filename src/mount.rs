@@ -23,6 +23,8 @@ pub const FS_TYPE: &str = "fuse.jkmount";
 const SUBTYPE: &str = "jkmount";
 const DEV_FUSE: &str = "/dev/fuse";
 const FUSERMOUNT: &str = "fusermount3";
+/// The file-type bits of `st_mode`, which the kernel wants as `rootmode`.
+const S_IFMT: u32 = 0o170000;
 
 /// What can stop a mount or unmount, each naming the path and the fix.
 #[derive(Debug, thiserror::Error)]
@@ -264,7 +266,7 @@ fn mount_failed(request: &MountRequest, source: io::Error) -> MountError {
 /// Mounts with mount(2), as root, and returns the FUSE connection.
 fn mount_directly(request: &MountRequest) -> io::Result<OwnedFd> {
     let device = OpenOptions::new().read(true).write(true).open(DEV_FUSE)?;
-    let root_mode = fs::metadata(&request.mountpoint)?.mode() & libc_s_ifmt();
+    let root_mode = fs::metadata(&request.mountpoint)?.mode() & S_IFMT;
     let options = format!(
         "fd={},rootmode={root_mode:o},user_id={},group_id={},default_permissions,allow_other",
         device.as_raw_fd(),
@@ -280,11 +282,6 @@ fn mount_directly(request: &MountRequest) -> io::Result<OwnedFd> {
         Some(options.as_str()),
     )?;
     Ok(OwnedFd::from(device))
-}
-
-/// The file-type bits of `st_mode`.
-const fn libc_s_ifmt() -> u32 {
-    0o170000
 }
 
 /// Lazily detaches a mount (last resort: the mount disappears, open files keep working).

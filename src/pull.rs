@@ -55,7 +55,7 @@ pub async fn pull(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Res
         ImageRef::Registry(r) => Origin::Registry(Arc::new(RegistrySource::new(r))),
         ImageRef::Layout { dir, tag } => Origin::Layout(LayoutSource::new(dir, tag.as_deref())),
     };
-    let top = resolve(cache, image, &origin, options, &shown).await?;
+    let top = resolve(cache, &origin, options, &shown).await?;
     let (manifest_digest, manifest) =
         image_manifest(cache, &origin, top, &options.platform, &shown).await?;
     let (config_digest, config_size) =
@@ -93,17 +93,15 @@ pub async fn pull(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Res
 /// The digest the reference names: its own digest, the cached tag, or the registry's answer.
 async fn resolve(
     cache: &Cache,
-    image: &ImageRef,
     origin: &Origin,
     options: &PullOptions,
     shown: &str,
 ) -> Result<Digest> {
-    let (ImageRef::Registry(reference), Origin::Registry(source)) = (image, origin) else {
-        let Origin::Layout(layout) = origin else {
-            unreachable!("layout references have layout origins")
-        };
-        return layout.top_manifest(shown);
+    let source = match origin {
+        Origin::Registry(source) => source,
+        Origin::Layout(layout) => return layout.top_manifest(shown),
     };
+    let reference = source.reference();
     if let Some(digest) = reference.digest() {
         return image::parse_digest(digest, "manifest", shown);
     }

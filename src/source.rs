@@ -54,6 +54,11 @@ impl RegistrySource {
         }
     }
 
+    /// The reference this source fetches for.
+    pub fn reference(&self) -> &Reference {
+        &self.reference
+    }
+
     fn shown(&self) -> String {
         self.reference.whole()
     }

@@ -84,12 +84,10 @@ pub struct Attr {
 /// One directory entry as `readdir` returns it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DirEntry<'a> {
-    /// The entry's inode.
-    pub ino: u64,
+    /// The entry's attributes (readdirplus sends them all; readdir its inode and kind).
+    pub attr: Attr,
     /// The offset to resume after this entry.
     pub next_offset: u64,
-    /// Its kind.
-    pub kind: FileKind,
     /// Its name.
     pub name: &'a [u8],
 }
@@ -212,9 +210,8 @@ impl FsCore {
             .enumerate()
             .skip(offset as usize)
             .map(|(i, (name, child))| DirEntry {
-                ino: ino_of(child),
+                attr: self.attr(child),
                 next_offset: i as u64 + 1,
-                kind: self.attr(child).kind,
                 name,
             }))
     }

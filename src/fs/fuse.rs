@@ -201,9 +201,9 @@ impl Filesystem for FuseFs {
             Ok(entries) => {
                 for e in entries {
                     if reply.add(
-                        INodeNo(e.ino),
+                        INodeNo(e.attr.ino),
                         e.next_offset,
-                        file_type(e.kind),
+                        file_type(e.attr.kind),
                         OsStr::from_bytes(e.name),
                     ) {
                         break;
@@ -226,16 +226,13 @@ impl Filesystem for FuseFs {
         match self.core.readdir(ino.0, offset) {
             Ok(entries) => {
                 for e in entries {
-                    let Ok(attr) = self.core.getattr(e.ino) else {
-                        continue;
-                    };
                     let name = OsStr::from_bytes(e.name);
                     if reply.add(
-                        INodeNo(e.ino),
+                        INodeNo(e.attr.ino),
                         e.next_offset,
                         name,
                         &TTL,
-                        &file_attr(&attr),
+                        &file_attr(&e.attr),
                         Generation(0),
                     ) {
                         break;

@@ -25,7 +25,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::digest::{Digest, HashingWriter};
+use bytesize::ByteSize;
+
+use crate::digest::{Digest, HashingReader, HashingWriter};
 use crate::error::{Error, IoContext, Result};
 
 /// The directory inside the cache that holds this version of the layout.
@@ -93,7 +95,8 @@ impl Cache {
     }
 
     /// Reads a small blob (a manifest or config), re-hashing it so a damaged cache file is
-    /// never trusted. `None` when it is not cached.
+    /// never trusted. `None` when it is not cached, or was damaged and has been removed so that
+    /// it is fetched again.
     pub fn read_blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>> {
         let path = self.blob_path(digest);
         let bytes = match fs::read(&path) {
@@ -102,10 +105,8 @@ impl Cache {
             Err(e) => return Err(Error::io(path, e)),
         };
         if Digest::of(&bytes) != *digest {
-            return Err(Error::CacheDamaged {
-                path,
-                detail: format!("content does not hash to {digest}"),
-            });
+            self.discard_blob(digest);
+            return Ok(None);
         }
         Ok(Some(bytes))
     }
@@ -204,6 +205,49 @@ impl Cache {
         self.root
             .join("tmp")
             .join(format!("{prefix}-{}-{n}-{nanos}", std::process::id()))
+    }
+
+    /// Removes a stale directory of the cache: renamed into `tmp/` first, so no reader ever sees
+    /// it half removed.
+    pub fn discard(&self, path: &Path) -> Result<()> {
+        let aside = self.temp_path("discard");
+        fs::rename(path, &aside).at(path)?;
+        remove_dir_quietly(&aside);
+        Ok(())
+    }
+
+    /// Fails with [`Error::CacheFull`] unless `bytes` more fit while leaving the reserve free.
+    pub fn ensure_space(&self, bytes: u64, detail: impl FnOnce() -> String) -> Result<()> {
+        let space = free_space(&self.root).at(&self.root)?;
+        if space.available < bytes.saturating_add(space.reserve()) {
+            return Err(Error::CacheFull {
+                path: self.root.clone(),
+                available: human(space.available),
+                detail: format!("{} needs {}", detail(), human(bytes)),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether a cached blob still hashes to its digest (streaming; `false` if absent).
+    pub fn blob_is_intact(&self, digest: &Digest) -> Result<bool> {
+        let path = self.blob_path(digest);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        let mut reader = HashingReader::new(io::BufReader::with_capacity(256 * 1024, file));
+        io::copy(&mut reader, &mut io::sink()).at(&path)?;
+        Ok(reader.finish().at(&path)?.0 == *digest)
+    }
+
+    /// Removes a damaged blob so it is fetched again.
+    pub fn discard_blob(&self, digest: &Digest) {
+        tracing::warn!(
+            "cached blob {digest} does not match its digest; removing it and fetching it again"
+        );
+        remove_quietly(&self.blob_path(digest));
     }
 
     /// Creates a temp directory that is removed on drop unless [`TempDir::commit`] renames it
@@ -351,6 +395,37 @@ fn remove_dir_quietly(path: &Path) {
     }
 }
 
+/// Free and total space of a filesystem.
+#[derive(Debug, Clone, Copy)]
+pub struct Space {
+    /// Bytes an unprivileged writer may still use.
+    pub available: u64,
+    /// Size of the filesystem.
+    pub total: u64,
+}
+
+impl Space {
+    /// What the cache leaves free for everything else: 5 % of the filesystem, at most 1 GiB.
+    pub fn reserve(&self) -> u64 {
+        (self.total / 20).min(1 << 30)
+    }
+}
+
+/// Looks at the filesystem holding `dir`.
+pub fn free_space(dir: &Path) -> io::Result<Space> {
+    let stat = nix::sys::statvfs::statvfs(dir).map_err(io::Error::from)?;
+    let block = stat.fragment_size();
+    Ok(Space {
+        available: stat.blocks_available().saturating_mul(block),
+        total: stat.blocks().saturating_mul(block),
+    })
+}
+
+/// Human-readable size for messages.
+pub fn human(bytes: u64) -> String {
+    ByteSize::b(bytes).display().iec().to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,16 +486,16 @@ mod tests {
     }
 
     #[test]
-    fn detects_a_damaged_cached_blob() {
+    fn a_damaged_cached_blob_is_removed_not_served() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::open(dir.path()).unwrap();
         let d = Digest::of(b"hello");
         cache.insert_blob(&d, None, b"hello", LABEL).unwrap();
+        assert!(cache.blob_is_intact(&d).unwrap());
         fs::write(cache.blob_path(&d), b"jello").unwrap();
-        assert!(matches!(
-            cache.read_blob(&d),
-            Err(Error::CacheDamaged { .. })
-        ));
+        assert!(!cache.blob_is_intact(&d).unwrap());
+        assert_eq!(cache.read_blob(&d).unwrap(), None);
+        assert!(!cache.has_blob(&d), "a damaged blob is removed to be fetched again");
     }
 
     #[test]

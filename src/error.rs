@@ -172,6 +172,20 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// The cache's filesystem is (nearly) full.
+    #[error(
+        "the cache at {} has only {available} free, {detail}; free some space or choose another --cache-dir",
+        path.display()
+    )]
+    CacheFull {
+        /// The cache directory.
+        path: PathBuf,
+        /// Free space left, human readable.
+        available: String,
+        /// What was being written.
+        detail: String,
+    },
+
     /// A cache file that exists but cannot be decoded.
     #[error("cache file {} is damaged ({detail}); remove it and try again", path.display())]
     CacheDamaged {

@@ -78,6 +78,10 @@ pub fn build_layer(spec: &LayerSpecText<'_>, compression: Compression) -> io::Re
             gz.write_all(&tar)?;
             (gz.finish()?, IMAGE_LAYER_GZIP_MEDIA_TYPE)
         }
+        Compression::Zstd => (
+            zstd::encode_all(&tar[..], 3)?,
+            crate::image::IMAGE_LAYER_ZSTD_MEDIA_TYPE,
+        ),
     };
     Ok(BuiltLayer {
         digest: Digest::of(&blob),

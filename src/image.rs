@@ -2,7 +2,7 @@
 //! `rootfs.diff_ids`. Parsing and choosing only; fetching lives in `source`.
 
 use oci_client::manifest::{
-    IMAGE_DOCKER_LAYER_GZIP_MEDIA_TYPE, IMAGE_DOCKER_LAYER_TAR_MEDIA_TYPE,
+    IMAGE_CONFIG_MEDIA_TYPE, IMAGE_DOCKER_CONFIG_MEDIA_TYPE, IMAGE_DOCKER_LAYER_GZIP_MEDIA_TYPE, IMAGE_DOCKER_LAYER_TAR_MEDIA_TYPE,
     IMAGE_LAYER_GZIP_MEDIA_TYPE, IMAGE_LAYER_MEDIA_TYPE,
     IMAGE_LAYER_NONDISTRIBUTABLE_GZIP_MEDIA_TYPE, IMAGE_LAYER_NONDISTRIBUTABLE_MEDIA_TYPE,
     IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE,
@@ -172,6 +172,43 @@ pub fn parse_diff_ids(bytes: &[u8], digest: &Digest, reference: &str) -> Result<
         .collect()
 }
 
+const TITLE_ANNOTATION: &str = "org.opencontainers.image.title";
+/// ORAS marks a layer that is a tarred directory, to be unpacked on pull, with this.
+const ORAS_UNPACK_ANNOTATION: &str = "io.deis.oras.content.unpack";
+
+/// Whether a manifest describes an artifact rather than a container image: it declares an
+/// `artifactType`, or its config is not an image config (as `oras push` and Helm write them).
+pub fn is_artifact(manifest: &OciImageManifest) -> bool {
+    manifest.artifact_type.is_some()
+        || !matches!(
+            manifest.config.media_type.as_str(),
+            IMAGE_CONFIG_MEDIA_TYPE | IMAGE_DOCKER_CONFIG_MEDIA_TYPE
+        )
+}
+
+/// The path an artifact blob is shown at: its title annotation, which must be a relative path
+/// that stays inside the mount.
+pub fn artifact_title(descriptor: &OciDescriptor) -> std::result::Result<String, String> {
+    let annotations = descriptor.annotations.as_ref();
+    let Some(title) = annotations.and_then(|a| a.get(TITLE_ANNOTATION)) else {
+        return Err(format!(
+            "this artifact blob has no {TITLE_ANNOTATION} annotation, so it has no file name to be shown under"
+        ));
+    };
+    if annotations.and_then(|a| a.get(ORAS_UNPACK_ANNOTATION)).map(String::as_str) == Some("true") {
+        return Err(format!(
+            "artifact blob {title:?} is a directory packed by ORAS ({ORAS_UNPACK_ANNOTATION}); unpacking such directories is not supported"
+        ));
+    }
+    let parts: Vec<&str> = title.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
+    if title.starts_with('/') || parts.is_empty() || parts.contains(&"..") || title.contains('\0') {
+        return Err(format!(
+            "artifact title {title:?} is not a relative path inside the artifact"
+        ));
+    }
+    Ok(parts.join("/"))
+}
+
 /// How a layer blob is compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
@@ -179,7 +216,25 @@ pub enum Compression {
     None,
     /// tar+gzip (one or more gzip members).
     Gzip,
+    /// tar+zstd (one or more zstd frames).
+    Zstd,
 }
+
+impl Compression {
+    /// How media types spell it: `tar`, `tar+gzip`, `tar+zstd`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Compression::None => "tar",
+            Compression::Gzip => "tar+gzip",
+            Compression::Zstd => "tar+zstd",
+        }
+    }
+}
+
+/// The OCI zstd layer media type (oci-client has no constant for it).
+pub const IMAGE_LAYER_ZSTD_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+const IMAGE_LAYER_NONDISTRIBUTABLE_ZSTD_MEDIA_TYPE: &str =
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd";
 
 /// The compression a layer media type declares; unknown types are refused by name.
 pub fn layer_compression(media_type: &str) -> Option<Compression> {
@@ -190,6 +245,9 @@ pub fn layer_compression(media_type: &str) -> Option<Compression> {
         IMAGE_LAYER_GZIP_MEDIA_TYPE
         | IMAGE_DOCKER_LAYER_GZIP_MEDIA_TYPE
         | IMAGE_LAYER_NONDISTRIBUTABLE_GZIP_MEDIA_TYPE => Some(Compression::Gzip),
+        IMAGE_LAYER_ZSTD_MEDIA_TYPE | IMAGE_LAYER_NONDISTRIBUTABLE_ZSTD_MEDIA_TYPE => {
+            Some(Compression::Zstd)
+        }
         _ => None,
     }
 }
@@ -256,6 +314,28 @@ mod tests {
             err.to_string().contains("unsupported media type text/html"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn artifact_titles_stay_inside() {
+        let with = |pairs: &[(&str, &str)]| OciDescriptor {
+            annotations: Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        let title = |t: &str| artifact_title(&with(&[(TITLE_ANNOTATION, t)]));
+        assert_eq!(title("devfile.yaml").unwrap(), "devfile.yaml");
+        assert_eq!(title("./a//b.txt").unwrap(), "a/b.txt");
+        for bad in ["/etc/passwd", "../x", "a/../../x", "", ".", "a\0b"] {
+            assert!(title(bad).is_err(), "{bad:?}");
+        }
+        assert!(artifact_title(&OciDescriptor::default()).is_err());
+        let packed = with(&[(TITLE_ANNOTATION, "dir"), (ORAS_UNPACK_ANNOTATION, "true")]);
+        assert!(artifact_title(&packed).unwrap_err().contains("ORAS"));
     }
 
     #[test]

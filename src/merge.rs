@@ -10,11 +10,14 @@
 
 use std::collections::BTreeMap;
 
-use crate::layer::{Entry, EntryKind, Meta};
+use crate::layer::{Entry, EntryKind, Meta, Xattr};
 use crate::tree::{Node, NodeId, NodeKind, ROOT, Tree};
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
+/// AUFS keeps its own metadata under names with this prefix (`.wh..wh.plnk`, `.wh..wh.aufs`);
+/// they are neither entries nor whiteouts.
+const AUFS_META_PREFIX: &[u8] = b".wh..wh.";
 /// As Linux's limit on symlinks followed while resolving one path.
 const MAX_SYMLINK_HOPS: u32 = 40;
 
@@ -40,6 +43,7 @@ enum BuildKind {
 #[derive(Debug, Clone)]
 struct BuildNode {
     meta: Meta,
+    xattrs: Vec<Xattr>,
     kind: BuildKind,
 }
 
@@ -53,6 +57,7 @@ impl Default for TreeBuilder {
     fn default() -> Self {
         let root = BuildNode {
             meta: Meta::IMPLIED_DIR,
+            xattrs: Vec::new(),
             kind: BuildKind::Dir {
                 children: BTreeMap::new(),
                 parent: ROOT,
@@ -77,6 +82,7 @@ enum Action<'a> {
         components: Vec<&'a [u8]>,
         entry: &'a Entry,
     },
+    Ignore,
 }
 
 /// Splits a path into components inside the root: empty and `.` parts dropped, `..` removes
@@ -118,6 +124,9 @@ fn classify(entry: &Entry) -> Result<Action<'_>, MergeError> {
             entry,
         });
     }
+    if last.starts_with(AUFS_META_PREFIX) {
+        return Ok(Action::Ignore);
+    }
     match last.strip_prefix(WHITEOUT_PREFIX) {
         Some(b"" | b"." | b"..") => Err(MergeError {
             path: lossy(&entry.path),
@@ -156,7 +165,7 @@ impl TreeBuilder {
                 Action::Remove { dir, name, entry } => {
                     self.hide_lower(dir, Some(name)).map_err(|d| at(entry, d))?
                 }
-                Action::Add { .. } => {}
+                Action::Add { .. } | Action::Ignore => {}
             }
         }
         for action in &actions {
@@ -189,7 +198,9 @@ impl TreeBuilder {
         let Some((&name, parent_path)) = components.split_last() else {
             return match entry.kind {
                 EntryKind::Dir => {
-                    self.nodes[ROOT as usize].meta = entry.meta;
+                    let root = &mut self.nodes[ROOT as usize];
+                    root.meta = entry.meta;
+                    root.xattrs = entry.xattrs.clone();
                     Ok(())
                 }
                 _ => Err(error("the image root can only be a directory".into())),
@@ -203,7 +214,9 @@ impl TreeBuilder {
         let new_kind = match &entry.kind {
             EntryKind::Dir => {
                 if let Some(id) = existing.filter(|&id| self.is_dir(id)) {
-                    self.nodes[id as usize].meta = entry.meta;
+                    let dir = &mut self.nodes[id as usize];
+                    dir.meta = entry.meta;
+                    dir.xattrs = entry.xattrs.clone();
                     return Ok(());
                 }
                 BuildKind::Dir {
@@ -221,6 +234,11 @@ impl TreeBuilder {
                 offset: *offset,
                 size: *size,
             }),
+            EntryKind::SparseFile { size, extents } => BuildKind::Leaf(NodeKind::SparseFile {
+                layer,
+                size: *size,
+                extents: extents.clone(),
+            }),
             EntryKind::Symlink { target } => BuildKind::Leaf(NodeKind::Symlink {
                 target: target.clone(),
             }),
@@ -232,6 +250,7 @@ impl TreeBuilder {
         };
         let id = self.push(BuildNode {
             meta: entry.meta,
+            xattrs: entry.xattrs.clone(),
             kind: new_kind,
         });
         self.insert(parent, name, id);
@@ -283,6 +302,7 @@ impl TreeBuilder {
                 };
                 let id = self.push(BuildNode {
                     meta: Meta::IMPLIED_DIR,
+                    xattrs: Vec::new(),
                     kind: dir,
                 });
                 self.insert(current, &name, id);
@@ -397,6 +417,7 @@ impl TreeBuilder {
                 meta: node.meta,
                 kind,
                 nlink: 0,
+                xattrs: node.xattrs.clone(),
             });
         }
         count_links(&mut nodes);
@@ -440,6 +461,7 @@ mod tests {
         uid: 0,
         gid: 0,
         mtime: 1,
+        mtime_nsec: 0,
     };
 
     fn e(path: &str, kind: EntryKind) -> Entry {
@@ -447,6 +469,7 @@ mod tests {
             path: path.as_bytes().to_vec(),
             kind,
             meta: M,
+            xattrs: Vec::new(),
         }
     }
     fn f(path: &str) -> Entry {

@@ -7,20 +7,21 @@ use std::path::PathBuf;
 use crate::cache::Cache;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::layer;
+use crate::layer::{self, Entry, EntryKind, Meta};
 use crate::merge::TreeBuilder;
 use crate::persist;
-use crate::pull::PulledImage;
+use crate::pull::{PulledImage, PulledLayer};
 use crate::tree::Tree;
 
-const TREE_MAGIC: &[u8; 8] = b"JKTREE01";
+const TREE_MAGIC: &[u8; 8] = b"JKTREE02";
 
 /// A merged tree and the files holding its content, ready for `fs::FsCore`.
 #[derive(Debug, Clone)]
 pub struct Mountable {
     /// The merged tree; its root is the requested subdirectory.
     pub tree: Tree,
-    /// `content.tar` of each layer, indexed as in the tree's file nodes.
+    /// The file holding each layer's content (`content.tar`, or an artifact's blob), indexed as
+    /// in the tree's file nodes.
     pub layers: Vec<PathBuf>,
     /// The images, for the mount's source name.
     pub name: String,
@@ -28,13 +29,13 @@ pub struct Mountable {
 
 /// Stacks `images` (later on top) and presents `subdir` of the union (root when `None`).
 pub fn assemble(cache: &Cache, images: &[PulledImage], subdir: Option<&str>) -> Result<Mountable> {
-    let diff_ids: Vec<&Digest> = images.iter().flat_map(|i| &i.diff_ids).collect();
+    let layers: Vec<&PulledLayer> = images.iter().flat_map(|i| &i.layers).collect();
     let name = images
         .iter()
         .map(|i| i.shown.as_str())
         .collect::<Vec<_>>()
         .join(" + ");
-    let key = tree_key(&diff_ids, subdir);
+    let key = tree_key(&layers, subdir);
     let path = cache.tree_path(&key);
     let tree = match persist::load::<Tree>(&path, TREE_MAGIC)? {
         Some(tree) => tree,
@@ -44,19 +45,29 @@ pub fn assemble(cache: &Cache, images: &[PulledImage], subdir: Option<&str>) -> 
             tree
         }
     };
-    let layers = diff_ids
+    let layers = layers
         .iter()
-        .map(|d| layer::content_path(cache, d))
+        .map(|layer| match layer {
+            PulledLayer::Tar { diff_id } => layer::content_path(cache, diff_id),
+            PulledLayer::File { digest, .. } => cache.blob_path(digest),
+        })
         .collect();
     Ok(Mountable { tree, layers, name })
 }
 
-fn tree_key(diff_ids: &[&Digest], subdir: Option<&str>) -> Digest {
+fn tree_key(layers: &[&PulledLayer], subdir: Option<&str>) -> Digest {
     // The version is part of the key so that a release that merges differently never serves a
     // tree an older one persisted.
     let mut text = format!("jkmount {} tree\n", env!("CARGO_PKG_VERSION"));
-    for d in diff_ids {
-        text.push_str(&format!("{d}\n"));
+    for layer in layers {
+        match layer {
+            PulledLayer::Tar { diff_id } => text.push_str(&format!("{diff_id}\n")),
+            PulledLayer::File {
+                digest,
+                size,
+                title,
+            } => text.push_str(&format!("file {digest} {size} {title:?}\n")),
+        }
     }
     let normalized: Vec<&str> = subdir
         .unwrap_or("")
@@ -67,16 +78,38 @@ fn tree_key(diff_ids: &[&Digest], subdir: Option<&str>) -> Digest {
     Digest::of(text.as_bytes())
 }
 
+/// What an artifact blob contributes: one read-only file at its title.
+fn artifact_entry(size: u64, title: &str) -> Entry {
+    Entry {
+        path: title.as_bytes().to_vec(),
+        kind: EntryKind::File { offset: 0, size },
+        meta: Meta {
+            mode: 0o644,
+            ..Meta::IMPLIED_DIR
+        },
+        xattrs: Vec::new(),
+    }
+}
+
 fn merge(cache: &Cache, images: &[PulledImage], subdir: Option<&str>, name: &str) -> Result<Tree> {
     let mut builder = TreeBuilder::new();
     let mut position = 0u32;
     for image in images {
-        for diff_id in &image.diff_ids {
-            let index = layer::load_index(cache, diff_id)?;
+        for layer in &image.layers {
+            let (digest, entries) = match layer {
+                PulledLayer::Tar { diff_id } => {
+                    (diff_id, layer::load_index(cache, diff_id)?.entries)
+                }
+                PulledLayer::File {
+                    digest,
+                    size,
+                    title,
+                } => (digest, vec![artifact_entry(*size, title)]),
+            };
             builder
-                .apply_layer(position, &index.entries)
+                .apply_layer(position, &entries)
                 .map_err(|e| Error::BadLayer {
-                    digest: diff_id.clone(),
+                    digest: digest.clone(),
                     reference: image.shown.clone(),
                     detail: e.to_string(),
                 })?;
@@ -104,12 +137,20 @@ mod tests {
 
     #[test]
     fn tree_keys_normalize_the_subdir() {
-        let d = Digest::of(b"x");
+        let d = &PulledLayer::Tar {
+            diff_id: Digest::of(b"x"),
+        };
         assert_eq!(
-            tree_key(&[&d], Some("/jk/modules/")),
-            tree_key(&[&d], Some("jk//modules"))
+            tree_key(&[d], Some("/jk/modules/")),
+            tree_key(&[d], Some("jk//modules"))
         );
-        assert_eq!(tree_key(&[&d], None), tree_key(&[&d], Some("/")));
-        assert_ne!(tree_key(&[&d], None), tree_key(&[&d, &d], None));
+        assert_eq!(tree_key(&[d], None), tree_key(&[d], Some("/")));
+        assert_ne!(tree_key(&[d], None), tree_key(&[d, d], None));
+        let f = &PulledLayer::File {
+            digest: Digest::of(b"x"),
+            size: 1,
+            title: "a".into(),
+        };
+        assert_ne!(tree_key(&[d], None), tree_key(&[f], None));
     }
 }

@@ -2,6 +2,8 @@
 //! unless asked to refresh), choose the platform's manifest, fetch the config, then fetch and
 //! decode the missing layers in parallel. Every document and blob goes through the cache's
 //! verification; a layer already decoded (same diff_id, from any image) is not fetched again.
+//! A cached blob found damaged is removed and fetched again. An OCI artifact (a manifest whose
+//! config is not an image config) is pulled as its titled blobs, each to be shown as a file.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -14,7 +16,7 @@ use crate::cache::{BlobLabel, Cache};
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
 use crate::image::{self, Compression, ManifestDoc};
-use crate::layer::{self, LayerSpec};
+use crate::layer::{self, LayerSpec, Limits};
 use crate::platform::Platform;
 use crate::reference::ImageRef;
 use crate::source::{LayoutSource, RegistrySource};
@@ -29,6 +31,38 @@ pub struct PullOptions {
     pub platform: Platform,
     /// Resolve tags at the registry even when the cache knows them (`--pull always`).
     pub refresh_tags: bool,
+    /// Bounds on decoding a layer.
+    pub limits: Limits,
+}
+
+impl PullOptions {
+    /// For this machine's platform, with cached tags and default limits.
+    pub fn host() -> Self {
+        PullOptions {
+            platform: Platform::host(),
+            refresh_tags: false,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// One layer of a pulled image, as the cache holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PulledLayer {
+    /// A tar layer, decoded under its diff_id.
+    Tar {
+        /// The digest of the uncompressed tar.
+        diff_id: Digest,
+    },
+    /// A blob of an artifact, shown as one file.
+    File {
+        /// The blob's digest.
+        digest: Digest,
+        /// Its size.
+        size: u64,
+        /// The path it is shown at (its `org.opencontainers.image.title`).
+        title: String,
+    },
 }
 
 /// An image whose layers are all decoded in the cache.
@@ -38,8 +72,8 @@ pub struct PulledImage {
     pub shown: String,
     /// The digest of the platform's image manifest.
     pub manifest: Digest,
-    /// The layers' diff_ids, bottom first.
-    pub diff_ids: Vec<Digest>,
+    /// The layers, bottom first.
+    pub layers: Vec<PulledLayer>,
 }
 
 #[derive(Clone)]
@@ -58,23 +92,47 @@ pub async fn pull(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Res
     let top = resolve(cache, &origin, options, &shown).await?;
     let (manifest_digest, manifest) =
         image_manifest(cache, &origin, top, &options.platform, &shown).await?;
+    let layers = if image::is_artifact(&manifest) {
+        fetch_artifact(cache, &origin, &manifest.layers, &shown).await?
+    } else {
+        let diff_ids = config_diff_ids(cache, &origin, &manifest, &shown).await?;
+        fetch_layers(
+            cache,
+            &origin,
+            &manifest.layers,
+            &diff_ids,
+            &options.limits,
+            &shown,
+        )
+        .await?;
+        diff_ids
+            .into_iter()
+            .map(|diff_id| PulledLayer::Tar { diff_id })
+            .collect()
+    };
+    Ok(PulledImage {
+        shown,
+        manifest: manifest_digest,
+        layers,
+    })
+}
+
+/// The config's diff_ids, one per layer of the manifest.
+async fn config_diff_ids(
+    cache: &Cache,
+    origin: &Origin,
+    manifest: &OciImageManifest,
+    shown: &str,
+) -> Result<Vec<Digest>> {
     let (config_digest, config_size) =
-        image::descriptor_digest(&manifest.config, "config", &shown)?;
-    let config = small_blob(
-        cache,
-        &origin,
-        &config_digest,
-        config_size,
-        "config",
-        &shown,
-    )
-    .await?;
-    let diff_ids = image::parse_diff_ids(&config, &config_digest, &shown)?;
+        image::descriptor_digest(&manifest.config, "config", shown)?;
+    let config = small_blob(cache, origin, &config_digest, config_size, "config", shown).await?;
+    let diff_ids = image::parse_diff_ids(&config, &config_digest, shown)?;
     if diff_ids.len() != manifest.layers.len() {
         return Err(Error::BadDocument {
             what: "config",
             digest: config_digest.to_string(),
-            reference: shown,
+            reference: shown.to_owned(),
             detail: format!(
                 "lists {} diff_ids for {} layers",
                 diff_ids.len(),
@@ -82,12 +140,49 @@ pub async fn pull(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Res
             ),
         });
     }
-    fetch_layers(cache, &origin, &manifest.layers, &diff_ids, &shown).await?;
-    Ok(PulledImage {
-        shown,
-        manifest: manifest_digest,
-        diff_ids,
-    })
+    Ok(diff_ids)
+}
+
+/// Fetches an artifact's blobs, each named by its title annotation.
+async fn fetch_artifact(
+    cache: &Cache,
+    origin: &Origin,
+    blobs: &[OciDescriptor],
+    shown: &str,
+) -> Result<Vec<PulledLayer>> {
+    let mut layers = Vec::new();
+    for descriptor in blobs {
+        let (digest, size) = image::descriptor_digest(descriptor, "artifact blob", shown)?;
+        let title = image::artifact_title(descriptor).map_err(|detail| Error::BadLayer {
+            digest: digest.clone(),
+            reference: shown.to_owned(),
+            detail,
+        })?;
+        if !cache.has_blob(&digest) {
+            cache.ensure_space(size, || format!("artifact blob {digest} of {shown}"))?;
+            match origin {
+                Origin::Registry(source) => {
+                    source.fetch_blob(cache, &digest, size, "artifact blob").await?
+                }
+                Origin::Layout(layout) => {
+                    let mut file = layout.open_blob(&digest)?;
+                    let mut writer = cache.blob_writer(&digest)?;
+                    std::io::copy(&mut file, &mut writer).at(layout.blob_path(&digest))?;
+                    let label = BlobLabel {
+                        what: "artifact blob",
+                        reference: shown,
+                    };
+                    writer.commit(Some(size), label)?;
+                }
+            }
+        }
+        layers.push(PulledLayer::File {
+            digest,
+            size,
+            title,
+        });
+    }
+    Ok(layers)
 }
 
 /// The digest the reference names: its own digest, the cached tag, or the registry's answer.
@@ -214,6 +309,7 @@ struct LayerJob {
     diff_id: Digest,
     compression: Compression,
     shown: String,
+    limits: Limits,
 }
 
 async fn fetch_layers(
@@ -221,6 +317,7 @@ async fn fetch_layers(
     origin: &Origin,
     layers: &[OciDescriptor],
     diff_ids: &[Digest],
+    limits: &Limits,
     shown: &str,
 ) -> Result<()> {
     let permits = Arc::new(Semaphore::new(PARALLEL_LAYERS));
@@ -243,6 +340,7 @@ async fn fetch_layers(
             diff_id: diff_id.clone(),
             compression,
             shown: shown.to_owned(),
+            limits: *limits,
         };
         let (cache, origin, permits) = (cache.clone(), origin.clone(), permits.clone());
         tasks.spawn(async move {
@@ -260,23 +358,42 @@ async fn fetch_layers(
 }
 
 async fn fetch_and_decode(cache: Cache, origin: Origin, job: LayerJob) -> Result<()> {
-    let blob_path = match &origin {
-        Origin::Registry(source) => {
-            if !cache.has_blob(&job.digest) {
-                tracing::info!(
-                    "{}: fetching layer {} ({} bytes)",
-                    job.shown,
-                    job.digest,
-                    job.size
-                );
-                source
-                    .fetch_blob(&cache, &job.digest, job.size, "layer")
-                    .await?;
-            }
-            cache.blob_path(&job.digest)
+    let job = Arc::new(job);
+    let source = match &origin {
+        Origin::Registry(source) => source,
+        Origin::Layout(layout) => {
+            return decode(cache, layout.blob_path(&job.digest), job).await;
         }
-        Origin::Layout(layout) => layout.blob_path(&job.digest),
     };
+    let was_cached = cache.has_blob(&job.digest);
+    if !was_cached {
+        fetch_layer_blob(&cache, source, &job).await?;
+    }
+    match decode(cache.clone(), cache.blob_path(&job.digest), job.clone()).await {
+        Err(e) if was_cached && !cache.blob_is_intact(&job.digest)? => {
+            tracing::debug!("decoding cached layer {} failed: {e}", job.digest);
+            cache.discard_blob(&job.digest);
+            fetch_layer_blob(&cache, source, &job).await?;
+            decode(cache.clone(), cache.blob_path(&job.digest), job).await
+        }
+        result => result,
+    }
+}
+
+async fn fetch_layer_blob(cache: &Cache, source: &RegistrySource, job: &LayerJob) -> Result<()> {
+    cache.ensure_space(job.size, || {
+        format!("layer {} of {}", job.digest, job.shown)
+    })?;
+    tracing::info!(
+        "{}: fetching layer {} ({} bytes)",
+        job.shown,
+        job.digest,
+        job.size
+    );
+    source.fetch_blob(cache, &job.digest, job.size, "layer").await
+}
+
+async fn decode(cache: Cache, blob_path: std::path::PathBuf, job: Arc<LayerJob>) -> Result<()> {
     tokio::task::spawn_blocking(move || {
         let file = std::fs::File::open(&blob_path).at(&blob_path)?;
         let spec = LayerSpec {
@@ -286,7 +403,7 @@ async fn fetch_and_decode(cache: Cache, origin: Origin, job: LayerJob) -> Result
             compression: job.compression,
             reference: &job.shown,
         };
-        layer::decode_layer(&cache, file, &spec)
+        layer::decode_layer(&cache, file, &spec, &job.limits)
     })
     .await
     .expect("a layer decoder panicked")

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::layer::Meta;
+use crate::layer::{Extent, Meta, Xattr};
 
 /// Index of a node in the arena.
 pub type NodeId = u32;
@@ -30,6 +30,15 @@ pub enum NodeKind {
         offset: u64,
         /// Length in bytes.
         size: u64,
+    },
+    /// A sparse file: zeros but for extents stored in a layer's tar.
+    SparseFile {
+        /// Index into the tree's layer list.
+        layer: u32,
+        /// Size, holes included.
+        size: u64,
+        /// The stored runs, in file order.
+        extents: Vec<Extent>,
     },
     /// A symbolic link, target verbatim.
     Symlink {
@@ -59,6 +68,8 @@ pub struct Node {
     pub kind: NodeKind,
     /// Link count: names for files; 2 + subdirectories for directories.
     pub nlink: u32,
+    /// Extended attributes, sorted by name.
+    pub xattrs: Vec<Xattr>,
 }
 
 /// The merged tree.

@@ -14,6 +14,7 @@ const META: Meta = Meta {
     uid: 0,
     gid: 0,
     mtime: 0,
+    mtime_nsec: 0,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +71,7 @@ fn to_entry(op: &Op) -> Entry {
         path: path.into_bytes(),
         kind,
         meta: META,
+        xattrs: Vec::new(),
     }
 }
 

@@ -66,6 +66,14 @@ pub struct ResolveArgs {
     /// When to ask the registry what a tag points to.
     #[arg(long, value_enum, default_value_t = PullPolicy::Missing)]
     pull: PullPolicy,
+    /// Refuse a layer larger than this once uncompressed (guards against decompression bombs)
+    #[arg(
+        long,
+        value_name = "SIZE",
+        env = "JKMOUNT_MAX_LAYER_SIZE",
+        default_value = "32GiB"
+    )]
+    max_layer_size: bytesize::ByteSize,
 }
 
 /// When tags are resolved at the registry.
@@ -86,6 +94,10 @@ impl ResolveArgs {
         Ok(jkmount::pull::PullOptions {
             platform,
             refresh_tags: self.pull == PullPolicy::Always,
+            limits: jkmount::layer::Limits {
+                max_layer_size: self.max_layer_size.as_u64(),
+                ..Default::default()
+            },
         })
     }
 }

@@ -1,4 +1,4 @@
-//! The filesystem core: lookup, getattr, readdir, read, readlink and statfs over a merged
+//! The filesystem core: lookup, getattr, readdir, read, readlink, xattrs and statfs over a merged
 //! [`Tree`], returning `Result<_, FsError>`. Inode numbers are node ids + 1 (the root is 1).
 //! File data is read with `pread` from the layers' verified content; nothing here blocks on
 //! the network or holds a lock, so any number of FUSE worker threads can share it.
@@ -8,6 +8,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 
 use crate::error::{IoContext, Result};
+use crate::layer::Extent;
 use crate::mountable::Mountable;
 use crate::tree::{NodeId, NodeKind, ROOT, Tree};
 
@@ -36,6 +37,9 @@ pub enum FsError {
     /// Any change: the image is read-only.
     #[error("read-only file system")]
     ReadOnly,
+    /// `getxattr` of a name the inode does not have.
+    #[error("no such extended attribute")]
+    NoXattr,
     /// Reading a layer's content failed.
     #[error("reading layer content: {0}")]
     Io(#[from] io::Error),
@@ -79,6 +83,10 @@ pub struct Attr {
     pub rdev: u32,
     /// Modification time (also used for access and change times).
     pub mtime: i64,
+    /// Its nanoseconds.
+    pub mtime_nsec: u32,
+    /// 512-byte blocks the content takes (sparse files: only their stored extents).
+    pub blocks: u64,
 }
 
 /// One directory entry as `readdir` returns it.
@@ -127,6 +135,10 @@ impl FsCore {
             .iter()
             .map(|n| match n.kind {
                 NodeKind::File { size, .. } => size.div_ceil(u64::from(BLOCK_SIZE)),
+                NodeKind::SparseFile { ref extents, .. } => extents
+                    .iter()
+                    .map(|e| e.len.div_ceil(u64::from(BLOCK_SIZE)))
+                    .sum(),
                 _ => 0,
             })
             .sum();
@@ -157,7 +169,9 @@ impl FsCore {
         let node = self.tree.node(id);
         let (kind, size, rdev) = match &node.kind {
             NodeKind::Dir { .. } => (FileKind::Directory, u64::from(BLOCK_SIZE), 0),
-            NodeKind::File { size, .. } => (FileKind::RegularFile, *size, 0),
+            NodeKind::File { size, .. } | NodeKind::SparseFile { size, .. } => {
+                (FileKind::RegularFile, *size, 0)
+            }
             NodeKind::Symlink { target } => (FileKind::Symlink, target.len() as u64, 0),
             NodeKind::CharDevice { rdev } => (FileKind::CharDevice, 0, *rdev),
             NodeKind::BlockDevice { rdev } => (FileKind::BlockDevice, 0, *rdev),
@@ -173,6 +187,13 @@ impl FsCore {
             gid: node.meta.gid,
             rdev,
             mtime: node.meta.mtime,
+            mtime_nsec: node.meta.mtime_nsec,
+            blocks: match &node.kind {
+                NodeKind::SparseFile { extents, .. } => {
+                    extents.iter().map(|e| e.len.div_ceil(512)).sum()
+                }
+                _ => size.div_ceil(512),
+            },
         }
     }
 
@@ -230,21 +251,49 @@ impl FsCore {
     /// Reads up to `size` bytes at `offset`; fewer only at the end of the file.
     pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
         let id = self.id(ino)?;
-        let NodeKind::File {
-            layer,
-            offset: start,
-            size: file_size,
-        } = self.tree.node(id).kind
-        else {
-            return Err(match self.tree.node(id).kind {
-                NodeKind::Dir { .. } => FsError::IsADirectory,
-                _ => FsError::NotFound,
-            });
-        };
-        let len = file_size.saturating_sub(offset).min(u64::from(size));
-        let mut buf = vec![0; len as usize];
-        self.layers[layer as usize].read_exact_at(&mut buf, start + offset)?;
-        Ok(buf)
+        match &self.tree.node(id).kind {
+            NodeKind::File {
+                layer,
+                offset: start,
+                size: file_size,
+            } => {
+                let len = file_size.saturating_sub(offset).min(u64::from(size));
+                let mut buf = vec![0; len as usize];
+                self.layers[*layer as usize].read_exact_at(&mut buf, start + offset)?;
+                Ok(buf)
+            }
+            NodeKind::SparseFile {
+                layer,
+                size: file_size,
+                extents,
+            } => {
+                let len = file_size.saturating_sub(offset).min(u64::from(size));
+                let file = &self.layers[*layer as usize];
+                Ok(read_sparse(file, extents, offset, len)?)
+            }
+            NodeKind::Dir { .. } => Err(FsError::IsADirectory),
+            _ => Err(FsError::NotFound),
+        }
+    }
+
+    /// The value of an extended attribute.
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<&[u8], FsError> {
+        let xattrs = &self.tree.node(self.id(ino)?).xattrs;
+        xattrs
+            .binary_search_by(|(n, _)| n.as_slice().cmp(name))
+            .map(|i| xattrs[i].1.as_slice())
+            .map_err(|_| FsError::NoXattr)
+    }
+
+    /// The names of an inode's extended attributes, each followed by a NUL, as `listxattr`
+    /// returns them.
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>, FsError> {
+        let mut out = Vec::new();
+        for (name, _) in &self.tree.node(self.id(ino)?).xattrs {
+            out.extend_from_slice(name);
+            out.push(0);
+        }
+        Ok(out)
     }
 
     /// A symlink's target, verbatim.
@@ -261,13 +310,26 @@ impl FsCore {
     }
 }
 
+/// Reads `len` bytes at `offset` of a sparse file: zeros, with the stored extents read over them.
+fn read_sparse(file: &File, extents: &[Extent], offset: u64, len: u64) -> io::Result<Vec<u8>> {
+    let end = offset + len;
+    let mut buf = vec![0; len as usize];
+    let first = extents.partition_point(|e| e.logical + e.len <= offset);
+    for e in extents[first..].iter().take_while(|e| e.logical < end) {
+        let from = e.logical.max(offset);
+        let to = (e.logical + e.len).min(end);
+        let into = &mut buf[(from - offset) as usize..(to - offset) as usize];
+        file.read_exact_at(into, e.offset + (from - e.logical))?;
+    }
+    Ok(buf)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::cache::Cache;
     use crate::fixture::ImageBuilder;
     use crate::mountable::assemble;
-    use crate::platform::Platform;
     use crate::pull::{PullOptions, pull};
     use crate::reference::ImageRef;
 
@@ -281,10 +343,7 @@ mod tests {
         let cache = Cache::open(&dir.path().join("cache")).unwrap();
         let reference =
             ImageRef::parse(&format!("oci:{}:t", dir.path().join("layout").display())).unwrap();
-        let options = PullOptions {
-            platform: Platform::host(),
-            refresh_tags: false,
-        };
+        let options = PullOptions::host();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
@@ -330,6 +389,32 @@ mod tests {
         assert!(matches!(fs.getattr(0), Err(FsError::NotFound)));
         assert!(matches!(fs.open(hello.ino, true), Err(FsError::ReadOnly)));
         assert!(matches!(fs.readlink(hello.ino), Err(FsError::NotASymlink)));
+    }
+
+    #[test]
+    fn sparse_reads_fill_holes_with_zeros() {
+        let mut file = tempfile::tempfile().unwrap();
+        io::Write::write_all(&mut file, b"AAAABBBB").unwrap();
+        let extents = [
+            Extent {
+                logical: 2,
+                len: 4,
+                offset: 0,
+            },
+            Extent {
+                logical: 10,
+                len: 4,
+                offset: 4,
+            },
+        ];
+        let all = read_sparse(&file, &extents, 0, 16).unwrap();
+        assert_eq!(all, b"\0\0AAAA\0\0\0\0BBBB\0\0");
+        for offset in 0..16 {
+            for len in 0..=(16 - offset) {
+                let part = read_sparse(&file, &extents, offset, len).unwrap();
+                assert_eq!(part, &all[offset as usize..(offset + len) as usize]);
+            }
+        }
     }
 
     #[test]

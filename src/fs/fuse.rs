@@ -48,6 +48,7 @@ pub fn errno(e: &FsError) -> Errno {
         FsError::IsADirectory => Errno::EISDIR,
         FsError::NotASymlink => Errno::EINVAL,
         FsError::ReadOnly => Errno::EROFS,
+        FsError::NoXattr => Errno::ENODATA,
         FsError::Io(io) => {
             tracing::error!("{e}");
             io.raw_os_error().map_or(Errno::EIO, Errno::from_i32)
@@ -67,15 +68,16 @@ fn file_type(kind: FileKind) -> FileType {
 }
 
 fn file_attr(a: &Attr) -> FileAttr {
-    let time = if a.mtime >= 0 {
+    let whole = if a.mtime >= 0 {
         UNIX_EPOCH + Duration::from_secs(a.mtime as u64)
     } else {
         UNIX_EPOCH - Duration::from_secs(a.mtime.unsigned_abs())
     };
+    let time = whole + Duration::from_nanos(u64::from(a.mtime_nsec));
     FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
-        blocks: a.size.div_ceil(512),
+        blocks: a.blocks,
         atime: time,
         mtime: time,
         ctime: time,
@@ -104,9 +106,23 @@ fn negative_entry() -> FileAttr {
         gid: 0,
         rdev: 0,
         mtime: 0,
+        mtime_nsec: 0,
+        blocks: 0,
     });
     attr.ino = INodeNo(0);
     attr
+}
+
+/// Answers an xattr request: the length when asked with size 0, `ERANGE` when the caller's
+/// buffer is too small, else the bytes.
+fn reply_xattr(value: &[u8], size: u32, reply: ReplyXattr) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if (size as usize) < value.len() {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(value);
+    }
 }
 
 impl Filesystem for FuseFs {
@@ -252,19 +268,21 @@ impl Filesystem for FuseFs {
     fn getxattr(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _size: u32,
+        ino: INodeNo,
+        name: &OsStr,
+        size: u32,
         reply: ReplyXattr,
     ) {
-        reply.error(Errno::ENODATA);
+        match self.core.getxattr(ino.0, name.as_bytes()) {
+            Ok(value) => reply_xattr(value, size, reply),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 {
-            reply.size(0)
-        } else {
-            reply.data(&[])
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.core.listxattr(ino.0) {
+            Ok(names) => reply_xattr(&names, size, reply),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 

@@ -2,22 +2,27 @@
 //! decompresses, checks the uncompressed digest (diff_id), writes the uncompressed tar into the
 //! cache and records an index of its entries. The mount later reads file data in place from
 //! that verified tar, so nothing is extracted and a layer is never held in memory.
-//! Whiteouts are not interpreted here: the index is faithful to the tar; `tree` merges.
+//! Whiteouts are not interpreted here: the index is faithful to the tar; `merge` merges.
+//! `header` reads one entry's header; `stream` holds the byte plumbing and the guards.
+
+mod header;
+mod stream;
+
 
 use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, BufWriter, Read};
 use std::path::PathBuf;
 
-use flate2::read::MultiGzDecoder;
 use serde::{Deserialize, Serialize};
 
-use crate::cache::Cache;
+use crate::cache::{Cache, human};
 use crate::digest::{Digest, HashingReader};
 use crate::error::{Error, IoContext, Result};
 use crate::image::Compression;
 use crate::persist;
+use stream::{Decoder, GuardedWriter, HeaderWindow, Stop, TeeReader};
 
-const INDEX_MAGIC: &[u8; 8] = b"JKLIDX01";
+const INDEX_MAGIC: &[u8; 8] = b"JKLIDX02";
 const CONTENT_FILE: &str = "content.tar";
 const INDEX_FILE: &str = "index.bin";
 const READ_BUFFER: usize = 256 * 1024;
@@ -33,6 +38,8 @@ pub struct Meta {
     pub gid: u32,
     /// Modification time, seconds since the epoch.
     pub mtime: i64,
+    /// Nanoseconds of the modification time (from a PAX `mtime`).
+    pub mtime_nsec: u32,
 }
 
 impl Meta {
@@ -42,6 +49,7 @@ impl Meta {
         uid: 0,
         gid: 0,
         mtime: 0,
+        mtime_nsec: 0,
     };
 }
 
@@ -54,6 +62,13 @@ pub enum EntryKind {
         offset: u64,
         /// Length in bytes.
         size: u64,
+    },
+    /// A sparse file: holes read as zeros, data extents stored in the layer's tar.
+    SparseFile {
+        /// The file's size, holes included.
+        size: u64,
+        /// The stored extents, in file order.
+        extents: Vec<Extent>,
     },
     /// A directory.
     Dir,
@@ -81,6 +96,20 @@ pub enum EntryKind {
     Fifo,
 }
 
+/// A run of a sparse file's bytes that is stored in the layer's tar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extent {
+    /// Where the run starts in the file.
+    pub logical: u64,
+    /// Its length.
+    pub len: u64,
+    /// Where its bytes are in `content.tar`.
+    pub offset: u64,
+}
+
+/// An extended attribute: name and value, as in a PAX `SCHILY.xattr.NAME` record.
+pub type Xattr = (Vec<u8>, Vec<u8>);
+
 /// One tar entry, path as written in the archive (not yet normalized).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
@@ -90,6 +119,8 @@ pub struct Entry {
     pub kind: EntryKind,
     /// Its metadata.
     pub meta: Meta,
+    /// Its extended attributes, sorted by name.
+    pub xattrs: Vec<Xattr>,
 }
 
 /// A decoded layer's entries, in archive order.
@@ -114,9 +145,13 @@ pub struct LayerSpec<'a> {
     pub reference: &'a str,
 }
 
-/// Whether a decoded layer with this diff_id is in the cache.
+/// Whether a decoded layer with this diff_id, indexed by this version, is in the cache.
 pub fn is_decoded(cache: &Cache, diff_id: &Digest) -> bool {
-    cache.layer_dir(diff_id).join(INDEX_FILE).is_file()
+    let path = cache.layer_dir(diff_id).join(INDEX_FILE);
+    let mut magic = [0u8; 8];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok_and(|()| &magic == INDEX_MAGIC)
 }
 
 /// The uncompressed tar of a decoded layer, which file reads are served from.
@@ -133,22 +168,63 @@ pub fn load_index(cache: &Cache, diff_id: &Digest) -> Result<LayerIndex> {
     })
 }
 
+/// Bounds on what decoding one layer may cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most uncompressed bytes a layer may have.
+    pub max_layer_size: u64,
+    /// Most bytes of headers, long names and PAX records between two entries (held in memory).
+    pub max_entry_metadata: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_layer_size: DEFAULT_MAX_LAYER_SIZE,
+            max_entry_metadata: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// The default for `--max-layer-size`.
+pub const DEFAULT_MAX_LAYER_SIZE: u64 = 32 << 30;
+
 /// Decodes the blob read from `blob` into the cache, verifying both digests. Nothing is left
 /// in the cache unless everything matched.
-pub fn decode_layer(cache: &Cache, blob: impl Read, spec: &LayerSpec<'_>) -> Result<()> {
+pub fn decode_layer(
+    cache: &Cache,
+    blob: impl Read,
+    spec: &LayerSpec<'_>,
+    limits: &Limits,
+) -> Result<()> {
     let work = cache.temp_dir("layer")?;
     let content = work.path().join(CONTENT_FILE);
-    let out = BufWriter::with_capacity(READ_BUFFER, File::create(&content).at(&content)?);
-    let compressed = HashingReader::new(BufReader::with_capacity(READ_BUFFER, blob));
-    let decoder = Decoder::new(compressed, spec.compression);
+    let out = GuardedWriter::new(
+        BufWriter::with_capacity(READ_BUFFER, File::create(&content).at(&content)?),
+        limits.max_layer_size,
+        work.path(),
+    );
+    let stopped = out.stopped.clone();
+    let blob = BufReader::with_capacity(READ_BUFFER, blob);
+    let compressed = HashingReader::new(
+        stream::check_compression(blob, spec.compression)
+            .map_err(|e| layer_error(spec, e))?
+            .map_err(|detail| bad_layer(spec, detail))?,
+    );
+    let decoder = Decoder::new(compressed, spec.compression).map_err(|e| layer_error(spec, e))?;
     let tee = TeeReader {
         inner: HashingReader::new(decoder),
         out,
     };
 
-    let (index, tee) = read_entries(tee, spec)?;
+    let read = read_entries(tee, spec, limits);
+    if let Some(stop) = stopped.take() {
+        return Err(stop_error(cache, spec, stop));
+    }
+    let (index, tee) = read?;
     let TeeReader { inner, out } = tee;
     let out = out
+        .into_inner()
         .into_inner()
         .map_err(|e| Error::io(&content, e.into_error()))?;
     out.sync_data().at(&content)?;
@@ -184,33 +260,72 @@ pub fn decode_layer(cache: &Cache, blob: impl Read, spec: &LayerSpec<'_>) -> Res
         });
     }
     persist::save(cache, &work.path().join(INDEX_FILE), INDEX_MAGIC, &index)?;
-    work.commit(&cache.layer_dir(spec.diff_id))
+    let dest = cache.layer_dir(spec.diff_id);
+    if dest.exists() && !is_decoded(cache, spec.diff_id) {
+        cache.discard(&dest)?;
+    }
+    work.commit(&dest)
+}
+
+fn stop_error(cache: &Cache, spec: &LayerSpec<'_>, stop: Stop) -> Error {
+    match stop {
+        Stop::TooLarge { limit } => bad_layer(
+            spec,
+            format!(
+                "uncompressed, it is larger than the {} limit (a decompression bomb, or a big layer: raise --max-layer-size)",
+                human(limit)
+            ),
+        ),
+        Stop::NoSpace { available } => Error::CacheFull {
+            path: cache.root().to_owned(),
+            available: human(available),
+            detail: format!("stopped decoding layer {} of {}", spec.digest, spec.reference),
+        },
+    }
 }
 
 /// Reads every tar entry, then the rest of the stream, so the tee and the hashes see it all.
-fn read_entries<R: Read>(reader: R, spec: &LayerSpec<'_>) -> Result<(LayerIndex, R)> {
-    let mut archive = tar::Archive::new(reader);
+fn read_entries<R: Read>(
+    reader: R,
+    spec: &LayerSpec<'_>,
+    limits: &Limits,
+) -> Result<(LayerIndex, R)> {
+    let (window, handle) = HeaderWindow::new(reader);
+    let mut archive = tar::Archive::new(window);
     let mut index = LayerIndex::default();
-    for entry in archive.entries().map_err(|e| layer_error(spec, e))? {
-        let entry = entry.map_err(|e| layer_error(spec, e))?;
-        if let Some(e) = index_entry(&entry).map_err(|detail| Error::BadLayer {
-            digest: spec.digest.clone(),
-            reference: spec.reference.to_owned(),
-            detail,
-        })? {
+    let mut entries = archive.entries().map_err(|e| layer_error(spec, e))?;
+    loop {
+        handle.arm(limits.max_entry_metadata);
+        let next = entries.next();
+        handle.disarm();
+        let Some(entry) = next else { break };
+        let mut entry = entry.map_err(|e| {
+            if handle.exhausted() {
+                bad_layer(
+                    spec,
+                    format!(
+                        "an entry's headers, long name or PAX records exceed {}",
+                        human(limits.max_entry_metadata)
+                    ),
+                )
+            } else {
+                layer_error(spec, e)
+            }
+        })?;
+        let indexed = header::index_entry(&mut entry, &handle);
+        // Read the data here, outside the window, so only metadata counts against it.
+        io::copy(&mut entry, &mut io::sink()).map_err(|e| layer_error(spec, e))?;
+        if let Some(e) = indexed.map_err(|detail| bad_layer(spec, detail))? {
             index.entries.push(e);
         }
     }
+    drop(entries);
     let mut rest = archive.into_inner();
     io::copy(&mut rest, &mut io::sink()).map_err(|e| layer_error(spec, e))?;
-    Ok((index, rest))
+    Ok((index, rest.into_inner()))
 }
 
-fn layer_error(spec: &LayerSpec<'_>, e: io::Error) -> Error {
-    let detail = match spec.compression {
-        Compression::Gzip => format!("cannot read it as tar+gzip: {e}"),
-        Compression::None => format!("cannot read it as tar: {e}"),
-    };
+fn bad_layer(spec: &LayerSpec<'_>, detail: String) -> Error {
     Error::BadLayer {
         digest: spec.digest.clone(),
         reference: spec.reference.to_owned(),
@@ -218,103 +333,11 @@ fn layer_error(spec: &LayerSpec<'_>, e: io::Error) -> Error {
     }
 }
 
-/// Turns one tar entry into an index entry; `None` for headers that carry no file.
-fn index_entry<R: Read>(entry: &tar::Entry<'_, R>) -> Result<Option<Entry>, String> {
-    use tar::EntryType as T;
-    let header = entry.header();
-    let path = entry.path_bytes().into_owned();
-    let shown = String::from_utf8_lossy(&path).into_owned();
-    let field = |r: io::Result<u64>, name: &str| {
-        r.map_err(|e| format!("{shown}: bad {name} in tar header: {e}"))
-    };
-    let meta = Meta {
-        mode: field(header.mode().map(u64::from), "mode")? as u32 & 0o7777,
-        uid: u32::try_from(field(header.uid(), "uid")?)
-            .map_err(|_| format!("{shown}: uid out of range"))?,
-        gid: u32::try_from(field(header.gid(), "gid")?)
-            .map_err(|_| format!("{shown}: gid out of range"))?,
-        mtime: i64::try_from(field(header.mtime(), "mtime")?).unwrap_or(i64::MAX),
-    };
-    let link_target = || -> Result<Vec<u8>, String> {
-        entry
-            .link_name_bytes()
-            .map(|l| l.into_owned())
-            .ok_or_else(|| format!("{shown}: link without a target"))
-    };
-    let rdev = || -> u32 {
-        let major = header.device_major().ok().flatten().unwrap_or(0);
-        let minor = header.device_minor().ok().flatten().unwrap_or(0);
-        ((major & 0xfff) << 8) | (minor & 0xff) | ((minor & !0xff) << 12)
-    };
-    let kind = match header.entry_type() {
-        T::Regular | T::Continuous => EntryKind::File {
-            offset: entry.raw_file_position(),
-            size: entry.size(),
-        },
-        T::Directory => EntryKind::Dir,
-        T::Symlink => EntryKind::Symlink {
-            target: link_target()?,
-        },
-        T::Link => EntryKind::Hardlink {
-            target: link_target()?,
-        },
-        T::Char => EntryKind::CharDevice { rdev: rdev() },
-        T::Block => EntryKind::BlockDevice { rdev: rdev() },
-        T::Fifo => EntryKind::Fifo,
-        T::XGlobalHeader => return Ok(None),
-        T::GNUSparse => return Err(format!("{shown}: sparse files are not supported yet")),
-        other => {
-            return Err(format!(
-                "{shown}: unsupported tar entry type {:?}",
-                other.as_byte() as char
-            ));
-        }
-    };
-    Ok(Some(Entry { path, kind, meta }))
-}
-
-/// The decompressor for a layer's media type.
-enum Decoder<R: Read> {
-    Plain(R),
-    Gzip(MultiGzDecoder<R>),
-}
-
-impl<R: Read> Decoder<R> {
-    fn new(inner: R, compression: Compression) -> Self {
-        match compression {
-            Compression::None => Decoder::Plain(inner),
-            Compression::Gzip => Decoder::Gzip(MultiGzDecoder::new(inner)),
-        }
-    }
-    fn into_inner(self) -> R {
-        match self {
-            Decoder::Plain(r) => r,
-            Decoder::Gzip(d) => d.into_inner(),
-        }
-    }
-}
-
-impl<R: Read> Read for Decoder<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Decoder::Plain(r) => r.read(buf),
-            Decoder::Gzip(d) => d.read(buf),
-        }
-    }
-}
-
-/// Copies everything read through it into `out`.
-struct TeeReader<R, W> {
-    inner: R,
-    out: W,
-}
-
-impl<R: Read, W: Write> Read for TeeReader<R, W> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.out.write_all(&buf[..n])?;
-        Ok(n)
-    }
+fn layer_error(spec: &LayerSpec<'_>, e: io::Error) -> Error {
+    bad_layer(
+        spec,
+        format!("cannot read it as {}: {e}", spec.compression.describe()),
+    )
 }
 
 #[cfg(test)]
@@ -352,7 +375,7 @@ mod tests {
             reference: "test/img:1",
         };
         (
-            decode_layer(cache, ShortReader(&layer.blob[..]), &spec),
+            decode_layer(cache, ShortReader(&layer.blob[..]), &spec, &Limits::default()),
             layer.diff_id,
         )
     }
@@ -399,7 +422,7 @@ mod tests {
             compression: Compression::Gzip,
             reference: "test/img:1",
         };
-        let err = decode_layer(&cache, &layer.blob[..], &spec).unwrap_err();
+        let err = decode_layer(&cache, &layer.blob[..], &spec, &Limits::default()).unwrap_err();
         assert!(
             err.to_string().contains("uncompressed layer (diff_id)"),
             "{err}"
@@ -424,10 +447,10 @@ mod tests {
             compression: Compression::Gzip,
             reference: "r",
         };
-        let err = decode_layer(&cache, &blob[..], &spec).unwrap_err();
+        let err = decode_layer(&cache, &blob[..], &spec, &Limits::default()).unwrap_err();
         assert!(
             err.to_string()
-                .starts_with(&format!("layer {d} of r: cannot read it as tar+gzip")),
+                .starts_with(&format!("layer {d} of r: its media type says tar+gzip but its bytes are uncompressed")),
             "{err}"
         );
     }

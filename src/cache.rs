@@ -495,7 +495,10 @@ mod tests {
         fs::write(cache.blob_path(&d), b"jello").unwrap();
         assert!(!cache.blob_is_intact(&d).unwrap());
         assert_eq!(cache.read_blob(&d).unwrap(), None);
-        assert!(!cache.has_blob(&d), "a damaged blob is removed to be fetched again");
+        assert!(
+            !cache.has_blob(&d),
+            "a damaged blob is removed to be fetched again"
+        );
     }
 
     #[test]

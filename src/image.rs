@@ -2,8 +2,8 @@
 //! `rootfs.diff_ids`. Parsing and choosing only; fetching lives in `source`.
 
 use oci_client::manifest::{
-    IMAGE_CONFIG_MEDIA_TYPE, IMAGE_DOCKER_CONFIG_MEDIA_TYPE, IMAGE_DOCKER_LAYER_GZIP_MEDIA_TYPE, IMAGE_DOCKER_LAYER_TAR_MEDIA_TYPE,
-    IMAGE_LAYER_GZIP_MEDIA_TYPE, IMAGE_LAYER_MEDIA_TYPE,
+    IMAGE_CONFIG_MEDIA_TYPE, IMAGE_DOCKER_CONFIG_MEDIA_TYPE, IMAGE_DOCKER_LAYER_GZIP_MEDIA_TYPE,
+    IMAGE_DOCKER_LAYER_TAR_MEDIA_TYPE, IMAGE_LAYER_GZIP_MEDIA_TYPE, IMAGE_LAYER_MEDIA_TYPE,
     IMAGE_LAYER_NONDISTRIBUTABLE_GZIP_MEDIA_TYPE, IMAGE_LAYER_NONDISTRIBUTABLE_MEDIA_TYPE,
     IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE,
     OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageIndex, OciImageManifest,
@@ -195,12 +195,19 @@ pub fn artifact_title(descriptor: &OciDescriptor) -> std::result::Result<String,
             "this artifact blob has no {TITLE_ANNOTATION} annotation, so it has no file name to be shown under"
         ));
     };
-    if annotations.and_then(|a| a.get(ORAS_UNPACK_ANNOTATION)).map(String::as_str) == Some("true") {
+    if annotations
+        .and_then(|a| a.get(ORAS_UNPACK_ANNOTATION))
+        .map(String::as_str)
+        == Some("true")
+    {
         return Err(format!(
             "artifact blob {title:?} is a directory packed by ORAS ({ORAS_UNPACK_ANNOTATION}); unpacking such directories is not supported"
         ));
     }
-    let parts: Vec<&str> = title.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
+    let parts: Vec<&str> = title
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
     if title.starts_with('/') || parts.is_empty() || parts.contains(&"..") || title.contains('\0') {
         return Err(format!(
             "artifact title {title:?} is not a relative path inside the artifact"

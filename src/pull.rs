@@ -124,8 +124,7 @@ async fn config_diff_ids(
     manifest: &OciImageManifest,
     shown: &str,
 ) -> Result<Vec<Digest>> {
-    let (config_digest, config_size) =
-        image::descriptor_digest(&manifest.config, "config", shown)?;
+    let (config_digest, config_size) = image::descriptor_digest(&manifest.config, "config", shown)?;
     let config = small_blob(cache, origin, &config_digest, config_size, "config", shown).await?;
     let diff_ids = image::parse_diff_ids(&config, &config_digest, shown)?;
     if diff_ids.len() != manifest.layers.len() {
@@ -162,7 +161,9 @@ async fn fetch_artifact(
             cache.ensure_space(size, || format!("artifact blob {digest} of {shown}"))?;
             match origin {
                 Origin::Registry(source) => {
-                    source.fetch_blob(cache, &digest, size, "artifact blob").await?
+                    source
+                        .fetch_blob(cache, &digest, size, "artifact blob")
+                        .await?
                 }
                 Origin::Layout(layout) => {
                     let mut file = layout.open_blob(&digest)?;
@@ -390,7 +391,9 @@ async fn fetch_layer_blob(cache: &Cache, source: &RegistrySource, job: &LayerJob
         job.digest,
         job.size
     );
-    source.fetch_blob(cache, &job.digest, job.size, "layer").await
+    source
+        .fetch_blob(cache, &job.digest, job.size, "layer")
+        .await
 }
 
 async fn decode(cache: Cache, blob_path: std::path::PathBuf, job: Arc<LayerJob>) -> Result<()> {

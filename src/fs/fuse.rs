@@ -265,14 +265,7 @@ impl Filesystem for FuseFs {
         reply.statfs(s.blocks, 0, 0, s.files, 0, BLOCK_SIZE, MAX_NAME, BLOCK_SIZE);
     }
 
-    fn getxattr(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        name: &OsStr,
-        size: u32,
-        reply: ReplyXattr,
-    ) {
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         match self.core.getxattr(ino.0, name.as_bytes()) {
             Ok(value) => reply_xattr(value, size, reply),
             Err(e) => reply.error(errno(&e)),

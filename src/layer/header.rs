@@ -61,7 +61,11 @@ fn pax_time(value: &[u8]) -> Option<(i64, u32)> {
     if !fraction.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let digits: String = fraction.chars().chain("000000000".chars()).take(9).collect();
+    let digits: String = fraction
+        .chars()
+        .chain("000000000".chars())
+        .take(9)
+        .collect();
     let mut nanos: u32 = digits.parse().ok()?;
     if negative && nanos > 0 {
         secs = secs.checked_sub(1)?;
@@ -143,8 +147,10 @@ pub(super) fn index_entry<R: Read>(
     };
     let meta = Meta {
         mode: field(header.mode().map(u64::from), "mode")? as u32 & 0o7777,
-        uid: u32::try_from(field(header.uid(), "uid")?).map_err(|_| at("uid out of range".into()))?,
-        gid: u32::try_from(field(header.gid(), "gid")?).map_err(|_| at("gid out of range".into()))?,
+        uid: u32::try_from(field(header.uid(), "uid")?)
+            .map_err(|_| at("uid out of range".into()))?,
+        gid: u32::try_from(field(header.gid(), "gid")?)
+            .map_err(|_| at("gid out of range".into()))?,
         mtime,
         mtime_nsec,
     };
@@ -281,7 +287,9 @@ fn pax_sparse<R: Read>(
     entry: &mut tar::Entry<'_, R>,
     keys: &SparseKeys,
 ) -> Result<EntryKind, String> {
-    let real_size = keys.real_size.ok_or("PAX sparse entry without a real size")?;
+    let real_size = keys
+        .real_size
+        .ok_or("PAX sparse entry without a real size")?;
     let start = entry.raw_file_position();
     let stored = entry.size();
     let (numbers, data_start) = match (keys.major, keys.minor) {

@@ -8,7 +8,6 @@
 mod header;
 mod stream;
 
-
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read};
 use std::path::PathBuf;
@@ -279,7 +278,10 @@ fn stop_error(cache: &Cache, spec: &LayerSpec<'_>, stop: Stop) -> Error {
         Stop::NoSpace { available } => Error::CacheFull {
             path: cache.root().to_owned(),
             available: human(available),
-            detail: format!("stopped decoding layer {} of {}", spec.digest, spec.reference),
+            detail: format!(
+                "stopped decoding layer {} of {}",
+                spec.digest, spec.reference
+            ),
         },
     }
 }
@@ -375,7 +377,12 @@ mod tests {
             reference: "test/img:1",
         };
         (
-            decode_layer(cache, ShortReader(&layer.blob[..]), &spec, &Limits::default()),
+            decode_layer(
+                cache,
+                ShortReader(&layer.blob[..]),
+                &spec,
+                &Limits::default(),
+            ),
             layer.diff_id,
         )
     }
@@ -449,8 +456,9 @@ mod tests {
         };
         let err = decode_layer(&cache, &blob[..], &spec, &Limits::default()).unwrap_err();
         assert!(
-            err.to_string()
-                .starts_with(&format!("layer {d} of r: its media type says tar+gzip but its bytes are uncompressed")),
+            err.to_string().starts_with(&format!(
+                "layer {d} of r: its media type says tar+gzip but its bytes are uncompressed"
+            )),
             "{err}"
         );
     }

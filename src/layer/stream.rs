@@ -241,7 +241,10 @@ impl WindowHandle {
     pub fn recorded(&self, at: u64, len: usize) -> Option<Vec<u8>> {
         let state = self.0.borrow();
         let start = usize::try_from(at.checked_sub(state.recorded_from)?).ok()?;
-        state.recorded.get(start..start.checked_add(len)?).map(<[u8]>::to_vec)
+        state
+            .recorded
+            .get(start..start.checked_add(len)?)
+            .map(<[u8]>::to_vec)
     }
 }
 
@@ -292,13 +295,11 @@ mod tests {
     #[test]
     fn sniffs_compression() {
         let check = |bytes: &[u8], declared| {
-            check_compression(bytes, declared)
-                .unwrap()
-                .map(|mut r| {
-                    let mut all = Vec::new();
-                    r.read_to_end(&mut all).unwrap();
-                    all
-                })
+            check_compression(bytes, declared).unwrap().map(|mut r| {
+                let mut all = Vec::new();
+                r.read_to_end(&mut all).unwrap();
+                all
+            })
         };
         assert_eq!(
             check(b"\x1f\x8b\x08rest", Compression::Gzip).unwrap(),
@@ -311,7 +312,10 @@ mod tests {
         let err = check(b"\x1f\x8b\x08rest", Compression::None).unwrap_err();
         assert!(err.contains("says tar but its bytes are gzip"), "{err}");
         let err = check(b"\x28\xb5\x2f\xfd", Compression::Gzip).unwrap_err();
-        assert!(err.contains("says tar+gzip but its bytes are zstd"), "{err}");
+        assert!(
+            err.contains("says tar+gzip but its bytes are zstd"),
+            "{err}"
+        );
         let err = check(b"plain tar", Compression::Zstd).unwrap_err();
         assert!(
             err.contains("says tar+zstd but its bytes are uncompressed"),

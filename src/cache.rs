@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use bytesize::ByteSize;
 
-use crate::digest::{Digest, HashingReader, HashingWriter};
+use crate::digest::{Digest, HashingWriter};
 use crate::error::{Error, IoContext, Result};
 
 /// The directory inside the cache that holds this version of the layout.
@@ -232,14 +232,11 @@ impl Cache {
     /// Whether a cached blob still hashes to its digest (streaming; `false` if absent).
     pub fn blob_is_intact(&self, digest: &Digest) -> Result<bool> {
         let path = self.blob_path(digest);
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(Error::io(&path, e)),
-        };
-        let mut reader = HashingReader::new(io::BufReader::with_capacity(256 * 1024, file));
-        io::copy(&mut reader, &mut io::sink()).at(&path)?;
-        Ok(reader.finish().at(&path)?.0 == *digest)
+        match Digest::of_file(&path) {
+            Ok((found, _)) => Ok(found == *digest),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io(&path, e)),
+        }
     }
 
     /// Removes a damaged blob so it is fetched again.

@@ -27,6 +27,14 @@ impl Digest {
         Self::from_hasher(Sha256::new_with_prefix(bytes))
     }
 
+    /// The digest and length of a file's content, read streaming.
+    pub fn of_file(path: &std::path::Path) -> io::Result<(Self, u64)> {
+        let file = std::fs::File::open(path)?;
+        let mut reader = HashingReader::new(io::BufReader::with_capacity(256 * 1024, file));
+        io::copy(&mut reader, &mut io::sink())?;
+        reader.finish()
+    }
+
     fn from_hasher(hasher: Sha256) -> Self {
         Digest {
             hex: hex::encode(hasher.finalize()),

@@ -16,7 +16,7 @@ use crate::tree::{Node, NodeId, NodeKind, ROOT, Tree};
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 /// AUFS keeps its own metadata under names with this prefix (`.wh..wh.plnk`, `.wh..wh.aufs`);
-/// they are neither entries nor whiteouts.
+/// they, and everything beneath them, are neither entries nor whiteouts.
 const AUFS_META_PREFIX: &[u8] = b".wh..wh.";
 /// As Linux's limit on symlinks followed while resolving one path.
 const MAX_SYMLINK_HOPS: u32 = 40;
@@ -117,15 +117,16 @@ fn classify(entry: &Entry) -> Result<Action<'_>, MergeError> {
     let Some(&last) = components.last() else {
         return Ok(Action::Add { components, entry });
     };
+    let is_aufs_meta = |c: &&[u8]| c.starts_with(AUFS_META_PREFIX) && *c != OPAQUE_MARKER;
+    if components.iter().any(is_aufs_meta) {
+        return Ok(Action::Ignore);
+    }
     if last == OPAQUE_MARKER {
         components.pop();
         return Ok(Action::Opaque {
             dir: components,
             entry,
         });
-    }
-    if last.starts_with(AUFS_META_PREFIX) {
-        return Ok(Action::Ignore);
     }
     match last.strip_prefix(WHITEOUT_PREFIX) {
         Some(b"" | b"." | b"..") => Err(MergeError {
@@ -603,6 +604,14 @@ mod tests {
                 "the same entry twice in a layer: the later wins",
                 vec![vec![f("a"), l("a", "b")]],
                 vec!["/ d", "/a -> b"],
+            ),
+            (
+                "AUFS metadata is neither an entry nor a whiteout",
+                vec![
+                    vec![f("a")],
+                    vec![d(".wh..wh.plnk/"), f(".wh..wh.plnk/1.2"), f(".wh..wh.aufs")],
+                ],
+                vec!["/ d", "/a f0"],
             ),
             (
                 "directory over directory keeps its contents",

@@ -363,7 +363,21 @@ async fn fetch_and_decode(cache: Cache, origin: Origin, job: LayerJob) -> Result
     let source = match &origin {
         Origin::Registry(source) => source,
         Origin::Layout(layout) => {
-            return decode(cache, layout.blob_path(&job.digest), job).await;
+            let path = layout.blob_path(&job.digest);
+            return match decode(cache, path.clone(), job.clone()).await {
+                // A layout's blobs are not verified before decoding: when decoding fails, say
+                // whether the blob is simply not the one its digest names.
+                Err(e) => match Digest::of_file(&path) {
+                    Ok((found, _)) if found != job.digest => Err(Error::DigestMismatch {
+                        what: "layer",
+                        reference: job.shown.clone(),
+                        expected: job.digest.clone(),
+                        found,
+                    }),
+                    _ => Err(e),
+                },
+                ok => ok,
+            };
         }
     };
     let was_cached = cache.has_blob(&job.digest);

@@ -316,7 +316,17 @@ fn read_entries<R: Read>(
         })?;
         let indexed = header::index_entry(&mut entry, &handle);
         // Read the data here, outside the window, so only metadata counts against it.
-        io::copy(&mut entry, &mut io::sink()).map_err(|e| layer_error(spec, e))?;
+        io::copy(&mut entry, &mut io::sink()).map_err(|e| {
+            let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            bad_layer(
+                spec,
+                format!(
+                    "{path}: its data ({} bytes by its header) cannot be read as {}: {e}",
+                    entry.size(),
+                    spec.compression.describe()
+                ),
+            )
+        })?;
         if let Some(e) = indexed.map_err(|detail| bad_layer(spec, detail))? {
             index.entries.push(e);
         }

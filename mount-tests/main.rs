@@ -3,6 +3,9 @@
 //! reference). Every mount is undone by a `Drop` guard, even when a test fails. These tests
 //! need root (or fusermount3) and /dev/fuse; without them they fail, they do not skip.
 
+mod conformance;
+mod snapshot;
+
 #[path = "../tests/support/mod.rs"]
 mod support;
 

@@ -30,7 +30,7 @@ pub fn escape(bytes: &[u8]) -> String {
 
 fn content(data: &[u8]) -> String {
     match std::str::from_utf8(data) {
-        Ok(s) if data.len() <= 40 && !s.chars().any(char::is_control) => {
+        Ok(s) if data.len() <= 40 && !s.chars().any(|c| c.is_control() && c != '\n') => {
             serde_json::to_string(s).expect("json")
         }
         _ => {
@@ -74,7 +74,11 @@ fn walk(
         ("l", format!("-> {}", escape(target.as_os_str().as_bytes())))
     } else if kind.is_char_device() || kind.is_block_device() {
         let rdev = meta.rdev();
-        let numbers = format!("{}:{}", nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+        let numbers = format!(
+            "{}:{}",
+            nix::sys::stat::major(rdev),
+            nix::sys::stat::minor(rdev)
+        );
         (if kind.is_char_device() { "c" } else { "b" }, numbers)
     } else if kind.is_fifo() {
         ("p", String::new())
@@ -89,9 +93,7 @@ fn walk(
         line.push(' ');
         line.push_str(&detail);
     }
-    let mut names: Vec<_> = xattr::list(path)
-        .map(|l| l.collect())
-        .unwrap_or_default();
+    let mut names: Vec<_> = xattr::list(path).map(|l| l.collect()).unwrap_or_default();
     names.sort();
     for attr in names {
         let value = xattr::get(path, &attr).ok().flatten().unwrap_or_default();

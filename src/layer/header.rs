@@ -124,11 +124,13 @@ fn read_pax<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Pax, String> {
 }
 
 /// Turns one tar entry into an index entry; `None` for headers that carry no file (PAX global
-/// headers). Reads the entry's data only for a PAX 1.0 sparse map, which opens it.
+/// headers). Reads the entry's data only for a PAX 1.0 sparse map, which opens it; returns how
+/// many bytes of data it read.
 pub(super) fn index_entry<R: Read>(
     entry: &mut tar::Entry<'_, R>,
     window: &WindowHandle,
-) -> Result<Option<Entry>, String> {
+) -> Result<(Option<Entry>, u64), String> {
+    let mut consumed = 0;
     let pax = read_pax(entry).map_err(|e| format!("{}: {e}", lossy(&entry.path_bytes())))?;
     let path = match &pax.sparse.name {
         Some(name) if pax.sparse.present() => name.clone(),
@@ -170,7 +172,9 @@ pub(super) fn index_entry<R: Read>(
     let kind = match header.entry_type() {
         T::Regular if v7_dir => EntryKind::Dir,
         T::Regular | T::Continuous if pax.sparse.present() => {
-            pax_sparse(entry, &pax.sparse).map_err(at)?
+            let (kind, map_len) = pax_sparse(entry, &pax.sparse).map_err(at)?;
+            consumed = map_len;
+            kind
         }
         T::Regular | T::Continuous => EntryKind::File {
             offset: entry.raw_file_position(),
@@ -187,7 +191,7 @@ pub(super) fn index_entry<R: Read>(
         T::Char => EntryKind::CharDevice { rdev: rdev() },
         T::Block => EntryKind::BlockDevice { rdev: rdev() },
         T::Fifo => EntryKind::Fifo,
-        T::XGlobalHeader => return Ok(None),
+        T::XGlobalHeader => return Ok((None, 0)),
         other => {
             return Err(at(format!(
                 "unsupported tar entry type {:?}",
@@ -195,12 +199,13 @@ pub(super) fn index_entry<R: Read>(
             )));
         }
     };
-    Ok(Some(Entry {
+    let entry = Entry {
         path,
         kind,
         meta,
         xattrs: pax.xattrs,
-    }))
+    };
+    Ok((Some(entry), consumed))
 }
 
 fn lossy(bytes: &[u8]) -> String {
@@ -286,18 +291,18 @@ fn gnu_sparse<R: Read>(
 fn pax_sparse<R: Read>(
     entry: &mut tar::Entry<'_, R>,
     keys: &SparseKeys,
-) -> Result<EntryKind, String> {
+) -> Result<(EntryKind, u64), String> {
     let real_size = keys
         .real_size
         .ok_or("PAX sparse entry without a real size")?;
     let start = entry.raw_file_position();
     let stored = entry.size();
-    let (numbers, data_start) = match (keys.major, keys.minor) {
+    let (numbers, data_start, consumed) = match (keys.major, keys.minor) {
         (Some(1), Some(0)) => {
             let (numbers, map_len) = read_map_1_0(entry)?;
-            (numbers, start + map_len.div_ceil(BLOCK) * BLOCK)
+            (numbers, start + map_len.div_ceil(BLOCK) * BLOCK, map_len)
         }
-        (None | Some(0), _) => (keys.map.clone(), start),
+        (None | Some(0), _) => (keys.map.clone(), start, 0),
         (major, minor) => {
             return Err(format!(
                 "PAX sparse format {}.{} is not supported (0.0, 0.1 and 1.0 are)",
@@ -311,7 +316,10 @@ fn pax_sparse<R: Read>(
     }
     let pairs = numbers.chunks(2).map(|p| (p[0], p[1]));
     let stored_data = stored.saturating_sub(data_start - start);
-    extents(pairs, data_start, stored_data, real_size)
+    Ok((
+        extents(pairs, data_start, stored_data, real_size)?,
+        consumed,
+    ))
 }
 
 /// Reads the map at the start of a 1.0 sparse entry's data: a count, then that many offset and

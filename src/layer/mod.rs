@@ -314,19 +314,28 @@ fn read_entries<R: Read>(
                 layer_error(spec, e)
             }
         })?;
-        let indexed = header::index_entry(&mut entry, &handle);
+        let (indexed, consumed) = match header::index_entry(&mut entry, &handle) {
+            Ok((indexed, consumed)) => (Ok(indexed), consumed),
+            Err(e) => (Err(e), 0),
+        };
         // Read the data here, outside the window, so only metadata counts against it.
-        io::copy(&mut entry, &mut io::sink()).map_err(|e| {
-            let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-            bad_layer(
-                spec,
-                format!(
-                    "{path}: its data ({} bytes by its header) cannot be read as {}: {e}",
-                    entry.size(),
+        let size = entry.size() - consumed.min(entry.size());
+        let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let at = |detail: String| bad_layer(spec, format!("{path}: {detail}"));
+        match io::copy(&mut entry, &mut io::sink()) {
+            Ok(n) if n < size => {
+                return Err(at(format!(
+                    "the layer ends inside its data ({n} of the {size} bytes its header gives)"
+                )));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Err(at(format!(
+                    "its data cannot be read as {}: {e}",
                     spec.compression.describe()
-                ),
-            )
-        })?;
+                )));
+            }
+        }
         if let Some(e) = indexed.map_err(|detail| bad_layer(spec, detail))? {
             index.entries.push(e);
         }

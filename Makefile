@@ -1,7 +1,7 @@
 # jkmount: build, demo, tests. `make test` runs every tier; `make demo` the main job end to end.
 CARGO ?= cargo
 
-.PHONY: all build demo test lint test-unit test-property test-integration test-mount clean
+.PHONY: all build demo test lint test-unit test-property test-integration test-mount fuzz-build clean
 
 all: build
 
@@ -13,7 +13,7 @@ demo: build
 	./demo/run.sh
 
 # Every tier, cheapest first. Mount tests need root (or fusermount3) and /dev/fuse.
-test: lint test-unit test-property test-integration test-mount
+test: lint test-unit test-property test-integration test-mount fuzz-build
 
 lint:
 	$(CARGO) fmt --check
@@ -28,11 +28,16 @@ test-property:
 
 # Integration: the CLI against a real docker-registry on 127.0.0.1.
 test-integration:
-	$(CARGO) test --test pull
+	$(CARGO) test --test pull --test limits
 
 # Mount: real FUSE mounts read with find, cat, stat, node and GNU tar.
 test-mount:
 	$(CARGO) test --test mount
+
+# The cargo-fuzz targets compile with the stable toolchain; running them needs nightly:
+#   cd fuzz && cargo +nightly fuzz run layer_index
+fuzz-build:
+	$(CARGO) build --manifest-path fuzz/Cargo.toml
 
 clean:
 	$(CARGO) clean

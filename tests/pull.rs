@@ -307,3 +307,53 @@ fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+#[test]
+fn damaged_cached_blobs_are_fetched_again_never_served() {
+    let registry = Registry::start();
+    let image = push(
+        &registry,
+        "libs/damaged:1",
+        TWO_LAYERS
+            .iter()
+            .fold(ImageBuilder::new(), |b, l| b.layer(l)),
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let reference = registry.reference("libs/damaged:1");
+    ok(jkmount(cache.path(), &["pull", &reference]));
+    let blob = |d: &jkmount::digest::Digest| cache.path().join("v1/blobs/sha256").join(d.hex());
+    let layer = &image.layers[0];
+    // Damage the config and a layer blob, and drop that layer's decoded copy so the blob is
+    // needed again: the next pull must notice both and fetch them again.
+    for path in [blob(&image.config.digest), blob(&layer.digest)] {
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[10] ^= 0x55;
+        std::fs::write(&path, bytes).unwrap();
+    }
+    std::fs::remove_dir_all(
+        cache
+            .path()
+            .join("v1/layers/sha256")
+            .join(layer.diff_id.hex()),
+    )
+    .unwrap();
+    let out = jkmount(cache.path(), &["pull", &reference]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert_eq!(
+        stderr
+            .matches("does not match its digest; removing it and fetching it again")
+            .count(),
+        2,
+        "{stderr}"
+    );
+    for (path, digest) in [
+        (blob(&image.config.digest), &image.config.digest),
+        (blob(&layer.digest), &layer.digest),
+    ] {
+        assert_eq!(
+            &jkmount::digest::Digest::of(&std::fs::read(path).unwrap()),
+            digest
+        );
+    }
+}

@@ -328,6 +328,9 @@ fn read_map_1_0(data: &mut impl Read) -> Result<(Vec<u64>, u64), String> {
     let mut consumed = 0u64;
     let mut line = || -> Result<u64, String> {
         let mut digits = Vec::new();
+        // Byte by byte on purpose: the map is short, and reading past it would hide bytes
+        // from the check that the entry's data is all there.
+        #[allow(clippy::unbuffered_bytes)]
         for byte in data.by_ref().bytes() {
             let byte = byte.map_err(|e| format!("reading the sparse map: {e}"))?;
             consumed += 1;

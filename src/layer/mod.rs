@@ -340,7 +340,6 @@ fn read_entries<R: Read>(
             index.entries.push(e);
         }
     }
-    drop(entries);
     let mut rest = archive.into_inner();
     io::copy(&mut rest, &mut io::sink()).map_err(|e| layer_error(spec, e))?;
     Ok((index, rest.into_inner()))

@@ -134,7 +134,7 @@ pub enum Stop {
 }
 
 /// A writer that refuses to grow past `limit` bytes, and stops when the filesystem under `dir`
-/// has less than a reserve left (checked every 64 MiB), so a decompression bomb ends with an
+/// has less than a reserve left (checked at least every 64 MiB), so a decompression bomb ends with an
 /// error instead of a full disk. The reason is kept in `stopped` for the error message.
 pub struct GuardedWriter<W> {
     inner: W,
@@ -183,11 +183,20 @@ impl<W: Write> Write for GuardedWriter<W> {
                     available: space.available,
                 }));
             }
-            self.next_check = after + SPACE_CHECK_EVERY;
+            // Look again before half the reserve can be used up, and at least every 64 MiB.
+            let every = (space.reserve() / 2).clamp(1 << 20, SPACE_CHECK_EVERY);
+            self.next_check = after + every;
         }
-        let n = self.inner.write(buf)?;
-        self.written += n as u64;
-        Ok(n)
+        match self.inner.write(buf) {
+            Ok(n) => {
+                self.written += n as u64;
+                Ok(n)
+            }
+            Err(e) if e.kind() == io::ErrorKind::StorageFull => {
+                Err(self.refuse(Stop::NoSpace { available: 0 }))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn flush(&mut self) -> io::Result<()> {

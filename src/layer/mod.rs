@@ -435,6 +435,114 @@ mod tests {
     }
 
     #[test]
+    fn reads_every_entry_format_through_short_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let long = format!("d/{}", "n".repeat(150));
+        let text = format!(
+            "f {long} 644 \"g\"\nf /p{long} 644 \"p\" pax\nl /l {long}\n\
+             f /x 4755 \"x\" uid=70000 gid=8 mtime=-1.25 x:user.a=\"1\" x:trusted.b=\"2\"\n\
+             s /gnu 640 9000 0:\"A\" 600:\"B\" 1200:\"C\" 1800:\"D\" 2400:\"E\" 8999:\"F\"\n\
+             s /pax 640 9000 0:\"A\" 8999:\"F\" pax\nc /c 600 1:3\nb /b 600 259:300\np /p 600"
+        );
+        for compression in [Compression::None, Compression::Gzip, Compression::Zstd] {
+            let (result, diff_id) = decode(&cache, &text, compression);
+            result.unwrap();
+            let index = load_index(&cache, &diff_id).unwrap();
+            let by_path = |p: &str| {
+                index
+                    .entries
+                    .iter()
+                    .find(|e| e.path == p.as_bytes())
+                    .unwrap_or_else(|| panic!("{p} not indexed"))
+            };
+            assert!(matches!(
+                by_path(&long).kind,
+                EntryKind::File { size: 1, .. }
+            ));
+            assert!(matches!(
+                by_path(&format!("p{long}")).kind,
+                EntryKind::File { .. }
+            ));
+            assert_eq!(
+                by_path("l").kind,
+                EntryKind::Symlink {
+                    target: long.clone().into_bytes()
+                }
+            );
+            let x = by_path("x");
+            assert_eq!((x.meta.mode, x.meta.uid, x.meta.gid), (0o4755, 70000, 8));
+            assert_eq!((x.meta.mtime, x.meta.mtime_nsec), (-2, 750_000_000));
+            assert_eq!(
+                x.xattrs,
+                [
+                    (b"trusted.b".to_vec(), b"2".to_vec()),
+                    (b"user.a".to_vec(), b"1".to_vec())
+                ]
+            );
+            let content = std::fs::read(content_path(&cache, &diff_id)).unwrap();
+            for name in ["gnu", "pax"] {
+                let EntryKind::SparseFile { size, extents } = &by_path(name).kind else {
+                    panic!("{name} is not sparse")
+                };
+                assert_eq!(*size, 9000, "{name}");
+                let first = extents.first().unwrap();
+                let last = extents.last().unwrap();
+                assert_eq!((first.logical, last.logical, last.len), (0, 8999, 1));
+                assert_eq!(content[first.offset as usize], b'A', "{name}");
+                assert_eq!(content[last.offset as usize], b'F', "{name}");
+            }
+            assert_eq!(
+                by_path("c").kind,
+                EntryKind::CharDevice { rdev: (1 << 8) | 3 }
+            );
+            assert_eq!(
+                by_path("b").kind,
+                EntryKind::BlockDevice {
+                    rdev: (259 << 8) | (300 & 0xff) | ((300 & !0xff) << 12)
+                }
+            );
+            assert_eq!(by_path("p").kind, EntryKind::Fifo);
+        }
+    }
+
+    #[test]
+    fn limits_stop_bombs_and_huge_headers() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let small = Limits {
+            max_layer_size: 1 << 20,
+            max_entry_metadata: 64 * 1024,
+        };
+        for (text, expected) in [
+            ("z /zeros 644 2000000", "larger than the 1.0 MiB limit"),
+            ("L 100000", "long name or PAX records exceed 64.0 KiB"),
+            (
+                "T /cut 5000 100",
+                "cut: the layer ends inside its data (100 of the 5000 bytes its header gives)",
+            ),
+        ] {
+            let layer = build_layer(&LayerSpecText(text), Compression::Gzip).unwrap();
+            let spec = LayerSpec {
+                digest: &layer.digest,
+                size: layer.blob.len() as u64,
+                diff_id: &layer.diff_id,
+                compression: Compression::Gzip,
+                reference: "test/img:1",
+            };
+            let err = decode_layer(&cache, ShortReader(&layer.blob[..]), &spec, &small)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{text}: {err}");
+            assert!(!is_decoded(&cache, &layer.diff_id));
+        }
+        assert_eq!(
+            std::fs::read_dir(cache.root().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+
+    #[test]
     fn refuses_a_wrong_diff_id_and_keeps_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::open(dir.path()).unwrap();

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use futures_util::StreamExt;
 use oci_client::Reference;
 use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use serde::Deserialize;
@@ -74,7 +74,15 @@ impl RegistrySource {
             .client
             .pull_manifest_raw(&target, &RegistryAuth::Anonymous, ACCEPTED_MANIFEST_TYPES)
             .await
-            .map_err(|e| self.classify(e))?;
+            .map_err(|e| match (digest, verification_failure(&e)) {
+                (Some(expected), Some(found)) => Error::DigestMismatch {
+                    what: "manifest",
+                    reference: self.shown(),
+                    expected: expected.clone(),
+                    found,
+                },
+                _ => self.classify(e),
+            })?;
         let found = Digest::of(&bytes);
         if let Some(expected) = digest.filter(|d| **d != found) {
             return Err(Error::DigestMismatch {
@@ -110,15 +118,36 @@ impl RegistrySource {
             .await
             .map_err(|e| self.classify(e))?;
         let mut writer = cache.blob_writer(digest)?;
+        let mut received = 0u64;
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| Error::Registry {
-                reference: self.shown(),
-                registry: self.reference.resolve_registry().to_owned(),
-                detail: format!(
-                    "transfer of {what} {digest} failed: {}; nothing was cached, try again",
-                    error_chain(&e)
-                ),
+            let chunk = chunk.map_err(|e| match verification_failure(&e) {
+                Some(found) => Error::DigestMismatch {
+                    what,
+                    reference: self.shown(),
+                    expected: digest.clone(),
+                    found,
+                },
+                None => Error::Registry {
+                    reference: self.shown(),
+                    registry: self.reference.resolve_registry().to_owned(),
+                    detail: format!(
+                        "transfer of {what} {digest} failed: {}; nothing was cached, try again",
+                        error_chain(&e)
+                    ),
+                },
             })?;
+            received += chunk.len() as u64;
+            // A registry that sends more than the descriptor promised is cut off at once,
+            // not after it has filled the disk.
+            if received > size {
+                return Err(Error::SizeMismatch {
+                    what,
+                    reference: self.shown(),
+                    digest: digest.clone(),
+                    expected: size,
+                    found: received,
+                });
+            }
             std::io::Write::write_all(&mut writer, &chunk).at(cache.blob_path(digest))?;
         }
         let label = BlobLabel {
@@ -203,6 +232,31 @@ impl RegistrySource {
 }
 
 /// An error and its sources on one line, deepest cause last, repeated texts left out.
+/// The digest oci-client computed when it found bytes that do not match the one asked for,
+/// wherever in an error's chain (an I/O error of a blob stream included) it sits.
+fn verification_failure(e: &(dyn std::error::Error + 'static)) -> Option<Digest> {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        let inner = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|inner| inner as &(dyn std::error::Error + 'static));
+        for candidate in [Some(err), inner].into_iter().flatten() {
+            let digest_error = candidate.downcast_ref::<DigestError>().or_else(|| {
+                match candidate.downcast_ref::<OciDistributionError>() {
+                    Some(OciDistributionError::DigestError(d)) => Some(d),
+                    _ => None,
+                }
+            });
+            if let Some(DigestError::VerificationError { actual, .. }) = digest_error {
+                return actual.parse().ok();
+            }
+        }
+        current = inner.and_then(|i| i.source()).or_else(|| err.source());
+    }
+    None
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut parts = vec![e.to_string()];
     let mut source = e.source();

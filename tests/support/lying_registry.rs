@@ -1,0 +1,133 @@
+//! An in-process HTTP registry that does what the real one never will: serve other bytes than
+//! the digest it was asked for, more bytes than the descriptor says, or drop the connection in the
+//! middle of a blob. Only the read side of the distribution API (`/v2/`, manifests, blobs) on
+//! 127.0.0.1, one thread per connection, stopped on drop.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// How one path is answered.
+#[derive(Clone)]
+pub enum Answer {
+    /// These bytes, with this content type, honestly sized.
+    Bytes(Vec<u8>, String),
+    /// A `Content-Length` of the first, then only the bytes given, then the connection closes.
+    CutShort(usize, Vec<u8>),
+}
+
+/// The fake registry; paths are like `/v2/repo/blobs/sha256:…`.
+pub struct LyingRegistry {
+    pub addr: String,
+    answers: Arc<Mutex<HashMap<String, Answer>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl LyingRegistry {
+    pub fn start() -> LyingRegistry {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let answers: Arc<Mutex<HashMap<String, Answer>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (answers, stop) = (answers.clone(), stop.clone());
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    let answers = answers.clone();
+                    std::thread::spawn(move || serve(stream, &answers));
+                }
+            })
+        };
+        LyingRegistry {
+            addr,
+            answers,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Answers GET and HEAD of `path` so.
+    pub fn answer(&self, path: &str, answer: Answer) {
+        self.answers.lock().unwrap().insert(path.to_owned(), answer);
+    }
+}
+
+impl Drop for LyingRegistry {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(&self.addr);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn serve(stream: TcpStream, answers: &Mutex<HashMap<String, Answer>>) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut out = stream;
+    loop {
+        let mut request = String::new();
+        if reader.read_line(&mut request).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut length = 0usize;
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header).unwrap_or(0) == 0 {
+                return;
+            }
+            if header.trim().is_empty() {
+                break;
+            }
+            if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let mut parts = request.split_whitespace();
+        let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let answer = if path == "/v2/" {
+            Some(Answer::Bytes(b"{}".to_vec(), "application/json".into()))
+        } else {
+            answers.lock().unwrap().get(path).cloned()
+        };
+        let head = method == "HEAD";
+        let written = match answer {
+            None => out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"),
+            Some(Answer::Bytes(bytes, content_type)) => {
+                let header = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+                    bytes.len()
+                );
+                out.write_all(header.as_bytes())
+                    .and_then(|()| if head { Ok(()) } else { out.write_all(&bytes) })
+            }
+            Some(Answer::CutShort(claimed, bytes)) => {
+                let header = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {claimed}\r\n\r\n"
+                );
+                let _ = out.write_all(header.as_bytes());
+                if !head {
+                    let _ = out.write_all(&bytes);
+                }
+                return;
+            }
+        };
+        if written.is_err() {
+            return;
+        }
+    }
+}

@@ -73,6 +73,17 @@ pub enum Error {
         detail: String,
     },
 
+    /// Something needed is not cached and the network may not be used.
+    #[error(
+        "{reference}: {what} is not in the cache, and --offline (or --pull never) forbids asking the registry; run `jkmount pull {reference}` while the registry is reachable"
+    )]
+    NotCached {
+        /// The image reference.
+        reference: String,
+        /// What was missing: "the tag", "manifest sha256:…", "layer sha256:…".
+        what: String,
+    },
+
     /// An index holds no manifest for the requested platform.
     #[error(
         "{reference} has no manifest for platform {platform} (it has: {available}); choose one with --platform"

@@ -29,8 +29,8 @@ const PARALLEL_LAYERS: usize = 4;
 pub struct PullOptions {
     /// The platform to choose from an index.
     pub platform: Platform,
-    /// Resolve tags at the registry even when the cache knows them (`--pull always`).
-    pub refresh_tags: bool,
+    /// When the registry is asked.
+    pub policy: PullPolicy,
     /// Bounds on decoding a layer.
     pub limits: Limits,
 }
@@ -40,10 +40,21 @@ impl PullOptions {
     pub fn host() -> Self {
         PullOptions {
             platform: Platform::host(),
-            refresh_tags: false,
+            policy: PullPolicy::Missing,
             limits: Limits::default(),
         }
     }
+}
+
+/// When the registry is asked (`--pull`, `--offline`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullPolicy {
+    /// A cached tag is used as it is; only what is missing is fetched.
+    Missing,
+    /// Tags are resolved at the registry every time.
+    Always,
+    /// The network is never used: everything must be in the cache.
+    Never,
 }
 
 /// One layer of a pulled image, as the cache holds it.
@@ -86,7 +97,10 @@ enum Origin {
 pub async fn pull(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Result<PulledImage> {
     let shown = image.to_string();
     let origin = match image {
-        ImageRef::Registry(r) => Origin::Registry(Arc::new(RegistrySource::new(r))),
+        ImageRef::Registry(r) => Origin::Registry(Arc::new(RegistrySource::new(
+            r,
+            options.policy == PullPolicy::Never,
+        ))),
         ImageRef::Layout { dir, tag } => Origin::Layout(LayoutSource::new(dir, tag.as_deref())),
     };
     let top = resolve(cache, &origin, options, &shown).await?;
@@ -203,7 +217,7 @@ async fn resolve(
     }
     let tag = reference.tag().unwrap_or("latest");
     let (registry, repository) = (reference.registry(), reference.repository());
-    let cached = if options.refresh_tags {
+    let cached = if options.policy == PullPolicy::Always {
         None
     } else {
         cache.read_tag(registry, repository, tag)?

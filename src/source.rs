@@ -31,11 +31,13 @@ const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 pub struct RegistrySource {
     client: oci_client::Client,
     reference: Reference,
+    offline: bool,
 }
 
 impl RegistrySource {
     /// A client for `reference`'s registry: plain HTTP for loopback registries, HTTPS otherwise.
-    pub fn new(reference: &Reference) -> Self {
+    /// With `offline`, every fetch fails with [`Error::NotCached`] before touching the network.
+    pub fn new(reference: &Reference, offline: bool) -> Self {
         let registry = reference.resolve_registry();
         let protocol = if is_loopback_registry(registry) {
             ClientProtocol::HttpsExcept(vec![registry.to_owned()])
@@ -51,12 +53,24 @@ impl RegistrySource {
         RegistrySource {
             client: oci_client::Client::new(config),
             reference: reference.clone(),
+            offline,
         }
     }
 
     /// The reference this source fetches for.
     pub fn reference(&self) -> &Reference {
         &self.reference
+    }
+
+    /// Refuses to go on when offline, saying what was missing.
+    fn online(&self, what: impl FnOnce() -> String) -> Result<()> {
+        if self.offline {
+            return Err(Error::NotCached {
+                reference: self.shown(),
+                what: what(),
+            });
+        }
+        Ok(())
     }
 
     fn shown(&self) -> String {
@@ -66,6 +80,10 @@ impl RegistrySource {
     /// Fetches the manifest the reference's tag (or digest, when given) names. The digest
     /// returned is of the bytes received, checked against the requested digest if any.
     pub async fn fetch_manifest(&self, digest: Option<&Digest>) -> Result<(Vec<u8>, Digest)> {
+        self.online(|| match digest {
+            Some(d) => format!("manifest {d}"),
+            None => "the tag".to_owned(),
+        })?;
         let target = match digest {
             Some(d) => self.reference.clone_with_digest(d.to_string()),
             None => self.reference.clone(),
@@ -103,6 +121,7 @@ impl RegistrySource {
         size: u64,
         what: &'static str,
     ) -> Result<()> {
+        self.online(|| format!("{what} {digest}"))?;
         let auth = RegistryAuth::Anonymous;
         self.client
             .store_auth_if_needed(self.reference.resolve_registry(), &auth)

@@ -357,3 +357,78 @@ fn damaged_cached_blobs_are_fetched_again_never_served() {
         );
     }
 }
+
+#[test]
+fn offline_uses_only_the_cache_and_says_what_is_missing() {
+    let registry = Registry::start();
+    let cached = push(
+        &registry,
+        "libs/cached:1",
+        ImageBuilder::new().layer(TWO_LAYERS[0]),
+    );
+    push(
+        &registry,
+        "libs/other:1",
+        ImageBuilder::new().layer(TWO_LAYERS[1]),
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let reference = registry.reference("libs/cached:1");
+    let by_digest = format!(
+        "{}@{}",
+        registry.reference("libs/cached"),
+        cached.manifest.digest
+    );
+    ok(jkmount(cache.path(), &["pull", &reference]));
+
+    // The registry is up: offline must still not ask it, so what is cached works and what is
+    // not fails as "not in the cache", never with a registry answer.
+    assert!(
+        ok(jkmount(cache.path(), &["pull", "--offline", &reference]))
+            .contains(&cached.manifest.digest.to_string())
+    );
+    ok(jkmount(
+        cache.path(),
+        &["pull", "--pull", "never", &by_digest],
+    ));
+    let other = registry.reference("libs/other:1");
+    for flags in [&["--offline"][..], &["--pull", "never"][..]] {
+        let mut args = vec!["pull"];
+        args.extend_from_slice(flags);
+        args.push(&other);
+        let err = fails(jkmount(cache.path(), &args), 1);
+        assert!(
+            err.contains(&format!("{other}: the tag is not in the cache"))
+                && err.contains(&format!("run `jkmount pull {other}`")),
+            "{flags:?}: {err}"
+        );
+    }
+    // A pinned digest whose layer is gone from the cache names the layer.
+    let layer = &cached.layers[0];
+    std::fs::remove_dir_all(
+        cache
+            .path()
+            .join("v1/layers/sha256")
+            .join(layer.diff_id.hex()),
+    )
+    .unwrap();
+    std::fs::remove_file(
+        cache
+            .path()
+            .join("v1/blobs/sha256")
+            .join(layer.digest.hex()),
+    )
+    .unwrap();
+    let err = fails(jkmount(cache.path(), &["pull", "--offline", &by_digest]), 1);
+    assert!(
+        err.contains(&format!("layer {} is not in the cache", layer.digest)),
+        "{err}"
+    );
+    let err = fails(
+        jkmount(
+            cache.path(),
+            &["pull", "--offline", "--pull", "always", &reference],
+        ),
+        2,
+    );
+    assert!(err.contains("--offline"), "{err}");
+}

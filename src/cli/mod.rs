@@ -63,9 +63,12 @@ pub struct ResolveArgs {
     /// Platform to choose from multi-platform images, OS/ARCH[/VARIANT] [default: this machine]
     #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
     platform: Option<String>,
-    /// When to ask the registry what a tag points to.
+    /// When to ask the registry.
     #[arg(long, value_enum, default_value_t = PullPolicy::Missing)]
     pull: PullPolicy,
+    /// Never touch the network: everything must already be cached (same as --pull never)
+    #[arg(long, conflicts_with = "pull")]
+    offline: bool,
     /// Refuse a layer larger than this once uncompressed (guards against decompression bombs)
     #[arg(
         long,
@@ -83,6 +86,8 @@ enum PullPolicy {
     Missing,
     /// Always ask the registry what the tag points to now.
     Always,
+    /// Never ask the registry: use only what is cached, fail if something is missing.
+    Never,
 }
 
 impl ResolveArgs {
@@ -93,7 +98,11 @@ impl ResolveArgs {
         };
         Ok(jkmount::pull::PullOptions {
             platform,
-            refresh_tags: self.pull == PullPolicy::Always,
+            policy: match (self.offline, self.pull) {
+                (true, _) | (_, PullPolicy::Never) => jkmount::pull::PullPolicy::Never,
+                (_, PullPolicy::Always) => jkmount::pull::PullPolicy::Always,
+                (_, PullPolicy::Missing) => jkmount::pull::PullPolicy::Missing,
+            },
             limits: jkmount::layer::Limits {
                 max_layer_size: self.max_layer_size.as_u64(),
                 ..Default::default()

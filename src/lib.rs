@@ -25,3 +25,4 @@ pub mod mount;
 pub mod mountable;
 pub mod pull;
 pub mod source;
+pub mod verify;

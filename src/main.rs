@@ -15,7 +15,7 @@ fn main() -> ExitCode {
     match cli::dispatch(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if let Some(cli::ChildExited(code)) = e.downcast_ref() {
+            if let Some(cli::AlreadyReported(code)) = e.downcast_ref() {
                 return ExitCode::from(*code);
             }
             eprintln!("jkmount: error: {e:#}");

@@ -37,7 +37,7 @@ pub fn assemble(cache: &Cache, images: &[PulledImage], subdir: Option<&str>) -> 
         .join(" + ");
     let key = tree_key(&layers, subdir);
     let path = cache.tree_path(&key);
-    let tree = match persist::load::<Tree>(&path, TREE_MAGIC)? {
+    let tree = match load_tree(&path)? {
         Some(tree) => tree,
         None => {
             let tree = merge(cache, images, subdir, &name)?;
@@ -53,6 +53,11 @@ pub fn assemble(cache: &Cache, images: &[PulledImage], subdir: Option<&str>) -> 
         })
         .collect();
     Ok(Mountable { tree, layers, name })
+}
+
+/// Loads a persisted tree; `None` if it is of another format.
+pub fn load_tree(path: &std::path::Path) -> Result<Option<Tree>> {
+    persist::load::<Tree>(path, TREE_MAGIC)
 }
 
 fn tree_key(layers: &[&PulledLayer], subdir: Option<&str>) -> Digest {

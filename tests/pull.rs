@@ -432,3 +432,46 @@ fn offline_uses_only_the_cache_and_says_what_is_missing() {
     );
     assert!(err.contains("--offline"), "{err}");
 }
+
+#[test]
+fn cache_verify_finds_and_removes_a_damaged_layer_and_the_next_pull_repairs_it() {
+    let registry = Registry::start();
+    let image = push(
+        &registry,
+        "libs/verify:1",
+        TWO_LAYERS
+            .iter()
+            .fold(ImageBuilder::new(), |b, l| b.layer(l)),
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let reference = registry.reference("libs/verify:1");
+    ok(jkmount(cache.path(), &["pull", &reference]));
+    assert_eq!(
+        ok(jkmount(cache.path(), &["cache", "dir"])).trim(),
+        cache.path().to_str().unwrap()
+    );
+    let clean = ok(jkmount(cache.path(), &["cache", "verify"]));
+    assert!(clean.contains("checked 4 blobs and 2 layers"), "{clean}");
+    assert!(clean.ends_with(": 0 damaged\n"), "{clean}");
+
+    let diff_id = &image.layers[1].diff_id;
+    let content = cache
+        .path()
+        .join("v1/layers/sha256")
+        .join(diff_id.hex())
+        .join("content.tar");
+    let mut bytes = std::fs::read(&content).unwrap();
+    bytes[700] ^= 1;
+    std::fs::write(&content, bytes).unwrap();
+    let out = jkmount(cache.path(), &["cache", "verify"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains(&format!(
+            "removed layer {diff_id}: content.tar hashes to sha256:"
+        )) && report.contains(": 1 damaged"),
+        "{report}"
+    );
+    ok(jkmount(cache.path(), &["pull", &reference]));
+    assert!(ok(jkmount(cache.path(), &["cache", "verify"])).ends_with(": 0 damaged\n"));
+}

@@ -1,6 +1,7 @@
 //! The command line: argument types (doc comments are the `--help` text), logging, and the
 //! dispatch to one file per subcommand.
 
+mod cache;
 mod mount;
 mod pull;
 mod unmount;
@@ -38,6 +39,9 @@ pub struct Cli {
 enum Command {
     /// Fetch images into the cache without mounting them.
     Pull(pull::PullArgs),
+    /// Inspect or check the cache.
+    #[command(subcommand)]
+    Cache(cache::CacheCommand),
     /// Unmount a directory mounted by jkmount.
     #[command(alias = "umount")]
     Unmount(unmount::UnmountArgs),
@@ -111,10 +115,10 @@ impl ResolveArgs {
     }
 }
 
-/// Exit status of a background jkmount that already reported its own error.
+/// An exit status for an outcome already reported (by a background jkmount, or on stdout).
 #[derive(Debug, thiserror::Error)]
 #[error("jkmount exited with status {0}")]
-pub struct ChildExited(pub u8);
+pub struct AlreadyReported(pub u8);
 
 /// 2 for usage errors (a malformed reference or platform), 1 for the rest.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
@@ -150,6 +154,7 @@ pub fn init_logging(global: &GlobalArgs) {
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Pull(args)) => pull::run(args, &cli.global),
+        Some(Command::Cache(command)) => cache::run(command, &cli.global),
         Some(Command::Unmount(args)) => unmount::run(args),
         None => mount::run(cli.mount, &cli.global),
     }

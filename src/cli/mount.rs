@@ -13,7 +13,7 @@ use jkmount::mount::{self, MountRequest};
 use jkmount::mountable;
 use nix::sys::signal::Signal;
 
-use super::{ChildExited, GlobalArgs, ResolveArgs, open_cache, parse_images, pull_all};
+use super::{AlreadyReported, GlobalArgs, ResolveArgs, open_cache, parse_images, pull_all};
 
 /// Set in the environment of the detached server so it reports readiness on stdout.
 const SERVER_ENV: &str = "JKMOUNT_BACKGROUND_SERVER";
@@ -110,7 +110,7 @@ fn start_server() -> anyhow::Result<()> {
         .and_then(|c| u8::try_from(c).ok())
         .filter(|&c| c != 0)
         .unwrap_or(1);
-    Err(ChildExited(code).into())
+    Err(AlreadyReported(code).into())
 }
 
 /// Tells the waiting parent that the mount is live, then lets go of it: stdout and stderr go

@@ -18,6 +18,24 @@ fn push(registry: &Registry, name: &str, builder: ImageBuilder) -> jkmount::fixt
     image
 }
 
+/// Pushes the two-layer image as `name` and pulls it into a fresh cache.
+fn pulled_two_layers(
+    registry: &Registry,
+    name: &str,
+) -> (jkmount::fixture::BuiltImage, tempfile::TempDir, String) {
+    let image = push(
+        registry,
+        name,
+        TWO_LAYERS
+            .iter()
+            .fold(ImageBuilder::new(), |b, l| b.layer(l)),
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let reference = registry.reference(name);
+    ok(jkmount(cache.path(), &["pull", &reference]));
+    (image, cache, reference)
+}
+
 #[test]
 fn pulls_an_oci_image_and_caches_every_layer() {
     let registry = Registry::start();
@@ -311,16 +329,7 @@ fn free_port() -> u16 {
 #[test]
 fn damaged_cached_blobs_are_fetched_again_never_served() {
     let registry = Registry::start();
-    let image = push(
-        &registry,
-        "libs/damaged:1",
-        TWO_LAYERS
-            .iter()
-            .fold(ImageBuilder::new(), |b, l| b.layer(l)),
-    );
-    let cache = tempfile::tempdir().unwrap();
-    let reference = registry.reference("libs/damaged:1");
-    ok(jkmount(cache.path(), &["pull", &reference]));
+    let (image, cache, reference) = pulled_two_layers(&registry, "libs/damaged:1");
     let blob = |d: &jkmount::digest::Digest| cache.path().join("v1/blobs/sha256").join(d.hex());
     let layer = &image.layers[0];
     // Damage the config and a layer blob, and drop that layer's decoded copy so the blob is
@@ -436,16 +445,7 @@ fn offline_uses_only_the_cache_and_says_what_is_missing() {
 #[test]
 fn cache_verify_finds_and_removes_a_damaged_layer_and_the_next_pull_repairs_it() {
     let registry = Registry::start();
-    let image = push(
-        &registry,
-        "libs/verify:1",
-        TWO_LAYERS
-            .iter()
-            .fold(ImageBuilder::new(), |b, l| b.layer(l)),
-    );
-    let cache = tempfile::tempdir().unwrap();
-    let reference = registry.reference("libs/verify:1");
-    ok(jkmount(cache.path(), &["pull", &reference]));
+    let (image, cache, reference) = pulled_two_layers(&registry, "libs/verify:1");
     assert_eq!(
         ok(jkmount(cache.path(), &["cache", "dir"])).trim(),
         cache.path().to_str().unwrap()

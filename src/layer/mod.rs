@@ -314,10 +314,8 @@ fn read_entries<R: Read>(
                 layer_error(spec, e)
             }
         })?;
-        let (indexed, consumed) = match header::index_entry(&mut entry, &handle) {
-            Ok((indexed, consumed)) => (Ok(indexed), consumed),
-            Err(e) => (Err(e), 0),
-        };
+        let indexed = header::index_entry(&mut entry, &handle);
+        let consumed = indexed.as_ref().map_or(0, |(_, consumed)| *consumed);
         // Read the data here, outside the window, so only metadata counts against it.
         let size = entry.size() - consumed.min(entry.size());
         let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
@@ -336,7 +334,7 @@ fn read_entries<R: Read>(
                 )));
             }
         }
-        if let Some(e) = indexed.map_err(|detail| bad_layer(spec, detail))? {
+        if let (Some(e), _) = indexed.map_err(|detail| bad_layer(spec, detail))? {
             index.entries.push(e);
         }
     }

@@ -40,7 +40,7 @@ pub enum Error {
 
     /// The registry cannot be reached at all.
     #[error(
-        "cannot reach registry {registry} for {reference} ({detail}); check the address and that the registry is running, or mount from the cache with a digest reference"
+        "cannot reach registry {registry} for {reference} ({detail}); check the address and that the registry is running, or use what is cached (--pull missing, a digest reference, or --fallback-to-cache with --pull always)"
     )]
     Unreachable {
         /// The image reference.
@@ -195,6 +195,28 @@ pub enum Error {
         available: String,
         /// What was being written.
         detail: String,
+    },
+
+    /// A lockfile that cannot be used.
+    #[error("lockfile {} cannot be used: {detail}", path.display())]
+    Lockfile {
+        /// The lockfile.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+
+    /// `--locked` and a reference that the lockfile does not pin.
+    #[error(
+        "{reference} is not pinned in {} (--locked); pin it with `jkmount lock {reference} -o {}`",
+        lockfile.display(),
+        lockfile.display()
+    )]
+    NotLocked {
+        /// The image reference.
+        reference: String,
+        /// The lockfile consulted.
+        lockfile: PathBuf,
     },
 
     /// A cache file that exists but cannot be decoded.

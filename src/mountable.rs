@@ -13,7 +13,15 @@ use crate::persist;
 use crate::pull::{PulledImage, PulledLayer};
 use crate::tree::Tree;
 
-const TREE_MAGIC: &[u8; 8] = b"JKTREE02";
+const TREE_MAGIC: &[u8; 8] = b"JKTREE03";
+
+/// A persisted tree, led by the layers it was merged from so that `gc` can tell which trees
+/// it still needs without decoding the tree itself.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredTree {
+    layers: Vec<Digest>,
+    tree: Tree,
+}
 
 /// A merged tree and the files holding its content, ready for `fs::FsCore`.
 #[derive(Debug, Clone)]
@@ -25,6 +33,8 @@ pub struct Mountable {
     pub layers: Vec<PathBuf>,
     /// The images, for the mount's source name.
     pub name: String,
+    /// The key of the persisted tree (what a live mount keeps from `gc`).
+    pub key: Digest,
 }
 
 /// Stacks `images` (later on top) and presents `subdir` of the union (root when `None`).
@@ -40,9 +50,18 @@ pub fn assemble(cache: &Cache, images: &[PulledImage], subdir: Option<&str>) -> 
     let tree = match load_tree(&path)? {
         Some(tree) => tree,
         None => {
-            let tree = merge(cache, images, subdir, &name)?;
-            persist::save(cache, &path, TREE_MAGIC, &tree)?;
-            tree
+            let _building = cache.lock_entry("tree", &key)?;
+            match load_tree(&path)? {
+                Some(tree) => tree, // merged by another process while this one waited
+                None => {
+                    let stored = StoredTree {
+                        layers: layers.iter().map(|l| layer_id(l).clone()).collect(),
+                        tree: merge(cache, images, subdir, &name)?,
+                    };
+                    persist::save(cache, &path, TREE_MAGIC, &stored)?;
+                    stored.tree
+                }
+            }
         }
     };
     let layers = layers
@@ -52,12 +71,31 @@ pub fn assemble(cache: &Cache, images: &[PulledImage], subdir: Option<&str>) -> 
             PulledLayer::File { digest, .. } => cache.blob_path(digest),
         })
         .collect();
-    Ok(Mountable { tree, layers, name })
+    Ok(Mountable {
+        tree,
+        layers,
+        name,
+        key,
+    })
+}
+
+/// What names a layer in the cache: a tar layer's diff_id, an artifact blob's digest.
+fn layer_id(layer: &PulledLayer) -> &Digest {
+    match layer {
+        PulledLayer::Tar { diff_id } => diff_id,
+        PulledLayer::File { digest, .. } => digest,
+    }
 }
 
 /// Loads a persisted tree; `None` if it is of another format.
 pub fn load_tree(path: &std::path::Path) -> Result<Option<Tree>> {
-    persist::load::<Tree>(path, TREE_MAGIC)
+    Ok(persist::load::<StoredTree>(path, TREE_MAGIC)?.map(|stored| stored.tree))
+}
+
+/// The layers (diff_ids, artifact blob digests) a persisted tree was merged from; `None` if it
+/// is of another format.
+pub fn tree_layers(path: &std::path::Path) -> Result<Option<Vec<Digest>>> {
+    persist::load_prefix::<Vec<Digest>>(path, TREE_MAGIC)
 }
 
 fn tree_key(layers: &[&PulledLayer], subdir: Option<&str>) -> Digest {

@@ -25,8 +25,24 @@ pub fn encode<T: Serialize>(magic: &[u8; 8], value: &T) -> Vec<u8> {
     bytes
 }
 
+/// Reads only the first field of a value written by [`save`] (postcard is a plain sequence,
+/// so a leading field decodes on its own); `None` if missing or of another format.
+pub fn load_prefix<T: DeserializeOwned>(path: &Path, magic: &[u8; 8]) -> Result<Option<T>> {
+    decode_with(path, magic, |body| {
+        postcard::take_from_bytes(body).map(|(v, _)| v)
+    })
+}
+
 /// Reads a value written by [`save`]; `None` if the file is missing or of another format.
 pub fn load<T: DeserializeOwned>(path: &Path, magic: &[u8; 8]) -> Result<Option<T>> {
+    decode_with(path, magic, |body| postcard::from_bytes(body))
+}
+
+fn decode_with<T>(
+    path: &Path,
+    magic: &[u8; 8],
+    decode: impl FnOnce(&[u8]) -> postcard::Result<T>,
+) -> Result<Option<T>> {
     let bytes = match fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -36,10 +52,8 @@ pub fn load<T: DeserializeOwned>(path: &Path, magic: &[u8; 8]) -> Result<Option<
         tracing::debug!("{} has another format; rebuilding", path.display());
         return Ok(None);
     };
-    postcard::from_bytes(body)
-        .map(Some)
-        .map_err(|e| Error::CacheDamaged {
-            path: path.to_owned(),
-            detail: e.to_string(),
-        })
+    decode(body).map(Some).map_err(|e| Error::CacheDamaged {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    })
 }

@@ -4,6 +4,12 @@
 //! verification; a layer already decoded (same diff_id, from any image) is not fetched again.
 //! A cached blob found damaged is removed and fetched again. An OCI artifact (a manifest whose
 //! config is not an image config) is pulled as its titled blobs, each to be shown as a file.
+//!
+//! A lockfile pin replaces the tag: the pinned manifest is pulled by digest (from the cache when
+//! it is there), and when the registry is asked anyway (`--pull always`) a tag that moved away
+//! from its pin is reported. Layers and blobs are fetched under the cache's entry locks, so
+//! processes pulling the same image at once fetch each layer once. A finished pull records what
+//! the image needs (`images/`), which is what `gc` keeps.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -12,11 +18,13 @@ use oci_client::manifest::{OciDescriptor, OciImageManifest};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::cache::records::{ImageRecord, now};
 use crate::cache::{BlobLabel, Cache};
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
 use crate::image::{self, Compression, ManifestDoc};
 use crate::layer::{self, LayerSpec, Limits};
+use crate::lockfile::Pin;
 use crate::platform::Platform;
 use crate::reference::ImageRef;
 use crate::source::{LayoutSource, RegistrySource};
@@ -33,6 +41,9 @@ pub struct PullOptions {
     pub policy: PullPolicy,
     /// Bounds on decoding a layer.
     pub limits: Limits,
+    /// With [`PullPolicy::Always`]: when the registry cannot be reached, use the cached tag
+    /// (with a warning) instead of failing.
+    pub fallback_to_cache: bool,
 }
 
 impl PullOptions {
@@ -42,6 +53,7 @@ impl PullOptions {
             platform: Platform::host(),
             policy: PullPolicy::Missing,
             limits: Limits::default(),
+            fallback_to_cache: false,
         }
     }
 }
@@ -87,29 +99,102 @@ pub struct PulledImage {
     pub layers: Vec<PulledLayer>,
 }
 
+/// What a reference resolves to: the document it names and the platform's image manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The digest of the platform's image manifest.
+    pub manifest: Digest,
+    /// The index it was chosen from, if the reference named one.
+    pub index: Option<Digest>,
+}
+
+impl Resolved {
+    /// The pin that records this resolution of `reference` on `platform`.
+    pub fn pin(&self, reference: String, platform: &Platform) -> Pin {
+        Pin {
+            reference,
+            platform: self.index.as_ref().map(|_| platform.to_string()),
+            digest: self.manifest.clone(),
+            index: self.index.clone(),
+        }
+    }
+}
+
 #[derive(Clone)]
 enum Origin {
     Registry(Arc<RegistrySource>),
     Layout(LayoutSource),
 }
 
-/// Makes `image` fully present in the cache.
-pub async fn pull(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Result<PulledImage> {
-    let shown = image.to_string();
-    let origin = match image {
+fn origin(image: &ImageRef, options: &PullOptions) -> Origin {
+    match image {
         ImageRef::Registry(r) => Origin::Registry(Arc::new(RegistrySource::new(
             r,
             options.policy == PullPolicy::Never,
         ))),
         ImageRef::Layout { dir, tag } => Origin::Layout(LayoutSource::new(dir, tag.as_deref())),
+    }
+}
+
+/// Makes `image` fully present in the cache.
+pub async fn pull(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Result<PulledImage> {
+    pull_pinned(cache, image, None, options).await
+}
+
+/// Resolves `image` to the platform's manifest without fetching its layers (for `jkmount
+/// lock`); the manifests are kept in the cache.
+pub async fn resolve(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Result<Resolved> {
+    let shown = image.to_string();
+    let origin = origin(image, options);
+    let top = resolve_top(cache, &origin, options, &shown).await?;
+    let (manifest, _) =
+        image_manifest(cache, &origin, top.clone(), &options.platform, &shown).await?;
+    Ok(Resolved {
+        index: (top != manifest).then_some(top),
+        manifest,
+    })
+}
+
+/// Makes `image` fully present in the cache; with a `pin`, the pinned manifest instead of
+/// whatever the tag points to now.
+pub async fn pull_pinned(
+    cache: &Cache,
+    image: &ImageRef,
+    pin: Option<&Pin>,
+    options: &PullOptions,
+) -> Result<PulledImage> {
+    let shown = image.to_string();
+    let origin = origin(image, options);
+    let top = match pin {
+        Some(pin) => {
+            if options.policy == PullPolicy::Always {
+                let now = resolve_top(cache, &origin, options, &shown).await?;
+                warn_if_moved(&shown, pin, &now);
+            }
+            pin.digest.clone()
+        }
+        None => resolve_top(cache, &origin, options, &shown).await?,
     };
-    let top = resolve(cache, &origin, options, &shown).await?;
     let (manifest_digest, manifest) =
-        image_manifest(cache, &origin, top, &options.platform, &shown).await?;
+        image_manifest(cache, &origin, top.clone(), &options.platform, &shown).await?;
+    let mut record = ImageRecord {
+        name: shown.clone(),
+        manifest: manifest_digest.clone(),
+        index: pin
+            .and_then(|p| p.index.clone())
+            .or_else(|| (top != manifest_digest).then_some(top)),
+        platform: None,
+        config: None,
+        blobs: Vec::new(),
+        layers: Vec::new(),
+        last_used: now(),
+    };
+    record.platform = record.index.as_ref().map(|_| options.platform.to_string());
     let layers = if image::is_artifact(&manifest) {
         fetch_artifact(cache, &origin, &manifest.layers, &shown).await?
     } else {
-        let diff_ids = config_diff_ids(cache, &origin, &manifest, &shown).await?;
+        let (config, diff_ids) = config_diff_ids(cache, &origin, &manifest, &shown).await?;
+        record.config = Some(config);
         fetch_layers(
             cache,
             &origin,
@@ -124,11 +209,33 @@ pub async fn pull(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Res
             .map(|diff_id| PulledLayer::Tar { diff_id })
             .collect()
     };
+    for descriptor in &manifest.layers {
+        let (digest, _) = image::descriptor_digest(descriptor, "layer", &shown)?;
+        record.blobs.push(digest);
+    }
+    record.layers = layers
+        .iter()
+        .filter_map(|layer| match layer {
+            PulledLayer::Tar { diff_id } => Some(diff_id.clone()),
+            PulledLayer::File { .. } => None,
+        })
+        .collect();
+    cache.write_image_record(&record)?;
     Ok(PulledImage {
         shown,
         manifest: manifest_digest,
         layers,
     })
+}
+
+fn warn_if_moved(shown: &str, pin: &Pin, now: &Digest) {
+    if now != pin.top() {
+        tracing::warn!(
+            "{shown} has moved: the lockfile pins {}, the registry now has {now}; using the \
+             pinned image. Run `jkmount lock --update {shown}` to move the pin",
+            pin.top()
+        );
+    }
 }
 
 /// The config's diff_ids, one per layer of the manifest.
@@ -137,7 +244,7 @@ async fn config_diff_ids(
     origin: &Origin,
     manifest: &OciImageManifest,
     shown: &str,
-) -> Result<Vec<Digest>> {
+) -> Result<(Digest, Vec<Digest>)> {
     let (config_digest, config_size) = image::descriptor_digest(&manifest.config, "config", shown)?;
     let config = small_blob(cache, origin, &config_digest, config_size, "config", shown).await?;
     let diff_ids = image::parse_diff_ids(&config, &config_digest, shown)?;
@@ -153,7 +260,7 @@ async fn config_diff_ids(
             ),
         });
     }
-    Ok(diff_ids)
+    Ok((config_digest, diff_ids))
 }
 
 /// Fetches an artifact's blobs, each named by its title annotation.
@@ -171,6 +278,7 @@ async fn fetch_artifact(
             reference: shown.to_owned(),
             detail,
         })?;
+        let _building = lock_entry(cache, "blob", &digest).await?;
         if !cache.has_blob(&digest) {
             cache.ensure_space(size, || format!("artifact blob {digest} of {shown}"))?;
             match origin {
@@ -201,7 +309,8 @@ async fn fetch_artifact(
 }
 
 /// The digest the reference names: its own digest, the cached tag, or the registry's answer.
-async fn resolve(
+/// Both tags and digest references are recorded under `refs/`, as `gc` roots.
+async fn resolve_top(
     cache: &Cache,
     origin: &Origin,
     options: &PullOptions,
@@ -212,21 +321,39 @@ async fn resolve(
         Origin::Layout(layout) => return layout.top_manifest(shown),
     };
     let reference = source.reference();
+    let (registry, repository) = (reference.registry(), reference.repository());
     if let Some(digest) = reference.digest() {
-        return image::parse_digest(digest, "manifest", shown);
+        let digest = image::parse_digest(digest, "manifest", shown)?;
+        cache.write_tag(registry, repository, &format!("@{digest}"), &digest)?;
+        return Ok(digest);
     }
     let tag = reference.tag().unwrap_or("latest");
-    let (registry, repository) = (reference.registry(), reference.repository());
-    let cached = if options.policy == PullPolicy::Always {
-        None
-    } else {
-        cache.read_tag(registry, repository, tag)?
-    };
-    if let Some(record) = cached.filter(|r| cache.has_blob(&r.digest)) {
+    let cached = cache
+        .read_tag(registry, repository, tag)?
+        .filter(|r| cache.has_blob(&r.digest));
+    if let Some(record) = cached
+        .as_ref()
+        .filter(|_| options.policy != PullPolicy::Always)
+    {
         tracing::debug!("{shown}: using cached tag → {}", record.digest);
-        return Ok(record.digest);
+        return Ok(record.digest.clone());
     }
-    let (bytes, digest) = source.fetch_manifest(None).await?;
+    let (bytes, digest) = match source.fetch_manifest(None).await {
+        Ok(answer) => answer,
+        Err(e @ Error::Unreachable { .. }) if options.fallback_to_cache => {
+            let Some(record) = cached else {
+                return Err(e);
+            };
+            let age = now().saturating_sub(record.resolved_at);
+            tracing::warn!(
+                "{e}\nusing the cached {shown} → {}, resolved {} ago (--fallback-to-cache)",
+                record.digest,
+                humantime::format_duration(std::time::Duration::from_secs(age))
+            );
+            return Ok(record.digest);
+        }
+        Err(e) => return Err(e),
+    };
     keep_manifest(cache, &digest, &bytes, shown)?;
     cache.write_tag(registry, repository, tag, &digest)?;
     tracing::info!("{shown} → {digest}");
@@ -363,6 +490,10 @@ async fn fetch_layers(
                 .acquire_owned()
                 .await
                 .expect("the semaphore is never closed");
+            let _building = lock_entry(&cache, "layer", &job.diff_id).await?;
+            if layer::is_decoded(&cache, &job.diff_id) {
+                return Ok(()); // another process decoded it while this one waited
+            }
             fetch_and_decode(cache, origin, job).await
         });
     }
@@ -370,6 +501,18 @@ async fn fetch_layers(
         done.expect("a layer task panicked")?;
     }
     Ok(())
+}
+
+/// Takes the cache's lock on one entry without blocking the runtime.
+async fn lock_entry(
+    cache: &Cache,
+    kind: &'static str,
+    digest: &Digest,
+) -> Result<crate::cache::lock::LockGuard> {
+    let (cache, digest) = (cache.clone(), digest.clone());
+    tokio::task::spawn_blocking(move || cache.lock_entry(kind, &digest))
+        .await
+        .expect("taking a lock does not panic")
 }
 
 async fn fetch_and_decode(cache: Cache, origin: Origin, job: LayerJob) -> Result<()> {

@@ -4,7 +4,6 @@
 //! removed too (they are rebuilt from the layers).
 
 use std::fs;
-use std::path::{Path, PathBuf};
 
 use crate::cache::Cache;
 use crate::digest::Digest;
@@ -33,29 +32,10 @@ pub struct Report {
     pub damaged: Vec<Damaged>,
 }
 
-fn entries(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for entry in fs::read_dir(dir).at(dir)? {
-        out.push(entry.at(dir)?.path());
-    }
-    out.sort();
-    Ok(out)
-}
-
-/// The digest a cache file name stands for; `None` for names that are not 64 hex digits.
-fn named_digest(path: &Path) -> Option<Digest> {
-    let name = path.file_name()?.to_str()?;
-    format!("sha256:{name}").parse().ok()
-}
-
 /// Re-hashes the whole cache, removing what does not match.
 pub fn verify(cache: &Cache) -> Result<Report> {
     let mut report = Report::default();
-    let root = cache.root();
-    for path in entries(&root.join("blobs/sha256"))? {
-        let Some(digest) = named_digest(&path) else {
-            continue;
-        };
+    for (digest, path) in cache.named_entries("blobs/sha256")? {
         report.blobs += 1;
         let (found, size) = Digest::of_file(&path).at(&path)?;
         report.bytes += size;
@@ -67,10 +47,7 @@ pub fn verify(cache: &Cache) -> Result<Report> {
             });
         }
     }
-    for dir in entries(&root.join("layers/sha256"))? {
-        let Some(diff_id) = named_digest(&dir) else {
-            continue;
-        };
+    for (diff_id, dir) in cache.named_entries("layers/sha256")? {
         report.layers += 1;
         let problem = check_layer(cache, &diff_id, &mut report.bytes)?;
         if let Some(detail) = problem {
@@ -81,7 +58,7 @@ pub fn verify(cache: &Cache) -> Result<Report> {
             });
         }
     }
-    for path in entries(&root.join("trees"))? {
+    for (_, path) in cache.named_entries("trees")? {
         if let Err(e) = crate::mountable::load_tree(&path) {
             fs::remove_file(&path).at(&path)?;
             report.damaged.push(Damaged {

@@ -168,7 +168,7 @@ fn pulls_an_oci_index_and_by_digest() {
 }
 
 #[test]
-fn a_cached_tag_needs_no_registry_unless_asked_to_refresh() {
+fn a_cached_tag_needs_no_registry_unless_pulled_again() {
     let mut registry = Registry::start();
     push(
         &registry,
@@ -179,22 +179,45 @@ fn a_cached_tag_needs_no_registry_unless_asked_to_refresh() {
     let reference = registry.reference("libs/a:1");
     let first = ok(jkmount(cache.path(), &["pull", &reference]));
     registry.stop();
-    assert_eq!(ok(jkmount(cache.path(), &["pull", &reference])), first);
-    let err = fails(
-        jkmount(cache.path(), &["pull", "--pull", "always", &reference]),
-        1,
+    assert_eq!(
+        ok(jkmount(
+            cache.path(),
+            &["pull", "--pull", "missing", &reference]
+        )),
+        first
     );
+    // `jkmount pull` asks the registry every time unless told it may fall back.
+    let err = fails(jkmount(cache.path(), &["pull", &reference]), 1);
     assert!(
         err.contains(&format!(
             "cannot reach registry {} for {reference}",
             registry.addr
-        )),
+        )) && err.contains("--fallback-to-cache"),
+        "{err}"
+    );
+    let out = jkmount(cache.path(), &["pull", "--fallback-to-cache", &reference]);
+    assert_eq!(ok(out.clone()), first);
+    let warning = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        warning.contains(&format!("using the cached {reference} → "))
+            && warning.contains("(--fallback-to-cache)"),
+        "{warning}"
+    );
+    let err = fails(
+        jkmount(
+            cache.path(),
+            &["pull", "--offline", "--fallback-to-cache", &reference],
+        ),
+        1,
+    );
+    assert!(
+        err.contains("only when the registry is asked every time"),
         "{err}"
     );
 }
 
 #[test]
-fn a_moved_tag_is_followed_with_pull_always() {
+fn a_moved_tag_is_followed_by_pull_but_not_with_pull_missing() {
     let registry = Registry::start();
     let reference = registry.reference("libs/a:1");
     let one = push(
@@ -212,14 +235,14 @@ fn a_moved_tag_is_followed_with_pull_always() {
         ImageBuilder::new().layer("f /v 644 \"2\""),
     );
     assert!(
-        ok(jkmount(cache.path(), &["pull", &reference])).contains(&one.manifest.digest.to_string())
-    );
-    assert!(
         ok(jkmount(
             cache.path(),
-            &["pull", "--pull", "always", &reference]
+            &["pull", "--pull", "missing", &reference]
         ))
-        .contains(&two.manifest.digest.to_string())
+        .contains(&one.manifest.digest.to_string())
+    );
+    assert!(
+        ok(jkmount(cache.path(), &["pull", &reference])).contains(&two.manifest.digest.to_string())
     );
 }
 

@@ -2,6 +2,7 @@
 //! dispatch to one file per subcommand.
 
 mod cache;
+mod lock;
 mod mount;
 mod pull;
 mod unmount;
@@ -37,9 +38,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Fetch images into the cache without mounting them.
+    /// Fetch images into the cache without mounting them (tags are asked at the registry).
     Pull(pull::PullArgs),
-    /// Inspect or check the cache.
+    /// Pin images to their current manifest digests in a lockfile (jkmount.lock).
+    Lock(lock::LockArgs),
+    /// Inspect, check and tidy the cache.
     #[command(subcommand)]
     Cache(cache::CacheCommand),
     /// Unmount a directory mounted by jkmount.
@@ -67,12 +70,17 @@ pub struct ResolveArgs {
     /// Platform to choose from multi-platform images, OS/ARCH[/VARIANT] [default: this machine]
     #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
     platform: Option<String>,
-    /// When to ask the registry.
-    #[arg(long, value_enum, default_value_t = PullPolicy::Missing)]
-    pull: PullPolicy,
+    /// When to ask the registry what a tag points to [default: missing for mounts, always for
+    /// `jkmount pull`]
+    #[arg(long, value_enum)]
+    pull: Option<PullPolicy>,
     /// Never touch the network: everything must already be cached (same as --pull never)
     #[arg(long, conflicts_with = "pull")]
     offline: bool,
+    /// With --pull always: if the registry cannot be reached, use the cached tag (with a
+    /// warning) instead of failing
+    #[arg(long)]
+    fallback_to_cache: bool,
     /// Refuse a layer larger than this once uncompressed (guards against decompression bombs)
     #[arg(
         long,
@@ -95,24 +103,35 @@ enum PullPolicy {
 }
 
 impl ResolveArgs {
-    fn options(&self) -> anyhow::Result<jkmount::pull::PullOptions> {
-        let platform = match &self.platform {
-            Some(text) => text.parse::<Platform>()?,
-            None => Platform::host(),
+    /// The pull options, with `default` as the policy when neither --pull nor --offline is given.
+    fn options(&self, default: PullPolicy) -> anyhow::Result<jkmount::pull::PullOptions> {
+        let policy = match (self.offline, self.pull.unwrap_or(default)) {
+            (true, _) | (_, PullPolicy::Never) => jkmount::pull::PullPolicy::Never,
+            (_, PullPolicy::Always) => jkmount::pull::PullPolicy::Always,
+            (_, PullPolicy::Missing) => jkmount::pull::PullPolicy::Missing,
         };
+        if self.fallback_to_cache && policy != jkmount::pull::PullPolicy::Always {
+            anyhow::bail!(
+                "--fallback-to-cache applies only when the registry is asked every time (--pull always)"
+            );
+        }
         Ok(jkmount::pull::PullOptions {
-            platform,
-            policy: match (self.offline, self.pull) {
-                (true, _) | (_, PullPolicy::Never) => jkmount::pull::PullPolicy::Never,
-                (_, PullPolicy::Always) => jkmount::pull::PullPolicy::Always,
-                (_, PullPolicy::Missing) => jkmount::pull::PullPolicy::Missing,
-            },
+            platform: parse_platform(self.platform.as_deref())?,
+            policy,
             limits: jkmount::layer::Limits {
                 max_layer_size: self.max_layer_size.as_u64(),
                 ..Default::default()
             },
+            fallback_to_cache: self.fallback_to_cache,
         })
     }
+}
+
+fn parse_platform(text: Option<&str>) -> anyhow::Result<Platform> {
+    Ok(match text {
+        Some(text) => text.parse::<Platform>()?,
+        None => Platform::host(),
+    })
 }
 
 /// An exit status for an outcome already reported (by a background jkmount, or on stdout).
@@ -154,6 +173,7 @@ pub fn init_logging(global: &GlobalArgs) {
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Pull(args)) => pull::run(args, &cli.global),
+        Some(Command::Lock(args)) => lock::run(args, &cli.global),
         Some(Command::Cache(command)) => cache::run(command, &cli.global),
         Some(Command::Unmount(args)) => unmount::run(args),
         None => mount::run(cli.mount, &cli.global),
@@ -185,15 +205,17 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// Pulls every image (in parallel), returning them in order.
+/// Pulls every image (in parallel; pinned ones at their pins), returning them in order.
 fn pull_all(
     cache: &Cache,
     images: &[ImageRef],
+    pins: &[Option<jkmount::lockfile::Pin>],
     options: &jkmount::pull::PullOptions,
 ) -> anyhow::Result<Vec<jkmount::pull::PulledImage>> {
     let runtime = runtime()?;
     let pulls = images
         .iter()
-        .map(|image| jkmount::pull::pull(cache, image, options));
+        .zip(pins)
+        .map(|(image, pin)| jkmount::pull::pull_pinned(cache, image, pin.as_ref(), options));
     Ok(runtime.block_on(futures_util::future::try_join_all(pulls))?)
 }

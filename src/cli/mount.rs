@@ -8,12 +8,16 @@ use std::process::{Command, Stdio};
 
 use anyhow::Context;
 use clap::Args;
+use jkmount::cache::records::{MountRecord, now};
 use jkmount::fs::FsCore;
 use jkmount::mount::{self, MountRequest};
 use jkmount::mountable;
 use nix::sys::signal::Signal;
 
-use super::{AlreadyReported, GlobalArgs, ResolveArgs, open_cache, parse_images, pull_all};
+use super::lock::LockfileArgs;
+use super::{
+    AlreadyReported, GlobalArgs, PullPolicy, ResolveArgs, open_cache, parse_images, pull_all,
+};
 
 /// Set in the environment of the detached server so it reports readiness on stdout.
 const SERVER_ENV: &str = "JKMOUNT_BACKGROUND_SERVER";
@@ -43,6 +47,8 @@ pub struct MountArgs {
     foreground: bool,
     #[command(flatten)]
     resolve: ResolveArgs,
+    #[command(flatten)]
+    lock: LockfileArgs,
 }
 
 /// Mounts, in the foreground or through a detached server.
@@ -52,7 +58,11 @@ pub fn run(args: MountArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         .split_last()
         .expect("clap requires two or more");
     let images = parse_images(images)?;
-    let options = args.resolve.options()?;
+    let options = args.resolve.options(PullPolicy::Missing)?;
+    let lockfile = args.lock.load()?;
+    let pins = args
+        .lock
+        .pins(lockfile.as_ref(), &images, &options.platform)?;
     let is_server = std::env::var_os(SERVER_ENV).is_some();
     if !args.foreground && !is_server {
         return start_server();
@@ -66,13 +76,27 @@ pub fn run(args: MountArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     }
     let mountpoint = mount::preflight(&PathBuf::from(mountpoint))?;
     let cache = open_cache(global)?;
-    let pulled = pull_all(&cache, &images, &options)?;
+    // From the first fetch until the mount is registered, `gc` waits: nothing this mount is
+    // about to use can be removed under it.
+    let using = cache.begin_use()?;
+    let pulled = pull_all(&cache, &images, &pins, &options)?;
+    if let Some(lockfile) = &lockfile {
+        lockfile.register(&cache)?;
+    }
     let subdir = if args.modules {
         Some(MODULES_DIR)
     } else {
         args.subdir.as_deref()
     };
     let mountable = mountable::assemble(&cache, &pulled, subdir)?;
+    let _registration = cache.register_mount(&MountRecord {
+        pid: std::process::id(),
+        mountpoint: mountpoint.clone(),
+        images: pulled.iter().map(|p| p.manifest.clone()).collect(),
+        tree: mountable.key.clone(),
+        since: now(),
+    })?;
+    drop(using);
     let request = MountRequest {
         mountpoint,
         fsname: mountable.name.clone(),

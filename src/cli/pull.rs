@@ -1,8 +1,10 @@
-//! `jkmount pull IMAGE...`: fetch and decode images into the cache, print what they resolved to.
+//! `jkmount pull IMAGE...`: fetch and decode images into the cache (asking the registry what
+//! each tag points to now, unless told otherwise), print what they resolved to.
 
 use clap::Args;
 
-use super::{GlobalArgs, ResolveArgs, open_cache, parse_images, pull_all};
+use super::lock::LockfileArgs;
+use super::{GlobalArgs, PullPolicy, ResolveArgs, open_cache, parse_images, pull_all};
 
 /// Arguments of `jkmount pull`.
 #[derive(Debug, Args)]
@@ -12,15 +14,26 @@ pub struct PullArgs {
     images: Vec<String>,
     #[command(flatten)]
     resolve: ResolveArgs,
+    #[command(flatten)]
+    lock: LockfileArgs,
 }
 
 /// Prints one line per image: the reference and the manifest digest it is now pinned to.
 pub fn run(args: PullArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     let images = parse_images(&args.images)?;
-    let options = args.resolve.options()?;
+    let options = args.resolve.options(PullPolicy::Always)?;
+    let lockfile = args.lock.load()?;
+    let pins = args
+        .lock
+        .pins(lockfile.as_ref(), &images, &options.platform)?;
     let cache = open_cache(global)?;
-    for pulled in pull_all(&cache, &images, &options)? {
-        println!("{} {}", pulled.shown, pulled.manifest);
+    let _using = cache.begin_use()?;
+    let pulled = pull_all(&cache, &images, &pins, &options)?;
+    if let Some(lockfile) = &lockfile {
+        lockfile.register(&cache)?;
+    }
+    for image in pulled {
+        println!("{} {}", image.shown, image.manifest);
     }
     Ok(())
 }

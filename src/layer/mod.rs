@@ -534,10 +534,7 @@ mod tests {
             assert!(err.contains(expected), "{text}: {err}");
             assert!(!is_decoded(&cache, &layer.diff_id));
         }
-        assert_eq!(
-            std::fs::read_dir(cache.root().join("tmp")).unwrap().count(),
-            0
-        );
+        assert_eq!(std::fs::read_dir(cache.work_dir()).unwrap().count(), 0);
     }
 
     #[test]
@@ -559,10 +556,7 @@ mod tests {
             "{err}"
         );
         assert!(!is_decoded(&cache, &wrong));
-        assert_eq!(
-            std::fs::read_dir(cache.root().join("tmp")).unwrap().count(),
-            0
-        );
+        assert_eq!(std::fs::read_dir(cache.work_dir()).unwrap().count(), 0);
     }
 
     #[test]

@@ -10,17 +10,27 @@
 //!     layers/sha256/<diff_id>/  one decoded layer: content.tar (the verified uncompressed
 //!                               layer, read in place) and index.bin (its entries)
 //!     trees/<key>.bin           merged trees, key = sha256 of the diff_id list
-//!     refs/<registry>/<repo>/<tag>.json   the manifest digest a tag resolved to, and when
-//!     tmp/                      work in progress, on the same filesystem so rename is atomic
+//!     trees/<key>.bin           merged trees, key = sha256 of the layer list and subdir
+//!     refs/<registry>/<repo>/<tag>.json           what a tag resolved to, and when
+//!     refs/<registry>/<repo>/@sha256:<hex>.json   an image pulled by digest
+//!     images/<manifest-hex>.json  what one pulled image needs, and when it was last used
+//!     mounts/<session>.json     one live mount, locked by its server while it runs
+//!     roots/<hash>              symlinks to lockfiles whose pins `gc` keeps
+//!     locks/                    lock files (see [`lock`])
+//!     tmp/<session>/            work in progress, on the same filesystem so rename is atomic
 //! ```
-//! Readers never see a half-written file: everything is renamed in whole. Two processes that
-//! fetch the same blob at once each write their own temp file; the second rename replaces the
-//! first with identical bytes.
+//! Readers never see a half-written file: everything is renamed in whole. Layers, blobs and
+//! trees are built under a per-entry lock, so processes that want the same one at once fetch
+//! it once; the others wait and reuse it. What `gc` keeps and removes is in [`records`] and
+//! the `gc` module.
+
+pub mod lock;
+pub mod records;
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -29,6 +39,7 @@ use bytesize::ByteSize;
 
 use crate::digest::{Digest, HashingWriter};
 use crate::error::{Error, IoContext, Result};
+use lock::{LockGuard, Session};
 
 /// The directory inside the cache that holds this version of the layout.
 pub const FORMAT_DIR: &str = "v1";
@@ -37,6 +48,7 @@ pub const FORMAT_DIR: &str = "v1";
 #[derive(Debug, Clone)]
 pub struct Cache {
     root: PathBuf,
+    session: Arc<Session>,
 }
 
 /// What a tag resolved to, as stored under `refs/`.
@@ -69,14 +81,73 @@ impl Cache {
         Some(base.join("jkmount"))
     }
 
-    /// Opens (creating as needed) the cache under `dir`.
+    /// Opens (creating as needed) the cache under `dir`, removing what killed processes left
+    /// in `tmp/`.
     pub fn open(dir: &Path) -> Result<Cache> {
         let root = dir.join(FORMAT_DIR);
-        for sub in ["blobs/sha256", "layers/sha256", "trees", "refs", "tmp"] {
+        for sub in [
+            "blobs/sha256",
+            "layers/sha256",
+            "trees",
+            "refs",
+            "images",
+            "mounts",
+            "roots",
+            "locks/entries",
+            "tmp",
+        ] {
             let path = root.join(sub);
             fs::create_dir_all(&path).at(&path)?;
         }
-        Ok(Cache { root })
+        let session = Session::start(&root.join("tmp"), &root.join("locks/tmp.lock"))?;
+        Ok(Cache {
+            root,
+            session: Arc::new(session),
+        })
+    }
+
+    /// Declares that this process reads or fills the cache until the guard drops: `gc` and
+    /// `prune` wait for it, and nothing is removed under it.
+    pub fn begin_use(&self) -> Result<LockGuard> {
+        lock::shared(&self.root.join("locks/cache.lock"))
+    }
+
+    /// Waits until no other process uses the cache and keeps them out until the guard drops,
+    /// so that things can be removed.
+    pub fn begin_removal(&self) -> Result<LockGuard> {
+        lock::exclusive(&self.root.join("locks/cache.lock"), || {
+            tracing::warn!("waiting for other jkmount processes that are using the cache")
+        })
+    }
+
+    /// Locks one entry (`kind` is "layer", "blob" or "tree") against other processes building
+    /// it at the same time. Blocks; call it off the async runtime. Only under [`begin_use`].
+    ///
+    /// [`begin_use`]: Cache::begin_use
+    pub fn lock_entry(&self, kind: &str, digest: &Digest) -> Result<LockGuard> {
+        let path = self
+            .root
+            .join("locks/entries")
+            .join(format!("{kind}-{}", digest.hex()));
+        lock::exclusive(&path, || {
+            tracing::debug!("waiting for another process building {kind} {digest}")
+        })
+    }
+
+    /// Removes the entry lock files. Only under [`Cache::begin_removal`]: entry locks are taken
+    /// under the shared lock, so none is held or being opened.
+    pub fn clear_entry_locks(&self) -> Result<()> {
+        let dir = self.root.join("locks/entries");
+        for entry in fs::read_dir(&dir).at(&dir)? {
+            let path = entry.at(&dir)?.path();
+            remove_quietly(&path);
+        }
+        Ok(())
+    }
+
+    /// This process's work directory under `tmp/`.
+    pub fn work_dir(&self) -> &Path {
+        self.session.dir()
     }
 
     /// The versioned root (`<cache-dir>/v1`).
@@ -185,6 +256,25 @@ impl Cache {
             .join(format!("{tag}.json"))
     }
 
+    /// The entries of a directory of the cache (`blobs/sha256`, `layers/sha256`, `trees`) that
+    /// are named by a digest (64 hex digits, with an optional extension), sorted.
+    pub fn named_entries(&self, sub: &str) -> Result<Vec<(Digest, PathBuf)>> {
+        let dir = self.root.join(sub);
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&dir).at(&dir)? {
+            let path = entry.at(&dir)?.path();
+            let digest = path
+                .file_stem()
+                .and_then(|n| n.to_str())
+                .and_then(|hex| format!("sha256:{hex}").parse().ok());
+            if let Some(digest) = digest {
+                out.push((digest, path));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// The directory of a decoded layer.
     pub fn layer_dir(&self, diff_id: &Digest) -> PathBuf {
         self.root.join("layers/sha256").join(diff_id.hex())
@@ -195,16 +285,9 @@ impl Cache {
         self.root.join("trees").join(format!("{}.bin", key.hex()))
     }
 
-    /// A fresh, unused path under `tmp/`.
+    /// A fresh, unused path in this process's work directory.
     pub fn temp_path(&self, prefix: &str) -> PathBuf {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        self.root
-            .join("tmp")
-            .join(format!("{prefix}-{}-{n}-{nanos}", std::process::id()))
+        self.session.fresh_path(prefix)
     }
 
     /// Removes a stale directory of the cache: renamed into `tmp/` first, so no reader ever sees
@@ -456,7 +539,7 @@ mod tests {
         );
         assert!(!cache.has_blob(&d));
         assert_eq!(
-            fs::read_dir(cache.root().join("tmp")).unwrap().count(),
+            fs::read_dir(cache.work_dir()).unwrap().count(),
             0,
             "temp file left behind"
         );

@@ -1,0 +1,258 @@
+//! The small JSON records that say who needs what in the cache: one per pulled image (what it
+//! is made of, when it was last used), one per live mount (held locked by its server), the
+//! tags under `refs/`, and the lockfiles registered as roots. `gc` and `cache ls` read them;
+//! pulls and mounts write them.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::lock::{self, LockGuard};
+use super::{Cache, TagRecord};
+use crate::digest::Digest;
+use crate::error::{Error, IoContext, Result};
+
+/// Everything one pulled image needs from the cache.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImageRecord {
+    /// The reference it was last pulled as.
+    pub name: String,
+    /// The digest of its image manifest (the record's name).
+    pub manifest: Digest,
+    /// The index the manifest was chosen from, if any.
+    pub index: Option<Digest>,
+    /// The platform chosen from that index.
+    pub platform: Option<String>,
+    /// Its config blob (absent for artifacts pulled without one).
+    pub config: Option<Digest>,
+    /// Its layer (or artifact) blobs.
+    pub blobs: Vec<Digest>,
+    /// The diff_ids of its decoded layers.
+    pub layers: Vec<Digest>,
+    /// Seconds since the epoch when it was last pulled or mounted.
+    pub last_used: u64,
+}
+
+/// One live mount, as its server registered it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MountRecord {
+    /// The server's process id (for display only: liveness is the lock).
+    pub pid: u32,
+    /// Where it is mounted.
+    pub mountpoint: PathBuf,
+    /// The image manifests it serves, bottom first.
+    pub images: Vec<Digest>,
+    /// The persisted tree it serves.
+    pub tree: Digest,
+    /// Seconds since the epoch when it was mounted.
+    pub since: u64,
+}
+
+/// A tag (or digest reference) under `refs/` and what it points to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagEntry {
+    /// `registry/repository:tag` or `registry/repository@sha256:…`.
+    pub reference: String,
+    /// The record.
+    pub record: TagRecord,
+    /// The record's file.
+    pub path: PathBuf,
+}
+
+/// A live mount's registration; the lock that proves it is alive is released on drop.
+#[derive(Debug)]
+pub struct MountRegistration {
+    path: PathBuf,
+    _lock: LockGuard,
+}
+
+impl Drop for MountRegistration {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_file(&self.path) {
+            tracing::debug!("could not remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// Seconds since the epoch, now.
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
+    match fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::CacheDamaged {
+                path: path.to_owned(),
+                detail: e.to_string(),
+            }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+fn json_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).at(dir)? {
+        let path = entry.at(dir)?.path();
+        if path.extension().is_some_and(|e| e == "json") {
+            out.push(path);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+impl Cache {
+    fn image_record_path(&self, manifest: &Digest) -> PathBuf {
+        self.root
+            .join("images")
+            .join(format!("{}.json", manifest.hex()))
+    }
+
+    /// Stores (or refreshes, with `last_used` now) the record of a pulled image.
+    pub fn write_image_record(&self, record: &ImageRecord) -> Result<()> {
+        let json = serde_json::to_vec_pretty(record).expect("an image record always serializes");
+        self.write_file_atomic(&self.image_record_path(&record.manifest), &json)
+    }
+
+    /// Every image record. A damaged one is skipped with a warning (it only costs `gc` the
+    /// knowledge of one image, whose parts then go unless something else needs them).
+    pub fn image_records(&self) -> Result<Vec<ImageRecord>> {
+        let mut out = Vec::new();
+        for path in json_files(&self.root.join("images"))? {
+            match read_json::<ImageRecord>(&path) {
+                Ok(Some(record)) => out.push(record),
+                Ok(None) => {}
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes an image's record (its parts stay until `gc` finds nothing else needs them).
+    pub fn remove_image_record(&self, manifest: &Digest) -> Result<()> {
+        let path = self.image_record_path(manifest);
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(Error::io(path, e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every tag and digest reference under `refs/`.
+    pub fn tags(&self) -> Result<Vec<TagEntry>> {
+        let refs = self.root.join("refs");
+        let mut out = Vec::new();
+        let mut dirs = vec![refs.clone()];
+        while let Some(dir) = dirs.pop() {
+            for entry in fs::read_dir(&dir).at(&dir)? {
+                let path = entry.at(&dir)?.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                    continue;
+                }
+                let Some(name) = path
+                    .strip_prefix(&refs)
+                    .ok()
+                    .and_then(|p| p.to_str())
+                    .and_then(|p| p.strip_suffix(".json"))
+                else {
+                    continue;
+                };
+                let reference = match name.rsplit_once('/') {
+                    Some((repo, tail)) if tail.starts_with('@') => format!("{repo}{tail}"),
+                    Some((repo, tag)) => format!("{repo}:{tag}"),
+                    None => continue,
+                };
+                match read_json::<TagRecord>(&path) {
+                    Ok(Some(record)) => out.push(TagEntry {
+                        reference,
+                        record,
+                        path,
+                    }),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("{e}"),
+                }
+            }
+        }
+        out.sort_by(|a, b| a.reference.cmp(&b.reference));
+        Ok(out)
+    }
+
+    /// Registers a live mount. The returned guard holds the record's lock: while this process
+    /// lives, `gc` keeps what the mount uses. Call under [`Cache::begin_use`].
+    pub fn register_mount(&self, record: &MountRecord) -> Result<MountRegistration> {
+        let json = serde_json::to_vec_pretty(record).expect("a mount record always serializes");
+        // Written and locked under tmp/, then renamed in: no reader sees it unlocked.
+        let tmp = self.temp_path("mount");
+        fs::write(&tmp, json).at(&tmp)?;
+        let held = lock::exclusive(&tmp, || {})?;
+        let name = tmp
+            .parent()
+            .and_then(Path::file_name)
+            .expect("the work directory has a name");
+        let path = self
+            .root
+            .join("mounts")
+            .join(format!("{}.json", name.to_string_lossy()));
+        fs::rename(&tmp, &path).at(&path)?;
+        Ok(MountRegistration { path, _lock: held })
+    }
+
+    /// The mounts whose servers are alive. Records of dead servers are removed when
+    /// `remove_stale` is set (only under [`Cache::begin_removal`]).
+    pub fn live_mounts(&self, remove_stale: bool) -> Result<Vec<MountRecord>> {
+        let mut out = Vec::new();
+        for path in json_files(&self.root.join("mounts"))? {
+            if !lock::is_held(&path)? {
+                if remove_stale {
+                    let _ = fs::remove_file(&path);
+                }
+                continue;
+            }
+            if let Some(record) = read_json::<MountRecord>(&path)? {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Registers a lockfile whose pins `gc` must keep (a symlink under `roots/`, named by the
+    /// hash of its absolute path).
+    pub fn add_lockfile_root(&self, lockfile: &Path) -> Result<()> {
+        let absolute = std::path::absolute(lockfile).at(lockfile)?;
+        let name = Digest::of(absolute.as_os_str().as_encoded_bytes());
+        let link = self.root.join("roots").join(name.hex());
+        if fs::read_link(&link).is_ok_and(|target| target == absolute) {
+            return Ok(());
+        }
+        let tmp = self.temp_path("root");
+        std::os::unix::fs::symlink(&absolute, &tmp).at(&tmp)?;
+        fs::rename(&tmp, &link).at(&link)
+    }
+
+    /// The registered lockfiles that still exist; links to removed ones are dropped when
+    /// `remove_stale` is set.
+    pub fn lockfile_roots(&self, remove_stale: bool) -> Result<Vec<PathBuf>> {
+        let dir = self.root.join("roots");
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&dir).at(&dir)? {
+            let link = entry.at(&dir)?.path();
+            match fs::read_link(&link) {
+                Ok(target) if target.is_file() => out.push(target),
+                _ if remove_stale => {
+                    let _ = fs::remove_file(&link);
+                }
+                _ => {}
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}

@@ -1,0 +1,344 @@
+//! What the cache holds and what it may let go: the inventory behind `cache ls`, and the plans
+//! of `cache gc` and `cache prune`. Plain computation over the cache's records; removal runs
+//! under the cache's exclusive lock (see `cache::lock`).
+//!
+//! GC roots: every tag and digest reference under `refs/`, every pin of a registered lockfile
+//! (`roots/`), and every live mount (`mounts/`). An image is kept when a root names its
+//! manifest or the index it came from; a kept image keeps its manifest, index, config, layer
+//! blobs and decoded layers, and a merged tree is kept while all the layers it was merged from
+//! are. Everything else — images nothing names, blobs and layers no kept image uses, trees of
+//! layers that go, lock files — is removed. `prune` removes chosen images (least recently used
+//! first) and the tags that name them, never one a live mount uses, then collects the same way.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::cache::Cache;
+use crate::cache::records::{ImageRecord, MountRecord, TagEntry, now};
+use crate::digest::Digest;
+use crate::error::{IoContext, Result};
+use crate::lockfile::{Lockfile, Pin};
+use crate::mountable;
+
+/// Everything the cache holds, with sizes, and what names it.
+#[derive(Debug, Clone, Default)]
+pub struct Inventory {
+    /// Pulled images.
+    pub images: Vec<ImageRecord>,
+    /// Tags and digest references.
+    pub tags: Vec<TagEntry>,
+    /// Pins of registered lockfiles.
+    pub pins: Vec<Pin>,
+    /// Live mounts.
+    pub mounts: Vec<MountRecord>,
+    root: PathBuf,
+    blobs: BTreeMap<Digest, u64>,
+    layers: BTreeMap<Digest, u64>,
+    trees: Vec<StoredTree>,
+}
+
+#[derive(Debug, Clone)]
+struct StoredTree {
+    key: Digest,
+    path: PathBuf,
+    size: u64,
+    /// `None` when the file is of another format (it can never be used again).
+    layers: Option<Vec<Digest>>,
+}
+
+/// One image as `cache ls` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ImageSummary {
+    /// The tags and digest references that name it (its last pulled name if none does).
+    pub references: Vec<String>,
+    /// Its image manifest.
+    pub manifest: Digest,
+    /// The index it came from, if any.
+    pub index: Option<Digest>,
+    /// The platform chosen from that index.
+    pub platform: Option<String>,
+    /// Bytes of everything it uses in the cache (layers shared with other images included).
+    pub size: u64,
+    /// Seconds since the epoch when it was last pulled or mounted.
+    pub last_used: u64,
+    /// Where it is mounted now.
+    pub mounted: Vec<PathBuf>,
+    /// Whether a registered lockfile pins it.
+    pub pinned: bool,
+}
+
+/// A removal plan: what goes and how many bytes that frees.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// `(description, path, bytes)` of each entry that goes.
+    pub remove: Vec<(String, PathBuf, u64)>,
+}
+
+impl Plan {
+    /// Bytes freed.
+    pub fn bytes(&self) -> u64 {
+        self.remove.iter().map(|(_, _, b)| b).sum()
+    }
+
+    /// Removes everything in the plan. Call under `Cache::begin_removal`.
+    pub fn apply(&self, cache: &Cache) -> Result<()> {
+        for (_, path, _) in &self.remove {
+            if path.is_dir() {
+                cache.discard(path)?;
+            } else {
+                match fs::remove_file(path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(crate::Error::io(path, e));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn dir_size(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for entry in fs::read_dir(dir).at(dir)? {
+        total += entry.at(dir)?.metadata().at(dir)?.len();
+    }
+    Ok(total)
+}
+
+impl Inventory {
+    /// Reads the cache. With `tidy`, records of dead mounts and links to removed lockfiles are
+    /// dropped on the way (only under `Cache::begin_removal`).
+    pub fn read(cache: &Cache, tidy: bool) -> Result<Inventory> {
+        let mut inventory = Inventory {
+            images: cache.image_records()?,
+            tags: cache.tags()?,
+            mounts: cache.live_mounts(tidy)?,
+            root: cache.root().to_owned(),
+            ..Default::default()
+        };
+        for lockfile in cache.lockfile_roots(tidy)? {
+            match Lockfile::load(&lockfile) {
+                Ok(file) => inventory.pins.extend(file.pins().iter().cloned()),
+                // An unreadable lockfile keeps nothing; say so, since its images may go.
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
+        for (digest, path) in cache.named_entries("blobs/sha256")? {
+            let size = fs::metadata(&path).at(&path)?.len();
+            inventory.blobs.insert(digest, size);
+        }
+        for (diff_id, path) in cache.named_entries("layers/sha256")? {
+            inventory.layers.insert(diff_id, dir_size(&path)?);
+        }
+        for (key, path) in cache.named_entries("trees")? {
+            inventory.trees.push(StoredTree {
+                key,
+                size: fs::metadata(&path).at(&path)?.len(),
+                layers: mountable::tree_layers(&path).unwrap_or(None),
+                path,
+            });
+        }
+        Ok(inventory)
+    }
+
+    /// Bytes held by blobs, layers and trees.
+    pub fn total_size(&self) -> u64 {
+        self.blobs.values().sum::<u64>()
+            + self.layers.values().sum::<u64>()
+            + self.trees.iter().map(|t| t.size).sum::<u64>()
+    }
+
+    fn image_size(&self, image: &ImageRecord) -> u64 {
+        let blobs: HashSet<&Digest> = image_blobs(image).collect();
+        blobs.iter().filter_map(|d| self.blobs.get(*d)).sum::<u64>()
+            + image
+                .layers
+                .iter()
+                .collect::<HashSet<_>>()
+                .iter()
+                .filter_map(|d| self.layers.get(*d))
+                .sum::<u64>()
+    }
+
+    /// The images, newest use first, with what names them.
+    pub fn summaries(&self) -> Vec<ImageSummary> {
+        let pinned: HashSet<&Digest> = self.pins.iter().map(|p| &p.digest).collect();
+        let mut out: Vec<ImageSummary> = self
+            .images
+            .iter()
+            .map(|image| {
+                let mut references: Vec<String> = self
+                    .tags
+                    .iter()
+                    .filter(|t| names(image, &t.record.digest))
+                    .map(|t| t.reference.clone())
+                    .collect();
+                if references.is_empty() {
+                    references.push(image.name.clone());
+                }
+                ImageSummary {
+                    references,
+                    manifest: image.manifest.clone(),
+                    index: image.index.clone(),
+                    platform: image.platform.clone(),
+                    size: self.image_size(image),
+                    last_used: image.last_used,
+                    mounted: self
+                        .mounts
+                        .iter()
+                        .filter(|m| m.images.contains(&image.manifest))
+                        .map(|m| m.mountpoint.clone())
+                        .collect(),
+                    pinned: pinned.contains(&image.manifest),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (b.last_used, &a.references).cmp(&(a.last_used, &b.references)));
+        out
+    }
+
+    /// What `gc` removes: everything no root needs.
+    pub fn garbage(&self) -> Plan {
+        let mut roots: HashSet<&Digest> = self.tags.iter().map(|t| &t.record.digest).collect();
+        roots.extend(self.pins.iter().flat_map(|p| [&p.digest, p.top()]));
+        let kept: Vec<&ImageRecord> = self
+            .images
+            .iter()
+            .filter(|i| {
+                roots.iter().any(|r| names(i, r))
+                    || self.mounts.iter().any(|m| m.images.contains(&i.manifest))
+            })
+            .collect();
+        self.plan(&kept, roots)
+    }
+
+    /// What `prune` removes: images unused for longer than `older_than`, then the least
+    /// recently used until the cache holds at most `max_size`; never an image a live mount
+    /// uses. Tags that name a removed image go with it.
+    pub fn prune(&self, older_than: Option<Duration>, max_size: Option<u64>) -> Plan {
+        let live: HashSet<&Digest> = self.mounts.iter().flat_map(|m| &m.images).collect();
+        let mut candidates: Vec<&ImageRecord> = self
+            .images
+            .iter()
+            .filter(|i| !live.contains(&i.manifest))
+            .collect();
+        candidates.sort_by_key(|i| i.last_used);
+        let cutoff = older_than.map(|d| now().saturating_sub(d.as_secs()));
+        let mut victims: HashSet<&Digest> = candidates
+            .iter()
+            .filter(|i| cutoff.is_some_and(|c| i.last_used < c))
+            .map(|i| &i.manifest)
+            .collect();
+        let mut plan = self.without(&victims);
+        if let Some(max) = max_size {
+            for image in &candidates {
+                if self.total_size() - plan.bytes() <= max {
+                    break;
+                }
+                if victims.insert(&image.manifest) {
+                    plan = self.without(&victims);
+                }
+            }
+        }
+        plan
+    }
+
+    /// The plan that removes `victims` and their tags, keeping every other image.
+    fn without(&self, victims: &HashSet<&Digest>) -> Plan {
+        let kept: Vec<&ImageRecord> = self
+            .images
+            .iter()
+            .filter(|i| !victims.contains(&i.manifest))
+            .collect();
+        let doomed = |d: &Digest| {
+            self.images
+                .iter()
+                .any(|i| victims.contains(&i.manifest) && names(i, d))
+        };
+        let roots: HashSet<&Digest> = self
+            .tags
+            .iter()
+            .map(|t| &t.record.digest)
+            .filter(|d| !doomed(d))
+            .collect();
+        let mut plan = self.plan(&kept, roots);
+        for tag in self.tags.iter().filter(|t| doomed(&t.record.digest)) {
+            plan.remove
+                .push((format!("tag {}", tag.reference), tag.path.clone(), 0));
+        }
+        plan
+    }
+
+    /// Removes everything that neither the `kept` images nor the documents `roots` name need
+    /// (a tag or pin whose image was never pulled, as after `jkmount lock`, keeps the
+    /// manifests it names).
+    fn plan(&self, kept: &[&ImageRecord], roots: HashSet<&Digest>) -> Plan {
+        let mut blobs: HashSet<&Digest> = roots;
+        let mut layers: HashSet<&Digest> = HashSet::new();
+        let mut manifests: HashSet<&Digest> = HashSet::new();
+        for image in kept {
+            manifests.insert(&image.manifest);
+            blobs.extend(image_blobs(image));
+            layers.extend(&image.layers);
+        }
+        let mut plan = Plan::default();
+        for image in self
+            .images
+            .iter()
+            .filter(|i| !manifests.contains(&i.manifest))
+        {
+            plan.remove.push((
+                format!("image {} ({})", image.manifest, image.name),
+                self.root
+                    .join("images")
+                    .join(format!("{}.json", image.manifest.hex())),
+                0,
+            ));
+        }
+        for (digest, size) in self.blobs.iter().filter(|(d, _)| !blobs.contains(d)) {
+            plan.remove.push((
+                format!("blob {digest}"),
+                self.root.join("blobs/sha256").join(digest.hex()),
+                *size,
+            ));
+        }
+        for (diff_id, size) in self.layers.iter().filter(|(d, _)| !layers.contains(d)) {
+            plan.remove.push((
+                format!("layer {diff_id}"),
+                self.root.join("layers/sha256").join(diff_id.hex()),
+                *size,
+            ));
+        }
+        for tree in &self.trees {
+            let usable = tree
+                .layers
+                .as_ref()
+                .is_some_and(|ls| ls.iter().all(|l| layers.contains(l) || blobs.contains(l)));
+            let mounted = self.mounts.iter().any(|m| m.tree == tree.key);
+            if !usable && !mounted {
+                plan.remove
+                    .push((format!("tree {}", tree.key), tree.path.clone(), tree.size));
+            }
+        }
+        plan
+    }
+}
+
+/// Whether `digest` (a tag's or pin's target) names this image.
+fn names(image: &ImageRecord, digest: &Digest) -> bool {
+    image.manifest == *digest || image.index.as_ref() == Some(digest)
+}
+
+fn image_blobs(image: &ImageRecord) -> impl Iterator<Item = &Digest> {
+    [
+        Some(&image.manifest),
+        image.index.as_ref(),
+        image.config.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .chain(&image.blobs)
+}

@@ -182,7 +182,7 @@ pub async fn pull_pinned(
         manifest: manifest_digest.clone(),
         index: pin
             .and_then(|p| p.index.clone())
-            .or_else(|| (top != manifest_digest).then_some(top)),
+            .or_else(|| (top != manifest_digest).then(|| top.clone())),
         platform: None,
         config: None,
         blobs: Vec::new(),
@@ -221,6 +221,14 @@ pub async fn pull_pinned(
         })
         .collect();
     cache.write_image_record(&record)?;
+    if let Origin::Registry(source) = &origin {
+        let reference = source.reference();
+        if reference.digest().is_some() {
+            // A digest reference is a `gc` root like a tag, recorded once the image is whole.
+            let name = format!("@{top}");
+            cache.write_tag(reference.registry(), reference.repository(), &name, &top)?;
+        }
+    }
     Ok(PulledImage {
         shown,
         manifest: manifest_digest,
@@ -309,7 +317,6 @@ async fn fetch_artifact(
 }
 
 /// The digest the reference names: its own digest, the cached tag, or the registry's answer.
-/// Both tags and digest references are recorded under `refs/`, as `gc` roots.
 async fn resolve_top(
     cache: &Cache,
     origin: &Origin,
@@ -323,9 +330,7 @@ async fn resolve_top(
     let reference = source.reference();
     let (registry, repository) = (reference.registry(), reference.repository());
     if let Some(digest) = reference.digest() {
-        let digest = image::parse_digest(digest, "manifest", shown)?;
-        cache.write_tag(registry, repository, &format!("@{digest}"), &digest)?;
-        return Ok(digest);
+        return image::parse_digest(digest, "manifest", shown);
     }
     let tag = reference.tag().unwrap_or("latest");
     let cached = cache

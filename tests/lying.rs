@@ -17,32 +17,6 @@ fn image() -> BuiltImage {
         .build()
 }
 
-/// Serves `image` honestly under tag `1` and by digest.
-fn serve(registry: &LyingRegistry, image: &BuiltImage) {
-    let manifest = Answer::Bytes(
-        image.manifest.bytes.clone(),
-        image.manifest.media_type.to_owned(),
-    );
-    registry.answer(&format!("/v2/{REPO}/manifests/1"), manifest.clone());
-    registry.answer(
-        &format!("/v2/{REPO}/manifests/{}", image.manifest.digest),
-        manifest,
-    );
-    registry.answer(
-        &format!("/v2/{REPO}/blobs/{}", image.config.digest),
-        Answer::Bytes(
-            image.config.bytes.clone(),
-            "application/octet-stream".into(),
-        ),
-    );
-    for layer in &image.layers {
-        registry.answer(
-            &format!("/v2/{REPO}/blobs/{}", layer.digest),
-            Answer::Bytes(layer.blob.clone(), "application/octet-stream".into()),
-        );
-    }
-}
-
 fn flipped(bytes: &[u8]) -> Vec<u8> {
     let mut out = bytes.to_vec();
     let middle = out.len() / 2;
@@ -61,7 +35,7 @@ fn assert_not_cached(cache: &std::path::Path, digest: &jkmount::digest::Digest) 
 fn an_honest_answer_pulls() {
     let registry = LyingRegistry::start();
     let image = image();
-    serve(&registry, &image);
+    registry.serve_image(REPO, &image);
     let cache = tempfile::tempdir().unwrap();
     ok(jkmount(
         cache.path(),
@@ -119,7 +93,7 @@ fn every_lie_is_refused_naming_the_digest_and_nothing_is_kept() {
     ];
     for (name, path, lie, expected, digest) in cases {
         let registry = LyingRegistry::start();
-        serve(&registry, &image);
+        registry.serve_image(REPO, &image);
         registry.answer(&path, lie);
         let cache = tempfile::tempdir().unwrap();
         let reference = format!("{}/{REPO}:1", registry.addr);
@@ -135,7 +109,7 @@ fn every_lie_is_refused_naming_the_digest_and_nothing_is_kept() {
 fn a_manifest_asked_for_by_digest_must_have_that_digest() {
     let registry = LyingRegistry::start();
     let image = image();
-    serve(&registry, &image);
+    registry.serve_image(REPO, &image);
     registry.answer(
         &format!("/v2/{REPO}/manifests/{}", image.manifest.digest),
         Answer::Bytes(

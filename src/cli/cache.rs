@@ -119,10 +119,10 @@ fn remove(
         }
     }
     println!(
-        "{verb} {} entries, {} freed; the cache holds {}",
+        "{verb} {} entries ({}); {} left in the cache",
         plan.remove.len(),
         human(plan.bytes()),
-        human(inventory.total_size() - if dry_run { 0 } else { plan.bytes() })
+        human(inventory.total_size().saturating_sub(plan.bytes()))
     );
     Ok(())
 }

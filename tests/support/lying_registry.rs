@@ -18,6 +18,9 @@ pub enum Answer {
     Bytes(Vec<u8>, String),
     /// A `Content-Length` of the first, then only the bytes given, then the connection closes.
     CutShort(usize, Vec<u8>),
+    /// A `Content-Length` of the first, then only the bytes given, then nothing more for up to
+    /// the duration (a stalled transfer, for killing a client in the middle of a download).
+    Stall(usize, Vec<u8>, Duration),
 }
 
 /// The fake registry; paths are like `/v2/repo/blobs/sha256:…`.
@@ -52,6 +55,27 @@ impl LyingRegistry {
             answers,
             stop,
             thread: Some(thread),
+        }
+    }
+
+    /// Serves `image` honestly under tag `1` and by digest.
+    pub fn serve_image(&self, repo: &str, image: &jkmount::fixture::BuiltImage) {
+        let manifest = Answer::Bytes(
+            image.manifest.bytes.clone(),
+            image.manifest.media_type.to_owned(),
+        );
+        self.answer(&format!("/v2/{repo}/manifests/1"), manifest.clone());
+        self.answer(
+            &format!("/v2/{repo}/manifests/{}", image.manifest.digest),
+            manifest,
+        );
+        let blobs = std::iter::once((&image.config.digest, &image.config.bytes))
+            .chain(image.layers.iter().map(|l| (&l.digest, &l.blob)));
+        for (digest, bytes) in blobs {
+            self.answer(
+                &format!("/v2/{repo}/blobs/{digest}"),
+                Answer::Bytes(bytes.clone(), "application/octet-stream".into()),
+            );
         }
     }
 
@@ -122,6 +146,17 @@ fn serve(stream: TcpStream, answers: &Mutex<HashMap<String, Answer>>) {
                 let _ = out.write_all(header.as_bytes());
                 if !head {
                     let _ = out.write_all(&bytes);
+                }
+                return;
+            }
+            Some(Answer::Stall(claimed, bytes, stall)) => {
+                let header = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {claimed}\r\n\r\n"
+                );
+                let _ = out.write_all(header.as_bytes());
+                if !head {
+                    let _ = out.write_all(&bytes).and_then(|()| out.flush());
+                    std::thread::sleep(stall);
                 }
                 return;
             }

@@ -57,7 +57,7 @@ impl Registry {
         let addr = format!("127.0.0.1:{}", free_port());
         let config = dir.path().join("config.yml");
         let mut yaml = format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
             dir.path().join("storage").display()
         );
         if let Some((user, password)) = basic_auth {
@@ -110,6 +110,14 @@ impl Registry {
     /// `127.0.0.1:PORT/name`.
     pub fn reference(&self, name: &str) -> String {
         format!("{}/{name}", self.addr)
+    }
+
+    /// How many times a blob was downloaded (GET requests in the access log).
+    pub fn blob_downloads(&self, digest: &str) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains(&format!("/blobs/{digest} ")))
+            .count()
     }
 
     /// What the registry logged.

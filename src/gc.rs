@@ -342,3 +342,124 @@ fn image_blobs(image: &ImageRecord) -> impl Iterator<Item = &Digest> {
     .flatten()
     .chain(&image.blobs)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(name: &str) -> Digest {
+        Digest::of(name.as_bytes())
+    }
+
+    /// Image `name` with one blob and one layer of its own and the shared layer.
+    fn image(name: &str, last_used: u64) -> ImageRecord {
+        ImageRecord {
+            name: name.into(),
+            manifest: d(&format!("{name}-manifest")),
+            index: None,
+            platform: None,
+            config: Some(d(&format!("{name}-config"))),
+            blobs: vec![d(&format!("{name}-blob"))],
+            layers: vec![d("shared"), d(&format!("{name}-layer"))],
+            last_used,
+        }
+    }
+
+    fn inventory(images: Vec<ImageRecord>, mounted: &[&ImageRecord]) -> Inventory {
+        let mut inventory = Inventory {
+            root: PathBuf::from("/cache/v1"),
+            ..Default::default()
+        };
+        for i in &images {
+            for blob in image_blobs(i) {
+                inventory.blobs.insert(blob.clone(), 100);
+            }
+            for layer in &i.layers {
+                inventory.layers.insert(layer.clone(), 1000);
+            }
+        }
+        inventory.mounts = mounted
+            .iter()
+            .map(|i| MountRecord {
+                pid: 1,
+                mountpoint: PathBuf::from("/mnt"),
+                images: vec![i.manifest.clone()],
+                tree: d("tree"),
+                since: 0,
+            })
+            .collect();
+        inventory.images = images;
+        inventory
+    }
+
+    fn removed(plan: &Plan) -> Vec<&str> {
+        plan.remove
+            .iter()
+            .map(|(what, _, _)| what.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn prune_goes_oldest_first_and_never_touches_a_live_mount() {
+        let (a, b, c) = (image("a", 10), image("b", 20), image("c", 30));
+        let inv = inventory(vec![a.clone(), b.clone(), c.clone()], &[&a]);
+        // Even a limit nothing can meet removes only what is not mounted, oldest first.
+        let plan = inv.prune(None, Some(0));
+        let gone = removed(&plan);
+        assert!(
+            gone.contains(&format!("layer {}", d("b-layer")).as_str()),
+            "{gone:?}"
+        );
+        assert!(
+            gone.contains(&format!("layer {}", d("c-layer")).as_str()),
+            "{gone:?}"
+        );
+        assert!(!gone.iter().any(|g| g.contains(&d("a-layer").to_string())));
+        assert!(!gone.iter().any(|g| g.contains(&d("shared").to_string())));
+        // A limit that b's removal meets stops there.
+        let total = inv.total_size();
+        let plan = inv.prune(None, Some(total - 1));
+        let gone = removed(&plan);
+        assert!(
+            gone.iter().any(|g| g.contains(&d("b-layer").to_string())),
+            "{gone:?}"
+        );
+        assert!(
+            !gone.iter().any(|g| g.contains(&d("c-layer").to_string())),
+            "{gone:?}"
+        );
+    }
+
+    #[test]
+    fn gc_keeps_the_images_of_tags_pins_and_mounts() {
+        let (a, b, c, e) = (image("a", 0), image("b", 0), image("c", 0), image("e", 0));
+        let mut inv = inventory(vec![a.clone(), b.clone(), c.clone(), e.clone()], &[&c]);
+        inv.tags.push(TagEntry {
+            reference: "r/a:1".into(),
+            record: crate::cache::TagRecord {
+                digest: a.manifest.clone(),
+                resolved_at: 0,
+            },
+            path: PathBuf::from("/cache/v1/refs/r/a/1.json"),
+        });
+        inv.pins.push(Pin {
+            reference: "r/b:1".into(),
+            platform: None,
+            digest: b.manifest.clone(),
+            index: None,
+        });
+        let gone = inv.garbage();
+        let gone = removed(&gone);
+        let mut expected = vec![
+            format!("image {} (e)", e.manifest),
+            format!("blob {}", e.manifest),
+            format!("blob {}", e.config.clone().unwrap()),
+            format!("blob {}", e.blobs[0]),
+            format!("layer {}", e.layers[1]),
+        ];
+        expected.sort();
+        let mut gone: Vec<String> = gone.into_iter().map(str::to_owned).collect();
+        gone.sort();
+        assert_eq!(gone, expected);
+    }
+}

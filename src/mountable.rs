@@ -196,4 +196,55 @@ mod tests {
         };
         assert_ne!(tree_key(&[d], None), tree_key(&[f], None));
     }
+
+    #[test]
+    fn files_of_another_format_are_rebuilt_never_misread() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = crate::fixture::ImageBuilder::new()
+            .layer("f /a 644 \"a\"\nd /d 755")
+            .layer("w /d/.wh.x\nf /b 600 \"b\"")
+            .build();
+        image.write_layout(&dir.path().join("layout"), "t").unwrap();
+        let reference = crate::reference::ImageRef::parse(&format!(
+            "oci:{}:t",
+            dir.path().join("layout").display()
+        ))
+        .unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let pull = |cache: &Cache| {
+            runtime
+                .block_on(crate::pull::pull(
+                    cache,
+                    &reference,
+                    &crate::pull::PullOptions::host(),
+                ))
+                .unwrap()
+        };
+        let cache = Cache::open(&dir.path().join("cache")).unwrap();
+        let first = assemble(&cache, &[pull(&cache)], None).unwrap();
+
+        // What an older release left under the same names, and a newer release's layout beside.
+        std::fs::write(cache.tree_path(&first.key), b"JKTREE02\x01\x02garbage").unwrap();
+        let index = cache.layer_dir(&image.layers[1].diff_id).join("index.bin");
+        std::fs::write(&index, b"JKLIDX01\x05garbage").unwrap();
+        let newer = dir.path().join("cache/v2/blobs/sha256");
+        std::fs::create_dir_all(&newer).unwrap();
+        std::fs::write(newer.join("ff"), b"from the future").unwrap();
+
+        let cache = Cache::open(&dir.path().join("cache")).unwrap();
+        let second = assemble(&cache, &[pull(&cache)], None).unwrap();
+        assert_eq!(second.tree, first.tree);
+        assert!(crate::layer::is_decoded(&cache, &image.layers[1].diff_id));
+        assert!(
+            std::fs::read(cache.tree_path(&first.key))
+                .unwrap()
+                .starts_with(TREE_MAGIC)
+        );
+        assert!(
+            newer.join("ff").exists(),
+            "another version's cache is left alone"
+        );
+    }
 }

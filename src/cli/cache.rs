@@ -40,6 +40,7 @@ pub enum CacheCommand {
 
 /// Arguments of `jkmount cache prune`.
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("limit").required(true).multiple(true).args(["older_than", "max_size"])))]
 pub struct PruneArgs {
     /// Remove images not used for this long (30d, 12h, 1w 2d).
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
@@ -172,7 +173,12 @@ fn print_table(images: &[ImageSummary], total: u64) {
             .collect();
         println!("{}", cells.join("  ").trim_end());
     }
-    println!("{} images, {} in the cache", images.len(), human(total));
+    let plural = if images.len() == 1 { "" } else { "s" };
+    println!(
+        "{} image{plural}, {} in the cache",
+        images.len(),
+        human(total)
+    );
 }
 
 /// `sha256:0123456789ab`: enough to tell images apart in a table.

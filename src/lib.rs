@@ -2,8 +2,8 @@
 //!
 //! The library is plain data in, data out: references ([`reference`]), image documents
 //! ([`image`]), the content-addressed [`cache`], layer decoding ([`layer`]), the union
-//! ([`merge`] into a [`tree`]), fetching ([`source`], [`pull`]) and the filesystem core
-//! ([`fs`]). Only `fs::fuse` knows about FUSE, and only `source` is async.
+//! ([`merge`] into a [`tree`]), fetching ([`registry`], [`layout`], [`pull`]) and the filesystem core
+//! ([`fs`]). Only `fs::fuse` knows about FUSE, and only `registry` is async.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -14,6 +14,7 @@ pub mod fixture;
 pub mod gc;
 pub mod image;
 pub mod layer;
+pub mod layout;
 pub mod lockfile;
 pub mod merge;
 pub mod persist;
@@ -26,5 +27,5 @@ pub mod fs;
 pub mod mount;
 pub mod mountable;
 pub mod pull;
-pub mod source;
+pub mod registry;
 pub mod verify;

@@ -27,7 +27,8 @@ use crate::layer::{self, LayerSpec, Limits};
 use crate::lockfile::Pin;
 use crate::platform::Platform;
 use crate::reference::ImageRef;
-use crate::source::{LayoutSource, RegistrySource};
+use crate::layout::LayoutSource;
+use crate::registry::RegistrySource;
 
 /// How many layers are fetched and decoded at once.
 const PARALLEL_LAYERS: usize = 4;

@@ -1,10 +1,6 @@
-//! Where image bytes come from: a registry over the OCI distribution API (via `oci-client`,
-//! the only async code in the crate) or an OCI image layout directory on local disk. Sources
-//! hand back raw bytes or write into the cache; they trust nothing themselves, verification
-//! happens where bytes enter the cache.
-
-use std::fs;
-use std::path::{Path, PathBuf};
+//! Registries as an image source, over the OCI distribution API through `oci-client` (the only
+//! async code in the crate). A source hands back raw bytes or writes into the cache; it trusts
+//! nothing itself, verification happens where bytes enter the cache.
 
 use futures_util::StreamExt;
 use oci_client::Reference;
@@ -12,16 +8,13 @@ use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
-use serde::Deserialize;
 
 use crate::cache::{BlobLabel, Cache};
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
-use crate::image::{ACCEPTED_MANIFEST_TYPES, parse_digest};
+use crate::image::ACCEPTED_MANIFEST_TYPES;
 use crate::reference::is_loopback_registry;
 
-/// Annotation that names a manifest's tag in an OCI layout's `index.json`.
-const REF_NAME: &str = "org.opencontainers.image.ref.name";
 /// Bounds a connection attempt so an unreachable registry fails fast.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Bounds a stalled transfer.
@@ -289,89 +282,3 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     parts.join(": ")
 }
 
-/// An OCI image layout directory.
-#[derive(Debug, Clone)]
-pub struct LayoutSource {
-    dir: PathBuf,
-    tag: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct LayoutIndex {
-    manifests: Vec<OciDescriptor>,
-}
-
-impl LayoutSource {
-    /// The layout at `dir`, choosing `tag` from its index.
-    pub fn new(dir: &Path, tag: Option<&str>) -> Self {
-        LayoutSource {
-            dir: dir.to_owned(),
-            tag: tag.map(str::to_owned),
-        }
-    }
-
-    fn error(&self, detail: impl Into<String>) -> Error {
-        Error::Layout {
-            dir: self.dir.clone(),
-            detail: detail.into(),
-        }
-    }
-
-    /// The digest of the manifest (or index) that the tag names in `index.json`; without a
-    /// tag, the layout's only manifest.
-    pub fn top_manifest(&self, shown: &str) -> Result<Digest> {
-        let path = self.dir.join("index.json");
-        let bytes = fs::read(&path).map_err(|e| {
-            self.error(format!(
-                "cannot read index.json ({e}); is this an OCI image layout directory?"
-            ))
-        })?;
-        let index: LayoutIndex = serde_json::from_slice(&bytes)
-            .map_err(|e| self.error(format!("index.json is malformed: {e}")))?;
-        let tag_of = |d: &OciDescriptor| {
-            d.annotations
-                .as_ref()
-                .and_then(|a| a.get(REF_NAME))
-                .cloned()
-        };
-        let tags: Vec<String> = index.manifests.iter().filter_map(tag_of).collect();
-        let chosen = match &self.tag {
-            Some(tag) => index
-                .manifests
-                .iter()
-                .find(|d| tag_of(d).as_deref() == Some(tag.as_str())),
-            None if index.manifests.len() == 1 => index.manifests.first(),
-            None => None,
-        };
-        let Some(chosen) = chosen else {
-            let wanted = match &self.tag {
-                Some(tag) => format!("no manifest tagged {tag:?}"),
-                None => format!("{} manifests and no tag given", index.manifests.len()),
-            };
-            let have = if tags.is_empty() {
-                "none".to_owned()
-            } else {
-                tags.join(", ")
-            };
-            return Err(self.error(format!("{wanted} (tags: {have}); use oci:DIR:TAG")));
-        };
-        parse_digest(&chosen.digest, "index", shown)
-    }
-
-    /// Where a blob of the layout is.
-    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
-        self.dir.join("blobs/sha256").join(digest.hex())
-    }
-
-    /// Reads a whole (small) blob; the caller verifies it.
-    pub fn read_blob(&self, digest: &Digest) -> Result<Vec<u8>> {
-        let path = self.blob_path(digest);
-        fs::read(&path).map_err(|e| self.error(format!("blob {digest}: {e}")))
-    }
-
-    /// Opens a blob for streaming.
-    pub fn open_blob(&self, digest: &Digest) -> Result<fs::File> {
-        let path = self.blob_path(digest);
-        fs::File::open(&path).map_err(|e| self.error(format!("blob {digest}: {e}")))
-    }
-}

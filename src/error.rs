@@ -52,14 +52,14 @@ pub enum Error {
     },
 
     /// The registry refused access.
-    #[error(
-        "registry {registry} refused access to {reference} (unauthorized); check the repository name, or that the registry allows anonymous pulls"
-    )]
+    #[error("registry {registry} refused access to {reference} (unauthorized); {hint}")]
     Unauthorized {
         /// The image reference.
         reference: String,
         /// The registry host.
         registry: String,
+        /// What to check: the credentials used and where they came from, or how to log in.
+        hint: String,
     },
 
     /// Any other answer from the registry that we cannot use.
@@ -194,6 +194,24 @@ pub enum Error {
         /// Free space left, human readable.
         available: String,
         /// What was being written.
+        detail: String,
+    },
+
+    /// A configuration file that cannot be used.
+    #[error("configuration {} cannot be used: {detail}", path.display())]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+
+    /// Credentials that could not be read, or a credential helper that failed.
+    #[error("credentials for {registry}: {detail}")]
+    Credentials {
+        /// The registry host.
+        registry: String,
+        /// What went wrong (never the secret itself).
         detail: String,
     },
 

@@ -19,6 +19,7 @@ pub mod lockfile;
 pub mod merge;
 pub mod persist;
 pub mod platform;
+pub mod progress;
 pub mod reference;
 pub mod tree;
 

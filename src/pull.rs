@@ -15,7 +15,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use oci_client::manifest::{OciDescriptor, OciImageManifest};
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::cache::records::{ImageRecord, now};
@@ -24,14 +23,11 @@ use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
 use crate::image::{self, Compression, ManifestDoc};
 use crate::layer::{self, LayerSpec, Limits};
+use crate::layout::LayoutSource;
 use crate::lockfile::Pin;
 use crate::platform::Platform;
 use crate::reference::ImageRef;
-use crate::layout::LayoutSource;
-use crate::registry::RegistrySource;
-
-/// How many layers are fetched and decoded at once.
-const PARALLEL_LAYERS: usize = 4;
+use crate::registry::{Registries, RegistrySource};
 
 /// What a pull needs to know beyond the reference.
 #[derive(Debug, Clone)]
@@ -45,6 +41,9 @@ pub struct PullOptions {
     /// With [`PullPolicy::Always`]: when the registry cannot be reached, use the cached tag
     /// (with a warning) instead of failing.
     pub fallback_to_cache: bool,
+    /// Registry configuration, credentials, the connection bound and progress, shared by all
+    /// pulls of a command.
+    pub registries: Arc<Registries>,
 }
 
 impl PullOptions {
@@ -55,6 +54,7 @@ impl PullOptions {
             policy: PullPolicy::Missing,
             limits: Limits::default(),
             fallback_to_cache: false,
+            registries: Arc::new(Registries::from_environment()),
         }
     }
 }
@@ -127,14 +127,15 @@ enum Origin {
     Layout(LayoutSource),
 }
 
-fn origin(image: &ImageRef, options: &PullOptions) -> Origin {
-    match image {
+fn origin(image: &ImageRef, options: &PullOptions) -> Result<Origin> {
+    Ok(match image {
         ImageRef::Registry(r) => Origin::Registry(Arc::new(RegistrySource::new(
             r,
+            options.registries.clone(),
             options.policy == PullPolicy::Never,
-        ))),
+        )?)),
         ImageRef::Layout { dir, tag } => Origin::Layout(LayoutSource::new(dir, tag.as_deref())),
-    }
+    })
 }
 
 /// Makes `image` fully present in the cache.
@@ -146,7 +147,7 @@ pub async fn pull(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Res
 /// lock`); the manifests are kept in the cache.
 pub async fn resolve(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Result<Resolved> {
     let shown = image.to_string();
-    let origin = origin(image, options);
+    let origin = origin(image, options)?;
     let top = resolve_top(cache, &origin, options, &shown).await?;
     let (manifest, _) =
         image_manifest(cache, &origin, top.clone(), &options.platform, &shown).await?;
@@ -165,7 +166,7 @@ pub async fn pull_pinned(
     options: &PullOptions,
 ) -> Result<PulledImage> {
     let shown = image.to_string();
-    let origin = origin(image, options);
+    let origin = origin(image, options)?;
     let top = match pin {
         Some(pin) => {
             if options.policy == PullPolicy::Always {
@@ -196,15 +197,7 @@ pub async fn pull_pinned(
     } else {
         let (config, diff_ids) = config_diff_ids(cache, &origin, &manifest, &shown).await?;
         record.config = Some(config);
-        fetch_layers(
-            cache,
-            &origin,
-            &manifest.layers,
-            &diff_ids,
-            &options.limits,
-            &shown,
-        )
-        .await?;
+        fetch_layers(cache, &origin, &manifest.layers, &diff_ids, options, &shown).await?;
         diff_ids
             .into_iter()
             .map(|diff_id| PulledLayer::Tar { diff_id })
@@ -465,10 +458,11 @@ async fn fetch_layers(
     origin: &Origin,
     layers: &[OciDescriptor],
     diff_ids: &[Digest],
-    limits: &Limits,
+    options: &PullOptions,
     shown: &str,
 ) -> Result<()> {
-    let permits = Arc::new(Semaphore::new(PARALLEL_LAYERS));
+    // Shared by every pull of the command: at most `max-connections` layers at once.
+    let permits = options.registries.connections();
     let mut tasks = JoinSet::new();
     let mut seen = HashSet::new();
     for (descriptor, diff_id) in layers.iter().zip(diff_ids) {
@@ -488,7 +482,7 @@ async fn fetch_layers(
             diff_id: diff_id.clone(),
             compression,
             shown: shown.to_owned(),
-            limits: *limits,
+            limits: options.limits,
         };
         let (cache, origin, permits) = (cache.clone(), origin.clone(), permits.clone());
         tasks.spawn(async move {

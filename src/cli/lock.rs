@@ -137,6 +137,7 @@ pub fn run(args: LockArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     let cache = open_cache(global)?;
     let _using = cache.begin_use()?;
     let runtime = runtime()?;
+    let registries = std::sync::Arc::new(super::registries(global)?);
     for (image, platform) in targets {
         let options = PullOptions {
             platform,
@@ -145,6 +146,7 @@ pub fn run(args: LockArgs, global: &GlobalArgs) -> anyhow::Result<()> {
             } else {
                 PullPolicy::Always
             },
+            registries: registries.clone(),
             ..PullOptions::host()
         };
         let resolved = runtime.block_on(jkmount::pull::resolve(&cache, &image, &options))?;

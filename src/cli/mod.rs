@@ -2,8 +2,11 @@
 //! dispatch to one file per subcommand.
 
 mod cache;
+mod config;
 mod lock;
+mod login;
 mod mount;
+mod progress;
 mod pull;
 mod unmount;
 
@@ -48,6 +51,12 @@ enum Command {
     /// Unmount a directory mounted by jkmount.
     #[command(alias = "umount")]
     Unmount(unmount::UnmountArgs),
+    /// Store credentials for a registry (in the auth file Docker and podman read).
+    Login(login::LoginArgs),
+    /// Forget the stored credentials for a registry.
+    Logout(login::LogoutArgs),
+    /// Print the effective registry configuration, and where credentials are looked for.
+    Config,
 }
 
 /// Options every subcommand takes.
@@ -59,9 +68,29 @@ pub struct GlobalArgs {
     /// Say more (-v: progress, -vv: debug, -vvv: trace); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
     verbose: u8,
-    /// Print errors only.
+    /// Print errors only (no progress display).
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// Registry configuration [default: $XDG_CONFIG_HOME/jkmount/config.toml, else
+    /// /etc/jkmount/config.toml]
+    #[arg(long, global = true, env = "JKMOUNT_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Credentials file (Docker/podman auth.json format); replaces the default ones
+    #[arg(long, global = true, env = "REGISTRY_AUTH_FILE", value_name = "FILE")]
+    authfile: Option<PathBuf>,
+    /// Per-registry certificate directories (DIR/HOST:PORT/*.crt) [default: /etc/docker/certs.d]
+    #[arg(long, global = true, value_name = "DIR")]
+    cert_dir: Option<PathBuf>,
+    /// Log in as USER for the registries named on the command line (password from stdin with
+    /// --password-stdin, else asked on the terminal)
+    #[arg(long, global = true, value_name = "USER")]
+    username: Option<String>,
+    /// Read the password (or token) for --username from the first line of stdin
+    #[arg(long, global = true, requires = "username")]
+    password_stdin: bool,
+    /// How to show download progress
+    #[arg(long, global = true, value_enum, default_value_t = progress::Mode::Auto)]
+    progress: progress::Mode,
 }
 
 /// How images are resolved and chosen; shared by mounting and pulling.
@@ -104,7 +133,11 @@ enum PullPolicy {
 
 impl ResolveArgs {
     /// The pull options, with `default` as the policy when neither --pull nor --offline is given.
-    fn options(&self, default: PullPolicy) -> anyhow::Result<jkmount::pull::PullOptions> {
+    fn options(
+        &self,
+        default: PullPolicy,
+        global: &GlobalArgs,
+    ) -> anyhow::Result<jkmount::pull::PullOptions> {
         let policy = match (self.offline, self.pull.unwrap_or(default)) {
             (true, _) | (_, PullPolicy::Never) => jkmount::pull::PullPolicy::Never,
             (_, PullPolicy::Always) => jkmount::pull::PullPolicy::Always,
@@ -123,8 +156,78 @@ impl ResolveArgs {
                 ..Default::default()
             },
             fallback_to_cache: self.fallback_to_cache,
+            registries: std::sync::Arc::new(registries(global)?),
         })
     }
+}
+
+/// Set for the background server when the password for --username follows on its stdin.
+pub const PASSWORD_ON_STDIN_ENV: &str = "JKMOUNT_PASSWORD_ON_STDIN";
+
+/// The password for --username: the first line of stdin, or asked on the terminal.
+fn password(global: &GlobalArgs) -> anyhow::Result<String> {
+    use std::io::{BufRead, IsTerminal};
+    if global.password_stdin || std::env::var_os(PASSWORD_ON_STDIN_ENV).is_some() {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("cannot read the password from stdin")?;
+        return Ok(line.trim_end_matches(['\n', '\r']).to_owned());
+    }
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!("--username needs a password: give it on stdin with --password-stdin");
+    }
+    rpassword::prompt_password("Password: ").context("cannot read the password")
+}
+
+/// The credentials given on the command line, read once per process.
+fn explicit_secret(
+    global: &GlobalArgs,
+) -> anyhow::Result<Option<jkmount::registry::credentials::Secret>> {
+    static READ: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let Some(username) = &global.username else {
+        return Ok(None);
+    };
+    let password = match READ.get() {
+        Some(Some(p)) => p.clone(),
+        _ => {
+            let p = password(global)?;
+            let _ = READ.set(Some(p.clone()));
+            p
+        }
+    };
+    Ok(Some(jkmount::registry::credentials::Secret::Password {
+        username: username.clone(),
+        password,
+    }))
+}
+
+/// The registry configuration file in effect and its contents.
+fn load_config(
+    global: &GlobalArgs,
+) -> anyhow::Result<(Option<PathBuf>, jkmount::registry::config::Config)> {
+    let path = jkmount::registry::config::Config::locate(global.config.as_deref());
+    let config = match &path {
+        Some(path) => jkmount::registry::config::Config::load(path)?,
+        None => Default::default(),
+    };
+    Ok((path, config))
+}
+
+/// Configuration, credentials and progress for the registries a command talks to.
+fn registries(global: &GlobalArgs) -> anyhow::Result<jkmount::registry::Registries> {
+    let (_, config) = load_config(global)?;
+    let credentials = jkmount::registry::credentials::CredentialSources::new(
+        explicit_secret(global)?,
+        global.authfile.clone(),
+    );
+    Ok(jkmount::registry::Registries::new(
+        config,
+        credentials,
+        global.cert_dir.clone(),
+        progress::reporter(global.progress, global.quiet),
+    ))
 }
 
 fn parse_platform(text: Option<&str>) -> anyhow::Result<Platform> {
@@ -176,6 +279,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Lock(args)) => lock::run(args, &cli.global),
         Some(Command::Cache(command)) => cache::run(command, &cli.global),
         Some(Command::Unmount(args)) => unmount::run(args),
+        Some(Command::Login(args)) => login::login(args, &cli.global),
+        Some(Command::Logout(args)) => login::logout(args, &cli.global),
+        Some(Command::Config) => config::run(&cli.global),
         None => mount::run(cli.mount, &cli.global),
     }
 }

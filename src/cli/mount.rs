@@ -58,14 +58,14 @@ pub fn run(args: MountArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         .split_last()
         .expect("clap requires two or more");
     let images = parse_images(images)?;
-    let options = args.resolve.options(PullPolicy::Missing)?;
+    let options = args.resolve.options(PullPolicy::Missing, global)?;
     let lockfile = args.lock.load()?;
     let pins = args
         .lock
         .pins(lockfile.as_ref(), &images, &options.platform)?;
     let is_server = std::env::var_os(SERVER_ENV).is_some();
     if !args.foreground && !is_server {
-        return start_server();
+        return start_server(global);
     }
     if is_server {
         nix::unistd::setsid().context("cannot start a new session for the background server")?;
@@ -109,17 +109,31 @@ pub fn run(args: MountArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Re-runs this command detached and waits for it to say the mount is live.
-fn start_server() -> anyhow::Result<()> {
+/// Re-runs this command detached and waits for it to say the mount is live. A password given
+/// for --username reaches the server on its stdin, never in its arguments or environment.
+fn start_server(global: &GlobalArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find the jkmount executable")?;
-    let mut child = Command::new(exe)
+    let secret = super::explicit_secret(global)?;
+    let mut command = Command::new(exe);
+    command
         .args(std::env::args_os().skip(1))
         .env(SERVER_ENV, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    if secret.is_some() {
+        command
+            .env(super::PASSWORD_ON_STDIN_ENV, "1")
+            .stdin(Stdio::piped());
+    }
+    let mut child = command
         .spawn()
         .context("cannot start the background jkmount")?;
+    if let Some(jkmount::registry::credentials::Secret::Password { password, .. }) = secret {
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        writeln!(stdin, "{password}")
+            .context("cannot hand the password to the background jkmount")?;
+    }
     let mut line = String::new();
     let stdout = child.stdout.take().expect("stdout is piped");
     BufReader::new(stdout)

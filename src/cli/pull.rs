@@ -21,7 +21,7 @@ pub struct PullArgs {
 /// Prints one line per image: the reference and the manifest digest it is now pinned to.
 pub fn run(args: PullArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     let images = parse_images(&args.images)?;
-    let options = args.resolve.options(PullPolicy::Always)?;
+    let options = args.resolve.options(PullPolicy::Always, global)?;
     let lockfile = args.lock.load()?;
     let pins = args
         .lock

@@ -1,53 +1,189 @@
-//! Registries as an image source, over the OCI distribution API through `oci-client` (the only
-//! async code in the crate). A source hands back raw bytes or writes into the cache; it trusts
-//! nothing itself, verification happens where bytes enter the cache.
+//! Registries as an image source, over the OCI distribution API (the only async code in the
+//! crate). A source hands back raw bytes or writes into the cache; it trusts nothing itself,
+//! verification happens where bytes enter the cache.
+//!
+//! For each request the endpoints are tried in order: the registry's mirrors (one try each,
+//! failures passed over with a warning), then the registry itself (with bounded retries and
+//! backoff). Manifests and authentication go through `oci-client`; blob transfers are our own
+//! GET requests with the token `oci-client` obtained, because only there are the response's
+//! `Retry-After` and `Content-Range` visible: an interrupted transfer resumes with a `Range`
+//! request, from the same endpoint or the next.
 
-use futures_util::StreamExt;
+pub mod blob;
+pub mod config;
+pub mod credentials;
+pub mod retry;
+pub mod transport;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
 use oci_client::Reference;
-use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
-use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
+use tokio::sync::Semaphore;
 
-use crate::cache::{BlobLabel, Cache};
 use crate::digest::Digest;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::image::ACCEPTED_MANIFEST_TYPES;
-use crate::reference::is_loopback_registry;
+use crate::progress::{Progress, Silent};
+use config::{Config, Endpoint};
+use credentials::{CredentialSources, Secret};
+use transport::Transport;
 
-/// Bounds a connection attempt so an unreachable registry fails fast.
-const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-/// Bounds a stalled transfer.
-const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// What every registry request of one command shares: configuration, credentials, the bound
+/// on connections, and where progress goes.
+pub struct Registries {
+    /// The registry configuration.
+    pub config: Config,
+    /// Where credentials come from.
+    pub credentials: CredentialSources,
+    /// `--cert-dir`: per-host certificate directories under this one instead.
+    pub certs_base: Option<PathBuf>,
+    /// Receives transfer events.
+    pub progress: Arc<dyn Progress>,
+    connections: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Registries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registries")
+            .field("config", &self.config)
+            .field("credentials", &self.credentials)
+            .field("certs_base", &self.certs_base)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Registries {
+    /// Registries with this configuration and these credentials, reporting to `progress`.
+    pub fn new(
+        config: Config,
+        credentials: CredentialSources,
+        certs_base: Option<PathBuf>,
+        progress: Arc<dyn Progress>,
+    ) -> Self {
+        let connections = Arc::new(Semaphore::new(config.network.max_connections));
+        Registries {
+            config,
+            credentials,
+            certs_base,
+            progress,
+            connections,
+        }
+    }
+
+    /// Default settings and the credentials of this environment, reporting nothing.
+    pub fn from_environment() -> Self {
+        Self::new(
+            Config::default(),
+            CredentialSources::new(None, None),
+            None,
+            Arc::new(Silent),
+        )
+    }
+
+    /// The bound on simultaneous transfers, shared by every pull of the command.
+    pub fn connections(&self) -> Arc<Semaphore> {
+        self.connections.clone()
+    }
+}
+
+/// One endpoint (a mirror or the registry) for one repository.
+struct Remote {
+    endpoint: Endpoint,
+    /// The reference as this endpoint names it (mirror host and path prefix applied).
+    reference: Reference,
+    client: oci_client::Client,
+    http: reqwest::Client,
+    transport: Transport,
+    auth: RegistryAuth,
+    /// Where the credentials came from, for messages.
+    credentials_from: Option<String>,
+}
 
 /// A registry repository to fetch from.
 pub struct RegistrySource {
-    client: oci_client::Client,
     reference: Reference,
+    registries: Arc<Registries>,
+    /// For requests by tag, then by digest (mirrors may be allowed for one only).
+    by_tag: Vec<Arc<Remote>>,
+    by_digest: Vec<Arc<Remote>>,
     offline: bool,
 }
 
+fn remote_reference(reference: &Reference, endpoint: &Endpoint) -> Reference {
+    let repository = format!("{}{}", endpoint.path_prefix, reference.repository());
+    let host = endpoint.host.clone();
+    match (reference.tag(), reference.digest()) {
+        (_, Some(d)) => Reference::with_digest(host, repository, d.to_owned()),
+        (Some(t), None) => Reference::with_tag(host, repository, t.to_owned()),
+        (None, None) => Reference::with_tag(host, repository, "latest".into()),
+    }
+}
+
 impl RegistrySource {
-    /// A client for `reference`'s registry: plain HTTP for loopback registries, HTTPS otherwise.
-    /// With `offline`, every fetch fails with [`Error::NotCached`] before touching the network.
-    pub fn new(reference: &Reference, offline: bool) -> Self {
-        let registry = reference.resolve_registry();
-        let protocol = if is_loopback_registry(registry) {
-            ClientProtocol::HttpsExcept(vec![registry.to_owned()])
-        } else {
-            ClientProtocol::Https
-        };
-        let config = ClientConfig {
-            protocol,
-            connect_timeout: Some(CONNECT_TIMEOUT),
-            read_timeout: Some(READ_TIMEOUT),
-            ..Default::default()
-        };
-        RegistrySource {
-            client: oci_client::Client::new(config),
-            reference: reference.clone(),
-            offline,
+    /// A source for `reference`. With `offline`, every fetch fails with [`Error::NotCached`]
+    /// before touching the network.
+    pub fn new(reference: &Reference, registries: Arc<Registries>, offline: bool) -> Result<Self> {
+        let host = reference.resolve_registry();
+        let mut remote_for = std::collections::HashMap::<String, Arc<Remote>>::new();
+        let mut lists = [Vec::new(), Vec::new()];
+        for (list, by_digest) in lists.iter_mut().zip([false, true]) {
+            for endpoint in registries.config.endpoints(host, by_digest) {
+                let key = format!("{}/{}", endpoint.host, endpoint.path_prefix);
+                if !remote_for.contains_key(&key) {
+                    let remote = Self::remote(reference, endpoint, &registries)?;
+                    remote_for.insert(key.clone(), Arc::new(remote));
+                }
+                list.push(remote_for[&key].clone());
+            }
         }
+        let [by_tag, by_digest] = lists;
+        Ok(RegistrySource {
+            reference: reference.clone(),
+            registries,
+            by_tag,
+            by_digest,
+            offline,
+        })
+    }
+
+    fn remote(
+        reference: &Reference,
+        endpoint: Endpoint,
+        registries: &Registries,
+    ) -> Result<Remote> {
+        let transport = Transport::new(
+            &endpoint,
+            &registries.config.network,
+            registries.certs_base.as_deref(),
+        )?;
+        let found = registries
+            .credentials
+            .lookup(&endpoint.host, reference.repository())?;
+        let (auth, credentials_from) = match found {
+            None => (RegistryAuth::Anonymous, None),
+            Some(found) => {
+                tracing::debug!("credentials for {} from {}", endpoint.host, found.origin);
+                let auth = match found.secret {
+                    Secret::Password { username, password } => {
+                        RegistryAuth::Basic(username, password)
+                    }
+                    Secret::IdentityToken(token) => RegistryAuth::Bearer(token),
+                };
+                (auth, Some(found.origin))
+            }
+        };
+        Ok(Remote {
+            reference: remote_reference(reference, &endpoint),
+            client: oci_client::Client::new(transport.oci_config()),
+            http: transport.http_client()?,
+            transport,
+            endpoint,
+            auth,
+            credentials_from,
+        })
     }
 
     /// The reference this source fetches for.
@@ -77,102 +213,108 @@ impl RegistrySource {
             Some(d) => format!("manifest {d}"),
             None => "the tag".to_owned(),
         })?;
-        let target = match digest {
-            Some(d) => self.reference.clone_with_digest(d.to_string()),
-            None => self.reference.clone(),
+        let remotes = if digest.is_some() {
+            &self.by_digest
+        } else {
+            &self.by_tag
         };
-        let (bytes, _) = self
-            .client
-            .pull_manifest_raw(&target, &RegistryAuth::Anonymous, ACCEPTED_MANIFEST_TYPES)
-            .await
-            .map_err(|e| match (digest, verification_failure(&e)) {
-                (Some(expected), Some(found)) => Error::DigestMismatch {
-                    what: "manifest",
-                    reference: self.shown(),
-                    expected: expected.clone(),
-                    found,
+        let mut failure = None;
+        for remote in remotes {
+            let target = match digest {
+                Some(d) => remote.reference.clone_with_digest(d.to_string()),
+                None => remote.reference.clone(),
+            };
+            let what = format!("manifest of {}", self.shown());
+            let answer = self
+                .retrying(remote, &what, async || {
+                    remote
+                        .client
+                        .pull_manifest_raw(&target, &remote.auth, ACCEPTED_MANIFEST_TYPES)
+                        .await
+                })
+                .await;
+            let error = match answer {
+                Ok((bytes, _)) => {
+                    let found = Digest::of(&bytes);
+                    match digest.filter(|d| **d != found) {
+                        None => return Ok((bytes.to_vec(), found)),
+                        Some(expected) => Error::DigestMismatch {
+                            what: "manifest",
+                            reference: self.shown(),
+                            expected: expected.clone(),
+                            found,
+                        },
+                    }
+                }
+                Err(e) => match (digest, verification_failure(&e)) {
+                    (Some(expected), Some(found)) => Error::DigestMismatch {
+                        what: "manifest",
+                        reference: self.shown(),
+                        expected: expected.clone(),
+                        found,
+                    },
+                    _ => self.classify(remote, e),
                 },
-                _ => self.classify(e),
-            })?;
-        let found = Digest::of(&bytes);
-        if let Some(expected) = digest.filter(|d| **d != found) {
-            return Err(Error::DigestMismatch {
-                what: "manifest",
-                reference: self.shown(),
-                expected: expected.clone(),
-                found,
-            });
+            };
+            if !remote.endpoint.is_mirror {
+                return Err(error);
+            }
+            tracing::warn!(
+                "mirror {} failed: {error}; trying the next",
+                remote.endpoint.host
+            );
+            failure = Some(error);
         }
-        Ok((bytes.to_vec(), found))
+        Err(failure.expect("the registry itself is always the last endpoint"))
     }
 
-    /// Streams a blob into the cache; it is renamed in only if digest and size match.
-    pub async fn fetch_blob(
+    /// Runs `request` against `remote`: once on a mirror, with bounded retries and backoff on
+    /// the registry itself.
+    async fn retrying<T>(
         &self,
-        cache: &Cache,
-        digest: &Digest,
-        size: u64,
-        what: &'static str,
-    ) -> Result<()> {
-        self.online(|| format!("{what} {digest}"))?;
-        let auth = RegistryAuth::Anonymous;
-        self.client
-            .store_auth_if_needed(self.reference.resolve_registry(), &auth)
-            .await;
-        let descriptor = OciDescriptor {
-            digest: digest.to_string(),
-            size: size as i64,
-            ..Default::default()
+        remote: &Remote,
+        what: &str,
+        request: impl AsyncFn() -> std::result::Result<T, OciDistributionError>,
+    ) -> std::result::Result<T, OciDistributionError> {
+        let network = &self.registries.config.network;
+        let tries = if remote.endpoint.is_mirror {
+            1
+        } else {
+            network.retries + 1
         };
-        let mut stream = self
-            .client
-            .pull_blob_stream(&self.reference, &descriptor)
-            .await
-            .map_err(|e| self.classify(e))?;
-        let mut writer = cache.blob_writer(digest)?;
-        let mut received = 0u64;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| match verification_failure(&e) {
-                Some(found) => Error::DigestMismatch {
-                    what,
-                    reference: self.shown(),
-                    expected: digest.clone(),
-                    found,
-                },
-                None => Error::Registry {
-                    reference: self.shown(),
-                    registry: self.reference.resolve_registry().to_owned(),
-                    detail: format!(
-                        "transfer of {what} {digest} failed: {}; nothing was cached, try again",
-                        error_chain(&e)
-                    ),
-                },
-            })?;
-            received += chunk.len() as u64;
-            // A registry that sends more than the descriptor promised is cut off at once,
-            // not after it has filled the disk.
-            if received > size {
-                return Err(Error::SizeMismatch {
-                    what,
-                    reference: self.shown(),
-                    digest: digest.clone(),
-                    expected: size,
-                    found: received,
-                });
+        let mut attempt = 0;
+        loop {
+            match request().await {
+                Err(e) if attempt + 1 < tries && retry::retryable(&e) => {
+                    let wait = retry::backoff(network.retry_delay, attempt);
+                    let reason = error_chain(&e);
+                    tracing::info!(
+                        "{what}: {reason}; try {} of {tries} in {wait:?}",
+                        attempt + 2
+                    );
+                    self.registries
+                        .progress
+                        .retrying(what, attempt + 1, wait, &reason);
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                result => return result,
             }
-            std::io::Write::write_all(&mut writer, &chunk).at(cache.blob_path(digest))?;
         }
-        let label = BlobLabel {
-            what,
-            reference: &self.shown(),
-        };
-        writer.commit(Some(size), label).map(drop)
     }
 
     /// Turns an `oci-client` error into one that says what happened to whom.
-    fn classify(&self, e: OciDistributionError) -> Error {
+    fn classify(&self, remote: &Remote, e: OciDistributionError) -> Error {
         let reference = self.shown();
-        let registry = self.reference.resolve_registry().to_owned();
+        let registry = remote.endpoint.host.clone();
+        let hint = match &remote.credentials_from {
+            Some(origin) => format!(
+                "the credentials from {origin} were used; check them, or log in again with `jkmount login {registry}`"
+            ),
+            None => format!(
+                "no credentials were found for it; check the repository name, or log in with `jkmount login {registry}`"
+            ),
+        };
         match &e {
             OciDistributionError::RegistryError { envelope, .. } => {
                 let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|x| &x.code).collect();
@@ -183,6 +325,7 @@ impl RegistrySource {
                     return Error::Unauthorized {
                         reference,
                         registry,
+                        hint,
                     };
                 }
                 if codes.iter().any(|c| {
@@ -210,6 +353,7 @@ impl RegistrySource {
                 return Error::Unauthorized {
                     reference,
                     registry,
+                    hint,
                 };
             }
             OciDistributionError::ServerError { code: 404, .. } => {
@@ -224,6 +368,7 @@ impl RegistrySource {
                 return Error::Unauthorized {
                     reference,
                     registry,
+                    hint,
                 };
             }
             OciDistributionError::RequestError(r) if r.is_connect() || r.is_timeout() => {
@@ -243,7 +388,6 @@ impl RegistrySource {
     }
 }
 
-/// An error and its sources on one line, deepest cause last, repeated texts left out.
 /// The digest oci-client computed when it found bytes that do not match the one asked for,
 /// wherever in an error's chain (an I/O error of a blob stream included) it sits.
 fn verification_failure(e: &(dyn std::error::Error + 'static)) -> Option<Digest> {
@@ -269,6 +413,7 @@ fn verification_failure(e: &(dyn std::error::Error + 'static)) -> Option<Digest>
     None
 }
 
+/// An error and its sources on one line, deepest cause last, repeated texts left out.
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut parts = vec![e.to_string()];
     let mut source = e.source();
@@ -282,3 +427,69 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     parts.join(": ")
 }
 
+/// Checks credentials the way `docker login` does: `GET /v2/` with them; when the registry
+/// answers with a bearer challenge, `oci-client` asks its token service with them instead.
+pub async fn check_login(
+    registries: &Registries,
+    host: &str,
+    username: &str,
+    password: &str,
+) -> Result<()> {
+    use base64::Engine;
+    let endpoint = registries
+        .config
+        .endpoints(host, true)
+        .pop()
+        .expect("the registry itself is always an endpoint");
+    let transport = Transport::new(
+        &endpoint,
+        &registries.config.network,
+        registries.certs_base.as_deref(),
+    )?;
+    let refused = |hint: &str| Error::Unauthorized {
+        reference: format!("{username}@{host}"),
+        registry: host.to_owned(),
+        hint: hint.to_owned(),
+    };
+    let url = format!("{}://{host}/v2/", transport.scheme);
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
+    let response = transport
+        .http_client()?
+        .get(&url)
+        .header(reqwest::header::AUTHORIZATION, format!("Basic {basic}"))
+        .send()
+        .await
+        .map_err(|e| Error::Unreachable {
+            reference: url.clone(),
+            registry: host.to_owned(),
+            detail: error_chain(&e),
+        })?;
+    let bearer = response
+        .headers()
+        .get(reqwest::header::WWW_AUTHENTICATE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("bearer"));
+    match response.status().as_u16() {
+        200 => Ok(()),
+        401 if bearer => {
+            let client = oci_client::Client::new(transport.oci_config());
+            let probe = Reference::with_tag(host.to_owned(), "jkmount/login".into(), "x".into());
+            let auth = RegistryAuth::Basic(username.to_owned(), password.to_owned());
+            match client
+                .auth(&probe, &auth, oci_client::RegistryOperation::Pull)
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(_) => Err(refused(
+                    "its token service refused the user name or password",
+                )),
+            }
+        }
+        401 | 403 => Err(refused("the user name or password is wrong")),
+        status => Err(Error::Registry {
+            reference: url,
+            registry: host.to_owned(),
+            detail: format!("answered {status} to a login"),
+        }),
+    }
+}

@@ -13,9 +13,21 @@ pub fn jkmount_bin() -> &'static str {
     env!("CARGO_BIN_EXE_jkmount")
 }
 
+/// A registry configuration with short retry waits, so that tests meeting a stopped registry
+/// do not sit through the default backoff (tests of retries write their own).
+pub fn quick_retries_config() -> &'static Path {
+    static PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("quick-retries.toml");
+        std::fs::write(&path, "[network]\nretry-delay = \"10ms\"\n").expect("write config");
+        path
+    })
+}
+
 /// Runs jkmount with `--cache-dir cache` and the given arguments, and returns its output.
 pub fn jkmount(cache: &Path, args: &[&str]) -> Output {
     Command::new(jkmount_bin())
+        .env("JKMOUNT_CONFIG", quick_retries_config())
         .arg("--cache-dir")
         .arg(cache)
         .args(args)

@@ -1,0 +1,294 @@
+//! Blob transfers: `GET /v2/<repository>/blobs/<digest>` on each endpoint in turn, with the
+//! token `oci-client` negotiated, streamed into the cache's verifying writer. A transfer that
+//! breaks off resumes with `Range: bytes=N-` (a server that answers 200 instead starts it
+//! over); 408, 429 and 5xx are retried after `Retry-After` or backoff; a registry sending more
+//! than the descriptor's size is cut off at once. Whatever path the bytes took, the blob enters
+//! the cache only if its digest and size match.
+
+use futures_util::StreamExt;
+use oci_client::RegistryOperation;
+use oci_client::secrets::RegistryAuth;
+use reqwest::header::{AUTHORIZATION, CONTENT_RANGE, RANGE, RETRY_AFTER};
+
+use super::{RegistrySource, Remote, error_chain, retry};
+use crate::cache::{BlobLabel, BlobWriter, Cache};
+use crate::digest::Digest;
+use crate::error::{Error, IoContext, Result};
+
+/// Why one try failed.
+enum Failure {
+    /// Worth another try (after the server's `Retry-After`, if it said).
+    Transient {
+        error: Error,
+        after: Option<std::time::Duration>,
+    },
+    /// Not worth another try on this endpoint.
+    Final(Error),
+}
+
+/// The bytes received so far, whichever endpoint sent them.
+struct Download {
+    writer: Option<BlobWriter>,
+    received: u64,
+}
+
+impl Download {
+    fn start_over(&mut self, cache: &Cache, digest: &Digest) -> Result<()> {
+        self.writer = Some(cache.blob_writer(digest)?);
+        self.received = 0;
+        Ok(())
+    }
+}
+
+/// What a blob transfer is about, for messages.
+struct Blob<'a> {
+    digest: &'a Digest,
+    size: u64,
+    what: &'static str,
+}
+
+impl RegistrySource {
+    /// Streams a blob into the cache; it is renamed in only if digest and size match.
+    pub async fn fetch_blob(
+        &self,
+        cache: &Cache,
+        digest: &Digest,
+        size: u64,
+        what: &'static str,
+    ) -> Result<()> {
+        self.online(|| format!("{what} {digest}"))?;
+        let progress = &self.registries.progress;
+        progress.started(&self.shown(), what, digest, size);
+        let result = self.download(cache, &Blob { digest, size, what }).await;
+        progress.finished(digest, result.is_ok());
+        result
+    }
+
+    async fn download(&self, cache: &Cache, blob: &Blob<'_>) -> Result<()> {
+        let network = &self.registries.config.network;
+        let mut download = Download {
+            writer: None,
+            received: 0,
+        };
+        download.start_over(cache, blob.digest)?;
+        let mut failure = None;
+        for remote in &self.by_digest {
+            let tries = if remote.endpoint.is_mirror {
+                1
+            } else {
+                network.retries + 1
+            };
+            let mut attempt = 0;
+            let error = loop {
+                match self.transfer(cache, remote, blob, &mut download).await {
+                    Ok(()) => {
+                        let writer = download.writer.take().expect("a writer is open");
+                        let label = BlobLabel {
+                            what: blob.what,
+                            reference: &self.shown(),
+                        };
+                        match writer.commit(Some(blob.size), label) {
+                            Ok(_) => return Ok(()),
+                            Err(e) => {
+                                download.start_over(cache, blob.digest)?;
+                                break e;
+                            }
+                        }
+                    }
+                    Err(Failure::Transient { error, after }) if attempt + 1 < tries => {
+                        let wait =
+                            after.unwrap_or_else(|| retry::backoff(network.retry_delay, attempt));
+                        let what = format!("{} {} of {}", blob.what, blob.digest, self.shown());
+                        tracing::info!(
+                            "{what}: {error}; try {} of {tries} in {wait:?}{}",
+                            attempt + 2,
+                            match download.received {
+                                0 => String::new(),
+                                n => format!(", resuming at byte {n}"),
+                            }
+                        );
+                        self.registries.progress.retrying(
+                            &what,
+                            attempt + 1,
+                            wait,
+                            &error.to_string(),
+                        );
+                        tokio::time::sleep(wait).await;
+                        attempt += 1;
+                    }
+                    Err(Failure::Transient { error, .. } | Failure::Final(error)) => break error,
+                }
+            };
+            if !remote.endpoint.is_mirror {
+                return Err(error);
+            }
+            tracing::warn!(
+                "mirror {} failed: {error}; trying the next",
+                remote.endpoint.host
+            );
+            failure = Some(error);
+        }
+        Err(failure.expect("the registry itself is always the last endpoint"))
+    }
+
+    /// The `Authorization` header for `remote`: the bearer token `oci-client` negotiated (a
+    /// challenge answered at the token service, scoped to the repository), or basic
+    /// credentials, or none.
+    async fn authorization(&self, remote: &Remote) -> std::result::Result<Option<String>, Failure> {
+        let token = remote
+            .client
+            .auth(&remote.reference, &remote.auth, RegistryOperation::Pull)
+            .await
+            .map_err(|e| match retry::retryable(&e) {
+                true => Failure::Transient {
+                    error: self.classify(remote, e),
+                    after: None,
+                },
+                false => Failure::Final(self.classify(remote, e)),
+            })?;
+        Ok(match (token, &remote.auth) {
+            (Some(token), _) => Some(format!("Bearer {token}")),
+            (None, RegistryAuth::Basic(user, password)) => {
+                use base64::Engine;
+                let pair = format!("{user}:{password}");
+                Some(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(pair)
+                ))
+            }
+            (None, _) => None,
+        })
+    }
+
+    /// One try at one endpoint, continuing from `download.received`.
+    async fn transfer(
+        &self,
+        cache: &Cache,
+        remote: &Remote,
+        blob: &Blob<'_>,
+        download: &mut Download,
+    ) -> std::result::Result<(), Failure> {
+        let registry = remote.endpoint.host.clone();
+        let failed = |detail: String| Error::Registry {
+            reference: self.shown(),
+            registry: registry.clone(),
+            detail: format!("{} {}: {detail}", blob.what, blob.digest),
+        };
+        let authorization = self.authorization(remote).await?;
+        let url = format!(
+            "{}://{}/v2/{}/blobs/{}",
+            remote.transport.scheme,
+            remote.endpoint.host,
+            remote.reference.repository(),
+            blob.digest
+        );
+        let mut request = remote.http.get(&url);
+        if let Some(value) = authorization {
+            request = request.header(AUTHORIZATION, value);
+        }
+        if download.received > 0 {
+            request = request.header(RANGE, format!("bytes={}-", download.received));
+        }
+        let response = request.send().await.map_err(|e| Failure::Transient {
+            error: failed(error_chain(&e)),
+            after: None,
+        })?;
+        let status = response.status().as_u16();
+        let start_over = |download: &mut Download| {
+            download
+                .start_over(cache, blob.digest)
+                .map_err(Failure::Final)
+                .map(|()| self.registries.progress.resumed(blob.digest, 0))
+        };
+        match status {
+            200 if download.received > 0 => start_over(download)?,
+            200 => {}
+            206 => {
+                let from = response
+                    .headers()
+                    .get(CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("bytes "))
+                    .and_then(|v| v.split('-').next())
+                    .and_then(|v| v.parse::<u64>().ok());
+                if from != Some(download.received) {
+                    start_over(download)?;
+                    return Err(Failure::Transient {
+                        error: failed(format!(
+                            "asked for bytes from {}, got a range from {from:?}",
+                            download.received
+                        )),
+                        after: None,
+                    });
+                }
+                self.registries
+                    .progress
+                    .resumed(blob.digest, download.received);
+            }
+            401 | 403 => {
+                let e = oci_client::errors::OciDistributionError::UnauthorizedError { url };
+                return Err(Failure::Final(self.classify(remote, e)));
+            }
+            s if retry::retryable_status(s) => {
+                let after = response
+                    .headers()
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| retry::parse_retry_after(v, std::time::SystemTime::now()));
+                if let Some(wait) = after.filter(|w| *w > retry::MAX_RETRY_AFTER) {
+                    return Err(Failure::Final(failed(format!(
+                        "the registry answered {s} and asks to wait {wait:?}; try again later"
+                    ))));
+                }
+                return Err(Failure::Transient {
+                    error: failed(format!("the registry answered {s}")),
+                    after,
+                });
+            }
+            s => {
+                return Err(Failure::Final(failed(format!("the registry answered {s}"))));
+            }
+        }
+        let mut stream = response.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| Failure::Transient {
+                error: failed(format!(
+                    "the transfer broke off after {} of {} bytes: {}",
+                    download.received,
+                    blob.size,
+                    error_chain(&e)
+                )),
+                after: None,
+            })?;
+            download.received += chunk.len() as u64;
+            // A registry that sends more than the descriptor promised is cut off at once,
+            // not after it has filled the disk.
+            if download.received > blob.size {
+                return Err(Failure::Final(Error::SizeMismatch {
+                    what: blob.what,
+                    reference: self.shown(),
+                    digest: blob.digest.clone(),
+                    expected: blob.size,
+                    found: download.received,
+                }));
+            }
+            let writer = download.writer.as_mut().expect("a writer is open");
+            std::io::Write::write_all(writer, &chunk)
+                .at(cache.blob_path(blob.digest))
+                .map_err(Failure::Final)?;
+            self.registries
+                .progress
+                .advanced(blob.digest, chunk.len() as u64);
+        }
+        if download.received < blob.size {
+            return Err(Failure::Transient {
+                error: failed(format!(
+                    "the connection closed after {} of {} bytes",
+                    download.received, blob.size
+                )),
+                after: None,
+            });
+        }
+        Ok(())
+    }
+}

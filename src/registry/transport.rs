@@ -1,0 +1,123 @@
+//! How one host is spoken to: HTTP or HTTPS, which certificate authorities are trusted (the
+//! system roots plus `*.crt` of the host's certificate directory, Docker's `certs.d`
+//! convention), whether verification is skipped, timeouts. Builds the `oci-client` client and
+//! the plain HTTP client blob transfers use, from the same settings. Proxies come from
+//! `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`, which both honour.
+
+use std::path::Path;
+
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+
+use super::config::{Endpoint, Network};
+use crate::error::{Error, Result};
+
+/// Everything needed to reach one endpoint.
+#[derive(Debug, Clone)]
+pub struct Transport {
+    /// `http` or `https`.
+    pub scheme: &'static str,
+    cas: Vec<Vec<u8>>,
+    tls_verify: bool,
+    network: Network,
+    host: String,
+}
+
+fn transport_error(host: &str, detail: String) -> Error {
+    Error::Registry {
+        reference: host.to_owned(),
+        registry: host.to_owned(),
+        detail,
+    }
+}
+
+/// The PEM certificate authorities (`*.crt`) in a certificate directory, sorted by name.
+fn read_cas(dir: &Path, host: &str) -> Result<Vec<Vec<u8>>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    let mut paths: Vec<_> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "crt"))
+        .collect();
+    paths.sort();
+    if dir.join("client.cert").exists() || dir.join("client.key").exists() {
+        return Err(transport_error(
+            host,
+            format!(
+                "{} holds a client certificate, which jkmount cannot present yet (oci-client 0.18 has no client identity); remove it or reach the registry without one",
+                dir.display()
+            ),
+        ));
+    }
+    paths
+        .iter()
+        .map(|p| std::fs::read(p).map_err(|e| Error::io(p, e)))
+        .collect()
+}
+
+impl Transport {
+    /// The transport for `endpoint`; its certificate directory is `certs_base/HOST` when a
+    /// base is given (`--cert-dir`), else the endpoint's own.
+    pub fn new(endpoint: &Endpoint, network: &Network, certs_base: Option<&Path>) -> Result<Self> {
+        let cert_dir = match certs_base {
+            Some(base) => base.join(&endpoint.host),
+            None => endpoint.cert_dir.clone(),
+        };
+        Ok(Transport {
+            scheme: if endpoint.plain_http { "http" } else { "https" },
+            cas: read_cas(&cert_dir, &endpoint.host)?,
+            tls_verify: endpoint.tls_verify,
+            network: network.clone(),
+            host: endpoint.host.clone(),
+        })
+    }
+
+    /// The `oci-client` configuration.
+    pub fn oci_config(&self) -> ClientConfig {
+        ClientConfig {
+            protocol: if self.scheme == "http" {
+                ClientProtocol::HttpsExcept(vec![self.host.clone()])
+            } else {
+                ClientProtocol::Https
+            },
+            accept_invalid_certificates: !self.tls_verify,
+            extra_root_certificates: self
+                .cas
+                .iter()
+                .map(|pem| Certificate {
+                    encoding: CertificateEncoding::Pem,
+                    data: pem.clone(),
+                })
+                .collect(),
+            connect_timeout: Some(self.network.connect_timeout),
+            read_timeout: Some(self.network.stall_timeout),
+            user_agent: concat!("jkmount/", env!("CARGO_PKG_VERSION")),
+            ..Default::default()
+        }
+    }
+
+    /// The HTTP client for blob transfers, with the same trust and timeouts.
+    pub fn http_client(&self) -> Result<reqwest::Client> {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(self.network.connect_timeout)
+            .read_timeout(self.network.stall_timeout)
+            .user_agent(concat!("jkmount/", env!("CARGO_PKG_VERSION")))
+            .tls_danger_accept_invalid_certs(!self.tls_verify);
+        let mut certs = Vec::new();
+        for pem in &self.cas {
+            let found = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
+                transport_error(&self.host, format!("a CA certificate cannot be read: {e}"))
+            })?;
+            certs.extend(found);
+        }
+        if !certs.is_empty() {
+            builder = builder.tls_certs_merge(certs);
+        }
+        builder
+            .build()
+            .map_err(|e| transport_error(&self.host, format!("cannot set up HTTP: {e}")))
+    }
+}

@@ -116,7 +116,10 @@ impl RegistrySource {
                         tokio::time::sleep(wait).await;
                         attempt += 1;
                     }
-                    Err(Failure::Transient { error, .. } | Failure::Final(error)) => break error,
+                    Err(Failure::Transient { error, .. }) => {
+                        break super::with_tries(error, attempt + 1);
+                    }
+                    Err(Failure::Final(error)) => break error,
                 }
             };
             if !remote.endpoint.is_mirror {

@@ -137,8 +137,9 @@ impl CredentialSources {
         CredentialSources { explicit, files }
     }
 
-    /// The file `jkmount login` writes: the auth file if one was named, else the containers
-    /// `auth.json` under `$XDG_RUNTIME_DIR`, else Docker's config file.
+    /// The file `jkmount login` writes: the first of the lookup order (the auth file if one
+    /// was named, else the containers `auth.json` under `$XDG_RUNTIME_DIR`, else the one under
+    /// `$XDG_CONFIG_HOME`, as podman does).
     pub fn login_file(&self) -> Option<PathBuf> {
         self.files.first().cloned()
     }

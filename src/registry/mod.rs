@@ -246,14 +246,14 @@ impl RegistrySource {
                         },
                     }
                 }
-                Err(e) => match (digest, verification_failure(&e)) {
+                Err((e, tries)) => match (digest, verification_failure(&e)) {
                     (Some(expected), Some(found)) => Error::DigestMismatch {
                         what: "manifest",
                         reference: self.shown(),
                         expected: expected.clone(),
                         found,
                     },
-                    _ => self.classify(remote, e),
+                    _ => with_tries(self.classify(remote, e), tries),
                 },
             };
             if !remote.endpoint.is_mirror {
@@ -275,7 +275,7 @@ impl RegistrySource {
         remote: &Remote,
         what: &str,
         request: impl AsyncFn() -> std::result::Result<T, OciDistributionError>,
-    ) -> std::result::Result<T, OciDistributionError> {
+    ) -> std::result::Result<T, (OciDistributionError, u32)> {
         let network = &self.registries.config.network;
         let tries = if remote.endpoint.is_mirror {
             1
@@ -298,7 +298,7 @@ impl RegistrySource {
                     tokio::time::sleep(wait).await;
                     attempt += 1;
                 }
-                result => return result,
+                result => return result.map_err(|e| (e, attempt + 1)),
             }
         }
     }
@@ -385,6 +385,32 @@ impl RegistrySource {
             registry,
             detail: error_chain(&e),
         }
+    }
+}
+
+/// Says how many tries a transient failure survived.
+pub(crate) fn with_tries(error: Error, tries: u32) -> Error {
+    let note = |detail: String| format!("{detail} (gave up after {tries} tries)");
+    match error {
+        Error::Registry {
+            reference,
+            registry,
+            detail,
+        } if tries > 1 => Error::Registry {
+            reference,
+            registry,
+            detail: note(detail),
+        },
+        Error::Unreachable {
+            reference,
+            registry,
+            detail,
+        } if tries > 1 => Error::Unreachable {
+            reference,
+            registry,
+            detail: note(detail),
+        },
+        other => other,
     }
 }
 

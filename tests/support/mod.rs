@@ -2,6 +2,7 @@
 //! `docker-registry` on 127.0.0.1, and running the `jkmount` binary.
 #![allow(dead_code)]
 
+pub mod fault_proxy;
 pub mod lying_registry;
 pub mod registry;
 

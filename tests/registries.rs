@@ -1,0 +1,427 @@
+//! Registries as users have them, against real servers on 127.0.0.1: a fault proxy in front of
+//! docker-registry (503, 429 with Retry-After, a layer cut off halfway, a registry that keeps
+//! failing, HTTP_PROXY), mirrors, credentials from every kind of file and a helper, a token
+//! service, and TLS with a test CA.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use jkmount::fixture::{BuiltImage, ImageBuilder};
+use support::fault_proxy::{Fault, FaultProxy};
+use support::registry::Registry;
+use support::{block_on, fails, jkmount_bin, ok};
+
+/// Text of `lines` lines of hex (compresses to about half), for layers of some size.
+fn noise(lines: usize) -> String {
+    use sha2::Digest as _;
+    let text: String = (0..lines)
+        .map(|i| {
+            format!(
+                "{}\n",
+                hex::encode(sha2::Sha256::digest((i as u64).to_le_bytes()))
+            )
+        })
+        .collect();
+    serde_json::to_string(&text).unwrap()
+}
+
+fn push(registry: &Registry, name: &str, image: &BuiltImage) {
+    block_on(image.push(&registry.reference(name))).expect("push");
+}
+
+/// A work directory with a config file and a cache, and jkmount run against them.
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new(config: &str) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.toml"), config).unwrap();
+        Setup { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(jkmount_bin());
+        command
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .env("HOME", self.path("home"))
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("DOCKER_CONFIG")
+            .env_remove("REGISTRY_AUTH_FILE")
+            .arg("--config")
+            .arg(self.path("config.toml"))
+            .arg("--cache-dir")
+            .arg(self.path("cache"))
+            .args(args);
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("jkmount runs")
+    }
+}
+
+const QUICK: &str = "[network]\nretries = 4\nretry-delay = \"50ms\"\n";
+
+#[test]
+fn transient_failures_are_retried_and_a_cut_layer_resumes_with_range() {
+    let registry = Registry::start();
+    let image = ImageBuilder::new()
+        .layer(&format!("f /noise 644 {}", noise(20_000)))
+        .build();
+    push(&registry, "libs/a:1", &image);
+    let proxy = FaultProxy::start(&registry.addr);
+    let layer = image.layers[0].digest.to_string();
+    assert!(image.layers[0].blob.len() > 600_000);
+    proxy.fail("/manifests/", Fault::Status(503, None), 1);
+    proxy.fail(&layer, Fault::Status(429, Some("1".into())), 1);
+    proxy.fail(&layer, Fault::CutAfter(300_000), 1);
+    let setup = Setup::new(QUICK);
+    let reference = format!("{}/libs/a:1", proxy.addr);
+
+    let out = ok(setup.run(&["-v", "pull", &reference]));
+    assert_eq!(out, format!("{reference} {}\n", image.manifest.digest));
+
+    let manifests: Vec<u16> = proxy.seen("/manifests/").iter().map(|s| s.status).collect();
+    assert_eq!(manifests[..2], [503, 200], "{manifests:?}");
+    let blobs = proxy.seen(&layer);
+    let shown: Vec<(u16, Option<String>)> =
+        blobs.iter().map(|s| (s.status, s.range.clone())).collect();
+    assert_eq!(shown.len(), 3, "{shown:?}");
+    assert_eq!(shown[0], (429, None));
+    assert_eq!(shown[1], (200, None), "the cut transfer");
+    let resumed_at: u64 = shown[2]
+        .1
+        .as_deref()
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.strip_suffix('-'))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no Range on the retry: {shown:?}"));
+    assert!(resumed_at > 0 && resumed_at <= 300_000, "{resumed_at}");
+    assert_eq!(shown[2].0, 206);
+    let waited = blobs[1].at - blobs[0].at;
+    assert!(
+        waited >= Duration::from_millis(900),
+        "Retry-After: 1 was not honoured ({waited:?})"
+    );
+    let verified = ok(setup.run(&["cache", "verify"]));
+    assert!(verified.ends_with(": 0 damaged\n"), "{verified}");
+}
+
+#[test]
+fn a_registry_that_keeps_failing_fails_clearly_after_its_tries() {
+    let registry = Registry::start();
+    let image = ImageBuilder::new().layer("f /a 644 \"a\"").build();
+    push(&registry, "libs/a:1", &image);
+    let proxy = FaultProxy::start(&registry.addr);
+    proxy.fail("/manifests/", Fault::Status(503, None), 1000);
+    let setup = Setup::new("[network]\nretries = 2\nretry-delay = \"20ms\"\n");
+    let reference = format!("{}/libs/a:1", proxy.addr);
+    let err = fails(setup.run(&["pull", &reference]), 1);
+    assert_eq!(
+        proxy.seen("/manifests/").len(),
+        3,
+        "one try and two retries"
+    );
+    assert!(
+        err.contains(&format!("registry {} failed for {reference}", proxy.addr))
+            && err.contains("503")
+            && err.contains("gave up after 3 tries"),
+        "{err}"
+    );
+
+    // A blob that keeps failing is given up on after as many tries, and nothing is cached.
+    let proxy = FaultProxy::start(&registry.addr);
+    let layer = image.layers[0].digest.to_string();
+    proxy.fail(&layer, Fault::Status(500, None), 1000);
+    let reference = format!("{}/libs/a:1", proxy.addr);
+    let err = fails(setup.run(&["pull", &reference]), 1);
+    assert_eq!(proxy.seen(&layer).len(), 3);
+    assert!(
+        err.contains(&format!(
+            "layer {layer}: the registry answered 500 (gave up after 3 tries)"
+        )),
+        "{err}"
+    );
+    assert!(
+        !setup
+            .path("cache/v1/blobs/sha256")
+            .join(image.layers[0].digest.hex())
+            .exists()
+    );
+}
+
+#[test]
+fn requests_go_through_http_proxy() {
+    let registry = Registry::start();
+    let image = ImageBuilder::new().layer("f /a 644 \"a\"").build();
+    push(&registry, "libs/a:1", &image);
+    let proxy = FaultProxy::start(&registry.addr);
+    let setup = Setup::new(QUICK);
+    let reference = registry.reference("libs/a:1");
+    let out = setup
+        .command(&["pull", &reference])
+        .env("HTTP_PROXY", format!("http://{}", proxy.addr))
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .output()
+        .unwrap();
+    ok(out);
+    assert!(
+        !proxy.seen("/manifests/1").is_empty(),
+        "the manifest went through the proxy"
+    );
+    assert!(
+        !proxy.seen(&image.layers[0].digest.to_string()).is_empty(),
+        "the layer went through the proxy"
+    );
+}
+
+#[test]
+fn mirrors_are_tried_in_order_and_the_registry_last() {
+    let upstream = Registry::start();
+    let mirror = Registry::start();
+    let image = ImageBuilder::new().layer("f /m 644 \"mirrored\"").build();
+    push(&upstream, "libs/a:1", &image);
+    push(&mirror, "hub/libs/a:1", &image);
+    let down = format!("127.0.0.1:{}", support::registry::free_port());
+    let layer = image.layers[0].digest.to_string();
+    let config = |mirrors: &[&str]| {
+        let mut text = format!("{QUICK}\n[[registry]]\nlocation = \"{}\"\n", upstream.addr);
+        for m in mirrors {
+            text.push_str(&format!("[[registry.mirror]]\nlocation = \"{m}\"\n"));
+        }
+        text
+    };
+    let reference = upstream.reference("libs/a:1");
+
+    let setup = Setup::new(&config(&[&down, &format!("{}/hub", mirror.addr)]));
+    let pulled = setup.run(&["pull", &reference]);
+    assert!(String::from_utf8_lossy(&pulled.stderr).contains(&format!("mirror {down} failed")));
+    assert_eq!(
+        ok(pulled),
+        format!("{reference} {}\n", image.manifest.digest)
+    );
+    assert_eq!(
+        mirror.blob_downloads(&layer),
+        1,
+        "the layer came from the mirror"
+    );
+    assert_eq!(upstream.blob_downloads(&layer), 0);
+
+    let setup = Setup::new(&config(&[&down]));
+    ok(setup.run(&["pull", &reference]));
+    assert_eq!(
+        upstream.blob_downloads(&layer),
+        1,
+        "all mirrors down: the registry itself"
+    );
+
+    // A mirror that serves other content under the digest is passed over, never cached.
+    let other = ImageBuilder::new().layer("f /m 644 \"forged\"").build();
+    let liar = Registry::start();
+    push(&liar, "libs/a:1", &other);
+    let by_digest = format!("{}@{}", upstream.reference("libs/a"), image.manifest.digest);
+    let setup = Setup::new(&config(&[&liar.addr]));
+    let out = setup.run(&["pull", &by_digest]);
+    assert_eq!(ok(out), format!("{by_digest} {}\n", image.manifest.digest));
+}
+
+/// Writes `content` to `path`, creating its directory.
+fn write(path: &Path, content: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, content).unwrap();
+}
+
+fn docker_auth(user: &str, password: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+}
+
+#[test]
+fn credentials_come_from_every_kind_of_file_and_a_helper() {
+    let registry = Registry::start_with_basic_auth("alice", "s3cret");
+    let image = ImageBuilder::new().layer("f /private 644 \"p\"").build();
+    block_on(image.push_with_basic_auth(&registry.reference("libs/p:1"), "alice", "s3cret"))
+        .expect("push");
+    let reference = registry.reference("libs/p:1");
+    let good = format!(
+        r#"{{"auths": {{"{}": {{"auth": "{}"}}}}}}"#,
+        registry.addr,
+        docker_auth("alice", "s3cret")
+    );
+
+    // Nothing anywhere: refused, and the error says how to log in.
+    let setup = Setup::new(QUICK);
+    let err = fails(setup.run(&["pull", &reference]), 1);
+    assert!(
+        err.contains(&format!("jkmount login {}", registry.addr)),
+        "{err}"
+    );
+
+    // Each file alone is enough.
+    let cases: [(&str, &str); 4] = [
+        ("docker", "home/.docker/config.json"),
+        ("runtime", "run/containers/auth.json"),
+        ("config-home", "home/.config/containers/auth.json"),
+        ("authfile", "elsewhere/auth.json"),
+    ];
+    for (name, file) in cases {
+        let setup = Setup::new(QUICK);
+        write(&setup.path(file), &good);
+        let mut command = setup.command(&["pull", &reference]);
+        match name {
+            "runtime" => command.env("XDG_RUNTIME_DIR", setup.path("run")),
+            "authfile" => command.env("REGISTRY_AUTH_FILE", setup.path(file)),
+            _ => &mut command,
+        };
+        ok(command.output().unwrap());
+    }
+
+    // The order: a wrong password in auth.json wins over a right one in Docker's file.
+    let setup = Setup::new(QUICK);
+    write(&setup.path("home/.docker/config.json"), &good);
+    let wrong = good.replace(
+        &docker_auth("alice", "s3cret"),
+        &docker_auth("alice", "nope"),
+    );
+    write(&setup.path("run/containers/auth.json"), &wrong);
+    let out = setup
+        .command(&["pull", &reference])
+        .env("XDG_RUNTIME_DIR", setup.path("run"))
+        .output()
+        .unwrap();
+    let err = fails(out, 1);
+    assert!(
+        err.contains(&format!(
+            "the credentials from {}",
+            setup.path("run/containers/auth.json").display()
+        )),
+        "{err}"
+    );
+    assert!(
+        !err.contains("nope") && !err.contains("s3cret"),
+        "a secret leaked: {err}"
+    );
+
+    // A credential helper named by credHelpers, found on PATH, spoken to on stdin/stdout.
+    let setup = Setup::new(QUICK);
+    let bin = setup.path("bin");
+    write(
+        &bin.join("docker-credential-test"),
+        &format!(
+            "#!/bin/sh\nread server\necho \"$1 $server\" >> {}\nif [ \"$server\" = \"{}\" ]; then\n  echo '{{\"ServerURL\":\"'$server'\",\"Username\":\"alice\",\"Secret\":\"s3cret\"}}'\nelse\n  echo 'credentials not found in native keychain'; exit 1\nfi\n",
+            setup.path("helper.log").display(),
+            registry.addr
+        ),
+    );
+    std::fs::set_permissions(
+        bin.join("docker-credential-test"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    write(
+        &setup.path("home/.docker/config.json"),
+        &format!(r#"{{"credHelpers": {{"{}": "test"}}}}"#, registry.addr),
+    );
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    ok(setup
+        .command(&["pull", &reference])
+        .env("PATH", &path)
+        .output()
+        .unwrap());
+    let asked = std::fs::read_to_string(setup.path("helper.log")).unwrap();
+    assert!(
+        asked.starts_with(&format!("get {}\n", registry.addr)),
+        "{asked}"
+    );
+
+    // --username with --password-stdin, and `jkmount login` / `logout` writing the file.
+    let setup = Setup::new(QUICK);
+    let with_stdin = |args: &[&str], input: &str| {
+        use std::io::Write;
+        let mut child = setup
+            .command(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    ok(with_stdin(
+        &[
+            "--username",
+            "alice",
+            "--password-stdin",
+            "pull",
+            &reference,
+        ],
+        "s3cret\n",
+    ));
+    let err = fails(
+        with_stdin(
+            &[
+                "--username",
+                "alice",
+                "--password-stdin",
+                "login",
+                &registry.addr,
+            ],
+            "wrong\n",
+        ),
+        1,
+    );
+    assert!(err.contains("the user name or password is wrong"), "{err}");
+    let out = ok(with_stdin(
+        &[
+            "--username",
+            "alice",
+            "--password-stdin",
+            "login",
+            &registry.addr,
+        ],
+        "s3cret\n",
+    ));
+    // Without XDG_RUNTIME_DIR, podman's per-user file.
+    let auth_file = setup.path("home/.config/containers/auth.json");
+    assert!(out.contains(&auth_file.display().to_string()), "{out}");
+    let written = std::fs::read_to_string(&auth_file).unwrap();
+    assert!(
+        written.contains(&auth_file_auth("alice", "s3cret")),
+        "{written}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&auth_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    ok(setup.run(&["pull", &reference]));
+    ok(setup.run(&["logout", &registry.addr]));
+    assert!(
+        !std::fs::read_to_string(&auth_file)
+            .unwrap()
+            .contains("alice")
+    );
+    fails(setup.run(&["pull", &reference]), 1);
+}

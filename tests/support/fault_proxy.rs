@@ -1,0 +1,211 @@
+//! An in-process HTTP proxy between jkmount and a real registry that fails on purpose: it
+//! answers chosen requests with an error status (and `Retry-After`), or cuts a response off
+//! after some bytes, a given number of times, and forwards everything else. It takes both
+//! origin-form requests (standing in for the registry's address) and absolute-form ones (as an
+//! `HTTP_PROXY`). One request per connection; every request is logged with its `Range` header
+//! and the status given. Stopped on drop.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// What to do to a matching request.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// Answer with this status and, if given, this `Retry-After`.
+    Status(u16, Option<String>),
+    /// Forward, but send only this many bytes of the response body, then close.
+    CutAfter(usize),
+}
+
+struct Rule {
+    path_contains: String,
+    fault: Fault,
+    times: usize,
+}
+
+/// One request as the proxy saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub range: Option<String>,
+    pub status: u16,
+    pub at: std::time::Instant,
+}
+
+pub struct FaultProxy {
+    pub addr: String,
+    rules: Arc<Mutex<Vec<Rule>>>,
+    log: Arc<Mutex<Vec<Seen>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FaultProxy {
+    /// A proxy in front of `upstream` (host:port).
+    pub fn start(upstream: &str) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let rules: Arc<Mutex<Vec<Rule>>> = Arc::default();
+        let log: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (rules, log, stop) = (rules.clone(), log.clone(), stop.clone());
+            let upstream = upstream.to_owned();
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    let (rules, log, upstream) = (rules.clone(), log.clone(), upstream.clone());
+                    std::thread::spawn(move || handle(stream, &upstream, &rules, &log));
+                }
+            })
+        };
+        FaultProxy {
+            addr,
+            rules,
+            log,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The next `times` requests whose path contains `path_contains` get `fault`.
+    pub fn fail(&self, path_contains: &str, fault: Fault, times: usize) {
+        self.rules.lock().unwrap().push(Rule {
+            path_contains: path_contains.to_owned(),
+            fault,
+            times,
+        });
+    }
+
+    /// The requests seen so far whose path contains `path_contains`.
+    pub fn seen(&self, path_contains: &str) -> Vec<Seen> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path.contains(path_contains))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(&self.addr);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn handle(stream: TcpStream, upstream: &str, rules: &Mutex<Vec<Rule>>, log: &Mutex<Vec<Seen>>) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+        return;
+    }
+    let mut headers = Vec::new();
+    let mut range = None;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header).unwrap_or(0) == 0 {
+            return;
+        }
+        if header.trim().is_empty() {
+            break;
+        }
+        let lower = header.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("range:") {
+            range = Some(v.trim().to_owned());
+        }
+        if lower.starts_with("connection:") || lower.starts_with("proxy-") {
+            continue;
+        }
+        headers.push(header);
+    }
+    let mut parts = request_line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_owned();
+    let target = parts.next().unwrap_or("").to_owned();
+    // Absolute form (as a proxy) or origin form (as the registry).
+    let path = match target.strip_prefix("http://") {
+        Some(rest) => rest
+            .find('/')
+            .map_or("/".to_owned(), |i| rest[i..].to_owned()),
+        None => target.clone(),
+    };
+    let fault = {
+        let mut rules = rules.lock().unwrap();
+        rules
+            .iter_mut()
+            .find(|r| r.times > 0 && path.contains(&r.path_contains))
+            .map(|r| {
+                r.times -= 1;
+                r.fault.clone()
+            })
+    };
+    let mut out = stream;
+    let record = |status: u16| {
+        log.lock().unwrap().push(Seen {
+            method: method.clone(),
+            path: path.clone(),
+            range: range.clone(),
+            status,
+            at: std::time::Instant::now(),
+        })
+    };
+    if let Some(Fault::Status(status, retry_after)) = &fault {
+        record(*status);
+        let extra = retry_after
+            .as_ref()
+            .map_or(String::new(), |v| format!("Retry-After: {v}\r\n"));
+        let _ = write!(
+            out,
+            "HTTP/1.1 {status} Injected\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        return;
+    }
+    let Ok(mut up) = TcpStream::connect(upstream) else {
+        record(502);
+        let _ = write!(
+            out,
+            "HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        return;
+    };
+    let mut forwarded = format!("{method} {path} HTTP/1.1\r\n");
+    for header in &headers {
+        forwarded.push_str(header);
+    }
+    forwarded.push_str("Connection: close\r\n\r\n");
+    if up.write_all(forwarded.as_bytes()).is_err() {
+        return;
+    }
+    let mut response = Vec::new();
+    let _ = up.read_to_end(&mut response);
+    let head_end = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(response.len(), |i| i + 4);
+    let status = String::from_utf8_lossy(&response[..head_end.min(response.len())])
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    record(status);
+    let end = match fault {
+        Some(Fault::CutAfter(n)) => (head_end + n).min(response.len()),
+        _ => response.len(),
+    };
+    let _ = out.write_all(&response[..end]);
+    let _ = out.flush();
+}

@@ -408,7 +408,7 @@ fn credentials_come_from_every_kind_of_file_and_a_helper() {
     assert!(out.contains(&auth_file.display().to_string()), "{out}");
     let written = std::fs::read_to_string(&auth_file).unwrap();
     assert!(
-        written.contains(&auth_file_auth("alice", "s3cret")),
+        written.contains(&docker_auth("alice", "s3cret")),
         "{written}"
     );
     use std::os::unix::fs::PermissionsExt;

@@ -486,3 +486,48 @@ fn a_mount_nobody_waits_for_any_more_never_appears() {
     });
     assert!(!is_mounted(&mnt));
 }
+
+#[test]
+fn a_private_image_mounts_with_a_password_given_on_stdin() {
+    use std::io::Write;
+    let registry = Registry::start_with_basic_auth("carol", "pa55");
+    let image = ImageBuilder::new()
+        .layer("f /jk/modules/p/index.js 644 \"module.exports = 'private';\"")
+        .build();
+    let reference = registry.reference("libs/p:1");
+    block_on(image.push_with_basic_auth(&reference, "carol", "pa55")).expect("push");
+    let work = tempfile::tempdir().unwrap();
+    let mnt = work.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let _guard = Mounted { path: mnt.clone() };
+    let mut child = Command::new(jkmount_bin())
+        .env("HOME", work.path())
+        .arg("--cache-dir")
+        .arg(work.path().join("cache"))
+        .args(["--username", "carol", "--password-stdin", &reference])
+        .arg(&mnt)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"pa55\n").unwrap();
+    ok(child.wait_with_output().unwrap());
+    assert!(is_mounted(&mnt));
+    let needle = mnt.to_str().unwrap().to_owned();
+    for pid in live_processes_mentioning(&needle) {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        for (what, bytes) in [("arguments", cmdline), ("environment", environ)] {
+            assert!(
+                !String::from_utf8_lossy(&bytes).contains("pa55"),
+                "the password is in the server's {what}"
+            );
+        }
+    }
+    let out = run(Command::new("node")
+        .arg("-e")
+        .arg("console.log(require('p'))")
+        .env("NODE_PATH", mnt.join("jk/modules")));
+    assert_eq!(out, "private\n");
+}

@@ -51,6 +51,22 @@ pub enum Error {
         detail: String,
     },
 
+    /// The registry's TLS certificate is not trusted.
+    #[error(
+        "the TLS certificate of registry {registry} is not trusted ({detail}); put its CA certificate in {}/ca.crt (or under --cert-dir), or set tls-verify = false for {registry} in the configuration",
+        cert_dir.display()
+    )]
+    Untrusted {
+        /// The image reference.
+        reference: String,
+        /// The registry host.
+        registry: String,
+        /// The TLS library's words.
+        detail: String,
+        /// Where a CA certificate for it would be read.
+        cert_dir: PathBuf,
+    },
+
     /// The registry refused access.
     #[error("registry {registry} refused access to {reference} (unauthorized); {hint}")]
     Unauthorized {

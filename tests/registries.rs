@@ -369,8 +369,9 @@ fn credentials_come_from_every_kind_of_file_and_a_helper() {
             .unwrap();
         child.wait_with_output().unwrap()
     };
-    ok(with_stdin(
+    let traced = with_stdin(
         &[
+            "-vvv",
             "--username",
             "alice",
             "--password-stdin",
@@ -378,7 +379,13 @@ fn credentials_come_from_every_kind_of_file_and_a_helper() {
             &reference,
         ],
         "s3cret\n",
-    ));
+    );
+    let log = String::from_utf8_lossy(&traced.stderr).into_owned();
+    ok(traced);
+    assert!(
+        !log.contains("s3cret") && !log.contains(&docker_auth("alice", "s3cret")),
+        "the password is in the trace log"
+    );
     let err = fails(
         with_stdin(
             &[
@@ -424,4 +431,112 @@ fn credentials_come_from_every_kind_of_file_and_a_helper() {
             .contains("alice")
     );
     fails(setup.run(&["pull", &reference]), 1);
+}
+
+#[test]
+fn a_tls_registry_is_trusted_through_its_certs_d_directory() {
+    let work = tempfile::tempdir().unwrap();
+    let ca = support::tls::TestCa::new(&work.path().join("ca"));
+    let plain = Registry::start();
+    let image = ImageBuilder::new().layer("f /secure 644 \"s\"").build();
+    push(&plain, "libs/s:1", &image);
+    let registry = Registry::start_with(support::registry::Options {
+        tls: Some((ca.path("server.crt"), ca.path("server.key"))),
+        storage: Some(plain.storage()),
+        ..Default::default()
+    });
+    let reference = registry.reference("libs/s:1");
+    let https = format!(
+        "{QUICK}\n[[registry]]\nlocation = \"{}\"\nplain-http = false\n",
+        registry.addr
+    );
+
+    // Without the CA: refused, saying where the CA would go; no retries for that.
+    let setup = Setup::new(&https);
+    let certs = setup.path("certs.d");
+    let err = fails(
+        setup.run(&["--cert-dir", certs.to_str().unwrap(), "pull", &reference]),
+        1,
+    );
+    assert!(
+        err.contains(&format!(
+            "the TLS certificate of registry {} is not trusted",
+            registry.addr
+        )) && err.contains(&format!("{}/ca.crt", certs.join(&registry.addr).display())),
+        "{err}"
+    );
+
+    // With the CA in the registry's certs.d directory: verified and pulled.
+    write(
+        &certs.join(&registry.addr).join("ca.crt"),
+        &std::fs::read_to_string(ca.path("ca.crt")).unwrap(),
+    );
+    let out = ok(setup.run(&["--cert-dir", certs.to_str().unwrap(), "pull", &reference]));
+    assert_eq!(out, format!("{reference} {}\n", image.manifest.digest));
+
+    // tls-verify = false, only because the configuration names this registry.
+    let setup = Setup::new(&format!("{https}tls-verify = false\n"));
+    ok(setup.run(&["pull", &reference]));
+
+    // A client certificate cannot be presented (oci-client has no client identity): said so.
+    write(&certs.join(&registry.addr).join("client.cert"), "x");
+    let setup = Setup::new(&https);
+    let err = fails(
+        setup.run(&["--cert-dir", certs.to_str().unwrap(), "pull", &reference]),
+        1,
+    );
+    assert!(err.contains("client certificate"), "{err}");
+}
+
+#[test]
+fn a_token_service_grants_scoped_tokens_for_the_stored_credentials() {
+    use support::token_server::{ISSUER, SERVICE, TokenServer};
+    let work = tempfile::tempdir().unwrap();
+    let ca = support::tls::TestCa::new(&work.path().join("ca"));
+    let bundle = ca.path("ca.crt");
+    let tokens = TokenServer::start(ca, "bob", "hunter2");
+    let registry = Registry::start_with(support::registry::Options {
+        token: Some((tokens.realm(), SERVICE.into(), ISSUER.into(), bundle)),
+        ..Default::default()
+    });
+    let (p, q) = (
+        ImageBuilder::new().layer("f /p 644 \"p\"").build(),
+        ImageBuilder::new().layer("f /q 644 \"q\"").build(),
+    );
+    for (name, image) in [("team/p:1", &p), ("team/q:1", &q)] {
+        block_on(image.push_with_basic_auth(&registry.reference(name), "bob", "hunter2"))
+            .expect("push through the token service");
+    }
+    let setup = Setup::new(QUICK);
+    let anonymous = fails(setup.run(&["pull", &registry.reference("team/p:1")]), 1);
+    assert!(anonymous.contains("refused access"), "{anonymous}");
+
+    write(
+        &setup.path("home/.docker/config.json"),
+        &format!(
+            r#"{{"auths": {{"{}": {{"auth": "{}"}}}}}}"#,
+            registry.addr,
+            docker_auth("bob", "hunter2")
+        ),
+    );
+    let before = tokens.requests().len();
+    for name in ["team/p:1", "team/q:1"] {
+        ok(setup.run(&["pull", &registry.reference(name)]));
+    }
+    let asked: Vec<(Option<String>, Vec<String>)> = tokens.requests()[before..]
+        .iter()
+        .map(|r| (r.user.clone(), r.scopes.clone()))
+        .collect();
+    for repo in ["team/p", "team/q"] {
+        assert!(
+            asked.contains(&(Some("bob".into()), vec![format!("repository:{repo}:pull")])),
+            "no pull-scoped token for {repo}: {asked:?}"
+        );
+    }
+    assert!(
+        asked
+            .iter()
+            .all(|(_, scopes)| scopes.iter().all(|s| s.ends_with(":pull"))),
+        "a pull asks for pull only: {asked:?}"
+    );
 }

@@ -19,7 +19,7 @@
 //!
 //! [[registry]]
 //! location = "registry.internal:5000"
-//! plain-http = true        # only ever for a registry named here (loopback: always)
+//! plain-http = true        # only for a registry named here [default: loopback hosts only]
 //! tls-verify = false
 //! cert-dir = "/etc/jkmount/certs.d/registry.internal:5000"
 //! ```
@@ -84,9 +84,9 @@ impl Default for Network {
 pub struct RegistryConfig {
     /// `host[:port]`, as in image references (`docker.io` for Docker Hub).
     pub location: String,
-    /// Speak plain HTTP (loopback registries always may).
-    #[serde(default)]
-    pub plain_http: bool,
+    /// Speak plain HTTP instead of HTTPS [default: true for loopback hosts, else false].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plain_http: Option<bool>,
     /// Verify the registry's TLS certificate.
     #[serde(default = "yes")]
     pub tls_verify: bool,
@@ -108,9 +108,9 @@ pub struct RegistryConfig {
 pub struct MirrorConfig {
     /// `host[:port][/path]`: a repository `R` of the registry is `host[:port]/path/R` here.
     pub location: String,
-    /// Speak plain HTTP to the mirror.
-    #[serde(default)]
-    pub plain_http: bool,
+    /// Speak plain HTTP to the mirror [default: true for loopback hosts, else false].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plain_http: Option<bool>,
     /// Verify the mirror's TLS certificate.
     #[serde(default = "yes")]
     pub tls_verify: bool,
@@ -230,7 +230,9 @@ impl Config {
                 out.push(Endpoint {
                     host: mirror_host.to_owned(),
                     path_prefix: prefix,
-                    plain_http: mirror.plain_http || is_loopback_registry(mirror_host),
+                    plain_http: mirror
+                        .plain_http
+                        .unwrap_or_else(|| is_loopback_registry(mirror_host)),
                     tls_verify: mirror.tls_verify,
                     cert_dir: Path::new(DOCKER_CERTS_DIR).join(mirror_host),
                     is_mirror: true,
@@ -240,7 +242,9 @@ impl Config {
         out.push(Endpoint {
             host: host.to_owned(),
             path_prefix: String::new(),
-            plain_http: configured.is_some_and(|r| r.plain_http) || is_loopback_registry(host),
+            plain_http: configured
+                .and_then(|r| r.plain_http)
+                .unwrap_or_else(|| is_loopback_registry(host)),
             tls_verify: configured.is_none_or(|r| r.tls_verify),
             cert_dir: configured
                 .and_then(|r| r.cert_dir.clone())

@@ -371,6 +371,14 @@ impl RegistrySource {
                     hint,
                 };
             }
+            OciDistributionError::RequestError(r) if retry::is_certificate_problem(r) => {
+                return Error::Untrusted {
+                    reference,
+                    registry,
+                    detail: error_chain(r),
+                    cert_dir: remote.transport.cert_dir.clone(),
+                };
+            }
             OciDistributionError::RequestError(r) if r.is_connect() || r.is_timeout() => {
                 return Error::Unreachable {
                     reference,

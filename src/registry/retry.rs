@@ -23,6 +23,7 @@ pub fn retryable_status(status: u16) -> bool {
 /// `Retry-After` on a manifest request is not seen; backoff applies).
 pub fn retryable(e: &OciDistributionError) -> bool {
     match e {
+        OciDistributionError::RequestError(r) if is_certificate_problem(r) => false,
         OciDistributionError::RequestError(r) => {
             r.is_connect()
                 || r.is_timeout()
@@ -37,6 +38,19 @@ pub fn retryable(e: &OciDistributionError) -> bool {
             .any(|e| matches!(e.code, OciErrorCode::Toomanyrequests)),
         _ => false,
     }
+}
+
+/// Whether an error (or one of its causes) is a refused TLS certificate, which no retry fixes.
+pub fn is_certificate_problem(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        let text = err.to_string();
+        if text.contains("certificate") || text.contains("UnknownIssuer") {
+            return true;
+        }
+        current = err.source();
+    }
+    false
 }
 
 /// The wait before try number `attempt + 1` (0-based), from `base`: doubled each time, with

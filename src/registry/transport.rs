@@ -16,6 +16,8 @@ use crate::error::{Error, Result};
 pub struct Transport {
     /// `http` or `https`.
     pub scheme: &'static str,
+    /// Where this host's certificates are read.
+    pub cert_dir: std::path::PathBuf,
     cas: Vec<Vec<u8>>,
     tls_verify: bool,
     network: Network,
@@ -69,6 +71,7 @@ impl Transport {
         Ok(Transport {
             scheme: if endpoint.plain_http { "http" } else { "https" },
             cas: read_cas(&cert_dir, &endpoint.host)?,
+            cert_dir,
             tls_verify: endpoint.tls_verify,
             network: network.clone(),
             host: endpoint.host.clone(),

@@ -5,6 +5,8 @@
 pub mod fault_proxy;
 pub mod lying_registry;
 pub mod registry;
+pub mod tls;
+pub mod token_server;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -27,7 +27,21 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Whether `GET /v2/` answers (200, or 401 from a registry that wants credentials).
+/// How a registry is set up beyond the defaults.
+#[derive(Default)]
+pub struct Options<'a> {
+    /// HTTP basic auth for this user and password.
+    pub basic_auth: Option<(&'a str, &'a str)>,
+    /// Serve TLS with this certificate and key (PEM files).
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Bearer tokens from this service: (realm URL, service, issuer, root certificate bundle).
+    pub token: Option<(String, String, String, PathBuf)>,
+    /// Serve what another registry stored (its storage directory).
+    pub storage: Option<PathBuf>,
+}
+
+/// Whether `GET /v2/` answers (200, 401 from a registry that wants credentials, or 400 from
+/// a TLS registry spoken to in plain HTTP).
 fn answers(addr: &str) -> bool {
     let Ok(mut stream) =
         TcpStream::connect_timeout(&addr.parse().expect("addr"), Duration::from_millis(200))
@@ -39,28 +53,45 @@ fn answers(addr: &str) -> bool {
         return false;
     }
     let mut head = [0u8; 12];
-    stream.read_exact(&mut head).is_ok() && (head.ends_with(b"200") || head.ends_with(b"401"))
+    stream.read_exact(&mut head).is_ok()
+        && (head.ends_with(b"200") || head.ends_with(b"401") || head.ends_with(b"400"))
 }
 
 impl Registry {
     /// Starts an open registry and waits (bounded) until it answers.
     pub fn start() -> Registry {
-        Self::start_with(None)
+        Self::start_with(Options::default())
     }
 
     /// Starts a registry that demands HTTP basic auth for this user and password.
     pub fn start_with_basic_auth(user: &str, password: &str) -> Registry {
-        Self::start_with(Some((user, password)))
+        Self::start_with(Options {
+            basic_auth: Some((user, password)),
+            ..Default::default()
+        })
     }
 
-    fn start_with(basic_auth: Option<(&str, &str)>) -> Registry {
+    /// Starts a registry set up as `options` say.
+    pub fn start_with(options: Options<'_>) -> Registry {
+        let basic_auth = options.basic_auth;
         let dir = tempfile::tempdir().expect("tempdir");
         let addr = format!("127.0.0.1:{}", free_port());
         let config = dir.path().join("config.yml");
         let mut yaml = format!(
             "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
-            dir.path().join("storage").display()
+            options
+                .storage
+                .clone()
+                .unwrap_or_else(|| dir.path().join("storage"))
+                .display()
         );
+        if let Some((cert, key)) = &options.tls {
+            yaml.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            ));
+        }
         if let Some((user, password)) = basic_auth {
             let htpasswd = dir.path().join("htpasswd");
             let hash = bcrypt::hash(password, 4).expect("bcrypt");
@@ -68,6 +99,12 @@ impl Registry {
             yaml.push_str(&format!(
                 "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
                 htpasswd.display()
+            ));
+        }
+        if let Some((realm, service, issuer, bundle)) = &options.token {
+            yaml.push_str(&format!(
+                "auth:\n  token:\n    realm: {realm}\n    service: {service}\n    issuer: {issuer}\n    rootcertbundle: {}\n",
+                bundle.display()
             ));
         }
         std::fs::write(&config, yaml).expect("write registry config");
@@ -119,6 +156,11 @@ impl Registry {
             .lines()
             .filter(|l| l.contains("\"GET /v2/") && l.contains(&format!("/blobs/{digest} ")))
             .count()
+    }
+
+    /// Where the registry stores what it is given.
+    pub fn storage(&self) -> PathBuf {
+        self.dir.path().join("storage")
     }
 
     /// What the registry logged.

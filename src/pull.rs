@@ -127,13 +127,16 @@ enum Origin {
     Layout(LayoutSource),
 }
 
-fn origin(image: &ImageRef, options: &PullOptions) -> Result<Origin> {
+async fn origin(image: &ImageRef, options: &PullOptions) -> Result<Origin> {
     Ok(match image {
-        ImageRef::Registry(r) => Origin::Registry(Arc::new(RegistrySource::new(
-            r,
-            options.registries.clone(),
-            options.policy == PullPolicy::Never,
-        )?)),
+        ImageRef::Registry(r) => Origin::Registry(Arc::new(
+            RegistrySource::new(
+                r,
+                options.registries.clone(),
+                options.policy == PullPolicy::Never,
+            )
+            .await?,
+        )),
         ImageRef::Layout { dir, tag } => Origin::Layout(LayoutSource::new(dir, tag.as_deref())),
     })
 }
@@ -147,7 +150,7 @@ pub async fn pull(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Res
 /// lock`); the manifests are kept in the cache.
 pub async fn resolve(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Result<Resolved> {
     let shown = image.to_string();
-    let origin = origin(image, options)?;
+    let origin = origin(image, options).await?;
     let top = resolve_top(cache, &origin, options, &shown).await?;
     let (manifest, _) =
         image_manifest(cache, &origin, top.clone(), &options.platform, &shown).await?;
@@ -166,7 +169,7 @@ pub async fn pull_pinned(
     options: &PullOptions,
 ) -> Result<PulledImage> {
     let shown = image.to_string();
-    let origin = origin(image, options)?;
+    let origin = origin(image, options).await?;
     let top = match pin {
         Some(pin) => {
             if options.policy == PullPolicy::Always {

@@ -494,7 +494,7 @@ fn a_token_service_grants_scoped_tokens_for_the_stored_credentials() {
     let work = tempfile::tempdir().unwrap();
     let ca = support::tls::TestCa::new(&work.path().join("ca"));
     let bundle = ca.path("ca.crt");
-    let tokens = TokenServer::start(ca, "bob", "hunter2");
+    let tokens = TokenServer::start(ca, "bob", "hunter2", "refresh-for-bob");
     let registry = Registry::start_with(support::registry::Options {
         token: Some((tokens.realm(), SERVICE.into(), ISSUER.into(), bundle)),
         ..Default::default()

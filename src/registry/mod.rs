@@ -13,6 +13,7 @@ pub mod blob;
 pub mod config;
 pub mod credentials;
 pub mod retry;
+pub mod token;
 pub mod transport;
 
 use std::path::PathBuf;
@@ -125,7 +126,11 @@ fn remote_reference(reference: &Reference, endpoint: &Endpoint) -> Reference {
 impl RegistrySource {
     /// A source for `reference`. With `offline`, every fetch fails with [`Error::NotCached`]
     /// before touching the network.
-    pub fn new(reference: &Reference, registries: Arc<Registries>, offline: bool) -> Result<Self> {
+    pub async fn new(
+        reference: &Reference,
+        registries: Arc<Registries>,
+        offline: bool,
+    ) -> Result<Self> {
         let host = reference.resolve_registry();
         let mut remote_for = std::collections::HashMap::<String, Arc<Remote>>::new();
         let mut lists = [Vec::new(), Vec::new()];
@@ -133,7 +138,7 @@ impl RegistrySource {
             for endpoint in registries.config.endpoints(host, by_digest) {
                 let key = format!("{}/{}", endpoint.host, endpoint.path_prefix);
                 if !remote_for.contains_key(&key) {
-                    let remote = Self::remote(reference, endpoint, &registries)?;
+                    let remote = Self::remote(reference, endpoint, &registries, offline).await?;
                     remote_for.insert(key.clone(), Arc::new(remote));
                 }
                 list.push(remote_for[&key].clone());
@@ -149,10 +154,11 @@ impl RegistrySource {
         })
     }
 
-    fn remote(
+    async fn remote(
         reference: &Reference,
         endpoint: Endpoint,
         registries: &Registries,
+        offline: bool,
     ) -> Result<Remote> {
         let transport = Transport::new(
             &endpoint,
@@ -162,6 +168,8 @@ impl RegistrySource {
         let found = registries
             .credentials
             .lookup(&endpoint.host, reference.repository())?;
+        let http = transport.http_client()?;
+        let repository = format!("{}{}", endpoint.path_prefix, reference.repository());
         let (auth, credentials_from) = match found {
             None => (RegistryAuth::Anonymous, None),
             Some(found) => {
@@ -170,7 +178,21 @@ impl RegistrySource {
                     Secret::Password { username, password } => {
                         RegistryAuth::Basic(username, password)
                     }
-                    Secret::IdentityToken(token) => RegistryAuth::Bearer(token),
+                    // Offline, nothing is asked of the registry, so nothing is exchanged.
+                    Secret::IdentityToken(_) if offline => RegistryAuth::Anonymous,
+                    Secret::IdentityToken(refresh) => {
+                        let base = format!("{}://{}", transport.scheme, endpoint.host);
+                        let access = token::exchange(
+                            &http,
+                            &base,
+                            &endpoint.host,
+                            &repository,
+                            &refresh,
+                            &found.origin,
+                        )
+                        .await?;
+                        RegistryAuth::Bearer(access)
+                    }
                 };
                 (auth, Some(found.origin))
             }
@@ -178,7 +200,7 @@ impl RegistrySource {
         Ok(Remote {
             reference: remote_reference(reference, &endpoint),
             client: oci_client::Client::new(transport.oci_config()),
-            http: transport.http_client()?,
+            http,
             transport,
             endpoint,
             auth,

@@ -59,14 +59,16 @@ fn percent_decode(text: &str) -> String {
 }
 
 impl TokenServer {
-    /// Grants `user`/`password` whatever they ask for, signed with `ca`'s key.
-    pub fn start(ca: TestCa, user: &str, password: &str) -> TokenServer {
+    /// Grants `user` whatever they ask for, with their password or (in a `POST` with
+    /// `grant_type=refresh_token`) their `refresh` token, signed with `ca`'s key.
+    pub fn start(ca: TestCa, user: &str, password: &str, refresh: &str) -> TokenServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         let log: Arc<Mutex<Vec<TokenRequest>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let ca = Arc::new(ca);
         let expected = format!("{user}:{password}");
+        let refresh = refresh.to_owned();
         let thread = {
             let (log, stop) = (log.clone(), stop.clone());
             std::thread::spawn(move || {
@@ -75,8 +77,9 @@ impl TokenServer {
                         break;
                     }
                     let Ok(stream) = stream else { continue };
-                    let (log, ca, expected) = (log.clone(), ca.clone(), expected.clone());
-                    std::thread::spawn(move || serve(stream, &ca, &expected, &log));
+                    let (log, ca) = (log.clone(), ca.clone());
+                    let (expected, refresh) = (expected.clone(), refresh.clone());
+                    std::thread::spawn(move || serve(stream, &ca, &expected, &refresh, &log));
                 }
             })
         };
@@ -108,17 +111,29 @@ impl Drop for TokenServer {
     }
 }
 
-fn serve(stream: TcpStream, ca: &TestCa, expected: &str, log: &Mutex<Vec<TokenRequest>>) {
+fn serve(
+    stream: TcpStream,
+    ca: &TestCa,
+    expected: &str,
+    refresh: &str,
+    log: &Mutex<Vec<TokenRequest>>,
+) {
     let mut reader = BufReader::new(stream.try_clone().expect("clone"));
     let mut request_line = String::new();
     if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
         return;
     }
     let mut basic = None;
+    let mut length = 0usize;
     loop {
         let mut header = String::new();
         if reader.read_line(&mut header).unwrap_or(0) == 0 || header.trim().is_empty() {
             break;
+        }
+        if let Some((name, value)) = header.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().unwrap_or(0);
         }
         if let Some((name, value)) = header.split_once(':')
             && name.eq_ignore_ascii_case("authorization")
@@ -131,13 +146,40 @@ fn serve(stream: TcpStream, ca: &TestCa, expected: &str, log: &Mutex<Vec<TokenRe
         }
     }
     let target = request_line.split_whitespace().nth(1).unwrap_or("");
-    let query = target.split_once('?').map_or("", |(_, q)| q);
-    let scopes: Vec<String> = query
-        .split('&')
-        .filter_map(|kv| kv.strip_prefix("scope="))
-        .map(percent_decode)
-        .collect();
-    let presented = basic.map(|b| String::from_utf8_lossy(&b).into_owned());
+    // GET: parameters in the query; POST (an OAuth2 grant): in the form body.
+    let mut body = vec![0u8; length];
+    if std::io::Read::read_exact(&mut reader, &mut body).is_err() {
+        return;
+    }
+    let form = String::from_utf8_lossy(&body).into_owned();
+    let query = match request_line.starts_with("POST") {
+        true => form.as_str(),
+        false => target.split_once('?').map_or("", |(_, q)| q),
+    };
+    let field = |name: &str| {
+        query
+            .split('&')
+            .filter_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .map(percent_decode)
+            .collect::<Vec<_>>()
+    };
+    let scopes = field("scope");
+    let refreshed = field("grant_type") == ["refresh_token"] && field("refresh_token") == [refresh];
+    let presented = match refreshed {
+        true => Some(expected.to_owned()),
+        false => basic.map(|b| String::from_utf8_lossy(&b).into_owned()),
+    };
+    if request_line.starts_with("POST") && !refreshed {
+        log.lock()
+            .unwrap()
+            .push(TokenRequest { user: None, scopes });
+        let mut out = stream;
+        let _ = write!(
+            out,
+            "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        return;
+    }
     let user = match presented.as_deref() {
         Some(p) if p == expected => Some(expected.split(':').next().unwrap().to_owned()),
         Some(_) => {

@@ -1,0 +1,136 @@
+//! Docker's `identitytoken`: an OAuth2 refresh token, exchanged at the token service the
+//! registry's bearer challenge names (`POST realm` with `grant_type=refresh_token`, as the
+//! distribution token specification describes) for an access token scoped to pulling one
+//! repository. `oci-client` only sends HTTP basic credentials to token services, so this
+//! exchange is ours; the access token it yields is then handed to `oci-client` as a bearer
+//! token.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// The parameters of a `WWW-Authenticate: Bearer …` challenge (`realm`, `service`, …).
+pub fn bearer_challenge(header: &str) -> Option<HashMap<String, String>> {
+    let rest = header.trim();
+    let rest = rest
+        .get(..7)
+        .filter(|scheme| scheme.eq_ignore_ascii_case("bearer "))
+        .map(|_| &rest[7..])?;
+    let mut params = HashMap::new();
+    let mut chars = rest.chars().peekable();
+    loop {
+        while chars.next_if(|c| *c == ',' || c.is_whitespace()).is_some() {}
+        let key: String = std::iter::from_fn(|| chars.next_if(|c| *c != '=')).collect();
+        if key.is_empty() || chars.next() != Some('=') {
+            break;
+        }
+        let value: String = if chars.next_if_eq(&'"').is_some() {
+            let mut value = String::new();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next()),
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+            value
+        } else {
+            std::iter::from_fn(|| chars.next_if(|c| *c != ',')).collect()
+        };
+        params.insert(key.trim().to_ascii_lowercase(), value.trim().to_owned());
+    }
+    params.contains_key("realm").then_some(params)
+}
+
+#[derive(Deserialize)]
+struct TokenAnswer {
+    #[serde(default)]
+    access_token: Option<String>,
+    #[serde(default)]
+    token: Option<String>,
+}
+
+/// Exchanges `refresh_token` for an access token that may pull `repository` from `base_url`
+/// (`scheme://host`). `origin` names where the refresh token came from, for messages.
+pub async fn exchange(
+    http: &reqwest::Client,
+    base_url: &str,
+    host: &str,
+    repository: &str,
+    refresh_token: &str,
+    origin: &str,
+) -> Result<String> {
+    let refused = |why: String| Error::Unauthorized {
+        reference: format!("{host}/{repository}"),
+        registry: host.to_owned(),
+        hint: format!(
+            "the identity token from {origin} could not be used ({why}); log in again with `jkmount login {host}`"
+        ),
+    };
+    let unreachable = |e: reqwest::Error| Error::Unreachable {
+        reference: format!("{host}/{repository}"),
+        registry: host.to_owned(),
+        detail: super::error_chain(&e),
+    };
+    let probe = http
+        .get(format!("{base_url}/v2/"))
+        .send()
+        .await
+        .map_err(unreachable)?;
+    let challenge = probe
+        .headers()
+        .get(reqwest::header::WWW_AUTHENTICATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer_challenge)
+        .ok_or_else(|| refused("the registry names no token service".into()))?;
+    let scope = format!("repository:{repository}:pull");
+    let mut form = vec![
+        ("grant_type", "refresh_token"),
+        ("refresh_token", refresh_token),
+        ("client_id", "jkmount"),
+        ("scope", scope.as_str()),
+    ];
+    if let Some(service) = challenge.get("service") {
+        form.push(("service", service));
+    }
+    let answer = http
+        .post(&challenge["realm"])
+        .form(&form)
+        .send()
+        .await
+        .map_err(unreachable)?;
+    let status = answer.status();
+    if !status.is_success() {
+        return Err(refused(format!("its token service answered {status}")));
+    }
+    let answer: TokenAnswer = answer
+        .json()
+        .await
+        .map_err(|e| refused(format!("its token service answered something else: {e}")))?;
+    answer
+        .access_token
+        .or(answer.token)
+        .ok_or_else(|| refused("its token service gave no access token".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_bearer_challenges() {
+        let c = bearer_challenge(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/node:pull""#,
+        )
+        .unwrap();
+        assert_eq!(c["realm"], "https://auth.docker.io/token");
+        assert_eq!(c["service"], "registry.docker.io");
+        assert_eq!(c["scope"], "repository:library/node:pull");
+        let spaced = bearer_challenge(r#"bearer realm="http://a/t", service=reg"#).unwrap();
+        assert_eq!(spaced["service"], "reg");
+        assert!(bearer_challenge(r#"Basic realm="x""#).is_none());
+        assert!(bearer_challenge("Bearer service=x").is_none());
+    }
+}

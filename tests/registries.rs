@@ -540,3 +540,46 @@ fn a_token_service_grants_scoped_tokens_for_the_stored_credentials() {
         "a pull asks for pull only: {asked:?}"
     );
 }
+
+#[test]
+fn progress_is_json_lines_when_asked_and_silent_off_a_terminal() {
+    let registry = Registry::start();
+    let image = ImageBuilder::new()
+        .layer(&format!("f /noise 644 {}", noise(5_000)))
+        .layer("f /small 644 \"s\"")
+        .build();
+    push(&registry, "libs/a:1", &image);
+    let reference = registry.reference("libs/a:1");
+
+    let setup = Setup::new(QUICK);
+    let quiet = setup.run(&["pull", &reference]);
+    assert_eq!(
+        String::from_utf8_lossy(&quiet.stderr),
+        "",
+        "stderr is not a terminal"
+    );
+    ok(quiet);
+
+    let setup = Setup::new(QUICK);
+    let out = setup.run(&["--progress", "json", "pull", &reference]);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    ok(out);
+    for layer in &image.layers {
+        let digest = layer.digest.to_string();
+        let events: Vec<&serde_json::Value> = lines
+            .iter()
+            .filter(|l| l["digest"] == digest.as_str())
+            .collect();
+        assert_eq!(events.first().unwrap()["event"], "start", "{events:?}");
+        assert_eq!(events.first().unwrap()["size"], layer.blob.len() as u64);
+        assert_eq!(events.first().unwrap()["what"], "layer");
+        let last = events.last().unwrap();
+        assert_eq!(
+            (last["event"].as_str(), last["received"].as_u64()),
+            (Some("done"), Some(layer.blob.len() as u64))
+        );
+    }
+}

@@ -16,6 +16,8 @@ pub trait Progress: Send + Sync {
     fn resumed(&self, _digest: &Digest, _received: u64) {}
     /// A blob is complete and verified (or failed: `ok` false).
     fn finished(&self, _digest: &Digest, _ok: bool) {}
+    /// A layer blob has been decoded into the cache.
+    fn unpacked(&self, _digest: &Digest) {}
     /// A request failed and will be tried again after `after`.
     fn retrying(&self, _what: &str, _attempt: u32, _after: Duration, _reason: &str) {}
 }

@@ -488,6 +488,7 @@ async fn fetch_layers(
             limits: options.limits,
         };
         let (cache, origin, permits) = (cache.clone(), origin.clone(), permits.clone());
+        let progress = options.registries.progress.clone();
         tasks.spawn(async move {
             let _permit = permits
                 .acquire_owned()
@@ -497,7 +498,10 @@ async fn fetch_layers(
             if layer::is_decoded(&cache, &job.diff_id) {
                 return Ok(()); // another process decoded it while this one waited
             }
-            fetch_and_decode(cache, origin, job).await
+            let digest = job.digest.clone();
+            fetch_and_decode(cache, origin, job).await?;
+            progress.unpacked(&digest);
+            Ok(())
         });
     }
     while let Some(done) = tasks.join_next().await {

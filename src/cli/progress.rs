@@ -44,7 +44,8 @@ fn short(digest: &Digest) -> String {
 struct Bars {
     multi: MultiProgress,
     total: ProgressBar,
-    bars: Mutex<HashMap<Digest, ProgressBar>>,
+    /// Each blob's bar, and whether it is a layer (unpacked after its download).
+    bars: Mutex<HashMap<Digest, (ProgressBar, bool)>>,
 }
 
 impl Bars {
@@ -69,6 +70,9 @@ impl Bars {
 
 impl Progress for Bars {
     fn started(&self, _image: &str, what: &str, digest: &Digest, size: u64) {
+        if what == "config" {
+            return; // a few hundred bytes: not worth a line
+        }
         let bar = self
             .multi
             .insert_before(&self.total, ProgressBar::new(size));
@@ -81,21 +85,22 @@ impl Progress for Bars {
         );
         bar.set_prefix(format!("{what} {}", short(digest)));
         self.total.inc_length(size);
+        let layer = what == "layer";
         self.bars
             .lock()
             .expect("not poisoned")
-            .insert(digest.clone(), bar);
+            .insert(digest.clone(), (bar, layer));
     }
 
     fn advanced(&self, digest: &Digest, bytes: u64) {
-        if let Some(bar) = self.bars.lock().expect("not poisoned").get(digest) {
+        if let Some((bar, _)) = self.bars.lock().expect("not poisoned").get(digest) {
             bar.inc(bytes);
         }
         self.total.inc(bytes);
     }
 
     fn resumed(&self, digest: &Digest, received: u64) {
-        if let Some(bar) = self.bars.lock().expect("not poisoned").get(digest) {
+        if let Some((bar, _)) = self.bars.lock().expect("not poisoned").get(digest) {
             let lost = bar.position().saturating_sub(received);
             self.total
                 .set_position(self.total.position().saturating_sub(lost));
@@ -105,13 +110,30 @@ impl Progress for Bars {
     }
 
     fn finished(&self, digest: &Digest, ok: bool) {
-        if let Some(bar) = self.bars.lock().expect("not poisoned").remove(digest) {
-            match ok {
-                true => bar.finish_with_message("done"),
-                false => bar.abandon_with_message("failed"),
+        let mut bars = self.bars.lock().expect("not poisoned");
+        match (ok, bars.get(digest)) {
+            (true, Some((bar, true))) => bar.set_message("unpacking"),
+            (true, Some((bar, false))) => {
+                bar.finish_with_message("done");
+                bars.remove(digest);
             }
+            (false, Some((bar, _))) => {
+                bar.abandon_with_message("failed");
+                bars.remove(digest);
+            }
+            (_, None) => {}
         }
-        if self.bars.lock().expect("not poisoned").is_empty() {
+        if bars.is_empty() {
+            self.total.finish();
+        }
+    }
+
+    fn unpacked(&self, digest: &Digest) {
+        let mut bars = self.bars.lock().expect("not poisoned");
+        if let Some((bar, _)) = bars.remove(digest) {
+            bar.finish_with_message("done");
+        }
+        if bars.is_empty() {
             self.total.finish();
         }
     }
@@ -185,6 +207,10 @@ impl Progress for JsonLines {
             "event": if ok { "done" } else { "failed" },
             "digest": digest.to_string(), "received": received,
         }));
+    }
+
+    fn unpacked(&self, digest: &Digest) {
+        self.emit(serde_json::json!({"event": "unpacked", "digest": digest.to_string()}));
     }
 
     fn retrying(&self, what: &str, attempt: u32, after: Duration, reason: &str) {

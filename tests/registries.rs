@@ -598,3 +598,66 @@ fn progress_is_json_lines_when_asked_and_silent_off_a_terminal() {
         assert_eq!(events.last().unwrap()["event"], "unpacked", "{events:?}");
     }
 }
+
+#[test]
+fn a_stalled_transfer_times_out_and_is_retried() {
+    use support::lying_registry::{Answer, LyingRegistry};
+    let registry = LyingRegistry::start();
+    let image = ImageBuilder::new()
+        .layer(&format!("f /noise 644 {}", noise(2_000)))
+        .build();
+    registry.serve_image("libs/s", &image);
+    let blob = &image.layers[0].blob;
+    registry.answer(
+        &format!("/v2/libs/s/blobs/{}", image.layers[0].digest),
+        Answer::Stall(blob.len(), blob[..1000].to_vec(), Duration::from_secs(60)),
+    );
+    let setup =
+        Setup::new("[network]\nretries = 1\nretry-delay = \"10ms\"\nstall-timeout = \"300ms\"\n");
+    let started = std::time::Instant::now();
+    let err = fails(
+        setup.run(&["pull", &format!("{}/libs/s:1", registry.addr)]),
+        1,
+    );
+    // Bounded by the stall timeout, not by the 60 s the server would keep the line open.
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        err.contains("the transfer broke off after 1000 of")
+            && err.contains("gave up after 2 tries"),
+        "{err}"
+    );
+}
+
+#[test]
+fn jkmount_config_prints_what_is_in_effect() {
+    let setup = Setup::new(
+        "[network]\nretries = 7\n\n[[registry]]\nlocation = \"r.example.com\"\ntls-verify = false\n",
+    );
+    let out = ok(setup.run(&["config"]));
+    assert!(
+        out.starts_with(&format!("# from {}\n", setup.path("config.toml").display())),
+        "{out}"
+    );
+    for expected in [
+        "retries = 7",
+        "retry-delay = \"500ms\"",
+        "location = \"r.example.com\"",
+        "tls-verify = false",
+        &format!("#   {}", setup.path("home/.docker/config.json").display()),
+    ] {
+        assert!(out.contains(expected), "{expected} missing from:\n{out}");
+    }
+    let broken = Setup::new("[[registry]]\nlocation = \"r.example.com\"\ntls_verify = false\n");
+    let err = fails(broken.run(&["config"]), 1);
+    assert!(
+        err.contains(&format!(
+            "configuration {} cannot be used",
+            broken.path("config.toml").display()
+        )) && err.contains("tls_verify"),
+        "{err}"
+    );
+}

@@ -67,6 +67,23 @@ pub enum Error {
         cert_dir: PathBuf,
     },
 
+    /// The registry wants a client certificate that was not presented (or not accepted).
+    #[error(
+        "registry {registry} asks for a client certificate ({detail}); put it and its key in {}/client.cert and {}/client.key (or under --cert-dir)",
+        cert_dir.display(),
+        cert_dir.display()
+    )]
+    ClientCertificate {
+        /// The image reference.
+        reference: String,
+        /// The registry host.
+        registry: String,
+        /// The TLS library's words.
+        detail: String,
+        /// Where the client certificate would be read.
+        cert_dir: PathBuf,
+    },
+
     /// The registry refused access.
     #[error("registry {registry} refused access to {reference} (unauthorized); {hint}")]
     Unauthorized {

@@ -492,14 +492,39 @@ fn a_tls_registry_is_trusted_through_its_certs_d_directory() {
     let setup = Setup::new(&format!("{https}tls-verify = false\n"));
     ok(setup.run(&["pull", &reference]));
 
-    // A client certificate cannot be presented (oci-client has no client identity): said so.
-    write(&certs.join(&registry.addr).join("client.cert"), "x");
-    let setup = Setup::new(&https);
-    let err = fails(
-        setup.run(&["--cert-dir", certs.to_str().unwrap(), "pull", &reference]),
-        1,
+    // A registry that demands a client certificate: refused without one, saying where it
+    // goes; served with client.cert and client.key in the registry's certs.d directory.
+    let mutual = Registry::start_with(support::registry::Options {
+        tls: Some((ca.path("server.crt"), ca.path("server.key"))),
+        client_ca: Some(ca.path("ca.crt")),
+        storage: Some(plain.storage()),
+        ..Default::default()
+    });
+    let reference = mutual.reference("libs/s:1");
+    let setup = Setup::new(&format!(
+        "{QUICK}\n[[registry]]\nlocation = \"{}\"\nplain-http = false\n",
+        mutual.addr
+    ));
+    let certs = setup.path("certs.d");
+    let dir = certs.join(&mutual.addr);
+    write(
+        &dir.join("ca.crt"),
+        &std::fs::read_to_string(ca.path("ca.crt")).unwrap(),
     );
-    assert!(err.contains("client certificate"), "{err}");
+    let args = ["--cert-dir", certs.to_str().unwrap(), "pull", &reference];
+    let err = fails(setup.run(&args), 1);
+    assert!(
+        err.contains(&format!(
+            "registry {} asks for a client certificate",
+            mutual.addr
+        )) && err.contains(&format!("{}/client.cert", dir.display())),
+        "{err}"
+    );
+    for (from, to) in [("client.crt", "client.cert"), ("client.key", "client.key")] {
+        std::fs::copy(ca.path(from), dir.join(to)).unwrap();
+    }
+    let out = ok(setup.run(&args));
+    assert_eq!(out, format!("{reference} {}\n", image.manifest.digest));
 }
 
 #[test]

@@ -6,25 +6,13 @@
 //! the cache only if its digest and size match.
 
 use futures_util::StreamExt;
-use oci_client::RegistryOperation;
-use oci_client::secrets::RegistryAuth;
-use reqwest::header::{AUTHORIZATION, CONTENT_RANGE, RANGE, RETRY_AFTER};
+use reqwest::header::{AUTHORIZATION, CONTENT_RANGE, RANGE};
 
+use super::http::Failure;
 use super::{RegistrySource, Remote, error_chain, retry};
 use crate::cache::{BlobLabel, BlobWriter, Cache};
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
-
-/// Why one try failed.
-enum Failure {
-    /// Worth another try (after the server's `Retry-After`, if it said).
-    Transient {
-        error: Error,
-        after: Option<std::time::Duration>,
-    },
-    /// Not worth another try on this endpoint.
-    Final(Error),
-}
 
 /// The bytes received so far, whichever endpoint sent them.
 struct Download {
@@ -134,35 +122,6 @@ impl RegistrySource {
         Err(failure.expect("the registry itself is always the last endpoint"))
     }
 
-    /// The `Authorization` header for `remote`: the bearer token `oci-client` negotiated (a
-    /// challenge answered at the token service, scoped to the repository), or basic
-    /// credentials, or none.
-    async fn authorization(&self, remote: &Remote) -> std::result::Result<Option<String>, Failure> {
-        let token = remote
-            .client
-            .auth(&remote.reference, &remote.auth, RegistryOperation::Pull)
-            .await
-            .map_err(|e| match retry::retryable(&e) {
-                true => Failure::Transient {
-                    error: self.classify(remote, e),
-                    after: None,
-                },
-                false => Failure::Final(self.classify(remote, e)),
-            })?;
-        Ok(match (token, &remote.auth) {
-            (Some(token), _) => Some(format!("Bearer {token}")),
-            (None, RegistryAuth::Basic(user, password)) => {
-                use base64::Engine;
-                let pair = format!("{user}:{password}");
-                Some(format!(
-                    "Basic {}",
-                    base64::engine::general_purpose::STANDARD.encode(pair)
-                ))
-            }
-            (None, _) => None,
-        })
-    }
-
     /// One try at one endpoint, continuing from `download.received`.
     async fn transfer(
         &self,
@@ -179,9 +138,8 @@ impl RegistrySource {
         };
         let authorization = self.authorization(remote).await?;
         let url = format!(
-            "{}://{}/v2/{}/blobs/{}",
-            remote.transport.scheme,
-            remote.endpoint.host,
+            "{}/v2/{}/blobs/{}",
+            remote.base_url(),
             remote.reference.repository(),
             blob.digest
         );
@@ -192,10 +150,10 @@ impl RegistrySource {
         if download.received > 0 {
             request = request.header(RANGE, format!("bytes={}-", download.received));
         }
-        let response = request.send().await.map_err(|e| Failure::Transient {
-            error: failed(error_chain(&e)),
-            after: None,
-        })?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| self.request_failure(remote, &e, &failed))?;
         let status = response.status().as_u16();
         let start_over = |download: &mut Download| {
             download
@@ -228,29 +186,7 @@ impl RegistrySource {
                     .progress
                     .resumed(blob.digest, download.received);
             }
-            401 | 403 => {
-                let e = oci_client::errors::OciDistributionError::UnauthorizedError { url };
-                return Err(Failure::Final(self.classify(remote, e)));
-            }
-            s if retry::retryable_status(s) => {
-                let after = response
-                    .headers()
-                    .get(RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| retry::parse_retry_after(v, std::time::SystemTime::now()));
-                if let Some(wait) = after.filter(|w| *w > retry::MAX_RETRY_AFTER) {
-                    return Err(Failure::Final(failed(format!(
-                        "the registry answered {s} and asks to wait {wait:?}; try again later"
-                    ))));
-                }
-                return Err(Failure::Transient {
-                    error: failed(format!("the registry answered {s}")),
-                    after,
-                });
-            }
-            s => {
-                return Err(Failure::Final(failed(format!("the registry answered {s}"))));
-            }
+            _ => return Err(self.failure(remote, &response, failed).await),
         }
         let mut stream = response.bytes_stream();
         while let Some(chunk) = stream.next().await {

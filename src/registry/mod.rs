@@ -12,6 +12,7 @@
 pub mod blob;
 pub mod config;
 pub mod credentials;
+mod http;
 pub mod retry;
 pub mod token;
 pub mod transport;
@@ -101,6 +102,15 @@ struct Remote {
     auth: RegistryAuth,
     /// Where the credentials came from, for messages.
     credentials_from: Option<String>,
+    /// The `Authorization` header our own requests send, once negotiated.
+    authorization: tokio::sync::Mutex<Option<Option<String>>>,
+}
+
+impl Remote {
+    /// `scheme://host` of this endpoint.
+    fn base_url(&self) -> String {
+        format!("{}://{}", self.transport.scheme, self.endpoint.host)
+    }
 }
 
 /// A registry repository to fetch from.
@@ -205,6 +215,7 @@ impl RegistrySource {
             endpoint,
             auth,
             credentials_from,
+            authorization: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -242,24 +253,11 @@ impl RegistrySource {
         };
         let mut failure = None;
         for remote in remotes {
-            let target = match digest {
-                Some(d) => remote.reference.clone_with_digest(d.to_string()),
-                None => remote.reference.clone(),
-            };
-            let what = format!("manifest of {}", self.shown());
-            let answer = self
-                .retrying(remote, &what, async || {
-                    remote
-                        .client
-                        .pull_manifest_raw(&target, &remote.auth, ACCEPTED_MANIFEST_TYPES)
-                        .await
-                })
-                .await;
-            let error = match answer {
-                Ok((bytes, _)) => {
+            let error = match self.manifest_from(remote, digest).await {
+                Ok(bytes) => {
                     let found = Digest::of(&bytes);
                     match digest.filter(|d| **d != found) {
-                        None => return Ok((bytes.to_vec(), found)),
+                        None => return Ok((bytes, found)),
                         Some(expected) => Error::DigestMismatch {
                             what: "manifest",
                             reference: self.shown(),
@@ -268,15 +266,7 @@ impl RegistrySource {
                         },
                     }
                 }
-                Err((e, tries)) => match (digest, verification_failure(&e)) {
-                    (Some(expected), Some(found)) => Error::DigestMismatch {
-                        what: "manifest",
-                        reference: self.shown(),
-                        expected: expected.clone(),
-                        found,
-                    },
-                    _ => with_tries(self.classify(remote, e), tries),
-                },
+                Err(e) => e,
             };
             if !remote.endpoint.is_mirror {
                 return Err(error);
@@ -288,6 +278,39 @@ impl RegistrySource {
             failure = Some(error);
         }
         Err(failure.expect("the registry itself is always the last endpoint"))
+    }
+
+    /// A manifest's bytes from one endpoint: through `oci-client`, or our own client where a
+    /// client certificate is needed.
+    async fn manifest_from(&self, remote: &Remote, digest: Option<&Digest>) -> Result<Vec<u8>> {
+        if remote.transport.own_http_only() {
+            return self.manifest_over_http(remote, digest).await;
+        }
+        let target = match digest {
+            Some(d) => remote.reference.clone_with_digest(d.to_string()),
+            None => remote.reference.clone(),
+        };
+        let what = format!("manifest of {}", self.shown());
+        let answer = self
+            .retrying(remote, &what, async || {
+                remote
+                    .client
+                    .pull_manifest_raw(&target, &remote.auth, ACCEPTED_MANIFEST_TYPES)
+                    .await
+            })
+            .await;
+        match answer {
+            Ok((bytes, _)) => Ok(bytes.to_vec()),
+            Err((e, tries)) => Err(match (digest, verification_failure(&e)) {
+                (Some(expected), Some(found)) => Error::DigestMismatch {
+                    what: "manifest",
+                    reference: self.shown(),
+                    expected: expected.clone(),
+                    found,
+                },
+                _ => with_tries(self.classify(remote, e), tries),
+            }),
+        }
     }
 
     /// Runs `request` against `remote`: once on a mirror, with bounded retries and backoff on
@@ -322,6 +345,44 @@ impl RegistrySource {
                 }
                 result => return result.map_err(|e| (e, attempt + 1)),
             }
+        }
+    }
+
+    /// A refused TLS handshake, said as what to do: trust the server's CA, or present a
+    /// client certificate.
+    fn tls_error(&self, remote: &Remote, e: &(dyn std::error::Error + 'static)) -> Error {
+        let (reference, registry) = (self.shown(), remote.endpoint.host.clone());
+        let (detail, cert_dir) = (error_chain(e), remote.transport.cert_dir.clone());
+        if retry::is_client_certificate_problem(e) {
+            Error::ClientCertificate {
+                reference,
+                registry,
+                detail,
+                cert_dir,
+            }
+        } else {
+            Error::Untrusted {
+                reference,
+                registry,
+                detail,
+                cert_dir,
+            }
+        }
+    }
+
+    /// A failed request of our own: a refused TLS handshake is final, the rest transient.
+    fn request_failure(
+        &self,
+        remote: &Remote,
+        e: &reqwest::Error,
+        failed: impl Fn(String) -> Error,
+    ) -> http::Failure {
+        if retry::is_certificate_problem(e) {
+            return http::Failure::Final(self.tls_error(remote, e));
+        }
+        http::Failure::Transient {
+            error: failed(error_chain(e)),
+            after: None,
         }
     }
 
@@ -394,12 +455,7 @@ impl RegistrySource {
                 };
             }
             OciDistributionError::RequestError(r) if retry::is_certificate_problem(r) => {
-                return Error::Untrusted {
-                    reference,
-                    registry,
-                    detail: error_chain(r),
-                    cert_dir: remote.transport.cert_dir.clone(),
-                };
+                return self.tls_error(remote, r);
             }
             OciDistributionError::RequestError(r) if r.is_connect() || r.is_timeout() => {
                 return Error::Unreachable {

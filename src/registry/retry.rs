@@ -44,8 +44,21 @@ pub fn retryable(e: &OciDistributionError) -> bool {
 pub fn is_certificate_problem(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut current = Some(e);
     while let Some(err) = current {
+        let text = err.to_string().to_ascii_lowercase();
+        if text.contains("certificate") || text.contains("unknownissuer") {
+            return true;
+        }
+        current = err.source();
+    }
+    false
+}
+
+/// Whether the server refused the connection for want of a (good) client certificate.
+pub fn is_client_certificate_problem(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(err) = current {
         let text = err.to_string();
-        if text.contains("certificate") || text.contains("UnknownIssuer") {
+        if text.contains("BadCertificate") || text.contains("CertificateRequired") {
             return true;
         }
         current = err.source();

@@ -134,3 +134,68 @@ mod tests {
         assert!(bearer_challenge("Bearer service=x").is_none());
     }
 }
+
+/// The `Authorization` header for pulling `repository` from `base_url`, negotiated the way
+/// `oci-client` does, for hosts it cannot reach (a client certificate): no header when
+/// `GET /v2/` answers 200; at a bearer challenge, a token from the named service for
+/// `repository:NAME:pull` (with `basic` credentials if any); at a basic challenge, `basic`.
+pub async fn negotiate(
+    http: &reqwest::Client,
+    base_url: &str,
+    host: &str,
+    repository: &str,
+    basic: Option<(&str, &str)>,
+    unreachable: impl Fn(reqwest::Error) -> Error,
+) -> Result<Option<String>> {
+    use base64::Engine;
+    let basic_header = basic.map(|(user, password)| {
+        let pair = format!("{user}:{password}");
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(pair)
+        )
+    });
+    let probe = http
+        .get(format!("{base_url}/v2/"))
+        .send()
+        .await
+        .map_err(&unreachable)?;
+    if probe.status().is_success() {
+        return Ok(None);
+    }
+    let challenge = probe
+        .headers()
+        .get(reqwest::header::WWW_AUTHENTICATE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let Some(params) = challenge.as_deref().and_then(bearer_challenge) else {
+        return Ok(basic_header);
+    };
+    let scope = format!("repository:{repository}:pull");
+    let mut query = vec![("scope", scope.as_str())];
+    if let Some(service) = params.get("service") {
+        query.push(("service", service));
+    }
+    let mut request = http.get(&params["realm"]).query(&query);
+    if let Some(header) = &basic_header {
+        request = request.header(reqwest::header::AUTHORIZATION, header);
+    }
+    let answer = request.send().await.map_err(&unreachable)?;
+    let status = answer.status();
+    if !status.is_success() {
+        return Err(Error::Unauthorized {
+            reference: format!("{host}/{repository}"),
+            registry: host.to_owned(),
+            hint: format!("its token service answered {status}"),
+        });
+    }
+    let answer: TokenAnswer = answer.json().await.map_err(|e| Error::Registry {
+        reference: format!("{host}/{repository}"),
+        registry: host.to_owned(),
+        detail: format!("its token service answered something else than a token: {e}"),
+    })?;
+    Ok(answer
+        .token
+        .or(answer.access_token)
+        .map(|t| format!("Bearer {t}")))
+}

@@ -1,8 +1,10 @@
 //! How one host is spoken to: HTTP or HTTPS, which certificate authorities are trusted (the
 //! system roots plus `*.crt` of the host's certificate directory, Docker's `certs.d`
-//! convention), whether verification is skipped, timeouts. Builds the `oci-client` client and
-//! the plain HTTP client blob transfers use, from the same settings. Proxies come from
-//! `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`, which both honour.
+//! convention), the client certificate to present (`client.cert` + `client.key` there),
+//! whether verification is skipped, timeouts. Builds the `oci-client` client and our own HTTP
+//! client from the same settings. `oci-client` cannot present a client certificate, so a host
+//! that has one is spoken to by our own client only ([`Transport::own_http_only`]). Proxies
+//! come from `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`, which both honour.
 
 use std::path::Path;
 
@@ -19,6 +21,7 @@ pub struct Transport {
     /// Where this host's certificates are read.
     pub cert_dir: std::path::PathBuf,
     cas: Vec<Vec<u8>>,
+    identity: Option<Vec<u8>>,
     tls_verify: bool,
     network: Network,
     host: String,
@@ -33,7 +36,29 @@ fn transport_error(host: &str, detail: String) -> Error {
 }
 
 /// The PEM certificate authorities (`*.crt`) in a certificate directory, sorted by name.
-fn read_cas(dir: &Path, host: &str) -> Result<Vec<Vec<u8>>> {
+/// The client certificate and key of a certificate directory (Docker's `client.cert` and
+/// `client.key`), as one PEM; `None` when there is neither.
+fn read_identity(dir: &Path, host: &str) -> Result<Option<Vec<u8>>> {
+    let (cert, key) = (dir.join("client.cert"), dir.join("client.key"));
+    match (cert.exists(), key.exists()) {
+        (false, false) => Ok(None),
+        (true, true) => {
+            let mut pem = std::fs::read(&cert).map_err(|e| Error::io(&cert, e))?;
+            pem.push(b'\n');
+            pem.extend(std::fs::read(&key).map_err(|e| Error::io(&key, e))?);
+            Ok(Some(pem))
+        }
+        _ => Err(transport_error(
+            host,
+            format!(
+                "{} has only one of client.cert and client.key; a client certificate needs both",
+                dir.display()
+            ),
+        )),
+    }
+}
+
+fn read_cas(dir: &Path) -> Result<Vec<Vec<u8>>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -45,15 +70,6 @@ fn read_cas(dir: &Path, host: &str) -> Result<Vec<Vec<u8>>> {
         .filter(|p| p.extension().is_some_and(|x| x == "crt"))
         .collect();
     paths.sort();
-    if dir.join("client.cert").exists() || dir.join("client.key").exists() {
-        return Err(transport_error(
-            host,
-            format!(
-                "{} holds a client certificate, which jkmount cannot present yet (oci-client 0.18 has no client identity); remove it or reach the registry without one",
-                dir.display()
-            ),
-        ));
-    }
     paths
         .iter()
         .map(|p| std::fs::read(p).map_err(|e| Error::io(p, e)))
@@ -70,12 +86,19 @@ impl Transport {
         };
         Ok(Transport {
             scheme: if endpoint.plain_http { "http" } else { "https" },
-            cas: read_cas(&cert_dir, &endpoint.host)?,
+            cas: read_cas(&cert_dir)?,
+            identity: read_identity(&cert_dir, &endpoint.host)?,
             cert_dir,
             tls_verify: endpoint.tls_verify,
             network: network.clone(),
             host: endpoint.host.clone(),
         })
+    }
+
+    /// Whether every request must go through our own client (a client certificate is to be
+    /// presented, which `oci-client` 0.18 cannot do).
+    pub fn own_http_only(&self) -> bool {
+        self.identity.is_some()
     }
 
     /// The `oci-client` configuration.
@@ -118,6 +141,18 @@ impl Transport {
         }
         if !certs.is_empty() {
             builder = builder.tls_certs_merge(certs);
+        }
+        if let Some(pem) = &self.identity {
+            let identity = reqwest::Identity::from_pem(pem).map_err(|e| {
+                transport_error(
+                    &self.host,
+                    format!(
+                        "the client certificate in {} cannot be used: {e}",
+                        self.cert_dir.display()
+                    ),
+                )
+            })?;
+            builder = builder.identity(identity);
         }
         builder
             .build()

@@ -36,6 +36,8 @@ pub struct Options<'a> {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Bearer tokens from this service: (realm URL, service, issuer, root certificate bundle).
     pub token: Option<(String, String, String, PathBuf)>,
+    /// With `tls`: demand client certificates signed by this CA.
+    pub client_ca: Option<PathBuf>,
     /// Serve what another registry stored (its storage directory).
     pub storage: Option<PathBuf>,
 }
@@ -91,6 +93,9 @@ impl Registry {
                 cert.display(),
                 key.display()
             ));
+            if let Some(ca) = &options.client_ca {
+                yaml.push_str(&format!("    clientcas:\n      - {}\n", ca.display()));
+            }
         }
         if let Some((user, password)) = basic_auth {
             let htpasswd = dir.path().join("htpasswd");

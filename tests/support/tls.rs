@@ -1,5 +1,5 @@
 //! A certificate authority made by the test with the `openssl` command: a CA certificate, a
-//! server certificate for 127.0.0.1 signed by it, and RS256 signatures with the CA's key (for
+//! server certificate for 127.0.0.1 and a client certificate signed by it, and RS256 signatures with the CA's key (for
 //! the tokens of `token_server`).
 
 use std::path::{Path, PathBuf};
@@ -87,6 +87,46 @@ impl TestCa {
                 "2",
                 "-extfile",
                 "server.ext",
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "client.key",
+                "-out",
+                "client.csr",
+                "-subj",
+                "/CN=jkmount test client",
+            ],
+        );
+        std::fs::write(
+            dir.join("client.ext"),
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n",
+        )
+        .unwrap();
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "client.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "client.crt",
+                "-days",
+                "2",
+                "-extfile",
+                "client.ext",
             ],
         );
         TestCa {

@@ -153,7 +153,7 @@ impl RegistrySource {
         let response = request
             .send()
             .await
-            .map_err(|e| self.request_failure(remote, &e, &failed))?;
+            .map_err(|e| self.request_failure(remote, &e, failed))?;
         let status = response.status().as_u16();
         let start_over = |download: &mut Download| {
             download

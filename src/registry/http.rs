@@ -230,7 +230,7 @@ impl RegistrySource {
         let response = request
             .send()
             .await
-            .map_err(|e| self.request_failure(remote, &e, &failed))?;
+            .map_err(|e| self.request_failure(remote, &e, failed))?;
         if !response.status().is_success() {
             return Err(self.failure(remote, &response, failed).await);
         }
@@ -242,7 +242,7 @@ impl RegistrySource {
         let bytes = response
             .bytes()
             .await
-            .map_err(|e| self.request_failure(remote, &e, &failed))?;
+            .map_err(|e| self.request_failure(remote, &e, failed))?;
         if bytes.len() as u64 > MAX_MANIFEST {
             return Err(Failure::Final(failed(format!(
                 "it is larger than {MAX_MANIFEST} bytes"

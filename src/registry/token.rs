@@ -115,26 +115,6 @@ pub async fn exchange(
         .ok_or_else(|| refused("its token service gave no access token".into()))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_bearer_challenges() {
-        let c = bearer_challenge(
-            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/node:pull""#,
-        )
-        .unwrap();
-        assert_eq!(c["realm"], "https://auth.docker.io/token");
-        assert_eq!(c["service"], "registry.docker.io");
-        assert_eq!(c["scope"], "repository:library/node:pull");
-        let spaced = bearer_challenge(r#"bearer realm="http://a/t", service=reg"#).unwrap();
-        assert_eq!(spaced["service"], "reg");
-        assert!(bearer_challenge(r#"Basic realm="x""#).is_none());
-        assert!(bearer_challenge("Bearer service=x").is_none());
-    }
-}
-
 /// The `Authorization` header for pulling `repository` from `base_url`, negotiated the way
 /// `oci-client` does, for hosts it cannot reach (a client certificate): no header when
 /// `GET /v2/` answers 200; at a bearer challenge, a token from the named service for
@@ -198,4 +178,24 @@ pub async fn negotiate(
         .token
         .or(answer.access_token)
         .map(|t| format!("Bearer {t}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_bearer_challenges() {
+        let c = bearer_challenge(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/node:pull""#,
+        )
+        .unwrap();
+        assert_eq!(c["realm"], "https://auth.docker.io/token");
+        assert_eq!(c["service"], "registry.docker.io");
+        assert_eq!(c["scope"], "repository:library/node:pull");
+        let spaced = bearer_challenge(r#"bearer realm="http://a/t", service=reg"#).unwrap();
+        assert_eq!(spaced["service"], "reg");
+        assert!(bearer_challenge(r#"Basic realm="x""#).is_none());
+        assert!(bearer_challenge("Bearer service=x").is_none());
+    }
 }

@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use reqwest::header::{AUTHORIZATION, CONTENT_RANGE, RANGE};
 
 use super::http::Failure;
-use super::{RegistrySource, Remote, error_chain, retry};
+use super::{RegistrySource, Remote, error_chain};
 use crate::cache::{BlobLabel, BlobWriter, Cache};
 use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
@@ -53,7 +53,6 @@ impl RegistrySource {
     }
 
     async fn download(&self, cache: &Cache, blob: &Blob<'_>) -> Result<()> {
-        let network = &self.registries.config.network;
         let mut download = Download {
             writer: None,
             received: 0,
@@ -61,11 +60,7 @@ impl RegistrySource {
         download.start_over(cache, blob.digest)?;
         let mut failure = None;
         for remote in &self.by_digest {
-            let tries = if remote.endpoint.is_mirror {
-                1
-            } else {
-                network.retries + 1
-            };
+            let tries = self.tries(remote);
             let mut attempt = 0;
             let error = loop {
                 match self.transfer(cache, remote, blob, &mut download).await {
@@ -84,24 +79,17 @@ impl RegistrySource {
                         }
                     }
                     Err(Failure::Transient { error, after }) if attempt + 1 < tries => {
-                        let wait =
-                            after.unwrap_or_else(|| retry::backoff(network.retry_delay, attempt));
-                        let what = format!("{} {} of {}", blob.what, blob.digest, self.shown());
-                        tracing::info!(
-                            "{what}: {error}; try {} of {tries} in {wait:?}{}",
-                            attempt + 2,
-                            match download.received {
-                                0 => String::new(),
-                                n => format!(", resuming at byte {n}"),
-                            }
-                        );
-                        self.registries.progress.retrying(
-                            &what,
-                            attempt + 1,
-                            wait,
-                            &error.to_string(),
-                        );
-                        tokio::time::sleep(wait).await;
+                        let what = match download.received {
+                            0 => format!("{} {} of {}", blob.what, blob.digest, self.shown()),
+                            n => format!(
+                                "{} {} of {} (resuming at byte {n})",
+                                blob.what,
+                                blob.digest,
+                                self.shown()
+                            ),
+                        };
+                        self.wait_to_retry(&what, &error.to_string(), attempt, tries, after)
+                            .await;
                         attempt += 1;
                     }
                     Err(Failure::Transient { error, .. }) => {
@@ -110,14 +98,7 @@ impl RegistrySource {
                     Err(Failure::Final(error)) => break error,
                 }
             };
-            if !remote.endpoint.is_mirror {
-                return Err(error);
-            }
-            tracing::warn!(
-                "mirror {} failed: {error}; trying the next",
-                remote.endpoint.host
-            );
-            failure = Some(error);
+            failure = Some(super::pass_over(remote, error)?);
         }
         Err(failure.expect("the registry itself is always the last endpoint"))
     }

@@ -168,28 +168,15 @@ impl RegistrySource {
         remote: &Remote,
         digest: Option<&Digest>,
     ) -> crate::error::Result<Vec<u8>> {
-        let network = &self.registries.config.network;
-        let tries = if remote.endpoint.is_mirror {
-            1
-        } else {
-            network.retries + 1
-        };
+        let tries = self.tries(remote);
         let mut attempt = 0;
         loop {
             match self.manifest_once(remote, digest).await {
                 Ok(bytes) => return Ok(bytes),
                 Err(Failure::Transient { error, after }) if attempt + 1 < tries => {
-                    let wait =
-                        after.unwrap_or_else(|| retry::backoff(network.retry_delay, attempt));
                     let what = format!("manifest of {}", self.shown());
-                    tracing::info!(
-                        "{what}: {error}; try {} of {tries} in {wait:?}",
-                        attempt + 2
-                    );
-                    self.registries
-                        .progress
-                        .retrying(&what, attempt + 1, wait, &error.to_string());
-                    tokio::time::sleep(wait).await;
+                    self.wait_to_retry(&what, &error.to_string(), attempt, tries, after)
+                        .await;
                     attempt += 1;
                 }
                 Err(Failure::Transient { error, .. }) => {

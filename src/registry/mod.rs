@@ -268,14 +268,7 @@ impl RegistrySource {
                 }
                 Err(e) => e,
             };
-            if !remote.endpoint.is_mirror {
-                return Err(error);
-            }
-            tracing::warn!(
-                "mirror {} failed: {error}; trying the next",
-                remote.endpoint.host
-            );
-            failure = Some(error);
+            failure = Some(pass_over(remote, error)?);
         }
         Err(failure.expect("the registry itself is always the last endpoint"))
     }
@@ -313,6 +306,37 @@ impl RegistrySource {
         }
     }
 
+    /// How many times a request to `remote` is tried: once on a mirror (the next endpoint is
+    /// the retry), `1 + retries` on the registry itself.
+    fn tries(&self, remote: &Remote) -> u32 {
+        match remote.endpoint.is_mirror {
+            true => 1,
+            false => self.registries.config.network.retries + 1,
+        }
+    }
+
+    /// Waits before try `attempt + 2` of `tries` (after the server's `Retry-After`, else
+    /// backoff), saying so in the log and to the progress display.
+    async fn wait_to_retry(
+        &self,
+        what: &str,
+        reason: &str,
+        attempt: u32,
+        tries: u32,
+        after: Option<std::time::Duration>,
+    ) {
+        let base = self.registries.config.network.retry_delay;
+        let wait = after.unwrap_or_else(|| retry::backoff(base, attempt));
+        tracing::info!(
+            "{what}: {reason}; try {} of {tries} in {wait:?}",
+            attempt + 2
+        );
+        self.registries
+            .progress
+            .retrying(what, attempt + 1, wait, reason);
+        tokio::time::sleep(wait).await;
+    }
+
     /// Runs `request` against `remote`: once on a mirror, with bounded retries and backoff on
     /// the registry itself.
     async fn retrying<T>(
@@ -321,26 +345,13 @@ impl RegistrySource {
         what: &str,
         request: impl AsyncFn() -> std::result::Result<T, OciDistributionError>,
     ) -> std::result::Result<T, (OciDistributionError, u32)> {
-        let network = &self.registries.config.network;
-        let tries = if remote.endpoint.is_mirror {
-            1
-        } else {
-            network.retries + 1
-        };
+        let tries = self.tries(remote);
         let mut attempt = 0;
         loop {
             match request().await {
                 Err(e) if attempt + 1 < tries && retry::retryable(&e) => {
-                    let wait = retry::backoff(network.retry_delay, attempt);
-                    let reason = error_chain(&e);
-                    tracing::info!(
-                        "{what}: {reason}; try {} of {tries} in {wait:?}",
-                        attempt + 2
-                    );
-                    self.registries
-                        .progress
-                        .retrying(what, attempt + 1, wait, &reason);
-                    tokio::time::sleep(wait).await;
+                    self.wait_to_retry(what, &error_chain(&e), attempt, tries, None)
+                        .await;
                     attempt += 1;
                 }
                 result => return result.map_err(|e| (e, attempt + 1)),
@@ -472,6 +483,19 @@ impl RegistrySource {
             detail: error_chain(&e),
         }
     }
+}
+
+/// A mirror's failure is passed over with a warning (the next endpoint is tried); the
+/// registry's own is the answer.
+fn pass_over(remote: &Remote, error: Error) -> Result<Error> {
+    if !remote.endpoint.is_mirror {
+        return Err(error);
+    }
+    tracing::warn!(
+        "mirror {} failed: {error}; trying the next",
+        remote.endpoint.host
+    );
+    Ok(error)
 }
 
 /// Says how many tries a transient failure survived.

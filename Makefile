@@ -28,7 +28,7 @@ test-property:
 
 # Integration: the CLI against a real docker-registry on 127.0.0.1.
 test-integration:
-	$(CARGO) test --test pull --test limits --test lying --test lifecycle --test registries
+	$(CARGO) test --test pull --test limits --test lying --test lifecycle --test registries --test pack
 
 # Mount: real FUSE mounts read with find, cat, stat, node and GNU tar.
 test-mount:

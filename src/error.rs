@@ -248,6 +248,24 @@ pub enum Error {
         detail: String,
     },
 
+    /// A directory that cannot be packed.
+    #[error("cannot pack {}: {detail}", path.display())]
+    Pack {
+        /// The file or directory concerned.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+
+    /// A push that failed.
+    #[error("cannot push {reference}: {detail}")]
+    Push {
+        /// Where to.
+        reference: String,
+        /// What failed.
+        detail: String,
+    },
+
     /// A lockfile that cannot be used.
     #[error("lockfile {} cannot be used: {detail}", path.display())]
     Lockfile {

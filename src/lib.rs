@@ -27,6 +27,7 @@ pub use error::{Error, Result};
 pub mod fs;
 pub mod mount;
 pub mod mountable;
+pub mod pack;
 pub mod pull;
 pub mod registry;
 pub mod verify;

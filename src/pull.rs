@@ -160,6 +160,65 @@ pub async fn resolve(cache: &Cache, image: &ImageRef, options: &PullOptions) -> 
     })
 }
 
+/// An image's manifest and config, fetched without its layers (for `pack --base` and
+/// `combine`), and the registry it came from.
+pub struct Documents {
+    /// The platform's image manifest.
+    pub manifest: serde_json::Value,
+    /// Its digest.
+    pub manifest_digest: Digest,
+    /// The image config.
+    pub config: serde_json::Value,
+    /// The registry (none for an OCI layout).
+    pub source: Option<Arc<RegistrySource>>,
+}
+
+/// Fetches `image`'s manifest and config (verified, kept in the cache), not its layers.
+pub async fn documents(
+    cache: &Cache,
+    image: &ImageRef,
+    options: &PullOptions,
+) -> Result<Documents> {
+    let shown = image.to_string();
+    let origin = origin(image, options).await?;
+    let top = resolve_top(cache, &origin, options, &shown).await?;
+    let (manifest_digest, manifest) =
+        image_manifest(cache, &origin, top, &options.platform, &shown).await?;
+    let (config_digest, config_size) =
+        image::descriptor_digest(&manifest.config, "config", &shown)?;
+    let config = small_blob(
+        cache,
+        &origin,
+        &config_digest,
+        config_size,
+        "config",
+        &shown,
+    )
+    .await?;
+    let bad = |what: &'static str, digest: &Digest, e: serde_json::Error| Error::BadDocument {
+        what,
+        digest: digest.to_string(),
+        reference: shown.clone(),
+        detail: e.to_string(),
+    };
+    let manifest_bytes = cache
+        .read_blob(&manifest_digest)?
+        .ok_or_else(|| Error::CacheDamaged {
+            path: cache.blob_path(&manifest_digest),
+            detail: "vanished right after it was stored".into(),
+        })?;
+    Ok(Documents {
+        manifest: serde_json::from_slice(&manifest_bytes)
+            .map_err(|e| bad("manifest", &manifest_digest, e))?,
+        manifest_digest,
+        config: serde_json::from_slice(&config).map_err(|e| bad("config", &config_digest, e))?,
+        source: match origin {
+            Origin::Registry(source) => Some(source),
+            Origin::Layout(_) => None,
+        },
+    })
+}
+
 /// Makes `image` fully present in the cache; with a `pin`, the pinned manifest instead of
 /// whatever the tag points to now.
 pub async fn pull_pinned(

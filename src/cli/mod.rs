@@ -6,6 +6,7 @@ mod config;
 mod lock;
 mod login;
 mod mount;
+mod pack;
 mod progress;
 mod pull;
 mod unmount;
@@ -45,6 +46,11 @@ enum Command {
     Pull(pull::PullArgs),
     /// Pin images to their current manifest digests in a lockfile (jkmount.lock).
     Lock(lock::LockArgs),
+    /// Build a reproducible image from a directory (under /jk/modules) and push it or write
+    /// an OCI layout.
+    Pack(pack::PackArgs),
+    /// Join images on a registry into one, without downloading their layers.
+    Combine(pack::CombineArgs),
     /// Inspect, check and tidy the cache.
     #[command(subcommand)]
     Cache(cache::CacheCommand),
@@ -277,6 +283,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Pull(args)) => pull::run(args, &cli.global),
         Some(Command::Lock(args)) => lock::run(args, &cli.global),
+        Some(Command::Pack(args)) => pack::pack(args, &cli.global),
+        Some(Command::Combine(args)) => pack::combine(args, &cli.global),
         Some(Command::Cache(command)) => cache::run(command, &cli.global),
         Some(Command::Unmount(args)) => unmount::run(args),
         Some(Command::Login(args)) => login::login(args, &cli.global),

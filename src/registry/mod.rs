@@ -13,6 +13,7 @@ pub mod blob;
 pub mod config;
 pub mod credentials;
 mod http;
+pub mod push;
 pub mod retry;
 pub mod token;
 pub mod transport;
@@ -222,6 +223,35 @@ impl RegistrySource {
     /// The reference this source fetches for.
     pub fn reference(&self) -> &Reference {
         &self.reference
+    }
+
+    /// A blob of the registry itself as a stream, checked against its digest as it ends (for
+    /// copying to another registry without the disk).
+    pub async fn blob_stream(
+        &self,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static>
+    {
+        self.online(|| format!("blob {digest}"))?;
+        let remote = self
+            .by_digest
+            .last()
+            .expect("the registry itself is always an endpoint");
+        remote
+            .client
+            .store_auth_if_needed(&remote.endpoint.host, &remote.auth)
+            .await;
+        let descriptor = oci_client::manifest::OciDescriptor {
+            digest: digest.to_string(),
+            size: size as i64,
+            ..Default::default()
+        };
+        remote
+            .client
+            .pull_blob_stream(&remote.reference, &descriptor)
+            .await
+            .map_err(|e| self.classify(remote, e))
     }
 
     /// Refuses to go on when offline, saying what was missing.

@@ -1,0 +1,286 @@
+//! One reproducible layer from a directory: the files that `.jkmountignore` and `--exclude`
+//! leave, in byte order of their paths, under a prefix, with everything that differs between
+//! machines normalized away — owners 0:0 without names, one mtime for all
+//! (`SOURCE_DATE_EPOCH`, else 1980-01-01), modes reduced to what git keeps (0755 for
+//! directories and executables, 0644 for other files), a gzip header without name or time at a
+//! fixed level (or zstd at a fixed level). The same tree gives the same digests anywhere.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::digest::{Digest, HashingWriter};
+use crate::error::{Error, IoContext, Result};
+use crate::image::Compression;
+
+/// The mtime of every entry without `SOURCE_DATE_EPOCH`: 1980-01-01T00:00:00Z, the earliest
+/// time ZIP and many tools handle, as reproducible builds commonly use.
+pub const DEFAULT_EPOCH: u64 = 315_532_800;
+
+/// What to pack, and how.
+#[derive(Debug, Clone)]
+pub struct LayerOptions {
+    /// Where the directory's contents go in the image (`jk/modules`, or empty for the root).
+    pub prefix: String,
+    /// Gitignore-style patterns of paths to leave out, beyond `.jkmountignore` files.
+    pub exclude: Vec<String>,
+    /// Store what symlinks point to instead of the links.
+    pub dereference: bool,
+    /// The mtime of every entry.
+    pub mtime: u64,
+    /// How the layer blob is compressed.
+    pub compression: Compression,
+}
+
+/// A packed layer, written to a file.
+#[derive(Debug, Clone)]
+pub struct PackedLayer {
+    /// The blob file.
+    pub path: PathBuf,
+    /// Digest of the blob.
+    pub digest: Digest,
+    /// Size of the blob.
+    pub size: u64,
+    /// Digest of the uncompressed tar.
+    pub diff_id: Digest,
+    /// Entries written (directories included).
+    pub entries: usize,
+}
+
+/// `SOURCE_DATE_EPOCH` if set (and a number), else [`DEFAULT_EPOCH`].
+pub fn source_date_epoch() -> Result<u64> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(text) => text.trim().parse().map_err(|_| Error::Pack {
+            path: PathBuf::from("SOURCE_DATE_EPOCH"),
+            detail: format!("{text:?} is not a number of seconds since 1970"),
+        }),
+        Err(_) => Ok(DEFAULT_EPOCH),
+    }
+}
+
+fn pack_error(path: &Path, detail: impl Into<String>) -> Error {
+    Error::Pack {
+        path: path.to_owned(),
+        detail: detail.into(),
+    }
+}
+
+/// The paths under `dir` to pack, relative, sorted by their bytes.
+fn collect(dir: &Path, options: &LayerOptions) -> Result<Vec<PathBuf>> {
+    let mut overrides = ignore::overrides::OverrideBuilder::new(dir);
+    for pattern in &options.exclude {
+        overrides
+            .add(&format!("!{pattern}"))
+            .map_err(|e| pack_error(dir, format!("--exclude {pattern:?}: {e}")))?;
+    }
+    let overrides = overrides
+        .build()
+        .map_err(|e| pack_error(dir, e.to_string()))?;
+    let walk = ignore::WalkBuilder::new(dir)
+        .standard_filters(false)
+        .add_custom_ignore_filename(".jkmountignore")
+        .follow_links(options.dereference)
+        .overrides(overrides)
+        .build();
+    let mut paths = Vec::new();
+    for entry in walk {
+        let entry = entry.map_err(|e| pack_error(dir, e.to_string()))?;
+        let relative = entry
+            .path()
+            .strip_prefix(dir)
+            .expect("the walk stays under its root")
+            .to_owned();
+        if relative.as_os_str().is_empty()
+            || relative.file_name() == Some(".jkmountignore".as_ref())
+        {
+            continue;
+        }
+        paths.push(relative);
+    }
+    paths.sort_by(|a, b| {
+        a.as_os_str()
+            .as_encoded_bytes()
+            .cmp(b.as_os_str().as_encoded_bytes())
+    });
+    Ok(paths)
+}
+
+fn header(kind: tar::EntryType, mode: u32, mtime: u64) -> tar::Header {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(kind);
+    header.set_mode(mode);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(mtime);
+    header.set_size(0);
+    header
+}
+
+/// The compressor after the diff_id hash and before the blob hash.
+enum Compressor<W: Write> {
+    Plain(W),
+    Gzip(flate2::write::GzEncoder<W>),
+    Zstd(zstd::stream::write::Encoder<'static, W>),
+}
+
+impl<W: Write> Write for Compressor<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Compressor::Plain(w) => w.write(buf),
+            Compressor::Gzip(g) => g.write(buf),
+            Compressor::Zstd(z) => z.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Compressor::Plain(w) => w.flush(),
+            Compressor::Gzip(g) => g.flush(),
+            Compressor::Zstd(z) => z.flush(),
+        }
+    }
+}
+
+impl<W: Write> Compressor<W> {
+    fn new(compression: Compression, out: W) -> io::Result<Self> {
+        Ok(match compression {
+            Compression::None => Compressor::Plain(out),
+            Compression::Gzip => Compressor::Gzip(
+                flate2::GzBuilder::new()
+                    .mtime(0)
+                    .operating_system(255)
+                    .write(out, flate2::Compression::new(6)),
+            ),
+            Compression::Zstd => {
+                let mut encoder = zstd::stream::write::Encoder::new(out, 3)?;
+                encoder.include_checksum(false)?;
+                encoder.include_contentsize(false)?;
+                Compressor::Zstd(encoder)
+            }
+        })
+    }
+
+    fn finish(self) -> io::Result<W> {
+        match self {
+            Compressor::Plain(w) => Ok(w),
+            Compressor::Gzip(g) => g.finish(),
+            Compressor::Zstd(z) => z.finish(),
+        }
+    }
+}
+
+/// Packs `dir` into a layer blob at `dest`.
+pub fn pack_dir(dir: &Path, options: &LayerOptions, dest: &Path) -> Result<PackedLayer> {
+    if !dir.is_dir() {
+        return Err(pack_error(dir, "not a directory"));
+    }
+    let paths = collect(dir, options)?;
+    let file = File::create(dest).at(dest)?;
+    let blob = HashingWriter::new(BufWriter::new(file));
+    let compressor = Compressor::new(options.compression, blob).at(dest)?;
+    let mut tar = tar::Builder::new(HashingWriter::new(compressor));
+    let mtime = options.mtime;
+    let prefix: Vec<&str> = options
+        .prefix
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    let mut entries = 0;
+    for i in 1..=prefix.len() {
+        let path = format!("{}/", prefix[..i].join("/"));
+        let mut h = header(tar::EntryType::Directory, 0o755, mtime);
+        tar.append_data(&mut h, &path, io::empty()).at(dest)?;
+        entries += 1;
+    }
+    let inside = |relative: &Path| -> PathBuf {
+        let mut path: PathBuf = prefix.iter().collect();
+        path.push(relative);
+        path
+    };
+    for relative in &paths {
+        let source = dir.join(relative);
+        let meta = if options.dereference {
+            std::fs::metadata(&source)
+        } else {
+            std::fs::symlink_metadata(&source)
+        }
+        .at(&source)?;
+        let name = inside(relative);
+        let kind = meta.file_type();
+        if kind.is_dir() {
+            let mut h = header(tar::EntryType::Directory, 0o755, mtime);
+            let mut dir_name = name.into_os_string();
+            dir_name.push("/");
+            tar.append_data(&mut h, &dir_name, io::empty()).at(dest)?;
+        } else if kind.is_symlink() {
+            let target = std::fs::read_link(&source).at(&source)?;
+            let mut h = header(tar::EntryType::Symlink, 0o777, mtime);
+            tar.append_link(&mut h, &name, &target).at(dest)?;
+        } else if kind.is_file() {
+            let executable = meta.permissions().mode() & 0o111 != 0;
+            let mut h = header(
+                tar::EntryType::Regular,
+                if executable { 0o755 } else { 0o644 },
+                mtime,
+            );
+            h.set_size(meta.len());
+            let content = File::open(&source).at(&source)?;
+            tar.append_data(&mut h, &name, content.take_exact(meta.len(), &source))
+                .at(dest)?;
+        } else {
+            return Err(pack_error(
+                &source,
+                "is not a file, directory or symlink (devices, FIFOs and sockets are not packed); exclude it with --exclude",
+            ));
+        }
+        entries += 1;
+    }
+    let (compressor, diff_id, _) = tar.into_inner().at(dest)?.finish().at(dest)?;
+    let blob = compressor.finish().at(dest)?;
+    let (buffered, digest, size) = blob.finish().at(dest)?;
+    let file = buffered
+        .into_inner()
+        .map_err(|e| Error::io(dest, e.into_error()))?;
+    file.sync_data().at(dest)?;
+    Ok(PackedLayer {
+        path: dest.to_owned(),
+        digest,
+        size,
+        diff_id,
+        entries,
+    })
+}
+
+/// A file's content, held to the size its header announced: a file that grows or shrinks while
+/// it is packed is an error, not a corrupt archive.
+trait TakeExact: io::Read + Sized {
+    fn take_exact(self, size: u64, path: &Path) -> ExactReader<Self> {
+        ExactReader {
+            inner: self.take(size),
+            left: size,
+            path: path.to_owned(),
+        }
+    }
+}
+
+impl<R: io::Read> TakeExact for R {}
+
+struct ExactReader<R> {
+    inner: io::Take<R>,
+    left: u64,
+    path: PathBuf,
+}
+
+impl<R: io::Read> io::Read for ExactReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.left -= n as u64;
+        if n == 0 && self.left > 0 && !buf.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{} shrank while it was packed", self.path.display()),
+            ));
+        }
+        Ok(n)
+    }
+}

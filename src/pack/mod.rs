@@ -1,0 +1,298 @@
+//! `jkmount pack`: a reproducible image from a directory — one layer ([`layer`]), a config
+//! whose only dates come from `SOURCE_DATE_EPOCH`, a manifest with the annotations people
+//! expect — written to an OCI image layout here, or pushed to a registry by [`push`].
+//! Everything is plain data; the same directory gives the same manifest digest anywhere.
+
+pub mod layer;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use oci_client::manifest::{IMAGE_CONFIG_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE};
+use serde_json::{Value, json};
+
+use crate::digest::Digest;
+use crate::error::{Error, IoContext, Result};
+use crate::image::Compression;
+pub use layer::{LayerOptions, PackedLayer};
+
+/// The annotation that names a manifest's tag in an OCI layout.
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+/// A blob held in memory (configs and manifests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Document {
+    /// The bytes.
+    pub bytes: Vec<u8>,
+    /// Their digest.
+    pub digest: Digest,
+    /// The media type a descriptor gives them.
+    pub media_type: String,
+}
+
+impl Document {
+    fn new(value: &Value, media_type: &str) -> Self {
+        let bytes = serde_json::to_vec(value).expect("JSON values serialize");
+        Document {
+            digest: Digest::of(&bytes),
+            bytes,
+            media_type: media_type.to_owned(),
+        }
+    }
+
+    /// The descriptor that points at this document.
+    pub fn descriptor(&self) -> Value {
+        json!({ "mediaType": self.media_type, "digest": self.digest.to_string(), "size": self.bytes.len() })
+    }
+}
+
+/// An image built by `pack`: its new layer (a file), config and manifest, and the layers of
+/// the base it was put on.
+#[derive(Debug, Clone)]
+pub struct PackedImage {
+    /// The new layer.
+    pub layer: PackedLayer,
+    /// The new layer's media type.
+    pub layer_media_type: &'static str,
+    /// Descriptors of the base image's layers, bottom first (none without `--base`).
+    pub base_layers: Vec<Value>,
+    /// The image config.
+    pub config: Document,
+    /// The image manifest.
+    pub manifest: Document,
+}
+
+/// How to describe the image beyond its layer.
+#[derive(Debug, Clone, Default)]
+pub struct ImageOptions {
+    /// `os` and `architecture` of the config (a module library runs anywhere; the default is
+    /// fixed, not this machine's, so that digests do not depend on where they were made).
+    pub os: String,
+    /// See `os`.
+    pub architecture: String,
+    /// The config's media type (`--config-media-type`; default the OCI image config).
+    pub config_media_type: Option<String>,
+    /// Manifest annotations (`org.opencontainers.image.*` and `--annotation`).
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// An image to build on (`--base`): its manifest and config as fetched.
+#[derive(Debug, Clone)]
+pub struct Base {
+    /// The base manifest (JSON).
+    pub manifest: Value,
+    /// The base config (JSON).
+    pub config: Value,
+}
+
+/// RFC 3339 for a time in seconds since the epoch.
+pub fn rfc3339(seconds: u64) -> String {
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds),
+    )
+    .to_string()
+}
+
+/// The media type of a layer compressed so.
+pub fn layer_media_type(compression: Compression) -> &'static str {
+    match compression {
+        Compression::None => oci_client::manifest::IMAGE_LAYER_MEDIA_TYPE,
+        Compression::Gzip => oci_client::manifest::IMAGE_LAYER_GZIP_MEDIA_TYPE,
+        Compression::Zstd => crate::image::IMAGE_LAYER_ZSTD_MEDIA_TYPE,
+    }
+}
+
+/// Builds the config and manifest around a packed layer (on `base`, if given).
+pub fn assemble(
+    layer: PackedLayer,
+    compression: Compression,
+    mtime: u64,
+    options: &ImageOptions,
+    base: Option<&Base>,
+) -> Result<PackedImage> {
+    let created = rfc3339(mtime);
+    let history = json!({ "created": created, "created_by": "jkmount pack" });
+    let mut config = match base {
+        Some(base) => base.config.clone(),
+        None => json!({
+            "architecture": options.architecture,
+            "os": options.os,
+            "config": {},
+            "rootfs": { "type": "layers", "diff_ids": [] },
+            "history": [],
+        }),
+    };
+    let broken = |what: &str| Error::Pack {
+        path: "--base".into(),
+        detail: format!("the base image's config has no {what}"),
+    };
+    config["created"] = json!(created);
+    config["rootfs"]["diff_ids"]
+        .as_array_mut()
+        .ok_or_else(|| broken("rootfs.diff_ids"))?
+        .push(json!(layer.diff_id.to_string()));
+    match config.get_mut("history").and_then(Value::as_array_mut) {
+        Some(entries) => entries.push(history),
+        None => config["history"] = json!([history]),
+    }
+    let config_media_type = options
+        .config_media_type
+        .as_deref()
+        .unwrap_or(IMAGE_CONFIG_MEDIA_TYPE);
+    let config = Document::new(&config, config_media_type);
+    let base_layers: Vec<Value> = match base {
+        Some(base) => base.manifest["layers"]
+            .as_array()
+            .ok_or_else(|| broken("layers in its manifest"))?
+            .clone(),
+        None => Vec::new(),
+    };
+    let layer_media_type = layer_media_type(compression);
+    let mut layers = base_layers.clone();
+    layers.push(json!({
+        "mediaType": layer_media_type,
+        "digest": layer.digest.to_string(),
+        "size": layer.size,
+    }));
+    let mut manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": oci_client::manifest::OCI_IMAGE_MEDIA_TYPE,
+        "config": config.descriptor(),
+        "layers": layers,
+    });
+    if !options.annotations.is_empty() {
+        manifest["annotations"] = json!(options.annotations);
+    }
+    let manifest = Document::new(&manifest, oci_client::manifest::OCI_IMAGE_MEDIA_TYPE);
+    Ok(PackedImage {
+        layer,
+        layer_media_type,
+        base_layers,
+        config,
+        manifest,
+    })
+}
+
+/// Writes the image into the OCI layout at `dir` (created if need be), tagged `tag`; the base
+/// layers' blobs are copied from `base_blob` (a function from digest to a file holding it).
+pub fn write_layout(
+    image: &PackedImage,
+    dir: &Path,
+    tag: &str,
+    base_blob: impl Fn(&Digest) -> Option<std::path::PathBuf>,
+) -> Result<()> {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).at(&blobs)?;
+    let layout = dir.join("oci-layout");
+    std::fs::write(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#).at(&layout)?;
+    for descriptor in &image.base_layers {
+        let digest: Digest = descriptor["digest"]
+            .as_str()
+            .and_then(|d| d.parse().ok())
+            .ok_or_else(|| Error::Pack {
+                path: dir.to_owned(),
+                detail: "a base layer descriptor has no digest".into(),
+            })?;
+        let source = base_blob(&digest).ok_or_else(|| Error::Pack {
+            path: dir.to_owned(),
+            detail: format!("base layer {digest} is not in the cache"),
+        })?;
+        let dest = blobs.join(digest.hex());
+        std::fs::copy(&source, &dest).at(&dest)?;
+    }
+    let layer = blobs.join(image.layer.digest.hex());
+    std::fs::copy(&image.layer.path, &layer).at(&layer)?;
+    for document in [&image.config, &image.manifest] {
+        let path = blobs.join(document.digest.hex());
+        std::fs::write(&path, &document.bytes).at(&path)?;
+    }
+    let index_path = dir.join("index.json");
+    let mut index: Value = match std::fs::read(&index_path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Pack {
+            path: index_path.clone(),
+            detail: format!("is not valid JSON: {e}"),
+        })?,
+        Err(_) => {
+            json!({ "schemaVersion": 2, "mediaType": OCI_IMAGE_INDEX_MEDIA_TYPE, "manifests": [] })
+        }
+    };
+    let mut entry = image.manifest.descriptor();
+    entry["annotations"] = json!({ REF_NAME: tag });
+    let manifests = index["manifests"]
+        .as_array_mut()
+        .ok_or_else(|| Error::Pack {
+            path: index_path.clone(),
+            detail: "has no manifests list".into(),
+        })?;
+    manifests.retain(|m| m["annotations"][REF_NAME] != tag);
+    manifests.push(entry);
+    let text = serde_json::to_vec_pretty(&index).expect("JSON values serialize");
+    std::fs::write(&index_path, text).at(&index_path)
+}
+
+/// The config and manifest of images joined bottom first (`jkmount combine`).
+#[derive(Debug, Clone)]
+pub struct Joined {
+    /// The joined config: the first image's, with every image's diff_ids and history.
+    pub config: Document,
+    /// The joined manifest: every image's layers, in order.
+    pub manifest: Document,
+}
+
+/// Joins images given as (manifest, config) pairs, bottom first.
+pub fn join<'a>(
+    parts: impl Iterator<Item = (&'a Value, &'a Value)>,
+    annotations: BTreeMap<String, String>,
+) -> Result<Joined> {
+    let broken = |what: &str| Error::Pack {
+        path: "combine".into(),
+        detail: format!("an image has no {what}"),
+    };
+    let mut config: Option<Value> = None;
+    let mut config_media_type = IMAGE_CONFIG_MEDIA_TYPE.to_owned();
+    let (mut diff_ids, mut history, mut layers) = (Vec::new(), Vec::new(), Vec::new());
+    for (manifest, part_config) in parts {
+        if config.is_none() {
+            config = Some(part_config.clone());
+            if let Some(media_type) = manifest["config"]["mediaType"].as_str() {
+                config_media_type = media_type.to_owned();
+            }
+        }
+        diff_ids.extend(
+            part_config["rootfs"]["diff_ids"]
+                .as_array()
+                .ok_or_else(|| broken("rootfs.diff_ids in its config"))?
+                .iter()
+                .cloned(),
+        );
+        history.extend(
+            part_config["history"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .cloned(),
+        );
+        layers.extend(
+            manifest["layers"]
+                .as_array()
+                .ok_or_else(|| broken("layers in its manifest"))?
+                .iter()
+                .cloned(),
+        );
+    }
+    let mut config = config.ok_or_else(|| broken("images to join"))?;
+    config["rootfs"]["diff_ids"] = json!(diff_ids);
+    config["history"] = json!(history);
+    let config = Document::new(&config, &config_media_type);
+    let mut manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": oci_client::manifest::OCI_IMAGE_MEDIA_TYPE,
+        "config": config.descriptor(),
+        "layers": layers,
+    });
+    if !annotations.is_empty() {
+        manifest["annotations"] = json!(annotations);
+    }
+    let manifest = Document::new(&manifest, oci_client::manifest::OCI_IMAGE_MEDIA_TYPE);
+    Ok(Joined { config, manifest })
+}

@@ -1,0 +1,310 @@
+//! `jkmount pack` is reproducible, and what it writes is what `umoci` unpacks; `jkmount
+//! combine` joins images on a real registry without downloading a layer.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+use support::registry::Registry;
+use support::{fails, jkmount, ok};
+
+/// Writes the same small library tree under `root`, in the order given, with file modes
+/// shaped by `umask_group_write` (0664 instead of 0644) and mtimes set to `mtime`.
+fn write_tree(root: &Path, reverse: bool, umask_group_write: bool, mtime: &str) {
+    let mut files = vec![
+        ("lib-a/index.js", "module.exports = 'a';\n", false),
+        (
+            "lib-a/package.json",
+            "{\"name\": \"lib-a\", \"main\": \"index.js\"}\n",
+            false,
+        ),
+        (
+            "lib-b/index.js",
+            "module.exports = require('lib-a') + 'b';\n",
+            false,
+        ),
+        ("lib-b/bin/cli", "#!/bin/sh\necho b\n", true),
+        (
+            "lib-b/deep/er/and/deeper/still/a-file-with-a-name-long-enough-to-need-gnu-long-names-in-tar-headers.js",
+            "1\n",
+            false,
+        ),
+        ("notes.tmp", "left out by .jkmountignore\n", false),
+        (".jkmountignore", "*.tmp\n", false),
+    ];
+    if reverse {
+        files.reverse();
+    }
+    for (path, content, executable) in files {
+        let path = root.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, content).unwrap();
+        let mode = match (executable, umask_group_write) {
+            (true, false) => 0o755,
+            (true, true) => 0o775,
+            (false, false) => 0o644,
+            (false, true) => 0o664,
+        };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    std::os::unix::fs::symlink("lib-a/index.js", root.join("main.js")).ok();
+    let status = Command::new("find")
+        .arg(root)
+        .args(["-exec", "touch", "-h", "-d", mtime, "{}", "+"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// `jkmount pack DIR --output oci:LAYOUT:v1`, returning the printed manifest digest.
+fn pack_to_layout(cache: &Path, dir: &Path, layout: &Path, epoch: Option<&str>) -> String {
+    let mut command = Command::new(support::jkmount_bin());
+    command
+        .arg("--cache-dir")
+        .arg(cache)
+        .arg("pack")
+        .arg(dir)
+        .arg("--output")
+        .arg(format!("oci:{}:v1", layout.display()));
+    match epoch {
+        Some(e) => command.env("SOURCE_DATE_EPOCH", e),
+        None => command.env_remove("SOURCE_DATE_EPOCH"),
+    };
+    let out = ok(command.output().unwrap());
+    out.split_whitespace().nth(1).unwrap().to_owned()
+}
+
+/// Kind, path, mode, size, link target and checksum of everything under `root`, sorted.
+fn listing(root: &Path) -> Vec<String> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("find . -mindepth 1 -printf '%y %p %m %s %l\\n'; find . -type f -print0 | sort -z | xargs -0 -r sha256sum")
+        .current_dir(root)
+        .output()
+        .unwrap();
+    let mut lines: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        // Directory sizes are the filesystem's business.
+        .map(|l| match l.strip_prefix("d ") {
+            Some(rest) => {
+                let f: Vec<&str> = rest.split(' ').collect();
+                format!("d {} {}", f[0], f[1])
+            }
+            None => l.to_owned(),
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+fn the_same_tree_packs_to_the_same_digests_anywhere_and_umoci_unpacks_it() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    write_tree(&w.join("one/mods"), false, false, "2024-01-02 03:04:05");
+    write_tree(&w.join("two/mods"), true, true, "2025-06-07 08:09:10");
+    let cache = w.join("cache");
+    let one = pack_to_layout(&cache, &w.join("one/mods"), &w.join("one/img"), None);
+    let two = pack_to_layout(&cache, &w.join("two/mods"), &w.join("two/img"), None);
+    assert_eq!(
+        one, two,
+        "creation order, umask and mtimes changed the digest"
+    );
+    let dated = pack_to_layout(
+        &cache,
+        &w.join("two/mods"),
+        &w.join("three/img"),
+        Some("1700000000"),
+    );
+    assert_ne!(dated, one, "SOURCE_DATE_EPOCH is part of the image");
+    let again = pack_to_layout(
+        &cache,
+        &w.join("one/mods"),
+        &w.join("four/img"),
+        Some("1700000000"),
+    );
+    assert_eq!(again, dated);
+
+    // umoci unpacks exactly the tree, under /jk/modules, without the ignored file.
+    let rootfs = w.join("unpacked");
+    let out = Command::new("umoci")
+        .args(["raw", "unpack", "--rootless", "--image"])
+        .arg(format!("{}:v1", w.join("one/img").display()))
+        .arg(&rootfs)
+        .output()
+        .expect("umoci runs (apt-get install umoci)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(w.join("one/mods/notes.tmp")).unwrap();
+    std::fs::remove_file(w.join("one/mods/.jkmountignore")).unwrap();
+    let expected: Vec<String> = listing(&w.join("one/mods"))
+        .into_iter()
+        .map(|l| l.replace(" 664 ", " 644 ").replace(" 775 ", " 755 "))
+        .collect();
+    assert_eq!(listing(&rootfs.join("jk/modules")), expected);
+    let modes = listing(&rootfs.join("jk"));
+    assert!(
+        modes
+            .iter()
+            .any(|l| l.starts_with("f ./modules/lib-b/bin/cli 755 ")),
+        "{modes:?}"
+    );
+
+    // The layout is a valid image for jkmount too, and the same for skopeo.
+    let out = Command::new("skopeo")
+        .args(["inspect", "--raw"])
+        .arg(format!("oci:{}:v1", w.join("one/img").display()))
+        .output()
+        .expect("skopeo runs (apt-get install skopeo)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        manifest["annotations"]["org.opencontainers.image.created"],
+        "1980-01-01T00:00:00Z"
+    );
+    assert_eq!(
+        manifest["annotations"]["org.opencontainers.image.version"],
+        "v1"
+    );
+}
+
+#[test]
+fn pack_refuses_what_it_cannot_pack_by_name() {
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let missing = work.path().join("missing");
+    let err = fails(
+        jkmount(
+            &cache,
+            &[
+                "pack",
+                missing.to_str().unwrap(),
+                "--output",
+                "oci:/tmp/x:v1",
+            ],
+        ),
+        1,
+    );
+    assert!(
+        err.contains(&format!(
+            "cannot pack {}: not a directory",
+            missing.display()
+        )),
+        "{err}"
+    );
+    let dir = work.path().join("mods");
+    std::fs::create_dir(&dir).unwrap();
+    nix::unistd::mkfifo(&dir.join("pipe"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let err = fails(
+        jkmount(
+            &cache,
+            &["pack", dir.to_str().unwrap(), "--output", "oci:/tmp/x:v1"],
+        ),
+        1,
+    );
+    assert!(err.contains("pipe") && err.contains("--exclude"), "{err}");
+    let layout = work.path().join("out");
+    ok(jkmount(
+        &cache,
+        &[
+            "pack",
+            dir.to_str().unwrap(),
+            "--exclude",
+            "pipe",
+            "--output",
+            &format!("oci:{}:v1", layout.display()),
+        ],
+    ));
+}
+
+#[test]
+fn combine_joins_images_on_the_registry_without_downloading_a_layer() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    for (name, body) in [
+        ("a", "module.exports = 'a';"),
+        ("b", "module.exports = 'b';"),
+    ] {
+        let dir = work.path().join(name);
+        std::fs::create_dir_all(dir.join(format!("lib-{name}"))).unwrap();
+        std::fs::write(dir.join(format!("lib-{name}/index.js")), body).unwrap();
+        ok(jkmount(
+            &cache,
+            &[
+                "pack",
+                dir.to_str().unwrap(),
+                "--tag",
+                &registry.reference(&format!("libs/{name}:1")),
+            ],
+        ));
+    }
+    let target = registry.reference("stacks/both:1");
+    let out = jkmount(
+        &cache,
+        &[
+            "combine",
+            &registry.reference("libs/a:1"),
+            &registry.reference("libs/b:1"),
+            "--tag",
+            &target,
+        ],
+    );
+    let summary = String::from_utf8_lossy(&out.stderr).into_owned();
+    let printed = ok(out);
+    assert!(
+        printed.starts_with(&format!("{target} sha256:")),
+        "{printed}"
+    );
+    assert!(
+        summary.contains("2 mounted across repositories, 0 copied"),
+        "{summary}"
+    );
+    // The manifests combine read are in its cache; none of their layers was downloaded.
+    let layers = cached_manifest_layers(&cache);
+    assert_eq!(layers.len(), 2, "{layers:?}");
+    for digest in &layers {
+        assert_eq!(
+            registry.blob_downloads(digest),
+            0,
+            "layer {digest} was downloaded"
+        );
+    }
+    // The joined image pulls, both libraries in one tree.
+    let fresh = work.path().join("cache2");
+    ok(jkmount(&fresh, &["pull", &target]));
+    for layer in &layers {
+        assert_eq!(registry.blob_downloads(layer), 1);
+    }
+}
+
+/// The layer digests named by the manifests in a cache's blobs.
+fn cached_manifest_layers(cache: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(cache.join("v1/blobs/sha256"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(doc) =
+            serde_json::from_slice::<serde_json::Value>(&std::fs::read(entry.path()).unwrap())
+        else {
+            continue;
+        };
+        for layer in doc["layers"].as_array().into_iter().flatten() {
+            out.push(layer["digest"].as_str().unwrap().to_owned());
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}

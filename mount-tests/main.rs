@@ -5,6 +5,7 @@
 
 mod conformance;
 mod lifecycle;
+mod pack;
 mod snapshot;
 
 #[path = "../tests/support/mod.rs"]

@@ -308,3 +308,77 @@ fn cached_manifest_layers(cache: &Path) -> Vec<String> {
     out.dedup();
     out
 }
+
+#[test]
+fn a_layer_packed_on_a_base_keeps_the_base_layers() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let (a, b) = (work.path().join("a"), work.path().join("b"));
+    for (dir, name) in [(&a, "lib-a"), (&b, "lib-b")] {
+        std::fs::create_dir_all(dir.join(name)).unwrap();
+        std::fs::write(dir.join(name).join("index.js"), name).unwrap();
+    }
+    let base = registry.reference("libs/a:1");
+    ok(jkmount(
+        &cache,
+        &["pack", a.to_str().unwrap(), "--tag", &base],
+    ));
+    let on_top = registry.reference("libs/ab:1");
+    ok(jkmount(
+        &cache,
+        &[
+            "pack",
+            b.to_str().unwrap(),
+            "--base",
+            &base,
+            "--tag",
+            &on_top,
+        ],
+    ));
+    let layout = work.path().join("ab");
+    ok(jkmount(
+        &cache,
+        &[
+            "pack",
+            b.to_str().unwrap(),
+            "--base",
+            &base,
+            "--output",
+            &format!("oci:{}:1", layout.display()),
+        ],
+    ));
+    for image in [
+        format!("docker://{on_top}"),
+        format!("oci:{}:1", layout.display()),
+    ] {
+        let out = Command::new("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false", &image])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{image}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let manifest: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(manifest["layers"].as_array().unwrap().len(), 2, "{image}");
+    }
+    let rootfs = work.path().join("rootfs");
+    let out = Command::new("umoci")
+        .args(["raw", "unpack", "--rootless", "--image"])
+        .arg(format!("{}:1", layout.display()))
+        .arg(&rootfs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in ["lib-a", "lib-b"] {
+        let content =
+            std::fs::read_to_string(rootfs.join("jk/modules").join(name).join("index.js"));
+        assert_eq!(content.unwrap(), name);
+    }
+}

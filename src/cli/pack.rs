@@ -65,6 +65,9 @@ pub struct PackArgs {
     /// The config's os/architecture (fixed by default so digests do not depend on the machine).
     #[arg(long, value_name = "OS/ARCH", default_value = "linux/amd64")]
     platform: String,
+    /// Where the source lives (a repository URL), recorded as org.opencontainers.image.source.
+    #[arg(long, value_name = "URL")]
+    source: Option<String>,
     /// A manifest annotation KEY=VALUE (repeatable; overrides the defaults).
     #[arg(long, value_name = "KEY=VALUE")]
     annotation: Vec<String>,
@@ -99,13 +102,20 @@ fn parse_annotations(texts: &[String]) -> anyhow::Result<BTreeMap<String, String
 }
 
 /// `org.opencontainers.image.*` defaults: created (from the epoch), title and version (from
-/// the tag), then `--annotation`s.
+/// the tag), source (if given), then `--annotation`s.
 fn annotations(
     reference: &str,
     mtime: u64,
+    source: Option<&str>,
     extra: &[String],
 ) -> anyhow::Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
+    if let Some(source) = source {
+        out.insert(
+            "org.opencontainers.image.source".to_owned(),
+            source.to_owned(),
+        );
+    }
     out.insert(
         "org.opencontainers.image.created".to_owned(),
         pack::rfc3339(mtime),
@@ -179,7 +189,7 @@ pub fn pack(args: PackArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         os: os.to_owned(),
         architecture: architecture.to_owned(),
         config_media_type: args.config_media_type.clone(),
-        annotations: annotations(&shown, mtime, &args.annotation)?,
+        annotations: annotations(&shown, mtime, args.source.as_deref(), &args.annotation)?,
     };
     let base_documents = base.as_ref().map(|d| Base {
         manifest: d.manifest.clone(),

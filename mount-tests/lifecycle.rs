@@ -12,14 +12,9 @@ use sha2::{Digest as _, Sha256};
 use super::support::lying_registry::{Answer, LyingRegistry};
 use super::support::registry::Registry;
 use super::support::{fails, jkmount, jkmount_bin, ok};
-use super::{Mounted, WAIT, describe, extract_with_tar, is_mounted, push, run, wait_until};
-
-fn node_value(modules: &Path, module: &str) -> String {
-    run(Command::new("node")
-        .arg("-e")
-        .arg(format!("console.log(require('{module}'))"))
-        .env("NODE_PATH", modules))
-}
+use super::{
+    Mounted, WAIT, describe, extract_with_tar, is_mounted, node_value, push, run, wait_until,
+};
 
 #[test]
 fn a_lockfile_mounts_the_pinned_image_after_the_tag_moved() {

@@ -85,6 +85,14 @@ fn run(command: &mut Command) -> String {
     String::from_utf8(out.stdout).expect("utf-8")
 }
 
+/// What `node -e "console.log(require(MODULE))"` prints with NODE_PATH=modules.
+fn node_value(modules: &Path, module: &str) -> String {
+    run(Command::new("node")
+        .arg("-e")
+        .arg(format!("console.log(require('{module}'))"))
+        .env("NODE_PATH", modules))
+}
+
 /// Kind, path, mode, links, size and link target of everything under `root`, plus the mtime
 /// and a checksum of every regular file; sorted.
 fn describe(root: &Path) -> Vec<String> {

@@ -9,18 +9,11 @@ use std::time::{Duration, Instant};
 
 use super::support::registry::{Registry, free_port};
 use super::support::{jkmount, ok};
-use super::{Mounted, WAIT, run};
+use super::{Mounted, WAIT, node_value, run};
 
 fn write(path: &Path, content: &[u8]) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, content).unwrap();
-}
-
-fn node_value(modules: &Path, module: &str) -> String {
-    run(Command::new("node")
-        .arg("-e")
-        .arg(format!("console.log(require('{module}'))"))
-        .env("NODE_PATH", modules))
 }
 
 #[test]

@@ -86,6 +86,16 @@ impl Registries {
         )
     }
 
+    /// How to reach `host` itself (no mirror): for logins and pushes.
+    pub fn upstream_transport(&self, host: &str) -> Result<Transport> {
+        let endpoint = self
+            .config
+            .endpoints(host, true)
+            .pop()
+            .expect("the registry itself is always an endpoint");
+        Transport::new(&endpoint, &self.config.network, self.certs_base.as_deref())
+    }
+
     /// The bound on simultaneous transfers, shared by every pull of the command.
     pub fn connections(&self) -> Arc<Semaphore> {
         self.connections.clone()
@@ -602,16 +612,7 @@ pub async fn check_login(
     password: &str,
 ) -> Result<()> {
     use base64::Engine;
-    let endpoint = registries
-        .config
-        .endpoints(host, true)
-        .pop()
-        .expect("the registry itself is always an endpoint");
-    let transport = Transport::new(
-        &endpoint,
-        &registries.config.network,
-        registries.certs_base.as_deref(),
-    )?;
+    let transport = registries.upstream_transport(host)?;
     let refused = |hint: &str| Error::Unauthorized {
         reference: format!("{username}@{host}"),
         registry: host.to_owned(),

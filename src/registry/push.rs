@@ -13,7 +13,6 @@ use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
 
 use super::credentials::Secret;
-use super::transport::Transport;
 use super::{Registries, RegistrySource, error_chain};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -42,16 +41,7 @@ impl Destination {
     /// The registry and repository of `reference`, with the credentials pulls would use.
     pub async fn new(reference: &Reference, registries: &Registries) -> Result<Self> {
         let host = reference.resolve_registry();
-        let endpoint = registries
-            .config
-            .endpoints(host, true)
-            .pop()
-            .expect("the registry itself is always an endpoint");
-        let transport = Transport::new(
-            &endpoint,
-            &registries.config.network,
-            registries.certs_base.as_deref(),
-        )?;
+        let transport = registries.upstream_transport(host)?;
         if transport.own_http_only() {
             return Err(push_error(
                 reference,

@@ -179,6 +179,43 @@ fn the_same_tree_packs_to_the_same_digests_anywhere_and_umoci_unpacks_it() {
 }
 
 #[test]
+fn a_zstd_layer_packs_reproducibly_and_pulls() {
+    let work = tempfile::tempdir().unwrap();
+    write_tree(
+        &work.path().join("mods"),
+        false,
+        false,
+        "2024-01-02 03:04:05",
+    );
+    let cache = work.path().join("cache");
+    let digests: Vec<String> = ["one", "two"]
+        .iter()
+        .map(|n| {
+            let layout = work.path().join(n).join("img");
+            let out = ok(jkmount(
+                &cache,
+                &[
+                    "pack",
+                    work.path().join("mods").to_str().unwrap(),
+                    "--compression",
+                    "zstd",
+                    "--output",
+                    &format!("oci:{}:v1", layout.display()),
+                ],
+            ));
+            out.split_whitespace().nth(1).unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(digests[0], digests[1]);
+    let layout = work.path().join("one/img");
+    let out = ok(jkmount(
+        &cache,
+        &["pull", &format!("oci:{}:v1", layout.display())],
+    ));
+    assert!(out.ends_with(&format!(" {}\n", digests[0])), "{out}");
+}
+
+#[test]
 fn pack_refuses_what_it_cannot_pack_by_name() {
     let work = tempfile::tempdir().unwrap();
     let cache = work.path().join("cache");
@@ -286,6 +323,27 @@ fn combine_joins_images_on_the_registry_without_downloading_a_layer() {
     for layer in &layers {
         assert_eq!(registry.blob_downloads(layer), 1);
     }
+
+    // Onto another registry, the layers are streamed across (no mount possible there).
+    let other = Registry::start();
+    let elsewhere = other.reference("stacks/both:1");
+    let out = jkmount(
+        &cache,
+        &[
+            "combine",
+            &registry.reference("libs/a:1"),
+            &registry.reference("libs/b:1"),
+            "--tag",
+            &elsewhere,
+        ],
+    );
+    let summary = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(
+        summary.contains("0 mounted across repositories, 2 copied"),
+        "{summary}"
+    );
+    ok(jkmount(&work.path().join("cache3"), &["pull", &elsewhere]));
 }
 
 /// The layer digests named by the manifests in a cache's blobs.

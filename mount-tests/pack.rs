@@ -177,33 +177,9 @@ fn two_libraries_combined_on_the_registry_mount_as_one() {
     let registry = Registry::start();
     let work = tempfile::tempdir().unwrap();
     let cache = work.path().join("cache");
-    for name in ["a", "b"] {
-        let dir = work.path().join(name);
-        write(
-            &dir.join(format!("lib-{name}/index.js")),
-            format!("module.exports = '{name}';").as_bytes(),
-        );
-        ok(jkmount(
-            &cache,
-            &[
-                "pack",
-                dir.to_str().unwrap(),
-                "--tag",
-                &registry.reference(&format!("libs/{name}:1")),
-            ],
-        ));
-    }
+    super::support::push_libraries(&cache, work.path(), &registry, &["a", "b"]);
     let both = registry.reference("stacks/both:1");
-    ok(jkmount(
-        &cache,
-        &[
-            "combine",
-            &registry.reference("libs/a:1"),
-            &registry.reference("libs/b:1"),
-            "--tag",
-            &both,
-        ],
-    ));
+    ok(super::support::combine_a_and_b(&cache, &registry, &both));
     let mnt = work.path().join("node_modules");
     let _m = Mounted::new(&work.path().join("cache2"), &["--modules", &both], &mnt);
     assert_eq!(node_value(&mnt, "lib-a"), "a\n");

@@ -269,34 +269,9 @@ fn combine_joins_images_on_the_registry_without_downloading_a_layer() {
     let registry = Registry::start();
     let work = tempfile::tempdir().unwrap();
     let cache = work.path().join("cache");
-    for (name, body) in [
-        ("a", "module.exports = 'a';"),
-        ("b", "module.exports = 'b';"),
-    ] {
-        let dir = work.path().join(name);
-        std::fs::create_dir_all(dir.join(format!("lib-{name}"))).unwrap();
-        std::fs::write(dir.join(format!("lib-{name}/index.js")), body).unwrap();
-        ok(jkmount(
-            &cache,
-            &[
-                "pack",
-                dir.to_str().unwrap(),
-                "--tag",
-                &registry.reference(&format!("libs/{name}:1")),
-            ],
-        ));
-    }
+    support::push_libraries(&cache, work.path(), &registry, &["a", "b"]);
     let target = registry.reference("stacks/both:1");
-    let out = jkmount(
-        &cache,
-        &[
-            "combine",
-            &registry.reference("libs/a:1"),
-            &registry.reference("libs/b:1"),
-            "--tag",
-            &target,
-        ],
-    );
+    let out = support::combine_a_and_b(&cache, &registry, &target);
     let summary = String::from_utf8_lossy(&out.stderr).into_owned();
     let printed = ok(out);
     assert!(
@@ -327,16 +302,7 @@ fn combine_joins_images_on_the_registry_without_downloading_a_layer() {
     // Onto another registry, the layers are streamed across (no mount possible there).
     let other = Registry::start();
     let elsewhere = other.reference("stacks/both:1");
-    let out = jkmount(
-        &cache,
-        &[
-            "combine",
-            &registry.reference("libs/a:1"),
-            &registry.reference("libs/b:1"),
-            "--tag",
-            &elsewhere,
-        ],
-    );
+    let out = support::combine_a_and_b(&cache, &registry, &elsewhere);
     let summary = String::from_utf8_lossy(&out.stderr).into_owned();
     ok(out);
     assert!(

@@ -38,6 +38,34 @@ pub fn jkmount(cache: &Path, args: &[&str]) -> Output {
         .expect("jkmount runs")
 }
 
+/// Packs and pushes one library per name, `lib-NAME/index.js` exporting NAME, as
+/// `REGISTRY/libs/NAME:1`, through `jkmount pack`; the directories go under `work`.
+pub fn push_libraries(cache: &Path, work: &Path, registry: &registry::Registry, names: &[&str]) {
+    for name in names {
+        let dir = work.join(name);
+        std::fs::create_dir_all(dir.join(format!("lib-{name}"))).unwrap();
+        std::fs::write(
+            dir.join(format!("lib-{name}/index.js")),
+            format!("module.exports = '{name}';"),
+        )
+        .unwrap();
+        let reference = registry.reference(&format!("libs/{name}:1"));
+        ok(jkmount(
+            cache,
+            &["pack", dir.to_str().unwrap(), "--tag", &reference],
+        ));
+    }
+}
+
+/// `jkmount combine REGISTRY/libs/a:1 REGISTRY/libs/b:1 --tag target`.
+pub fn combine_a_and_b(cache: &Path, registry: &registry::Registry, target: &str) -> Output {
+    let (a, b) = (
+        registry.reference("libs/a:1"),
+        registry.reference("libs/b:1"),
+    );
+    jkmount(cache, &["combine", &a, &b, "--tag", target])
+}
+
 /// Stdout and stderr of a finished command, for assertion messages.
 pub fn shown(out: &Output) -> String {
     format!(

@@ -127,18 +127,15 @@ enum Origin {
     Layout(LayoutSource),
 }
 
-async fn origin(image: &ImageRef, options: &PullOptions) -> Result<Origin> {
-    Ok(match image {
-        ImageRef::Registry(r) => Origin::Registry(Arc::new(
-            RegistrySource::new(
-                r,
-                options.registries.clone(),
-                options.policy == PullPolicy::Never,
-            )
-            .await?,
-        )),
+fn origin(image: &ImageRef, options: &PullOptions) -> Origin {
+    match image {
+        ImageRef::Registry(r) => Origin::Registry(Arc::new(RegistrySource::new(
+            r,
+            options.registries.clone(),
+            options.policy == PullPolicy::Never,
+        ))),
         ImageRef::Layout { dir, tag } => Origin::Layout(LayoutSource::new(dir, tag.as_deref())),
-    })
+    }
 }
 
 /// Makes `image` fully present in the cache.
@@ -150,7 +147,7 @@ pub async fn pull(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Res
 /// lock`); the manifests are kept in the cache.
 pub async fn resolve(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Result<Resolved> {
     let shown = image.to_string();
-    let origin = origin(image, options).await?;
+    let origin = origin(image, options);
     let top = resolve_top(cache, &origin, options, &shown).await?;
     let (manifest, _) =
         image_manifest(cache, &origin, top.clone(), &options.platform, &shown).await?;
@@ -180,7 +177,7 @@ pub async fn documents(
     options: &PullOptions,
 ) -> Result<Documents> {
     let shown = image.to_string();
-    let origin = origin(image, options).await?;
+    let origin = origin(image, options);
     let top = resolve_top(cache, &origin, options, &shown).await?;
     let (manifest_digest, manifest) =
         image_manifest(cache, &origin, top, &options.platform, &shown).await?;
@@ -228,7 +225,7 @@ pub async fn pull_pinned(
     options: &PullOptions,
 ) -> Result<PulledImage> {
     let shown = image.to_string();
-    let origin = origin(image, options).await?;
+    let origin = origin(image, options);
     let top = match pin {
         Some(pin) => {
             if options.policy == PullPolicy::Always {

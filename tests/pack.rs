@@ -227,7 +227,7 @@ fn pack_refuses_what_it_cannot_pack_by_name() {
                 "pack",
                 missing.to_str().unwrap(),
                 "--output",
-                "oci:/tmp/x:v1",
+                &format!("oci:{}:v1", work.path().join("x").display()),
             ],
         ),
         1,
@@ -245,7 +245,12 @@ fn pack_refuses_what_it_cannot_pack_by_name() {
     let err = fails(
         jkmount(
             &cache,
-            &["pack", dir.to_str().unwrap(), "--output", "oci:/tmp/x:v1"],
+            &[
+                "pack",
+                dir.to_str().unwrap(),
+                "--output",
+                &format!("oci:{}:v1", work.path().join("x").display()),
+            ],
         ),
         1,
     );

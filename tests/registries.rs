@@ -363,6 +363,17 @@ fn credentials_come_from_every_kind_of_file_and_a_helper() {
         asked.starts_with(&format!("get {}\n", registry.addr)),
         "{asked}"
     );
+    // Served from the cache, nothing asks for credentials: the helper is not run again.
+    ok(setup
+        .command(&["pull", "--pull", "missing", &reference])
+        .env("PATH", &path)
+        .output()
+        .unwrap());
+    assert_eq!(
+        std::fs::read_to_string(setup.path("helper.log")).unwrap(),
+        asked,
+        "a cached pull ran the credential helper"
+    );
 
     // --username with --password-stdin, and `jkmount login` / `logout` writing the file.
     let setup = Setup::new(QUICK);

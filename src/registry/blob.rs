@@ -59,7 +59,7 @@ impl RegistrySource {
         };
         download.start_over(cache, blob.digest)?;
         let mut failure = None;
-        for remote in &self.by_digest {
+        for remote in &self.remotes().await?.by_digest {
             let tries = self.tries(remote);
             let mut attempt = 0;
             let error = loop {

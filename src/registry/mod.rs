@@ -128,10 +128,17 @@ impl Remote {
 pub struct RegistrySource {
     reference: Reference,
     registries: Arc<Registries>,
+    /// The endpoints, set up at the first request that goes to the network: a mount served
+    /// from the cache reads no credentials, runs no helper and exchanges no token.
+    remotes: tokio::sync::OnceCell<Remotes>,
+    offline: bool,
+}
+
+/// The endpoints of a source, in the order they are tried.
+struct Remotes {
     /// For requests by tag, then by digest (mirrors may be allowed for one only).
     by_tag: Vec<Arc<Remote>>,
     by_digest: Vec<Arc<Remote>>,
-    offline: bool,
 }
 
 fn remote_reference(reference: &Reference, endpoint: &Endpoint) -> Reference {
@@ -146,40 +153,45 @@ fn remote_reference(reference: &Reference, endpoint: &Endpoint) -> Reference {
 
 impl RegistrySource {
     /// A source for `reference`. With `offline`, every fetch fails with [`Error::NotCached`]
-    /// before touching the network.
-    pub async fn new(
-        reference: &Reference,
-        registries: Arc<Registries>,
-        offline: bool,
-    ) -> Result<Self> {
-        let host = reference.resolve_registry();
-        let mut remote_for = std::collections::HashMap::<String, Arc<Remote>>::new();
-        let mut lists = [Vec::new(), Vec::new()];
-        for (list, by_digest) in lists.iter_mut().zip([false, true]) {
-            for endpoint in registries.config.endpoints(host, by_digest) {
-                let key = format!("{}/{}", endpoint.host, endpoint.path_prefix);
-                if !remote_for.contains_key(&key) {
-                    let remote = Self::remote(reference, endpoint, &registries, offline).await?;
-                    remote_for.insert(key.clone(), Arc::new(remote));
-                }
-                list.push(remote_for[&key].clone());
-            }
-        }
-        let [by_tag, by_digest] = lists;
-        Ok(RegistrySource {
+    /// before touching the network. Nothing is read or asked until the first fetch.
+    pub fn new(reference: &Reference, registries: Arc<Registries>, offline: bool) -> Self {
+        RegistrySource {
             reference: reference.clone(),
             registries,
-            by_tag,
-            by_digest,
+            remotes: tokio::sync::OnceCell::new(),
             offline,
-        })
+        }
+    }
+
+    /// The endpoints, set up once: transport, credentials (helpers run, identity tokens
+    /// exchanged) for each mirror and the registry.
+    async fn remotes(&self) -> Result<&Remotes> {
+        self.remotes
+            .get_or_try_init(|| async {
+                let host = self.reference.resolve_registry();
+                let mut remote_for = std::collections::HashMap::<String, Arc<Remote>>::new();
+                let mut lists = [Vec::new(), Vec::new()];
+                for (list, by_digest) in lists.iter_mut().zip([false, true]) {
+                    for endpoint in self.registries.config.endpoints(host, by_digest) {
+                        let key = format!("{}/{}", endpoint.host, endpoint.path_prefix);
+                        if !remote_for.contains_key(&key) {
+                            let remote =
+                                Self::remote(&self.reference, endpoint, &self.registries).await?;
+                            remote_for.insert(key.clone(), Arc::new(remote));
+                        }
+                        list.push(remote_for[&key].clone());
+                    }
+                }
+                let [by_tag, by_digest] = lists;
+                Ok(Remotes { by_tag, by_digest })
+            })
+            .await
     }
 
     async fn remote(
         reference: &Reference,
         endpoint: Endpoint,
         registries: &Registries,
-        offline: bool,
     ) -> Result<Remote> {
         let transport = Transport::new(
             &endpoint,
@@ -199,8 +211,6 @@ impl RegistrySource {
                     Secret::Password { username, password } => {
                         RegistryAuth::Basic(username, password)
                     }
-                    // Offline, nothing is asked of the registry, so nothing is exchanged.
-                    Secret::IdentityToken(_) if offline => RegistryAuth::Anonymous,
                     Secret::IdentityToken(refresh) => {
                         let base = format!("{}://{}", transport.scheme, endpoint.host);
                         let access = token::exchange(
@@ -245,6 +255,8 @@ impl RegistrySource {
     {
         self.online(|| format!("blob {digest}"))?;
         let remote = self
+            .remotes()
+            .await?
             .by_digest
             .last()
             .expect("the registry itself is always an endpoint");
@@ -286,10 +298,11 @@ impl RegistrySource {
             Some(d) => format!("manifest {d}"),
             None => "the tag".to_owned(),
         })?;
+        let remotes = self.remotes().await?;
         let remotes = if digest.is_some() {
-            &self.by_digest
+            &remotes.by_digest
         } else {
-            &self.by_tag
+            &remotes.by_tag
         };
         let mut failure = None;
         for remote in remotes {

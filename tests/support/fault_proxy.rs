@@ -5,7 +5,7 @@
 //! `HTTP_PROXY`). One request per connection; every request is logged with its `Range` header
 //! and the status given. Stopped on drop.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -110,32 +110,20 @@ impl Drop for FaultProxy {
 fn handle(stream: TcpStream, upstream: &str, rules: &Mutex<Vec<Rule>>, log: &Mutex<Vec<Seen>>) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-    let mut request_line = String::new();
-    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+    let Some(head) = super::http_head::Head::read(&mut reader) else {
         return;
-    }
-    let mut headers = Vec::new();
-    let mut range = None;
-    loop {
-        let mut header = String::new();
-        if reader.read_line(&mut header).unwrap_or(0) == 0 {
-            return;
-        }
-        if header.trim().is_empty() {
-            break;
-        }
-        let lower = header.to_ascii_lowercase();
-        if let Some(v) = lower.strip_prefix("range:") {
-            range = Some(v.trim().to_owned());
-        }
-        if lower.starts_with("connection:") || lower.starts_with("proxy-") {
-            continue;
-        }
-        headers.push(header);
-    }
-    let mut parts = request_line.split_whitespace();
-    let method = parts.next().unwrap_or("").to_owned();
-    let target = parts.next().unwrap_or("").to_owned();
+    };
+    let range = head.header("range").map(str::to_owned);
+    // Hop-by-hop headers are the proxy's own; the rest is forwarded.
+    let headers: Vec<&String> = head
+        .headers
+        .iter()
+        .filter(|h| {
+            let lower = h.to_ascii_lowercase();
+            !lower.starts_with("connection:") && !lower.starts_with("proxy-")
+        })
+        .collect();
+    let (method, target) = (head.method.clone(), head.target.clone());
     // Absolute form (as a proxy) or origin form (as the registry).
     let path = match target.strip_prefix("http://") {
         Some(rest) => rest
@@ -183,7 +171,7 @@ fn handle(stream: TcpStream, upstream: &str, rules: &Mutex<Vec<Rule>>, log: &Mut
         return;
     };
     let mut forwarded = format!("{method} {path} HTTP/1.1\r\n");
-    for header in &headers {
+    for header in headers {
         forwarded.push_str(header);
     }
     forwarded.push_str("Connection: close\r\n\r\n");

@@ -4,7 +4,7 @@
 //! 127.0.0.1, one thread per connection, stopped on drop.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -100,29 +100,14 @@ fn serve(stream: TcpStream, answers: &Mutex<HashMap<String, Answer>>) {
     let mut reader = BufReader::new(stream.try_clone().expect("clone"));
     let mut out = stream;
     loop {
-        let mut request = String::new();
-        if reader.read_line(&mut request).unwrap_or(0) == 0 {
+        let Some(head) = super::http_head::Head::read(&mut reader) else {
             return;
-        }
-        let mut length = 0usize;
-        loop {
-            let mut header = String::new();
-            if reader.read_line(&mut header).unwrap_or(0) == 0 {
-                return;
-            }
-            if header.trim().is_empty() {
-                break;
-            }
-            if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
-                length = v.trim().parse().unwrap_or(0);
-            }
-        }
-        let mut body = vec![0; length];
+        };
+        let mut body = vec![0; head.content_length()];
         if reader.read_exact(&mut body).is_err() {
             return;
         }
-        let mut parts = request.split_whitespace();
-        let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let (method, path) = (head.method.as_str(), head.target.as_str());
         let answer = if path == "/v2/" {
             Some(Answer::Bytes(b"{}".to_vec(), "application/json".into()))
         } else {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fault_proxy;
+pub mod http_head;
 pub mod lying_registry;
 pub mod registry;
 pub mod tls;

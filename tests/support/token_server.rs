@@ -3,7 +3,7 @@
 //! granting the requested actions to the right user and nothing to anyone else. Every request
 //! is logged with its user and scopes. One thread per connection; stopped on drop.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -119,32 +119,19 @@ fn serve(
     log: &Mutex<Vec<TokenRequest>>,
 ) {
     let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-    let mut request_line = String::new();
-    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+    let Some(head) = super::http_head::Head::read(&mut reader) else {
         return;
-    }
-    let mut basic = None;
-    let mut length = 0usize;
-    loop {
-        let mut header = String::new();
-        if reader.read_line(&mut header).unwrap_or(0) == 0 || header.trim().is_empty() {
-            break;
-        }
-        if let Some((name, value)) = header.split_once(':')
-            && name.eq_ignore_ascii_case("content-length")
-        {
-            length = value.trim().parse().unwrap_or(0);
-        }
-        if let Some((name, value)) = header.split_once(':')
-            && name.eq_ignore_ascii_case("authorization")
-        {
-            basic = value.trim().strip_prefix("Basic ").and_then(|b| {
-                base64::engine::general_purpose::STANDARD
-                    .decode(b.trim())
-                    .ok()
-            });
-        }
-    }
+    };
+    let basic = head
+        .header("authorization")
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+        });
+    let length = head.content_length();
+    let request_line = format!("{} {}", head.method, head.target);
     let target = request_line.split_whitespace().nth(1).unwrap_or("");
     // GET: parameters in the query; POST (an OAuth2 grant): in the form body.
     let mut body = vec![0u8; length];

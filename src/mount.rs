@@ -23,6 +23,8 @@ pub const FS_TYPE: &str = "fuse.jkmount";
 const SUBTYPE: &str = "jkmount";
 const DEV_FUSE: &str = "/dev/fuse";
 const FUSERMOUNT: &str = "fusermount3";
+/// Where `fusermount3` reads whether users may use `allow_other`.
+const FUSE_CONF: &str = "/etc/fuse.conf";
 /// The file-type bits of `st_mode`, which the kernel wants as `rootmode`.
 const S_IFMT: u32 = 0o170000;
 
@@ -50,6 +52,11 @@ pub enum MountError {
         "{DEV_FUSE} is missing: load the fuse module (modprobe fuse), or give the container the device (--device /dev/fuse)"
     )]
     NoFuseDevice,
+    /// `allow_other` asked by a user that `/etc/fuse.conf` does not let.
+    #[error(
+        "allow_other is not permitted for non-root mounts here: add a line user_allow_other to {FUSE_CONF} (as root), or mount without allow_other"
+    )]
+    AllowOtherNotPermitted,
     /// Non-root without the setuid helper.
     #[error(
         "{FUSERMOUNT} is not installed, and it is needed to mount as a non-root user: install the fuse3 package"
@@ -144,28 +151,76 @@ pub fn mount_at(path: &Path) -> io::Result<Option<MountInfo>> {
 }
 
 /// Checks everything that can be checked before pulling: the mountpoint and the FUSE device
-/// and helper. Returns the mountpoint's canonical path.
-pub fn preflight(mountpoint: &Path) -> Result<PathBuf, MountError> {
-    let meta = fs::metadata(mountpoint).map_err(|_| MountError::Missing(mountpoint.to_owned()))?;
+/// and helper. A jkmount mount left at the mountpoint by a server that is gone (killed: every
+/// access fails with "transport endpoint is not connected") is detached first. Returns the
+/// mountpoint's canonical path.
+pub fn preflight(mountpoint: &Path, allow_other: bool) -> Result<PathBuf, MountError> {
+    let path = canonical(mountpoint)?;
+    if let Some(m) = mount_at(&path).ok().flatten() {
+        if m.fstype == FS_TYPE && is_stale(&path) {
+            tracing::warn!(
+                "{} holds a jkmount mount of {} whose server is gone; detaching it",
+                path.display(),
+                m.source
+            );
+            lazy_unmount(&path).map_err(|source| MountError::UnmountFailed {
+                path: path.clone(),
+                source,
+                hint: "",
+            })?;
+        } else {
+            return Err(MountError::AlreadyMounted {
+                path,
+                fstype: m.fstype,
+                origin: m.source,
+            });
+        }
+    }
+    let meta = fs::metadata(&path).map_err(|_| MountError::Missing(mountpoint.to_owned()))?;
     if !meta.is_dir() {
         return Err(MountError::NotADirectory(mountpoint.to_owned()));
-    }
-    let path =
-        fs::canonicalize(mountpoint).map_err(|_| MountError::Missing(mountpoint.to_owned()))?;
-    if let Some(m) = mount_at(&path).ok().flatten() {
-        return Err(MountError::AlreadyMounted {
-            path,
-            fstype: m.fstype,
-            origin: m.source,
-        });
     }
     if !Path::new(DEV_FUSE).exists() {
         return Err(MountError::NoFuseDevice);
     }
-    if !Uid::effective().is_root() && !on_path(FUSERMOUNT) {
-        return Err(MountError::NoFusermount);
+    if !Uid::effective().is_root() {
+        if !on_path(FUSERMOUNT) {
+            return Err(MountError::NoFusermount);
+        }
+        let conf = fs::read_to_string(FUSE_CONF).unwrap_or_default();
+        if allow_other && !permits_allow_other(&conf) {
+            return Err(MountError::AllowOtherNotPermitted);
+        }
     }
     Ok(path)
+}
+
+/// Whether `/etc/fuse.conf` text lets users mount with `allow_other`.
+pub fn permits_allow_other(conf: &str) -> bool {
+    conf.lines().any(|line| line.trim() == "user_allow_other")
+}
+
+/// The canonical form of a mountpoint, also when a dead server's mount makes the path itself
+/// unreadable (`ENOTCONN`): then its parent is made canonical and the name joined on.
+fn canonical(path: &Path) -> Result<PathBuf, MountError> {
+    let missing = || MountError::Missing(path.to_owned());
+    match fs::canonicalize(path) {
+        Ok(path) => Ok(path),
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ENOTCONN as i32) => {
+            let name = path.file_name().ok_or_else(missing)?;
+            let parent = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            Ok(fs::canonicalize(parent).map_err(|_| missing())?.join(name))
+        }
+        Err(_) => Err(missing()),
+    }
+}
+
+/// Whether the FUSE mount at `path` has lost its server.
+pub fn is_stale(path: &Path) -> bool {
+    fs::metadata(path).is_err_and(|e| e.raw_os_error() == Some(nix::errno::Errno::ENOTCONN as i32))
 }
 
 fn on_path(program: &str) -> bool {
@@ -182,6 +237,10 @@ pub struct MountRequest {
     pub fsname: String,
     /// FUSE worker threads.
     pub threads: usize,
+    /// Let users other than the one mounting read the mount (always so for root).
+    pub allow_other: bool,
+    /// Refuse to execute files from the mount.
+    pub noexec: bool,
 }
 
 /// Mounts `core` and serves it until the filesystem is unmounted (by `jkmount unmount`,
@@ -223,6 +282,12 @@ pub fn serve(
             MountOption::FSName(request.fsname.clone()),
             MountOption::Subtype(SUBTYPE.into()),
         ];
+        if request.noexec {
+            config.mount_options.push(MountOption::NoExec);
+        }
+        if request.allow_other {
+            config.acl = SessionACL::All;
+        }
         Session::new(fs, &mountpoint, &config).map_err(|e| mount_failed(request, e))?
     };
     std::thread::Builder::new()
@@ -273,7 +338,11 @@ fn mount_directly(request: &MountRequest) -> io::Result<OwnedFd> {
         getuid(),
         getgid()
     );
-    let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME;
+    let mut flags =
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME;
+    if request.noexec {
+        flags |= MsFlags::MS_NOEXEC;
+    }
     nix::mount::mount(
         Some(request.fsname.as_str()),
         &request.mountpoint,
@@ -317,7 +386,7 @@ fn run_fusermount(path: &Path, lazy: bool) -> io::Result<()> {
 /// Unmounts a jkmount mount at `path`; refuses anything else. With `lazy`, a busy mount is
 /// detached now and goes away when its last file is closed.
 pub fn unmount(path: &Path, lazy: bool) -> Result<(), MountError> {
-    let canonical = fs::canonicalize(path).map_err(|_| MountError::Missing(path.to_owned()))?;
+    let canonical = canonical(path)?;
     let not_ours = |what: String| MountError::NotOurs {
         path: canonical.clone(),
         what,
@@ -376,7 +445,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("nope");
         assert_eq!(
-            preflight(&missing).unwrap_err().to_string(),
+            preflight(&missing, false).unwrap_err().to_string(),
             format!(
                 "mountpoint {} does not exist; create it with mkdir -p",
                 missing.display()
@@ -385,13 +454,24 @@ mod tests {
         let file = dir.path().join("file");
         fs::write(&file, "").unwrap();
         assert!(matches!(
-            preflight(&file),
+            preflight(&file, false),
             Err(MountError::NotADirectory(_))
         ));
         assert!(matches!(
-            preflight(Path::new("/proc")),
+            preflight(Path::new("/proc"), false),
             Err(MountError::AlreadyMounted { .. })
         ));
+    }
+
+    #[test]
+    fn fuse_conf_decides_allow_other() {
+        assert!(!permits_allow_other(
+            "# user_allow_other\n#user_allow_other\n"
+        ));
+        assert!(permits_allow_other(
+            "mount_max = 1000\n user_allow_other \n"
+        ));
+        assert!(!permits_allow_other(""));
     }
 
     #[test]

@@ -40,11 +40,12 @@ pub struct Mountable {
 /// Stacks `images` (later on top) and presents `subdir` of the union (root when `None`).
 pub fn assemble(cache: &Cache, images: &[PulledImage], subdir: Option<&str>) -> Result<Mountable> {
     let layers: Vec<&PulledLayer> = images.iter().flat_map(|i| &i.layers).collect();
+    // Joined as an fstab source stacks them, so /proc/mounts shows what would mount it again.
     let name = images
         .iter()
         .map(|i| i.shown.as_str())
         .collect::<Vec<_>>()
-        .join(" + ");
+        .join("+");
     let key = tree_key(&layers, subdir);
     let path = cache.tree_path(&key);
     let tree = match load_tree(&path)? {

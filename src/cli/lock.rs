@@ -55,6 +55,12 @@ pub struct InUse {
 }
 
 impl LockfileArgs {
+    /// Uses `path` as the lockfile (the `lockfile=` mount option).
+    pub fn use_file(&mut self, path: PathBuf) {
+        self.lockfile = Some(path);
+        self.no_lockfile = false;
+    }
+
     /// The lockfile to use, if any.
     pub fn load(&self) -> anyhow::Result<Option<InUse>> {
         let path = match (&self.lockfile, self.no_lockfile) {

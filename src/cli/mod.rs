@@ -6,6 +6,7 @@ mod config;
 mod lock;
 mod login;
 mod mount;
+mod options;
 mod pack;
 mod progress;
 mod pull;
@@ -290,7 +291,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Login(args)) => login::login(args, &cli.global),
         Some(Command::Logout(args)) => login::logout(args, &cli.global),
         Some(Command::Config) => config::run(&cli.global),
-        None => mount::run(cli.mount, &cli.global),
+        None => mount::run(cli.mount, cli.global),
     }
 }
 

@@ -15,6 +15,7 @@ use jkmount::mountable;
 use nix::sys::signal::Signal;
 
 use super::lock::LockfileArgs;
+use super::options::{MountOptions, split_images};
 use super::{
     AlreadyReported, GlobalArgs, PullPolicy, ResolveArgs, open_cache, parse_images, pull_all,
 };
@@ -42,22 +43,66 @@ pub struct MountArgs {
     /// Present only this directory of the images.
     #[arg(long, value_name = "PATH")]
     subdir: Option<String>,
-    /// Stay in the foreground and serve until unmounted or sent SIGTERM/SIGINT.
+    /// Stay in the foreground and serve until unmounted or sent SIGTERM/SIGINT; under
+    /// systemd (NOTIFY_SOCKET set) report readiness with sd_notify.
     #[arg(short, long)]
     foreground: bool,
+    /// Mount options, comma-separated (as mount -t fuse.jkmount and fstab give them):
+    /// modules, subdir=PATH, cache_dir=DIR, platform=P, lockfile=FILE, pull=POLICY, offline,
+    /// config=FILE, authfile=FILE, allow_other, noexec; ro, nosuid, nodev, _netdev, noauto,
+    /// x-systemd.* and the like are accepted and passed over.
+    #[arg(short = 'o', value_name = "OPTION[,OPTION...]")]
+    options: Vec<String>,
     #[command(flatten)]
     resolve: ResolveArgs,
     #[command(flatten)]
     lock: LockfileArgs,
 }
 
+impl MountArgs {
+    /// Folds the `-o` options into the arguments they stand for (an option wins over a flag
+    /// or environment variable saying otherwise).
+    fn apply_options(&mut self, global: &mut GlobalArgs) -> anyhow::Result<MountOptions> {
+        let o = MountOptions::parse(&self.options)?;
+        self.modules |= o.modules;
+        if let Some(subdir) = &o.subdir {
+            self.subdir = Some(subdir.clone());
+        }
+        if self.modules && self.subdir.is_some() {
+            anyhow::bail!("modules and subdir=… both choose what to present: give one");
+        }
+        if o.platform.is_some() {
+            self.resolve.platform.clone_from(&o.platform);
+        }
+        if o.pull.is_some() || o.offline {
+            self.resolve.pull = o.pull;
+            self.resolve.offline = o.offline;
+        }
+        if let Some(lockfile) = &o.lockfile {
+            self.lock.use_file(lockfile.clone());
+        }
+        for (option, field) in [
+            (&o.cache_dir, &mut global.cache_dir),
+            (&o.config, &mut global.config),
+            (&o.authfile, &mut global.authfile),
+        ] {
+            if option.is_some() {
+                field.clone_from(option);
+            }
+        }
+        Ok(o)
+    }
+}
+
 /// Mounts, in the foreground or through a detached server.
-pub fn run(args: MountArgs, global: &GlobalArgs) -> anyhow::Result<()> {
+pub fn run(mut args: MountArgs, mut global: GlobalArgs) -> anyhow::Result<()> {
+    let mount_options = args.apply_options(&mut global)?;
+    let global = &global;
     let (mountpoint, images) = args
         .targets
         .split_last()
         .expect("clap requires two or more");
-    let images = parse_images(images)?;
+    let images = parse_images(&split_images(images)?)?;
     let options = args.resolve.options(PullPolicy::Missing, global)?;
     let lockfile = args.lock.load()?;
     let pins = args
@@ -74,7 +119,7 @@ pub fn run(args: MountArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)
             .context("cannot tie the background server to its parent")?;
     }
-    let mountpoint = mount::preflight(&PathBuf::from(mountpoint))?;
+    let mountpoint = mount::preflight(&PathBuf::from(mountpoint), mount_options.allow_other)?;
     let cache = open_cache(global)?;
     // From the first fetch until the mount is registered, `gc` waits: nothing this mount is
     // about to use can be removed under it.
@@ -101,11 +146,33 @@ pub fn run(args: MountArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         mountpoint,
         fsname: mountable.name.clone(),
         threads: FUSE_THREADS,
+        allow_other: mount_options.allow_other,
+        noexec: mount_options.noexec,
     };
     let core = FsCore::new(mountable)?;
+    let status = format!(
+        "serving {} at {}",
+        request.fsname,
+        request.mountpoint.display()
+    );
     mount::serve(core, &request, || {
-        is_server.then(report_ready).unwrap_or(Ok(()))
+        if is_server {
+            report_ready()
+        } else {
+            notify_service_manager(&status)
+        }
     })?;
+    Ok(())
+}
+
+/// Tells systemd (when it started us with `NOTIFY_SOCKET`, as `Type=notify` does) that the
+/// mount is live. Without `NOTIFY_SOCKET` this does nothing.
+fn notify_service_manager(status: &str) -> std::io::Result<()> {
+    use sd_notify::NotifyState;
+    if let Err(e) = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(status)]) {
+        // The mount is live either way; a service manager that cannot be told will time out.
+        tracing::warn!("cannot notify the service manager that the mount is ready: {e}");
+    }
     Ok(())
 }
 

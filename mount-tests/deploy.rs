@@ -1,0 +1,275 @@
+//! Where jkmount runs: `mount -t fuse.jkmount` and an fstab line through `mount.fuse3`, readiness
+//! through `NOTIFY_SOCKET`, recovery of a mount whose server was killed. Commands that change
+//! system paths (`/usr/local/sbin` for the helper's fixed PATH, `/etc/fstab`) run in a private
+//! mount namespace made by `unshare`, so the machine's own files are never touched.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::support::registry::Registry;
+use super::support::{jkmount_bin, ok};
+use super::{Mounted, WAIT, is_mounted, push};
+
+/// A library image with two modules, pushed to `registry`.
+fn push_modules(registry: &Registry, name: &str, value: &str) -> String {
+    let (reference, _) = push(
+        registry,
+        &format!("{name}:1"),
+        &[&format!(
+            "f /jk/modules/{name}/index.js 644 \"module.exports = '{value}';\\n\"\nf /etc/os 644 \"x\""
+        )],
+    );
+    reference
+}
+
+/// Runs `script` with `sh -eu` in a private mount namespace, with `$JKMOUNT` the binary on
+/// the mount helper's PATH (a bind mount over /usr/local/sbin, inside the namespace only).
+fn in_private_namespace(work: &Path, script: &str) -> std::process::Output {
+    let bin = work.join("sbin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let link = bin.join("jkmount");
+    if !link.exists() {
+        std::os::unix::fs::symlink(jkmount_bin(), &link).unwrap();
+    }
+    let prelude = format!("mount --bind {bin} /usr/local/sbin\n", bin = bin.display());
+    Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-eu", "-c"])
+        .arg(format!("{prelude}{script}"))
+        .output()
+        .expect("unshare runs")
+}
+
+#[test]
+fn mount_t_fuse_jkmount_and_an_fstab_line_mount_through_the_helper() {
+    let registry = Registry::start();
+    let a = push_modules(&registry, "alpha", "a1");
+    let b = push_modules(&registry, "beta", "b1");
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let (m1, m2) = (work.path().join("m1"), work.path().join("m2"));
+    std::fs::create_dir_all(&m1).unwrap();
+    std::fs::create_dir_all(&m2).unwrap();
+    let fstab = work.path().join("fstab");
+    std::fs::write(
+        &fstab,
+        format!(
+            "# a module library, mounted by `mount {m2}`\n{b} {m2} fuse.jkmount ro,noauto,_netdev,nofail,x-systemd.requires=network-online.target,subdir=/jk/modules/beta,cache_dir={cache},noexec 0 0\n",
+            m2 = m2.display(),
+            cache = cache.display()
+        ),
+    )
+    .unwrap();
+    // Both mounts are taken down by the trap however the script ends.
+    let script = format!(
+        r#"trap 'umount -l {m1} 2>/dev/null || true; umount -l {m2} 2>/dev/null || true' EXIT
+mount -t fuse.jkmount '{a}+{b}' {m1} -o ro,allow_other,modules,cache_dir={cache}
+echo "m1 alpha: $(cat {m1}/alpha/index.js)"
+echo "m1 beta: $(cat {m1}/beta/index.js)"
+grep " {m1} " /proc/self/mountinfo
+test ! -e {m1}/etc && echo "m1 has no /etc"
+mount --bind {fstab} /etc/fstab
+mount {m2}
+echo "m2 index: $(cat {m2}/index.js)"
+grep " {m2} " /proc/self/mountinfo
+umount {m1}
+umount {m2}
+echo "cached: $(ls {cache})"
+"#,
+        m1 = m1.display(),
+        m2 = m2.display(),
+        cache = cache.display(),
+        fstab = fstab.display(),
+    );
+    let out = in_private_namespace(work.path(), &script);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("m1 alpha: module.exports = 'a1';"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("m1 beta: module.exports = 'b1';"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("m1 has no /etc"), "{stdout}");
+    assert!(
+        stdout.contains("m2 index: module.exports = 'b1';"),
+        "{stdout}"
+    );
+    let lines: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains(" - fuse.jkmount "))
+        .collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0].contains(&format!("fuse.jkmount {a}+{b} ")),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].contains(&format!("fuse.jkmount {b} ")),
+        "{}",
+        lines[1]
+    );
+    for line in &lines {
+        assert!(line.contains(" ro,nosuid,nodev"), "{line}");
+    }
+    assert!(lines[1].contains("noexec"), "{}", lines[1]);
+    assert!(!lines[0].contains("noexec"), "{}", lines[0]);
+    assert!(stdout.contains("cached: "), "{stdout}");
+    assert!(cache.join("v1").is_dir() || std::fs::read_dir(&cache).unwrap().count() > 0);
+}
+
+#[test]
+fn unknown_mount_options_are_refused_by_name() {
+    let work = tempfile::tempdir().unwrap();
+    let out = Command::new(jkmount_bin())
+        .args(["oci:/nowhere:t", "/tmp", "-o", "ro,modules,color=blue"])
+        .env("JKMOUNT_CACHE_DIR", work.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("unknown mount option \"color=blue\""),
+        "{stderr}"
+    );
+}
+
+/// A foreground `jkmount -f`, killed on drop if still running.
+struct Foreground(Child);
+
+impl Drop for Foreground {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < WAIT, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_foreground_mount_reports_ready_to_systemd_only_once_it_is_live() {
+    let registry = Registry::start();
+    // 100 MB to hash and decode: a READY=1 sent before the mount would be seen early.
+    let (a, _) = push(
+        &registry,
+        "slow:1",
+        &[
+            "f /jk/modules/alpha/index.js 644 \"module.exports = 'a1';\\n\"\nz /jk/modules/zeros 644 100000000",
+        ],
+    );
+    let work = tempfile::tempdir().unwrap();
+    let socket_path = work.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(WAIT)).unwrap();
+    let mountpoint = work.path().join("m");
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    let _guard = Mounted {
+        path: mountpoint.clone(),
+    };
+    let child = Command::new(jkmount_bin())
+        .args(["-f", "--modules", &a])
+        .arg(&mountpoint)
+        .env("JKMOUNT_CACHE_DIR", work.path().join("cache"))
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut server = Foreground(child);
+    let mut buf = [0u8; 4096];
+    let n = socket.recv(&mut buf).expect("a notification");
+    // The very first message is READY=1, and when it arrives the mount already serves files.
+    let live = is_mounted(&mountpoint)
+        && std::fs::read_to_string(mountpoint.join("alpha/index.js")).ok()
+            == Some("module.exports = 'a1';\n".into());
+    let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(message.starts_with("READY=1\n"), "{message:?}");
+    assert!(message.contains("STATUS=serving "), "{message:?}");
+    assert!(live, "READY=1 came before the mount was live");
+    // SIGTERM (what systemd sends to stop the unit) unmounts and ends the server cleanly.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = server.0.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!is_mounted(&mountpoint));
+}
+
+#[test]
+fn a_mount_whose_server_was_killed_is_recovered_by_unmount_and_by_a_new_mount() {
+    let registry = Registry::start();
+    let a = push_modules(&registry, "alpha", "a1");
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let mountpoint = work.path().join("m");
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    let _guard = Mounted {
+        path: mountpoint.clone(),
+    };
+    let kill_foreground_mount = || {
+        let child = Command::new(jkmount_bin())
+            .args(["-f", "--modules", &a])
+            .arg(&mountpoint)
+            .env("JKMOUNT_CACHE_DIR", &cache)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut server = Foreground(child);
+        wait_until("mounted", || is_mounted(&mountpoint));
+        server.0.kill().unwrap();
+        server.0.wait().unwrap();
+        let err = std::fs::metadata(&mountpoint).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc_enotconn()), "{err}");
+    };
+
+    kill_foreground_mount();
+    // A new mount at the same place detaches the dead one and serves again.
+    let out = super::support::jkmount(&cache, &["--modules", &a, mountpoint.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(
+        stderr.contains("whose server is gone; detaching it"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(mountpoint.join("alpha/index.js")).unwrap(),
+        "module.exports = 'a1';\n"
+    );
+    ok(Command::new(jkmount_bin())
+        .arg("unmount")
+        .arg(&mountpoint)
+        .output()
+        .unwrap());
+    assert!(!is_mounted(&mountpoint));
+
+    kill_foreground_mount();
+    // `jkmount unmount` takes a dead mount away too.
+    ok(Command::new(jkmount_bin())
+        .arg("unmount")
+        .arg(&mountpoint)
+        .output()
+        .unwrap());
+    assert!(!is_mounted(&mountpoint));
+    assert!(std::fs::metadata(&mountpoint).unwrap().is_dir());
+}
+
+fn libc_enotconn() -> i32 {
+    nix::errno::Errno::ENOTCONN as i32
+}

@@ -28,7 +28,7 @@ test-property:
 
 # Integration: the CLI against a real docker-registry on 127.0.0.1.
 test-integration:
-	$(CARGO) test --test pull --test limits --test lying --test lifecycle --test registries --test pack
+	$(CARGO) test --test pull --test limits --test lying --test lifecycle --test registries --test pack --test extract
 
 # Mount: real FUSE mounts read with find, cat, stat, node and GNU tar.
 test-mount:

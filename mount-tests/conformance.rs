@@ -3,6 +3,8 @@
 //! not hold them) and mounted for real. Every well-formed image is also unpacked with
 //! `umoci raw unpack` from an OCI layout and must give the same tree, mtimes included, except
 //! where umoci departs from the image spec; each such case says why (docs/oci-semantics.md).
+//! `jkmount extract` of every case must write the very tree the mount shows (mtimes included),
+//! or be refused alike.
 
 use std::path::Path;
 
@@ -501,6 +503,36 @@ fn check(registry: &Registry, case: &Case, work: &Path) -> Vec<String> {
         path: mountpoint.clone(),
     };
     let mut problems = Vec::new();
+    // `jkmount extract` of the same image must write exactly the mounted tree, or be refused
+    // alike, leaving nothing behind.
+    let extracted = dir.join("extracted");
+    let mut extract_args = vec!["extract"];
+    extract_args.extend(case.args.iter().map(String::as_str));
+    extract_args.push(&reference);
+    extract_args.push(extracted.to_str().unwrap());
+    let extract_out = jkmount(&cache, &extract_args);
+    match &case.expect {
+        Expect::Refused(words) => {
+            let stderr = String::from_utf8_lossy(&extract_out.stderr);
+            if extract_out.status.success() || extracted.exists() {
+                problems.push(format!("extracted, but should be refused with {words:?}"));
+            }
+            for w in words.iter().filter(|w| !stderr.contains(w.as_str())) {
+                problems.push(format!("extract error lacks {w:?}: {stderr}"));
+            }
+        }
+        Expect::Tree(_) if !extract_out.status.success() => {
+            problems.push(format!("extract failed: {}", shown(&extract_out)));
+        }
+        Expect::Tree(_) => {
+            let (written, mounted) = (snapshot(&extracted, true), snapshot(&mountpoint, true));
+            if written != mounted {
+                problems.push(format!(
+                    "extracted tree differs from the mount\n  extracted {written:#?}\n  mounted {mounted:#?}"
+                ));
+            }
+        }
+    }
     match &case.expect {
         Expect::Refused(words) => {
             let stderr = String::from_utf8_lossy(&out.stderr);

@@ -257,6 +257,15 @@ pub enum Error {
         detail: String,
     },
 
+    /// An extraction that cannot be done.
+    #[error("cannot extract to {}: {detail}", path.display())]
+    Extract {
+        /// The destination or the entry concerned.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+
     /// A push that failed.
     #[error("cannot push {reference}: {detail}")]
     Push {

@@ -10,6 +10,7 @@
 pub mod cache;
 pub mod digest;
 pub mod error;
+pub mod extract;
 pub mod fixture;
 pub mod gc;
 pub mod image;

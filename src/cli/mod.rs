@@ -3,6 +3,7 @@
 
 mod cache;
 mod config;
+mod extract;
 mod lock;
 mod login;
 mod mount;
@@ -43,6 +44,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Write the tree a mount would show to a plain directory (where there is no /dev/fuse).
+    Extract(extract::ExtractArgs),
     /// Fetch images into the cache without mounting them (tags are asked at the registry).
     Pull(pull::PullArgs),
     /// Pin images to their current manifest digests in a lockfile (jkmount.lock).
@@ -282,6 +285,7 @@ pub fn init_logging(global: &GlobalArgs) {
 /// Runs the chosen subcommand.
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Some(Command::Extract(args)) => extract::run(args, &cli.global),
         Some(Command::Pull(args)) => pull::run(args, &cli.global),
         Some(Command::Lock(args)) => lock::run(args, &cli.global),
         Some(Command::Pack(args)) => pack::pack(args, &cli.global),

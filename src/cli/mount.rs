@@ -8,13 +8,17 @@ use std::process::{Command, Stdio};
 
 use anyhow::Context;
 use clap::Args;
+use jkmount::cache::Cache;
+use jkmount::cache::lock::LockGuard;
 use jkmount::cache::records::{MountRecord, now};
 use jkmount::fs::FsCore;
 use jkmount::mount::{self, MountRequest};
-use jkmount::mountable;
+use jkmount::mountable::{self, Mountable};
+use jkmount::pull::PulledImage;
+use jkmount::reference::ImageRef;
 use nix::sys::signal::Signal;
 
-use super::lock::LockfileArgs;
+use super::lock::{InUse, LockfileArgs};
 use super::options::{MountOptions, split_images};
 use super::{
     AlreadyReported, GlobalArgs, PullPolicy, ResolveArgs, open_cache, parse_images, pull_all,
@@ -94,6 +98,43 @@ impl MountArgs {
     }
 }
 
+/// The images pulled and merged, with the cache held in use.
+pub struct Prepared {
+    /// The cache they are in.
+    pub cache: Cache,
+    /// Keeps `gc` waiting until dropped.
+    pub using: LockGuard,
+    /// The images, in order.
+    pub pulled: Vec<PulledImage>,
+    /// What they present.
+    pub mountable: Mountable,
+}
+
+/// Pulls `images` (at their pins) and merges them, presenting `subdir`. From the first fetch
+/// until `using` is dropped, `gc` waits: nothing about to be used can be removed under it.
+pub fn prepare(
+    images: &[ImageRef],
+    pins: &[Option<jkmount::lockfile::Pin>],
+    options: &jkmount::pull::PullOptions,
+    lockfile: Option<&InUse>,
+    subdir: Option<&str>,
+    global: &GlobalArgs,
+) -> anyhow::Result<Prepared> {
+    let cache = open_cache(global)?;
+    let using = cache.begin_use()?;
+    let pulled = pull_all(&cache, images, pins, options)?;
+    if let Some(lockfile) = lockfile {
+        lockfile.register(&cache)?;
+    }
+    let mountable = mountable::assemble(&cache, &pulled, subdir)?;
+    Ok(Prepared {
+        cache,
+        using,
+        pulled,
+        mountable,
+    })
+}
+
 /// Mounts, in the foreground or through a detached server.
 pub fn run(mut args: MountArgs, mut global: GlobalArgs) -> anyhow::Result<()> {
     let mount_options = args.apply_options(&mut global)?;
@@ -120,20 +161,17 @@ pub fn run(mut args: MountArgs, mut global: GlobalArgs) -> anyhow::Result<()> {
             .context("cannot tie the background server to its parent")?;
     }
     let mountpoint = mount::preflight(&PathBuf::from(mountpoint), mount_options.allow_other)?;
-    let cache = open_cache(global)?;
-    // From the first fetch until the mount is registered, `gc` waits: nothing this mount is
-    // about to use can be removed under it.
-    let using = cache.begin_use()?;
-    let pulled = pull_all(&cache, &images, &pins, &options)?;
-    if let Some(lockfile) = &lockfile {
-        lockfile.register(&cache)?;
-    }
     let subdir = if args.modules {
         Some(MODULES_DIR)
     } else {
         args.subdir.as_deref()
     };
-    let mountable = mountable::assemble(&cache, &pulled, subdir)?;
+    let Prepared {
+        cache,
+        using,
+        pulled,
+        mountable,
+    } = prepare(&images, &pins, &options, lockfile.as_ref(), subdir, global)?;
     let _registration = cache.register_mount(&MountRecord {
         pid: std::process::id(),
         mountpoint: mountpoint.clone(),

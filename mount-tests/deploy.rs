@@ -273,3 +273,101 @@ fn a_mount_whose_server_was_killed_is_recovered_by_unmount_and_by_a_new_mount() 
 fn libc_enotconn() -> i32 {
     nix::errno::Errno::ENOTCONN as i32
 }
+
+#[test]
+fn an_ordinary_user_mounts_with_fusermount3_and_allow_other_follows_fuse_conf() {
+    use std::os::unix::fs::PermissionsExt;
+    let registry = Registry::start();
+    let a = push_modules(&registry, "alpha", "a1");
+    let work = tempfile::tempdir().unwrap();
+    // Everything the user touches is theirs or readable by all: the binary is copied out of
+    // the build tree, whose parents may not be.
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = work.path().join("jkmount");
+    std::fs::copy(jkmount_bin(), &bin).unwrap();
+    let home = work.path().join("home");
+    let (m1, m2) = (home.join("m1"), home.join("m2"));
+    for dir in [&home, &m1, &m2] {
+        std::fs::create_dir_all(dir).unwrap();
+        std::os::unix::fs::chown(dir, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    let (without, with) = (
+        work.path().join("fuse.conf"),
+        work.path().join("fuse-allow.conf"),
+    );
+    std::fs::write(&without, "#user_allow_other\n").unwrap();
+    std::fs::write(&with, "user_allow_other\n").unwrap();
+    let script = format!(
+        r#"trap 'umount -l {m1} 2>/dev/null || true; umount -l {m2} 2>/dev/null || true' EXIT
+as_user() {{ setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups env -i HOME={home} PATH=/usr/bin:/bin "$@"; }}
+# A device open to root alone (as in many containers), then as distributions make it (0666).
+mknod {work}/fuse-closed c 10 229
+chmod 0600 {work}/fuse-closed
+mount --bind {work}/fuse-closed /dev/fuse
+if ! as_user {bin} --modules {a} {m1} 2>{home}/err; then echo "closed device: $(cat {home}/err)"; fi
+umount /dev/fuse
+mknod {work}/fuse c 10 229
+chmod 0666 {work}/fuse
+mount --bind {work}/fuse /dev/fuse
+mount --bind {without} /etc/fuse.conf
+as_user {bin} --modules {a} {m1}
+echo "user reads: $(as_user cat {m1}/alpha/index.js)"
+if stat {m1}/alpha/index.js >/dev/null 2>&1; then echo "root reads m1"; else echo "root is kept out of m1"; fi
+if as_user {bin} -o allow_other --modules {a} {m2} 2>{home}/err; then echo "allow_other mounted"; else echo "allow_other refused: $(cat {home}/err)"; fi
+umount /etc/fuse.conf
+mount --bind {with} /etc/fuse.conf
+as_user {bin} -o allow_other,modules {a} {m2}
+echo "root reads m2: $(cat {m2}/alpha/index.js)"
+grep " {m1} " /proc/self/mountinfo
+as_user {bin} unmount {m1}
+as_user {bin} unmount {m2}
+echo "user cache: $(ls {home}/.cache/jkmount)"
+"#,
+        m1 = m1.display(),
+        m2 = m2.display(),
+        home = home.display(),
+        bin = bin.display(),
+        without = without.display(),
+        with = with.display(),
+        work = work.path().display(),
+    );
+    let out = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-eu",
+            "-c",
+            &script,
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("closed device: jkmount: error: /dev/fuse is not open to this user (fusermount3 opens it as the user): make it mode 0666"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("user reads: module.exports = 'a1';"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("root is kept out of m1"), "{stdout}");
+    assert!(
+        stdout.contains("allow_other refused: jkmount: error: allow_other is not permitted for non-root mounts here: add a line user_allow_other to /etc/fuse.conf"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("root reads m2: module.exports = 'a1';"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&format!("user_id={NOBODY}")), "{stdout}");
+    assert!(stdout.contains("user cache: v1"), "{stdout}");
+}
+
+const NOBODY: u32 = 65534;

@@ -10,7 +10,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use fuser::{Config, MountOption, Session, SessionACL};
+use fuser::{Config, Session, SessionACL};
 use nix::mount::{MntFlags, MsFlags};
 use nix::sys::signal::{SigSet, Signal};
 use nix::unistd::{Uid, getgid, getuid};
@@ -57,19 +57,23 @@ pub enum MountError {
         "allow_other is not permitted for non-root mounts here: add a line user_allow_other to {FUSE_CONF} (as root), or mount without allow_other"
     )]
     AllowOtherNotPermitted,
+    /// An ordinary user may not open the FUSE device, so `fusermount3` cannot either.
+    #[error(
+        "{DEV_FUSE} is not open to this user (fusermount3 opens it as the user): make it mode 0666 as distributions do (chmod 0666 {DEV_FUSE}), or mount as root"
+    )]
+    NoFuseAccess,
     /// Non-root without the setuid helper.
     #[error(
         "{FUSERMOUNT} is not installed, and it is needed to mount as a non-root user: install the fuse3 package"
     )]
     NoFusermount,
     /// The kernel or helper refused the mount.
-    #[error("mounting at {} failed: {source}", path.display())]
+    #[error("mounting at {} failed: {cause}", path.display())]
     MountFailed {
         /// The mountpoint.
         path: PathBuf,
-        /// What the system said.
-        #[source]
-        source: io::Error,
+        /// What the system said (in the message, so not also a `source`).
+        cause: io::Error,
     },
     /// `unmount` on a path that is not a jkmount mount.
     #[error("{} is not a jkmount mount ({what}); nothing was unmounted", path.display())]
@@ -80,13 +84,12 @@ pub enum MountError {
         what: String,
     },
     /// The unmount itself failed.
-    #[error("unmounting {} failed: {source}{hint}", path.display())]
+    #[error("unmounting {} failed: {cause}{hint}", path.display())]
     UnmountFailed {
         /// The mountpoint.
         path: PathBuf,
-        /// What the system said.
-        #[source]
-        source: io::Error,
+        /// What the system said (in the message, so not also a `source`).
+        cause: io::Error,
         /// What to do about it.
         hint: &'static str,
     },
@@ -163,9 +166,9 @@ pub fn preflight(mountpoint: &Path, allow_other: bool) -> Result<PathBuf, MountE
                 path.display(),
                 m.source
             );
-            lazy_unmount(&path).map_err(|source| MountError::UnmountFailed {
+            lazy_unmount(&path).map_err(|cause| MountError::UnmountFailed {
                 path: path.clone(),
-                source,
+                cause,
                 hint: "",
             })?;
         } else {
@@ -186,6 +189,10 @@ pub fn preflight(mountpoint: &Path, allow_other: bool) -> Result<PathBuf, MountE
     if !Uid::effective().is_root() {
         if !on_path(FUSERMOUNT) {
             return Err(MountError::NoFusermount);
+        }
+        let read_write = nix::unistd::AccessFlags::R_OK | nix::unistd::AccessFlags::W_OK;
+        if nix::unistd::access(DEV_FUSE, read_write).is_err() {
+            return Err(MountError::NoFuseAccess);
         }
         let conf = fs::read_to_string(FUSE_CONF).unwrap_or_default();
         if allow_other && !permits_allow_other(&conf) {
@@ -263,33 +270,32 @@ pub fn serve(
     let fs = FuseFs::new(core);
     let mut config = Config::default();
     config.n_threads = Some(request.threads);
-    config.clone_fd = true;
+    // A cloned connection per worker thread needs /dev/fuse opened again, which an ordinary
+    // user may not do where the device is root's alone (0600, as in many containers); there
+    // the threads share the one connection fusermount3 handed over.
+    config.clone_fd = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(DEV_FUSE)
+        .is_ok();
     let mountpoint = request.mountpoint.clone();
-    let session = if Uid::effective().is_root() {
-        config.acl = SessionACL::All;
-        let fd = mount_directly(request).map_err(|e| mount_failed(request, e))?;
-        Session::from_fd(fs, fd, SessionACL::All, config).map_err(|e| {
-            detach(&mountpoint);
-            mount_failed(request, e)
-        })?
+    let root = Uid::effective().is_root();
+    let acl = if root || request.allow_other {
+        SessionACL::All
     } else {
-        config.mount_options = vec![
-            MountOption::RO,
-            MountOption::NoSuid,
-            MountOption::NoDev,
-            MountOption::NoAtime,
-            MountOption::DefaultPermissions,
-            MountOption::FSName(request.fsname.clone()),
-            MountOption::Subtype(SUBTYPE.into()),
-        ];
-        if request.noexec {
-            config.mount_options.push(MountOption::NoExec);
-        }
-        if request.allow_other {
-            config.acl = SessionACL::All;
-        }
-        Session::new(fs, &mountpoint, &config).map_err(|e| mount_failed(request, e))?
+        SessionACL::Owner
     };
+    config.acl = acl;
+    let fd = if root {
+        mount_directly(request)
+    } else {
+        mount_with_fusermount(request)
+    }
+    .map_err(|e| mount_failed(request, e))?;
+    let session = Session::from_fd(fs, fd, acl, config).map_err(|e| {
+        detach(&mountpoint);
+        mount_failed(request, e)
+    })?;
     std::thread::Builder::new()
         .name("jkmount-signals".into())
         .spawn(move || {
@@ -321,10 +327,10 @@ pub fn serve(
     session.run().map_err(|e| mount_failed(request, e))
 }
 
-fn mount_failed(request: &MountRequest, source: io::Error) -> MountError {
+fn mount_failed(request: &MountRequest, cause: io::Error) -> MountError {
     MountError::MountFailed {
         path: request.mountpoint.clone(),
-        source,
+        cause,
     }
 }
 
@@ -351,6 +357,80 @@ fn mount_directly(request: &MountRequest) -> io::Result<OwnedFd> {
         Some(options.as_str()),
     )?;
     Ok(OwnedFd::from(device))
+}
+
+/// Has `fusermount3` (setuid root) mount for an ordinary user, and receives the FUSE
+/// connection it opened over a socket (the `_FUSE_COMMFD` protocol of libfuse). Done here
+/// rather than by `fuser`, which gives up where `/dev/fuse` is not open to users (mode 0600)
+/// instead of leaving the opening to the helper.
+fn mount_with_fusermount(request: &MountRequest) -> io::Result<OwnedFd> {
+    use rustix::net::{
+        AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SocketFlags,
+        SocketType, recvmsg, socketpair,
+    };
+    // Ours is close-on-exec; the helper's end is inherited by it alone, then closed here.
+    let (ours, theirs) = socketpair(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::io::fcntl_setfd(&theirs, rustix::io::FdFlags::empty())?;
+    let mut options = vec![
+        "ro".to_owned(),
+        "nosuid".into(),
+        "nodev".into(),
+        "noatime".into(),
+        "default_permissions".into(),
+        format!("fsname={}", escape_option(&request.fsname)),
+        format!("subtype={SUBTYPE}"),
+    ];
+    if request.noexec {
+        options.push("noexec".into());
+    }
+    if request.allow_other {
+        options.push("allow_other".into());
+    }
+    let child = Command::new(FUSERMOUNT)
+        .arg("-o")
+        .arg(options.join(","))
+        .arg("--")
+        .arg(&request.mountpoint)
+        .env("_FUSE_COMMFD", theirs.as_raw_fd().to_string())
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    drop(theirs);
+    let mut byte = [0u8; 1];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let received = recvmsg(
+        &ours,
+        &mut [io::IoSliceMut::new(&mut byte)],
+        &mut control,
+        RecvFlags::empty(),
+    )
+    .map(|_| {
+        control.drain().find_map(|message| match message {
+            RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
+            _ => None,
+        })
+    });
+    let output = child.wait_with_output()?;
+    let said = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+    match received? {
+        Some(fd) if output.status.success() => Ok(fd),
+        _ if !said.is_empty() => Err(io::Error::other(said)),
+        _ => Err(io::Error::other(format!(
+            "{FUSERMOUNT} did not hand over a FUSE connection ({})",
+            output.status
+        ))),
+    }
+}
+
+/// Escapes `\` and `,` in a mount option value, as libfuse does for fusermount3.
+fn escape_option(value: &str) -> String {
+    value.replace('\\', "\\\\").replace(',', "\\,")
 }
 
 /// Lazily detaches a mount (last resort: the mount disappears, open files keep working).
@@ -409,9 +489,9 @@ pub fn unmount(path: &Path, lazy: bool) -> Result<(), MountError> {
     } else {
         run_fusermount(&canonical, false)
     };
-    result.map_err(|source| {
-        let busy = source.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32)
-            || source.to_string().contains("busy");
+    result.map_err(|cause| {
+        let busy = cause.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32)
+            || cause.to_string().contains("busy");
         let hint = if busy {
             "; files under it are in use: close them, or use --lazy"
         } else {
@@ -419,7 +499,7 @@ pub fn unmount(path: &Path, lazy: bool) -> Result<(), MountError> {
         };
         MountError::UnmountFailed {
             path: canonical,
-            source,
+            cause,
             hint,
         }
     })

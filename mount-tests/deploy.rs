@@ -371,3 +371,98 @@ echo "user cache: $(ls {home}/.cache/jkmount)"
 }
 
 const NOBODY: u32 = 65534;
+
+#[test]
+fn a_mount_made_in_one_namespace_reaches_another_through_a_shared_directory() {
+    // The Kubernetes sidecar pattern in miniature: a "node" namespace with a shared directory
+    // (an emptyDir); a sidecar namespace that mounts into it (Bidirectional propagation); an
+    // app namespace made before the mount, a slave of the node (HostToContainer), and a control
+    // app with private propagation, which must not see it.
+    let registry = Registry::start();
+    let a = push_modules(&registry, "alpha", "a1");
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path().display();
+    let app = |name: &str, propagation: &str| {
+        format!(
+            r#"unshare --mount --propagation {propagation} sh -c '
+touch {w}/{name}.started
+i=0; while [ ! -e {w}/mounted ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done
+if [ -e {w}/shared/modules/alpha/index.js ]; then
+  echo "{name} reads: $(NODE_PATH={w}/shared/modules node -e "console.log(require(\"alpha\"))")"
+else
+  echo "{name} sees no mount"
+fi
+touch {w}/{name}.read
+i=0; while [ -e {w}/shared/modules/alpha/index.js ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done
+[ -e {w}/shared/modules/alpha/index.js ] && echo "{name} still sees it" || echo "{name} sees it gone"
+' > {w}/{name}.out 2>&1 &"#
+        )
+    };
+    let wait_for = |file: &str| {
+        format!(
+            "i=0; while [ ! -e {w}/{file} ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done; test -e {w}/{file}"
+        )
+    };
+    let script = format!(
+        r#"SIDECAR=
+trap 'if [ -n "$SIDECAR" ]; then kill $SIDECAR 2>/dev/null || true; fi; umount -l {w}/shared/modules 2>/dev/null || true' EXIT
+mkdir -p {w}/shared/modules
+mount --bind {w}/shared {w}/shared
+mount --make-shared {w}/shared
+{app}
+APP=$!
+{control}
+CONTROL=$!
+{wait_app}
+{wait_control}
+unshare --mount --propagation unchanged {bin} -f --cache-dir {w}/cache --modules {a} {w}/shared/modules &
+SIDECAR=$!
+{wait_mounted}
+touch {w}/mounted
+{wait_read}
+{wait_control_read}
+echo "node sees: $(cat {w}/shared/modules/alpha/index.js)"
+kill -TERM $SIDECAR
+wait $SIDECAR && echo "sidecar ended cleanly"
+SIDECAR=
+wait $APP
+wait $CONTROL
+cat {w}/app.out {w}/control.out
+"#,
+        app = app("app", "slave"),
+        control = app("control", "private"),
+        wait_app = wait_for("app.started"),
+        wait_control = wait_for("control.started"),
+        wait_mounted = wait_for("shared/modules/alpha/index.js"),
+        wait_read = wait_for("app.read"),
+        wait_control_read = wait_for("control.read"),
+        bin = jkmount_bin(),
+    );
+    let out = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-eu",
+            "-c",
+            &script,
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "node sees: module.exports = 'a1';",
+        "sidecar ended cleanly",
+        "app reads: a1",
+        "app sees it gone",
+        "control sees no mount",
+    ] {
+        assert!(stdout.contains(expected), "no {expected:?} in:\n{stdout}");
+    }
+}

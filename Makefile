@@ -1,7 +1,15 @@
 # jkmount: build, demo, tests. `make test` runs every tier; `make demo` the main job end to end.
 CARGO ?= cargo
 
-.PHONY: all build demo test lint test-unit test-property test-integration test-mount fuzz-build clean
+PREFIX ?= /usr/local
+DESTDIR ?=
+# The static build (runs anywhere, and alone in a container image) is for the host's triple.
+TARGET ?= $(shell rustc -vV | sed -n 's/^host: //p')
+STATIC_BIN = target/$(TARGET)/release/jkmount
+IMAGE_LAYOUT ?= target/jkmount-image
+IMAGE_REF ?=
+
+.PHONY: all build demo test lint test-unit test-property test-integration test-packaging test-mount fuzz-build release install deb image clean
 
 all: build
 
@@ -13,7 +21,7 @@ demo: build
 	./demo/run.sh
 
 # Every tier, cheapest first. Mount tests need root (or fusermount3) and /dev/fuse.
-test: lint test-unit test-property test-integration test-mount fuzz-build
+test: lint test-unit test-property test-integration test-packaging test-mount fuzz-build
 
 lint:
 	$(CARGO) fmt --check
@@ -30,6 +38,11 @@ test-property:
 test-integration:
 	$(CARGO) test --test pull --test limits --test lying --test lifecycle --test registries --test pack --test extract
 
+# Packaging: make install, the Debian package, the systemd units and the Kubernetes manifests
+# (validated against the Kubernetes schemas). `make image` is checked by a mount test.
+test-packaging: release
+	packaging/check.sh $(STATIC_BIN)
+
 # Mount: real FUSE mounts read with find, cat, stat, node and GNU tar.
 test-mount:
 	$(CARGO) test --test mount
@@ -38,6 +51,25 @@ test-mount:
 #   cd fuzz && cargo +nightly fuzz run layer_index
 fuzz-build:
 	$(CARGO) build --manifest-path fuzz/Cargo.toml
+
+# A static, stripped jkmount.
+release:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --target $(TARGET)
+
+# Binary, man pages, shell completions, systemd template unit under $(DESTDIR)$(PREFIX).
+install: release
+	packaging/install.sh $(STATIC_BIN) "$(DESTDIR)" "$(PREFIX)"
+
+# target/debian/jkmount_VERSION-1_ARCH.deb (needs cargo-deb: cargo install cargo-deb).
+deb: release
+	rm -rf target/deb-root
+	packaging/install.sh $(STATIC_BIN) target/deb-root /usr
+	$(CARGO) deb --no-build --no-strip --target $(TARGET)
+
+# A minimal OCI image of the static jkmount, made by jkmount pack: an OCI layout at
+# $(IMAGE_LAYOUT), or pushed to $(IMAGE_REF) when that is set.
+image: release
+	packaging/container/build.sh $(STATIC_BIN) $(IMAGE_LAYOUT) $(IMAGE_REF)
 
 clean:
 	$(CARGO) clean

@@ -239,7 +239,21 @@ fn a_mount_whose_server_was_killed_is_recovered_by_unmount_and_by_a_new_mount() 
         assert_eq!(err.raw_os_error(), Some(libc_enotconn()), "{err}");
     };
 
+    let status = || {
+        let out = Command::new(jkmount_bin())
+            .arg("status")
+            .arg(&mountpoint)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
     kill_foreground_mount();
+    let (code, said) = status();
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains(": stale: the server of "), "{said}");
     // A new mount at the same place detaches the dead one and serves again.
     let out = super::support::jkmount(&cache, &["--modules", &a, mountpoint.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -252,6 +266,9 @@ fn a_mount_whose_server_was_killed_is_recovered_by_unmount_and_by_a_new_mount() 
         std::fs::read_to_string(mountpoint.join("alpha/index.js")).unwrap(),
         "module.exports = 'a1';\n"
     );
+    let (code, said) = status();
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains(": mounted, serving "), "{said}");
     ok(Command::new(jkmount_bin())
         .arg("unmount")
         .arg(&mountpoint)
@@ -268,6 +285,10 @@ fn a_mount_whose_server_was_killed_is_recovered_by_unmount_and_by_a_new_mount() 
         .unwrap());
     assert!(!is_mounted(&mountpoint));
     assert!(std::fs::metadata(&mountpoint).unwrap().is_dir());
+    assert_eq!(
+        status(),
+        (Some(1), format!("{}: not mounted\n", mountpoint.display()))
+    );
 }
 
 fn libc_enotconn() -> i32 {
@@ -465,4 +486,74 @@ cat {w}/app.out {w}/control.out
     ] {
         assert!(stdout.contains(expected), "no {expected:?} in:\n{stdout}");
     }
+}
+
+#[test]
+fn make_image_writes_a_layout_whose_mounted_image_holds_a_working_static_jkmount() {
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("image");
+    let make = Command::new("make")
+        .args(["-s", "image"])
+        .arg(format!("IMAGE_LAYOUT={}", layout.display()))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    ok(make);
+    let version = env!("CARGO_PKG_VERSION");
+    let cache = work.path().join("cache");
+    let mountpoint = work.path().join("m");
+    let reference = format!("oci:{}:{version}", layout.display());
+    let _mounted = Mounted::new(&cache, &[&reference], &mountpoint);
+    let inside = mountpoint.join("usr/bin/jkmount");
+    // Run from the mount, as a container runtime would run the entrypoint.
+    let said = ok(Command::new(&inside).arg("--version").output().unwrap());
+    assert_eq!(said, format!("jkmount {version}\n"));
+    let program_headers = ok(Command::new("readelf")
+        .arg("-l")
+        .arg(&inside)
+        .output()
+        .unwrap());
+    assert!(
+        !program_headers.contains("program interpreter"),
+        "the image's jkmount is not static:\n{program_headers}"
+    );
+    assert!(
+        mountpoint
+            .join("etc/ssl/certs/ca-certificates.crt")
+            .is_file()
+    );
+    // The jkmount inside does real work: it extracts its own image.
+    let extracted = work.path().join("extracted");
+    ok(Command::new(&inside)
+        .args([
+            "--cache-dir",
+            work.path().join("inner-cache").to_str().unwrap(),
+        ])
+        .args(["extract", &reference, extracted.to_str().unwrap()])
+        .output()
+        .unwrap());
+    assert_eq!(
+        std::fs::read(extracted.join("usr/bin/jkmount")).unwrap(),
+        std::fs::read(&inside).unwrap()
+    );
+    // The config says how a container runs it.
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let blob = |digest: &str| -> serde_json::Value {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        serde_json::from_slice(&std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap())
+            .unwrap()
+    };
+    let manifest = blob(index["manifests"][0]["digest"].as_str().unwrap());
+    let config = blob(manifest["config"]["digest"].as_str().unwrap());
+    assert_eq!(
+        config["config"]["Entrypoint"],
+        serde_json::json!(["/usr/bin/jkmount"])
+    );
+    assert!(
+        config["config"]["Env"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("JKMOUNT_CACHE_DIR=/var/cache/jkmount"))
+    );
 }

@@ -225,6 +225,34 @@ fn canonical(path: &Path) -> Result<PathBuf, MountError> {
     }
 }
 
+/// What is mounted at a path, as `jkmount status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// A jkmount mount whose server answers.
+    Live(MountInfo),
+    /// A jkmount mount whose server is gone.
+    Stale(MountInfo),
+    /// Another filesystem.
+    Other(MountInfo),
+    /// Nothing is mounted there.
+    NotMounted,
+}
+
+/// What is mounted at `path`.
+pub fn status(path: &Path) -> Result<Status, MountError> {
+    let path = canonical(path)?;
+    let found = mount_at(&path).map_err(|e| MountError::NotOurs {
+        path: path.clone(),
+        what: format!("cannot read /proc/self/mountinfo: {e}"),
+    })?;
+    Ok(match found {
+        None => Status::NotMounted,
+        Some(m) if m.fstype != FS_TYPE => Status::Other(m),
+        Some(m) if is_stale(&path) => Status::Stale(m),
+        Some(m) => Status::Live(m),
+    })
+}
+
 /// Whether the FUSE mount at `path` has lost its server.
 pub fn is_stale(path: &Path) -> bool {
     fs::metadata(path).is_err_and(|e| e.raw_os_error() == Some(nix::errno::Errno::ENOTCONN as i32))

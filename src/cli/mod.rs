@@ -4,6 +4,7 @@
 mod cache;
 mod config;
 mod extract;
+mod generate;
 mod lock;
 mod login;
 mod mount;
@@ -61,12 +62,19 @@ enum Command {
     /// Unmount a directory mounted by jkmount.
     #[command(alias = "umount")]
     Unmount(unmount::UnmountArgs),
+    /// Say whether a live jkmount mount is at a directory (exit 0) or not (exit 1).
+    Status(unmount::StatusArgs),
     /// Store credentials for a registry (in the auth file Docker and podman read).
     Login(login::LoginArgs),
     /// Forget the stored credentials for a registry.
     Logout(login::LogoutArgs),
     /// Print the effective registry configuration, and where credentials are looked for.
     Config,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(generate::CompletionsArgs),
+    /// Write the man pages to a directory.
+    #[command(hide = true)]
+    Man(generate::ManArgs),
 }
 
 /// Options every subcommand takes.
@@ -292,9 +300,12 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Combine(args)) => pack::combine(args, &cli.global),
         Some(Command::Cache(command)) => cache::run(command, &cli.global),
         Some(Command::Unmount(args)) => unmount::run(args),
+        Some(Command::Status(args)) => unmount::status(args),
         Some(Command::Login(args)) => login::login(args, &cli.global),
         Some(Command::Logout(args)) => login::logout(args, &cli.global),
         Some(Command::Config) => config::run(&cli.global),
+        Some(Command::Completions(args)) => generate::completions(args),
+        Some(Command::Man(args)) => generate::man(args),
         None => mount::run(cli.mount, cli.global),
     }
 }

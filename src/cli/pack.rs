@@ -74,6 +74,13 @@ pub struct PackArgs {
     /// The config's media type, for custom artifacts.
     #[arg(long, value_name = "TYPE")]
     config_media_type: Option<String>,
+    /// The program a container of the image runs, then its fixed arguments (repeat for each
+    /// word: --entrypoint /usr/bin/jkmount --entrypoint -f).
+    #[arg(long, value_name = "WORD", allow_hyphen_values = true)]
+    entrypoint: Vec<String>,
+    /// An environment variable KEY=VALUE for containers of the image (repeatable).
+    #[arg(long, value_name = "KEY=VALUE")]
+    env: Vec<String>,
 }
 
 /// Arguments of `jkmount combine`.
@@ -190,7 +197,12 @@ pub fn pack(args: PackArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         architecture: architecture.to_owned(),
         config_media_type: args.config_media_type.clone(),
         annotations: annotations(&shown, mtime, args.source.as_deref(), &args.annotation)?,
+        entrypoint: args.entrypoint.clone(),
+        env: args.env.clone(),
     };
+    if let Some(bad) = image_options.env.iter().find(|e| !e.contains('=')) {
+        anyhow::bail!("--env {bad:?} is not KEY=VALUE");
+    }
     let base_documents = base.as_ref().map(|d| Base {
         manifest: d.manifest.clone(),
         config: d.config.clone(),

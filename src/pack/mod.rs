@@ -74,6 +74,11 @@ pub struct ImageOptions {
     pub config_media_type: Option<String>,
     /// Manifest annotations (`org.opencontainers.image.*` and `--annotation`).
     pub annotations: BTreeMap<String, String>,
+    /// The program a container of this image runs (`--entrypoint`); kept from the base
+    /// when empty.
+    pub entrypoint: Vec<String>,
+    /// `KEY=VALUE` environment of a container (`--env`), replacing the base's value of a key.
+    pub env: Vec<String>,
 }
 
 /// An image to build on (`--base`): its manifest and config as fetched.
@@ -102,6 +107,33 @@ pub fn layer_media_type(compression: Compression) -> &'static str {
     }
 }
 
+/// Puts `--entrypoint` and `--env` into the config's runtime section.
+fn set_runtime(config: &mut Value, options: &ImageOptions) {
+    if options.entrypoint.is_empty() && options.env.is_empty() {
+        return;
+    }
+    if !config["config"].is_object() {
+        config["config"] = json!({});
+    }
+    let runtime = &mut config["config"];
+    if !options.entrypoint.is_empty() {
+        runtime["Entrypoint"] = json!(options.entrypoint);
+    }
+    if !options.env.is_empty() {
+        let key = |e: &str| e.split('=').next().unwrap_or_default().to_owned();
+        let given: Vec<String> = options.env.iter().map(|e| key(e)).collect();
+        let mut env: Vec<Value> = runtime["Env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| !given.contains(&key(e.as_str().unwrap_or_default())))
+            .cloned()
+            .collect();
+        env.extend(options.env.iter().map(|e| json!(e)));
+        runtime["Env"] = json!(env);
+    }
+}
+
 /// Builds the config and manifest around a packed layer (on `base`, if given).
 pub fn assemble(
     layer: PackedLayer,
@@ -127,6 +159,7 @@ pub fn assemble(
         detail: format!("the base image's config has no {what}"),
     };
     config["created"] = json!(created);
+    set_runtime(&mut config, options);
     config["rootfs"]["diff_ids"]
         .as_array_mut()
         .ok_or_else(|| broken("rootfs.diff_ids"))?
@@ -295,4 +328,37 @@ pub fn join<'a>(
     }
     let manifest = Document::new(&manifest, oci_client::manifest::OCI_IMAGE_MEDIA_TYPE);
     Ok(Joined { config, manifest })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entrypoint_and_env_go_into_the_config_and_env_replaces_by_key() {
+        let mut config =
+            json!({ "config": { "Env": ["PATH=/bin", "KEEP=1"], "Entrypoint": ["/old"] } });
+        set_runtime(
+            &mut config,
+            &ImageOptions {
+                entrypoint: vec!["/usr/bin/jkmount".into(), "-f".into()],
+                env: vec![
+                    "PATH=/usr/bin".into(),
+                    "JKMOUNT_CACHE_DIR=/var/cache/jkmount".into(),
+                ],
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            config["config"],
+            json!({
+                "Env": ["KEEP=1", "PATH=/usr/bin", "JKMOUNT_CACHE_DIR=/var/cache/jkmount"],
+                "Entrypoint": ["/usr/bin/jkmount", "-f"],
+            })
+        );
+        // Nothing asked: the base's runtime section is left as it is.
+        let mut untouched = json!({ "config": { "Entrypoint": ["/old"] } });
+        set_runtime(&mut untouched, &ImageOptions::default());
+        assert_eq!(untouched["config"]["Entrypoint"], json!(["/old"]));
+    }
 }

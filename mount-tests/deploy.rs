@@ -556,4 +556,38 @@ fn make_image_writes_a_layout_whose_mounted_image_holds_a_working_static_jkmount
             .unwrap()
             .contains(&serde_json::json!("JKMOUNT_CACHE_DIR=/var/cache/jkmount"))
     );
+    // In its own image alone (chroot: no shared libraries, no tools), with a writable cache as
+    // a container runtime would give it, it pulls from a registry.
+    let registry = Registry::start();
+    let a = push_modules(&registry, "alpha", "a1");
+    let writable = work.path().join("writable-cache");
+    std::fs::create_dir_all(&writable).unwrap();
+    // The environment the image's config gives its containers, and nothing else.
+    let env: Vec<&str> = config["config"]["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    let script = format!(
+        "mount --bind {writable} {m}/var/cache/jkmount\nenv -i {env} $(command -v chroot) {m} /usr/bin/jkmount pull {a}",
+        writable = writable.display(),
+        m = mountpoint.display(),
+        env = env.join(" "),
+    );
+    let pulled = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-eu",
+            "-c",
+            &script,
+        ])
+        .output()
+        .unwrap();
+    let said = ok(pulled);
+    assert!(said.starts_with(&format!("{a} sha256:")), "{said}");
+    assert!(writable.join("v1").is_dir());
 }

@@ -5,6 +5,7 @@
 
 mod conformance;
 mod deploy;
+mod kernel_cache;
 mod lifecycle;
 mod pack;
 mod snapshot;

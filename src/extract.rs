@@ -94,6 +94,19 @@ pub fn extract(mountable: &Mountable, dest: &Path) -> Result<Summary> {
     let work = work.keep();
     if let Err(e) = fs::rename(&work, dest) {
         let _ = fs::remove_dir_all(&work);
+        let errno = e.raw_os_error().map(nix::errno::Errno::from_raw);
+        if matches!(
+            errno,
+            Some(nix::errno::Errno::EBUSY | nix::errno::Errno::EXDEV)
+        ) {
+            return Err(refused(
+                dest,
+                format!(
+                    "{e}: it is a mount point (a volume, say); extract into a new directory inside it, such as {}",
+                    dest.join("node_modules").display()
+                ),
+            ));
+        }
         return Err(Error::io(dest, e));
     }
     Ok(writer.summary)

@@ -276,6 +276,8 @@ pub struct MountRequest {
     pub allow_other: bool,
     /// Refuse to execute files from the mount.
     pub noexec: bool,
+    /// Where to count the requests served (`--stats`).
+    pub stats: std::sync::Arc<crate::fs::stats::Stats>,
 }
 
 /// Mounts `core` and serves it until the filesystem is unmounted (by `jkmount unmount`,
@@ -295,7 +297,7 @@ pub fn serve(
     signals
         .thread_block()
         .map_err(|e| mount_failed(request, e.into()))?;
-    let fs = FuseFs::new(core);
+    let fs = FuseFs::new(core, request.stats.clone());
     let mut config = Config::default();
     config.n_threads = Some(request.threads);
     // A cloned connection per worker thread needs /dev/fuse opened again, which an ordinary

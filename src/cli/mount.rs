@@ -57,6 +57,10 @@ pub struct MountArgs {
     /// x-systemd.* and the like are accepted and passed over.
     #[arg(short = 'o', value_name = "OPTION[,OPTION...]")]
     options: Vec<String>,
+    /// When the mount ends, write the FUSE requests it served, counted by kind, to FILE as
+    /// JSON (- for stderr); -v logs them too.
+    #[arg(long, value_name = "FILE")]
+    stats: Option<PathBuf>,
     #[command(flatten)]
     resolve: ResolveArgs,
     #[command(flatten)]
@@ -186,6 +190,7 @@ pub fn run(mut args: MountArgs, mut global: GlobalArgs) -> anyhow::Result<()> {
         threads: FUSE_THREADS,
         allow_other: mount_options.allow_other,
         noexec: mount_options.noexec,
+        stats: Default::default(),
     };
     let core = FsCore::new(mountable)?;
     let status = format!(
@@ -200,6 +205,14 @@ pub fn run(mut args: MountArgs, mut global: GlobalArgs) -> anyhow::Result<()> {
             notify_service_manager(&status)
         }
     })?;
+    let counts = request.stats.to_json();
+    tracing::info!("served {}: {counts}", request.mountpoint.display());
+    match args.stats.as_deref() {
+        Some(path) if path == std::path::Path::new("-") => eprintln!("{counts}"),
+        Some(path) => std::fs::write(path, format!("{counts}\n"))
+            .with_context(|| format!("cannot write --stats to {}", path.display()))?,
+        None => {}
+    }
     Ok(())
 }
 

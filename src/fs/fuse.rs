@@ -13,7 +13,10 @@ use fuser::{
     ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
+use std::sync::Arc;
+
 use super::core::{Attr, BLOCK_SIZE, FileKind, FsCore, FsError, MAX_NAME};
+use super::stats::{Op, Stats};
 
 /// How long the kernel may trust an entry, an attribute or a negative lookup: the image is
 /// immutable, so for as long as the mount lives.
@@ -31,12 +34,13 @@ const WANTED: [InitFlags; 4] = [
 #[derive(Debug)]
 pub struct FuseFs {
     core: FsCore,
+    stats: Arc<Stats>,
 }
 
 impl FuseFs {
-    /// Wraps a core.
-    pub fn new(core: FsCore) -> Self {
-        FuseFs { core }
+    /// Wraps a core; every request is counted in `stats`.
+    pub fn new(core: FsCore, stats: Arc<Stats>) -> Self {
+        FuseFs { core, stats }
     }
 }
 
@@ -136,6 +140,7 @@ impl Filesystem for FuseFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.stats.count(Op::Lookup);
         match self.core.lookup(parent.0, name.as_bytes()) {
             Ok(Some(attr)) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
             Ok(None) => reply.entry(&TTL, &negative_entry(), Generation(0)),
@@ -144,6 +149,7 @@ impl Filesystem for FuseFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.stats.count(Op::Getattr);
         match self.core.getattr(ino.0) {
             Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
             Err(e) => reply.error(errno(&e)),
@@ -151,6 +157,7 @@ impl Filesystem for FuseFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.stats.count(Op::Readlink);
         match self.core.readlink(ino.0) {
             Ok(target) => reply.data(target),
             Err(e) => reply.error(errno(&e)),
@@ -158,6 +165,7 @@ impl Filesystem for FuseFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.stats.count(Op::Open);
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         match self.core.open(ino.0, write) {
             Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
@@ -177,8 +185,12 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
+        self.stats.count(Op::Read);
         match self.core.read(ino.0, offset, size) {
-            Ok(data) => reply.data(&data),
+            Ok(data) => {
+                self.stats.read_bytes(data.len());
+                reply.data(&data)
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -191,10 +203,12 @@ impl Filesystem for FuseFs {
         _lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
+        self.stats.count(Op::Flush);
         reply.ok();
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.stats.count(Op::Opendir);
         match self.core.getattr(ino.0) {
             Ok(a) if a.kind == FileKind::Directory => reply.opened(
                 FileHandle(0),
@@ -213,6 +227,7 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.stats.count(Op::Readdir);
         match self.core.readdir(ino.0, offset) {
             Ok(entries) => {
                 for e in entries {
@@ -239,6 +254,7 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        self.stats.count(Op::Readdirplus);
         match self.core.readdir(ino.0, offset) {
             Ok(entries) => {
                 for e in entries {
@@ -261,11 +277,13 @@ impl Filesystem for FuseFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.stats.count(Op::Statfs);
         let s = self.core.statfs();
         reply.statfs(s.blocks, 0, 0, s.files, 0, BLOCK_SIZE, MAX_NAME, BLOCK_SIZE);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.stats.count(Op::Getxattr);
         match self.core.getxattr(ino.0, name.as_bytes()) {
             Ok(value) => reply_xattr(value, size, reply),
             Err(e) => reply.error(errno(&e)),
@@ -273,6 +291,7 @@ impl Filesystem for FuseFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.stats.count(Op::Listxattr);
         match self.core.listxattr(ino.0) {
             Ok(names) => reply_xattr(&names, size, reply),
             Err(e) => reply.error(errno(&e)),
@@ -280,9 +299,42 @@ impl Filesystem for FuseFs {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        self.stats.count(Op::Access);
         match self.core.getattr(ino.0) {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.stats.count(Op::Release);
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.stats.count(Op::Releasedir);
+        reply.ok();
+    }
+
+    fn forget(&self, _req: &Request, _ino: INodeNo, _nlookup: u64) {
+        // Nothing to free: inodes are the tree's own node ids, valid for the mount's life.
+        self.stats.count(Op::Forget);
     }
 }

@@ -3,5 +3,6 @@
 
 pub mod core;
 pub mod fuse;
+pub mod stats;
 
 pub use self::core::{Attr, FileKind, FsCore, FsError};

@@ -154,8 +154,19 @@ impl Transport {
             })?;
             builder = builder.identity(identity);
         }
-        builder
-            .build()
-            .map_err(|e| transport_error(&self.host, format!("cannot set up HTTP: {e}")))
+        builder.build().map_err(|e| {
+            let mut said = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                said = format!("{said}: {c}");
+                cause = c.source();
+            }
+            let hint = if said.contains("certificate") {
+                "; install the system's CA certificates (ca-certificates), or point SSL_CERT_FILE at a bundle"
+            } else {
+                ""
+            };
+            transport_error(&self.host, format!("cannot set up HTTP: {said}{hint}"))
+        })
     }
 }

@@ -24,21 +24,50 @@ fn push_modules(registry: &Registry, name: &str, value: &str) -> String {
     reference
 }
 
-/// Runs `script` with `sh -eu` in a private mount namespace, with `$JKMOUNT` the binary on
-/// the mount helper's PATH (a bind mount over /usr/local/sbin, inside the namespace only).
-fn in_private_namespace(work: &Path, script: &str) -> std::process::Output {
+/// Runs `script` with `sh -eu` in a private mount namespace (made by `unshare`: what the script
+/// mounts over system paths is seen by it alone), asserts it succeeded, returns its stdout.
+fn in_private_namespace(script: &str) -> String {
+    let out = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-eu",
+            "-c",
+            script,
+        ])
+        .output()
+        .expect("unshare runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The same, with the built jkmount on the mount helper's fixed PATH (a bind mount over
+/// /usr/local/sbin).
+fn with_helper_on_path(work: &Path, script: &str) -> String {
     let bin = work.join("sbin");
     std::fs::create_dir_all(&bin).unwrap();
     let link = bin.join("jkmount");
     if !link.exists() {
         std::os::unix::fs::symlink(jkmount_bin(), &link).unwrap();
     }
-    let prelude = format!("mount --bind {bin} /usr/local/sbin\n", bin = bin.display());
-    Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-eu", "-c"])
-        .arg(format!("{prelude}{script}"))
-        .output()
-        .expect("unshare runs")
+    in_private_namespace(&format!(
+        "mount --bind {} /usr/local/sbin\n{script}",
+        bin.display()
+    ))
+}
+
+/// Asserts every line of `expected` occurs in `said`.
+fn assert_says(said: &str, expected: &[&str]) {
+    for line in expected {
+        assert!(said.contains(line), "no {line:?} in:\n{said}");
+    }
 }
 
 #[test]
@@ -82,25 +111,15 @@ echo "cached: $(ls {cache})"
         cache = cache.display(),
         fstab = fstab.display(),
     );
-    let out = in_private_namespace(work.path(), &script);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout.contains("m1 alpha: module.exports = 'a1';"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("m1 beta: module.exports = 'b1';"),
-        "{stdout}"
-    );
-    assert!(stdout.contains("m1 has no /etc"), "{stdout}");
-    assert!(
-        stdout.contains("m2 index: module.exports = 'b1';"),
-        "{stdout}"
+    let stdout = with_helper_on_path(work.path(), &script);
+    assert_says(
+        &stdout,
+        &[
+            "m1 alpha: module.exports = 'a1';",
+            "m1 beta: module.exports = 'b1';",
+            "m1 has no /etc",
+            "m2 index: module.exports = 'b1';",
+        ],
     );
     let lines: Vec<&str> = stdout
         .lines()
@@ -352,43 +371,20 @@ echo "user cache: $(ls {home}/.cache/jkmount)"
         with = with.display(),
         work = work.path().display(),
     );
-    let out = Command::new("unshare")
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-eu",
-            "-c",
-            &script,
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = in_private_namespace(&script);
+    let user_id = format!("user_id={NOBODY}");
+    assert_says(
+        &stdout,
+        &[
+            "closed device: jkmount: error: /dev/fuse is not open to this user (fusermount3 opens it as the user): make it mode 0666",
+            "user reads: module.exports = 'a1';",
+            "root is kept out of m1",
+            "allow_other refused: jkmount: error: allow_other is not permitted for non-root mounts here: add a line user_allow_other to /etc/fuse.conf",
+            "root reads m2: module.exports = 'a1';",
+            &user_id,
+            "user cache: v1",
+        ],
     );
-    assert!(
-        stdout.contains("closed device: jkmount: error: /dev/fuse is not open to this user (fusermount3 opens it as the user): make it mode 0666"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("user reads: module.exports = 'a1';"),
-        "{stdout}"
-    );
-    assert!(stdout.contains("root is kept out of m1"), "{stdout}");
-    assert!(
-        stdout.contains("allow_other refused: jkmount: error: allow_other is not permitted for non-root mounts here: add a line user_allow_other to /etc/fuse.conf"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("root reads m2: module.exports = 'a1';"),
-        "{stdout}"
-    );
-    assert!(stdout.contains(&format!("user_id={NOBODY}")), "{stdout}");
-    assert!(stdout.contains("user cache: v1"), "{stdout}");
 }
 
 const NOBODY: u32 = 65534;
@@ -459,33 +455,17 @@ cat {w}/app.out {w}/control.out
         wait_control_read = wait_for("control.read"),
         bin = jkmount_bin(),
     );
-    let out = Command::new("unshare")
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-eu",
-            "-c",
-            &script,
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = in_private_namespace(&script);
+    assert_says(
+        &stdout,
+        &[
+            "node sees: module.exports = 'a1';",
+            "sidecar ended cleanly",
+            "app reads: a1",
+            "app sees it gone",
+            "control sees no mount",
+        ],
     );
-    for expected in [
-        "node sees: module.exports = 'a1';",
-        "sidecar ended cleanly",
-        "app reads: a1",
-        "app sees it gone",
-        "control sees no mount",
-    ] {
-        assert!(stdout.contains(expected), "no {expected:?} in:\n{stdout}");
-    }
 }
 
 #[test]
@@ -575,19 +555,7 @@ fn make_image_writes_a_layout_whose_mounted_image_holds_a_working_static_jkmount
         m = mountpoint.display(),
         env = env.join(" "),
     );
-    let pulled = Command::new("unshare")
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-eu",
-            "-c",
-            &script,
-        ])
-        .output()
-        .unwrap();
-    let said = ok(pulled);
+    let said = in_private_namespace(&script);
     assert!(said.starts_with(&format!("{a} sha256:")), "{said}");
     assert!(writable.join("v1").is_dir());
 }

@@ -8,9 +8,8 @@ use anyhow::Context;
 use clap::Args;
 
 use super::lock::LockfileArgs;
-use super::mount::{MODULES_DIR, Prepared, prepare};
-use super::options::split_images;
-use super::{GlobalArgs, PullPolicy, ResolveArgs, parse_images};
+use super::mount::{MODULES_DIR, Prepared, Targets, prepare};
+use super::{GlobalArgs, ResolveArgs};
 
 /// Arguments of `jkmount extract`.
 #[derive(Debug, Args)]
@@ -33,16 +32,13 @@ pub struct ExtractArgs {
 
 /// Pulls, merges and writes the tree; says what was written on stderr.
 pub fn run(args: ExtractArgs, global: &GlobalArgs) -> anyhow::Result<()> {
-    let (dest, images) = args
-        .targets
-        .split_last()
-        .expect("clap requires two or more");
-    let images = parse_images(&split_images(images)?)?;
-    let options = args.resolve.options(PullPolicy::Missing, global)?;
-    let lockfile = args.lock.load()?;
-    let pins = args
-        .lock
-        .pins(lockfile.as_ref(), &images, &options.platform)?;
+    let Targets {
+        dir: dest,
+        images,
+        options,
+        lockfile,
+        pins,
+    } = Targets::parse(&args.targets, &args.resolve, &args.lock, global)?;
     let subdir = if args.modules {
         Some(MODULES_DIR)
     } else {

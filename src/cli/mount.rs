@@ -102,6 +102,44 @@ impl MountArgs {
     }
 }
 
+/// What a mount or an extraction is asked for: `IMAGE... DIR`, the images split on `+`, how to
+/// resolve them, and the lockfile with their pins.
+pub struct Targets<'a> {
+    /// The last argument: the mountpoint or the destination.
+    pub dir: &'a str,
+    /// The images, bottom first.
+    pub images: Vec<ImageRef>,
+    /// How they are pulled.
+    pub options: jkmount::pull::PullOptions,
+    /// The lockfile in use, if any.
+    pub lockfile: Option<InUse>,
+    /// Each image's pin in it.
+    pub pins: Vec<Option<jkmount::lockfile::Pin>>,
+}
+
+impl<'a> Targets<'a> {
+    /// Parses `IMAGE... DIR` (clap has checked there are two or more).
+    pub fn parse(
+        targets: &'a [String],
+        resolve: &ResolveArgs,
+        lock: &LockfileArgs,
+        global: &GlobalArgs,
+    ) -> anyhow::Result<Self> {
+        let (dir, images) = targets.split_last().expect("clap requires two or more");
+        let images = parse_images(&split_images(images)?)?;
+        let options = resolve.options(PullPolicy::Missing, global)?;
+        let lockfile = lock.load()?;
+        let pins = lock.pins(lockfile.as_ref(), &images, &options.platform)?;
+        Ok(Targets {
+            dir,
+            images,
+            options,
+            lockfile,
+            pins,
+        })
+    }
+}
+
 /// The images pulled and merged, with the cache held in use.
 pub struct Prepared {
     /// The cache they are in.
@@ -143,16 +181,13 @@ pub fn prepare(
 pub fn run(mut args: MountArgs, mut global: GlobalArgs) -> anyhow::Result<()> {
     let mount_options = args.apply_options(&mut global)?;
     let global = &global;
-    let (mountpoint, images) = args
-        .targets
-        .split_last()
-        .expect("clap requires two or more");
-    let images = parse_images(&split_images(images)?)?;
-    let options = args.resolve.options(PullPolicy::Missing, global)?;
-    let lockfile = args.lock.load()?;
-    let pins = args
-        .lock
-        .pins(lockfile.as_ref(), &images, &options.platform)?;
+    let Targets {
+        dir: mountpoint,
+        images,
+        options,
+        lockfile,
+        pins,
+    } = Targets::parse(&args.targets, &args.resolve, &args.lock, global)?;
     let is_server = std::env::var_os(SERVER_ENV).is_some();
     if !args.foreground && !is_server {
         return start_server(global);

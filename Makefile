@@ -9,7 +9,7 @@ STATIC_BIN = target/$(TARGET)/release/jkmount
 IMAGE_LAYOUT ?= target/jkmount-image
 IMAGE_REF ?=
 
-.PHONY: all build demo test lint test-unit test-property test-integration test-packaging test-mount fuzz-build release install deb image clean
+.PHONY: all build demo test bench lint test-unit test-property test-integration test-packaging test-mount fuzz-build release install deb image clean
 
 all: build
 
@@ -51,6 +51,11 @@ test-mount:
 #   cd fuzz && cargo +nightly fuzz run layer_index
 fuzz-build:
 	$(CARGO) build --manifest-path fuzz/Cargo.toml
+
+# jkmount against native disk, skopeo+umoci, podman, fuse-overlayfs and ratarmount, side by
+# side in one run (root; installs the peers from Debian and PyPI); writes docs/benchmarks.md.
+bench: release
+	python3 bench/run.py
 
 # A static, stripped jkmount.
 release:

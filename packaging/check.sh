@@ -9,6 +9,9 @@ cd "$(dirname "$0")/.."
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 fail() { echo "packaging check: $*" >&2; exit 1; }
+# `cmd | grep -q` under pipefail fails when grep stops reading early (SIGPIPE): match on the
+# whole output instead.
+has() { grep -q -- "$2" <<<"$1"; }
 
 echo "== make install DESTDIR=$work/root PREFIX=/usr/local"
 make -s install DESTDIR="$work/root" PREFIX=/usr/local >/dev/null
@@ -18,9 +21,10 @@ for f in bin/jkmount share/man/man1/jkmount.1.gz share/man/man1/jkmount-extract.
   share/fish/vendor_completions.d/jkmount.fish lib/systemd/system/jkmount@.service; do
   [ -s "$r/$f" ] || fail "make install did not write $f"
 done
-"$r/bin/jkmount" --version | grep -q '^jkmount ' || fail "the installed jkmount does not run"
-zcat "$r/share/man/man1/jkmount.1.gz" | grep -q '^\.TH jkmount 1' || fail "jkmount.1 is not a man page"
-zcat "$r/share/man/man1/jkmount.1.gz" | grep -q 'fuse.jkmount' || fail "jkmount.1 lacks the -o options"
+has "$("$r/bin/jkmount" --version)" '^jkmount ' || fail "the installed jkmount does not run"
+page=$(zcat "$r/share/man/man1/jkmount.1.gz")
+has "$page" '^\.TH jkmount 1' || fail "jkmount.1 is not a man page"
+has "$page" 'fuse.jkmount' || fail "jkmount.1 lacks the -o options"
 bash -n "$r/share/bash-completion/completions/jkmount" || fail "bash completion does not parse"
 grep -q 'extract' "$r/share/bash-completion/completions/jkmount" || fail "bash completion lacks extract"
 grep -q "ExecStart=/usr/local/bin/jkmount -f" "$r/lib/systemd/system/jkmount@.service" \
@@ -45,7 +49,7 @@ python3 -m kubernetes_validate --strict --kubernetes-version 1.33.0 packaging/ku
 echo "== make deb"
 make -s deb >/dev/null
 deb=$(ls -t target/debian/jkmount_*.deb | head -1)
-dpkg-deb -I "$deb" | grep -q '^ Depends: fuse3' || fail "$deb does not depend on fuse3"
+has "$(dpkg-deb -I "$deb")" '^ Depends: fuse3$' || fail "$deb does not depend on fuse3"
 dpkg-deb -c "$deb" >"$work/contents"
 for f in ./usr/bin/jkmount ./usr/share/man/man1/jkmount.1.gz ./usr/share/man/man1/jkmount-pull.1.gz \
   ./usr/share/bash-completion/completions/jkmount ./usr/share/zsh/vendor-completions/_jkmount \
@@ -54,7 +58,7 @@ for f in ./usr/bin/jkmount ./usr/share/man/man1/jkmount.1.gz ./usr/share/man/man
   grep -q " $f\$" "$work/contents" || fail "$deb lacks $f"
 done
 dpkg-deb -x "$deb" "$work/deb"
-"$work/deb/usr/bin/jkmount" --version | grep -q '^jkmount ' || fail "the packaged jkmount does not run"
+has "$("$work/deb/usr/bin/jkmount" --version)" '^jkmount ' || fail "the packaged jkmount does not run"
 grep -q "ExecStart=/usr/bin/jkmount -f" "$work/deb/usr/lib/systemd/system/jkmount@.service" \
   || fail "the packaged unit does not point at /usr/bin/jkmount"
 echo "packaging check: ok ($deb)"

@@ -455,12 +455,12 @@ def tar_workload(root):
     return lambda: sh("sh", "-c", f"tar -C '{root}' -cf - . | wc -c", stdout=subprocess.DEVNULL)
 
 
-def first_and_second(tool, workload):
+def first_and_second(tool, workload, probe=None):
     """First run after a fresh mount with the page cache dropped, and the run after it."""
     firsts, seconds = [], []
     for _ in range(RUNS):
         if tool.warm is not None:
-            tool.warm(PROBE)
+            tool.warm(probe or PROBE)
         drop_caches()
         firsts.append(timed(workload(tool.root())))
         seconds.append(timed(workload(tool.root())))
@@ -497,7 +497,7 @@ def wrk(root, port_dir):
     conf = port_dir / "nginx.conf"
     port_dir.mkdir(parents=True, exist_ok=True)
     conf.write_text(
-        f"worker_processes 2;\npid {port_dir}/nginx.pid;\nerror_log {port_dir}/error.log;\n"
+        f"user root;\nworker_processes 2;\npid {port_dir}/nginx.pid;\nerror_log {port_dir}/error.log;\n"
         f"daemon off;\nevents {{ worker_connections 1024; }}\n"
         f"http {{ access_log off; sendfile on; server {{ listen 127.0.0.1:{port}; "
         f"root {root}; }} }}\n")
@@ -597,7 +597,7 @@ def main():
 
         pid = jk.server_pid()
         rss = peak_rss_mib(pid) if pid else None
-        rows.append(("jkmount daemon peak RSS after the workloads",
+        rows.append(("jkmount daemon peak RSS (after tar read every file twice)",
                      {"jkmount": Result([rss], unit="MiB") if rss else "unknown"}))
 
         log("concurrent node workloads")
@@ -618,7 +618,7 @@ def main():
                                                       "of=/dev/null", "bs=1M", "status=none"))
             first, second = {}, {}
             for t in (Native(umb.root()), jkb):
-                f, s_ = first_and_second(t, seq)
+                f, s_ = first_and_second(t, seq, "jk/modules/text.txt")
                 first[t.name], second[t.name] = f, s_
             rows.append((f"sequential read of a 256 MiB {name}, first", first))
             rows.append((f"sequential read of a 256 MiB {name}, second", second))
@@ -717,7 +717,7 @@ def targets(rows, n_entries):
             add(f"big file {name} read speed, {which} ≥ {limit}× native", r, limit, higher_is_better=True)
     r = ratio("nginx + wrk on 3,000 pages: requests/s", "jkmount", "native")
     add("nginx requests/s ≥ 0.9× native", r, 0.9, higher_is_better=True)
-    rss = median(by.get("jkmount daemon peak RSS after the workloads", {}), "jkmount")
+    rss = median(by.get("jkmount daemon peak RSS (after tar read every file twice)", {}), "jkmount")
     limit = 8 + 256 * n_entries / 2**20
     out_.append((f"daemon peak RSS ≤ 8 MiB + 256 B × {n_entries:,} entries = {limit:.1f} MiB",
                  f"{rss:.1f} MiB" if rss else "not measured", bool(rss and rss <= limit)))

@@ -96,10 +96,13 @@ fn a_second_stat_of_a_missing_path_or_read_of_a_file_reaches_the_daemon_not_at_a
             "{kind}: once {once}, twice {twice}"
         );
     }
-    // Each open still reaches the daemon (it may be asked to refuse), but nothing more.
-    assert_eq!(
-        twice["open"].as_u64().unwrap(),
-        once["open"].as_u64().unwrap() + 1,
-        "once {once}, twice {twice}"
-    );
+    // Opening and closing are the kernel's own after the first `open` and `flush` are answered
+    // ENOSYS: the second read sends no open, release or flush at all.
+    for kind in ["open", "release", "opendir", "releasedir", "flush"] {
+        assert_eq!(
+            twice[kind], once[kind],
+            "{kind}: once {once}, twice {twice}"
+        );
+    }
+    assert!(once["open"].as_u64().unwrap() <= 1, "{once}");
 }

@@ -34,9 +34,6 @@ pub enum FsError {
     /// `readlink` on something that is not a symlink.
     #[error("not a symbolic link")]
     NotASymlink,
-    /// Any change: the image is read-only.
-    #[error("read-only file system")]
-    ReadOnly,
     /// `getxattr` of a name the inode does not have.
     #[error("no such extended attribute")]
     NoXattr,
@@ -237,17 +234,6 @@ impl FsCore {
             }))
     }
 
-    /// Checks that an inode can be opened for reading.
-    pub fn open(&self, ino: u64, write: bool) -> Result<(), FsError> {
-        if write {
-            return Err(FsError::ReadOnly);
-        }
-        match self.tree.node(self.id(ino)?).kind {
-            NodeKind::Dir { .. } => Err(FsError::IsADirectory),
-            _ => Ok(()),
-        }
-    }
-
     /// Reads up to `size` bytes at `offset`; fewer only at the end of the file.
     pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
         let id = self.id(ino)?;
@@ -387,7 +373,6 @@ mod tests {
         ));
         assert!(matches!(fs.getattr(9999), Err(FsError::NotFound)));
         assert!(matches!(fs.getattr(0), Err(FsError::NotFound)));
-        assert!(matches!(fs.open(hello.ino, true), Err(FsError::ReadOnly)));
         assert!(matches!(fs.readlink(hello.ino), Err(FsError::NotASymlink)));
     }
 

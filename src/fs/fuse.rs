@@ -8,9 +8,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, Generation, INodeNo, InitFlags,
+    KernelConfig, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
 use std::sync::Arc;
@@ -51,7 +51,6 @@ pub fn errno(e: &FsError) -> Errno {
         FsError::NotADirectory => Errno::ENOTDIR,
         FsError::IsADirectory => Errno::EISDIR,
         FsError::NotASymlink => Errno::EINVAL,
-        FsError::ReadOnly => Errno::EROFS,
         FsError::NoXattr => Errno::ENODATA,
         FsError::Io(io) => {
             tracing::error!("{e}");
@@ -164,13 +163,13 @@ impl Filesystem for FuseFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    /// `ENOSYS` tells the kernel that opening needs no daemon: from then on it opens files and
+    /// directories itself (page cache kept, directory listings cached) and sends no `open`,
+    /// `opendir`, `release` or `releasedir` at all. Nothing is lost: the mount is read-only, so
+    /// the VFS refuses every open for writing, and directories never reach `open`.
+    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.stats.count(Op::Open);
-        let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
-        match self.core.open(ino.0, write) {
-            Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(errno(&e)),
-        }
+        reply.error(Errno::ENOSYS);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -195,6 +194,8 @@ impl Filesystem for FuseFs {
         }
     }
 
+    /// Nothing is ever written, so nothing needs flushing: `ENOSYS` stops the kernel sending a
+    /// `flush` on every close.
     fn flush(
         &self,
         _req: &Request,
@@ -204,19 +205,13 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         self.stats.count(Op::Flush);
-        reply.ok();
+        reply.error(Errno::ENOSYS);
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    /// As [`Self::open`]: the kernel opens directories itself after this.
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.stats.count(Op::Opendir);
-        match self.core.getattr(ino.0) {
-            Ok(a) if a.kind == FileKind::Directory => reply.opened(
-                FileHandle(0),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-            ),
-            Ok(_) => reply.error(Errno::ENOTDIR),
-            Err(e) => reply.error(errno(&e)),
-        }
+        reply.error(Errno::ENOSYS);
     }
 
     fn readdir(

@@ -193,6 +193,11 @@ mod tests {
             ":tag",
             "oci:",
             "oci:dir:bad tag",
+            // Tags are ASCII (the distribution grammar's `\w` is Go's); the vendored oci-spec
+            // patch keeps it so (vendor/oci-spec/PATCHED.md).
+            "repo:v1\u{e9}",
+            "repo:\u{4e2d}",
+            &format!("repo:{}", "t".repeat(129)),
         ] {
             let err = ImageRef::parse(input).unwrap_err();
             assert!(

@@ -18,6 +18,7 @@ pub enum NodeKind {
     /// A directory; entries sorted by name bytes.
     Dir {
         /// `(name, child)` pairs, sorted by name.
+        #[serde(with = "names")]
         entries: Vec<(Vec<u8>, NodeId)>,
         /// The containing directory (the root's is itself).
         parent: NodeId,
@@ -43,6 +44,7 @@ pub enum NodeKind {
     /// A symbolic link, target verbatim.
     Symlink {
         /// The target.
+        #[serde(with = "serde_bytes")]
         target: Vec<u8>,
     },
     /// A character device.
@@ -57,6 +59,33 @@ pub enum NodeKind {
     },
     /// A named pipe.
     Fifo,
+}
+
+/// Directory entries with each name (de)serialized as one block of bytes, which postcard writes
+/// exactly as it writes a `Vec<u8>` but reads several times faster than byte by byte: loading the
+/// tree is most of a warm mount.
+mod names {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use serde_bytes::{ByteBuf, Bytes};
+
+    use super::NodeId;
+
+    pub fn serialize<S: Serializer>(
+        entries: &[(Vec<u8>, NodeId)],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(entries.iter().map(|(name, id)| (Bytes::new(name), *id)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<(Vec<u8>, NodeId)>, D::Error> {
+        let entries = Vec::<(ByteBuf, NodeId)>::deserialize(d)?;
+        Ok(entries
+            .into_iter()
+            .map(|(name, id)| (name.into_vec(), id))
+            .collect())
+    }
 }
 
 /// One file, directory or link of the merged image.
@@ -122,5 +151,26 @@ impl Tree {
             out.push((if path.is_empty() { "/".into() } else { path }, id));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Trees written before names were read as blocks still load: the bytes are the same.
+    #[test]
+    fn names_are_written_as_plain_byte_vectors() {
+        #[derive(Serialize, Deserialize)]
+        struct Plain(Vec<(Vec<u8>, NodeId)>);
+        #[derive(Serialize, Deserialize)]
+        struct Blocks(#[serde(with = "names")] Vec<(Vec<u8>, NodeId)>);
+        let entries = vec![(b"index.js".to_vec(), 1), (vec![0xff; 300], 2), (vec![], 3)];
+        let plain = postcard::to_allocvec(&Plain(entries.clone())).unwrap();
+        assert_eq!(
+            postcard::to_allocvec(&Blocks(entries.clone())).unwrap(),
+            plain
+        );
+        assert_eq!(postcard::from_bytes::<Blocks>(&plain).unwrap().0, entries);
     }
 }

@@ -70,7 +70,8 @@ def free_port():
 
 def version(cmd, pick=None):
     try:
-        lines = out(*cmd, stderr=subprocess.STDOUT).strip().splitlines()
+        said = sh(*cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout
+        lines = said.strip().splitlines()
         return next((l for l in lines if pick and pick in l), lines[0])
     except Exception as e:  # noqa: BLE001 - shown in the report as is
         return f"unavailable ({e})"
@@ -430,6 +431,8 @@ class Result:
             f = lambda v: f"{v * 1000:.0f} ms" if v < 10 else f"{v:.1f} s"  # noqa: E731
         elif self.unit == "MiB":
             f = lambda v: f"{v:.1f} MiB"  # noqa: E731
+        elif self.unit == "workloads/s":
+            f = lambda v: f"{v:.2f}/s"  # noqa: E731
         else:
             f = lambda v: f"{v:,.0f} {self.unit}"  # noqa: E731
         if len(self.samples) == 1:
@@ -728,6 +731,18 @@ def targets(rows, n_entries):
     return out_
 
 
+def cell(text):
+    """Text for a markdown table cell."""
+    return text.replace("|", "\\|")
+
+
+def cpu_model():
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
 def report(rows, n_files, size, rss, n_entries, versions):
     lines = [
         "# Benchmarks",
@@ -737,11 +752,12 @@ def report(rows, n_files, size, rss, n_entries, versions):
         "\"first\" rows drop the page cache (`echo 3 > /proc/sys/vm/drop_caches`) and mount afresh",
         "(for the FUSE tools: unmount and mount again from their cache) before the first run;",
         "\"second\" is the run right after it. Native is the same tree extracted by",
-        "`skopeo copy` + `umoci raw unpack` onto this ext4 disk.",
+        "`skopeo copy` + `umoci raw unpack` onto this ext4 disk. The last column is jkmount's",
+        "figure over native's: for times lower is better, for rates (req/s, workloads/s) higher.",
         "",
         "## Machine and versions",
         "",
-        f"- {platform.node()}: {os.cpu_count()} cores, "
+        f"- {platform.node()}: {os.cpu_count()} cores ({cpu_model()}), "
         f"{int(Path('/proc/meminfo').read_text().split()[1]) // 1024 // 1024} GiB, Linux {platform.release()}",
     ]
     lines += [f"- {k}: {v}" for k, v in versions.items()]
@@ -762,15 +778,15 @@ def report(rows, n_files, size, rss, n_entries, versions):
             shown.append(v.shown() if isinstance(v, Result) else (v or "—"))
         jkm, nat = median(cells, "jkmount"), median(cells, "native")
         shown.append(f"{jkm / nat:.2f}×" if jkm and nat else "—")
-        lines.append(f"| {label} | " + " | ".join(shown) + " |")
+        lines.append(f"| {cell(label)} | " + " | ".join(shown) + " |")
     lines += ["", "## Targets", "", "| target | this run | |", "|---|---|---|"]
     for text, figure, ok in targets(rows, n_entries):
-        lines.append(f"| {text} | {figure} | {'met' if ok else '**missed**'} |")
-    OUT.write_text("\n".join(lines) + "\n" + NOTES)
+        lines.append(f"| {cell(text)} | {figure} | {'met' if ok else '**missed**'} |")
+    notes = Path(__file__).parent / "notes.md"
+    OUT.write_text("\n".join(lines) + "\n" + (("\n" + notes.read_text()) if notes.exists() else ""))
     print("\n".join(lines))
 
 
-NOTES = (Path(__file__).parent / "notes.md").read_text() if (Path(__file__).parent / "notes.md").exists() else ""
 
 
 if __name__ == "__main__":

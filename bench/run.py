@@ -70,7 +70,8 @@ def free_port():
 
 def version(cmd, pick=None):
     try:
-        said = sh(*cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout
+        said = sh(*cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                  check=False).stdout
         lines = said.strip().splitlines()
         return next((l for l in lines if pick and pick in l), lines[0])
     except Exception as e:  # noqa: BLE001 - shown in the report as is
@@ -458,16 +459,29 @@ def tar_workload(root):
     return lambda: sh("sh", "-c", f"tar -C '{root}' -cf - . | wc -c", stdout=subprocess.DEVNULL)
 
 
-def first_and_second(tool, workload, probe=None):
-    """First run after a fresh mount with the page cache dropped, and the run after it."""
-    firsts, seconds = [], []
+def first_and_second(tools, label, workload, probe=None):
+    """For each tool, the first run after a fresh mount with the page cache dropped and the run
+    right after it. Runs are interleaved (run 1 of every tool, then run 2, ...) so that drift of
+    the machine (disk, reclaim) falls on all tools alike. A tool that fails is reported failed."""
+    firsts = {t.name: [] for t in tools}
+    seconds = {t.name: [] for t in tools}
+    failed = {}
     for _ in range(RUNS):
-        if tool.warm is not None:
-            tool.warm(probe or PROBE)
-        drop_caches()
-        firsts.append(timed(workload(tool.root())))
-        seconds.append(timed(workload(tool.root())))
-    return Result(firsts), Result(seconds)
+        for tool in tools:
+            if tool.name in failed:
+                continue
+
+            def run(tool=tool):
+                if tool.warm is not None:
+                    tool.warm(probe or PROBE)
+                drop_caches()
+                firsts[tool.name].append(timed(workload(tool.root())))
+                seconds[tool.name].append(timed(workload(tool.root())))
+            got = attempt(f"{tool.name} {label}", run)
+            if isinstance(got, str):
+                failed[tool.name] = got
+    pick = lambda samples: {n: failed.get(n) or Result(v) for n, v in samples.items()}  # noqa: E731
+    return pick(firsts), pick(seconds)
 
 
 PROBE = "jk/modules/typescript/package.json"
@@ -591,10 +605,7 @@ def main():
                                 ("find -type f", find_workload),
                                 ("tar -cf - . | wc -c", tar_workload)]:
             log(label)
-            first, second = {}, {}
-            for t in readers:
-                got = attempt(f"{t.name} {label}", lambda t=t: first_and_second(t, workload))
-                first[t.name], second[t.name] = (got if isinstance(got, tuple) else (got, got))
+            first, second = first_and_second(readers, label, workload)
             rows.append((f"{label}, first after mount", first))
             rows.append((f"{label}, second", second))
 
@@ -619,10 +630,8 @@ def main():
         for name in ("random.bin", "text.txt"):
             seq = lambda root, name=name: (lambda: sh("dd", f"if={root / 'jk/modules' / name}",
                                                       "of=/dev/null", "bs=1M", "status=none"))
-            first, second = {}, {}
-            for t in (Native(umb.root()), jkb):
-                f, s_ = first_and_second(t, seq, "jk/modules/text.txt")
-                first[t.name], second[t.name] = f, s_
+            first, second = first_and_second([Native(umb.root()), jkb], name, seq,
+                                             "jk/modules/text.txt")
             rows.append((f"sequential read of a 256 MiB {name}, first", first))
             rows.append((f"sequential read of a 256 MiB {name}, second", second))
 
@@ -667,7 +676,7 @@ def main():
         "ratarmount": version(["ratarmount", "--version"]),
         "node": version(["node", "--version"]),
         "nginx": version(["nginx", "-v"]),
-        "wrk": version(["wrk", "--version"]),
+        "wrk": version(["wrk", "--version"], pick="wrk"),
     }
     n_entries = int(out("sh", "-c", f"find '{tree}' | wc -l").strip())
     report(rows, n_files, size, rss, n_entries, versions)
@@ -736,6 +745,19 @@ def cell(text):
     return text.replace("|", "\\|")
 
 
+def reclaim_note():
+    """This machine's proactive reclaim, if any: it takes page cache that is not touched for a
+    few seconds, so "second" rows may read some data again (for every tool)."""
+    state = Path("/sys/kernel/mm/damon/admin/kdamonds/0/state")
+    try:
+        if state.read_text().strip() == "on":
+            action = (state.parent / "contexts/0/schemes/0/action").read_text().strip()
+            return f"DAMON proactive reclaim is on (action `{action}`)"
+    except OSError:
+        pass
+    return "no proactive reclaim (DAMON off)"
+
+
 def cpu_model():
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -758,7 +780,8 @@ def report(rows, n_files, size, rss, n_entries, versions):
         "## Machine and versions",
         "",
         f"- {platform.node()}: {os.cpu_count()} cores ({cpu_model()}), "
-        f"{int(Path('/proc/meminfo').read_text().split()[1]) // 1024 // 1024} GiB, Linux {platform.release()}",
+        f"{int(Path('/proc/meminfo').read_text().split()[1]) // 1024 // 1024} GiB, Linux {platform.release()}, "
+        f"{reclaim_note()}",
     ]
     lines += [f"- {k}: {v}" for k, v in versions.items()]
     lines += [

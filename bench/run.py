@@ -231,19 +231,15 @@ def unmount(path):
         sh(*cmd, check=False, stderr=subprocess.DEVNULL)
 
 
-def fresh(path):
-    unmount(path)
-    shutil.rmtree(path, ignore_errors=True)
-    Path(path).mkdir(parents=True)
-    return Path(path)
+class MountTool:
+    """A tool that serves the image at a mountpoint of its own. `cold` starts from nothing
+    (`_fetch`, then `_mount`); `warm` mounts again from what `cold` left behind."""
 
-
-class Jkmount:
-    name = "jkmount"
+    name = subdir = None
 
     def __init__(self, ref, key):
-        self.ref, self.dir = ref, WORK / "jk" / key
-        self.cache, self.mnt = self.dir / "cache", self.dir / "mnt"
+        self.ref, self.dir = ref, WORK / self.subdir / key
+        self.mnt = self.dir / "mnt"
 
     def root(self):
         return self.mnt
@@ -252,11 +248,28 @@ class Jkmount:
         unmount(self.mnt)
         shutil.rmtree(self.dir, ignore_errors=True)
         self.mnt.mkdir(parents=True)
-        return timed(lambda: (self._mount(), (self.mnt / probe).stat()))
+        return timed(lambda: (self._fetch(), self._mount(), (self.mnt / probe).stat()))
 
     def warm(self, probe):
         unmount(self.mnt)
         return timed(lambda: (self._mount(), (self.mnt / probe).stat()))
+
+    def _fetch(self):
+        """What a cold start does before mounting; nothing for a tool that pulls as it mounts."""
+
+    def _mount(self):
+        raise NotImplementedError
+
+    def stop(self):
+        unmount(self.mnt)
+
+
+class Jkmount(MountTool):
+    name, subdir = "jkmount", "jk"
+
+    def __init__(self, ref, key):
+        super().__init__(ref, key)
+        self.cache = self.dir / "cache"
 
     def _mount(self):
         sh(JK, "-q", "--cache-dir", self.cache, self.ref, self.mnt)
@@ -267,9 +280,6 @@ class Jkmount:
             if Path(data["mountpoint"]) == self.mnt.resolve():
                 return data["pid"]
         return None
-
-    def stop(self):
-        unmount(self.mnt)
 
 
 class SkopeoUmoci:
@@ -343,75 +353,34 @@ def copy_layers(ref, dest):
     return [dest / layer["digest"].split(":")[1] for layer in manifest["layers"]]
 
 
-class FuseOverlayfs:
-    name = "fuse-overlayfs"
+class FuseOverlayfs(MountTool):
+    """fuse-overlayfs over the layers as GNU tar extracts them."""
 
-    def __init__(self, ref, key):
-        self.ref, self.dir = ref, WORK / "fuse-overlayfs" / key
-        self.mnt = self.dir / "mnt"
+    name = subdir = "fuse-overlayfs"
 
-    def root(self):
-        return self.mnt
+    def _fetch(self):
+        for i, blob in enumerate(copy_layers(self.ref, self.dir / "blobs")):
+            layer = self.dir / "layers" / str(i)
+            layer.mkdir(parents=True)
+            sh("tar", "-xzf", blob, "-C", layer)
 
-    def cold(self, probe):
-        unmount(self.mnt)
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.mnt.mkdir(parents=True)
-
-        def run():
-            blobs = copy_layers(self.ref, self.dir / "blobs")
-            for i, blob in enumerate(blobs):
-                layer = self.dir / "layers" / str(i)
-                layer.mkdir(parents=True)
-                sh("tar", "-xzf", blob, "-C", layer)
-            self._mount(len(blobs))
-            (self.mnt / probe).stat()
-        return timed(run)
-
-    def _mount(self, n=None):
-        n = n if n is not None else len(list((self.dir / "layers").iterdir()))
+    def _mount(self):
+        n = len(list((self.dir / "layers").iterdir()))
         lower = ":".join(str(self.dir / "layers" / str(i)) for i in reversed(range(n)))
         sh("fuse-overlayfs", "-o", f"lowerdir={lower}", self.mnt)
 
-    def warm(self, probe):
-        unmount(self.mnt)
-        return timed(lambda: (self._mount(), (self.mnt / probe).stat()))
 
-    def stop(self):
-        unmount(self.mnt)
+class Ratarmount(MountTool):
+    """ratarmount over the compressed layer blobs, in order (later layers win)."""
 
+    name = subdir = "ratarmount"
 
-class Ratarmount:
-    name = "ratarmount"
-
-    def __init__(self, ref, key):
-        self.ref, self.dir = ref, WORK / "ratarmount" / key
-        self.mnt = self.dir / "mnt"
-
-    def root(self):
-        return self.mnt
-
-    def cold(self, probe):
-        unmount(self.mnt)
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.mnt.mkdir(parents=True)
-
-        def run():
-            self.blobs = copy_layers(self.ref, self.dir / "blobs")
-            self._mount()
-            (self.mnt / probe).stat()
-        return timed(run)
+    def _fetch(self):
+        self.blobs = copy_layers(self.ref, self.dir / "blobs")
 
     def _mount(self):
         sh("ratarmount", "--index-folders", self.dir / "index", *self.blobs, self.mnt,
            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def warm(self, probe):
-        unmount(self.mnt)
-        return timed(lambda: (self._mount(), (self.mnt / probe).stat()))
-
-    def stop(self):
-        unmount(self.mnt)
 
 
 # ---------------------------------------------------------------- measurements
@@ -445,10 +414,15 @@ def samples(fn, runs=RUNS):
     return Result([fn() for _ in range(runs)])
 
 
-def node_workload(root):
+def node_command(root):
+    """`node` requiring the big packages from the image's modules: (argv, env)."""
     script = "for (const m of %s) require(m)" % json.dumps(REQUIRED)
-    env = {**os.environ, "NODE_PATH": str(root / "jk" / "modules")}
-    return lambda: sh("node", "-e", script, env=env)
+    return ["node", "-e", script], {**os.environ, "NODE_PATH": str(root / "jk" / "modules")}
+
+
+def node_workload(root):
+    argv, env = node_command(root)
+    return lambda: sh(*argv, env=env)
 
 
 def find_workload(root):
@@ -546,14 +520,13 @@ def wrk(root, port_dir):
 
 def concurrent(root, k):
     """k node workloads at once: workloads per second."""
-    work = node_workload(root)
+    argv, env = node_command(root)
+
     def run():
-        procs = [subprocess.Popen(["node", "-e", "for (const m of %s) require(m)" % json.dumps(REQUIRED)],
-                                  env={**os.environ, "NODE_PATH": str(root / "jk" / "modules")})
-                 for _ in range(k)]
-        for p in procs:
-            assert p.wait() == 0
-    work()  # warm
+        procs = [subprocess.Popen(argv, env=env) for _ in range(k)]
+        if any([p.wait() != 0 for p in procs]):
+            raise RuntimeError(f"a node workload failed under {root}")
+    node_workload(root)()  # warm
     return Result([k / timed(run) for _ in range(RUNS)], unit="workloads/s")
 
 
@@ -640,14 +613,15 @@ def main():
         tools += [jks]
         ums.cold("jk/modules/index.html")
         jks.cold("jk/modules/index.html")
-        native_rps = wrk(ums.root() / "jk/modules", WORK / "nginx-native")
-        jk_rps = wrk(jks.root() / "jk/modules", WORK / "nginx-jk")
+        served = {"native": ums.root() / "jk/modules", "jkmount": jks.root() / "jk/modules"}
+        said = {name: [] for name in served}
+        for _ in range(RUNS):  # interleaved, as the other rows
+            for name, root in served.items():
+                said[name].append(wrk(root, WORK / f"nginx-{name}"))
         rows.append(("nginx + wrk on 3,000 pages: requests/s",
-                     {"native": Result([native_rps[0]], "req/s"),
-                      "jkmount": Result([jk_rps[0]], "req/s")}))
+                     {n: Result([rps for rps, _ in v], "req/s") for n, v in said.items()}))
         rows.append(("nginx + wrk: p99 latency",
-                     {"native": Result([native_rps[1] / 1000]),
-                      "jkmount": Result([jk_rps[1] / 1000])}))
+                     {n: Result([p99 / 1000 for _, p99 in v]) for n, v in said.items()}))
 
         log("1k and 100k files")
         for label, ref, probe in [("1k-file image", small, "jk/modules/d000/f0000.js"),

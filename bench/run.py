@@ -68,6 +68,17 @@ def free_port():
         return s.getsockname()[1]
 
 
+def wait_for_port(port, what, tries=200):
+    """Returns once something accepts connections on 127.0.0.1:`port` (at most ~10 s)."""
+    for _ in range(tries):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port}")
+
+
 def version(cmd, pick=None):
     try:
         said = sh(*cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -162,14 +173,7 @@ class Registry:
             f"{self.dir / 'storage'}\nhttp:\n  addr: {self.addr}\n")
         self.proc = subprocess.Popen(["docker-registry", "serve", str(config)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        port = int(self.addr.split(":")[1])
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise SystemExit("docker-registry did not start")
+        wait_for_port(int(self.addr.split(":")[1]), "docker-registry")
 
     def stop(self):
         self.proc.terminate()
@@ -494,12 +498,7 @@ def wrk(root, port_dir):
         f"root {root}; }} }}\n")
     nginx = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(port_dir)])
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        wait_for_port(port, "nginx")
         urls = port_dir / "urls.lua"
         pages = sorted(str(p.relative_to(root)) for p in Path(root).rglob("*.html"))[:2000]
         urls.write_text(

@@ -6,11 +6,10 @@
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use super::support::registry::Registry;
 use super::support::{jkmount_bin, ok};
-use super::{Mounted, WAIT, is_mounted, push};
+use super::{Mounted, WAIT, is_mounted, push, wait_until};
 
 /// A library image with two modules, pushed to `registry`.
 fn push_modules(registry: &Registry, name: &str, value: &str) -> String {
@@ -168,14 +167,6 @@ impl Drop for Foreground {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < WAIT, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -4,11 +4,10 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use super::support::jkmount_bin;
 use super::support::registry::Registry;
-use super::{Mounted, WAIT, big_content, is_mounted, push};
+use super::{Mounted, big_content, is_mounted, push, wait_until};
 
 /// Mounts `image` in the foreground with `--stats`, runs `workload` on the mountpoint, unmounts
 /// with SIGTERM and returns the counts.
@@ -29,11 +28,7 @@ fn counted(image: &str, work: &Path, name: &str, workload: impl Fn(&Path)) -> se
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while !is_mounted(&mountpoint) {
-        assert!(start.elapsed() < WAIT, "not mounted in time");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("mounted", || is_mounted(&mountpoint));
     workload(&mountpoint);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(server.id() as i32),

@@ -9,7 +9,7 @@ STATIC_BIN = target/$(TARGET)/release/jkmount
 IMAGE_LAYOUT ?= target/jkmount-image
 IMAGE_REF ?=
 
-.PHONY: all build demo test bench lint test-unit test-property test-integration test-packaging test-mount fuzz-build release install deb image clean
+.PHONY: all build demo test test-deps bench lint test-unit test-property test-integration test-packaging test-mount fuzz-build release install deb image clean
 
 all: build
 
@@ -20,15 +20,22 @@ build:
 demo: build
 	./demo/run.sh
 
-# Every tier, cheapest first. Mount tests need root (or fusermount3) and /dev/fuse.
-test: lint test-unit test-property test-integration test-packaging test-mount fuzz-build
+# Every tier, cheapest first, after installing what they need (as root; any other user is
+# shown the install line). Mount tests need root (or fusermount3) and /dev/fuse.
+test: test-deps
+	$(MAKE) lint test-unit test-property test-integration test-packaging test-mount fuzz-build
+
+# docker-registry, fuse3, umoci, skopeo, nginx, ... (scripts/test-deps.sh has the one list).
+test-deps:
+	scripts/test-deps.sh
 
 lint:
 	$(CARGO) fmt --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --features test-support -- -D warnings
 
+# Unit tests need nothing but Rust (a plain `cargo test` runs these and the property test).
 test-unit:
-	$(CARGO) test --lib --bins --examples
+	$(CARGO) test --features test-support --lib --bins --examples
 
 # Property: random layer stacks merged equal a naive path-map model.
 test-property:
@@ -36,7 +43,7 @@ test-property:
 
 # Integration: the CLI against a real docker-registry on 127.0.0.1.
 test-integration:
-	$(CARGO) test --test pull --test limits --test lying --test lifecycle --test registries --test pack --test extract
+	$(CARGO) test --features test-support --test pull --test limits --test lying --test lifecycle --test registries --test pack --test extract
 
 # Packaging: make install, the Debian package, the systemd units and the Kubernetes manifests
 # (validated against the Kubernetes schemas). `make image` is checked by a mount test.
@@ -45,7 +52,7 @@ test-packaging: release
 
 # Mount: real FUSE mounts read with find, cat, stat, node and GNU tar.
 test-mount:
-	$(CARGO) test --test mount
+	$(CARGO) test --features test-support --test mount
 
 # The cargo-fuzz targets compile with the stable toolchain; running them needs nightly:
 #   cd fuzz && cargo +nightly fuzz run layer_index

@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 work=target/demo
 jkmount=target/debug/jkmount
 rm -rf "$work" && mkdir -p "$work/mnt"
-cargo run -q --example demo_image -- "$work/layout"
+cargo run -q --features test-support --example demo_image -- "$work/layout"
 "$jkmount" --cache-dir "$work/cache" "oci:$work/layout:demo" "$work/mnt"
 trap '"$jkmount" unmount "$work/mnt"' EXIT
 echo "mounted at $work/mnt:"

@@ -11,6 +11,7 @@ pub mod cache;
 pub mod digest;
 pub mod error;
 pub mod extract;
+#[cfg(any(test, feature = "test-support"))]
 pub mod fixture;
 pub mod gc;
 pub mod image;

@@ -12,8 +12,8 @@ use jkmount::fixture::{
     ArtifactBuilder, Blob, BuiltImage, BuiltIndex, BuiltLayer, ImageBuilder, LayerSpecText,
     MediaTypes, build_layer,
 };
-use jkmount::image::Compression;
-use jkmount::platform::Platform;
+use jkmount::oci::image::Compression;
+use jkmount::oci::platform::Platform;
 use sha2::{Digest as _, Sha256};
 
 use super::snapshot::snapshot;
@@ -117,7 +117,7 @@ fn two_member_gzip() -> BuiltLayer {
     };
     let blob = [gzip(a), gzip(b)].concat();
     BuiltLayer {
-        digest: jkmount::digest::Digest::of(&blob),
+        digest: jkmount::oci::digest::Digest::of(&blob),
         blob,
         diff_id: tar.diff_id,
         media_type: oci_client::manifest::IMAGE_LAYER_GZIP_MEDIA_TYPE,
@@ -130,7 +130,7 @@ fn platform_image(text: &str) -> BuiltImage {
         .build()
 }
 
-fn corrupt_blob(dir: &Path, digest: &jkmount::digest::Digest) {
+fn corrupt_blob(dir: &Path, digest: &jkmount::oci::digest::Digest) {
     let path = dir.join("blobs/sha256").join(digest.hex());
     let mut bytes = std::fs::read(&path).unwrap();
     let last = bytes.len() - 1;
@@ -337,7 +337,7 @@ fn cases() -> Vec<Case> {
         ),
         case(
             "tar-labelled-zstd-refused",
-            Subject::Image(ImageBuilder::new().compression(Compression::None).layer(one_file).mislabel(jkmount::image::IMAGE_LAYER_ZSTD_MEDIA_TYPE).build()),
+            Subject::Image(ImageBuilder::new().compression(Compression::None).layer(one_file).mislabel(jkmount::oci::image::IMAGE_LAYER_ZSTD_MEDIA_TYPE).build()),
             refused(&["its media type says tar+zstd but its bytes are uncompressed"]),
         ),
         case(

@@ -5,7 +5,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::digest::Digest;
+use crate::oci::digest::Digest;
 
 /// Result with the library's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -18,8 +18,8 @@ use nix::sys::stat::{Mode, SFlag, UtimensatFlags, mknod, utimensat};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, fchownat, mkfifo};
 
+use crate::app::mountable::Mountable;
 use crate::error::{Error, IoContext, Result};
-use crate::mountable::Mountable;
 use crate::tree::{Node, NodeId, NodeKind, ROOT};
 
 /// How much is copied at a time from a layer into a file.

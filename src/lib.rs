@@ -1,35 +1,40 @@
 //! jkmount: mount OCI images as read-only directories.
 //!
-//! The library is plain data in, data out: references ([`reference`]), image documents
-//! ([`image`]), the content-addressed [`cache`], layer decoding ([`layer`]), the union
-//! ([`merge`] into a [`tree`]), fetching ([`registry`], [`layout`], [`pull`]) and the filesystem core
-//! ([`fs`]). Only `fs::fuse` knows about FUSE, and only `registry` is async.
+//! The library is plain data in, data out. An image travels through one folder per step:
+//!
+//! ```text
+//! reference ─▶ source ─▶ cache ─▶ layer index ─▶ merge ─▶ tree ─▶ fs core ─▶ fuser ─▶ mount
+//!   oci/       source/    cache/    layer/        tree/    tree/    fs/        fs/fuse  mount/
+//!
+//! directory ─▶ pack/ (layer tar + documents) ─▶ source/registry (push) or an OCI layout
+//! ```
+//!
+//! - [`oci`]: references, digests, platforms, manifest/index/config documents.
+//! - [`source`]: where images come from — a registry (the only async code) or a layout dir.
+//! - [`cache`]: the content-addressed store and its whole on-disk format, gc and verify.
+//! - [`layer`]: a layer blob decoded into its content file and an index of its entries.
+//! - [`tree`]: the union of layers, whiteouts applied, as an immutable arena.
+//! - [`fs`]: the filesystem core (no FUSE types) and the thin `fuser` skin.
+//! - [`mount`]: putting a filesystem at a mountpoint and taking it away.
+//! - [`app`]: the pipelines the commands run (pull, prepare a mount, lock).
+//! - [`extract`] writes a tree to a directory; [`pack`] builds images from directories.
+//!
+//! Test fixtures ([`fixture`]) are compiled only with the `test-support` feature.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod app;
 pub mod cache;
-pub mod digest;
 pub mod error;
 pub mod extract;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fixture;
-pub mod gc;
-pub mod image;
+pub mod fs;
 pub mod layer;
-pub mod layout;
-pub mod lockfile;
-pub mod merge;
-pub mod persist;
-pub mod platform;
-pub mod progress;
-pub mod reference;
+pub mod mount;
+pub mod oci;
+pub mod pack;
+pub mod source;
 pub mod tree;
 
 pub use error::{Error, Result};
-pub mod fs;
-pub mod mount;
-pub mod mountable;
-pub mod pack;
-pub mod pull;
-pub mod registry;
-pub mod verify;

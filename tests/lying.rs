@@ -25,7 +25,7 @@ fn flipped(bytes: &[u8]) -> Vec<u8> {
 }
 
 /// The cache holds no blob with this digest and nothing in `tmp/`.
-fn assert_not_cached(cache: &std::path::Path, digest: &jkmount::digest::Digest) {
+fn assert_not_cached(cache: &std::path::Path, digest: &jkmount::oci::digest::Digest) {
     assert!(!cache.join("v1/blobs/sha256").join(digest.hex()).exists());
     let tmp = std::fs::read_dir(cache.join("v1/tmp")).unwrap().count();
     assert_eq!(tmp, 0, "nothing half-written stays in tmp/");
@@ -47,9 +47,9 @@ fn an_honest_answer_pulls() {
 fn every_lie_is_refused_naming_the_digest_and_nothing_is_kept() {
     let image = image();
     let layer = &image.layers[0];
-    let blob_path = |d: &jkmount::digest::Digest| format!("/v2/{REPO}/blobs/{d}");
+    let blob_path = |d: &jkmount::oci::digest::Digest| format!("/v2/{REPO}/blobs/{d}");
     let octets = || "application/octet-stream".to_owned();
-    let cases: Vec<(&str, String, Answer, String, &jkmount::digest::Digest)> = vec![
+    let cases: Vec<(&str, String, Answer, String, &jkmount::oci::digest::Digest)> = vec![
         (
             "a layer with other bytes",
             blob_path(&layer.digest),

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use jkmount::layer::{Entry, EntryKind, Meta};
-use jkmount::merge::TreeBuilder;
 use jkmount::tree::NodeKind;
+use jkmount::tree::merge::TreeBuilder;
 use proptest::prelude::*;
 
 const META: Meta = Meta {

@@ -353,7 +353,8 @@ fn free_port() -> u16 {
 fn damaged_cached_blobs_are_fetched_again_never_served() {
     let registry = Registry::start();
     let (image, cache, reference) = pulled_two_layers(&registry, "libs/damaged:1");
-    let blob = |d: &jkmount::digest::Digest| cache.path().join("v1/blobs/sha256").join(d.hex());
+    let blob =
+        |d: &jkmount::oci::digest::Digest| cache.path().join("v1/blobs/sha256").join(d.hex());
     let layer = &image.layers[0];
     // Damage the config and a layer blob, and drop that layer's decoded copy so the blob is
     // needed again: the next pull must notice both and fetch them again.
@@ -384,7 +385,7 @@ fn damaged_cached_blobs_are_fetched_again_never_served() {
         (blob(&layer.digest), &layer.digest),
     ] {
         assert_eq!(
-            &jkmount::digest::Digest::of(&std::fs::read(path).unwrap()),
+            &jkmount::oci::digest::Digest::of(&std::fs::read(path).unwrap()),
             digest
         );
     }

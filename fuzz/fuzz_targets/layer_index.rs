@@ -6,10 +6,10 @@
 use std::sync::OnceLock;
 
 use jkmount::cache::Cache;
-use jkmount::digest::Digest;
-use jkmount::image::Compression;
+use jkmount::oci::digest::Digest;
+use jkmount::oci::image::Compression;
 use jkmount::layer::{LayerSpec, Limits, decode_layer, load_index};
-use jkmount::merge::TreeBuilder;
+use jkmount::tree::merge::TreeBuilder;
 use libfuzzer_sys::fuzz_target;
 
 fn cache() -> &'static Cache {

@@ -2,9 +2,9 @@
 //! must return an error or a value, never panic.
 #![no_main]
 
-use jkmount::digest::Digest;
-use jkmount::image::{self, ManifestDoc};
-use jkmount::platform::Platform;
+use jkmount::oci::digest::Digest;
+use jkmount::oci::image::{self, ManifestDoc};
+use jkmount::oci::platform::Platform;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: &[u8]| {

@@ -22,10 +22,13 @@
 //! Readers never see a half-written file: everything is renamed in whole. Layers, blobs and
 //! trees are built under a per-entry lock, so processes that want the same one at once fetch
 //! it once; the others wait and reuse it. What `gc` keeps and removes is in [`records`] and
-//! the `gc` module.
+//! [`gc`]; [`verify`] re-hashes it all; [`persist`] is the versioned form of derived files.
 
+pub mod gc;
 pub mod lock;
+pub mod persist;
 pub mod records;
+pub mod verify;
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
@@ -37,8 +40,8 @@ use serde::{Deserialize, Serialize};
 
 use bytesize::ByteSize;
 
-use crate::digest::{Digest, HashingWriter};
 use crate::error::{Error, IoContext, Result};
+use crate::oci::digest::{Digest, HashingWriter};
 use lock::{LockGuard, Session};
 
 /// The directory inside the cache that holds this version of the layout.

@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use super::lock::{self, LockGuard};
 use super::{Cache, TagRecord};
-use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
+use crate::oci::digest::Digest;
 
 /// Everything one pulled image needs from the cache.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

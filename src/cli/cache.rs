@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use jkmount::cache::Cache;
+use jkmount::cache::gc::{ImageSummary, Inventory, Plan};
 use jkmount::cache::human;
 use jkmount::cache::records::now;
-use jkmount::gc::{ImageSummary, Inventory, Plan};
 
 use super::{GlobalArgs, open_cache};
 
@@ -79,7 +79,7 @@ pub fn run(command: CacheCommand, global: &GlobalArgs) -> anyhow::Result<()> {
         }),
         CacheCommand::Verify => {
             let _using = cache.begin_use()?;
-            let report = jkmount::verify::verify(&cache)?;
+            let report = jkmount::cache::verify::verify(&cache)?;
             for d in &report.damaged {
                 println!("removed {}: {}", d.what, d.detail);
             }

@@ -1,8 +1,8 @@
 //! `jkmount config`: the registry configuration in effect (the file it came from, every
 //! setting with its default filled in) and where credentials and certificates are looked for.
 
-use jkmount::registry::config::DOCKER_CERTS_DIR;
-use jkmount::registry::credentials::CredentialSources;
+use jkmount::source::registry::config::DOCKER_CERTS_DIR;
+use jkmount::source::registry::credentials::CredentialSources;
 
 use super::{GlobalArgs, load_config};
 

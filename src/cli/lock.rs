@@ -5,11 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
+use jkmount::app::lockfile::{DEFAULT_NAME, Lockfile, Pin};
+use jkmount::app::pull::{PullOptions, PullPolicy};
 use jkmount::cache::Cache;
-use jkmount::lockfile::{DEFAULT_NAME, Lockfile, Pin};
-use jkmount::platform::Platform;
-use jkmount::pull::{PullOptions, PullPolicy};
-use jkmount::reference::ImageRef;
+use jkmount::oci::platform::Platform;
+use jkmount::oci::reference::ImageRef;
 
 use super::{GlobalArgs, open_cache, parse_images, parse_platform, runtime};
 
@@ -155,7 +155,7 @@ pub fn run(args: LockArgs, global: &GlobalArgs) -> anyhow::Result<()> {
             registries: registries.clone(),
             ..PullOptions::host()
         };
-        let resolved = runtime.block_on(jkmount::pull::resolve(&cache, &image, &options))?;
+        let resolved = runtime.block_on(jkmount::app::pull::resolve(&cache, &image, &options))?;
         let reference = image.to_string();
         let new = resolved.pin(reference.clone(), &options.platform);
         let old = file.find(&reference, &options.platform).cloned();

@@ -6,7 +6,7 @@ use std::io::{BufRead, IsTerminal, Write};
 
 use anyhow::Context;
 use clap::Args;
-use jkmount::registry::credentials::{AuthFile, CredentialSources, Secret};
+use jkmount::source::registry::credentials::{AuthFile, CredentialSources, Secret};
 
 use super::{GlobalArgs, explicit_secret, registries, runtime};
 
@@ -68,7 +68,7 @@ pub fn login(args: LoginArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         }
     };
     let registries = registries(global)?;
-    runtime()?.block_on(jkmount::registry::check_login(
+    runtime()?.block_on(jkmount::source::registry::check_login(
         &registries,
         api_host(&args.registry),
         &username,

@@ -19,8 +19,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use jkmount::cache::Cache;
-use jkmount::platform::Platform;
-use jkmount::reference::ImageRef;
+use jkmount::oci::platform::Platform;
+use jkmount::oci::reference::ImageRef;
 use tracing_subscriber::EnvFilter;
 
 /// Mount OCI images (from a registry or an OCI layout) as read-only directories.
@@ -155,18 +155,18 @@ impl ResolveArgs {
         &self,
         default: PullPolicy,
         global: &GlobalArgs,
-    ) -> anyhow::Result<jkmount::pull::PullOptions> {
+    ) -> anyhow::Result<jkmount::app::pull::PullOptions> {
         let policy = match (self.offline, self.pull.unwrap_or(default)) {
-            (true, _) | (_, PullPolicy::Never) => jkmount::pull::PullPolicy::Never,
-            (_, PullPolicy::Always) => jkmount::pull::PullPolicy::Always,
-            (_, PullPolicy::Missing) => jkmount::pull::PullPolicy::Missing,
+            (true, _) | (_, PullPolicy::Never) => jkmount::app::pull::PullPolicy::Never,
+            (_, PullPolicy::Always) => jkmount::app::pull::PullPolicy::Always,
+            (_, PullPolicy::Missing) => jkmount::app::pull::PullPolicy::Missing,
         };
-        if self.fallback_to_cache && policy != jkmount::pull::PullPolicy::Always {
+        if self.fallback_to_cache && policy != jkmount::app::pull::PullPolicy::Always {
             anyhow::bail!(
                 "--fallback-to-cache applies only when the registry is asked every time (--pull always)"
             );
         }
-        Ok(jkmount::pull::PullOptions {
+        Ok(jkmount::app::pull::PullOptions {
             platform: parse_platform(self.platform.as_deref())?,
             policy,
             limits: jkmount::layer::Limits {
@@ -202,7 +202,7 @@ fn password(global: &GlobalArgs) -> anyhow::Result<String> {
 /// The credentials given on the command line, read once per process.
 fn explicit_secret(
     global: &GlobalArgs,
-) -> anyhow::Result<Option<jkmount::registry::credentials::Secret>> {
+) -> anyhow::Result<Option<jkmount::source::registry::credentials::Secret>> {
     static READ: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let Some(username) = &global.username else {
         return Ok(None);
@@ -215,32 +215,34 @@ fn explicit_secret(
             p
         }
     };
-    Ok(Some(jkmount::registry::credentials::Secret::Password {
-        username: username.clone(),
-        password,
-    }))
+    Ok(Some(
+        jkmount::source::registry::credentials::Secret::Password {
+            username: username.clone(),
+            password,
+        },
+    ))
 }
 
 /// The registry configuration file in effect and its contents.
 fn load_config(
     global: &GlobalArgs,
-) -> anyhow::Result<(Option<PathBuf>, jkmount::registry::config::Config)> {
-    let path = jkmount::registry::config::Config::locate(global.config.as_deref());
+) -> anyhow::Result<(Option<PathBuf>, jkmount::source::registry::config::Config)> {
+    let path = jkmount::source::registry::config::Config::locate(global.config.as_deref());
     let config = match &path {
-        Some(path) => jkmount::registry::config::Config::load(path)?,
+        Some(path) => jkmount::source::registry::config::Config::load(path)?,
         None => Default::default(),
     };
     Ok((path, config))
 }
 
 /// Configuration, credentials and progress for the registries a command talks to.
-fn registries(global: &GlobalArgs) -> anyhow::Result<jkmount::registry::Registries> {
+fn registries(global: &GlobalArgs) -> anyhow::Result<jkmount::source::registry::Registries> {
     let (_, config) = load_config(global)?;
-    let credentials = jkmount::registry::credentials::CredentialSources::new(
+    let credentials = jkmount::source::registry::credentials::CredentialSources::new(
         explicit_secret(global)?,
         global.authfile.clone(),
     );
-    Ok(jkmount::registry::Registries::new(
+    Ok(jkmount::source::registry::Registries::new(
         config,
         credentials,
         global.cert_dir.clone(),
@@ -339,13 +341,13 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn pull_all(
     cache: &Cache,
     images: &[ImageRef],
-    pins: &[Option<jkmount::lockfile::Pin>],
-    options: &jkmount::pull::PullOptions,
-) -> anyhow::Result<Vec<jkmount::pull::PulledImage>> {
+    pins: &[Option<jkmount::app::lockfile::Pin>],
+    options: &jkmount::app::pull::PullOptions,
+) -> anyhow::Result<Vec<jkmount::app::pull::PulledImage>> {
     let runtime = runtime()?;
     let pulls = images
         .iter()
         .zip(pins)
-        .map(|(image, pin)| jkmount::pull::pull_pinned(cache, image, pin.as_ref(), options));
+        .map(|(image, pin)| jkmount::app::pull::pull_pinned(cache, image, pin.as_ref(), options));
     Ok(runtime.block_on(futures_util::future::try_join_all(pulls))?)
 }

@@ -8,14 +8,14 @@ use std::process::{Command, Stdio};
 
 use anyhow::Context;
 use clap::Args;
+use jkmount::app::mountable::{self, Mountable};
+use jkmount::app::pull::PulledImage;
 use jkmount::cache::Cache;
 use jkmount::cache::lock::LockGuard;
 use jkmount::cache::records::{MountRecord, now};
 use jkmount::fs::FsCore;
 use jkmount::mount::{self, MountRequest};
-use jkmount::mountable::{self, Mountable};
-use jkmount::pull::PulledImage;
-use jkmount::reference::ImageRef;
+use jkmount::oci::reference::ImageRef;
 use nix::sys::signal::Signal;
 
 use super::lock::{InUse, LockfileArgs};
@@ -114,11 +114,11 @@ pub struct Targets<'a> {
     /// The images, bottom first.
     pub images: Vec<ImageRef>,
     /// How they are pulled.
-    pub options: jkmount::pull::PullOptions,
+    pub options: jkmount::app::pull::PullOptions,
     /// The lockfile in use, if any.
     pub lockfile: Option<InUse>,
     /// Each image's pin in it.
-    pub pins: Vec<Option<jkmount::lockfile::Pin>>,
+    pub pins: Vec<Option<jkmount::app::lockfile::Pin>>,
 }
 
 impl<'a> Targets<'a> {
@@ -160,8 +160,8 @@ pub struct Prepared {
 /// until `using` is dropped, `gc` waits: nothing about to be used can be removed under it.
 pub fn prepare(
     images: &[ImageRef],
-    pins: &[Option<jkmount::lockfile::Pin>],
-    options: &jkmount::pull::PullOptions,
+    pins: &[Option<jkmount::app::lockfile::Pin>],
+    options: &jkmount::app::pull::PullOptions,
     lockfile: Option<&InUse>,
     subdir: Option<&str>,
     global: &GlobalArgs,
@@ -286,7 +286,8 @@ fn start_server(global: &GlobalArgs) -> anyhow::Result<()> {
     let mut child = command
         .spawn()
         .context("cannot start the background jkmount")?;
-    if let Some(jkmount::registry::credentials::Secret::Password { password, .. }) = secret {
+    if let Some(jkmount::source::registry::credentials::Secret::Password { password, .. }) = secret
+    {
         let mut stdin = child.stdin.take().expect("stdin is piped");
         writeln!(stdin, "{password}")
             .context("cannot hand the password to the background jkmount")?;

@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use jkmount::image::Compression;
+use jkmount::app::pull::{PullOptions, PullPolicy};
+use jkmount::oci::image::Compression;
+use jkmount::oci::reference::ImageRef;
 use jkmount::pack::{self, Base, ImageOptions, LayerOptions};
-use jkmount::pull::{PullOptions, PullPolicy};
-use jkmount::reference::ImageRef;
-use jkmount::registry::push::Destination;
+use jkmount::source::registry::push::Destination;
 
 use super::{GlobalArgs, open_cache, registries, runtime};
 
@@ -173,7 +173,7 @@ pub fn pack(args: PackArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     let base = match &args.base {
         Some(text) => {
             let image = ImageRef::parse(text)?;
-            Some(runtime.block_on(jkmount::pull::documents(&cache, &image, &options))?)
+            Some(runtime.block_on(jkmount::app::pull::documents(&cache, &image, &options))?)
         }
         None => None,
     };
@@ -222,7 +222,7 @@ pub fn pack(args: PackArgs, global: &GlobalArgs) -> anyhow::Result<()> {
             if let Some(base) = &args.base {
                 // The layout must hold the base layers too: pull them into the cache.
                 let image = ImageRef::parse(base)?;
-                runtime.block_on(jkmount::pull::pull(&cache, &image, &options))?;
+                runtime.block_on(jkmount::app::pull::pull(&cache, &image, &options))?;
             }
             let tag = tag.unwrap_or_else(|| "latest".into());
             pack::write_layout(&image, &dir, &tag, |d| {
@@ -283,7 +283,7 @@ pub fn combine(args: CombineArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     let (digest, counts) = runtime.block_on(async {
         let mut parts = Vec::new();
         for image in &images {
-            let documents = jkmount::pull::documents(&cache, image, &options).await?;
+            let documents = jkmount::app::pull::documents(&cache, image, &options).await?;
             let source = documents
                 .source
                 .clone()

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use clap::ValueEnum;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use jkmount::digest::Digest;
-use jkmount::progress::{Progress, Silent};
+use jkmount::oci::digest::Digest;
+use jkmount::source::progress::{Progress, Silent};
 
 /// `--progress`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

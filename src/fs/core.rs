@@ -7,9 +7,9 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
+use crate::app::mountable::Mountable;
 use crate::error::{IoContext, Result};
 use crate::layer::Extent;
-use crate::mountable::Mountable;
 use crate::tree::{NodeId, NodeKind, ROOT, Tree};
 
 /// The FUSE root inode.
@@ -313,11 +313,11 @@ fn read_sparse(file: &File, extents: &[Extent], offset: u64, len: u64) -> io::Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::app::mountable::assemble;
+    use crate::app::pull::{PullOptions, pull};
     use crate::cache::Cache;
     use crate::fixture::ImageBuilder;
-    use crate::mountable::assemble;
-    use crate::pull::{PullOptions, pull};
-    use crate::reference::ImageRef;
+    use crate::oci::reference::ImageRef;
 
     fn core_for(layers: &[&str], subdir: Option<&str>) -> (tempfile::TempDir, FsCore) {
         let dir = tempfile::tempdir().unwrap();

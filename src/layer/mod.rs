@@ -14,11 +14,11 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cache::persist;
 use crate::cache::{Cache, human};
-use crate::digest::{Digest, HashingReader};
 use crate::error::{Error, IoContext, Result};
-use crate::image::Compression;
-use crate::persist;
+use crate::oci::digest::{Digest, HashingReader};
+use crate::oci::image::Compression;
 use stream::{Decoder, GuardedWriter, HeaderWindow, Stop, TeeReader};
 
 const INDEX_MAGIC: &[u8; 8] = b"JKLIDX02";

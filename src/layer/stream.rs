@@ -11,7 +11,7 @@ use std::rc::Rc;
 use flate2::read::MultiGzDecoder;
 
 use crate::cache::free_space;
-use crate::image::Compression;
+use crate::oci::image::Compression;
 
 const GZIP_MAGIC: &[u8] = &[0x1f, 0x8b];
 const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];

@@ -10,9 +10,9 @@ use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::digest::{Digest, HashingWriter};
 use crate::error::{Error, IoContext, Result};
-use crate::image::Compression;
+use crate::oci::digest::{Digest, HashingWriter};
+use crate::oci::image::Compression;
 
 /// The mtime of every entry without `SOURCE_DATE_EPOCH`: 1980-01-01T00:00:00Z, the earliest
 /// time ZIP and many tools handle, as reproducible builds commonly use.

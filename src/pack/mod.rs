@@ -11,9 +11,9 @@ use std::path::Path;
 use oci_client::manifest::{IMAGE_CONFIG_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE};
 use serde_json::{Value, json};
 
-use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
-use crate::image::Compression;
+use crate::oci::digest::Digest;
+use crate::oci::image::Compression;
 pub use layer::{LayerOptions, PackedLayer};
 
 /// The annotation that names a manifest's tag in an OCI layout.
@@ -103,7 +103,7 @@ pub fn layer_media_type(compression: Compression) -> &'static str {
     match compression {
         Compression::None => oci_client::manifest::IMAGE_LAYER_MEDIA_TYPE,
         Compression::Gzip => oci_client::manifest::IMAGE_LAYER_GZIP_MEDIA_TYPE,
-        Compression::Zstd => crate::image::IMAGE_LAYER_ZSTD_MEDIA_TYPE,
+        Compression::Zstd => crate::oci::image::IMAGE_LAYER_ZSTD_MEDIA_TYPE,
     }
 }
 

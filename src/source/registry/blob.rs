@@ -11,8 +11,8 @@ use reqwest::header::{AUTHORIZATION, CONTENT_RANGE, RANGE};
 use super::http::Failure;
 use super::{RegistrySource, Remote, error_chain};
 use crate::cache::{BlobLabel, BlobWriter, Cache};
-use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
+use crate::oci::digest::Digest;
 
 /// The bytes received so far, whichever endpoint sent them.
 struct Download {

@@ -26,10 +26,10 @@ use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use tokio::sync::Semaphore;
 
-use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::image::ACCEPTED_MANIFEST_TYPES;
-use crate::progress::{Progress, Silent};
+use crate::oci::digest::Digest;
+use crate::oci::image::ACCEPTED_MANIFEST_TYPES;
+use crate::source::progress::{Progress, Silent};
 use config::{Config, Endpoint};
 use credentials::{CredentialSources, Secret};
 use transport::Transport;

@@ -6,9 +6,9 @@
 use std::fs;
 
 use crate::cache::Cache;
-use crate::digest::Digest;
 use crate::error::{IoContext, Result};
 use crate::layer;
+use crate::oci::digest::Digest;
 
 /// One damaged entry, already removed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,7 +59,7 @@ pub fn verify(cache: &Cache) -> Result<Report> {
         }
     }
     for (_, path) in cache.named_entries("trees")? {
-        if let Err(e) = crate::mountable::load_tree(&path) {
+        if let Err(e) = crate::app::mountable::load_tree(&path) {
             fs::remove_file(&path).at(&path)?;
             report.damaged.push(Damaged {
                 what: format!("tree {}", path.display()),
@@ -93,10 +93,10 @@ fn check_layer(cache: &Cache, diff_id: &Digest, bytes: &mut u64) -> Result<Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::app::mountable::assemble;
+    use crate::app::pull::{PullOptions, pull};
     use crate::fixture::ImageBuilder;
-    use crate::mountable::assemble;
-    use crate::pull::{PullOptions, pull};
-    use crate::reference::ImageRef;
+    use crate::oci::reference::ImageRef;
 
     #[test]
     fn finds_and_removes_what_was_damaged() {

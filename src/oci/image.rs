@@ -10,9 +10,9 @@ use oci_client::manifest::{
 };
 use serde::Deserialize;
 
-use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::platform::Platform;
+use crate::oci::digest::Digest;
+use crate::oci::platform::Platform;
 
 /// The manifest media types we ask registries for, best first.
 pub const ACCEPTED_MANIFEST_TYPES: &[&str] = &[

@@ -15,12 +15,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::app::lockfile::{Lockfile, Pin};
+use crate::app::mountable;
 use crate::cache::Cache;
 use crate::cache::records::{ImageRecord, MountRecord, TagEntry, now};
-use crate::digest::Digest;
 use crate::error::{IoContext, Result};
-use crate::lockfile::{Lockfile, Pin};
-use crate::mountable;
+use crate::oci::digest::Digest;
 
 /// Everything the cache holds, with sizes, and what names it.
 #[derive(Debug, Clone, Default)]

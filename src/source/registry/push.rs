@@ -14,8 +14,8 @@ use oci_client::secrets::RegistryAuth;
 
 use super::credentials::Secret;
 use super::{Registries, RegistrySource, error_chain};
-use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::oci::digest::Digest;
 
 /// How a blob got to the destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,14 +4,14 @@
 
 use std::path::PathBuf;
 
+use crate::app::pull::{PulledImage, PulledLayer};
 use crate::cache::Cache;
-use crate::digest::Digest;
+use crate::cache::persist;
 use crate::error::{Error, Result};
 use crate::layer::{self, Entry, EntryKind, Meta};
-use crate::merge::TreeBuilder;
-use crate::persist;
-use crate::pull::{PulledImage, PulledLayer};
+use crate::oci::digest::Digest;
 use crate::tree::Tree;
+use crate::tree::merge::TreeBuilder;
 
 const TREE_MAGIC: &[u8; 8] = b"JKTREE03";
 
@@ -206,7 +206,7 @@ mod tests {
             .layer("w /d/.wh.x\nf /b 600 \"b\"")
             .build();
         image.write_layout(&dir.path().join("layout"), "t").unwrap();
-        let reference = crate::reference::ImageRef::parse(&format!(
+        let reference = crate::oci::reference::ImageRef::parse(&format!(
             "oci:{}:t",
             dir.path().join("layout").display()
         ))
@@ -216,10 +216,10 @@ mod tests {
             .unwrap();
         let pull = |cache: &Cache| {
             runtime
-                .block_on(crate::pull::pull(
+                .block_on(crate::app::pull::pull(
                     cache,
                     &reference,
-                    &crate::pull::PullOptions::host(),
+                    &crate::app::pull::PullOptions::host(),
                 ))
                 .unwrap()
         };

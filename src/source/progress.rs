@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::digest::Digest;
+use crate::oci::digest::Digest;
 
 /// Receives pull events. Every method has a do-nothing default.
 pub trait Progress: Send + Sync {

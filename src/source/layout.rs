@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use oci_client::manifest::OciDescriptor;
 use serde::Deserialize;
 
-use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::image::parse_digest;
+use crate::oci::digest::Digest;
+use crate::oci::image::parse_digest;
 
 /// Annotation that names a manifest's tag in an OCI layout's `index.json`.
 const REF_NAME: &str = "org.opencontainers.image.ref.name";

@@ -20,9 +20,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
-use crate::platform::Platform;
+use crate::oci::digest::Digest;
+use crate::oci::platform::Platform;
 
 /// The name looked for in the current directory.
 pub const DEFAULT_NAME: &str = "jkmount.lock";

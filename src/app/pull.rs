@@ -17,17 +17,17 @@ use std::sync::Arc;
 use oci_client::manifest::{OciDescriptor, OciImageManifest};
 use tokio::task::JoinSet;
 
+use crate::app::lockfile::Pin;
 use crate::cache::records::{ImageRecord, now};
 use crate::cache::{BlobLabel, Cache};
-use crate::digest::Digest;
 use crate::error::{Error, IoContext, Result};
-use crate::image::{self, Compression, ManifestDoc};
 use crate::layer::{self, LayerSpec, Limits};
-use crate::layout::LayoutSource;
-use crate::lockfile::Pin;
-use crate::platform::Platform;
-use crate::reference::ImageRef;
-use crate::registry::{Registries, RegistrySource};
+use crate::oci::digest::Digest;
+use crate::oci::image::{self, Compression, ManifestDoc};
+use crate::oci::platform::Platform;
+use crate::oci::reference::ImageRef;
+use crate::source::layout::LayoutSource;
+use crate::source::registry::{Registries, RegistrySource};
 
 /// What a pull needs to know beyond the reference.
 #[derive(Debug, Clone)]

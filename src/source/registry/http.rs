@@ -10,9 +10,9 @@ use oci_client::secrets::RegistryAuth;
 use reqwest::header::{ACCEPT, AUTHORIZATION, RETRY_AFTER};
 
 use super::{RegistrySource, Remote, retry, token};
-use crate::digest::Digest;
 use crate::error::Error;
-use crate::image::ACCEPTED_MANIFEST_TYPES;
+use crate::oci::digest::Digest;
+use crate::oci::image::ACCEPTED_MANIFEST_TYPES;
 
 /// The most bytes a manifest or index may have (they are a few kilobytes).
 const MAX_MANIFEST: u64 = 4 << 20;

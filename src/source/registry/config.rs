@@ -30,7 +30,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
-use crate::reference::is_loopback_registry;
+use crate::oci::reference::is_loopback_registry;
 
 /// Where Docker keeps per-registry certificates: `<dir>/<host[:port]>/{ca.crt,client.cert,client.key}`.
 pub const DOCKER_CERTS_DIR: &str = "/etc/docker/certs.d";

@@ -2,6 +2,8 @@
 //! indexes, the root is 0) where a hardlink is two names for one node. Built by `merge`,
 //! persisted per (diff_id list, subdir) so a warm mount loads it instead of re-merging.
 
+pub mod merge;
+
 use serde::{Deserialize, Serialize};
 
 use crate::layer::{Extent, Meta, Xattr};

@@ -26,8 +26,8 @@ use crate::oci::digest::Digest;
 use crate::oci::image::{self, Compression, ManifestDoc};
 use crate::oci::platform::Platform;
 use crate::oci::reference::ImageRef;
-use crate::source::layout::LayoutSource;
 use crate::source::registry::{Registries, RegistrySource};
+use crate::source::{self, BlobRef, Source};
 
 /// What a pull needs to know beyond the reference.
 #[derive(Debug, Clone)]
@@ -121,22 +121,12 @@ impl Resolved {
     }
 }
 
-#[derive(Clone)]
-enum Origin {
-    Registry(Arc<RegistrySource>),
-    Layout(LayoutSource),
+fn origin(image: &ImageRef, options: &PullOptions) -> Origin {
+    let offline = options.policy == PullPolicy::Never;
+    source::open(image, options.registries.clone(), offline)
 }
 
-fn origin(image: &ImageRef, options: &PullOptions) -> Origin {
-    match image {
-        ImageRef::Registry(r) => Origin::Registry(Arc::new(RegistrySource::new(
-            r,
-            options.registries.clone(),
-            options.policy == PullPolicy::Never,
-        ))),
-        ImageRef::Layout { dir, tag } => Origin::Layout(LayoutSource::new(dir, tag.as_deref())),
-    }
-}
+type Origin = Arc<dyn Source>;
 
 /// Makes `image` fully present in the cache.
 pub async fn pull(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Result<PulledImage> {
@@ -209,10 +199,7 @@ pub async fn documents(
             .map_err(|e| bad("manifest", &manifest_digest, e))?,
         manifest_digest,
         config: serde_json::from_slice(&config).map_err(|e| bad("config", &config_digest, e))?,
-        source: match origin {
-            Origin::Registry(source) => Some(source),
-            Origin::Layout(_) => None,
-        },
+        source: origin.registry(),
     })
 }
 
@@ -274,13 +261,10 @@ pub async fn pull_pinned(
         })
         .collect();
     cache.write_image_record(&record)?;
-    if let Origin::Registry(source) = &origin {
-        let reference = source.reference();
-        if reference.digest().is_some() {
-            // A digest reference is a `gc` root like a tag, recorded once the image is whole.
-            let name = format!("@{top}");
-            cache.write_tag(reference.registry(), reference.repository(), &name, &top)?;
-        }
+    if let Some(name) = origin.tag_name().filter(|name| name.tag.is_none()) {
+        // A digest reference is a `gc` root like a tag, recorded once the image is whole.
+        let tag = format!("@{top}");
+        cache.write_tag(name.registry, name.repository, &tag, &top)?;
     }
     Ok(PulledImage {
         shown,
@@ -342,23 +326,13 @@ async fn fetch_artifact(
         let _building = lock_entry(cache, "blob", &digest).await?;
         if !cache.has_blob(&digest) {
             cache.ensure_space(size, || format!("artifact blob {digest} of {shown}"))?;
-            match origin {
-                Origin::Registry(source) => {
-                    source
-                        .fetch_blob(cache, &digest, size, "artifact blob")
-                        .await?
-                }
-                Origin::Layout(layout) => {
-                    let mut file = layout.open_blob(&digest)?;
-                    let mut writer = cache.blob_writer(&digest)?;
-                    std::io::copy(&mut file, &mut writer).at(layout.blob_path(&digest))?;
-                    let label = BlobLabel {
-                        what: "artifact blob",
-                        reference: shown,
-                    };
-                    writer.commit(Some(size), label)?;
-                }
-            }
+            let blob = BlobRef {
+                digest: &digest,
+                size,
+                what: "artifact blob",
+                image: shown,
+            };
+            origin.fetch_blob(cache, blob).await?;
         }
         layers.push(PulledLayer::File {
             digest,
@@ -376,16 +350,14 @@ async fn resolve_top(
     options: &PullOptions,
     shown: &str,
 ) -> Result<Digest> {
-    let source = match origin {
-        Origin::Registry(source) => source,
-        Origin::Layout(layout) => return layout.top_manifest(shown),
-    };
-    let reference = source.reference();
-    let (registry, repository) = (reference.registry(), reference.repository());
-    if let Some(digest) = reference.digest() {
-        return image::parse_digest(digest, "manifest", shown);
+    if let Some(digest) = origin.named_manifest(shown)? {
+        return Ok(digest);
     }
-    let tag = reference.tag().unwrap_or("latest");
+    let name = origin
+        .tag_name()
+        .expect("a source without a named manifest has tags");
+    let (registry, repository) = (name.registry, name.repository);
+    let tag = name.tag.unwrap_or("latest");
     let cached = cache
         .read_tag(registry, repository, tag)?
         .filter(|r| cache.has_blob(&r.digest));
@@ -396,7 +368,7 @@ async fn resolve_top(
         tracing::debug!("{shown}: using cached tag → {}", record.digest);
         return Ok(record.digest.clone());
     }
-    let (bytes, digest) = match source.fetch_manifest(None).await {
+    let (bytes, digest) = match origin.resolve_tag().await {
         Ok(answer) => answer,
         Err(e @ Error::Unreachable { .. }) if options.fallback_to_cache => {
             let Some(record) = cached else {
@@ -453,10 +425,7 @@ async fn manifest_bytes(
     if let Some(bytes) = cache.read_blob(digest)? {
         return Ok(bytes);
     }
-    let bytes = match origin {
-        Origin::Registry(source) => source.fetch_manifest(Some(digest)).await?.0,
-        Origin::Layout(layout) => layout.read_blob(digest)?,
-    };
+    let bytes = origin.manifest(digest).await?;
     keep_manifest(cache, digest, &bytes, shown)?;
     Ok(bytes)
 }
@@ -481,21 +450,13 @@ async fn small_blob(
     if let Some(bytes) = cache.read_blob(digest)? {
         return Ok(bytes);
     }
-    match origin {
-        Origin::Registry(source) => source.fetch_blob(cache, digest, size, what).await?,
-        Origin::Layout(layout) => {
-            let bytes = layout.read_blob(digest)?;
-            cache.insert_blob(
-                digest,
-                Some(size),
-                &bytes,
-                BlobLabel {
-                    what,
-                    reference: shown,
-                },
-            )?;
-        }
-    }
+    let blob = BlobRef {
+        digest,
+        size,
+        what,
+        image: shown,
+    };
+    origin.fetch_blob(cache, blob).await?;
     cache.read_blob(digest)?.ok_or_else(|| Error::CacheDamaged {
         path: cache.blob_path(digest),
         detail: "vanished right after it was stored".into(),
@@ -580,10 +541,8 @@ async fn lock_entry(
 
 async fn fetch_and_decode(cache: Cache, origin: Origin, job: LayerJob) -> Result<()> {
     let job = Arc::new(job);
-    let source = match &origin {
-        Origin::Registry(source) => source,
-        Origin::Layout(layout) => {
-            let path = layout.blob_path(&job.digest);
+    if let Some(path) = origin.local_blob(&job.digest) {
+        {
             return match decode(cache, path.clone(), job.clone()).await {
                 // A layout's blobs are not verified before decoding: when decoding fails, say
                 // whether the blob is simply not the one its digest names.
@@ -599,7 +558,8 @@ async fn fetch_and_decode(cache: Cache, origin: Origin, job: LayerJob) -> Result
                 ok => ok,
             };
         }
-    };
+    }
+    let source = origin.as_ref();
     let was_cached = cache.has_blob(&job.digest);
     if !was_cached {
         fetch_layer_blob(&cache, source, &job).await?;
@@ -615,7 +575,7 @@ async fn fetch_and_decode(cache: Cache, origin: Origin, job: LayerJob) -> Result
     }
 }
 
-async fn fetch_layer_blob(cache: &Cache, source: &RegistrySource, job: &LayerJob) -> Result<()> {
+async fn fetch_layer_blob(cache: &Cache, source: &dyn Source, job: &LayerJob) -> Result<()> {
     cache.ensure_space(job.size, || {
         format!("layer {} of {}", job.digest, job.shown)
     })?;
@@ -625,9 +585,13 @@ async fn fetch_layer_blob(cache: &Cache, source: &RegistrySource, job: &LayerJob
         job.digest,
         job.size
     );
-    source
-        .fetch_blob(cache, &job.digest, job.size, "layer")
-        .await
+    let blob = BlobRef {
+        digest: &job.digest,
+        size: job.size,
+        what: "layer",
+        image: &job.shown,
+    };
+    source.fetch_blob(cache, blob).await
 }
 
 async fn decode(cache: Cache, blob_path: std::path::PathBuf, job: Arc<LayerJob>) -> Result<()> {

@@ -4,11 +4,14 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use futures_util::future::{BoxFuture, LocalBoxFuture};
 use oci_client::manifest::OciDescriptor;
 use serde::Deserialize;
 
-use crate::error::{Error, Result};
+use crate::cache::{BlobLabel, Cache};
+use crate::error::{Error, IoContext, Result};
 use crate::oci::digest::Digest;
 use crate::oci::image::parse_digest;
 
@@ -99,5 +102,49 @@ impl LayoutSource {
     pub fn open_blob(&self, digest: &Digest) -> Result<fs::File> {
         let path = self.blob_path(digest);
         fs::File::open(&path).map_err(|e| self.error(format!("blob {digest}: {e}")))
+    }
+}
+
+impl super::Source for LayoutSource {
+    fn named_manifest(&self, shown: &str) -> Result<Option<Digest>> {
+        self.top_manifest(shown).map(Some)
+    }
+
+    fn tag_name(&self) -> Option<super::TagName<'_>> {
+        None
+    }
+
+    fn resolve_tag(&self) -> LocalBoxFuture<'_, Result<(Vec<u8>, Digest)>> {
+        // Never asked: `named_manifest` always answers from index.json.
+        Box::pin(async { Err(self.error("a layout has no tags to resolve remotely")) })
+    }
+
+    fn manifest<'a>(&'a self, digest: &'a Digest) -> LocalBoxFuture<'a, Result<Vec<u8>>> {
+        Box::pin(async move { self.read_blob(digest) })
+    }
+
+    fn fetch_blob<'a>(
+        &'a self,
+        cache: &'a Cache,
+        blob: super::BlobRef<'a>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let mut file = self.open_blob(blob.digest)?;
+            let mut writer = cache.blob_writer(blob.digest)?;
+            std::io::copy(&mut file, &mut writer).at(self.blob_path(blob.digest))?;
+            let label = BlobLabel {
+                what: blob.what,
+                reference: blob.image,
+            };
+            writer.commit(Some(blob.size), label).map(drop)
+        })
+    }
+
+    fn local_blob(&self, digest: &Digest) -> Option<PathBuf> {
+        Some(self.blob_path(digest))
+    }
+
+    fn registry(self: Arc<Self>) -> Option<Arc<super::registry::RegistrySource>> {
+        None
     }
 }

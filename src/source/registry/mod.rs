@@ -13,6 +13,7 @@ pub mod blob;
 pub mod config;
 pub mod credentials;
 mod http;
+mod image_source;
 pub mod push;
 pub mod retry;
 pub mod token;

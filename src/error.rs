@@ -305,6 +305,10 @@ pub enum Error {
         /// What failed.
         detail: String,
     },
+
+    /// Putting the filesystem at its mountpoint, or serving it, failed.
+    #[error(transparent)]
+    Mount(#[from] crate::mount::MountError),
 }
 
 impl Error {

@@ -1,7 +1,10 @@
 //! The pipelines the commands run, as library functions: [`pull`] an image from its source
 //! into the cache, assemble what a mount serves from pulled images ([`mountable`]), and pin
-//! references in a [`lockfile`].
+//! references in a [`lockfile`]; [`prepare`] does all of it for a mount or an extraction,
+//! and [`serve`] hands the result to the mount.
 
 pub mod lockfile;
 pub mod mountable;
+pub mod prepare;
 pub mod pull;
+pub mod serve;

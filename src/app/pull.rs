@@ -483,7 +483,7 @@ async fn fetch_layers(
 ) -> Result<()> {
     // Shared by every pull of the command: at most `max-connections` layers at once.
     let permits = options.registries.connections();
-    let mut tasks = JoinSet::new();
+    let mut tasks: JoinSet<Result<()>> = JoinSet::new();
     let mut seen = HashSet::new();
     for (descriptor, diff_id) in layers.iter().zip(diff_ids) {
         if layer::is_decoded(cache, diff_id) || !seen.insert(diff_id.clone()) {

@@ -8,8 +8,10 @@ use anyhow::Context;
 use clap::Args;
 
 use super::lock::LockfileArgs;
-use super::mount::{MODULES_DIR, Prepared, Targets, prepare};
-use super::{GlobalArgs, ResolveArgs};
+use jkmount::app::prepare::{Prepared, prepare};
+
+use super::mount::{MODULES_DIR, Targets};
+use super::{GlobalArgs, ResolveArgs, open_cache};
 
 /// Arguments of `jkmount extract`.
 #[derive(Debug, Args)]
@@ -32,13 +34,7 @@ pub struct ExtractArgs {
 
 /// Pulls, merges and writes the tree; says what was written on stderr.
 pub fn run(args: ExtractArgs, global: &GlobalArgs) -> anyhow::Result<()> {
-    let Targets {
-        dir: dest,
-        images,
-        options,
-        lockfile,
-        pins,
-    } = Targets::parse(&args.targets, &args.resolve, &args.lock, global)?;
+    let targets = Targets::parse(&args.targets, &args.resolve, &args.lock, global)?;
     let subdir = if args.modules {
         Some(MODULES_DIR)
     } else {
@@ -46,8 +42,8 @@ pub fn run(args: ExtractArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     };
     let Prepared {
         using, mountable, ..
-    } = prepare(&images, &pins, &options, lockfile.as_ref(), subdir, global)?;
-    let dest = Path::new(dest);
+    } = prepare(open_cache(global)?, &targets.request(subdir))?;
+    let dest = Path::new(targets.dir);
     let summary = jkmount::extract::extract(&mountable, dest)
         .with_context(|| format!("cannot extract {}", mountable.name))?;
     drop(using);

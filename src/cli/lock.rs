@@ -1,13 +1,13 @@
 //! Lockfiles at the command line: `jkmount lock IMAGE... [-o FILE] [--update]`, and the
 //! `--lockfile`/`--no-lockfile`/`--locked` options with which mounts and pulls use the pins.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
 use jkmount::app::lockfile::{DEFAULT_NAME, Lockfile, Pin};
 use jkmount::app::pull::{PullOptions, PullPolicy};
-use jkmount::cache::Cache;
+
 use jkmount::oci::platform::Platform;
 use jkmount::oci::reference::ImageRef;
 
@@ -120,11 +120,9 @@ impl LockfileArgs {
 }
 
 impl InUse {
-    /// Tells the cache that this lockfile's pins are GC roots.
-    pub fn register(&self, cache: &Cache) -> anyhow::Result<()> {
-        cache
-            .add_lockfile_root(&self.path)
-            .with_context(|| format!("cannot register {} with the cache", self.path.display()))
+    /// The lockfile's path (registered with the cache, whose `gc` keeps its pins).
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 }
 

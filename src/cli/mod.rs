@@ -179,13 +179,12 @@ impl ResolveArgs {
     }
 }
 
-/// Set for the background server when the password for --username follows on its stdin.
-pub const PASSWORD_ON_STDIN_ENV: &str = "JKMOUNT_PASSWORD_ON_STDIN";
-
 /// The password for --username: the first line of stdin, or asked on the terminal.
 fn password(global: &GlobalArgs) -> anyhow::Result<String> {
     use std::io::{BufRead, IsTerminal};
-    if global.password_stdin || std::env::var_os(PASSWORD_ON_STDIN_ENV).is_some() {
+    if global.password_stdin
+        || std::env::var_os(jkmount::mount::daemon::PASSWORD_ON_STDIN_ENV).is_some()
+    {
         let mut line = String::new();
         std::io::stdin()
             .lock()
@@ -330,24 +329,5 @@ fn open_cache(global: &GlobalArgs) -> anyhow::Result<Cache> {
 
 /// One runtime for the network part of a command; dropped before anything is mounted.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
-}
-
-/// Pulls every image (in parallel; pinned ones at their pins), returning them in order.
-fn pull_all(
-    cache: &Cache,
-    images: &[ImageRef],
-    pins: &[Option<jkmount::app::lockfile::Pin>],
-    options: &jkmount::app::pull::PullOptions,
-) -> anyhow::Result<Vec<jkmount::app::pull::PulledImage>> {
-    let runtime = runtime()?;
-    let pulls = images
-        .iter()
-        .zip(pins)
-        .map(|(image, pin)| jkmount::app::pull::pull_pinned(cache, image, pin.as_ref(), options));
-    Ok(runtime.block_on(futures_util::future::try_join_all(pulls))?)
+    Ok(jkmount::app::prepare::runtime()?)
 }

@@ -2,32 +2,18 @@
 //! re-runs itself as a detached server and returns once that server reports the mount live
 //! (a readiness pipe: the server's stdout), or with the server's own error and exit status.
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 
 use anyhow::Context;
 use clap::Args;
-use jkmount::app::mountable::{self, Mountable};
-use jkmount::app::pull::PulledImage;
-use jkmount::cache::Cache;
-use jkmount::cache::lock::LockGuard;
-use jkmount::cache::records::{MountRecord, now};
-use jkmount::fs::FsCore;
-use jkmount::mount::{self, MountRequest};
+use jkmount::app::prepare::{Request, prepare};
+use jkmount::mount::{self, MountRequest, daemon};
 use jkmount::oci::reference::ImageRef;
-use nix::sys::signal::Signal;
 
 use super::lock::{InUse, LockfileArgs};
 use super::options::{MountOptions, split_images};
-use super::{
-    AlreadyReported, GlobalArgs, PullPolicy, ResolveArgs, open_cache, parse_images, pull_all,
-};
+use super::{AlreadyReported, GlobalArgs, PullPolicy, ResolveArgs, open_cache, parse_images};
 
-/// Set in the environment of the detached server so it reports readiness on stdout.
-const SERVER_ENV: &str = "JKMOUNT_BACKGROUND_SERVER";
-/// What the server writes on its stdout once the mount is live.
-const READY: &str = "ready";
 /// The subtree `--modules` presents.
 pub const MODULES_DIR: &str = "/jk/modules";
 /// FUSE worker threads: reads are short `pread`s, a few threads keep the kernel's queue moving.
@@ -142,108 +128,47 @@ impl<'a> Targets<'a> {
             pins,
         })
     }
-}
 
-/// The images pulled and merged, with the cache held in use.
-pub struct Prepared {
-    /// The cache they are in.
-    pub cache: Cache,
-    /// Keeps `gc` waiting until dropped.
-    pub using: LockGuard,
-    /// The images, in order.
-    pub pulled: Vec<PulledImage>,
-    /// What they present.
-    pub mountable: Mountable,
-}
-
-/// Pulls `images` (at their pins) and merges them, presenting `subdir`. From the first fetch
-/// until `using` is dropped, `gc` waits: nothing about to be used can be removed under it.
-pub fn prepare(
-    images: &[ImageRef],
-    pins: &[Option<jkmount::app::lockfile::Pin>],
-    options: &jkmount::app::pull::PullOptions,
-    lockfile: Option<&InUse>,
-    subdir: Option<&str>,
-    global: &GlobalArgs,
-) -> anyhow::Result<Prepared> {
-    let cache = open_cache(global)?;
-    let using = cache.begin_use()?;
-    let pulled = pull_all(&cache, images, pins, options)?;
-    if let Some(lockfile) = lockfile {
-        lockfile.register(&cache)?;
+    /// What `prepare` is asked for, presenting `subdir`.
+    pub fn request(&self, subdir: Option<&'a str>) -> Request<'_> {
+        Request {
+            images: &self.images,
+            pins: &self.pins,
+            options: &self.options,
+            lockfile: self.lockfile.as_ref().map(InUse::path),
+            subdir,
+        }
     }
-    let mountable = mountable::assemble(&cache, &pulled, subdir)?;
-    Ok(Prepared {
-        cache,
-        using,
-        pulled,
-        mountable,
-    })
 }
 
 /// Mounts, in the foreground or through a detached server.
 pub fn run(mut args: MountArgs, mut global: GlobalArgs) -> anyhow::Result<()> {
     let mount_options = args.apply_options(&mut global)?;
     let global = &global;
-    let Targets {
-        dir: mountpoint,
-        images,
-        options,
-        lockfile,
-        pins,
-    } = Targets::parse(&args.targets, &args.resolve, &args.lock, global)?;
-    let is_server = std::env::var_os(SERVER_ENV).is_some();
+    let targets = Targets::parse(&args.targets, &args.resolve, &args.lock, global)?;
+    let is_server = daemon::is_server();
     if !args.foreground && !is_server {
         return start_server(global);
     }
     if is_server {
-        nix::unistd::setsid().context("cannot start a new session for the background server")?;
-        // Until the mount is reported live, the server dies with the command that waits for it
-        // (Ctrl-C, a killed CI step): a mount nobody waits for must not appear later.
-        nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)
-            .context("cannot tie the background server to its parent")?;
+        daemon::become_server().context("cannot start the background server")?;
     }
-    let mountpoint = mount::preflight(&PathBuf::from(mountpoint), mount_options.allow_other)?;
+    let mountpoint = mount::preflight(&PathBuf::from(targets.dir), mount_options.allow_other)?;
     let subdir = if args.modules {
         Some(MODULES_DIR)
     } else {
         args.subdir.as_deref()
     };
-    let Prepared {
-        cache,
-        using,
-        pulled,
-        mountable,
-    } = prepare(&images, &pins, &options, lockfile.as_ref(), subdir, global)?;
-    let _registration = cache.register_mount(&MountRecord {
-        pid: std::process::id(),
-        mountpoint: mountpoint.clone(),
-        images: pulled.iter().map(|p| p.manifest.clone()).collect(),
-        tree: mountable.key.clone(),
-        since: now(),
-    })?;
-    drop(using);
+    let prepared = prepare(open_cache(global)?, &targets.request(subdir))?;
     let request = MountRequest {
         mountpoint,
-        fsname: mountable.name.clone(),
+        fsname: prepared.mountable.name.clone(),
         threads: FUSE_THREADS,
         allow_other: mount_options.allow_other,
         noexec: mount_options.noexec,
         stats: Default::default(),
     };
-    let core = FsCore::new(mountable)?;
-    let status = format!(
-        "serving {} at {}",
-        request.fsname,
-        request.mountpoint.display()
-    );
-    mount::serve(core, &request, || {
-        if is_server {
-            report_ready()
-        } else {
-            notify_service_manager(&status)
-        }
-    })?;
+    jkmount::app::serve::serve(prepared, &request)?;
     let counts = request.stats.to_json();
     tracing::info!("served {}: {counts}", request.mountpoint.display());
     match args.stats.as_deref() {
@@ -255,70 +180,19 @@ pub fn run(mut args: MountArgs, mut global: GlobalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Tells systemd (when it started us with `NOTIFY_SOCKET`, as `Type=notify` does) that the
-/// mount is live. Without `NOTIFY_SOCKET` this does nothing.
-fn notify_service_manager(status: &str) -> std::io::Result<()> {
-    use sd_notify::NotifyState;
-    if let Err(e) = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(status)]) {
-        // The mount is live either way; a service manager that cannot be told will time out.
-        tracing::warn!("cannot notify the service manager that the mount is ready: {e}");
-    }
-    Ok(())
-}
-
-/// Re-runs this command detached and waits for it to say the mount is live. A password given
-/// for --username reaches the server on its stdin, never in its arguments or environment.
+/// Re-runs this command as a detached server and waits for it to say the mount is live.
 fn start_server(global: &GlobalArgs) -> anyhow::Result<()> {
-    let exe = std::env::current_exe().context("cannot find the jkmount executable")?;
-    let secret = super::explicit_secret(global)?;
-    let mut command = Command::new(exe);
-    command
-        .args(std::env::args_os().skip(1))
-        .env(SERVER_ENV, "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    if secret.is_some() {
-        command
-            .env(super::PASSWORD_ON_STDIN_ENV, "1")
-            .stdin(Stdio::piped());
-    }
-    let mut child = command
-        .spawn()
-        .context("cannot start the background jkmount")?;
-    if let Some(jkmount::source::registry::credentials::Secret::Password { password, .. }) = secret
+    let password = match super::explicit_secret(global)? {
+        Some(jkmount::source::registry::credentials::Secret::Password { password, .. }) => {
+            Some(password)
+        }
+        _ => None,
+    };
+    let args = std::env::args_os().skip(1);
+    match daemon::start_server(args, password.as_deref())
+        .context("cannot start the background jkmount")?
     {
-        let mut stdin = child.stdin.take().expect("stdin is piped");
-        writeln!(stdin, "{password}")
-            .context("cannot hand the password to the background jkmount")?;
+        daemon::Started::Ready => Ok(()),
+        daemon::Started::Failed(code) => Err(AlreadyReported(code).into()),
     }
-    let mut line = String::new();
-    let stdout = child.stdout.take().expect("stdout is piped");
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .context("lost the background jkmount")?;
-    if line.trim_end() == READY {
-        return Ok(());
-    }
-    let status = child.wait().context("lost the background jkmount")?;
-    let code = status
-        .code()
-        .and_then(|c| u8::try_from(c).ok())
-        .filter(|&c| c != 0)
-        .unwrap_or(1);
-    Err(AlreadyReported(code).into())
-}
-
-/// Tells the waiting parent that the mount is live, then lets go of it: stdout and stderr go
-/// to /dev/null so nothing holds the caller's pipes open, and the server no longer dies with
-/// the parent. An error means the parent is gone, and the mount is taken down.
-fn report_ready() -> std::io::Result<()> {
-    let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
-    nix::sys::prctl::set_pdeathsig(None)?;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{READY}")?;
-    out.flush()?;
-    nix::unistd::dup2_stderr(&null)?;
-    nix::unistd::dup2_stdout(&null)?;
-    Ok(())
 }

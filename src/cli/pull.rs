@@ -4,7 +4,7 @@
 use clap::Args;
 
 use super::lock::LockfileArgs;
-use super::{GlobalArgs, PullPolicy, ResolveArgs, open_cache, parse_images, pull_all};
+use super::{GlobalArgs, PullPolicy, ResolveArgs, open_cache, parse_images};
 
 /// Arguments of `jkmount pull`.
 #[derive(Debug, Args)]
@@ -28,9 +28,9 @@ pub fn run(args: PullArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         .pins(lockfile.as_ref(), &images, &options.platform)?;
     let cache = open_cache(global)?;
     let _using = cache.begin_use()?;
-    let pulled = pull_all(&cache, &images, &pins, &options)?;
+    let pulled = jkmount::app::prepare::pull_all(&cache, &images, &pins, &options)?;
     if let Some(lockfile) = &lockfile {
-        lockfile.register(&cache)?;
+        cache.add_lockfile_root(lockfile.path())?;
     }
     for image in pulled {
         println!("{} {}", image.shown, image.manifest);

@@ -3,6 +3,8 @@
 //! source = the image references), serving until unmounted or signalled, and `unmount`.
 //! As root the mount is made with mount(2) directly; otherwise through `fusermount3`.
 
+pub mod daemon;
+
 use std::fs::{self, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};

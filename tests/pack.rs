@@ -113,6 +113,8 @@ fn the_same_tree_packs_to_the_same_digests_anywhere_and_umoci_unpacks_it() {
         one, two,
         "creation order, umask and mtimes changed the digest"
     );
+    let elsewhere = pack_to_layout(&cache, &w.join("one/mods"), &w.join("other.layout"), None);
+    assert_eq!(elsewhere, one, "the layout's path changed the digest");
     let dated = pack_to_layout(
         &cache,
         &w.join("two/mods"),
@@ -175,6 +177,12 @@ fn the_same_tree_packs_to_the_same_digests_anywhere_and_umoci_unpacks_it() {
     assert_eq!(
         manifest["annotations"]["org.opencontainers.image.version"],
         "v1"
+    );
+    // A layout has no repository: no title, and nothing taken from its path.
+    assert_eq!(
+        manifest["annotations"].get("org.opencontainers.image.title"),
+        None,
+        "{manifest}"
     );
 }
 

@@ -8,13 +8,13 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use jkmount::app::pack::{PackRequest, Target, annotations};
 use jkmount::app::pull::{PullOptions, PullPolicy};
 use jkmount::oci::image::Compression;
 use jkmount::oci::reference::ImageRef;
-use jkmount::pack::{self, Base, ImageOptions, LayerOptions};
-use jkmount::source::registry::push::Destination;
+use jkmount::pack::{self, ImageOptions, LayerOptions};
 
-use super::{GlobalArgs, open_cache, registries, runtime};
+use super::{GlobalArgs, open_cache, registries};
 
 /// Where an image goes: a registry, or an OCI layout on disk.
 #[derive(Debug, Args)]
@@ -108,44 +108,6 @@ fn parse_annotations(texts: &[String]) -> anyhow::Result<BTreeMap<String, String
         .collect()
 }
 
-/// `org.opencontainers.image.*` defaults: created (from the epoch), title and version (from
-/// the tag), source (if given), then `--annotation`s.
-fn annotations(
-    reference: &str,
-    mtime: u64,
-    source: Option<&str>,
-    extra: &[String],
-) -> anyhow::Result<BTreeMap<String, String>> {
-    let mut out = BTreeMap::new();
-    if let Some(source) = source {
-        out.insert(
-            "org.opencontainers.image.source".to_owned(),
-            source.to_owned(),
-        );
-    }
-    out.insert(
-        "org.opencontainers.image.created".to_owned(),
-        pack::rfc3339(mtime),
-    );
-    let name = reference.rsplit('/').next().unwrap_or(reference);
-    let (title, version) = match name.split_once(':') {
-        Some((title, version)) => (title, Some(version)),
-        None => (name, None),
-    };
-    out.insert(
-        "org.opencontainers.image.title".to_owned(),
-        title.to_owned(),
-    );
-    if let Some(version) = version.filter(|v| *v != "latest") {
-        out.insert(
-            "org.opencontainers.image.version".to_owned(),
-            version.to_owned(),
-        );
-    }
-    out.extend(parse_annotations(extra)?);
-    Ok(out)
-}
-
 fn pull_options(global: &GlobalArgs) -> anyhow::Result<PullOptions> {
     Ok(PullOptions {
         policy: PullPolicy::Always,
@@ -166,100 +128,53 @@ pub fn pack(args: PackArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         .platform
         .split_once('/')
         .with_context(|| format!("--platform {:?} is not OS/ARCH", args.platform))?;
-    let cache = open_cache(global)?;
-    let _using = cache.begin_use()?;
-    let options = pull_options(global)?;
-    let runtime = runtime()?;
-    let base = match &args.base {
-        Some(text) => {
-            let image = ImageRef::parse(text)?;
-            Some(runtime.block_on(jkmount::app::pull::documents(&cache, &image, &options))?)
-        }
-        None => None,
+    let (shown, target) = match (&args.output.tag, &args.output.output) {
+        (Some(tag), None) => match Target::parse(tag)? {
+            target @ Target::Registry(_) => (tag, target),
+            Target::Layout { .. } => anyhow::bail!(
+                "--tag {tag:?} is not a registry reference; use --output for a layout"
+            ),
+        },
+        (None, Some(output)) => match Target::parse(output)? {
+            target @ Target::Layout { .. } => (output, target),
+            Target::Registry(_) => anyhow::bail!("--output {output:?} is not oci:DIR[:TAG]"),
+        },
+        _ => unreachable!("clap requires exactly one"),
     };
-    let layer_options = LayerOptions {
-        prefix: args.prefix.clone(),
-        exclude: args.exclude.clone(),
-        dereference: args.dereference,
-        mtime,
-        compression,
-    };
-    let work = cache.temp_path("pack-layer");
-    let layer = pack::layer::pack_dir(&args.dir, &layer_options, &work)?;
-    let shown = args
-        .output
-        .tag
-        .clone()
-        .or_else(|| args.output.output.clone())
-        .expect("clap requires one");
-    let image_options = ImageOptions {
-        os: os.to_owned(),
-        architecture: architecture.to_owned(),
-        config_media_type: args.config_media_type.clone(),
-        annotations: annotations(&shown, mtime, args.source.as_deref(), &args.annotation)?,
-        entrypoint: args.entrypoint.clone(),
-        env: args.env.clone(),
-    };
-    if let Some(bad) = image_options.env.iter().find(|e| !e.contains('=')) {
+    if let Some(bad) = args.env.iter().find(|e| !e.contains('=')) {
         anyhow::bail!("--env {bad:?} is not KEY=VALUE");
     }
-    let base_documents = base.as_ref().map(|d| Base {
-        manifest: d.manifest.clone(),
-        config: d.config.clone(),
-    });
-    let image = pack::assemble(
-        layer,
-        compression,
-        mtime,
-        &image_options,
-        base_documents.as_ref(),
-    )?;
-    match (&args.output.tag, &args.output.output) {
-        (_, Some(output)) => {
-            let ImageRef::Layout { dir, tag } = ImageRef::parse(output)? else {
-                anyhow::bail!("--output {output:?} is not oci:DIR[:TAG]");
-            };
-            if let Some(base) = &args.base {
-                // The layout must hold the base layers too: pull them into the cache.
-                let image = ImageRef::parse(base)?;
-                runtime.block_on(jkmount::app::pull::pull(&cache, &image, &options))?;
-            }
-            let tag = tag.unwrap_or_else(|| "latest".into());
-            pack::write_layout(&image, &dir, &tag, |d| {
-                cache.has_blob(d).then(|| cache.blob_path(d))
-            })?;
-        }
-        (Some(tag), None) => {
-            let target = ImageRef::parse(tag)?;
-            let ImageRef::Registry(target) = target else {
-                anyhow::bail!(
-                    "--tag {tag:?} is not a registry reference; use --output for a layout"
-                );
-            };
-            runtime.block_on(async {
-                let destination = Destination::new(&target, &options.registries).await?;
-                if let Some(source) = base.as_ref().and_then(|b| b.source.clone()) {
-                    for layer in &image.base_layers {
-                        let digest = layer["digest"].as_str().unwrap_or_default().parse()?;
-                        let size = layer["size"].as_u64().unwrap_or_default();
-                        destination.copy_from(&source, &digest, size).await?;
-                    }
-                }
-                destination
-                    .push_file(&image.layer.path, &image.layer.digest)
-                    .await?;
-                destination
-                    .push_bytes(&image.config.bytes, &image.config.digest)
-                    .await?;
-                destination
-                    .push_manifest(&image.manifest.bytes, &image.manifest.media_type)
-                    .await?;
-                anyhow::Ok(())
-            })?;
-        }
-        (None, None) => unreachable!("clap requires one"),
-    }
-    std::fs::remove_file(&image.layer.path).ok();
+    let (title, version) = target.title_and_version();
+    let base = args.base.as_deref().map(ImageRef::parse).transpose()?;
+    let options = pull_options(global)?;
+    let request = PackRequest {
+        dir: &args.dir,
+        target: &target,
+        layer: LayerOptions {
+            prefix: args.prefix.clone(),
+            exclude: args.exclude.clone(),
+            dereference: args.dereference,
+            mtime,
+            compression,
+        },
+        image: ImageOptions {
+            os: os.to_owned(),
+            architecture: architecture.to_owned(),
+            config_media_type: args.config_media_type.clone(),
+            annotations: annotations(
+                mtime,
+                title.as_deref(),
+                version.as_deref(),
+                args.source.as_deref(),
+                parse_annotations(&args.annotation)?,
+            ),
+            entrypoint: args.entrypoint.clone(),
+            env: args.env.clone(),
+        },
+        base: base.as_ref(),
+        pull: &options,
+    };
+    let image = jkmount::app::pack::pack(&open_cache(global)?, &request)?;
     println!("{shown} {}", image.manifest.digest);
     if !global.quiet {
         eprintln!(
@@ -272,50 +187,15 @@ pub fn pack(args: PackArgs, global: &GlobalArgs) -> anyhow::Result<()> {
 
 /// Joins images on a registry: each layer skipped, mounted or streamed; prints `REF DIGEST`.
 pub fn combine(args: CombineArgs, global: &GlobalArgs) -> anyhow::Result<()> {
-    let cache = open_cache(global)?;
-    let _using = cache.begin_use()?;
-    let options = pull_options(global)?;
     let ImageRef::Registry(target) = ImageRef::parse(&args.tag)? else {
         anyhow::bail!("--tag {:?} is not a registry reference", args.tag);
     };
     let images: Vec<ImageRef> = super::parse_images(&args.images)?;
-    let runtime = runtime()?;
-    let (digest, counts) = runtime.block_on(async {
-        let mut parts = Vec::new();
-        for image in &images {
-            let documents = jkmount::app::pull::documents(&cache, image, &options).await?;
-            let source = documents
-                .source
-                .clone()
-                .with_context(|| format!("{image}: combine works on registry images"))?;
-            parts.push((documents, source));
-        }
-        let joined = jkmount::pack::join(
-            parts.iter().map(|(d, _)| (&d.manifest, &d.config)),
-            parse_annotations(&args.annotation)?,
-        )?;
-        let destination = Destination::new(&target, &options.registries).await?;
-        let mut counts = [0usize; 3];
-        for (documents, source) in &parts {
-            for layer in documents.manifest["layers"]
-                .as_array()
-                .into_iter()
-                .flatten()
-            {
-                let digest = layer["digest"].as_str().unwrap_or_default().parse()?;
-                let size = layer["size"].as_u64().unwrap_or_default();
-                let transfer = destination.copy_from(source, &digest, size).await?;
-                counts[transfer as usize] += 1;
-            }
-        }
-        destination
-            .push_bytes(&joined.config.bytes, &joined.config.digest)
-            .await?;
-        destination
-            .push_manifest(&joined.manifest.bytes, &joined.manifest.media_type)
-            .await?;
-        anyhow::Ok((joined.manifest.digest, counts))
-    })?;
+    let annotations = parse_annotations(&args.annotation)?;
+    let options = pull_options(global)?;
+    let cache = open_cache(global)?;
+    let (digest, counts) =
+        jkmount::app::pack::combine(&cache, &images, &target, annotations, &options)?;
     println!("{} {digest}", args.tag);
     if !global.quiet {
         let [present, mounted, uploaded] = counts;

@@ -145,6 +145,30 @@ pub fn descriptor_digest(
     Ok((digest, size))
 }
 
+/// The layer blobs (digest, size) of a manifest held as JSON, read as typed descriptors: a
+/// manifest without a `layers` list, or with a malformed descriptor, is an error naming it.
+pub fn layer_blobs(
+    manifest: &serde_json::Value,
+    manifest_digest: &Digest,
+    reference: &str,
+) -> Result<Vec<(Digest, u64)>> {
+    let bad = |detail: String| Error::BadDocument {
+        what: "manifest",
+        digest: manifest_digest.to_string(),
+        reference: reference.to_owned(),
+        detail,
+    };
+    let layers = manifest
+        .get("layers")
+        .ok_or_else(|| bad("has no layers list".into()))?;
+    let descriptors: Vec<OciDescriptor> = serde_json::from_value(layers.clone())
+        .map_err(|e| bad(format!("a layer descriptor is malformed: {e}")))?;
+    descriptors
+        .iter()
+        .map(|d| descriptor_digest(d, "layer", reference))
+        .collect()
+}
+
 #[derive(Deserialize)]
 struct ConfigDoc {
     rootfs: RootFs,

@@ -54,8 +54,8 @@ pub struct PackedImage {
     pub layer: PackedLayer,
     /// The new layer's media type.
     pub layer_media_type: &'static str,
-    /// Descriptors of the base image's layers, bottom first (none without `--base`).
-    pub base_layers: Vec<Value>,
+    /// The base image's layer blobs (digest, size), bottom first (none without `--base`).
+    pub base_layers: Vec<(Digest, u64)>,
     /// The image config.
     pub config: Document,
     /// The image manifest.
@@ -84,6 +84,10 @@ pub struct ImageOptions {
 /// An image to build on (`--base`): its manifest and config as fetched.
 #[derive(Debug, Clone)]
 pub struct Base {
+    /// Its manifest's digest.
+    pub digest: Digest,
+    /// The reference it was named by, for messages.
+    pub shown: String,
     /// The base manifest (JSON).
     pub manifest: Value,
     /// The base config (JSON).
@@ -173,15 +177,17 @@ pub fn assemble(
         .as_deref()
         .unwrap_or(IMAGE_CONFIG_MEDIA_TYPE);
     let config = Document::new(&config, config_media_type);
-    let base_layers: Vec<Value> = match base {
-        Some(base) => base.manifest["layers"]
-            .as_array()
-            .ok_or_else(|| broken("layers in its manifest"))?
-            .clone(),
-        None => Vec::new(),
+    let (base_layers, mut layers) = match base {
+        Some(base) => (
+            crate::oci::image::layer_blobs(&base.manifest, &base.digest, &base.shown)?,
+            base.manifest["layers"]
+                .as_array()
+                .ok_or_else(|| broken("layers in its manifest"))?
+                .clone(),
+        ),
+        None => (Vec::new(), Vec::new()),
     };
     let layer_media_type = layer_media_type(compression);
-    let mut layers = base_layers.clone();
     layers.push(json!({
         "mediaType": layer_media_type,
         "digest": layer.digest.to_string(),
@@ -218,15 +224,8 @@ pub fn write_layout(
     std::fs::create_dir_all(&blobs).at(&blobs)?;
     let layout = dir.join("oci-layout");
     std::fs::write(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#).at(&layout)?;
-    for descriptor in &image.base_layers {
-        let digest: Digest = descriptor["digest"]
-            .as_str()
-            .and_then(|d| d.parse().ok())
-            .ok_or_else(|| Error::Pack {
-                path: dir.to_owned(),
-                detail: "a base layer descriptor has no digest".into(),
-            })?;
-        let source = base_blob(&digest).ok_or_else(|| Error::Pack {
+    for (digest, _) in &image.base_layers {
+        let source = base_blob(digest).ok_or_else(|| Error::Pack {
             path: dir.to_owned(),
             detail: format!("base layer {digest} is not in the cache"),
         })?;

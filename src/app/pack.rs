@@ -1,0 +1,224 @@
+//! The pack and combine pipelines: a directory packed into an image (on a base, if asked) and
+//! written to an OCI layout or pushed; images joined on a registry without downloading their
+//! layers. One push sequence serves both: blobs copied or mounted from where they are, the
+//! new blobs uploaded, the manifest last.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use oci_client::Reference;
+
+use crate::app::pull::{self, Documents, PullOptions};
+use crate::cache::Cache;
+use crate::error::{Error, Result};
+use crate::oci::digest::Digest;
+use crate::oci::reference::ImageRef;
+use crate::pack::{self, Base, Document, ImageOptions, LayerOptions, PackedImage};
+use crate::source::registry::RegistrySource;
+use crate::source::registry::push::Destination;
+
+/// Where a packed or combined image goes.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Pushed to this registry reference.
+    Registry(Reference),
+    /// Written into the OCI layout at `dir`, tagged `tag`.
+    Layout {
+        /// The layout directory (created if need be).
+        dir: PathBuf,
+        /// The tag in its `index.json`.
+        tag: String,
+    },
+}
+
+impl Target {
+    /// The target `text` names: a registry reference, or `oci:DIR[:TAG]` (TAG: `latest`).
+    pub fn parse(text: &str) -> Result<Self> {
+        Ok(match ImageRef::parse(text)? {
+            ImageRef::Registry(reference) => Target::Registry(reference),
+            ImageRef::Layout { dir, tag } => Target::Layout {
+                dir,
+                tag: tag.unwrap_or_else(|| "latest".into()),
+            },
+        })
+    }
+
+    /// The `org.opencontainers.image.title` and `.version` this target implies: the last
+    /// segment of the repository and the tag. A layout has no repository, so no title; its
+    /// tag is the version. Never anything from a path, so the same content packed for the
+    /// same tag gives the same manifest digest wherever it is written.
+    pub fn title_and_version(&self) -> (Option<String>, Option<String>) {
+        let (title, tag) = match self {
+            Target::Registry(r) => {
+                let repository = r.repository();
+                let title = repository.rsplit('/').next().unwrap_or(repository);
+                (Some(title.to_owned()), r.tag())
+            }
+            Target::Layout { tag, .. } => (None, Some(tag.as_str())),
+        };
+        let version = tag.filter(|t| *t != "latest").map(str::to_owned);
+        (title, version)
+    }
+}
+
+/// `org.opencontainers.image.*` defaults: created (from the epoch), title and version (when
+/// known), source (when given); `extra` entries override them.
+pub fn annotations(
+    mtime: u64,
+    title: Option<&str>,
+    version: Option<&str>,
+    source: Option<&str>,
+    extra: BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let key = |name: &str| format!("org.opencontainers.image.{name}");
+    let mut out = BTreeMap::from([(key("created"), pack::rfc3339(mtime))]);
+    for (name, value) in [("title", title), ("version", version), ("source", source)] {
+        if let Some(value) = value {
+            out.insert(key(name), value.to_owned());
+        }
+    }
+    out.extend(extra);
+    out
+}
+
+/// What `pack` is asked to build.
+pub struct PackRequest<'a> {
+    /// The directory whose contents become the layer.
+    pub dir: &'a Path,
+    /// Where the image goes.
+    pub target: &'a Target,
+    /// How the layer is built.
+    pub layer: LayerOptions,
+    /// The config and manifest settings.
+    pub image: ImageOptions,
+    /// The image to build on.
+    pub base: Option<&'a ImageRef>,
+    /// How the base is fetched, and the registries pushed to.
+    pub pull: &'a PullOptions,
+}
+
+/// Packs the directory and writes or pushes the image. The layer file is removed after.
+pub fn pack(cache: &Cache, request: &PackRequest<'_>) -> Result<PackedImage> {
+    let _using = cache.begin_use()?;
+    let runtime = crate::app::prepare::runtime()?;
+    let base = match request.base {
+        Some(image) => Some(runtime.block_on(pull::documents(cache, image, request.pull))?),
+        None => None,
+    };
+    let work = cache.temp_path("pack-layer");
+    let layer = pack::layer::pack_dir(request.dir, &request.layer, &work)?;
+    let base_documents = base.as_ref().map(|d| Base {
+        digest: d.manifest_digest.clone(),
+        shown: request.base.map(ToString::to_string).unwrap_or_default(),
+        manifest: d.manifest.clone(),
+        config: d.config.clone(),
+    });
+    let image = pack::assemble(
+        layer,
+        request.layer.compression,
+        request.layer.mtime,
+        &request.image,
+        base_documents.as_ref(),
+    )?;
+    let written = match request.target {
+        Target::Layout { dir, tag } => {
+            if let Some(base) = request.base {
+                // The layout must hold the base layers too: pull them into the cache.
+                runtime.block_on(pull::pull(cache, base, request.pull))?;
+            }
+            pack::write_layout(&image, dir, tag, |d| {
+                cache.has_blob(d).then(|| cache.blob_path(d))
+            })
+        }
+        Target::Registry(reference) => runtime.block_on(async {
+            let destination = Destination::new(reference, &request.pull.registries).await?;
+            let copied = match base.as_ref().and_then(|b| b.source.as_deref()) {
+                Some(source) => vec![(source, image.base_layers.clone())],
+                None => Vec::new(),
+            };
+            let layer = Some((image.layer.path.as_path(), &image.layer.digest));
+            push(&destination, &copied, layer, &image.config, &image.manifest).await?;
+            Ok(())
+        }),
+    };
+    std::fs::remove_file(&image.layer.path).ok();
+    written.map(|()| image)
+}
+
+/// How the layers of a combined image reached the target: [already there, mounted across
+/// repositories, copied].
+pub type TransferCounts = [usize; 3];
+
+/// Joins `images` (bottom first, all on registries) into one image pushed to `target`.
+pub fn combine(
+    cache: &Cache,
+    images: &[ImageRef],
+    target: &Reference,
+    annotations: BTreeMap<String, String>,
+    options: &PullOptions,
+) -> Result<(Digest, TransferCounts)> {
+    let _using = cache.begin_use()?;
+    crate::app::prepare::runtime()?.block_on(async {
+        let mut parts: Vec<(Documents, std::sync::Arc<RegistrySource>)> = Vec::new();
+        for image in images {
+            let documents = pull::documents(cache, image, options).await?;
+            let source = documents.source.clone().ok_or_else(|| Error::Pack {
+                path: image.to_string().into(),
+                detail: "combine works on registry images; push the layout first".into(),
+            })?;
+            parts.push((documents, source));
+        }
+        let joined = pack::join(
+            parts.iter().map(|(d, _)| (&d.manifest, &d.config)),
+            annotations,
+        )?;
+        let mut copied = Vec::new();
+        for ((documents, source), image) in parts.iter().zip(images) {
+            let shown = image.to_string();
+            let blobs = crate::oci::image::layer_blobs(
+                &documents.manifest,
+                &documents.manifest_digest,
+                &shown,
+            )?;
+            copied.push((source.as_ref(), blobs));
+        }
+        let destination = Destination::new(target, &options.registries).await?;
+        let counts = push(
+            &destination,
+            &copied,
+            None,
+            &joined.config,
+            &joined.manifest,
+        )
+        .await?;
+        Ok((joined.manifest.digest, counts))
+    })
+}
+
+/// The one push sequence: blobs of other registries' images copied (or mounted, or found
+/// present), the new layer file and the config uploaded, then the manifest, which names them.
+async fn push(
+    destination: &Destination,
+    copied: &[(&RegistrySource, Vec<(Digest, u64)>)],
+    layer: Option<(&Path, &Digest)>,
+    config: &Document,
+    manifest: &Document,
+) -> Result<TransferCounts> {
+    let mut counts = [0; 3];
+    for (source, blobs) in copied {
+        for (digest, size) in blobs {
+            let transfer = destination.copy_from(source, digest, *size).await?;
+            counts[transfer as usize] += 1;
+        }
+    }
+    if let Some((path, digest)) = layer {
+        destination.push_file(path, digest).await?;
+    }
+    destination
+        .push_bytes(&config.bytes, &config.digest)
+        .await?;
+    destination
+        .push_manifest(&manifest.bytes, &manifest.media_type)
+        .await?;
+    Ok(counts)
+}

@@ -419,3 +419,64 @@ fn a_layer_packed_on_a_base_keeps_the_base_layers() {
         assert_eq!(content.unwrap(), name);
     }
 }
+
+#[test]
+fn hardlinked_files_are_packed_once_and_come_back_as_hardlinks() {
+    use std::os::unix::fs::MetadataExt;
+    let work = tempfile::tempdir().unwrap();
+    let (w, cache) = (work.path(), work.path().join("cache"));
+    let dir = w.join("mods");
+    std::fs::create_dir_all(dir.join("esbuild/bin")).unwrap();
+    std::fs::create_dir_all(dir.join("@esbuild/linux-x64/bin")).unwrap();
+    // 2 MiB that do not compress away, so a second copy would show in the layer's size.
+    let body: Vec<u8> = (0u32..1 << 19)
+        .flat_map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes())
+        .collect();
+    std::fs::write(dir.join("@esbuild/linux-x64/bin/esbuild"), &body).unwrap();
+    std::fs::hard_link(
+        dir.join("@esbuild/linux-x64/bin/esbuild"),
+        dir.join("esbuild/bin/esbuild"),
+    )
+    .unwrap();
+    let layout = w.join("img");
+    ok(jkmount(
+        &cache,
+        &[
+            "pack",
+            dir.to_str().unwrap(),
+            "--compression",
+            "none",
+            "--output",
+            &format!("oci:{}:v1", layout.display()),
+        ],
+    ));
+    let largest = std::fs::read_dir(layout.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .max()
+        .unwrap();
+    assert!(
+        largest < body.len() as u64 * 3 / 2,
+        "the layer holds the content twice: {largest} bytes"
+    );
+    let out = w.join("out");
+    ok(jkmount(
+        &cache,
+        &[
+            "extract",
+            &format!("oci:{}:v1", layout.display()),
+            out.to_str().unwrap(),
+        ],
+    ));
+    let a = std::fs::metadata(out.join("jk/modules/esbuild/bin/esbuild")).unwrap();
+    let b = std::fs::metadata(out.join("jk/modules/@esbuild/linux-x64/bin/esbuild")).unwrap();
+    assert_eq!(
+        (a.ino(), a.nlink()),
+        (b.ino(), 2),
+        "not one file with two names"
+    );
+    assert_eq!(
+        std::fs::read(out.join("jk/modules/esbuild/bin/esbuild")).unwrap(),
+        body
+    );
+}

@@ -5,9 +5,10 @@
 //! directories and executables, 0644 for other files), a gzip header without name or time at a
 //! fixed level (or zstd at a fixed level). The same tree gives the same digests anywhere.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
@@ -197,6 +198,9 @@ pub fn pack_dir(dir: &Path, options: &LayerOptions, dest: &Path) -> Result<Packe
         path.push(relative);
         path
     };
+    // A file with more than one name is stored once; its other names (later in path order)
+    // become hardlink entries to the first, as tar and the kernel keep them.
+    let mut first_names: HashMap<(u64, u64), PathBuf> = HashMap::new();
     for relative in &paths {
         let source = dir.join(relative);
         let meta = if options.dereference {
@@ -216,7 +220,18 @@ pub fn pack_dir(dir: &Path, options: &LayerOptions, dest: &Path) -> Result<Packe
             let target = std::fs::read_link(&source).at(&source)?;
             let mut h = header(tar::EntryType::Symlink, 0o777, mtime);
             tar.append_link(&mut h, &name, &target).at(dest)?;
+        } else if let Some(first) = (kind.is_file() && meta.nlink() > 1)
+            .then(|| first_names.get(&(meta.dev(), meta.ino())))
+            .flatten()
+        {
+            let executable = meta.permissions().mode() & 0o111 != 0;
+            let mode = if executable { 0o755 } else { 0o644 };
+            let mut h = header(tar::EntryType::Link, mode, mtime);
+            tar.append_link(&mut h, &name, first).at(dest)?;
         } else if kind.is_file() {
+            if meta.nlink() > 1 {
+                first_names.insert((meta.dev(), meta.ino()), name.clone());
+            }
             let executable = meta.permissions().mode() & 0o111 != 0;
             let mut h = header(
                 tar::EntryType::Regular,

@@ -38,6 +38,21 @@ pub enum Error {
         registry: String,
     },
 
+    /// The registry has the manifest but not a blob it names.
+    #[error(
+        "{reference}: {what} {digest} is missing on {registry} (the manifest names it, the registry answered 404); the image was pushed incompletely or its blob was deleted: push it again"
+    )]
+    BlobNotFound {
+        /// The image reference.
+        reference: String,
+        /// The registry host.
+        registry: String,
+        /// What the blob is (`layer`, `config`, `artifact blob`).
+        what: &'static str,
+        /// The blob's digest.
+        digest: Digest,
+    },
+
     /// The registry cannot be reached at all.
     #[error(
         "cannot reach registry {registry} for {reference} ({detail}); check the address and that the registry is running, or use what is cached (--pull missing, a digest reference, or --fallback-to-cache with --pull always)"

@@ -273,6 +273,29 @@ fn errors_name_the_thing_and_the_fix() {
         "{err}"
     );
 
+    // The manifest is there, one of its layers is not (its link removed from the registry's
+    // storage): the error names the blob and the image, not a missing tag.
+    let broken = push(
+        &registry,
+        "libs/broken:1",
+        ImageBuilder::new().layer("f /y 644 \"y\""),
+    );
+    let layer = &broken.layers[0].digest;
+    let link = registry.storage().join(format!(
+        "docker/registry/v2/repositories/libs/broken/_layers/sha256/{}",
+        layer.hex()
+    ));
+    std::fs::remove_dir_all(&link).unwrap();
+    let broken_ref = registry.reference("libs/broken:1");
+    let err = fails(jkmount(cache.path(), &["pull", &broken_ref]), 1);
+    assert_eq!(
+        err,
+        format!(
+            "jkmount: error: {broken_ref}: layer {layer} is missing on {} (the manifest names it, the registry answered 404); the image was pushed incompletely or its blob was deleted: push it again\n",
+            registry.addr
+        )
+    );
+
     let dead = format!("127.0.0.1:{}/libs/a:1", free_port());
     let err = fails(jkmount(cache.path(), &["pull", &dead]), 1);
     assert!(

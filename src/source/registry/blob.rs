@@ -167,6 +167,14 @@ impl RegistrySource {
                     .progress
                     .resumed(blob.digest, download.received);
             }
+            404 => {
+                return Err(Failure::Final(Error::BlobNotFound {
+                    reference: self.shown(),
+                    registry,
+                    what: blob.what,
+                    digest: blob.digest.clone(),
+                }));
+            }
             _ => return Err(self.failure(remote, &response, failed).await),
         }
         let mut stream = response.bytes_stream();

@@ -462,6 +462,37 @@ fn mount_errors_name_the_mountpoint_and_leave_nothing_mounted() {
 }
 
 #[test]
+fn a_mountpoint_with_entries_is_refused_unless_nonempty_is_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = one_file_layout(dir.path());
+    let cache = dir.path().join("cache");
+    let mnt = dir.path().join("node_modules");
+    std::fs::create_dir(&mnt).unwrap();
+    std::fs::write(mnt.join("mine.js"), "kept").unwrap();
+    let err = fails(jkmount(&cache, &[&image, mnt.to_str().unwrap()]), 1);
+    assert_eq!(
+        err,
+        format!(
+            "jkmount: error: mountpoint {} is not empty (it holds \"mine.js\"); the mount would hide what is there: empty it, or mount over it with -o nonempty\n",
+            mnt.display()
+        )
+    );
+    assert!(!is_mounted(&mnt));
+    {
+        let _m = Mounted::new(&cache, &["-o", "nonempty", &image], &mnt);
+        assert_eq!(std::fs::read_to_string(mnt.join("x")).unwrap(), "x");
+        assert!(
+            !mnt.join("mine.js").exists(),
+            "the mount does not cover the directory"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(mnt.join("mine.js")).unwrap(),
+        "kept"
+    );
+}
+
+#[test]
 fn a_mount_nobody_waits_for_any_more_never_appears() {
     // A "registry" that accepts connections and never answers keeps the server pulling.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

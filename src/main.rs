@@ -7,10 +7,8 @@ mod cli;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
-    let args = cli::Cli::parse();
+    let args = cli::Cli::parse_checked();
     cli::init_logging(&args.global);
     match cli::dispatch(args) {
         Ok(()) => ExitCode::SUCCESS,

@@ -310,10 +310,26 @@ fn errors_name_the_thing_and_the_fix() {
         "{err}"
     );
 
+    // The mount's options before a subcommand would be dropped silently: refused instead.
+    for (option, subcommand) in [("--offline", "pull"), ("--max-layer-size", "extract")] {
+        let mut args = vec![option];
+        if option == "--max-layer-size" {
+            args.push("50MiB");
+        }
+        args.extend([subcommand, "x", "y"]);
+        let err = fails(jkmount(cache.path(), &args), 2);
+        assert!(
+            err.starts_with(&format!(
+                "error: {option} is an option of the mount, given before `{subcommand}`, which would not see it; put it after the subcommand: jkmount {subcommand} {option} …\n"
+            )),
+            "{err}"
+        );
+    }
+
     let err = fails(jkmount(cache.path(), &["pull", "Bad/Name"]), 2);
-    assert!(
-        err.contains("invalid image reference \"Bad/Name\""),
-        "{err}"
+    assert_eq!(
+        err,
+        "jkmount: error: invalid image reference \"Bad/Name\": repository name must be lowercase\n"
     );
     let err = fails(
         jkmount(cache.path(), &["pull", "--platform", "linux", "x"]),

@@ -43,6 +43,40 @@ pub struct Cli {
     pub global: GlobalArgs,
 }
 
+impl Cli {
+    /// Parses the command line. The mount's own options (`--offline`, `--max-layer-size`, `-o`
+    /// …) given before a subcommand are refused: clap would take them for the mount, and the
+    /// subcommand would silently go without them.
+    pub fn parse_checked() -> Cli {
+        use clap::parser::ValueSource;
+        use clap::{CommandFactory, FromArgMatches};
+        let mut command = Cli::command();
+        let matches = command.get_matches_mut();
+        if let Some((name, _)) = matches.subcommand() {
+            let misplaced = command.get_arguments().find(|arg| {
+                !arg.is_global_set()
+                    && matches.value_source(arg.get_id().as_str()) == Some(ValueSource::CommandLine)
+            });
+            if let Some(arg) = misplaced {
+                let shown = match (arg.get_long(), arg.get_short()) {
+                    (Some(long), _) => format!("--{long}"),
+                    (None, Some(short)) => format!("-{short}"),
+                    (None, None) => arg.get_id().to_string().to_uppercase(),
+                };
+                command
+                    .error(
+                        clap::error::ErrorKind::ArgumentConflict,
+                        format!(
+                            "{shown} is an option of the mount, given before `{name}`, which would not see it; put it after the subcommand: jkmount {name} {shown} …"
+                        ),
+                    )
+                    .exit();
+            }
+        }
+        Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Write the tree a mount would show to a plain directory (where there is no /dev/fuse).

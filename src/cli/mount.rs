@@ -43,7 +43,8 @@ pub struct MountArgs {
     foreground: bool,
     /// Mount options, comma-separated (as mount -t fuse.jkmount and fstab give them):
     /// modules, subdir=PATH, cache_dir=DIR, platform=P, lockfile=FILE, pull=POLICY, offline,
-    /// config=FILE, authfile=FILE, allow_other, noexec; ro, nosuid, nodev, _netdev, noauto,
+    /// config=FILE, authfile=FILE, allow_other, noexec, nonempty (mount over a directory that
+    /// has entries, hiding them; refused otherwise); ro, nosuid, nodev, _netdev, noauto,
     /// x-systemd.* and the like are accepted and passed over.
     #[arg(short = 'o', value_name = "OPTION[,OPTION...]")]
     options: Vec<String>,
@@ -153,7 +154,11 @@ pub fn run(mut args: MountArgs, mut global: GlobalArgs) -> anyhow::Result<()> {
     if is_server {
         daemon::become_server().context("cannot start the background server")?;
     }
-    let mountpoint = mount::preflight(&PathBuf::from(targets.dir), mount_options.allow_other)?;
+    let mountpoint = mount::preflight(
+        &PathBuf::from(targets.dir),
+        mount_options.allow_other,
+        mount_options.nonempty,
+    )?;
     let subdir = if args.modules {
         Some(MODULES_DIR)
     } else {

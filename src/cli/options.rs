@@ -33,6 +33,9 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// `noexec`: files in the mount cannot be executed.
     pub noexec: bool,
+    /// `nonempty`: mount over a directory that has entries (hiding them). jkmount's own
+    /// check; never handed to `fusermount3`, some versions of which reject it.
+    pub nonempty: bool,
 }
 
 /// Options a jkmount mount has whatever is asked, or that change nothing for it: `rw` and
@@ -120,6 +123,7 @@ impl MountOptions {
             "offline" => self.offline = true,
             "allow_other" => self.allow_other = true,
             "noexec" => self.noexec = true,
+            "nonempty" => self.nonempty = true,
             "allow_root" => anyhow::bail!(
                 "mount option allow_root is not supported: use allow_other (with user_allow_other in /etc/fuse.conf for non-root mounts)"
             ),
@@ -127,7 +131,7 @@ impl MountOptions {
             _ if name.starts_with("x-") || name.starts_with("comment") => {}
             _ if name == "fsname" || name == "subtype" => {}
             _ => anyhow::bail!(
-                "unknown mount option {option:?}; jkmount takes modules, offline, allow_other, noexec, {}=…, and the standard ro, nosuid, nodev, _netdev, noauto, x-systemd.*",
+                "unknown mount option {option:?}; jkmount takes modules, offline, allow_other, noexec, nonempty, {}=…, and the standard ro, nosuid, nodev, _netdev, noauto, x-systemd.*",
                 OWN_WITH_VALUE.join("=…, ")
             ),
         }
@@ -163,7 +167,7 @@ mod tests {
     #[test]
     fn own_options_are_read() {
         let got = parse(
-            "ro,allow_other,modules,cache_dir=/var/cache/jk,platform=linux/arm64,lockfile=/etc/jk.lock,pull=always,noexec,config=/c.toml,authfile=/a.json,offline",
+            "ro,allow_other,modules,cache_dir=/var/cache/jk,platform=linux/arm64,lockfile=/etc/jk.lock,pull=always,noexec,config=/c.toml,authfile=/a.json,offline,nonempty",
         )
         .unwrap();
         assert_eq!(
@@ -180,6 +184,7 @@ mod tests {
                 authfile: Some("/a.json".into()),
                 allow_other: true,
                 noexec: true,
+                nonempty: true,
             }
         );
         assert_eq!(

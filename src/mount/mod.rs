@@ -39,6 +39,17 @@ pub enum MountError {
     /// The mountpoint is not a directory.
     #[error("mountpoint {} is not a directory", .0.display())]
     NotADirectory(PathBuf),
+    /// The mountpoint has entries, which the mount would hide.
+    #[error(
+        "mountpoint {} is not empty (it holds {entry:?}); the mount would hide what is there: empty it, or mount over it with -o nonempty",
+        path.display()
+    )]
+    NotEmpty {
+        /// The mountpoint.
+        path: PathBuf,
+        /// One of its entries.
+        entry: String,
+    },
     /// Something is already mounted there.
     #[error("{} is already a mount point ({fstype} from {origin}); unmount it first", path.display())]
     AlreadyMounted {
@@ -158,8 +169,13 @@ pub fn mount_at(path: &Path) -> io::Result<Option<MountInfo>> {
 /// Checks everything that can be checked before pulling: the mountpoint and the FUSE device
 /// and helper. A jkmount mount left at the mountpoint by a server that is gone (killed: every
 /// access fails with "transport endpoint is not connected") is detached first. Returns the
-/// mountpoint's canonical path.
-pub fn preflight(mountpoint: &Path, allow_other: bool) -> Result<PathBuf, MountError> {
+/// mountpoint's canonical path. A mountpoint with entries is refused unless `nonempty`: the
+/// mount would hide them.
+pub fn preflight(
+    mountpoint: &Path,
+    allow_other: bool,
+    nonempty: bool,
+) -> Result<PathBuf, MountError> {
     let path = canonical(mountpoint)?;
     if let Some(m) = mount_at(&path).ok().flatten() {
         if m.fstype == FS_TYPE && is_stale(&path) {
@@ -184,6 +200,18 @@ pub fn preflight(mountpoint: &Path, allow_other: bool) -> Result<PathBuf, MountE
     let meta = fs::metadata(&path).map_err(|_| MountError::Missing(mountpoint.to_owned()))?;
     if !meta.is_dir() {
         return Err(MountError::NotADirectory(mountpoint.to_owned()));
+    }
+    if !nonempty {
+        let first = fs::read_dir(&path)
+            .ok()
+            .and_then(|mut entries| entries.next())
+            .and_then(|entry| entry.ok());
+        if let Some(entry) = first {
+            return Err(MountError::NotEmpty {
+                path,
+                entry: entry.file_name().to_string_lossy().into_owned(),
+            });
+        }
     }
     if !Path::new(DEV_FUSE).exists() {
         return Err(MountError::NoFuseDevice);
@@ -557,7 +585,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("nope");
         assert_eq!(
-            preflight(&missing, false).unwrap_err().to_string(),
+            preflight(&missing, false, false).unwrap_err().to_string(),
             format!(
                 "mountpoint {} does not exist; create it with mkdir -p",
                 missing.display()
@@ -566,11 +594,11 @@ mod tests {
         let file = dir.path().join("file");
         fs::write(&file, "").unwrap();
         assert!(matches!(
-            preflight(&file, false),
+            preflight(&file, false, false),
             Err(MountError::NotADirectory(_))
         ));
         assert!(matches!(
-            preflight(Path::new("/proc"), false),
+            preflight(Path::new("/proc"), false, false),
             Err(MountError::AlreadyMounted { .. })
         ));
     }

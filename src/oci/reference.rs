@@ -35,7 +35,12 @@ impl ImageRef {
         }
         let reference = Reference::try_from(input).map_err(|e| Error::InvalidReference {
             input: input.to_owned(),
-            reason: e.to_string(),
+            // The grammar rejects upper case in a repository with a bare "invalid reference
+            // format": say what is wrong when lower case would do.
+            reason: match Reference::try_from(input.to_ascii_lowercase()) {
+                Ok(_) => "repository name must be lowercase".to_owned(),
+                Err(_) => e.to_string(),
+            },
         })?;
         if reference
             .repository()

@@ -221,6 +221,12 @@ fn a_zstd_layer_packs_reproducibly_and_pulls() {
         &["pull", &format!("oci:{}:v1", layout.display())],
     ));
     assert!(out.ends_with(&format!(" {}\n", digests[0])), "{out}");
+    // No index to choose from: the platform shown is the one the packed config names.
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(jkmount(&cache, &["cache", "ls", "--json"]))).unwrap();
+    assert_eq!(listed[0]["platform"], "linux/amd64", "{listed}");
+    let table = ok(jkmount(&cache, &["cache", "ls"]));
+    assert!(table.contains(" linux/amd64 "), "{table}");
 }
 
 #[test]

@@ -241,8 +241,11 @@ pub async fn pull_pinned(
     let layers = if image::is_artifact(&manifest) {
         fetch_artifact(cache, &origin, &manifest.layers, &shown).await?
     } else {
-        let (config, diff_ids) = config_diff_ids(cache, &origin, &manifest, &shown).await?;
+        let (config, diff_ids, platform) =
+            config_diff_ids(cache, &origin, &manifest, &shown).await?;
         record.config = Some(config);
+        // Without an index, the platform is what the image's own config says it is for.
+        record.platform = record.platform.take().or(platform);
         fetch_layers(cache, &origin, &manifest.layers, &diff_ids, options, &shown).await?;
         diff_ids
             .into_iter()
@@ -289,7 +292,7 @@ async fn config_diff_ids(
     origin: &Origin,
     manifest: &OciImageManifest,
     shown: &str,
-) -> Result<(Digest, Vec<Digest>)> {
+) -> Result<(Digest, Vec<Digest>, Option<String>)> {
     let (config_digest, config_size) = image::descriptor_digest(&manifest.config, "config", shown)?;
     let config = small_blob(cache, origin, &config_digest, config_size, "config", shown).await?;
     let diff_ids = image::parse_diff_ids(&config, &config_digest, shown)?;
@@ -305,7 +308,7 @@ async fn config_diff_ids(
             ),
         });
     }
-    Ok((config_digest, diff_ids))
+    Ok((config_digest, diff_ids, image::config_platform(&config)))
 }
 
 /// Fetches an artifact's blobs, each named by its title annotation.

@@ -57,7 +57,7 @@ pub struct ImageSummary {
     pub manifest: Digest,
     /// The index it came from, if any.
     pub index: Option<Digest>,
-    /// The platform chosen from that index.
+    /// The platform chosen from that index, else the one the image's config names.
     pub platform: Option<String>,
     /// Bytes of everything it uses in the cache (layers shared with other images included).
     pub size: u64,

@@ -24,7 +24,7 @@ pub struct ImageRecord {
     pub manifest: Digest,
     /// The index the manifest was chosen from, if any.
     pub index: Option<Digest>,
-    /// The platform chosen from that index.
+    /// The platform chosen from that index, else the one the image's config names.
     pub platform: Option<String>,
     /// Its config blob (absent for artifacts pulled without one).
     pub config: Option<Digest>,

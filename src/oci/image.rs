@@ -169,6 +169,25 @@ pub fn layer_blobs(
         .collect()
 }
 
+/// The platform an image config says it is for (`os/architecture[/variant]`), if it says.
+pub fn config_platform(config: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Said {
+        os: Option<String>,
+        architecture: Option<String>,
+        variant: Option<String>,
+    }
+    let said: Said = serde_json::from_slice(config).ok()?;
+    let (os, architecture) = (said.os?, said.architecture?);
+    if os.is_empty() || architecture.is_empty() {
+        return None;
+    }
+    Some(match said.variant.filter(|v| !v.is_empty()) {
+        Some(variant) => format!("{os}/{architecture}/{variant}"),
+        None => format!("{os}/{architecture}"),
+    })
+}
+
 #[derive(Deserialize)]
 struct ConfigDoc {
     rootfs: RootFs,

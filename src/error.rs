@@ -66,6 +66,19 @@ pub enum Error {
         detail: String,
     },
 
+    /// The registry to push to cannot be reached at all.
+    #[error(
+        "cannot reach registry {registry} to push {reference} ({detail}); check the address and that the registry is running"
+    )]
+    PushUnreachable {
+        /// The reference pushed to.
+        reference: String,
+        /// The registry host.
+        registry: String,
+        /// The transport's own words.
+        detail: String,
+    },
+
     /// The registry's TLS certificate is not trusted.
     #[error(
         "the TLS certificate of registry {registry} is not trusted ({detail}); put its CA certificate in {}/ca.crt (or under --cert-dir), or set tls-verify = false for {registry} in the configuration",

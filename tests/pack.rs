@@ -486,3 +486,56 @@ fn hardlinked_files_are_packed_once_and_come_back_as_hardlinks() {
         body
     );
 }
+
+#[test]
+fn pack_and_combine_say_in_one_line_when_the_registry_is_down() {
+    let work = tempfile::tempdir().unwrap();
+    let (w, cache) = (work.path(), work.path().join("cache"));
+    std::fs::create_dir(w.join("mods")).unwrap();
+    std::fs::write(w.join("mods/a.js"), "a").unwrap();
+    let dead = format!("127.0.0.1:{}", support::registry::free_port());
+    let target = format!("{dead}/libs/a:1");
+    let err = fails(
+        jkmount(
+            &cache,
+            &["pack", w.join("mods").to_str().unwrap(), "--tag", &target],
+        ),
+        1,
+    );
+    assert!(
+        err.starts_with(&format!(
+            "jkmount: error: cannot reach registry {dead} to push {target} ("
+        )) && err.ends_with("); check the address and that the registry is running\n")
+            && err.lines().count() == 1,
+        "{err}"
+    );
+    let err = fails(
+        jkmount(
+            &cache,
+            &[
+                "combine",
+                &target,
+                &format!("{dead}/libs/b:1"),
+                "--tag",
+                &format!("{dead}/ab:1"),
+            ],
+        ),
+        1,
+    );
+    assert!(
+        err.starts_with(&format!(
+            "jkmount: error: cannot reach registry {dead} for {target} ("
+        )) && err.lines().count() == 1,
+        "{err}"
+    );
+
+    // A cache directory from the environment is not shown as a required option.
+    let out = Command::new(support::jkmount_bin())
+        .env("JKMOUNT_CACHE_DIR", &cache)
+        .arg("pack")
+        .output()
+        .unwrap();
+    let err = fails(out, 2);
+    assert!(err.contains("Usage: jkmount pack "), "{err}");
+    assert!(!err.contains("--cache-dir"), "{err}");
+}

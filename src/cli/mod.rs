@@ -73,7 +73,9 @@ impl Cli {
                     .exit();
             }
         }
-        Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+        let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        cli.global.fill_from_environment();
+        cli
     }
 }
 
@@ -114,8 +116,9 @@ enum Command {
 /// Options every subcommand takes.
 #[derive(Debug, Args)]
 pub struct GlobalArgs {
-    /// Cache directory [default: $XDG_CACHE_HOME/jkmount, else ~/.cache/jkmount]
-    #[arg(long, global = true, env = "JKMOUNT_CACHE_DIR", value_name = "DIR")]
+    /// Cache directory [env: JKMOUNT_CACHE_DIR] [default: $XDG_CACHE_HOME/jkmount, else
+    /// ~/.cache/jkmount]
+    #[arg(long, global = true, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
     /// Say more (-v: progress, -vv: debug, -vvv: trace); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
@@ -123,12 +126,13 @@ pub struct GlobalArgs {
     /// Print errors only (no progress display).
     #[arg(short, long, global = true)]
     quiet: bool,
-    /// Registry configuration [default: $XDG_CONFIG_HOME/jkmount/config.toml, else
-    /// /etc/jkmount/config.toml]
-    #[arg(long, global = true, env = "JKMOUNT_CONFIG", value_name = "FILE")]
+    /// Registry configuration [env: JKMOUNT_CONFIG] [default:
+    /// $XDG_CONFIG_HOME/jkmount/config.toml, else /etc/jkmount/config.toml]
+    #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Credentials file (Docker/podman auth.json format); replaces the default ones
-    #[arg(long, global = true, env = "REGISTRY_AUTH_FILE", value_name = "FILE")]
+    /// Credentials file (Docker/podman auth.json format); replaces the default ones [env:
+    /// REGISTRY_AUTH_FILE]
+    #[arg(long, global = true, value_name = "FILE")]
     authfile: Option<PathBuf>,
     /// Per-registry certificate directories (DIR/HOST:PORT/*.crt) [default: /etc/docker/certs.d]
     #[arg(long, global = true, value_name = "DIR")]
@@ -162,14 +166,52 @@ pub struct ResolveArgs {
     /// warning) instead of failing
     #[arg(long)]
     fallback_to_cache: bool,
-    /// Refuse a layer larger than this once uncompressed (guards against decompression bombs)
-    #[arg(
-        long,
-        value_name = "SIZE",
-        env = "JKMOUNT_MAX_LAYER_SIZE",
-        default_value = "32GiB"
-    )]
-    max_layer_size: bytesize::ByteSize,
+    /// Refuse a layer larger than this once uncompressed (guards against decompression
+    /// bombs) [env: JKMOUNT_MAX_LAYER_SIZE] [default: 32GiB]
+    #[arg(long, value_name = "SIZE")]
+    max_layer_size: Option<bytesize::ByteSize>,
+}
+
+impl ResolveArgs {
+    /// `--max-layer-size`, else `$JKMOUNT_MAX_LAYER_SIZE`, else the library's default.
+    fn max_layer_size(&self) -> anyhow::Result<u64> {
+        if let Some(size) = self.max_layer_size {
+            return Ok(size.as_u64());
+        }
+        match environment("JKMOUNT_MAX_LAYER_SIZE") {
+            Some(text) => text
+                .to_str()
+                .and_then(|t| t.parse::<bytesize::ByteSize>().ok())
+                .map(|size| size.as_u64())
+                .with_context(|| {
+                    format!(
+                        "JKMOUNT_MAX_LAYER_SIZE={text:?} is not a size (512MiB, 2GB, plain bytes)"
+                    )
+                }),
+            None => Ok(jkmount::layer::Limits::default().max_layer_size),
+        }
+    }
+}
+
+/// A non-empty environment variable. The command line's variables are read here rather than
+/// by clap, whose usage lines would otherwise show a variable that is set as a given option.
+fn environment(name: &str) -> Option<std::ffi::OsString> {
+    std::env::var_os(name).filter(|v| !v.is_empty())
+}
+
+impl GlobalArgs {
+    /// Fills in what the environment says where the command line said nothing.
+    fn fill_from_environment(&mut self) {
+        for (field, name) in [
+            (&mut self.cache_dir, "JKMOUNT_CACHE_DIR"),
+            (&mut self.config, "JKMOUNT_CONFIG"),
+            (&mut self.authfile, "REGISTRY_AUTH_FILE"),
+        ] {
+            if field.is_none() {
+                *field = environment(name).map(PathBuf::from);
+            }
+        }
+    }
 }
 
 /// When tags are resolved at the registry.
@@ -204,7 +246,7 @@ impl ResolveArgs {
             platform: parse_platform(self.platform.as_deref())?,
             policy,
             limits: jkmount::layer::Limits {
-                max_layer_size: self.max_layer_size.as_u64(),
+                max_layer_size: self.max_layer_size()?,
                 ..Default::default()
             },
             fallback_to_cache: self.fallback_to_cache,

@@ -75,7 +75,16 @@ impl Destination {
     }
 
     fn failed(&self, what: &str, e: OciDistributionError) -> Error {
-        push_error(&self.reference, format!("{what}: {}", error_chain(&e)))
+        match &e {
+            OciDistributionError::RequestError(r) if r.is_connect() || r.is_timeout() => {
+                Error::PushUnreachable {
+                    reference: self.reference.whole(),
+                    registry: self.reference.resolve_registry().to_owned(),
+                    detail: error_chain(r),
+                }
+            }
+            _ => push_error(&self.reference, format!("{what}: {}", error_chain(&e))),
+        }
     }
 
     /// Whether the repository has the blob.

@@ -6,6 +6,7 @@ use std::io::{BufRead, IsTerminal, Write};
 
 use anyhow::Context;
 use clap::Args;
+use jkmount::source::registry::config;
 use jkmount::source::registry::credentials::{AuthFile, CredentialSources, Secret};
 
 use super::{GlobalArgs, explicit_secret, registries, runtime};
@@ -37,21 +38,13 @@ fn ask_username() -> anyhow::Result<String> {
     Ok(line.trim().to_owned())
 }
 
-/// The host spoken to over HTTP for what users call a registry (Docker Hub's API host).
-fn api_host(registry: &str) -> &str {
-    match registry {
-        "docker.io" | "index.docker.io" => "registry-1.docker.io",
-        other => other,
-    }
-}
-
 /// The key an auth file records `registry` under: Docker's own spelling for Docker Hub in
 /// Docker's config.json, the host as given elsewhere.
 fn file_key(registry: &str, file: &std::path::Path) -> String {
-    let hub = matches!(registry, "docker.io" | "index.docker.io");
+    let hub = config::is_docker_hub(registry);
     match (hub, file.file_name().is_some_and(|n| n == "config.json")) {
-        (true, true) => "https://index.docker.io/v1/".into(),
-        (true, false) => "docker.io".into(),
+        (true, true) => config::DOCKER_HUB_AUTH_KEY.into(),
+        (true, false) => config::DOCKER_HUB.into(),
         _ => registry.to_owned(),
     }
 }
@@ -70,7 +63,7 @@ pub fn login(args: LoginArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     let registries = registries(global)?;
     runtime()?.block_on(jkmount::source::registry::check_login(
         &registries,
-        api_host(&args.registry),
+        config::api_host(&args.registry),
         &username,
         &password,
     ))?;

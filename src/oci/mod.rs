@@ -1,8 +1,9 @@
-//! The OCI vocabulary, as data: image references, digests, platforms, and the manifest, index
-//! and config documents. Parsing and checking only; nothing here touches the network or the
-//! cache.
+//! The OCI vocabulary, as data: image references, digests, platforms, the manifest, index
+//! and config documents, and the image layout format (written here, read by
+//! `source::layout`). Nothing here touches the network or the cache.
 
 pub mod digest;
 pub mod image;
+pub mod layout;
 pub mod platform;
 pub mod reference;

@@ -7,13 +7,14 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
 use crate::oci::digest::{Digest, HashingWriter};
 use crate::oci::image::Compression;
+use crate::pack::compress::Compressor;
 
 /// The mtime of every entry without `SOURCE_DATE_EPOCH`: 1980-01-01T00:00:00Z, the earliest
 /// time ZIP and many tools handle, as reproducible builds commonly use.
@@ -116,58 +117,6 @@ fn header(kind: tar::EntryType, mode: u32, mtime: u64) -> tar::Header {
     header.set_mtime(mtime);
     header.set_size(0);
     header
-}
-
-/// The compressor after the diff_id hash and before the blob hash.
-enum Compressor<W: Write> {
-    Plain(W),
-    Gzip(flate2::write::GzEncoder<W>),
-    Zstd(zstd::stream::write::Encoder<'static, W>),
-}
-
-impl<W: Write> Write for Compressor<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Compressor::Plain(w) => w.write(buf),
-            Compressor::Gzip(g) => g.write(buf),
-            Compressor::Zstd(z) => z.write(buf),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Compressor::Plain(w) => w.flush(),
-            Compressor::Gzip(g) => g.flush(),
-            Compressor::Zstd(z) => z.flush(),
-        }
-    }
-}
-
-impl<W: Write> Compressor<W> {
-    fn new(compression: Compression, out: W) -> io::Result<Self> {
-        Ok(match compression {
-            Compression::None => Compressor::Plain(out),
-            Compression::Gzip => Compressor::Gzip(
-                flate2::GzBuilder::new()
-                    .mtime(0)
-                    .operating_system(255)
-                    .write(out, flate2::Compression::new(6)),
-            ),
-            Compression::Zstd => {
-                let mut encoder = zstd::stream::write::Encoder::new(out, 3)?;
-                encoder.include_checksum(false)?;
-                encoder.include_contentsize(false)?;
-                Compressor::Zstd(encoder)
-            }
-        })
-    }
-
-    fn finish(self) -> io::Result<W> {
-        match self {
-            Compressor::Plain(w) => Ok(w),
-            Compressor::Gzip(g) => g.finish(),
-            Compressor::Zstd(z) => z.finish(),
-        }
-    }
 }
 
 /// Packs `dir` into a layer blob at `dest`.

@@ -3,21 +3,20 @@
 //! expect — written to an OCI image layout here, or pushed to a registry by [`push`].
 //! Everything is plain data; the same directory gives the same manifest digest anywhere.
 
+pub mod compress;
 pub mod layer;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use oci_client::manifest::{IMAGE_CONFIG_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE};
+use oci_client::manifest::IMAGE_CONFIG_MEDIA_TYPE;
 use serde_json::{Value, json};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::oci::digest::Digest;
 use crate::oci::image::Compression;
+use crate::oci::layout::LayoutWriter;
 pub use layer::{LayerOptions, PackedLayer};
-
-/// The annotation that names a manifest's tag in an OCI layout.
-const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
 /// A blob held in memory (configs and manifests).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,46 +219,19 @@ pub fn write_layout(
     tag: &str,
     base_blob: impl Fn(&Digest) -> Option<std::path::PathBuf>,
 ) -> Result<()> {
-    let blobs = dir.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).at(&blobs)?;
-    let layout = dir.join("oci-layout");
-    std::fs::write(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#).at(&layout)?;
+    let layout = LayoutWriter::create(dir)?;
     for (digest, _) in &image.base_layers {
         let source = base_blob(digest).ok_or_else(|| Error::Pack {
             path: dir.to_owned(),
             detail: format!("base layer {digest} is not in the cache"),
         })?;
-        let dest = blobs.join(digest.hex());
-        std::fs::copy(&source, &dest).at(&dest)?;
+        layout.copy_blob(digest, &source)?;
     }
-    let layer = blobs.join(image.layer.digest.hex());
-    std::fs::copy(&image.layer.path, &layer).at(&layer)?;
+    layout.copy_blob(&image.layer.digest, &image.layer.path)?;
     for document in [&image.config, &image.manifest] {
-        let path = blobs.join(document.digest.hex());
-        std::fs::write(&path, &document.bytes).at(&path)?;
+        layout.write_blob(&document.digest, &document.bytes)?;
     }
-    let index_path = dir.join("index.json");
-    let mut index: Value = match std::fs::read(&index_path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Pack {
-            path: index_path.clone(),
-            detail: format!("is not valid JSON: {e}"),
-        })?,
-        Err(_) => {
-            json!({ "schemaVersion": 2, "mediaType": OCI_IMAGE_INDEX_MEDIA_TYPE, "manifests": [] })
-        }
-    };
-    let mut entry = image.manifest.descriptor();
-    entry["annotations"] = json!({ REF_NAME: tag });
-    let manifests = index["manifests"]
-        .as_array_mut()
-        .ok_or_else(|| Error::Pack {
-            path: index_path.clone(),
-            detail: "has no manifests list".into(),
-        })?;
-    manifests.retain(|m| m["annotations"][REF_NAME] != tag);
-    manifests.push(entry);
-    let text = serde_json::to_vec_pretty(&index).expect("JSON values serialize");
-    std::fs::write(&index_path, text).at(&index_path)
+    layout.tag(image.manifest.descriptor(), tag)
 }
 
 /// The config and manifest of images joined bottom first (`jkmount combine`).

@@ -14,9 +14,8 @@ use crate::cache::{BlobLabel, Cache};
 use crate::error::{Error, IoContext, Result};
 use crate::oci::digest::Digest;
 use crate::oci::image::parse_digest;
+use crate::oci::layout::REF_NAME;
 
-/// Annotation that names a manifest's tag in an OCI layout's `index.json`.
-const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
 /// An OCI image layout directory.
 #[derive(Debug, Clone)]

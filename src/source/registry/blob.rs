@@ -59,44 +59,31 @@ impl RegistrySource {
         };
         download.start_over(cache, blob.digest)?;
         let mut failure = None;
+        let what = format!("{} {} of {}", blob.what, blob.digest, self.shown());
         for remote in &self.remotes().await?.by_digest {
-            let tries = self.tries(remote);
-            let mut attempt = 0;
-            let error = loop {
-                match self.transfer(cache, remote, blob, &mut download).await {
-                    Ok(()) => {
-                        let writer = download.writer.take().expect("a writer is open");
-                        let label = BlobLabel {
-                            what: blob.what,
-                            reference: &self.shown(),
-                        };
-                        match writer.commit(Some(blob.size), label) {
-                            Ok(_) => return Ok(()),
-                            Err(e) => {
-                                download.start_over(cache, blob.digest)?;
-                                break e;
-                            }
+            let mut tries = self.tries_at(remote, &what);
+            let transferred = loop {
+                let outcome = self.transfer(cache, remote, blob, &mut download).await;
+                if let std::ops::ControlFlow::Break(answer) = tries.judge(outcome).await {
+                    break answer;
+                }
+            };
+            let error = match transferred {
+                Ok(()) => {
+                    let writer = download.writer.take().expect("a writer is open");
+                    let label = BlobLabel {
+                        what: blob.what,
+                        reference: &self.shown(),
+                    };
+                    match writer.commit(Some(blob.size), label) {
+                        Ok(_) => return Ok(()),
+                        Err(e) => {
+                            download.start_over(cache, blob.digest)?;
+                            e
                         }
                     }
-                    Err(Failure::Transient { error, after }) if attempt + 1 < tries => {
-                        let what = match download.received {
-                            0 => format!("{} {} of {}", blob.what, blob.digest, self.shown()),
-                            n => format!(
-                                "{} {} of {} (resuming at byte {n})",
-                                blob.what,
-                                blob.digest,
-                                self.shown()
-                            ),
-                        };
-                        self.wait_to_retry(&what, &error.to_string(), attempt, tries, after)
-                            .await;
-                        attempt += 1;
-                    }
-                    Err(Failure::Transient { error, .. }) => {
-                        break super::with_tries(error, attempt + 1);
-                    }
-                    Err(Failure::Final(error)) => break error,
                 }
+                Err(e) => e,
             };
             failure = Some(super::pass_over(remote, error)?);
         }

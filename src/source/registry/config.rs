@@ -260,12 +260,33 @@ impl Config {
     }
 }
 
-/// Docker Hub goes by several names; everything else is compared as written, lowercase.
+/// The name jkmount gives Docker Hub, whichever of its names was used.
+pub const DOCKER_HUB: &str = "docker.io";
+/// The host Docker Hub's registry API answers on.
+pub const DOCKER_HUB_API: &str = "registry-1.docker.io";
+/// What Docker's `config.json` and credential helpers call Docker Hub.
+pub const DOCKER_HUB_AUTH_KEY: &str = "https://index.docker.io/v1/";
+
+/// Docker Hub goes by several names; everything else is compared as written, lowercase. The
+/// one place the aliases are known.
 pub fn normalize_host(host: &str) -> String {
     let host = host.to_ascii_lowercase();
     match host.as_str() {
-        "index.docker.io" | "registry-1.docker.io" | "docker.io" => "docker.io".into(),
+        "index.docker.io" | "registry-1.docker.io" | "docker.io" => DOCKER_HUB.into(),
         _ => host,
+    }
+}
+
+/// Whether `host` is one of Docker Hub's names.
+pub fn is_docker_hub(host: &str) -> bool {
+    normalize_host(host) == DOCKER_HUB
+}
+
+/// The host spoken to over HTTP for what users call a registry (Docker Hub's API host).
+pub fn api_host(registry: &str) -> &str {
+    match is_docker_hub(registry) {
+        true => DOCKER_HUB_API,
+        false => registry,
     }
 }
 

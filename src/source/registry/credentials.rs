@@ -24,6 +24,17 @@ use serde::{Deserialize, Serialize};
 use super::config::normalize_host;
 use crate::error::{Error, IoContext, Result};
 
+/// `base64(user:password)`: the `auth` field of an auth file and the credentials of HTTP basic
+/// authentication.
+pub fn basic_pair(user: &str, password: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+}
+
+/// The `Authorization` header value of HTTP basic authentication: the one place it is built.
+pub fn basic_header(user: &str, password: &str) -> String {
+    format!("Basic {}", basic_pair(user, password))
+}
+
 /// What a registry is given.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Secret {
@@ -188,8 +199,8 @@ fn normalize_key(key: &str) -> String {
 
 /// What a credential helper is told the server is called.
 fn helper_server_url(host: &str) -> String {
-    if normalize_host(host) == "docker.io" {
-        "https://index.docker.io/v1/".into()
+    if super::config::is_docker_hub(host) {
+        super::config::DOCKER_HUB_AUTH_KEY.into()
     } else {
         host.to_owned()
     }
@@ -264,11 +275,10 @@ impl AuthFile {
             });
             return helper_call(&helper, "store", &input.to_string(), host).map(drop);
         }
-        let pair = format!("{username}:{password}");
         self.auths.insert(
             host.to_owned(),
             AuthEntry {
-                auth: Some(base64::engine::general_purpose::STANDARD.encode(pair)),
+                auth: Some(basic_pair(username, password)),
                 ..Default::default()
             },
         );
@@ -424,7 +434,7 @@ mod tests {
     }
 
     fn basic(user: &str, password: &str) -> String {
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+        basic_pair(user, password)
     }
 
     #[test]

@@ -100,12 +100,7 @@ impl RegistrySource {
             match (token, &remote.auth) {
                 (Some(token), _) => Some(format!("Bearer {token}")),
                 (None, RegistryAuth::Basic(user, password)) => {
-                    use base64::Engine;
-                    let pair = format!("{user}:{password}");
-                    Some(format!(
-                        "Basic {}",
-                        base64::engine::general_purpose::STANDARD.encode(pair)
-                    ))
+                    Some(super::credentials::basic_header(user, password))
                 }
                 (None, _) => None,
             }
@@ -168,21 +163,12 @@ impl RegistrySource {
         remote: &Remote,
         digest: Option<&Digest>,
     ) -> crate::error::Result<Vec<u8>> {
-        let tries = self.tries(remote);
-        let mut attempt = 0;
+        let what = format!("manifest of {}", self.shown());
+        let mut tries = self.tries_at(remote, &what);
         loop {
-            match self.manifest_once(remote, digest).await {
-                Ok(bytes) => return Ok(bytes),
-                Err(Failure::Transient { error, after }) if attempt + 1 < tries => {
-                    let what = format!("manifest of {}", self.shown());
-                    self.wait_to_retry(&what, &error.to_string(), attempt, tries, after)
-                        .await;
-                    attempt += 1;
-                }
-                Err(Failure::Transient { error, .. }) => {
-                    return Err(super::with_tries(error, attempt + 1));
-                }
-                Err(Failure::Final(error)) => return Err(error),
+            let outcome = self.manifest_once(remote, digest).await;
+            if let std::ops::ControlFlow::Break(answer) = tries.judge(outcome).await {
+                return answer;
             }
         }
     }

@@ -19,6 +19,7 @@ pub mod retry;
 pub mod token;
 pub mod transport;
 
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -338,26 +339,30 @@ impl RegistrySource {
             None => remote.reference.clone(),
         };
         let what = format!("manifest of {}", self.shown());
-        let answer = self
-            .retrying(remote, &what, async || {
-                remote
-                    .client
-                    .pull_manifest_raw(&target, &remote.auth, ACCEPTED_MANIFEST_TYPES)
-                    .await
-            })
-            .await;
-        match answer {
-            Ok((bytes, _)) => Ok(bytes.to_vec()),
-            Err((e, tries)) => Err(match (digest, verification_failure(&e)) {
-                (Some(expected), Some(found)) => Error::DigestMismatch {
-                    what: "manifest",
-                    reference: self.shown(),
-                    expected: expected.clone(),
-                    found,
-                },
-                _ => with_tries(self.classify(remote, e), tries),
-            }),
-        }
+        let mut tries = self.tries_at(remote, &what);
+        let (bytes, _) = loop {
+            let outcome = remote
+                .client
+                .pull_manifest_raw(&target, &remote.auth, ACCEPTED_MANIFEST_TYPES)
+                .await
+                .map_err(|e| match (digest, verification_failure(&e)) {
+                    (Some(expected), Some(found)) => http::Failure::Final(Error::DigestMismatch {
+                        what: "manifest",
+                        reference: self.shown(),
+                        expected: expected.clone(),
+                        found,
+                    }),
+                    _ if retry::retryable(&e) => http::Failure::Transient {
+                        error: self.classify(remote, e),
+                        after: None,
+                    },
+                    _ => http::Failure::Final(self.classify(remote, e)),
+                });
+            if let ControlFlow::Break(answer) = tries.judge(outcome).await {
+                break answer?;
+            }
+        };
+        Ok(bytes.to_vec())
     }
 
     /// How many times a request to `remote` is tried: once on a mirror (the next endpoint is
@@ -391,25 +396,13 @@ impl RegistrySource {
         tokio::time::sleep(wait).await;
     }
 
-    /// Runs `request` against `remote`: once on a mirror, with bounded retries and backoff on
-    /// the registry itself.
-    async fn retrying<T>(
-        &self,
-        remote: &Remote,
-        what: &str,
-        request: impl AsyncFn() -> std::result::Result<T, OciDistributionError>,
-    ) -> std::result::Result<T, (OciDistributionError, u32)> {
-        let tries = self.tries(remote);
-        let mut attempt = 0;
-        loop {
-            match request().await {
-                Err(e) if attempt + 1 < tries && retry::retryable(&e) => {
-                    self.wait_to_retry(what, &error_chain(&e), attempt, tries, None)
-                        .await;
-                    attempt += 1;
-                }
-                result => return result.map_err(|e| (e, attempt + 1)),
-            }
+    /// The tries of one request against `remote`, under the one retry policy.
+    fn tries_at<'a>(&'a self, remote: &Remote, what: &'a str) -> Tries<'a> {
+        Tries {
+            source: self,
+            what,
+            tries: self.tries(remote),
+            attempt: 0,
         }
     }
 
@@ -539,6 +532,43 @@ impl RegistrySource {
     }
 }
 
+/// The one retry loop's state, for manifests, blobs and our own requests alike: once on a
+/// mirror (the next endpoint is the retry), up to `1 + retries` times on the registry itself,
+/// waiting the server's `Retry-After` or a backoff in between. Callers loop until
+/// [`Tries::judge`] breaks with the answer.
+struct Tries<'a> {
+    source: &'a RegistrySource,
+    what: &'a str,
+    tries: u32,
+    attempt: u32,
+}
+
+impl Tries<'_> {
+    /// What one try's outcome means: the answer (`Break`), or — after waiting — another try.
+    /// A failure that outlived its tries says how many there were.
+    async fn judge<T>(
+        &mut self,
+        outcome: std::result::Result<T, http::Failure>,
+    ) -> ControlFlow<Result<T>> {
+        let (tries, attempt) = (self.tries, self.attempt);
+        match outcome {
+            Ok(value) => ControlFlow::Break(Ok(value)),
+            Err(http::Failure::Transient { error, after }) if attempt + 1 < tries => {
+                let reason = error.to_string();
+                self.source
+                    .wait_to_retry(self.what, &reason, attempt, tries, after)
+                    .await;
+                self.attempt += 1;
+                ControlFlow::Continue(())
+            }
+            Err(http::Failure::Transient { error, .. }) => {
+                ControlFlow::Break(Err(with_tries(error, attempt + 1)))
+            }
+            Err(http::Failure::Final(error)) => ControlFlow::Break(Err(error)),
+        }
+    }
+}
+
 /// A mirror's failure is passed over with a warning (the next endpoint is tried); the
 /// registry's own is the answer.
 fn pass_over(remote: &Remote, error: Error) -> Result<Error> {
@@ -625,7 +655,6 @@ pub async fn check_login(
     username: &str,
     password: &str,
 ) -> Result<()> {
-    use base64::Engine;
     let transport = registries.upstream_transport(host)?;
     let refused = |hint: &str| Error::Unauthorized {
         reference: format!("{username}@{host}"),
@@ -633,11 +662,13 @@ pub async fn check_login(
         hint: hint.to_owned(),
     };
     let url = format!("{}://{host}/v2/", transport.scheme);
-    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
     let response = transport
         .http_client()?
         .get(&url)
-        .header(reqwest::header::AUTHORIZATION, format!("Basic {basic}"))
+        .header(
+            reqwest::header::AUTHORIZATION,
+            credentials::basic_header(username, password),
+        )
         .send()
         .await
         .map_err(|e| Error::Unreachable {

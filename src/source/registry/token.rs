@@ -127,14 +127,8 @@ pub async fn negotiate(
     basic: Option<(&str, &str)>,
     unreachable: impl Fn(reqwest::Error) -> Error,
 ) -> Result<Option<String>> {
-    use base64::Engine;
-    let basic_header = basic.map(|(user, password)| {
-        let pair = format!("{user}:{password}");
-        format!(
-            "Basic {}",
-            base64::engine::general_purpose::STANDARD.encode(pair)
-        )
-    });
+    let basic_header =
+        basic.map(|(user, password)| super::credentials::basic_header(user, password));
     let probe = http
         .get(format!("{base_url}/v2/"))
         .send()

@@ -8,9 +8,9 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{AT_FDCWD, AtFlags};
@@ -20,10 +20,8 @@ use nix::unistd::{Gid, Uid, fchownat, mkfifo};
 
 use crate::app::mountable::Mountable;
 use crate::error::{Error, IoContext, Result};
+use crate::fs::content::Content;
 use crate::tree::{Node, NodeId, NodeKind, ROOT};
-
-/// How much is copied at a time from a layer into a file.
-const CHUNK: usize = 1 << 20;
 
 /// What an extraction wrote.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -80,11 +78,7 @@ pub fn extract(mountable: &Mountable, dest: &Path) -> Result<Summary> {
         .at(parent)?;
     let mut writer = Writer {
         mountable,
-        layers: mountable
-            .layers
-            .iter()
-            .map(|p| File::open(p).at(p))
-            .collect::<Result<_>>()?,
+        content: Content::open(&mountable.layers)?,
         first_path: HashMap::new(),
         summary: Summary::default(),
         privileged: Uid::effective().is_root(),
@@ -114,7 +108,7 @@ pub fn extract(mountable: &Mountable, dest: &Path) -> Result<Summary> {
 
 struct Writer<'a> {
     mountable: &'a Mountable,
-    layers: Vec<File>,
+    content: Content,
     /// Where each hardlinked node was written first.
     first_path: HashMap<NodeId, PathBuf>,
     summary: Summary,
@@ -155,39 +149,10 @@ impl Writer<'_> {
                 fs::DirBuilder::new().mode(0o700).create(path).at(path)?;
                 self.write_dir(id, path)?;
             }
-            NodeKind::File {
-                layer,
-                offset,
-                size,
-            } => {
-                let mut out = new_file(path)?;
-                let from = &self.layers[*layer as usize];
-                let mut buf = vec![0; CHUNK.min(*size as usize)];
-                let mut done = 0;
-                while done < *size {
-                    let n = CHUNK.min((*size - done) as usize);
-                    from.read_exact_at(&mut buf[..n], offset + done)
-                        .at(&self.mountable.layers[*layer as usize])?;
-                    out.write_all(&buf[..n]).at(path)?;
-                    done += n as u64;
-                }
-                self.summary.files += 1;
-                self.summary.bytes += size;
-            }
-            NodeKind::SparseFile {
-                layer,
-                size,
-                extents,
-            } => {
+            NodeKind::File { .. } | NodeKind::SparseFile { .. } => {
                 let out = new_file(path)?;
-                out.set_len(*size).at(path)?;
-                let from = &self.layers[*layer as usize];
-                for e in extents {
-                    let mut buf = vec![0; e.len as usize];
-                    from.read_exact_at(&mut buf, e.offset)
-                        .at(&self.mountable.layers[*layer as usize])?;
-                    out.write_all_at(&buf, e.logical).at(path)?;
-                }
+                let written = self.content.copy_to(&node.kind, &out, path);
+                let size = written.expect("a file node has content")?;
                 self.summary.files += 1;
                 self.summary.bytes += size;
             }

@@ -1,15 +1,13 @@
 //! The filesystem core: lookup, getattr, readdir, read, readlink, xattrs and statfs over a merged
 //! [`Tree`], returning `Result<_, FsError>`. Inode numbers are node ids + 1 (the root is 1).
-//! File data is read with `pread` from the layers' verified content; nothing here blocks on
+//! File data comes from the one [`Content`] reader; nothing here blocks on
 //! the network or holds a lock, so any number of FUSE worker threads can share it.
 
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 
 use crate::app::mountable::Mountable;
-use crate::error::{IoContext, Result};
-use crate::layer::Extent;
+use crate::error::Result;
+use crate::fs::content::Content;
 use crate::tree::{NodeId, NodeKind, ROOT, Tree};
 
 /// The FUSE root inode.
@@ -110,7 +108,7 @@ pub struct FsStats {
 #[derive(Debug)]
 pub struct FsCore {
     tree: Tree,
-    layers: Vec<File>,
+    content: Content,
     stats: FsStats,
 }
 
@@ -121,11 +119,7 @@ fn ino_of(id: NodeId) -> u64 {
 impl FsCore {
     /// Opens the layers' content files.
     pub fn new(mountable: Mountable) -> Result<Self> {
-        let layers = mountable
-            .layers
-            .iter()
-            .map(|path| File::open(path).at(path))
-            .collect::<Result<Vec<_>>>()?;
+        let content = Content::open(&mountable.layers)?;
         let tree = mountable.tree;
         let bytes: u64 = tree
             .nodes
@@ -145,7 +139,7 @@ impl FsCore {
         };
         Ok(FsCore {
             tree,
-            layers,
+            content,
             stats,
         })
     }
@@ -236,29 +230,11 @@ impl FsCore {
 
     /// Reads up to `size` bytes at `offset`; fewer only at the end of the file.
     pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
-        let id = self.id(ino)?;
-        match &self.tree.node(id).kind {
-            NodeKind::File {
-                layer,
-                offset: start,
-                size: file_size,
-            } => {
-                let len = file_size.saturating_sub(offset).min(u64::from(size));
-                let mut buf = vec![0; len as usize];
-                self.layers[*layer as usize].read_exact_at(&mut buf, start + offset)?;
-                Ok(buf)
-            }
-            NodeKind::SparseFile {
-                layer,
-                size: file_size,
-                extents,
-            } => {
-                let len = file_size.saturating_sub(offset).min(u64::from(size));
-                let file = &self.layers[*layer as usize];
-                Ok(read_sparse(file, extents, offset, len)?)
-            }
-            NodeKind::Dir { .. } => Err(FsError::IsADirectory),
-            _ => Err(FsError::NotFound),
+        let kind = &self.tree.node(self.id(ino)?).kind;
+        match self.content.read(kind, offset, u64::from(size)) {
+            Some(read) => Ok(read?),
+            None if matches!(kind, NodeKind::Dir { .. }) => Err(FsError::IsADirectory),
+            None => Err(FsError::NotFound),
         }
     }
 
@@ -294,20 +270,6 @@ impl FsCore {
     pub fn statfs(&self) -> FsStats {
         self.stats
     }
-}
-
-/// Reads `len` bytes at `offset` of a sparse file: zeros, with the stored extents read over them.
-fn read_sparse(file: &File, extents: &[Extent], offset: u64, len: u64) -> io::Result<Vec<u8>> {
-    let end = offset + len;
-    let mut buf = vec![0; len as usize];
-    let first = extents.partition_point(|e| e.logical + e.len <= offset);
-    for e in extents[first..].iter().take_while(|e| e.logical < end) {
-        let from = e.logical.max(offset);
-        let to = (e.logical + e.len).min(end);
-        let into = &mut buf[(from - offset) as usize..(to - offset) as usize];
-        file.read_exact_at(into, e.offset + (from - e.logical))?;
-    }
-    Ok(buf)
 }
 
 #[cfg(test)]
@@ -374,32 +336,6 @@ mod tests {
         assert!(matches!(fs.getattr(9999), Err(FsError::NotFound)));
         assert!(matches!(fs.getattr(0), Err(FsError::NotFound)));
         assert!(matches!(fs.readlink(hello.ino), Err(FsError::NotASymlink)));
-    }
-
-    #[test]
-    fn sparse_reads_fill_holes_with_zeros() {
-        let mut file = tempfile::tempfile().unwrap();
-        io::Write::write_all(&mut file, b"AAAABBBB").unwrap();
-        let extents = [
-            Extent {
-                logical: 2,
-                len: 4,
-                offset: 0,
-            },
-            Extent {
-                logical: 10,
-                len: 4,
-                offset: 4,
-            },
-        ];
-        let all = read_sparse(&file, &extents, 0, 16).unwrap();
-        assert_eq!(all, b"\0\0AAAA\0\0\0\0BBBB\0\0");
-        for offset in 0..16 {
-            for len in 0..=(16 - offset) {
-                let part = read_sparse(&file, &extents, offset, len).unwrap();
-                assert_eq!(part, &all[offset as usize..(offset + len) as usize]);
-            }
-        }
     }
 
     #[test]

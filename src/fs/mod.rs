@@ -1,6 +1,7 @@
 //! The filesystem: [`core`] answers every request from the immutable tree with plain file
 //! reads and no FUSE types; [`fuse`] is the thin `fuser` skin that translates.
 
+pub mod content;
 pub mod core;
 pub mod fuse;
 pub mod stats;

@@ -16,7 +16,6 @@ use crate::oci::digest::Digest;
 use crate::oci::image::parse_digest;
 use crate::oci::layout::REF_NAME;
 
-
 /// An OCI image layout directory.
 #[derive(Debug, Clone)]
 pub struct LayoutSource {

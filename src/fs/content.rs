@@ -1,0 +1,145 @@
+//! The one content reader: a merged tree's file data, read with `pread` from the layers'
+//! verified `content.tar` files. Regular files are one stored run; sparse files are zeros
+//! with their stored extents laid over them. The filesystem core reads ranges of it, and
+//! `extract` copies whole files out of it (holes kept as holes).
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{IoContext, Result};
+use crate::layer::Extent;
+use crate::tree::NodeKind;
+
+/// Bytes copied at a time when a whole file is written out.
+const CHUNK: u64 = 1 << 20;
+
+/// The layers' content files, open for reading.
+#[derive(Debug)]
+pub struct Content {
+    layers: Vec<File>,
+    paths: Vec<PathBuf>,
+}
+
+impl Content {
+    /// Opens the content files, in the tree's layer order.
+    pub fn open(paths: &[PathBuf]) -> Result<Self> {
+        let layers = paths
+            .iter()
+            .map(|path| File::open(path).at(path))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Content {
+            layers,
+            paths: paths.to_vec(),
+        })
+    }
+
+    /// Up to `len` bytes of a file node at `offset` (fewer only at its end); `None` for a node
+    /// that has no content.
+    pub fn read(&self, kind: &NodeKind, offset: u64, len: u64) -> Option<io::Result<Vec<u8>>> {
+        Some(match kind {
+            NodeKind::File {
+                layer,
+                offset: start,
+                size,
+            } => {
+                let len = size.saturating_sub(offset).min(len);
+                let mut buf = vec![0; len as usize];
+                self.layers[*layer as usize]
+                    .read_exact_at(&mut buf, start + offset)
+                    .map(|()| buf)
+            }
+            NodeKind::SparseFile {
+                layer,
+                size,
+                extents,
+            } => {
+                let len = size.saturating_sub(offset).min(len);
+                read_sparse(&self.layers[*layer as usize], extents, offset, len)
+            }
+            _ => return None,
+        })
+    }
+
+    /// Writes a file node's whole content into `out` (a new, empty file at `dest`): a
+    /// regular file in chunks, a sparse file as its extents only, so its holes stay holes.
+    /// Returns the file's size; `None` for a node that has no content.
+    pub fn copy_to(&self, kind: &NodeKind, out: &File, dest: &Path) -> Option<Result<u64>> {
+        let (layer, size) = match kind {
+            NodeKind::File { layer, size, .. } | NodeKind::SparseFile { layer, size, .. } => {
+                (*layer as usize, *size)
+            }
+            _ => return None,
+        };
+        let source = &self.paths[layer];
+        Some((|| {
+            if let NodeKind::SparseFile { extents, .. } = kind {
+                out.set_len(size).at(dest)?;
+                for e in extents {
+                    let mut buf = vec![0; e.len as usize];
+                    self.layers[layer]
+                        .read_exact_at(&mut buf, e.offset)
+                        .at(source)?;
+                    out.write_all_at(&buf, e.logical).at(dest)?;
+                }
+                return Ok(size);
+            }
+            let mut done = 0;
+            while done < size {
+                let chunk = self
+                    .read(kind, done, CHUNK)
+                    .expect("a file node")
+                    .at(source)?;
+                out.write_all_at(&chunk, done).at(dest)?;
+                done += chunk.len() as u64;
+            }
+            Ok(size)
+        })())
+    }
+}
+
+/// Reads `len` bytes at `offset` of a sparse file: zeros, with the stored extents read over them.
+fn read_sparse(file: &File, extents: &[Extent], offset: u64, len: u64) -> io::Result<Vec<u8>> {
+    let end = offset + len;
+    let mut buf = vec![0; len as usize];
+    let first = extents.partition_point(|e| e.logical + e.len <= offset);
+    for e in extents[first..].iter().take_while(|e| e.logical < end) {
+        let from = e.logical.max(offset);
+        let to = (e.logical + e.len).min(end);
+        let into = &mut buf[(from - offset) as usize..(to - offset) as usize];
+        file.read_exact_at(into, e.offset + (from - e.logical))?;
+    }
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_reads_fill_holes_with_zeros() {
+        let mut file = tempfile::tempfile().unwrap();
+        io::Write::write_all(&mut file, b"AAAABBBB").unwrap();
+        let extents = [
+            Extent {
+                logical: 2,
+                len: 4,
+                offset: 0,
+            },
+            Extent {
+                logical: 10,
+                len: 4,
+                offset: 4,
+            },
+        ];
+        let all = read_sparse(&file, &extents, 0, 16).unwrap();
+        assert_eq!(all, b"\0\0AAAA\0\0\0\0BBBB\0\0");
+        for offset in 0..16 {
+            for len in 0..=(16 - offset) {
+                let part = read_sparse(&file, &extents, offset, len).unwrap();
+                assert_eq!(part, &all[offset as usize..(offset + len) as usize]);
+            }
+        }
+    }
+}

@@ -515,12 +515,16 @@ fn run_fusermount(path: &Path, lazy: bool) -> io::Result<()> {
         .arg(path);
     let output = command.output()?;
     if output.status.success() {
-        Ok(())
-    } else {
-        Err(io::Error::other(
-            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        ))
+        return Ok(());
     }
+    let said = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+    // fusermount3 reports umount(2)'s EBUSY only as text ("Device or resource busy"): turn
+    // it back into the errno here, at the edge, so callers branch on a kind.
+    let kind = match said.contains("busy") {
+        true => io::ErrorKind::ResourceBusy,
+        false => io::ErrorKind::Other,
+    };
+    Err(io::Error::new(kind, said))
 }
 
 /// Unmounts a jkmount mount at `path`; refuses anything else. With `lazy`, a busy mount is
@@ -550,8 +554,7 @@ pub fn unmount(path: &Path, lazy: bool) -> Result<(), MountError> {
         run_fusermount(&canonical, false)
     };
     result.map_err(|cause| {
-        let busy = cause.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32)
-            || cause.to_string().contains("busy");
+        let busy = cause.kind() == io::ErrorKind::ResourceBusy;
         let hint = if busy {
             "; files under it are in use: close them, or use --lazy"
         } else {

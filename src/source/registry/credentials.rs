@@ -361,8 +361,44 @@ struct HelperAnswer {
     secret: String,
 }
 
+/// What a credential helper said when it failed.
+struct HelperRefusal {
+    /// Its exit status, as shown.
+    status: String,
+    /// Its stdout, else its stderr.
+    said: String,
+}
+
+impl HelperRefusal {
+    /// The helper protocol's answer for a server it holds nothing for (`ErrCredentialsNotFound`
+    /// of docker-credential-helpers: "credentials not found in native keychain").
+    fn is_not_found(&self) -> bool {
+        self.said.contains("credentials not found")
+    }
+
+    fn into_error(self, name: &str, action: &str, host: &str) -> Error {
+        Error::Credentials {
+            registry: host.to_owned(),
+            detail: format!(
+                "docker-credential-{name} {action} failed: {} ({})",
+                self.status, self.said
+            ),
+        }
+    }
+}
+
 /// Runs `docker-credential-NAME ACTION` with `input` on stdin; its stdout.
 fn helper_call(name: &str, action: &str, input: &str, host: &str) -> Result<String> {
+    helper_run(name, action, input, host)?.map_err(|refusal| refusal.into_error(name, action, host))
+}
+
+/// Runs a helper: its stdout, or what it said when it exited with failure.
+fn helper_run(
+    name: &str,
+    action: &str,
+    input: &str,
+    host: &str,
+) -> Result<std::result::Result<String, HelperRefusal>> {
     let program = format!("docker-credential-{name}");
     let failed = |detail: String| Error::Credentials {
         registry: host.to_owned(),
@@ -386,24 +422,25 @@ fn helper_call(name: &str, action: &str, input: &str, host: &str) -> Result<Stri
         .map_err(|e| failed(e.to_string()))?;
     let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     if out.status.success() {
-        return Ok(stdout);
+        return Ok(Ok(stdout));
     }
     let said = if stdout.is_empty() {
         String::from_utf8_lossy(&out.stderr).trim().to_owned()
     } else {
         stdout
     };
-    Err(failed(format!("{} ({said})", out.status)))
+    Ok(Err(HelperRefusal {
+        status: out.status.to_string(),
+        said,
+    }))
 }
 
 /// Asks a helper for `host`'s credentials; `None` when it has none.
 fn helper_get(name: &str, host: &str) -> Result<Option<Found>> {
-    let answer = match helper_call(name, "get", &helper_server_url(host), host) {
+    let answer = match helper_run(name, "get", &helper_server_url(host), host)? {
         Ok(answer) => answer,
-        Err(Error::Credentials { detail, .. }) if detail.contains("credentials not found") => {
-            return Ok(None);
-        }
-        Err(e) => return Err(e),
+        Err(refusal) if refusal.is_not_found() => return Ok(None),
+        Err(refusal) => return Err(refusal.into_error(name, "get", host)),
     };
     let answer: HelperAnswer = serde_json::from_str(&answer).map_err(|e| Error::Credentials {
         registry: host.to_owned(),

@@ -40,30 +40,53 @@ pub fn retryable(e: &OciDistributionError) -> bool {
     }
 }
 
-/// Whether an error (or one of its causes) is a refused TLS certificate, which no retry fixes.
-pub fn is_certificate_problem(e: &(dyn std::error::Error + 'static)) -> bool {
+/// The TLS error somewhere in an error's chain. reqwest wraps rustls's error in hyper's and
+/// in `io::Error`s, whose `source` skips the error they hold, so those are opened too.
+fn tls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
     let mut current = Some(e);
     while let Some(err) = current {
-        let text = err.to_string().to_ascii_lowercase();
-        if text.contains("certificate") || text.contains("unknownissuer") {
-            return true;
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        let held = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref());
+        if let Some(tls) = held.and_then(|inner| tls_error(inner)) {
+            return Some(tls);
         }
         current = err.source();
     }
-    false
+    None
+}
+
+/// Whether an error (or one of its causes) is a refused TLS certificate — the server's not
+/// trusted here, or ours refused there — which no retry fixes.
+pub fn is_certificate_problem(e: &(dyn std::error::Error + 'static)) -> bool {
+    match tls_error(e) {
+        Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented) => true,
+        Some(rustls::Error::AlertReceived(alert)) => is_certificate_alert(*alert),
+        _ => false,
+    }
 }
 
 /// Whether the server refused the connection for want of a (good) client certificate.
 pub fn is_client_certificate_problem(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut current = Some(e);
-    while let Some(err) = current {
-        let text = err.to_string();
-        if text.contains("BadCertificate") || text.contains("CertificateRequired") {
-            return true;
-        }
-        current = err.source();
-    }
-    false
+    matches!(tls_error(e), Some(rustls::Error::AlertReceived(a)) if is_certificate_alert(*a))
+}
+
+/// The alerts a server sends about the certificate the client presented (or did not).
+fn is_certificate_alert(alert: rustls::AlertDescription) -> bool {
+    use rustls::AlertDescription as A;
+    matches!(
+        alert,
+        A::BadCertificate
+            | A::CertificateRequired
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnknownCA
+    )
 }
 
 /// The wait before try number `attempt + 1` (0-based), from `base`: doubled each time, with

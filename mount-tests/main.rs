@@ -68,13 +68,7 @@ impl Drop for Mounted {
 }
 
 fn push(registry: &Registry, name: &str, layers: &[&str]) -> (String, BuiltImage) {
-    let image = layers
-        .iter()
-        .fold(ImageBuilder::new(), |b, l| b.layer(l))
-        .build();
-    let reference = registry.reference(name);
-    block_on(image.push(&reference)).expect("push");
-    (reference, image)
+    registry.push_layers(name, layers)
 }
 
 fn run(command: &mut Command) -> String {

@@ -8,18 +8,11 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 
-use jkmount::fixture::ImageBuilder;
 use support::registry::Registry;
-use support::{block_on, fails, jkmount, ok};
+use support::{fails, jkmount, ok};
 
 fn push(registry: &Registry, name: &str, layers: &[&str]) -> String {
-    let image = layers
-        .iter()
-        .fold(ImageBuilder::new(), |b, l| b.layer(l))
-        .build();
-    let reference = registry.reference(name);
-    block_on(image.push(&reference)).expect("push");
-    reference
+    registry.push_layers(name, layers).0
 }
 
 /// Names in `dir`, sorted.

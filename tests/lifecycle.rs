@@ -12,12 +12,7 @@ use support::registry::Registry;
 use support::{block_on, fails, jkmount, jkmount_bin, ok};
 
 fn push(registry: &Registry, name: &str, layers: &[&str]) -> BuiltImage {
-    let image = layers
-        .iter()
-        .fold(ImageBuilder::new(), |b, l| b.layer(l))
-        .build();
-    block_on(image.push(&registry.reference(name))).expect("push");
-    image
+    registry.push_layers(name, layers).1
 }
 
 /// Runs jkmount in `dir` (where it looks for `jkmount.lock`).

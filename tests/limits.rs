@@ -7,10 +7,9 @@ mod support;
 
 use std::path::{Path, PathBuf};
 
-use jkmount::fixture::ImageBuilder;
 use nix::sys::resource::{UsageWho, getrusage};
 use support::registry::Registry;
-use support::{block_on, fails, jkmount, ok};
+use support::{fails, jkmount, ok};
 
 /// Peak resident memory of any child waited for so far, in MiB.
 fn children_peak_mib() -> i64 {
@@ -21,9 +20,7 @@ fn children_peak_mib() -> i64 {
 }
 
 fn push(registry: &Registry, name: &str, spec: &str) -> String {
-    let reference = registry.reference(name);
-    block_on(ImageBuilder::new().layer(spec).build().push(&reference)).expect("push");
-    reference
+    registry.push_layers(name, &[spec]).0
 }
 
 #[test]

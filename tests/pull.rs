@@ -14,7 +14,7 @@ const TWO_LAYERS: [&str; 2] = [
 
 fn push(registry: &Registry, name: &str, builder: ImageBuilder) -> jkmount::fixture::BuiltImage {
     let image = builder.build();
-    block_on(image.push(&registry.reference(name))).expect("push");
+    registry.push(name, &image);
     image
 }
 
@@ -296,7 +296,7 @@ fn errors_name_the_thing_and_the_fix() {
         )
     );
 
-    let dead = format!("127.0.0.1:{}/libs/a:1", free_port());
+    let dead = format!("127.0.0.1:{}/libs/a:1", support::registry::free_port());
     let err = fails(jkmount(cache.path(), &["pull", &dead]), 1);
     assert!(
         err.contains(&format!(
@@ -378,14 +378,6 @@ fn pulls_an_oci_layout_without_network() {
         err.contains("no manifest tagged \"v2\" (tags: v1); use oci:DIR:TAG"),
         "{err}"
     );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use jkmount::fixture::{BuiltImage, ImageBuilder};
+use jkmount::fixture::ImageBuilder;
 use support::fault_proxy::{Fault, FaultProxy};
 use support::registry::Registry;
 use support::{block_on, fails, jkmount_bin, ok};
@@ -26,10 +26,6 @@ fn noise(lines: usize) -> String {
         })
         .collect();
     serde_json::to_string(&text).unwrap()
-}
-
-fn push(registry: &Registry, name: &str, image: &BuiltImage) {
-    block_on(image.push(&registry.reference(name))).expect("push");
 }
 
 /// A work directory with a config file and a cache, and jkmount run against them.
@@ -79,7 +75,7 @@ fn transient_failures_are_retried_and_a_cut_layer_resumes_with_range() {
     let image = ImageBuilder::new()
         .layer(&format!("f /noise 644 {}", noise(20_000)))
         .build();
-    push(&registry, "libs/a:1", &image);
+    registry.push("libs/a:1", &image);
     let proxy = FaultProxy::start(&registry.addr);
     let layer = image.layers[0].digest.to_string();
     assert!(image.layers[0].blob.len() > 600_000);
@@ -122,7 +118,7 @@ fn transient_failures_are_retried_and_a_cut_layer_resumes_with_range() {
 fn a_registry_that_keeps_failing_fails_clearly_after_its_tries() {
     let registry = Registry::start();
     let image = ImageBuilder::new().layer("f /a 644 \"a\"").build();
-    push(&registry, "libs/a:1", &image);
+    registry.push("libs/a:1", &image);
     let proxy = FaultProxy::start(&registry.addr);
     proxy.fail("/manifests/", Fault::Status(503, None), 1000);
     let setup = Setup::new("[network]\nretries = 2\nretry-delay = \"20ms\"\n");
@@ -165,7 +161,7 @@ fn a_registry_that_keeps_failing_fails_clearly_after_its_tries() {
 fn requests_go_through_http_proxy() {
     let registry = Registry::start();
     let image = ImageBuilder::new().layer("f /a 644 \"a\"").build();
-    push(&registry, "libs/a:1", &image);
+    registry.push("libs/a:1", &image);
     let proxy = FaultProxy::start(&registry.addr);
     let setup = Setup::new(QUICK);
     let reference = registry.reference("libs/a:1");
@@ -192,8 +188,8 @@ fn mirrors_are_tried_in_order_and_the_registry_last() {
     let upstream = Registry::start();
     let mirror = Registry::start();
     let image = ImageBuilder::new().layer("f /m 644 \"mirrored\"").build();
-    push(&upstream, "libs/a:1", &image);
-    push(&mirror, "hub/libs/a:1", &image);
+    upstream.push("libs/a:1", &image);
+    mirror.push("hub/libs/a:1", &image);
     let down = format!("127.0.0.1:{}", support::registry::free_port());
     let layer = image.layers[0].digest.to_string();
     let config = |mirrors: &[&str]| {
@@ -464,7 +460,7 @@ fn a_tls_registry_is_trusted_through_its_certs_d_directory() {
     let ca = support::tls::TestCa::new(&work.path().join("ca"));
     let plain = Registry::start();
     let image = ImageBuilder::new().layer("f /secure 644 \"s\"").build();
-    push(&plain, "libs/s:1", &image);
+    plain.push("libs/s:1", &image);
     let registry = Registry::start_with(support::registry::Options {
         tls: Some((ca.path("server.crt"), ca.path("server.key"))),
         storage: Some(plain.storage()),
@@ -598,7 +594,7 @@ fn progress_is_json_lines_when_asked_and_silent_off_a_terminal() {
         .layer(&format!("f /noise 644 {}", noise(5_000)))
         .layer("f /small 644 \"s\"")
         .build();
-    push(&registry, "libs/a:1", &image);
+    registry.push("libs/a:1", &image);
     let reference = registry.reference("libs/a:1");
 
     let setup = Setup::new(QUICK);

@@ -150,7 +150,28 @@ impl Registry {
         registry
     }
 
-    /// `127.0.0.1:PORT/name`.
+    /// Pushes `image` as `name` (`repo:tag`); its full reference.
+    pub fn push(&self, name: &str, image: &jkmount::fixture::BuiltImage) -> String {
+        let reference = self.reference(name);
+        super::block_on(image.push(&reference)).unwrap_or_else(|e| panic!("push {reference}: {e}"));
+        reference
+    }
+
+    /// Pushes an image of these layer specs (bottom first) as `name`: its reference and the
+    /// image.
+    pub fn push_layers(
+        &self,
+        name: &str,
+        layers: &[&str],
+    ) -> (String, jkmount::fixture::BuiltImage) {
+        let image = layers
+            .iter()
+            .fold(jkmount::fixture::ImageBuilder::new(), |b, l| b.layer(l))
+            .build();
+        (self.push(name, &image), image)
+    }
+
+    /// `127.0.0.1:PORT/NAME`.
     pub fn reference(&self, name: &str) -> String {
         format!("{}/{name}", self.addr)
     }

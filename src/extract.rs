@@ -18,9 +18,9 @@ use nix::sys::stat::{Mode, SFlag, UtimensatFlags, mknod, utimensat};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, fchownat, mkfifo};
 
-use crate::app::mountable::Mountable;
 use crate::error::{Error, IoContext, Result};
 use crate::fs::content::Content;
+use crate::tree::Mountable;
 use crate::tree::{Node, NodeId, NodeKind, ROOT};
 
 /// What an extraction wrote.

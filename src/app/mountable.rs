@@ -2,40 +2,14 @@
 //! when this stack of layers and subdir was merged before, else merged and persisted) and the
 //! layer content files its file nodes point into.
 
-use std::path::PathBuf;
-
 use crate::app::pull::{PulledImage, PulledLayer};
 use crate::cache::Cache;
-use crate::cache::persist;
+use crate::cache::trees;
 use crate::error::{Error, Result};
 use crate::layer::{self, Entry, EntryKind, Meta};
 use crate::oci::digest::Digest;
-use crate::tree::Tree;
 use crate::tree::merge::TreeBuilder;
-
-const TREE_MAGIC: &[u8; 8] = b"JKTREE03";
-
-/// A persisted tree, led by the layers it was merged from so that `gc` can tell which trees
-/// it still needs without decoding the tree itself.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct StoredTree {
-    layers: Vec<Digest>,
-    tree: Tree,
-}
-
-/// A merged tree and the files holding its content, ready for `fs::FsCore`.
-#[derive(Debug, Clone)]
-pub struct Mountable {
-    /// The merged tree; its root is the requested subdirectory.
-    pub tree: Tree,
-    /// The file holding each layer's content (`content.tar`, or an artifact's blob), indexed as
-    /// in the tree's file nodes.
-    pub layers: Vec<PathBuf>,
-    /// The images, for the mount's source name.
-    pub name: String,
-    /// The key of the persisted tree (what a live mount keeps from `gc`).
-    pub key: Digest,
-}
+use crate::tree::{Mountable, Tree};
 
 /// Stacks `images` (later on top) and presents `subdir` of the union (root when `None`).
 pub fn assemble(cache: &Cache, images: &[PulledImage], subdir: Option<&str>) -> Result<Mountable> {
@@ -48,19 +22,17 @@ pub fn assemble(cache: &Cache, images: &[PulledImage], subdir: Option<&str>) -> 
         .join("+");
     let key = tree_key(&layers, subdir);
     let path = cache.tree_path(&key);
-    let tree = match load_tree(&path)? {
+    let tree = match trees::load_tree(&path)? {
         Some(tree) => tree,
         None => {
             let _building = cache.lock_entry("tree", &key)?;
-            match load_tree(&path)? {
+            match trees::load_tree(&path)? {
                 Some(tree) => tree, // merged by another process while this one waited
                 None => {
-                    let stored = StoredTree {
-                        layers: layers.iter().map(|l| layer_id(l).clone()).collect(),
-                        tree: merge(cache, images, subdir, &name)?,
-                    };
-                    persist::save(cache, &path, TREE_MAGIC, &stored)?;
-                    stored.tree
+                    let from: Vec<Digest> = layers.iter().map(|l| layer_id(l).clone()).collect();
+                    let tree = merge(cache, images, subdir, &name)?;
+                    trees::save_tree(cache, &path, from, &tree)?;
+                    tree
                 }
             }
         }
@@ -86,17 +58,6 @@ fn layer_id(layer: &PulledLayer) -> &Digest {
         PulledLayer::Tar { diff_id } => diff_id,
         PulledLayer::File { digest, .. } => digest,
     }
-}
-
-/// Loads a persisted tree; `None` if it is of another format.
-pub fn load_tree(path: &std::path::Path) -> Result<Option<Tree>> {
-    Ok(persist::load::<StoredTree>(path, TREE_MAGIC)?.map(|stored| stored.tree))
-}
-
-/// The layers (diff_ids, artifact blob digests) a persisted tree was merged from; `None` if it
-/// is of another format.
-pub fn tree_layers(path: &std::path::Path) -> Result<Option<Vec<Digest>>> {
-    persist::load_prefix::<Vec<Digest>>(path, TREE_MAGIC)
 }
 
 fn tree_key(layers: &[&PulledLayer], subdir: Option<&str>) -> Digest {
@@ -241,7 +202,7 @@ mod tests {
         assert!(
             std::fs::read(cache.tree_path(&first.key))
                 .unwrap()
-                .starts_with(TREE_MAGIC)
+                .starts_with(crate::cache::trees::TREE_MAGIC)
         );
         assert!(
             newer.join("ff").exists(),

@@ -5,12 +5,13 @@
 use std::path::Path;
 
 use crate::app::lockfile::Pin;
-use crate::app::mountable::{self, Mountable};
+use crate::app::mountable;
 use crate::app::pull::{self, PullOptions, PulledImage};
 use crate::cache::Cache;
 use crate::cache::lock::LockGuard;
 use crate::error::{IoContext, Result};
 use crate::oci::reference::ImageRef;
+use crate::tree::Mountable;
 
 /// One runtime for the network part of a command; dropped before anything is mounted.
 pub fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::app::lockfile::{Lockfile, Pin};
-use crate::app::mountable;
 use crate::cache::Cache;
 use crate::cache::records::{ImageRecord, MountRecord, TagEntry, now};
 use crate::error::{IoContext, Result};
@@ -137,7 +136,7 @@ impl Inventory {
             inventory.trees.push(StoredTree {
                 key,
                 size: fs::metadata(&path).at(&path)?.len(),
-                layers: mountable::tree_layers(&path).unwrap_or(None),
+                layers: super::trees::tree_layers(&path).unwrap_or(None),
                 path,
             });
         }

@@ -25,9 +25,11 @@
 //! [`gc`]; [`verify`] re-hashes it all; [`persist`] is the versioned form of derived files.
 
 pub mod gc;
+pub mod layers;
 pub mod lock;
 pub mod persist;
 pub mod records;
+pub mod trees;
 pub mod verify;
 
 use std::fs::{self, File};

@@ -59,7 +59,7 @@ pub fn verify(cache: &Cache) -> Result<Report> {
         }
     }
     for (_, path) in cache.named_entries("trees")? {
-        if let Err(e) = crate::app::mountable::load_tree(&path) {
+        if let Err(e) = crate::cache::trees::load_tree(&path) {
             fs::remove_file(&path).at(&path)?;
             report.damaged.push(Damaged {
                 what: format!("tree {}", path.display()),

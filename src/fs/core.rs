@@ -5,9 +5,9 @@
 
 use std::io;
 
-use crate::app::mountable::Mountable;
 use crate::error::Result;
 use crate::fs::content::Content;
+use crate::tree::Mountable;
 use crate::tree::{NodeId, NodeKind, ROOT, Tree};
 
 /// The FUSE root inode.

@@ -10,20 +10,15 @@ mod stream;
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read};
-use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cache::persist;
 use crate::cache::{Cache, human};
 use crate::error::{Error, IoContext, Result};
 use crate::oci::digest::{Digest, HashingReader};
 use crate::oci::image::Compression;
 use stream::{Decoder, GuardedWriter, HeaderWindow, Stop, TeeReader};
 
-const INDEX_MAGIC: &[u8; 8] = b"JKLIDX02";
-const CONTENT_FILE: &str = "content.tar";
-const INDEX_FILE: &str = "index.bin";
 const READ_BUFFER: usize = 256 * 1024;
 
 /// Owner, permissions and time of an entry, as in its tar header.
@@ -144,27 +139,11 @@ pub struct LayerSpec<'a> {
     pub reference: &'a str,
 }
 
-/// Whether a decoded layer with this diff_id, indexed by this version, is in the cache.
-pub fn is_decoded(cache: &Cache, diff_id: &Digest) -> bool {
-    let path = cache.layer_dir(diff_id).join(INDEX_FILE);
-    let mut magic = [0u8; 8];
-    File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok_and(|()| &magic == INDEX_MAGIC)
-}
-
-/// The uncompressed tar of a decoded layer, which file reads are served from.
-pub fn content_path(cache: &Cache, diff_id: &Digest) -> PathBuf {
-    cache.layer_dir(diff_id).join(CONTENT_FILE)
-}
+pub use crate::cache::layers::{content_path, is_decoded};
 
 /// Loads a decoded layer's index.
 pub fn load_index(cache: &Cache, diff_id: &Digest) -> Result<LayerIndex> {
-    let path = cache.layer_dir(diff_id).join(INDEX_FILE);
-    persist::load(&path, INDEX_MAGIC)?.ok_or_else(|| Error::CacheDamaged {
-        path,
-        detail: "layer index missing or of another format".into(),
-    })
+    crate::cache::layers::load_index(cache, diff_id)
 }
 
 /// Bounds on what decoding one layer may cost.
@@ -197,7 +176,7 @@ pub fn decode_layer(
     limits: &Limits,
 ) -> Result<()> {
     let work = cache.temp_dir("layer")?;
-    let content = work.path().join(CONTENT_FILE);
+    let content = work.path().join(crate::cache::layers::CONTENT_FILE);
     let out = GuardedWriter::new(
         BufWriter::with_capacity(READ_BUFFER, File::create(&content).at(&content)?),
         limits.max_layer_size,
@@ -258,7 +237,7 @@ pub fn decode_layer(
             found: diff_id,
         });
     }
-    persist::save(cache, &work.path().join(INDEX_FILE), INDEX_MAGIC, &index)?;
+    crate::cache::layers::save_index(cache, work.path(), &index)?;
     let dest = cache.layer_dir(spec.diff_id);
     if dest.exists() && !is_decoded(cache, spec.diff_id) {
         cache.discard(&dest)?;

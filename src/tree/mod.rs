@@ -4,9 +4,27 @@
 
 pub mod merge;
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
+use crate::oci::digest::Digest;
+
 use crate::layer::{Extent, Meta, Xattr};
+
+/// A merged tree and the files holding its content, ready for `fs::FsCore`.
+#[derive(Debug, Clone)]
+pub struct Mountable {
+    /// The merged tree; its root is the requested subdirectory.
+    pub tree: Tree,
+    /// The file holding each layer's content (`content.tar`, or an artifact's blob), indexed as
+    /// in the tree's file nodes.
+    pub layers: Vec<PathBuf>,
+    /// The images, for the mount's source name.
+    pub name: String,
+    /// The key of the persisted tree (what a live mount keeps from `gc`).
+    pub key: Digest,
+}
 
 /// Index of a node in the arena.
 pub type NodeId = u32;

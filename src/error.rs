@@ -326,17 +326,35 @@ pub enum Error {
     },
 
     /// A cache file that exists but cannot be decoded.
-    #[error("cache file {} is damaged ({detail}); remove it and try again", path.display())]
+    #[error("cache file {} is damaged ({cause}); remove it and try again", path.display())]
     CacheDamaged {
         /// The cache file.
         path: PathBuf,
-        /// What failed.
-        detail: String,
+        /// What is wrong with it: typed, and shown inside the message (not as a `source`,
+        /// which the command line would print a second time after it).
+        cause: Damage,
     },
 
     /// Putting the filesystem at its mountpoint, or serving it, failed.
     #[error(transparent)]
     Mount(#[from] crate::mount::MountError),
+}
+
+/// What is wrong with a damaged cache file.
+#[derive(Debug, thiserror::Error)]
+pub enum Damage {
+    /// A JSON record that does not parse.
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    /// A binary file (tree, layer index) whose body does not decode.
+    #[error("{0}")]
+    Encoding(#[from] postcard::Error),
+    /// A decoded layer without an index of this release's format.
+    #[error("layer index missing or of another format")]
+    NoIndex,
+    /// A blob that was there a moment ago.
+    #[error("vanished right after it was stored")]
+    Vanished,
 }
 
 impl Error {

@@ -192,7 +192,7 @@ pub async fn documents(
         .read_blob(&manifest_digest)?
         .ok_or_else(|| Error::CacheDamaged {
             path: cache.blob_path(&manifest_digest),
-            detail: "vanished right after it was stored".into(),
+            cause: crate::error::Damage::Vanished,
         })?;
     Ok(Documents {
         manifest: serde_json::from_slice(&manifest_bytes)
@@ -462,7 +462,7 @@ async fn small_blob(
     origin.fetch_blob(cache, blob).await?;
     cache.read_blob(digest)?.ok_or_else(|| Error::CacheDamaged {
         path: cache.blob_path(digest),
-        detail: "vanished right after it was stored".into(),
+        cause: crate::error::Damage::Vanished,
     })
 }
 

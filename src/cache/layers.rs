@@ -40,9 +40,10 @@ pub fn content_path(cache: &Cache, diff_id: &Digest) -> PathBuf {
 /// Loads a decoded layer's index.
 pub fn load_index<T: DeserializeOwned>(cache: &Cache, diff_id: &Digest) -> Result<T> {
     let path = cache.layer_dir(diff_id).join(INDEX_FILE);
-    persist::load(&path, INDEX_MAGIC)?.ok_or_else(|| Error::CacheDamaged {
+    let index = persist::load(&path, INDEX_MAGIC)?;
+    index.ok_or(Error::CacheDamaged {
         path,
-        detail: "layer index missing or of another format".into(),
+        cause: crate::error::Damage::NoIndex,
     })
 }
 

@@ -226,7 +226,7 @@ impl Cache {
                     .map(Some)
                     .map_err(|e| Error::CacheDamaged {
                         path,
-                        detail: e.to_string(),
+                        cause: e.into(),
                     })
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),

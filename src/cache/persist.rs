@@ -54,6 +54,6 @@ fn decode_with<T>(
     };
     decode(body).map(Some).map_err(|e| Error::CacheDamaged {
         path: path.to_owned(),
-        detail: e.to_string(),
+        cause: e.into(),
     })
 }

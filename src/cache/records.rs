@@ -90,7 +90,7 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
             .map(Some)
             .map_err(|e| Error::CacheDamaged {
                 path: path.to_owned(),
-                detail: e.to_string(),
+                cause: e.into(),
             }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::io(path, e)),

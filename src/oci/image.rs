@@ -152,6 +152,19 @@ pub fn layer_blobs(
     manifest_digest: &Digest,
     reference: &str,
 ) -> Result<Vec<(Digest, u64)>> {
+    layer_descriptors(manifest, manifest_digest, reference)?
+        .iter()
+        .map(|d| descriptor_digest(d, "layer", reference))
+        .collect()
+}
+
+/// The layer descriptors of a manifest held as JSON, typed; an error naming the manifest
+/// when it has no `layers` list or a malformed descriptor.
+pub fn layer_descriptors(
+    manifest: &serde_json::Value,
+    manifest_digest: &Digest,
+    reference: &str,
+) -> Result<Vec<OciDescriptor>> {
     let bad = |detail: String| Error::BadDocument {
         what: "manifest",
         digest: manifest_digest.to_string(),
@@ -161,12 +174,8 @@ pub fn layer_blobs(
     let layers = manifest
         .get("layers")
         .ok_or_else(|| bad("has no layers list".into()))?;
-    let descriptors: Vec<OciDescriptor> = serde_json::from_value(layers.clone())
-        .map_err(|e| bad(format!("a layer descriptor is malformed: {e}")))?;
-    descriptors
-        .iter()
-        .map(|d| descriptor_digest(d, "layer", reference))
-        .collect()
+    serde_json::from_value(layers.clone())
+        .map_err(|e| bad(format!("a layer descriptor is malformed: {e}")))
 }
 
 /// The platform an image config says it is for (`os/architecture[/variant]`), if it says.

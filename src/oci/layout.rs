@@ -6,7 +6,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use oci_client::manifest::OCI_IMAGE_INDEX_MEDIA_TYPE;
+use oci_client::manifest::{OCI_IMAGE_INDEX_MEDIA_TYPE, OciDescriptor};
 use serde_json::{Value, json};
 
 use crate::error::{Error, IoContext, Result};
@@ -55,7 +55,8 @@ impl LayoutWriter {
 
     /// Names `manifest` (a descriptor of a blob already written) `tag` in `index.json`,
     /// replacing what had that tag.
-    pub fn tag(&self, mut manifest: Value, tag: &str) -> Result<()> {
+    pub fn tag(&self, manifest: &OciDescriptor, tag: &str) -> Result<()> {
+        let mut manifest = serde_json::to_value(manifest).expect("descriptors serialize");
         let path = self.dir.join("index.json");
         let bad = |detail: String| Error::Layout {
             dir: self.dir.clone(),

@@ -3,6 +3,7 @@
 //! `source::layout`). Nothing here touches the network or the cache.
 
 pub mod digest;
+pub mod document;
 pub mod image;
 pub mod layout;
 pub mod platform;

@@ -9,7 +9,7 @@ pub mod layer;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use oci_client::manifest::IMAGE_CONFIG_MEDIA_TYPE;
+use oci_client::manifest::{IMAGE_CONFIG_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE, OciDescriptor};
 use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
@@ -18,32 +18,8 @@ use crate::oci::image::Compression;
 use crate::oci::layout::LayoutWriter;
 pub use layer::{LayerOptions, PackedLayer};
 
-/// A blob held in memory (configs and manifests).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Document {
-    /// The bytes.
-    pub bytes: Vec<u8>,
-    /// Their digest.
-    pub digest: Digest,
-    /// The media type a descriptor gives them.
-    pub media_type: String,
-}
-
-impl Document {
-    fn new(value: &Value, media_type: &str) -> Self {
-        let bytes = serde_json::to_vec(value).expect("JSON values serialize");
-        Document {
-            digest: Digest::of(&bytes),
-            bytes,
-            media_type: media_type.to_owned(),
-        }
-    }
-
-    /// The descriptor that points at this document.
-    pub fn descriptor(&self) -> Value {
-        json!({ "mediaType": self.media_type, "digest": self.digest.to_string(), "size": self.bytes.len() })
-    }
-}
+pub use crate::oci::document::Document;
+use crate::oci::document::{ManifestExtras, descriptor, image_manifest};
 
 /// An image built by `pack`: its new layer (a file), config and manifest, and the layers of
 /// the base it was put on.
@@ -175,33 +151,21 @@ pub fn assemble(
         .config_media_type
         .as_deref()
         .unwrap_or(IMAGE_CONFIG_MEDIA_TYPE);
-    let config = Document::new(&config, config_media_type);
+    let config = Document::json(&config, config_media_type);
     let (base_layers, mut layers) = match base {
         Some(base) => (
             crate::oci::image::layer_blobs(&base.manifest, &base.digest, &base.shown)?,
-            base.manifest["layers"]
-                .as_array()
-                .ok_or_else(|| broken("layers in its manifest"))?
-                .clone(),
+            crate::oci::image::layer_descriptors(&base.manifest, &base.digest, &base.shown)?,
         ),
         None => (Vec::new(), Vec::new()),
     };
     let layer_media_type = layer_media_type(compression);
-    layers.push(json!({
-        "mediaType": layer_media_type,
-        "digest": layer.digest.to_string(),
-        "size": layer.size,
-    }));
-    let mut manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": oci_client::manifest::OCI_IMAGE_MEDIA_TYPE,
-        "config": config.descriptor(),
-        "layers": layers,
-    });
-    if !options.annotations.is_empty() {
-        manifest["annotations"] = json!(options.annotations);
-    }
-    let manifest = Document::new(&manifest, oci_client::manifest::OCI_IMAGE_MEDIA_TYPE);
+    layers.push(descriptor(layer_media_type, &layer.digest, layer.size));
+    let extras = ManifestExtras {
+        annotations: options.annotations.clone(),
+        ..Default::default()
+    };
+    let manifest = image_manifest(OCI_IMAGE_MEDIA_TYPE, &config, layers, extras);
     Ok(PackedImage {
         layer,
         layer_media_type,
@@ -231,7 +195,7 @@ pub fn write_layout(
     for document in [&image.config, &image.manifest] {
         layout.write_blob(&document.digest, &document.bytes)?;
     }
-    layout.tag(image.manifest.descriptor(), tag)
+    layout.tag(&image.manifest.descriptor(), tag)
 }
 
 /// The config and manifest of images joined bottom first (`jkmount combine`).
@@ -276,28 +240,18 @@ pub fn join<'a>(
                 .flatten()
                 .cloned(),
         );
-        layers.extend(
-            manifest["layers"]
-                .as_array()
-                .ok_or_else(|| broken("layers in its manifest"))?
-                .iter()
-                .cloned(),
-        );
+        let parsed = serde_json::from_value::<Vec<OciDescriptor>>(manifest["layers"].clone());
+        layers.extend(parsed.map_err(|_| broken("well-formed layers in its manifest"))?);
     }
     let mut config = config.ok_or_else(|| broken("images to join"))?;
     config["rootfs"]["diff_ids"] = json!(diff_ids);
     config["history"] = json!(history);
-    let config = Document::new(&config, &config_media_type);
-    let mut manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": oci_client::manifest::OCI_IMAGE_MEDIA_TYPE,
-        "config": config.descriptor(),
-        "layers": layers,
-    });
-    if !annotations.is_empty() {
-        manifest["annotations"] = json!(annotations);
-    }
-    let manifest = Document::new(&manifest, oci_client::manifest::OCI_IMAGE_MEDIA_TYPE);
+    let config = Document::json(&config, &config_media_type);
+    let extras = ManifestExtras {
+        annotations,
+        ..Default::default()
+    };
+    let manifest = image_manifest(OCI_IMAGE_MEDIA_TYPE, &config, layers, extras);
     Ok(Joined { config, manifest })
 }
 

@@ -147,9 +147,11 @@ pub fn pack_dir(dir: &Path, options: &LayerOptions, dest: &Path) -> Result<Packe
         path.push(relative);
         path
     };
-    // A file with more than one name is stored once; its other names (later in path order)
-    // become hardlink entries to the first, as tar and the kernel keep them.
-    let mut first_names: HashMap<(u64, u64), PathBuf> = HashMap::new();
+    let mut entry = EntryWriter {
+        mtime,
+        dest,
+        first_names: HashMap::new(),
+    };
     for relative in &paths {
         let source = dir.join(relative);
         let meta = if options.dereference {
@@ -158,45 +160,7 @@ pub fn pack_dir(dir: &Path, options: &LayerOptions, dest: &Path) -> Result<Packe
             std::fs::symlink_metadata(&source)
         }
         .at(&source)?;
-        let name = inside(relative);
-        let kind = meta.file_type();
-        if kind.is_dir() {
-            let mut h = header(tar::EntryType::Directory, 0o755, mtime);
-            let mut dir_name = name.into_os_string();
-            dir_name.push("/");
-            tar.append_data(&mut h, &dir_name, io::empty()).at(dest)?;
-        } else if kind.is_symlink() {
-            let target = std::fs::read_link(&source).at(&source)?;
-            let mut h = header(tar::EntryType::Symlink, 0o777, mtime);
-            tar.append_link(&mut h, &name, &target).at(dest)?;
-        } else if let Some(first) = (kind.is_file() && meta.nlink() > 1)
-            .then(|| first_names.get(&(meta.dev(), meta.ino())))
-            .flatten()
-        {
-            let executable = meta.permissions().mode() & 0o111 != 0;
-            let mode = if executable { 0o755 } else { 0o644 };
-            let mut h = header(tar::EntryType::Link, mode, mtime);
-            tar.append_link(&mut h, &name, first).at(dest)?;
-        } else if kind.is_file() {
-            if meta.nlink() > 1 {
-                first_names.insert((meta.dev(), meta.ino()), name.clone());
-            }
-            let executable = meta.permissions().mode() & 0o111 != 0;
-            let mut h = header(
-                tar::EntryType::Regular,
-                if executable { 0o755 } else { 0o644 },
-                mtime,
-            );
-            h.set_size(meta.len());
-            let content = File::open(&source).at(&source)?;
-            tar.append_data(&mut h, &name, content.take_exact(meta.len(), &source))
-                .at(dest)?;
-        } else {
-            return Err(pack_error(
-                &source,
-                "is not a file, directory or symlink (devices, FIFOs and sockets are not packed); exclude it with --exclude",
-            ));
-        }
+        entry.append(&mut tar, &source, &inside(relative), &meta)?;
         entries += 1;
     }
     let (compressor, diff_id, _) = tar.into_inner().at(dest)?.finish().at(dest)?;
@@ -213,6 +177,60 @@ pub fn pack_dir(dir: &Path, options: &LayerOptions, dest: &Path) -> Result<Packe
         diff_id,
         entries,
     })
+}
+
+/// Appends entries to a layer's tar, one per packed path.
+struct EntryWriter<'a> {
+    mtime: u64,
+    dest: &'a Path,
+    /// A file with more than one name is stored once; its other names (later in path order)
+    /// become hardlink entries to the first, as tar and the kernel keep them.
+    first_names: HashMap<(u64, u64), PathBuf>,
+}
+
+impl EntryWriter<'_> {
+    fn append<W: io::Write>(
+        &mut self,
+        tar: &mut tar::Builder<W>,
+        source: &Path,
+        name: &Path,
+        meta: &std::fs::Metadata,
+    ) -> Result<()> {
+        let (mtime, dest) = (self.mtime, self.dest);
+        let kind = meta.file_type();
+        let mode = match meta.permissions().mode() & 0o111 {
+            0 => 0o644,
+            _ => 0o755,
+        };
+        let inode = (meta.dev(), meta.ino());
+        if kind.is_dir() {
+            let mut h = header(tar::EntryType::Directory, 0o755, mtime);
+            let mut dir_name = name.as_os_str().to_owned();
+            dir_name.push("/");
+            tar.append_data(&mut h, &dir_name, io::empty()).at(dest)
+        } else if kind.is_symlink() {
+            let target = std::fs::read_link(source).at(source)?;
+            let mut h = header(tar::EntryType::Symlink, 0o777, mtime);
+            tar.append_link(&mut h, name, &target).at(dest)
+        } else if let Some(first) = self.first_names.get(&inode).filter(|_| kind.is_file()) {
+            let mut h = header(tar::EntryType::Link, mode, mtime);
+            tar.append_link(&mut h, name, first).at(dest)
+        } else if kind.is_file() {
+            if meta.nlink() > 1 {
+                self.first_names.insert(inode, name.to_owned());
+            }
+            let mut h = header(tar::EntryType::Regular, mode, mtime);
+            h.set_size(meta.len());
+            let content = File::open(source).at(source)?;
+            tar.append_data(&mut h, name, content.take_exact(meta.len(), source))
+                .at(dest)
+        } else {
+            Err(pack_error(
+                source,
+                "is not a file, directory or symlink (devices, FIFOs and sockets are not packed); exclude it with --exclude",
+            ))
+        }
+    }
 }
 
 /// A file's content, held to the size its header announced: a file that grows or shrinks while

@@ -693,3 +693,75 @@ fn jkmount_config_prints_what_is_in_effect() {
         "{err}"
     );
 }
+
+#[test]
+fn an_auth_file_cannot_run_a_program_by_path_nor_have_its_temp_file_planted() {
+    use std::os::unix::fs::PermissionsExt;
+    let registry = Registry::start_with_basic_auth("alice", "s3cret");
+    let reference = registry.reference("libs/a:1");
+    let image = ImageBuilder::new().layer("f /a 644 \"a\"").build();
+    block_on(image.push_with_basic_auth(&reference, "alice", "s3cret")).expect("push");
+
+    // A hostile credsStore naming a path: `docker-credential-x/../../evil` from the working
+    // directory would run ./evil two levels up. It must be refused, the program never run.
+    let setup = Setup::new(QUICK);
+    let work = setup.path("work");
+    std::fs::create_dir_all(work.join("docker-credential-x")).unwrap();
+    let marker = setup.path("evil-ran");
+    write(
+        &setup.path("evil"),
+        &format!("#!/bin/sh\ntouch {}\n", marker.display()),
+    );
+    std::fs::set_permissions(setup.path("evil"), PermissionsExt::from_mode(0o755)).unwrap();
+    write(
+        &setup.path("home/.docker/config.json"),
+        r#"{"credsStore": "x/../../evil"}"#,
+    );
+    let out = setup
+        .command(&["pull", &reference])
+        .current_dir(&work)
+        .output()
+        .unwrap();
+    let err = fails(out, 1);
+    assert!(
+        err.contains("the credential helper name \"x/../../evil\" is not a single name"),
+        "{err}"
+    );
+    assert!(!marker.exists(), "the auth file ran a program by path");
+
+    // `login` writes the auth file through a fresh temp file: a symlink planted at the name
+    // earlier releases used receives nothing, and the file is 0600.
+    let setup = Setup::new(QUICK);
+    let auth_file = setup.path("home/.config/containers/auth.json");
+    std::fs::create_dir_all(auth_file.parent().unwrap()).unwrap();
+    let stolen = setup.path("stolen");
+    std::os::unix::fs::symlink(&stolen, auth_file.with_extension("jkmount-tmp")).unwrap();
+    let mut child = setup
+        .command(&[
+            "--username",
+            "alice",
+            "--password-stdin",
+            "login",
+            &registry.addr,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"s3cret\n").unwrap();
+    ok(child.wait_with_output().unwrap());
+    assert!(
+        !stolen.exists(),
+        "the credentials went through a planted symlink"
+    );
+    let written = std::fs::read_to_string(&auth_file).unwrap();
+    assert!(
+        written.contains(&docker_auth("alice", "s3cret")),
+        "{written}"
+    );
+    assert_eq!(
+        std::fs::metadata(&auth_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}

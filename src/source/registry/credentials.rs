@@ -298,26 +298,23 @@ impl AuthFile {
         Ok(erased)
     }
 
-    /// Writes the file with mode 0600, atomically (a temp file beside it, then a rename).
+    /// Writes the file with mode 0600, atomically: a new temp file beside it (a random name,
+    /// created exclusively, so nothing planted there is written through), then a rename.
     pub fn write(&self, path: &Path) -> Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).at(dir)?;
-        }
-        let tmp = path.with_extension("jkmount-tmp");
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        std::fs::create_dir_all(dir).at(dir)?;
         let json = serde_json::to_vec_pretty(self).expect("an auth file always serializes");
-        let written = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .and_then(|mut f| f.write_all(&json))
-            .and_then(|()| std::fs::rename(&tmp, path));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        written.at(path)
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".auth.jkmount-")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .tempfile_in(dir)
+            .at(dir)?;
+        tmp.write_all(&json).at(tmp.path())?;
+        tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+        Ok(())
     }
 }
 
@@ -387,6 +384,16 @@ impl HelperRefusal {
     }
 }
 
+/// Whether a helper name from an auth file is one plain name: never a path, so that what runs
+/// is `docker-credential-NAME` found on PATH and nothing a hostile auth file points at.
+fn is_helper_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// Runs `docker-credential-NAME ACTION` with `input` on stdin; its stdout.
 fn helper_call(name: &str, action: &str, input: &str, host: &str) -> Result<String> {
     helper_run(name, action, input, host)?.map_err(|refusal| refusal.into_error(name, action, host))
@@ -399,6 +406,14 @@ fn helper_run(
     input: &str,
     host: &str,
 ) -> Result<std::result::Result<String, HelperRefusal>> {
+    if !is_helper_name(name) {
+        return Err(Error::Credentials {
+            registry: host.to_owned(),
+            detail: format!(
+                "the credential helper name {name:?} is not a single name (docker-credential-NAME is looked up on PATH, NAME of letters, digits, '.', '_' and '-'); fix credsStore or credHelpers in the auth file"
+            ),
+        });
+    }
     let program = format!("docker-credential-{name}");
     let failed = |detail: String| Error::Credentials {
         registry: host.to_owned(),

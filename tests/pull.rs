@@ -530,3 +530,60 @@ fn cache_verify_finds_and_removes_a_damaged_layer_and_the_next_pull_repairs_it()
     ok(jkmount(cache.path(), &["pull", &reference]));
     assert!(ok(jkmount(cache.path(), &["cache", "verify"])).ends_with(": 0 damaged\n"));
 }
+
+#[test]
+fn a_config_larger_than_a_document_may_be_is_refused_before_it_is_fetched() {
+    use jkmount::oci::document::{Document, descriptor, image_manifest};
+    let registry = Registry::start();
+    // A valid image whose config carries 5 MiB of padding: read whole, it would cost memory
+    // in proportion to whatever the registry claims.
+    let mut image = ImageBuilder::new().layer("f /a 644 \"a\"").build();
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "rootfs": { "type": "layers", "diff_ids": [image.layers[0].diff_id.to_string()] },
+        "padding": "x".repeat(5 << 20),
+    });
+    let config = Document::json(&config, oci_client::manifest::IMAGE_CONFIG_MEDIA_TYPE);
+    let layers = vec![descriptor(
+        image.layers[0].media_type,
+        &image.layers[0].digest,
+        image.layers[0].blob.len() as u64,
+    )];
+    let manifest = image_manifest(
+        oci_client::manifest::OCI_IMAGE_MEDIA_TYPE,
+        &config,
+        layers,
+        Default::default(),
+    );
+    image.config = jkmount::fixture::Blob::new(
+        config.bytes.clone(),
+        oci_client::manifest::IMAGE_CONFIG_MEDIA_TYPE,
+    );
+    image.manifest =
+        jkmount::fixture::Blob::new(manifest.bytes, oci_client::manifest::OCI_IMAGE_MEDIA_TYPE);
+    let reference = registry.push("libs/padded:1", &image);
+    let cache = tempfile::tempdir().unwrap();
+    let err = fails(jkmount(cache.path(), &["pull", &reference]), 1);
+    assert!(
+        err.contains(&format!(
+            "config {} of {reference}: its descriptor says {} bytes, more than the 4194304 a config may have",
+            config.digest,
+            config.bytes.len()
+        )),
+        "{err}"
+    );
+    assert!(
+        !cache
+            .path()
+            .join("v1/blobs/sha256")
+            .join(config.digest.hex())
+            .exists(),
+        "the oversized config was cached"
+    );
+    assert_eq!(
+        registry.blob_downloads(&config.digest.to_string()),
+        0,
+        "the config was fetched"
+    );
+}

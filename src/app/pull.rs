@@ -442,6 +442,8 @@ fn keep_manifest(cache: &Cache, digest: &Digest, bytes: &[u8], shown: &str) -> R
     cache.insert_blob(digest, None, bytes, label)
 }
 
+/// A document blob (a config) read whole into memory: refused before it is fetched when its
+/// descriptor says it is larger than [`image::MAX_DOCUMENT`].
 async fn small_blob(
     cache: &Cache,
     origin: &Origin,
@@ -450,6 +452,17 @@ async fn small_blob(
     what: &'static str,
     shown: &str,
 ) -> Result<Vec<u8>> {
+    if size > image::MAX_DOCUMENT {
+        return Err(Error::BadDocument {
+            what,
+            digest: digest.to_string(),
+            reference: shown.to_owned(),
+            detail: format!(
+                "its descriptor says {size} bytes, more than the {} a {what} may have; refused without fetching it",
+                image::MAX_DOCUMENT
+            ),
+        });
+    }
     if let Some(bytes) = cache.read_blob(digest)? {
         return Ok(bytes);
     }

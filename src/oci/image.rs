@@ -145,6 +145,10 @@ pub fn descriptor_digest(
     Ok((digest, size))
 }
 
+/// The most bytes a document read whole into memory (manifest, index, config) may have; real
+/// ones are a few kilobytes.
+pub const MAX_DOCUMENT: u64 = 4 << 20;
+
 /// The layer blobs (digest, size) of a manifest held as JSON, read as typed descriptors: a
 /// manifest without a `layers` list, or with a malformed descriptor, is an error naming it.
 pub fn layer_blobs(

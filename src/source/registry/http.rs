@@ -15,7 +15,7 @@ use crate::oci::digest::Digest;
 use crate::oci::image::ACCEPTED_MANIFEST_TYPES;
 
 /// The most bytes a manifest or index may have (they are a few kilobytes).
-const MAX_MANIFEST: u64 = 4 << 20;
+const MAX_MANIFEST: u64 = crate::oci::image::MAX_DOCUMENT;
 
 /// Why one try failed.
 pub(super) enum Failure {

@@ -127,3 +127,34 @@ fn a_manifest_asked_for_by_digest_must_have_that_digest() {
     );
     assert_not_cached(cache.path(), &image.manifest.digest);
 }
+
+#[test]
+fn a_manifest_larger_than_a_document_may_be_is_refused_and_not_kept() {
+    let registry = LyingRegistry::start();
+    let image = image();
+    registry.serve_image(REPO, &image);
+    // 6 MiB of "manifest" for the tag: read whole it would cost its size in memory (and more
+    // from a registry that sends more).
+    let huge = format!(
+        "{{\"schemaVersion\":2,\"padding\":\"{}\"}}",
+        "x".repeat(6 << 20)
+    );
+    registry.answer(
+        &format!("/v2/{REPO}/manifests/1"),
+        Answer::Bytes(
+            huge.clone().into_bytes(),
+            image.manifest.media_type.to_owned(),
+        ),
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let reference = format!("{}/{REPO}:1", registry.addr);
+    let err = fails(jkmount(cache.path(), &["pull", &reference]), 1);
+    assert!(
+        err.contains("manifest: it is larger than 4194304 bytes; refused"),
+        "{err}"
+    );
+    assert_not_cached(
+        cache.path(),
+        &jkmount::oci::digest::Digest::of(huge.as_bytes()),
+    );
+}

@@ -1,8 +1,7 @@
 //! Our own requests to a registry: the `Authorization` header to send (negotiated by
 //! `oci-client`, or by us for hosts it cannot reach), cached per endpoint and renewed when the
 //! registry refuses it; how a response status becomes a retry or a failure (with the
-//! server's `Retry-After`); and manifests fetched without `oci-client`, for hosts that want a
-//! client certificate.
+//! server's `Retry-After`); and manifests, read with the size cap enforced as they arrive.
 
 use oci_client::RegistryOperation;
 use oci_client::errors::OciDistributionError;
@@ -156,8 +155,7 @@ impl RegistrySource {
         }
     }
 
-    /// Fetches a manifest by tag or digest with our own client (for hosts `oci-client` cannot
-    /// reach), retrying as blob transfers do.
+    /// Fetches a manifest by tag or digest with our own client, retrying as blob transfers do.
     pub(super) async fn manifest_over_http(
         &self,
         remote: &Remote,
@@ -207,20 +205,25 @@ impl RegistrySource {
         if !response.status().is_success() {
             return Err(self.failure(remote, &response, failed).await);
         }
+        let too_large = || {
+            Failure::Final(failed(format!(
+                "it is larger than {MAX_MANIFEST} bytes; refused"
+            )))
+        };
         if response.content_length().is_some_and(|n| n > MAX_MANIFEST) {
-            return Err(Failure::Final(failed(format!(
-                "it is larger than {MAX_MANIFEST} bytes"
-            ))));
+            return Err(too_large());
         }
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| self.request_failure(remote, &e, failed))?;
-        if bytes.len() as u64 > MAX_MANIFEST {
-            return Err(Failure::Final(failed(format!(
-                "it is larger than {MAX_MANIFEST} bytes"
-            ))));
+        // Read with the cap enforced as the bytes arrive: a server that sends no length, or
+        // lies about it, is cut off at the cap.
+        let mut body = Vec::new();
+        let mut stream = response.bytes_stream();
+        while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
+            let chunk = chunk.map_err(|e| self.request_failure(remote, &e, failed))?;
+            if (body.len() + chunk.len()) as u64 > MAX_MANIFEST {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
         }
-        Ok(bytes.to_vec())
+        Ok(body)
     }
 }

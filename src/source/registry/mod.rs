@@ -4,10 +4,11 @@
 //!
 //! For each request the endpoints are tried in order: the registry's mirrors (one try each,
 //! failures passed over with a warning), then the registry itself (with bounded retries and
-//! backoff). Manifests and authentication go through `oci-client`; blob transfers are our own
-//! GET requests with the token `oci-client` obtained, because only there are the response's
-//! `Retry-After` and `Content-Range` visible: an interrupted transfer resumes with a `Range`
-//! request, from the same endpoint or the next.
+//! backoff). Token negotiation goes through `oci-client`; manifests and blobs are our own GET
+//! requests with the token it obtained, because only there are the response's `Retry-After`,
+//! `Content-Range` and size under our control: a manifest is cut off at 4 MiB, and an
+//! interrupted blob transfer resumes with a `Range` request, from the same endpoint or the
+//! next.
 
 pub mod blob;
 pub mod config;
@@ -27,13 +28,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use oci_client::Reference;
-use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use tokio::sync::Semaphore;
 
 use crate::error::{Error, Result};
 use crate::oci::digest::Digest;
-use crate::oci::image::ACCEPTED_MANIFEST_TYPES;
 use crate::source::progress::{Progress, Silent};
 use config::{Config, Endpoint};
 use credentials::{CredentialSources, Secret};
@@ -331,41 +331,10 @@ impl RegistrySource {
         Err(failure.expect("the registry itself is always the last endpoint"))
     }
 
-    /// A manifest's bytes from one endpoint: through `oci-client`, or our own client where a
-    /// client certificate is needed.
+    /// A manifest's bytes from one endpoint, through our own client (the token `oci-client`
+    /// negotiated, or ours where it cannot go), never more than [`image::MAX_DOCUMENT`] bytes.
     async fn manifest_from(&self, remote: &Remote, digest: Option<&Digest>) -> Result<Vec<u8>> {
-        if remote.transport.own_http_only() {
-            return self.manifest_over_http(remote, digest).await;
-        }
-        let target = match digest {
-            Some(d) => remote.reference.clone_with_digest(d.to_string()),
-            None => remote.reference.clone(),
-        };
-        let what = format!("manifest of {}", self.shown());
-        let mut tries = self.tries_at(remote, &what);
-        let (bytes, _) = loop {
-            let outcome = remote
-                .client
-                .pull_manifest_raw(&target, &remote.auth, ACCEPTED_MANIFEST_TYPES)
-                .await
-                .map_err(|e| match (digest, verification_failure(&e)) {
-                    (Some(expected), Some(found)) => http::Failure::Final(Error::DigestMismatch {
-                        what: "manifest",
-                        reference: self.shown(),
-                        expected: expected.clone(),
-                        found,
-                    }),
-                    _ if retry::retryable(&e) => http::Failure::Transient {
-                        error: self.classify(remote, e),
-                        after: None,
-                    },
-                    _ => http::Failure::Final(self.classify(remote, e)),
-                });
-            if let ControlFlow::Break(answer) = tries.judge(outcome).await {
-                break answer?;
-            }
-        };
-        Ok(bytes.to_vec())
+        self.manifest_over_http(remote, digest).await
     }
 
     /// How many times a request to `remote` is tried: once on a mirror (the next endpoint is
@@ -609,31 +578,6 @@ pub(crate) fn with_tries(error: Error, tries: u32) -> Error {
         },
         other => other,
     }
-}
-
-/// The digest oci-client computed when it found bytes that do not match the one asked for,
-/// wherever in an error's chain (an I/O error of a blob stream included) it sits.
-fn verification_failure(e: &(dyn std::error::Error + 'static)) -> Option<Digest> {
-    let mut current = Some(e);
-    while let Some(err) = current {
-        let inner = err
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            .map(|inner| inner as &(dyn std::error::Error + 'static));
-        for candidate in [Some(err), inner].into_iter().flatten() {
-            let digest_error = candidate.downcast_ref::<DigestError>().or_else(|| {
-                match candidate.downcast_ref::<OciDistributionError>() {
-                    Some(OciDistributionError::DigestError(d)) => Some(d),
-                    _ => None,
-                }
-            });
-            if let Some(DigestError::VerificationError { actual, .. }) = digest_error {
-                return actual.parse().ok();
-            }
-        }
-        current = inner.and_then(|i| i.source()).or_else(|| err.source());
-    }
-    None
 }
 
 /// An error and its sources on one line, deepest cause last, repeated texts left out.

@@ -65,6 +65,33 @@ impl Setup {
     fn run(&self, args: &[&str]) -> Output {
         self.command(args).output().expect("jkmount runs")
     }
+
+    /// Runs jkmount with `input` on its stdin (a password for `--password-stdin`).
+    fn run_with_stdin(&self, args: &[&str], input: &str) -> Output {
+        use std::io::Write;
+        let mut child = self
+            .command(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(input.as_bytes()).unwrap();
+        drop(stdin);
+        child.wait_with_output().unwrap()
+    }
+}
+
+/// The auth file holds these credentials and only its owner may read it.
+fn assert_auth_file(auth_file: &Path, user: &str, password: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let written = std::fs::read_to_string(auth_file).unwrap();
+    assert!(written.contains(&docker_auth(user, password)), "{written}");
+    assert_eq!(
+        std::fs::metadata(auth_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 }
 
 const QUICK: &str = "[network]\nretries = 4\nretry-delay = \"50ms\"\n";
@@ -373,23 +400,7 @@ fn credentials_come_from_every_kind_of_file_and_a_helper() {
 
     // --username with --password-stdin, and `jkmount login` / `logout` writing the file.
     let setup = Setup::new(QUICK);
-    let with_stdin = |args: &[&str], input: &str| {
-        use std::io::Write;
-        let mut child = setup
-            .command(args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
-    };
+    let with_stdin = |args: &[&str], input: &str| setup.run_with_stdin(args, input);
     let traced = with_stdin(
         &[
             "-vvv",
@@ -434,16 +445,7 @@ fn credentials_come_from_every_kind_of_file_and_a_helper() {
     // Without XDG_RUNTIME_DIR, podman's per-user file.
     let auth_file = setup.path("home/.config/containers/auth.json");
     assert!(out.contains(&auth_file.display().to_string()), "{out}");
-    let written = std::fs::read_to_string(&auth_file).unwrap();
-    assert!(
-        written.contains(&docker_auth("alice", "s3cret")),
-        "{written}"
-    );
-    use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(&auth_file).unwrap().permissions().mode() & 0o777,
-        0o600
-    );
+    assert_auth_file(&auth_file, "alice", "s3cret");
     ok(setup.run(&["pull", &reference]));
     ok(setup.run(&["logout", &registry.addr]));
     assert!(
@@ -736,32 +738,17 @@ fn an_auth_file_cannot_run_a_program_by_path_nor_have_its_temp_file_planted() {
     std::fs::create_dir_all(auth_file.parent().unwrap()).unwrap();
     let stolen = setup.path("stolen");
     std::os::unix::fs::symlink(&stolen, auth_file.with_extension("jkmount-tmp")).unwrap();
-    let mut child = setup
-        .command(&[
-            "--username",
-            "alice",
-            "--password-stdin",
-            "login",
-            &registry.addr,
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"s3cret\n").unwrap();
-    ok(child.wait_with_output().unwrap());
+    let login = [
+        "--username",
+        "alice",
+        "--password-stdin",
+        "login",
+        &registry.addr,
+    ];
+    ok(setup.run_with_stdin(&login, "s3cret\n"));
     assert!(
         !stolen.exists(),
         "the credentials went through a planted symlink"
     );
-    let written = std::fs::read_to_string(&auth_file).unwrap();
-    assert!(
-        written.contains(&docker_auth("alice", "s3cret")),
-        "{written}"
-    );
-    assert_eq!(
-        std::fs::metadata(&auth_file).unwrap().permissions().mode() & 0o777,
-        0o600
-    );
+    assert_auth_file(&auth_file, "alice", "s3cret");
 }

@@ -10,6 +10,9 @@ use tar::{EntryType as T, GnuExtSparseHeader, GnuSparseHeader};
 use super::stream::WindowHandle;
 use super::{Entry, EntryKind, Extent, Meta, Xattr};
 
+/// The longest link target a layer may give (PATH_MAX less the NUL, as the kernel allows).
+const MAX_LINK_TARGET: usize = 4095;
+
 const BLOCK: u64 = 512;
 /// As Linux's XATTR_SIZE_MAX.
 const MAX_XATTR_VALUE: usize = 64 * 1024;
@@ -158,6 +161,10 @@ pub(super) fn index_entry<R: Read>(
     };
     let link_target = || -> Result<Vec<u8>, String> {
         match entry.link_name_bytes() {
+            Some(l) if l.len() > MAX_LINK_TARGET => Err(at(format!(
+                "link target of {} bytes, more than the {MAX_LINK_TARGET} a path may have",
+                l.len()
+            ))),
             Some(l) if !l.is_empty() => Ok(l.into_owned()),
             _ => Err(at("link without a target".into())),
         }

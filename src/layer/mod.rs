@@ -539,6 +539,23 @@ mod tests {
     }
 
     #[test]
+    fn refuses_a_link_target_longer_than_a_path_may_be_and_keeps_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let fits = format!("l /ok {}", "a/".repeat(2047));
+        let (result, _) = decode(&cache, &fits, Compression::None);
+        result.unwrap();
+        let hostile = format!("f /x 644 \"x\"\nl /deep {}", "../".repeat(2000));
+        let (result, diff_id) = decode(&cache, &hostile, Compression::Gzip);
+        let err = result.unwrap_err().to_string();
+        assert!(
+            err.contains("deep: link target of 6000 bytes, more than the 4095 a path may have"),
+            "{err}"
+        );
+        assert!(!is_decoded(&cache, &diff_id));
+    }
+
+    #[test]
     fn refuses_gzip_garbage_by_name() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::open(dir.path()).unwrap();

@@ -587,3 +587,48 @@ fn a_config_larger_than_a_document_may_be_is_refused_before_it_is_fetched() {
         "the config was fetched"
     );
 }
+
+#[test]
+fn the_cache_is_its_owners_alone_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let registry = Registry::start();
+    let image = ImageBuilder::new()
+        .layer("f /secret 600 \"only root\"")
+        .build();
+    let reference = registry.push("libs/private:1", &image);
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().join("cache");
+    // With umask 000, other users could read a 0600 image file through content.tar (bypassing
+    // the mount's permission checks) and edit cached content.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("umask 000; exec \"$0\" --cache-dir \"$1\" pull \"$2\"")
+        .arg(support::jkmount_bin())
+        .arg(&cache_dir)
+        .arg(&reference)
+        .output()
+        .unwrap();
+    ok(out);
+    let mut open_to_others = Vec::new();
+    let mut seen = 0;
+    let mut stack = vec![cache_dir.join("v1")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            let meta = entry.path().symlink_metadata().unwrap();
+            seen += 1;
+            if meta.is_dir() {
+                stack.push(entry.path());
+            }
+            if !meta.file_type().is_symlink() && meta.permissions().mode() & 0o077 != 0 {
+                open_to_others.push(format!(
+                    "{:o} {}",
+                    meta.permissions().mode() & 0o777,
+                    entry.path().display()
+                ));
+            }
+        }
+    }
+    assert!(seen > 10, "the pull wrote only {seen} entries");
+    assert!(open_to_others.is_empty(), "{open_to_others:#?}");
+}

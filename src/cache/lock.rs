@@ -31,7 +31,9 @@ pub struct LockGuard {
 }
 
 fn open_lock_file(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
     OpenOptions::new()
+        .mode(0o600)
         .read(true)
         .write(true)
         .create(true)
@@ -94,7 +96,7 @@ impl Session {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
         let dir = tmp.join(format!("{}-{nanos}", std::process::id()));
-        fs::create_dir(&dir).at(&dir)?;
+        super::private_dir(&dir)?;
         let handle = File::open(&dir).at(&dir)?;
         handle.lock().at(&dir)?;
         Ok(Session {

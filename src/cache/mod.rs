@@ -74,6 +74,40 @@ pub struct BlobLabel<'a> {
     pub reference: &'a str,
 }
 
+/// Everything the cache creates is its owner's alone, whatever the umask: directories 0700,
+/// files 0600 (a umask can only take bits away). Other users read images through the mount,
+/// whose permission checks apply, never through the cache's files.
+const DIR_MODE: u32 = 0o700;
+const FILE_MODE: u32 = 0o600;
+
+/// Creates `path` and its missing parents, each 0700.
+pub(crate) fn private_dir_all(path: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(path)
+        .at(path)
+}
+
+/// Creates the directory `path`, 0700.
+pub(crate) fn private_dir(path: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new().mode(DIR_MODE).create(path).at(path)
+}
+
+/// Creates (or truncates) the file `path`, 0600, for writing.
+pub(crate) fn private_file(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(FILE_MODE)
+        .open(path)
+        .at(path)
+}
+
 impl Cache {
     /// The default cache directory: `$JKMOUNT_CACHE_DIR` is handled by the command line;
     /// here `$XDG_CACHE_HOME/jkmount`, else `~/.cache/jkmount`.
@@ -102,7 +136,7 @@ impl Cache {
             "tmp",
         ] {
             let path = root.join(sub);
-            fs::create_dir_all(&path).at(&path)?;
+            private_dir_all(&path)?;
         }
         let session = Session::start(&root.join("tmp"), &root.join("locks/tmp.lock"))?;
         Ok(Cache {
@@ -190,7 +224,7 @@ impl Cache {
     /// Starts writing a blob that must hash to `expected`.
     pub fn blob_writer(&self, expected: &Digest) -> Result<BlobWriter> {
         let tmp = self.temp_path("blob");
-        let file = File::create(&tmp).at(&tmp)?;
+        let file = private_file(&tmp)?;
         Ok(BlobWriter {
             out: Some(HashingWriter::new(BufWriter::new(file))),
             tmp,
@@ -339,21 +373,23 @@ impl Cache {
     /// into place.
     pub fn temp_dir(&self, prefix: &str) -> Result<TempDir> {
         let path = self.temp_path(prefix);
-        fs::create_dir(&path).at(&path)?;
+        private_dir(&path)?;
         Ok(TempDir { path: Some(path) })
     }
 
     /// Writes a whole file through `tmp/` and renames it to `dest`.
     pub fn write_file_atomic(&self, dest: &Path, bytes: &[u8]) -> Result<()> {
         if let Some(parent) = dest.parent() {
-            fs::create_dir_all(parent).at(parent)?;
+            private_dir_all(parent)?;
         }
         let tmp = self.temp_path("file");
-        let written = fs::write(&tmp, bytes).and_then(|()| fs::rename(&tmp, dest));
+        let written = private_file(&tmp)
+            .and_then(|mut file| file.write_all(bytes).at(&tmp))
+            .and_then(|()| fs::rename(&tmp, dest).at(dest));
         if written.is_err() {
             remove_quietly(&tmp);
         }
-        written.at(dest)
+        written
     }
 }
 
@@ -438,7 +474,7 @@ impl TempDir {
     pub fn commit(mut self, dest: &Path) -> Result<()> {
         let path = self.path.take().expect("commit once");
         if let Some(parent) = dest.parent() {
-            fs::create_dir_all(parent).at(parent)?;
+            private_dir_all(parent)?;
         }
         match fs::rename(&path, dest) {
             Ok(()) => Ok(()),

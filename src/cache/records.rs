@@ -191,7 +191,7 @@ impl Cache {
         let json = serde_json::to_vec_pretty(record).expect("a mount record always serializes");
         // Written and locked under tmp/, then renamed in: no reader sees it unlocked.
         let tmp = self.temp_path("mount");
-        fs::write(&tmp, json).at(&tmp)?;
+        std::io::Write::write_all(&mut super::private_file(&tmp)?, &json).at(&tmp)?;
         let held = lock::exclusive(&tmp, || {})?;
         let name = tmp
             .parent()

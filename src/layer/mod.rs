@@ -8,7 +8,6 @@
 mod header;
 mod stream;
 
-use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read};
 
 use serde::{Deserialize, Serialize};
@@ -178,7 +177,7 @@ pub fn decode_layer(
     let work = cache.temp_dir("layer")?;
     let content = work.path().join(crate::cache::layers::CONTENT_FILE);
     let out = GuardedWriter::new(
-        BufWriter::with_capacity(READ_BUFFER, File::create(&content).at(&content)?),
+        BufWriter::with_capacity(READ_BUFFER, crate::cache::private_file(&content)?),
         limits.max_layer_size,
         work.path(),
     );
@@ -341,6 +340,7 @@ fn layer_error(spec: &LayerSpec<'_>, e: io::Error) -> Error {
 mod tests {
     use super::*;
     use crate::fixture::{LayerSpecText, build_layer};
+    use std::fs::File;
     use std::path::Path;
 
     fn read_file_data(content: &Path, offset: u64, size: u64) -> Vec<u8> {

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use oci_client::Reference;
 
-use crate::app::pull::{self, Documents, PullOptions};
+use crate::app::lockfile::Pin;
+use crate::app::pull::{self, Documents, PullOptions, PullPolicy};
 use crate::cache::Cache;
 use crate::error::{Error, Result};
 use crate::oci::digest::Digest;
@@ -122,9 +123,21 @@ pub fn pack(cache: &Cache, request: &PackRequest<'_>) -> Result<PackedImage> {
     )?;
     let written = match request.target {
         Target::Layout { dir, tag } => {
-            if let Some(base) = request.base {
-                // The layout must hold the base layers too: pull them into the cache.
-                runtime.block_on(pull::pull(cache, base, request.pull))?;
+            if let (Some(image), Some(documents)) = (request.base, &base) {
+                // The layout must hold the base layers too: pull them into the cache, from the
+                // very manifest the documents came from (pinned, so the tag is not asked
+                // again and cannot have moved in between).
+                let pin = Pin {
+                    reference: image.to_string(),
+                    platform: None,
+                    digest: documents.manifest_digest.clone(),
+                    index: None,
+                };
+                let pinned = PullOptions {
+                    policy: PullPolicy::Missing,
+                    ..request.pull.clone()
+                };
+                runtime.block_on(pull::pull_pinned(cache, image, Some(&pin), &pinned))?;
             }
             pack::write_layout(&image, dir, tag, |d| {
                 cache.has_blob(d).then(|| cache.blob_path(d))

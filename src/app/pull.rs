@@ -558,22 +558,20 @@ async fn lock_entry(
 async fn fetch_and_decode(cache: Cache, origin: Origin, job: LayerJob) -> Result<()> {
     let job = Arc::new(job);
     if let Some(path) = origin.local_blob(&job.digest) {
-        {
-            return match decode(cache, path.clone(), job.clone()).await {
-                // A layout's blobs are not verified before decoding: when decoding fails, say
-                // whether the blob is simply not the one its digest names.
-                Err(e) => match Digest::of_file(&path) {
-                    Ok((found, _)) if found != job.digest => Err(Error::DigestMismatch {
-                        what: "layer",
-                        reference: job.shown.clone(),
-                        expected: job.digest.clone(),
-                        found,
-                    }),
-                    _ => Err(e),
-                },
-                ok => ok,
-            };
-        }
+        return match decode(cache, path.clone(), job.clone()).await {
+            // A layout's blobs are not verified before decoding: when decoding fails, say
+            // whether the blob is simply not the one its digest names.
+            Err(e) => match Digest::of_file(&path) {
+                Ok((found, _)) if found != job.digest => Err(Error::DigestMismatch {
+                    what: "layer",
+                    reference: job.shown.clone(),
+                    expected: job.digest.clone(),
+                    found,
+                }),
+                _ => Err(e),
+            },
+            ok => ok,
+        };
     }
     let source = origin.as_ref();
     let was_cached = cache.has_blob(&job.digest);

@@ -200,12 +200,12 @@ fn environment(name: &str) -> Option<std::ffi::OsString> {
 }
 
 impl GlobalArgs {
-    /// Fills in what the environment says where the command line said nothing.
+    /// Fills in what the environment says where the command line said nothing
+    /// (`$REGISTRY_AUTH_FILE` is read by the credential lookup itself).
     fn fill_from_environment(&mut self) {
         for (field, name) in [
             (&mut self.cache_dir, "JKMOUNT_CACHE_DIR"),
             (&mut self.config, "JKMOUNT_CONFIG"),
-            (&mut self.authfile, "REGISTRY_AUTH_FILE"),
         ] {
             if field.is_none() {
                 *field = environment(name).map(PathBuf::from);

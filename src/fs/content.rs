@@ -62,40 +62,58 @@ impl Content {
         })
     }
 
-    /// Writes a file node's whole content into `out` (a new, empty file at `dest`): a
-    /// regular file in chunks, a sparse file as its extents only, so its holes stay holes.
-    /// Returns the file's size; `None` for a node that has no content.
+    /// Writes a file node's whole content into `out` (a new, empty file at `dest`), a chunk
+    /// at a time: a regular file as one stored run, a sparse file as its extents only, so its
+    /// holes stay holes. Returns the file's size; `None` for a node that has no content.
     pub fn copy_to(&self, kind: &NodeKind, out: &File, dest: &Path) -> Option<Result<u64>> {
-        let (layer, size) = match kind {
-            NodeKind::File { layer, size, .. } | NodeKind::SparseFile { layer, size, .. } => {
-                (*layer as usize, *size)
+        let whole;
+        let (layer, size, runs) = match kind {
+            NodeKind::File {
+                layer,
+                offset,
+                size,
+            } => {
+                whole = Extent {
+                    logical: 0,
+                    len: *size,
+                    offset: *offset,
+                };
+                (*layer as usize, *size, std::slice::from_ref(&whole))
             }
+            NodeKind::SparseFile {
+                layer,
+                size,
+                extents,
+            } => (*layer as usize, *size, extents.as_slice()),
             _ => return None,
         };
-        let source = &self.paths[layer];
-        Some((|| {
-            if let NodeKind::SparseFile { extents, .. } = kind {
-                out.set_len(size).at(dest)?;
-                for e in extents {
-                    let mut buf = vec![0; e.len as usize];
-                    self.layers[layer]
-                        .read_exact_at(&mut buf, e.offset)
-                        .at(source)?;
-                    out.write_all_at(&buf, e.logical).at(dest)?;
-                }
-                return Ok(size);
-            }
+        Some(self.copy_runs(layer, size, runs, out, dest))
+    }
+
+    /// Copies stored runs of `layer` to their logical offsets in `out`, `size` bytes long.
+    fn copy_runs(
+        &self,
+        layer: usize,
+        size: u64,
+        runs: &[Extent],
+        out: &File,
+        dest: &Path,
+    ) -> Result<u64> {
+        out.set_len(size).at(dest)?;
+        let biggest = runs.iter().map(|r| r.len).max().unwrap_or(0);
+        let mut buf = vec![0; biggest.min(CHUNK) as usize];
+        for run in runs {
             let mut done = 0;
-            while done < size {
-                let chunk = self
-                    .read(kind, done, CHUNK)
-                    .expect("a file node")
-                    .at(source)?;
-                out.write_all_at(&chunk, done).at(dest)?;
-                done += chunk.len() as u64;
+            while done < run.len {
+                let n = (run.len - done).min(CHUNK) as usize;
+                self.layers[layer]
+                    .read_exact_at(&mut buf[..n], run.offset + done)
+                    .at(&self.paths[layer])?;
+                out.write_all_at(&buf[..n], run.logical + done).at(dest)?;
+                done += n as u64;
             }
-            Ok(size)
-        })())
+        }
+        Ok(size)
     }
 }
 

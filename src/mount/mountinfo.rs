@@ -1,7 +1,7 @@
 //! What is mounted where: `/proc/self/mountinfo` parsed (octal escapes undone), and the
 //! mount at a path.
 
-use std::fs::{self};
+use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 

@@ -2,7 +2,7 @@
 //! mountpoint (a stale jkmount mount there detached, an existing mount or entries refused),
 //! the FUSE device, `fusermount3` and `/etc/fuse.conf` for ordinary users.
 
-use std::fs::{self};
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use nix::unistd::Uid;

@@ -1,7 +1,7 @@
 //! Taking a mount away (`jkmount unmount`, plain, lazy, or through `fusermount3`) and telling
 //! a live mount from a stale one (`jkmount status`).
 
-use std::fs::{self};
+use std::fs;
 use std::io;
 use std::path::Path;
 use std::process::Command;

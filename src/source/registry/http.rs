@@ -11,10 +11,7 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, RETRY_AFTER};
 use super::{RegistrySource, Remote, retry, token};
 use crate::error::Error;
 use crate::oci::digest::Digest;
-use crate::oci::image::ACCEPTED_MANIFEST_TYPES;
-
-/// The most bytes a manifest or index may have (they are a few kilobytes).
-const MAX_MANIFEST: u64 = crate::oci::image::MAX_DOCUMENT;
+use crate::oci::image::{ACCEPTED_MANIFEST_TYPES, MAX_DOCUMENT};
 
 /// Why one try failed.
 pub(super) enum Failure {
@@ -207,10 +204,10 @@ impl RegistrySource {
         }
         let too_large = || {
             Failure::Final(failed(format!(
-                "it is larger than {MAX_MANIFEST} bytes; refused"
+                "it is larger than {MAX_DOCUMENT} bytes; refused"
             )))
         };
-        if response.content_length().is_some_and(|n| n > MAX_MANIFEST) {
+        if response.content_length().is_some_and(|n| n > MAX_DOCUMENT) {
             return Err(too_large());
         }
         // Read with the cap enforced as the bytes arrive: a server that sends no length, or
@@ -219,7 +216,7 @@ impl RegistrySource {
         let mut stream = response.bytes_stream();
         while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
             let chunk = chunk.map_err(|e| self.request_failure(remote, &e, failed))?;
-            if (body.len() + chunk.len()) as u64 > MAX_MANIFEST {
+            if (body.len() + chunk.len()) as u64 > MAX_DOCUMENT {
                 return Err(too_large());
             }
             body.extend_from_slice(&chunk);

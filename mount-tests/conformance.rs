@@ -16,7 +16,7 @@ use jkmount::oci::image::Compression;
 use jkmount::oci::platform::Platform;
 use sha2::{Digest as _, Sha256};
 
-use super::snapshot::snapshot;
+use super::snapshot::{snapshot, snapshot_unprivileged};
 use super::support::registry::Registry;
 use super::support::{block_on, jkmount, shown};
 use super::{Mounted, is_mounted, run};
@@ -503,35 +503,18 @@ fn check(registry: &Registry, case: &Case, work: &Path) -> Vec<String> {
         path: mountpoint.clone(),
     };
     let mut problems = Vec::new();
-    // `jkmount extract` of the same image must write exactly the mounted tree, or be refused
-    // alike, leaving nothing behind.
-    let extracted = dir.join("extracted");
-    let mut extract_args = vec!["extract"];
-    extract_args.extend(case.args.iter().map(String::as_str));
-    extract_args.push(&reference);
-    extract_args.push(extracted.to_str().unwrap());
-    let extract_out = jkmount(&cache, &extract_args);
-    match &case.expect {
-        Expect::Refused(words) => {
-            let stderr = String::from_utf8_lossy(&extract_out.stderr);
-            if extract_out.status.success() || extracted.exists() {
-                problems.push(format!("extracted, but should be refused with {words:?}"));
-            }
-            for w in words.iter().filter(|w| !stderr.contains(w.as_str())) {
-                problems.push(format!("extract error lacks {w:?}: {stderr}"));
-            }
-        }
-        Expect::Tree(_) if !extract_out.status.success() => {
-            problems.push(format!("extract failed: {}", shown(&extract_out)));
-        }
-        Expect::Tree(_) => {
-            let (written, mounted) = (snapshot(&extracted, true), snapshot(&mountpoint, true));
-            if written != mounted {
-                problems.push(format!(
-                    "extracted tree differs from the mount\n  extracted {written:#?}\n  mounted {mounted:#?}"
-                ));
-            }
-        }
+    // `jkmount extract --preserve-privileged` of the same image must write exactly the mounted
+    // tree, or be refused alike, leaving nothing behind; plain `extract` (as root) the same
+    // less exactly what it leaves out unless asked.
+    for preserve in [true, false] {
+        problems.extend(check_extract(
+            case,
+            &cache,
+            &reference,
+            &dir,
+            &mountpoint,
+            preserve,
+        ));
     }
     match &case.expect {
         Expect::Refused(words) => {
@@ -571,6 +554,67 @@ fn check(registry: &Registry, case: &Case, work: &Path) -> Vec<String> {
                         "differs from umoci\n  umoci   {reference_tree:#?}\n  mounted {mounted:#?}"
                     ));
                 }
+            }
+        }
+    }
+    problems
+}
+
+/// What differs between `jkmount extract` (with `--preserve-privileged` or not) of `reference`
+/// and the mounted tree.
+fn check_extract(
+    case: &Case,
+    cache: &Path,
+    reference: &str,
+    dir: &Path,
+    mountpoint: &Path,
+    preserve: bool,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let extracted = dir.join(if preserve {
+        "extracted"
+    } else {
+        "extracted-plain"
+    });
+    let mut extract_args = vec!["extract"];
+    if preserve {
+        extract_args.push("--preserve-privileged");
+    }
+    extract_args.extend(case.args.iter().map(String::as_str));
+    extract_args.push(reference);
+    extract_args.push(extracted.to_str().unwrap());
+    let extract_out = jkmount(cache, &extract_args);
+    let how = if preserve {
+        "extract --preserve-privileged"
+    } else {
+        "extract"
+    };
+    match &case.expect {
+        Expect::Refused(words) => {
+            let stderr = String::from_utf8_lossy(&extract_out.stderr);
+            if extract_out.status.success() || extracted.exists() {
+                problems.push(format!(
+                    "{how}: extracted, but should be refused with {words:?}"
+                ));
+            }
+            for w in words.iter().filter(|w| !stderr.contains(w.as_str())) {
+                problems.push(format!("{how}: error lacks {w:?}: {stderr}"));
+            }
+        }
+        Expect::Tree(_) if !extract_out.status.success() => {
+            problems.push(format!("{how} failed: {}", shown(&extract_out)));
+        }
+        Expect::Tree(_) => {
+            let written = snapshot(&extracted, true);
+            let mounted = if preserve {
+                snapshot(mountpoint, true)
+            } else {
+                snapshot_unprivileged(mountpoint, true)
+            };
+            if written != mounted {
+                problems.push(format!(
+                    "{how}: extracted tree differs from the mount\n  extracted {written:#?}\n  mounted {mounted:#?}"
+                ));
             }
         }
     }

@@ -43,21 +43,44 @@ fn content(data: &[u8]) -> String {
 /// Every path under `root`, sorted by name bytes, depth first. With `mtimes`, non-directories
 /// carry their mtime (directories' change as tools extract into them).
 pub fn snapshot(root: &Path, mtimes: bool) -> Vec<String> {
+    walk_from(root, mtimes, false)
+}
+
+/// The snapshot less what `jkmount extract` as root leaves out unless asked: device nodes,
+/// setuid/setgid bits of non-directories, `security.*` and `trusted.*` xattrs.
+pub fn snapshot_unprivileged(root: &Path, mtimes: bool) -> Vec<String> {
+    walk_from(root, mtimes, true)
+}
+
+fn walk_from(root: &Path, mtimes: bool, unprivileged: bool) -> Vec<String> {
     let mut lines = Vec::new();
     let mut first_link: HashMap<(u64, u64), String> = HashMap::new();
-    walk(root, b"", mtimes, &mut first_link, &mut lines);
+    let how = How {
+        mtimes,
+        unprivileged,
+    };
+    walk(root, b"", how, &mut first_link, &mut lines);
     lines
+}
+
+#[derive(Clone, Copy)]
+struct How {
+    mtimes: bool,
+    unprivileged: bool,
 }
 
 fn walk(
     path: &Path,
     shown: &[u8],
-    mtimes: bool,
+    how: How,
     first_link: &mut HashMap<(u64, u64), String>,
     lines: &mut Vec<String>,
 ) {
     let meta = fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
     let kind = meta.file_type();
+    if how.unprivileged && (kind.is_char_device() || kind.is_block_device()) {
+        return;
+    }
     let name = if shown.is_empty() {
         "/".to_owned()
     } else {
@@ -85,7 +108,11 @@ fn walk(
     } else {
         ("?", String::new())
     };
-    line.push_str(&format!("{letter} {:o}", meta.mode() & 0o7777));
+    let mut mode = meta.mode() & 0o7777;
+    if how.unprivileged && !kind.is_dir() {
+        mode &= !0o6000;
+    }
+    line.push_str(&format!("{letter} {mode:o}"));
     if (meta.uid(), meta.gid()) != (0, 0) {
         line.push_str(&format!(" {}:{}", meta.uid(), meta.gid()));
     }
@@ -95,6 +122,12 @@ fn walk(
     }
     let mut names: Vec<_> = xattr::list(path).map(|l| l.collect()).unwrap_or_default();
     names.sort();
+    if how.unprivileged {
+        names.retain(|n| {
+            let n = n.as_bytes();
+            !n.starts_with(b"security.") && !n.starts_with(b"trusted.")
+        });
+    }
     for attr in names {
         let value = xattr::get(path, &attr).ok().flatten().unwrap_or_default();
         line.push_str(&format!(
@@ -112,7 +145,7 @@ fn walk(
             }
         }
     }
-    if mtimes && !kind.is_dir() {
+    if how.mtimes && !kind.is_dir() {
         line.push_str(&format!(" @{}.{:09}", meta.mtime(), meta.mtime_nsec()));
     }
     lines.push(line);
@@ -126,7 +159,7 @@ fn walk(
             let mut child_shown = shown.to_vec();
             child_shown.push(b'/');
             child_shown.extend_from_slice(child.as_bytes());
-            walk(&path.join(&child), &child_shown, mtimes, first_link, lines);
+            walk(&path.join(&child), &child_shown, how, first_link, lines);
         }
     }
 }

@@ -18,6 +18,7 @@
 //! - [`mount`]: putting a filesystem at a mountpoint and taking it away.
 //! - [`app`]: the pipelines the commands run (pull, prepare a mount, lock).
 //! - [`extract`] writes a tree to a directory; [`pack`] builds images from directories.
+//! - [`handle`]: directory handles, for everything done where another user may write.
 //!
 //! Test fixtures ([`fixture`]) are compiled only with the `test-support` feature.
 #![forbid(unsafe_code)]
@@ -30,6 +31,7 @@ pub mod extract;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fixture;
 pub mod fs;
+pub mod handle;
 pub mod layer;
 pub mod mount;
 pub mod oci;

@@ -111,3 +111,210 @@ fn extract_refuses_a_destination_in_use_and_leaves_nothing_when_it_fails() {
     );
     assert_eq!(names(work.path()), ["cache", "full"]);
 }
+
+/// Fails unless this runs as root: what these tests check is what extract does as root.
+fn require_root() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test checks extract as root: run it as root (make test does)"
+    );
+}
+
+/// A 20-byte `security.capability` (revision 2, effective) granting `cap_net_raw`, as the
+/// JSON string of a fixture line.
+const CAP_NET_RAW: &str = r#""\u0001\u0000\u0000\u0002\u0000 \u0000\u0000\u0000\u0000\u0000\u0000\u0000\u0000\u0000\u0000\u0000\u0000\u0000\u0000""#;
+
+#[test]
+fn extract_as_root_writes_no_privileged_files_unless_asked() {
+    require_root();
+    let registry = Registry::start();
+    let spec = format!(
+        "c /dev/mem 666 1:1\nb /dev/sda 660 8:0\nf /bin/su 4755 \"su\"\nf /bin/sg 2755 \"sg\"\n\
+         f /bin/ping 755 \"ping\" x:security.capability={CAP_NET_RAW}\n\
+         f /etc/t 644 \"t\" x:trusted.overlay.opaque=\"y\" x:user.kept=\"k\"\nd /srv 2775\np /run/fifo 600"
+    );
+    let a = push(&registry, "hostile/privileged:1", &[&spec]);
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let plain = work.path().join("plain");
+    let out = jkmount(&cache, &["extract", &a, plain.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(
+        stderr.contains(&format!(
+            "left out what only root could use in 6 entries (device nodes, setuid/setgid bits, security.* and trusted.* xattrs), the first {}; pass --preserve-privileged",
+            plain.join("bin/ping").display()
+        )),
+        "{stderr}"
+    );
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mode =
+        |p: &str, root: &Path| std::fs::symlink_metadata(root.join(p)).unwrap().mode() & 0o7777;
+    assert!(!plain.join("dev/mem").exists() && !plain.join("dev/sda").exists());
+    assert_eq!(mode("bin/su", &plain), 0o755);
+    assert_eq!(mode("bin/sg", &plain), 0o755);
+    // A setgid directory only passes its group on; it stays.
+    assert_eq!(mode("srv", &plain), 0o2775);
+    assert!(
+        std::fs::symlink_metadata(plain.join("run/fifo"))
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
+    assert_eq!(
+        xattr::get(plain.join("bin/ping"), "security.capability").unwrap(),
+        None
+    );
+    assert_eq!(
+        xattr::get(plain.join("etc/t"), "trusted.overlay.opaque").unwrap(),
+        None
+    );
+    assert_eq!(
+        xattr::get(plain.join("etc/t"), "user.kept")
+            .unwrap()
+            .as_deref(),
+        Some(&b"k"[..])
+    );
+
+    // Asked for, they are written as the image says.
+    let full = work.path().join("full");
+    ok(jkmount(
+        &cache,
+        &[
+            "extract",
+            "--preserve-privileged",
+            &a,
+            full.to_str().unwrap(),
+        ],
+    ));
+    let mem = std::fs::symlink_metadata(full.join("dev/mem")).unwrap();
+    assert!(mem.file_type().is_char_device() && mem.rdev() == nix::sys::stat::makedev(1, 1));
+    assert_eq!(mode("dev/mem", &full), 0o666);
+    assert!(
+        std::fs::symlink_metadata(full.join("dev/sda"))
+            .unwrap()
+            .file_type()
+            .is_block_device()
+    );
+    assert_eq!(mode("bin/su", &full), 0o4755);
+    assert_eq!(mode("bin/sg", &full), 0o2755);
+    assert_eq!(
+        xattr::get(full.join("bin/ping"), "security.capability")
+            .unwrap()
+            .map(|v| v.len()),
+        Some(20)
+    );
+    assert_eq!(
+        xattr::get(full.join("etc/t"), "trusted.overlay.opaque")
+            .unwrap()
+            .as_deref(),
+        Some(&b"y"[..])
+    );
+}
+
+/// An image of `count` files in directories of 100, with a setuid-root file among them.
+fn many_files(count: usize) -> String {
+    let mut spec = String::from("f /bin/sh 4755 \"root shell\"\n");
+    for i in 0..count {
+        spec.push_str(&format!("f /d{}/f{i} 644 \"{i}\"\n", i / 100));
+    }
+    spec
+}
+
+#[test]
+fn extract_refuses_a_parent_others_may_write_and_survives_a_swapping_attacker() {
+    require_root();
+    let registry = Registry::start();
+    let image = push(&registry, "libs/many:1", &[&many_files(3000)]);
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    // A directory another user (nobody) owns, and a root-only one the attacker aims at.
+    let shared = work.path().join("shared");
+    let victim = work.path().join("victim");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::create_dir(&victim).unwrap();
+    rustix::fs::chown(&shared, Some(rustix::process::Uid::from_raw(65534)), None).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = shared.join("out");
+
+    // By default such a parent is refused, naming it and who may write it.
+    let stderr = fails(
+        jkmount(&cache, &["extract", &image, out.to_str().unwrap()]),
+        1,
+    );
+    assert!(
+        stderr.contains(&format!(
+            "cannot extract to {}: its parent {} may be written by user 65534, who could swap entries while the tree is written",
+            out.display(),
+            shared.display()
+        )) && stderr.contains("--allow-shared-parent"),
+        "{stderr}"
+    );
+    assert_eq!(names(&shared), Vec::<String>::new());
+
+    // Asked to go ahead, it writes only into what it opened, whatever the attacker swaps.
+    let (mut completed, mut refused, mut swaps) = (0, 0, 0);
+    for _ in 0..8 {
+        let swapper = support::swapper::Swapper::start(
+            &shared,
+            |name| name.to_string_lossy().starts_with(".out.jkmount-"),
+            &victim,
+        );
+        let run = jkmount(
+            &cache,
+            &[
+                "extract",
+                "--allow-shared-parent",
+                &image,
+                out.to_str().unwrap(),
+            ],
+        );
+        swaps += swapper.stop();
+        assert_eq!(
+            names(&victim),
+            Vec::<String>::new(),
+            "written into the victim"
+        );
+        let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+        if run.status.success() {
+            let meta = std::fs::symlink_metadata(&out).unwrap();
+            assert!(meta.is_dir(), "{} is not the tree", out.display());
+            assert_eq!(names(&out).len(), 31, "{stderr}");
+            assert_eq!(
+                std::fs::read_to_string(out.join("d29/f2999")).unwrap(),
+                "2999"
+            );
+            completed += 1;
+        } else {
+            assert!(
+                stderr.contains(&format!(
+                    "cannot extract to {}: it was replaced while the tree was written",
+                    out.display()
+                )),
+                "{stderr}"
+            );
+            assert!(std::fs::symlink_metadata(&out).is_err(), "{stderr}");
+            refused += 1;
+        }
+        // Whatever is left in the attacker's directory holds nothing of the image.
+        for entry in std::fs::read_dir(&shared).unwrap() {
+            let path = entry.unwrap().path();
+            if path == out {
+                std::fs::remove_dir_all(&path).unwrap();
+            } else if std::fs::symlink_metadata(&path).unwrap().is_dir() {
+                assert_eq!(
+                    names(&path),
+                    Vec::<String>::new(),
+                    "{} left",
+                    path.display()
+                );
+                std::fs::remove_dir(&path).unwrap();
+            } else {
+                std::fs::remove_file(&path).unwrap();
+            }
+        }
+    }
+    eprintln!("{completed} completed, {refused} refused, {swaps} swaps");
+    assert!(swaps > 0, "the attacker never found the work directory");
+}

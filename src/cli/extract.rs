@@ -9,6 +9,7 @@ use clap::Args;
 
 use super::lock::LockfileArgs;
 use jkmount::app::prepare::{Prepared, prepare};
+use jkmount::extract::Options;
 
 use super::mount::{MODULES_DIR, Targets};
 use super::{GlobalArgs, ResolveArgs, open_cache};
@@ -26,6 +27,14 @@ pub struct ExtractArgs {
     /// Write only this directory of the images.
     #[arg(long, value_name = "PATH")]
     subdir: Option<String>,
+    /// As root, write device nodes, setuid/setgid bits and security.*/trusted.* xattrs as
+    /// the image says (by default they are left out, as an unprivileged tar would).
+    #[arg(long)]
+    preserve_privileged: bool,
+    /// Write into a parent directory that other users may write (and that is not sticky),
+    /// where they could swap entries while the tree is written (by default refused).
+    #[arg(long)]
+    allow_shared_parent: bool,
     #[command(flatten)]
     resolve: ResolveArgs,
     #[command(flatten)]
@@ -44,9 +53,20 @@ pub fn run(args: ExtractArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         using, mountable, ..
     } = prepare(open_cache(global)?, &targets.request(subdir))?;
     let dest = Path::new(targets.dir);
-    let summary = jkmount::extract::extract(&mountable, dest)
+    let options = Options {
+        preserve_privileged: args.preserve_privileged,
+        allow_shared_parent: args.allow_shared_parent,
+    };
+    let summary = jkmount::extract::extract(&mountable, dest, &options)
         .with_context(|| format!("cannot extract {}", mountable.name))?;
     drop(using);
+    if let Some(first) = &summary.first_left_out {
+        tracing::warn!(
+            "left out what only root could use in {} entries (device nodes, setuid/setgid bits, security.* and trusted.* xattrs), the first {}; pass --preserve-privileged to write them as the image says",
+            summary.left_out,
+            first.display()
+        );
+    }
     if !global.quiet {
         eprintln!(
             "extracted {} to {}: {} directories, {} files ({}), {} symlinks, {} hardlinks, {} devices and FIFOs{}",

@@ -6,6 +6,7 @@ pub mod fault_proxy;
 pub mod http_head;
 pub mod lying_registry;
 pub mod registry;
+pub mod swapper;
 pub mod tls;
 pub mod token_server;
 

@@ -265,13 +265,8 @@ impl Writer<'_> {
         self.summary.dirs += 1;
         let entries = self.mountable.tree.entries(id).unwrap_or_default().to_vec();
         for (name, child) in entries {
+            // Each name is one component: `Dir` refuses any other, naming it.
             let name = OsStr::from_bytes(&name);
-            if name.is_empty() || name == "." || name == ".." || name.as_bytes().contains(&b'/') {
-                return Err(refused(
-                    &self.dest.join(rel),
-                    format!("the tree holds a bad name {name:?}"),
-                ));
-            }
             self.write_entry(child, dir, rel, name)?;
         }
         Ok(())
@@ -291,12 +286,9 @@ impl Writer<'_> {
         }
         if node.nlink > 1 && !matches!(node.kind, NodeKind::Dir { .. }) {
             if let Some((first_dir, first_name)) = self.first_name.get(&id) {
-                let from = if first_dir.as_os_str().is_empty() {
-                    self.work.try_clone()
-                } else {
-                    self.work.open_beneath(first_dir)
-                };
-                from.and_then(|from| dir.hard_link(&from, first_name, name))
+                self.work
+                    .open_beneath(first_dir)
+                    .and_then(|from| dir.hard_link(&from, first_name, name))
                     .map_err(at)?;
                 self.summary.hardlinks += 1;
                 return Ok(());

@@ -53,9 +53,13 @@ impl Dir {
         Ok(Dir { fd })
     }
 
-    /// Opens the directory at `relative` beneath this one: no `..`, no absolute path, no
-    /// symlink anywhere on the way (`ELOOP`/`ENOTDIR` if one is met).
+    /// Opens the directory at `relative` beneath this one (this one itself if it is empty):
+    /// no `..`, no absolute path, no symlink anywhere on the way (`ELOOP`/`ENOTDIR` if one is
+    /// met).
     pub fn open_beneath(&self, relative: &Path) -> io::Result<Dir> {
+        if relative.as_os_str().is_empty() {
+            return self.try_clone();
+        }
         if relative
             .components()
             .any(|c| !matches!(c, Component::Normal(_)))
@@ -103,14 +107,6 @@ impl Dir {
         let flags =
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let fd = rustix::fs::openat(&self.fd, name, flags, Mode::from_raw_mode(mode))?;
-        Ok(File::from(fd))
-    }
-
-    /// Opens the regular file `name` for reading, never through a link.
-    pub fn open_file(&self, name: &OsStr) -> io::Result<File> {
-        single(name)?;
-        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let fd = rustix::fs::openat(&self.fd, name, flags, Mode::empty())?;
         Ok(File::from(fd))
     }
 

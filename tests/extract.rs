@@ -148,19 +148,14 @@ fn extract_as_root_writes_no_privileged_files_unless_asked() {
         "{stderr}"
     );
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    let mode =
-        |p: &str, root: &Path| std::fs::symlink_metadata(root.join(p)).unwrap().mode() & 0o7777;
+    let meta = |p: &str, root: &Path| std::fs::symlink_metadata(root.join(p)).unwrap();
+    let mode = |p: &str, root: &Path| meta(p, root).mode() & 0o7777;
     assert!(!plain.join("dev/mem").exists() && !plain.join("dev/sda").exists());
     assert_eq!(mode("bin/su", &plain), 0o755);
     assert_eq!(mode("bin/sg", &plain), 0o755);
     // A setgid directory only passes its group on; it stays.
     assert_eq!(mode("srv", &plain), 0o2775);
-    assert!(
-        std::fs::symlink_metadata(plain.join("run/fifo"))
-            .unwrap()
-            .file_type()
-            .is_fifo()
-    );
+    assert!(meta("run/fifo", &plain).file_type().is_fifo());
     assert_eq!(
         xattr::get(plain.join("bin/ping"), "security.capability").unwrap(),
         None
@@ -187,15 +182,10 @@ fn extract_as_root_writes_no_privileged_files_unless_asked() {
             full.to_str().unwrap(),
         ],
     ));
-    let mem = std::fs::symlink_metadata(full.join("dev/mem")).unwrap();
+    let mem = meta("dev/mem", &full);
     assert!(mem.file_type().is_char_device() && mem.rdev() == nix::sys::stat::makedev(1, 1));
     assert_eq!(mode("dev/mem", &full), 0o666);
-    assert!(
-        std::fs::symlink_metadata(full.join("dev/sda"))
-            .unwrap()
-            .file_type()
-            .is_block_device()
-    );
+    assert!(meta("dev/sda", &full).file_type().is_block_device());
     assert_eq!(mode("bin/su", &full), 0o4755);
     assert_eq!(mode("bin/sg", &full), 0o2755);
     assert_eq!(

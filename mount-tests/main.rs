@@ -8,6 +8,7 @@ mod deploy;
 mod kernel_cache;
 mod lifecycle;
 mod pack;
+mod shared;
 mod snapshot;
 
 #[path = "../tests/support/mod.rs"]

@@ -15,7 +15,7 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -183,14 +183,28 @@ impl Dir {
 
     /// Whether the directory is empty.
     pub fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.first_entry()?.is_none())
+    }
+
+    /// The name of one entry of the directory (not `.` or `..`), if it has any.
+    pub fn first_entry(&self) -> io::Result<Option<std::ffi::OsString>> {
         let mut entries = rustix::fs::Dir::read_from(&self.fd)?;
         for entry in entries.by_ref() {
-            let entry = entry?;
-            if !matches!(entry.file_name().to_bytes(), b"." | b"..") {
-                return Ok(false);
+            let name = entry?.file_name().to_bytes().to_vec();
+            if !matches!(name.as_slice(), b"." | b"..") {
+                return Ok(Some(std::ffi::OsString::from_vec(name)));
             }
         }
-        Ok(true)
+        Ok(None)
+    }
+
+    /// What `name` here is as far as mounts go: inode, device and mount ID of what a lookup
+    /// of `name` reaches (the root of a filesystem mounted there, if any), from what the
+    /// kernel has cached (`AT_STATX_DONT_SYNC`). A FUSE filesystem is not asked, so this
+    /// answers before its server runs.
+    pub fn mount_at(&self, name: &OsStr) -> io::Result<MountId> {
+        single(name)?;
+        mount_id(&self.fd, name, AtFlags::SYMLINK_NOFOLLOW)
     }
 
     /// Removes everything in this directory (not the directory itself), never following a
@@ -284,6 +298,33 @@ impl AsFd for Dir {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
+}
+
+/// Where a lookup lands: the inode and device reached, and the mount it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MountId {
+    /// Inode number (1 for the root of a FUSE mount).
+    pub ino: u64,
+    /// Device, as `(major, minor)`.
+    pub dev: (u32, u32),
+    /// The kernel's ID of the mount (`STATX_MNT_ID`).
+    pub mount: u64,
+}
+
+/// [`MountId`] of an open file or directory (a mount's own descriptor from `fsmount`).
+pub fn mount_of(fd: BorrowedFd<'_>) -> io::Result<MountId> {
+    mount_id(fd, "", AtFlags::EMPTY_PATH)
+}
+
+fn mount_id<P: rustix::path::Arg>(fd: impl AsFd, name: P, flags: AtFlags) -> io::Result<MountId> {
+    let flags = flags | AtFlags::STATX_DONT_SYNC;
+    let mask = rustix::fs::StatxFlags::INO | rustix::fs::StatxFlags::MNT_ID;
+    let x = rustix::fs::statx(fd, name, flags, mask)?;
+    Ok(MountId {
+        ino: x.stx_ino,
+        dev: (x.stx_dev_major, x.stx_dev_minor),
+        mount: x.stx_mnt_id,
+    })
 }
 
 /// Owner of an open file or directory.

@@ -19,7 +19,7 @@ pub fn serve(prepared: Prepared, request: &MountRequest) -> Result<()> {
     } = prepared;
     let _registration = cache.register_mount(&MountRecord {
         pid: std::process::id(),
-        mountpoint: request.mountpoint.clone(),
+        mountpoint: request.mountpoint.path.clone(),
         images: pulled.iter().map(|p| p.manifest.clone()).collect(),
         tree: mountable.key.clone(),
         since: now(),
@@ -29,7 +29,7 @@ pub fn serve(prepared: Prepared, request: &MountRequest) -> Result<()> {
     let status = format!(
         "serving {} at {}",
         request.fsname,
-        request.mountpoint.display()
+        request.mountpoint.path.display()
     );
     mount::serve(core, request, || daemon::report_ready(&status))?;
     Ok(())

@@ -44,8 +44,9 @@ pub struct MountArgs {
     /// Mount options, comma-separated (as mount -t fuse.jkmount and fstab give them):
     /// modules, subdir=PATH, cache_dir=DIR, platform=P, lockfile=FILE, pull=POLICY, offline,
     /// config=FILE, authfile=FILE, allow_other, noexec, nonempty (mount over a directory that
-    /// has entries, hiding them; refused otherwise); ro, nosuid, nodev, _netdev, noauto,
-    /// x-systemd.* and the like are accepted and passed over.
+    /// has entries, hiding them; refused otherwise), allow_shared_parent (mount although
+    /// another user may change the mountpoint's parent; refused otherwise); ro, nosuid, nodev,
+    /// _netdev, noauto, x-systemd.* and the like are accepted and passed over.
     #[arg(short = 'o', value_name = "OPTION[,OPTION...]")]
     options: Vec<String>,
     /// When the mount ends, write the FUSE requests it served, counted by kind, to FILE as
@@ -154,11 +155,12 @@ pub fn run(mut args: MountArgs, mut global: GlobalArgs) -> anyhow::Result<()> {
     if is_server {
         daemon::become_server().context("cannot start the background server")?;
     }
-    let mountpoint = mount::preflight(
-        &PathBuf::from(targets.dir),
-        mount_options.allow_other,
-        mount_options.nonempty,
-    )?;
+    let checks = mount::Checks {
+        allow_other: mount_options.allow_other,
+        nonempty: mount_options.nonempty,
+        allow_shared_parent: mount_options.allow_shared_parent,
+    };
+    let mountpoint = mount::preflight(&PathBuf::from(targets.dir), &checks)?;
     let subdir = if args.modules {
         Some(MODULES_DIR)
     } else {
@@ -166,7 +168,7 @@ pub fn run(mut args: MountArgs, mut global: GlobalArgs) -> anyhow::Result<()> {
     };
     let prepared = prepare(open_cache(global)?, &targets.request(subdir))?;
     let request = MountRequest {
-        mountpoint,
+        mountpoint: std::sync::Arc::new(mountpoint),
         fsname: prepared.mountable.name.clone(),
         threads: FUSE_THREADS,
         allow_other: mount_options.allow_other,
@@ -175,7 +177,7 @@ pub fn run(mut args: MountArgs, mut global: GlobalArgs) -> anyhow::Result<()> {
     };
     jkmount::app::serve::serve(prepared, &request)?;
     let counts = request.stats.to_json();
-    tracing::info!("served {}: {counts}", request.mountpoint.display());
+    tracing::info!("served {}: {counts}", request.mountpoint.path.display());
     match args.stats.as_deref() {
         Some(path) if path == std::path::Path::new("-") => eprintln!("{counts}"),
         Some(path) => std::fs::write(path, format!("{counts}\n"))

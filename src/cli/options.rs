@@ -36,6 +36,9 @@ pub struct MountOptions {
     /// `nonempty`: mount over a directory that has entries (hiding them). jkmount's own
     /// check; never handed to `fusermount3`, some versions of which reject it.
     pub nonempty: bool,
+    /// `allow_shared_parent`: mount although another user may change the mountpoint's
+    /// parent (the mount still goes on the directory that was checked).
+    pub allow_shared_parent: bool,
 }
 
 /// Options a jkmount mount has whatever is asked, or that change nothing for it: `rw` and
@@ -124,6 +127,7 @@ impl MountOptions {
             "allow_other" => self.allow_other = true,
             "noexec" => self.noexec = true,
             "nonempty" => self.nonempty = true,
+            "allow_shared_parent" => self.allow_shared_parent = true,
             "allow_root" => anyhow::bail!(
                 "mount option allow_root is not supported: use allow_other (with user_allow_other in /etc/fuse.conf for non-root mounts)"
             ),
@@ -131,7 +135,7 @@ impl MountOptions {
             _ if name.starts_with("x-") || name.starts_with("comment") => {}
             _ if name == "fsname" || name == "subtype" => {}
             _ => anyhow::bail!(
-                "unknown mount option {option:?}; jkmount takes modules, offline, allow_other, noexec, nonempty, {}=…, and the standard ro, nosuid, nodev, _netdev, noauto, x-systemd.*",
+                "unknown mount option {option:?}; jkmount takes modules, offline, allow_other, noexec, nonempty, allow_shared_parent, {}=…, and the standard ro, nosuid, nodev, _netdev, noauto, x-systemd.*",
                 OWN_WITH_VALUE.join("=…, ")
             ),
         }
@@ -167,7 +171,7 @@ mod tests {
     #[test]
     fn own_options_are_read() {
         let got = parse(
-            "ro,allow_other,modules,cache_dir=/var/cache/jk,platform=linux/arm64,lockfile=/etc/jk.lock,pull=always,noexec,config=/c.toml,authfile=/a.json,offline,nonempty",
+            "ro,allow_other,modules,cache_dir=/var/cache/jk,platform=linux/arm64,lockfile=/etc/jk.lock,pull=always,noexec,config=/c.toml,authfile=/a.json,offline,nonempty,allow_shared_parent",
         )
         .unwrap();
         assert_eq!(
@@ -185,6 +189,7 @@ mod tests {
                 allow_other: true,
                 noexec: true,
                 nonempty: true,
+                allow_shared_parent: true,
             }
         );
         assert_eq!(

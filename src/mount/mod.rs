@@ -6,15 +6,17 @@
 //! [`unmount`] takes mounts away, [`daemon`] runs the server in the background. The
 //! error type, [`MountError`], is shared by all of them.
 
+mod attach;
 pub mod daemon;
 pub mod mountinfo;
 pub mod preflight;
 pub mod session;
 pub mod unmount;
 
+use attach::attach;
 pub use mountinfo::{MountInfo, mount_at, parse_mountinfo};
 use preflight::canonical;
-pub use preflight::{permits_allow_other, preflight};
+pub use preflight::{Checks, Mountpoint, permits_allow_other, preflight};
 pub use session::{MountRequest, serve};
 pub use unmount::{Status, is_stale, status, unmount};
 use unmount::{detach, lazy_unmount};
@@ -52,6 +54,34 @@ pub enum MountError {
         /// One of its entries.
         entry: String,
     },
+    /// Another user may rename entries of the mountpoint's parent, so could swap it.
+    #[error(
+        "the parent of mountpoint {} may be changed by {who} (it is writable and not sticky), who could swap the mountpoint during the mount; mount somewhere only you (or root) may change, or pass -o allow_shared_parent",
+        path.display()
+    )]
+    SharedParent {
+        /// The mountpoint.
+        path: PathBuf,
+        /// Who else may write its parent.
+        who: String,
+    },
+    /// The mountpoint is a symlink where another user may repoint it.
+    #[error(
+        "mountpoint {} is a symlink in a directory {who} may change, so it could point anywhere by the time of the mount; mount on the directory it points to",
+        path.display()
+    )]
+    LinkInSharedParent {
+        /// The mountpoint as given.
+        path: PathBuf,
+        /// Who else may write its directory.
+        who: String,
+    },
+    /// The mountpoint was moved away or swapped after it was checked.
+    #[error(
+        "mountpoint {} was replaced by something else while jkmount used it; nothing is mounted there: check who may write its parent, and mount again",
+        .0.display()
+    )]
+    Replaced(PathBuf),
     /// Something is already mounted there.
     #[error("{} is already a mount point ({fstype} from {origin}); unmount it first", path.display())]
     AlreadyMounted {
@@ -133,7 +163,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("nope");
         assert_eq!(
-            preflight(&missing, false, false).unwrap_err().to_string(),
+            preflight(&missing, &Checks::default())
+                .unwrap_err()
+                .to_string(),
             format!(
                 "mountpoint {} does not exist; create it with mkdir -p",
                 missing.display()
@@ -142,11 +174,11 @@ mod tests {
         let file = dir.path().join("file");
         fs::write(&file, "").unwrap();
         assert!(matches!(
-            preflight(&file, false, false),
+            preflight(&file, &Checks::default()),
             Err(MountError::NotADirectory(_))
         ));
         assert!(matches!(
-            preflight(Path::new("/proc"), false, false),
+            preflight(Path::new("/proc"), &Checks::default()),
             Err(MountError::AlreadyMounted { .. })
         ));
     }

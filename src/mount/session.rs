@@ -1,17 +1,13 @@
-//! The mount itself and serving it: mount(2) directly as root, the `fusermount3` hand-over
-//! of the FUSE descriptor otherwise; the fuser session run until unmounted or signalled.
+//! Serving a mount: the filesystem attached at the held mountpoint ([`attach`](super::attach)),
+//! then the fuser session run until unmounted or signalled.
 
-use std::fs::{self, OpenOptions};
+use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
-use std::process::Command;
+use std::sync::Arc;
 
 use fuser::{Config, Session, SessionACL};
-use nix::mount::MsFlags;
 use nix::sys::signal::{SigSet, Signal};
-use nix::unistd::{Uid, getgid, getuid};
+use nix::unistd::Uid;
 
 use super::*;
 use crate::fs::FsCore;
@@ -20,8 +16,8 @@ use crate::fs::fuse::FuseFs;
 /// How to mount.
 #[derive(Debug, Clone)]
 pub struct MountRequest {
-    /// The canonical mountpoint (from [`preflight`]).
-    pub mountpoint: PathBuf,
+    /// The mountpoint, held open since [`preflight`] checked it.
+    pub mountpoint: Arc<Mountpoint>,
     /// The mount source shown in `/proc/mounts`: the image references.
     pub fsname: String,
     /// FUSE worker threads.
@@ -31,7 +27,7 @@ pub struct MountRequest {
     /// Refuse to execute files from the mount.
     pub noexec: bool,
     /// Where to count the requests served (`--stats`).
-    pub stats: std::sync::Arc<crate::fs::stats::Stats>,
+    pub stats: Arc<crate::fs::stats::Stats>,
 }
 
 /// Mounts `core` and serves it until the filesystem is unmounted (by `jkmount unmount`,
@@ -62,7 +58,7 @@ pub fn serve(
         .write(true)
         .open(DEV_FUSE)
         .is_ok();
-    let mountpoint = request.mountpoint.clone();
+    let mountpoint = request.mountpoint.path.clone();
     let root = Uid::effective().is_root();
     let acl = if root || request.allow_other {
         SessionACL::All
@@ -70,12 +66,7 @@ pub fn serve(
         SessionACL::Owner
     };
     config.acl = acl;
-    let fd = if root {
-        mount_directly(request)
-    } else {
-        mount_with_fusermount(request)
-    }
-    .map_err(|e| mount_failed(request, e))?;
+    let fd = attach(request)?;
     let session = Session::from_fd(fs, fd, acl, config).map_err(|e| {
         detach(&mountpoint);
         mount_failed(request, e)
@@ -95,10 +86,10 @@ pub fn serve(
     tracing::info!(
         "mounted {} at {}",
         request.fsname,
-        request.mountpoint.display()
+        request.mountpoint.path.display()
     );
     if let Err(e) = on_ready() {
-        let path = &request.mountpoint;
+        let path = &request.mountpoint.path;
         tracing::warn!(
             "nobody is waiting for the mount ({e}); unmounting {}",
             path.display()
@@ -113,106 +104,7 @@ pub fn serve(
 
 pub(super) fn mount_failed(request: &MountRequest, cause: io::Error) -> MountError {
     MountError::MountFailed {
-        path: request.mountpoint.clone(),
+        path: request.mountpoint.path.clone(),
         cause,
     }
-}
-
-/// Mounts with mount(2), as root, and returns the FUSE connection.
-fn mount_directly(request: &MountRequest) -> io::Result<OwnedFd> {
-    let device = OpenOptions::new().read(true).write(true).open(DEV_FUSE)?;
-    let root_mode = fs::metadata(&request.mountpoint)?.mode() & S_IFMT;
-    let options = format!(
-        "fd={},rootmode={root_mode:o},user_id={},group_id={},default_permissions,allow_other",
-        device.as_raw_fd(),
-        getuid(),
-        getgid()
-    );
-    let mut flags =
-        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME;
-    if request.noexec {
-        flags |= MsFlags::MS_NOEXEC;
-    }
-    nix::mount::mount(
-        Some(request.fsname.as_str()),
-        &request.mountpoint,
-        Some(FS_TYPE),
-        flags,
-        Some(options.as_str()),
-    )?;
-    Ok(OwnedFd::from(device))
-}
-
-/// Has `fusermount3` (setuid root) mount for an ordinary user, and receives the FUSE
-/// connection it opened over a socket (the `_FUSE_COMMFD` protocol of libfuse). Done here
-/// rather than by `fuser`, which gives up where `/dev/fuse` is not open to users (mode 0600)
-/// instead of leaving the opening to the helper.
-fn mount_with_fusermount(request: &MountRequest) -> io::Result<OwnedFd> {
-    use rustix::net::{
-        AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SocketFlags,
-        SocketType, recvmsg, socketpair,
-    };
-    // Ours is close-on-exec; the helper's end is inherited by it alone, then closed here.
-    let (ours, theirs) = socketpair(
-        AddressFamily::UNIX,
-        SocketType::STREAM,
-        SocketFlags::CLOEXEC,
-        None,
-    )?;
-    rustix::io::fcntl_setfd(&theirs, rustix::io::FdFlags::empty())?;
-    let mut options = vec![
-        "ro".to_owned(),
-        "nosuid".into(),
-        "nodev".into(),
-        "noatime".into(),
-        "default_permissions".into(),
-        format!("fsname={}", escape_option(&request.fsname)),
-        format!("subtype={SUBTYPE}"),
-    ];
-    if request.noexec {
-        options.push("noexec".into());
-    }
-    if request.allow_other {
-        options.push("allow_other".into());
-    }
-    let child = Command::new(FUSERMOUNT)
-        .arg("-o")
-        .arg(options.join(","))
-        .arg("--")
-        .arg(&request.mountpoint)
-        .env("_FUSE_COMMFD", theirs.as_raw_fd().to_string())
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    drop(theirs);
-    let mut byte = [0u8; 1];
-    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let received = recvmsg(
-        &ours,
-        &mut [io::IoSliceMut::new(&mut byte)],
-        &mut control,
-        RecvFlags::empty(),
-    )
-    .map(|_| {
-        control.drain().find_map(|message| match message {
-            RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
-            _ => None,
-        })
-    });
-    let output = child.wait_with_output()?;
-    let said = String::from_utf8_lossy(&output.stderr).trim().to_owned();
-    match received? {
-        Some(fd) if output.status.success() => Ok(fd),
-        _ if !said.is_empty() => Err(io::Error::other(said)),
-        _ => Err(io::Error::other(format!(
-            "{FUSERMOUNT} did not hand over a FUSE connection ({})",
-            output.status
-        ))),
-    }
-}
-
-/// Escapes `\` and `,` in a mount option value, as libfuse does for fusermount3.
-pub(super) fn escape_option(value: &str) -> String {
-    value.replace('\\', "\\\\").replace(',', "\\,")
 }

@@ -66,13 +66,12 @@ pub fn preflight(mountpoint: &Path, checks: &Checks) -> Result<Mountpoint, Mount
             who,
         });
     }
-    if !checks.nonempty {
-        if let Some(entry) = held.dir.first_entry().ok().flatten() {
-            return Err(MountError::NotEmpty {
-                path: held.path,
-                entry: entry.to_string_lossy().into_owned(),
-            });
-        }
+    let first = held.dir.first_entry().ok().flatten();
+    if let Some(entry) = first.filter(|_| !checks.nonempty) {
+        return Err(MountError::NotEmpty {
+            path: held.path,
+            entry: entry.to_string_lossy().into_owned(),
+        });
     }
     check_fuse(checks)?;
     Ok(held)

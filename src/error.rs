@@ -244,6 +244,18 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// The cache's own directory is not this user's alone, or a link or file sits where it
+    /// keeps a directory.
+    #[error("cache directory {} cannot be used: {why}; {fix}", path.display())]
+    CacheUnsafe {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+        /// What to do.
+        fix: &'static str,
+    },
+
     /// The cache's filesystem is (nearly) full.
     #[error(
         "the cache at {} has only {available} free, {detail}; free some space or choose another --cache-dir",

@@ -396,3 +396,140 @@ fn cache_ls_shows_images_and_prune_removes_the_least_recently_used() {
     );
     assert!(err.contains("soon"), "{err}");
 }
+
+/// What a root-only directory holds, to see that nothing went into or out of it.
+fn contents(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_cache_directory_another_user_owns_or_may_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let v1 = cache.join("v1");
+    std::fs::create_dir_all(&v1).unwrap();
+    let mode = |m: u32| std::fs::set_permissions(&v1, std::fs::Permissions::from_mode(m)).unwrap();
+
+    rustix::fs::chown(&v1, Some(rustix::process::Uid::from_raw(65534)), None).unwrap();
+    mode(0o700);
+    let said = fails(jkmount(&cache, &["cache", "ls"]), 1);
+    assert!(
+        said.contains(&format!(
+            "cache directory {} cannot be used: it belongs to user 65534, and a cache belongs to one user; use a --cache-dir of your own",
+            v1.display()
+        )),
+        "{said}"
+    );
+    assert!(!v1.join("blobs").exists(), "nothing is made in it");
+
+    rustix::fs::chown(&v1, Some(rustix::process::Uid::from_raw(0)), None).unwrap();
+    mode(0o777);
+    let said = fails(jkmount(&cache, &["cache", "ls"]), 1);
+    assert!(
+        said.contains(&format!(
+            "cache directory {} cannot be used: other users may write it (mode 777)",
+            v1.display()
+        )),
+        "{said}"
+    );
+
+    // One an older release left readable by others is closed, and used.
+    mode(0o755);
+    ok(jkmount(&cache, &["cache", "ls"]));
+    let now = std::fs::metadata(&v1).unwrap().permissions().mode() & 0o777;
+    assert_eq!(now, 0o700);
+
+    // v1 itself as a link is refused, whatever it points at.
+    std::fs::rename(&v1, work.path().join("elsewhere")).unwrap();
+    std::os::unix::fs::symlink(work.path().join("elsewhere"), &v1).unwrap();
+    let said = fails(jkmount(&cache, &["cache", "ls"]), 1);
+    assert!(
+        said.contains("is a symlink where the cache keeps a directory"),
+        "{said}"
+    );
+}
+
+#[test]
+fn a_symlink_planted_in_the_cache_is_refused_never_followed() {
+    let registry = Registry::start();
+    let image = push(&registry, "libs/planted:1", &["f /a 644 \"a\""]);
+    let reference = registry.reference("libs/planted:1");
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    ok(jkmount(&cache, &["pull", &reference]));
+    let v1 = cache.join("v1");
+    // Root's own files, which a link in the cache must never reach.
+    let victim = work.path().join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    std::fs::write(victim.join("keep"), "root's").unwrap();
+    let kept = contents(&victim);
+
+    for sub in [
+        "blobs",
+        "blobs/sha256",
+        "layers/sha256",
+        "trees",
+        "refs",
+        "images",
+        "mounts",
+        "roots",
+        "locks",
+        "locks/entries",
+        "tmp",
+    ] {
+        let real = v1.join(sub);
+        let aside = work.path().join("aside");
+        std::fs::rename(&real, &aside).unwrap();
+        std::os::unix::fs::symlink(&victim, &real).unwrap();
+        for args in [
+            &["cache", "ls"][..],
+            &["cache", "gc"],
+            &["pull", &reference],
+        ] {
+            let said = fails(jkmount(&cache, args), 1);
+            assert!(
+                said.contains(&format!(
+                    "cache directory {} cannot be used: it is a symlink where the cache keeps a directory of its own",
+                    real.display()
+                )),
+                "{sub}, {args:?}: {said}"
+            );
+            assert_eq!(
+                contents(&victim),
+                kept,
+                "{sub}, {args:?} reached the victim"
+            );
+        }
+        std::fs::remove_file(&real).unwrap();
+        std::fs::rename(&aside, &real).unwrap();
+    }
+
+    // A lock file planted as a link is not created or opened through.
+    let lock = v1.join("locks/cache.lock");
+    std::fs::remove_file(&lock).unwrap();
+    std::os::unix::fs::symlink(victim.join("made"), &lock).unwrap();
+    let said = fails(jkmount(&cache, &["cache", "gc"]), 1);
+    assert!(said.contains(&lock.display().to_string()), "{said}");
+    assert_eq!(
+        contents(&victim),
+        kept,
+        "a lock file was made through the link"
+    );
+    std::fs::remove_file(&lock).unwrap();
+
+    // A link left in tmp/ is removed as a link; what it points at stays.
+    std::os::unix::fs::symlink(&victim, v1.join("tmp/1-1")).unwrap();
+    ok(jkmount(&cache, &["cache", "ls"]));
+    assert!(std::fs::symlink_metadata(v1.join("tmp/1-1")).is_err());
+    assert_eq!(contents(&victim), kept);
+    assert!(
+        has_layer(&cache, &image, 0),
+        "the cache is whole after all that"
+    );
+}

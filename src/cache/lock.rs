@@ -38,8 +38,15 @@ fn open_lock_file(path: &Path) -> Result<File> {
         .write(true)
         .create(true)
         .truncate(false)
+        .custom_flags(libc_nofollow())
         .open(path)
         .at(path)
+}
+
+/// `O_NOFOLLOW`: a link planted where a lock file belongs is refused (`ELOOP`), never created
+/// or opened through.
+fn libc_nofollow() -> i32 {
+    rustix::fs::OFlags::NOFOLLOW.bits() as i32
 }
 
 /// Takes a shared lock, blocking until no process holds it exclusively.
@@ -67,7 +74,12 @@ pub fn exclusive(path: &Path, waiting: impl FnOnce()) -> Result<LockGuard> {
 /// Whether some live process holds an exclusive lock on `path` (a lock file or a directory).
 /// A missing path is not held.
 pub fn is_held(path: &Path) -> Result<bool> {
-    let file = match File::open(path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_nofollow())
+        .open(path)
+    {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(Error::io(path, e)),
@@ -132,11 +144,14 @@ impl Drop for Session {
 fn sweep_dead(tmp: &Path) -> Result<usize> {
     let mut removed = 0;
     for entry in fs::read_dir(tmp).at(tmp)? {
-        let path = entry.at(tmp)?.path();
-        if path.is_dir() && is_held(&path)? {
+        let entry = entry.at(tmp)?;
+        let path = entry.path();
+        // A link is removed as a link, never followed.
+        let is_dir = entry.file_type().at(&path)?.is_dir();
+        if is_dir && is_held(&path)? {
             continue;
         }
-        let gone = if path.is_dir() {
+        let gone = if is_dir {
             fs::remove_dir_all(&path)
         } else {
             fs::remove_file(&path)

@@ -22,7 +22,8 @@
 //! Readers never see a half-written file: everything is renamed in whole. Layers, blobs and
 //! trees are built under a per-entry lock, so processes that want the same one at once fetch
 //! it once; the others wait and reuse it. What `gc` keeps and removes is in [`records`] and
-//! [`gc`]; [`verify`] re-hashes it all; [`persist`] is the versioned form of derived files.
+//! [`gc`]; [`verify`] re-hashes it all; [`persist`] is the versioned form of derived files;
+//! [`trust`] checks that the cache is this user's alone.
 
 pub mod gc;
 pub mod layers;
@@ -30,6 +31,7 @@ pub mod lock;
 pub mod persist;
 pub mod records;
 pub mod trees;
+mod trust;
 pub mod verify;
 
 use std::fs::{self, File};
@@ -121,23 +123,9 @@ impl Cache {
     }
 
     /// Opens (creating as needed) the cache under `dir`, removing what killed processes left
-    /// in `tmp/`.
+    /// in `tmp/`. Its `v1/` must be this user's alone ([`trust`]).
     pub fn open(dir: &Path) -> Result<Cache> {
-        let root = dir.join(FORMAT_DIR);
-        for sub in [
-            "blobs/sha256",
-            "layers/sha256",
-            "trees",
-            "refs",
-            "images",
-            "mounts",
-            "roots",
-            "locks/entries",
-            "tmp",
-        ] {
-            let path = root.join(sub);
-            private_dir_all(&path)?;
-        }
+        let root = trust::open_format_dir(dir)?;
         let session = Session::start(&root.join("tmp"), &root.join("locks/tmp.lock"))?;
         Ok(Cache {
             root,

@@ -95,3 +95,69 @@ fn a_full_cache_filesystem_stops_the_pull_and_keeps_nothing_half_written() {
     // What was there before is intact and still usable.
     ok(jkmount(&tmpfs.0, &["pull", &small]));
 }
+
+#[test]
+fn chained_symlinks_cannot_make_a_small_layer_cost_minutes() {
+    let registry = Registry::start();
+    // s → "./"×2047 (a target of PATH_MAX), t → "s/"×39: every lookup under t/ steps through
+    // 40 links and ~80,000 path parts. 2,000 entries under t/ in a layer of a few KB.
+    let mut spec = format!("l /s {}\nl /t {}\n", "./".repeat(2047), "s/".repeat(39));
+    for i in 0..2000 {
+        spec.push_str(&format!("f /t/x{i} 644 \"\"\n"));
+    }
+    let image = push(&registry, "hostile/chain:1", &spec);
+    let cache = tempfile::tempdir().unwrap();
+    let out = cache.path().join("out");
+    let started = std::time::Instant::now();
+    let err = fails(
+        jkmount(cache.path(), &["extract", &image, out.to_str().unwrap()]),
+        1,
+    );
+    eprintln!("refused in {:?}", started.elapsed());
+    assert!(err.contains(&format!("of {image}: t/x")), "{err}");
+    assert!(
+        err.contains(": resolving symbolic links takes more than 2213888 path steps"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing extracted");
+}
+
+#[test]
+fn a_layer_with_more_entries_than_allowed_is_refused_and_nothing_is_cached() {
+    let registry = Registry::start();
+    let spec: String = (0..5000).map(|i| format!("f /e{i} 644 \"\"\n")).collect();
+    let image = push(&registry, "hostile/entries:1", &spec);
+    let cache = tempfile::tempdir().unwrap();
+    let err = fails(
+        jkmount(cache.path(), &["pull", "--max-entries", "4999", &image]),
+        1,
+    );
+    assert!(
+        err.contains(&format!(
+            "of {image}: it has more than 4999 entries, the limit"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("raise --max-entries"), "{err}");
+    let layers = cache.path().join("v1/layers/sha256");
+    assert_eq!(
+        std::fs::read_dir(&layers).unwrap().count(),
+        0,
+        "no layer kept"
+    );
+
+    // The same from the environment; and exactly at the limit it is fine.
+    let from_env = std::process::Command::new(support::jkmount_bin())
+        .env("JKMOUNT_CONFIG", support::quick_retries_config())
+        .env("JKMOUNT_MAX_ENTRIES", "4999")
+        .arg("--cache-dir")
+        .arg(cache.path())
+        .args(["pull", &image])
+        .output()
+        .unwrap();
+    assert!(fails(from_env, 1).contains("more than 4999 entries"));
+    ok(jkmount(
+        cache.path(),
+        &["pull", "--max-entries", "5000", &image],
+    ));
+}

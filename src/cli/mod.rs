@@ -170,6 +170,10 @@ pub struct ResolveArgs {
     /// bombs) [env: JKMOUNT_MAX_LAYER_SIZE] [default: 32GiB]
     #[arg(long, value_name = "SIZE")]
     max_layer_size: Option<bytesize::ByteSize>,
+    /// Refuse a layer with more entries (files, directories, links) than this
+    /// [env: JKMOUNT_MAX_ENTRIES] [default: 2000000]
+    #[arg(long, value_name = "COUNT")]
+    max_entries: Option<u64>,
 }
 
 impl ResolveArgs {
@@ -189,6 +193,20 @@ impl ResolveArgs {
                     )
                 }),
             None => Ok(jkmount::layer::Limits::default().max_layer_size),
+        }
+    }
+
+    /// `--max-entries`, else `$JKMOUNT_MAX_ENTRIES`, else the library's default.
+    fn max_entries(&self) -> anyhow::Result<u64> {
+        if let Some(count) = self.max_entries {
+            return Ok(count);
+        }
+        match environment("JKMOUNT_MAX_ENTRIES") {
+            Some(text) => text
+                .to_str()
+                .and_then(|t| t.parse::<u64>().ok())
+                .with_context(|| format!("JKMOUNT_MAX_ENTRIES={text:?} is not a count of entries")),
+            None => Ok(jkmount::layer::DEFAULT_MAX_ENTRIES),
         }
     }
 }
@@ -247,6 +265,7 @@ impl ResolveArgs {
             policy,
             limits: jkmount::layer::Limits {
                 max_layer_size: self.max_layer_size()?,
+                max_entries: self.max_entries()?,
                 ..Default::default()
             },
             fallback_to_cache: self.fallback_to_cache,

@@ -152,6 +152,8 @@ pub struct Limits {
     pub max_layer_size: u64,
     /// Most bytes of headers, long names and PAX records between two entries (held in memory).
     pub max_entry_metadata: u64,
+    /// Most entries a layer may have (each costs ~170 bytes of memory while decoding).
+    pub max_entries: u64,
 }
 
 impl Default for Limits {
@@ -159,9 +161,13 @@ impl Default for Limits {
         Limits {
             max_layer_size: DEFAULT_MAX_LAYER_SIZE,
             max_entry_metadata: 16 * 1024 * 1024,
+            max_entries: DEFAULT_MAX_ENTRIES,
         }
     }
 }
+
+/// The default for `--max-entries`: five times the files of a large `node_modules`.
+pub const DEFAULT_MAX_ENTRIES: u64 = 2_000_000;
 
 /// The default for `--max-layer-size`.
 pub const DEFAULT_MAX_LAYER_SIZE: u64 = 32 << 30;
@@ -274,11 +280,22 @@ fn read_entries<R: Read>(
     let mut archive = tar::Archive::new(window);
     let mut index = LayerIndex::default();
     let mut entries = archive.entries().map_err(|e| layer_error(spec, e))?;
+    let mut count = 0u64;
     loop {
         handle.arm(limits.max_entry_metadata);
         let next = entries.next();
         handle.disarm();
         let Some(entry) = next else { break };
+        count += 1;
+        if count > limits.max_entries {
+            return Err(bad_layer(
+                spec,
+                format!(
+                    "it has more than {} entries, the limit (a hostile layer, or a huge one: raise --max-entries)",
+                    limits.max_entries
+                ),
+            ));
+        }
         let mut entry = entry.map_err(|e| {
             if handle.exhausted() {
                 bad_layer(
@@ -490,6 +507,7 @@ mod tests {
         let small = Limits {
             max_layer_size: 1 << 20,
             max_entry_metadata: 64 * 1024,
+            ..Limits::default()
         };
         for (text, expected) in [
             ("z /zeros 644 2000000", "larger than the 1.0 MiB limit"),

@@ -20,6 +20,12 @@ const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 const AUFS_META_PREFIX: &[u8] = b".wh..wh.";
 /// As Linux's limit on symlinks followed while resolving one path.
 const MAX_SYMLINK_HOPS: u32 = 40;
+/// Path components the merge may step through per entry, on average over the image. Forty
+/// links of up to PATH_MAX bytes let one lookup take ~160,000 steps, so chained links could
+/// make a small layer cost minutes; real images, links and all, take a few dozen per entry.
+const STEPS_PER_ENTRY: u64 = 1024;
+/// Steps every image may take whatever its size: one lookup through 40 links of PATH_MAX.
+const BASE_STEPS: u64 = MAX_SYMLINK_HOPS as u64 * 4096;
 
 /// An entry that cannot be applied, with the path inside the layer it concerns.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,6 +57,11 @@ struct BuildNode {
 #[derive(Debug, Clone)]
 pub struct TreeBuilder {
     nodes: Vec<BuildNode>,
+    /// Path components stepped through so far, by every lookup of the merge.
+    steps: u64,
+    /// How many it may take: [`BASE_STEPS`] and [`STEPS_PER_ENTRY`] per entry applied, so
+    /// that the merge's work stays linear in the size of its input.
+    budget: u64,
 }
 
 impl Default for TreeBuilder {
@@ -63,7 +74,11 @@ impl Default for TreeBuilder {
                 parent: ROOT,
             },
         };
-        TreeBuilder { nodes: vec![root] }
+        TreeBuilder {
+            nodes: vec![root],
+            steps: 0,
+            budget: BASE_STEPS,
+        }
     }
 }
 
@@ -154,6 +169,10 @@ impl TreeBuilder {
     /// Applies one layer's entries on top of what is there; `layer` is the index recorded in
     /// file nodes so reads know which layer's content holds their bytes.
     pub fn apply_layer(&mut self, layer: u32, entries: &[Entry]) -> Result<(), MergeError> {
+        let count = u64::try_from(entries.len()).unwrap_or(u64::MAX);
+        self.budget = self
+            .budget
+            .saturating_add(count.saturating_mul(STEPS_PER_ENTRY));
         let actions = entries
             .iter()
             .map(classify)
@@ -285,6 +304,15 @@ impl TreeBuilder {
         let mut current = ROOT;
         let mut hops = 0;
         while let Some(name) = pending.pop() {
+            self.steps += 1;
+            if self.steps > self.budget {
+                return Err(format!(
+                    "resolving symbolic links takes more than {} path steps, the most an image \
+                     of this size may take (links chained to multiply each other); the image is \
+                     refused",
+                    self.budget
+                ));
+            }
             match name.as_slice() {
                 b"" | b"." => continue,
                 b".." => {
@@ -668,6 +696,35 @@ mod tests {
         for (layers, expected) in cases {
             assert_eq!(merge(&layers).unwrap_err().to_string(), expected);
         }
+    }
+
+    #[test]
+    fn chained_links_cannot_multiply_the_merge_s_work() {
+        // Each lookup under t/ steps through 39 links of 2,048 parts each: ~80,000 steps, where
+        // the budget for 12 entries is 176,128; the third lookup is refused.
+        let dots = "./".repeat(2047);
+        let chain = "s/".repeat(39);
+        let mut hostile = vec![l("s", &dots), l("t", &chain)];
+        hostile.extend((0..10).map(|i| f(&format!("t/x{i}"))));
+        let err = merge(&[hostile]).unwrap_err();
+        assert_eq!(err.path, "t/x2", "{err}");
+        assert!(
+            err.detail
+                .starts_with("resolving symbolic links takes more than 176128 path steps"),
+            "{err}"
+        );
+
+        // A pnpm-style layout, every file reached through a link, stays well inside.
+        let mut pnpm = vec![
+            d("node_modules/.pnpm/lodash@4/node_modules/lodash/"),
+            l("node_modules/lodash", ".pnpm/lodash@4/node_modules/lodash"),
+        ];
+        pnpm.extend((0..1000).map(|i| f(&format!("node_modules/lodash/fp/f{i}.js"))));
+        let tree = merge(&[pnpm]).unwrap();
+        assert!(
+            tree.lookup_path("node_modules/.pnpm/lodash@4/node_modules/lodash/fp/f999.js")
+                .is_some()
+        );
     }
 
     #[test]

@@ -41,9 +41,11 @@ test-unit:
 test-property:
 	$(CARGO) test --test merge_model
 
-# Integration: the CLI against a real docker-registry on 127.0.0.1.
+# Integration: the CLI against a real docker-registry on 127.0.0.1. The limits tests run one
+# at a time: their peak-memory check sees every child of the test binary.
 test-integration:
-	$(CARGO) test --features test-support --test pull --test limits --test lying --test lifecycle --test registries --test pack --test extract
+	$(CARGO) test --features test-support --test pull --test lying --test lifecycle --test registries --test pack --test extract
+	$(CARGO) test --features test-support --test limits -- --test-threads=1
 
 # Packaging: make install, the Debian package, the systemd units and the Kubernetes manifests
 # (validated against the Kubernetes schemas). `make image` is checked by a mount test.

@@ -161,3 +161,95 @@ fn a_layer_with_more_entries_than_allowed_is_refused_and_nothing_is_cached() {
         &["pull", "--max-entries", "5000", &image],
     ));
 }
+
+#[test]
+fn layers_with_more_entries_together_than_a_mount_may_have_are_refused() {
+    let registry = Registry::start();
+    let (image, built) = registry.push_layers(
+        "hostile/stacked:1",
+        &[
+            "f /a 644 \"\"\nf /b 644 \"\"",
+            "f /c 644 \"\"\nf /d 644 \"\"",
+        ],
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let out = cache.path().join("out");
+    let err = fails(
+        jkmount(
+            cache.path(),
+            &[
+                "extract",
+                "--max-image-entries",
+                "3",
+                &image,
+                out.to_str().unwrap(),
+            ],
+        ),
+        1,
+    );
+    assert!(
+        err.contains(&format!(
+            "layer {} of {image}: with it the layers of {image} have 4 entries, more than the 3 \
+             one mount may have (--max-image-entries)",
+            built.layers[1].diff_id
+        )),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing extracted");
+    ok(jkmount(
+        cache.path(),
+        &[
+            "extract",
+            "--max-image-entries",
+            "4",
+            &image,
+            out.to_str().unwrap(),
+        ],
+    ));
+}
+
+#[test]
+fn the_document_cap_is_the_users_to_set() {
+    let registry = Registry::start();
+    let (image, built) = registry.push_layers("docs/small:1", &["f /a 644 \"a\""]);
+    let manifest_size = built.manifest.bytes.len();
+    let cache = tempfile::tempdir().unwrap();
+    let below = (manifest_size - 1).to_string();
+    let err = fails(
+        jkmount(
+            cache.path(),
+            &["pull", "--max-document-size", &below, &image],
+        ),
+        1,
+    );
+    assert!(
+        err.contains(&format!(
+            "manifest: it is larger than {below} bytes (--max-document-size); refused"
+        )),
+        "{err}"
+    );
+    assert!(
+        !cache
+            .path()
+            .join("v1/blobs/sha256")
+            .join(built.manifest.digest.hex())
+            .exists(),
+        "the refused manifest is not kept"
+    );
+
+    // The same from the environment; and at exactly the larger document's size it is fine.
+    let with_cap = |cap: usize| {
+        std::process::Command::new(support::jkmount_bin())
+            .env("JKMOUNT_CONFIG", support::quick_retries_config())
+            .env("JKMOUNT_MAX_DOCUMENT_SIZE", cap.to_string())
+            .arg("--cache-dir")
+            .arg(cache.path())
+            .args(["pull", &image])
+            .output()
+            .unwrap()
+    };
+    let err = fails(with_cap(manifest_size - 1), 1);
+    assert!(err.contains(&format!("larger than {below} bytes")), "{err}");
+    let cap = manifest_size.max(built.config.bytes.len());
+    ok(with_cap(cap));
+}

@@ -752,3 +752,78 @@ fn an_auth_file_cannot_run_a_program_by_path_nor_have_its_temp_file_planted() {
     );
     assert_auth_file(&auth_file, "alice", "s3cret");
 }
+
+#[test]
+fn a_process_holding_a_password_cannot_be_read_by_another_of_its_user() {
+    // The pull holds the password given with --username while its layer is stalled; another
+    // process of the same (unprivileged) user then tries to read its memory maps and
+    // environment, as a same-user attacker would before reading /proc/PID/mem.
+    const NOBODY: &str = "65534";
+    let image = ImageBuilder::new().layer("f /a 644 \"a\"").build();
+    let registry = support::lying_registry::LyingRegistry::start();
+    registry.serve_image("held/secret", &image);
+    let layer = &image.layers[0];
+    registry.answer(
+        &format!("/v2/held/secret/blobs/{}", layer.digest),
+        support::lying_registry::Answer::Stall(
+            layer.blob.len(),
+            Vec::new(),
+            Duration::from_secs(60),
+        ),
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let as_nobody = |program: &str| {
+        let mut command = Command::new("setpriv");
+        command.args([
+            &format!("--reuid={NOBODY}"),
+            &format!("--regid={NOBODY}"),
+            "--clear-groups",
+            "--",
+            program,
+        ]);
+        command
+    };
+    std::os::unix::fs::chown(cache.path(), Some(65534), Some(65534)).unwrap();
+    let mut pull = as_nobody(jkmount_bin())
+        .arg("--cache-dir")
+        .arg(cache.path().join("c"))
+        .args(["--username", "u", "--password-stdin", "pull"])
+        .arg(format!("{}/held/secret:1", registry.addr))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    {
+        use std::io::Write;
+        let mut stdin = pull.stdin.take().unwrap();
+        writeln!(stdin, "hunter2-password").unwrap();
+    }
+    let pull = Reap(pull);
+    let tmp = cache.path().join("c/v1/tmp");
+    let downloading = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        std::fs::read_dir(&tmp).is_ok_and(|mut d| d.next().is_some())
+    });
+    assert!(downloading, "the pull reached its layer");
+
+    let pid = pull.0.id().to_string();
+    for file in ["environ", "maps"] {
+        let read = as_nobody("cat")
+            .arg(format!("/proc/{pid}/{file}"))
+            .output()
+            .unwrap();
+        assert!(
+            !read.status.success(),
+            "a process of the same user read /proc/PID/{file} of a jkmount holding a password: {}",
+            support::shown(&read)
+        );
+    }
+}

@@ -11,8 +11,14 @@ use crate::oci::digest::Digest;
 use crate::tree::merge::TreeBuilder;
 use crate::tree::{Mountable, Tree};
 
-/// Stacks `images` (later on top) and presents `subdir` of the union (root when `None`).
-pub fn assemble(cache: &Cache, images: &[PulledImage], subdir: Option<&str>) -> Result<Mountable> {
+/// Stacks `images` (later on top) and presents `subdir` of the union (root when `None`); a
+/// stack whose layers have more than `max_entries` entries together is refused.
+pub fn assemble(
+    cache: &Cache,
+    images: &[PulledImage],
+    subdir: Option<&str>,
+    max_entries: u64,
+) -> Result<Mountable> {
     let layers: Vec<&PulledLayer> = images.iter().flat_map(|i| &i.layers).collect();
     // Joined as an fstab source stacks them, so /proc/mounts shows what would mount it again.
     let name = images
@@ -30,7 +36,7 @@ pub fn assemble(cache: &Cache, images: &[PulledImage], subdir: Option<&str>) -> 
                 Some(tree) => tree, // merged by another process while this one waited
                 None => {
                     let from: Vec<Digest> = layers.iter().map(|l| layer_id(l).clone()).collect();
-                    let tree = merge(cache, images, subdir, &name)?;
+                    let tree = merge(cache, images, subdir, &name, max_entries)?;
                     trees::save_tree(cache, &path, from, &tree)?;
                     tree
                 }
@@ -96,9 +102,15 @@ fn artifact_entry(size: u64, title: &str) -> Entry {
     }
 }
 
-fn merge(cache: &Cache, images: &[PulledImage], subdir: Option<&str>, name: &str) -> Result<Tree> {
+fn merge(
+    cache: &Cache,
+    images: &[PulledImage],
+    subdir: Option<&str>,
+    name: &str,
+    max_entries: u64,
+) -> Result<Tree> {
     let mut builder = TreeBuilder::new();
-    let mut position = 0u32;
+    let (mut position, mut total) = (0u32, 0u64);
     for image in images {
         for layer in &image.layers {
             let (digest, entries) = match layer {
@@ -111,6 +123,17 @@ fn merge(cache: &Cache, images: &[PulledImage], subdir: Option<&str>, name: &str
                     title,
                 } => (digest, vec![artifact_entry(*size, title)]),
             };
+            total = total.saturating_add(entries.len() as u64);
+            if total > max_entries {
+                return Err(Error::BadLayer {
+                    digest: digest.clone(),
+                    reference: image.shown.clone(),
+                    detail: format!(
+                        "with it the layers of {name} have {total} entries, more than the \
+                         {max_entries} one mount may have (--max-image-entries)"
+                    ),
+                });
+            }
             builder
                 .apply_layer(position, &entries)
                 .map_err(|e| Error::BadLayer {
@@ -185,7 +208,7 @@ mod tests {
                 .unwrap()
         };
         let cache = Cache::open(&dir.path().join("cache")).unwrap();
-        let first = assemble(&cache, &[pull(&cache)], None).unwrap();
+        let first = assemble(&cache, &[pull(&cache)], None, u64::MAX).unwrap();
 
         // What an older release left under the same names, and a newer release's layout beside.
         std::fs::write(cache.tree_path(&first.key), b"JKTREE02\x01\x02garbage").unwrap();
@@ -196,7 +219,7 @@ mod tests {
         std::fs::write(newer.join("ff"), b"from the future").unwrap();
 
         let cache = Cache::open(&dir.path().join("cache")).unwrap();
-        let second = assemble(&cache, &[pull(&cache)], None).unwrap();
+        let second = assemble(&cache, &[pull(&cache)], None, u64::MAX).unwrap();
         assert_eq!(second.tree, first.tree);
         assert!(crate::layer::is_decoded(&cache, &image.layers[1].diff_id));
         assert!(
@@ -208,5 +231,45 @@ mod tests {
             newer.join("ff").exists(),
             "another version's cache is left alone"
         );
+    }
+
+    #[test]
+    fn a_stack_with_more_entries_than_a_mount_may_have_is_refused_naming_the_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = crate::fixture::ImageBuilder::new()
+            .layer("f /a 644 \"a\"\nf /b 644 \"b\"")
+            .layer("f /c 644 \"c\"\nf /d 644 \"d\"\nf /e 644 \"e\"")
+            .build();
+        image.write_layout(&dir.path().join("layout"), "t").unwrap();
+        let layout = format!("oci:{}:t", dir.path().join("layout").display());
+        let reference = crate::oci::reference::ImageRef::parse(&layout).unwrap();
+        let cache = Cache::open(&dir.path().join("cache")).unwrap();
+        let options = crate::app::pull::PullOptions::host();
+        let pulled = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(crate::app::pull::pull(&cache, &reference, &options))
+            .unwrap();
+        let counts: Vec<u64> = image
+            .layers
+            .iter()
+            .map(|l| layer::load_index(&cache, &l.diff_id).unwrap().entries.len() as u64)
+            .collect();
+        let all = counts.iter().sum::<u64>();
+
+        let err = assemble(&cache, std::slice::from_ref(&pulled), None, all - 1).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(&image.layers[1].diff_id.to_string()),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "have {all} entries, more than the {} one mount",
+                all - 1
+            )),
+            "{text}"
+        );
+        assert!(assemble(&cache, &[pulled], None, all).is_ok());
     }
 }

@@ -71,7 +71,8 @@ pub fn prepare(cache: Cache, request: &Request<'_>) -> Result<Prepared> {
     if let Some(lockfile) = request.lockfile {
         cache.add_lockfile_root(lockfile)?;
     }
-    let mountable = mountable::assemble(&cache, &pulled, request.subdir)?;
+    let max_entries = request.options.limits.max_image_entries;
+    let mountable = mountable::assemble(&cache, &pulled, request.subdir, max_entries)?;
     Ok(Prepared {
         cache,
         using,

@@ -443,7 +443,7 @@ fn keep_manifest(cache: &Cache, digest: &Digest, bytes: &[u8], shown: &str) -> R
 }
 
 /// A document blob (a config) read whole into memory: refused before it is fetched when its
-/// descriptor says it is larger than [`image::MAX_DOCUMENT`].
+/// descriptor says it is larger than the source's document cap.
 async fn small_blob(
     cache: &Cache,
     origin: &Origin,
@@ -452,14 +452,15 @@ async fn small_blob(
     what: &'static str,
     shown: &str,
 ) -> Result<Vec<u8>> {
-    if size > image::MAX_DOCUMENT {
+    let cap = origin.max_document();
+    if size > cap {
         return Err(Error::BadDocument {
             what,
             digest: digest.to_string(),
             reference: shown.to_owned(),
             detail: format!(
-                "its descriptor says {size} bytes, more than the {} a {what} may have; refused without fetching it",
-                image::MAX_DOCUMENT
+                "its descriptor says {size} bytes, more than the {cap} a {what} may have \
+                 (--max-document-size); refused without fetching it"
             ),
         });
     }

@@ -115,7 +115,7 @@ mod tests {
         let pulled = runtime
             .block_on(pull(&cache, &reference, &PullOptions::host()))
             .unwrap();
-        assemble(&cache, std::slice::from_ref(&pulled), None).unwrap();
+        assemble(&cache, std::slice::from_ref(&pulled), None, u64::MAX).unwrap();
 
         let clean = verify(&cache).unwrap();
         assert_eq!((clean.blobs, clean.layers), (2, 2), "{clean:?}");

@@ -55,8 +55,9 @@ pub fn login(args: LoginArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         Some(Secret::Password { username, password }) => (username, password),
         _ => {
             let username = ask_username()?;
-            let password =
-                rpassword::prompt_password("Password: ").context("cannot read the password")?;
+            let password = rpassword::prompt_password("Password: ")
+                .map(zeroize::Zeroizing::new)
+                .context("cannot read the password")?;
             (username, password)
         }
     };

@@ -15,6 +15,7 @@ mod pull;
 mod unmount;
 
 use std::path::PathBuf;
+use zeroize::Zeroizing;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -147,6 +148,10 @@ pub struct GlobalArgs {
     /// How to show download progress
     #[arg(long, global = true, value_enum, default_value_t = progress::Mode::Auto)]
     progress: progress::Mode,
+    /// The credentials of --username once read (the one copy this command keeps; zeroed when
+    /// it is dropped at the end of the command).
+    #[arg(skip)]
+    secret: std::sync::OnceLock<jkmount::source::registry::credentials::Secret>,
 }
 
 /// How images are resolved and chosen; shared by mounting and pulling.
@@ -174,40 +179,80 @@ pub struct ResolveArgs {
     /// [env: JKMOUNT_MAX_ENTRIES] [default: 2000000]
     #[arg(long, value_name = "COUNT")]
     max_entries: Option<u64>,
+    /// Refuse to merge layers with more entries together than this
+    /// [env: JKMOUNT_MAX_IMAGE_ENTRIES] [default: 8000000]
+    #[arg(long, value_name = "COUNT")]
+    max_image_entries: Option<u64>,
+    /// Refuse a manifest, index or config larger than this (each is read whole into memory)
+    /// [env: JKMOUNT_MAX_DOCUMENT_SIZE] [default: 4MiB]
+    #[arg(long, value_name = "SIZE")]
+    max_document_size: Option<bytesize::ByteSize>,
 }
 
 impl ResolveArgs {
     /// `--max-layer-size`, else `$JKMOUNT_MAX_LAYER_SIZE`, else the library's default.
     fn max_layer_size(&self) -> anyhow::Result<u64> {
-        if let Some(size) = self.max_layer_size {
-            return Ok(size.as_u64());
-        }
-        match environment("JKMOUNT_MAX_LAYER_SIZE") {
-            Some(text) => text
-                .to_str()
-                .and_then(|t| t.parse::<bytesize::ByteSize>().ok())
-                .map(|size| size.as_u64())
-                .with_context(|| {
-                    format!(
-                        "JKMOUNT_MAX_LAYER_SIZE={text:?} is not a size (512MiB, 2GB, plain bytes)"
-                    )
-                }),
-            None => Ok(jkmount::layer::Limits::default().max_layer_size),
-        }
+        size_option(
+            self.max_layer_size,
+            "JKMOUNT_MAX_LAYER_SIZE",
+            jkmount::layer::DEFAULT_MAX_LAYER_SIZE,
+        )
+    }
+
+    /// `--max-document-size`, else `$JKMOUNT_MAX_DOCUMENT_SIZE`, else the library's default.
+    fn max_document_size(&self) -> anyhow::Result<u64> {
+        size_option(
+            self.max_document_size,
+            "JKMOUNT_MAX_DOCUMENT_SIZE",
+            jkmount::oci::image::MAX_DOCUMENT,
+        )
     }
 
     /// `--max-entries`, else `$JKMOUNT_MAX_ENTRIES`, else the library's default.
     fn max_entries(&self) -> anyhow::Result<u64> {
-        if let Some(count) = self.max_entries {
-            return Ok(count);
-        }
-        match environment("JKMOUNT_MAX_ENTRIES") {
-            Some(text) => text
-                .to_str()
-                .and_then(|t| t.parse::<u64>().ok())
-                .with_context(|| format!("JKMOUNT_MAX_ENTRIES={text:?} is not a count of entries")),
-            None => Ok(jkmount::layer::DEFAULT_MAX_ENTRIES),
-        }
+        count_option(
+            self.max_entries,
+            "JKMOUNT_MAX_ENTRIES",
+            jkmount::layer::DEFAULT_MAX_ENTRIES,
+        )
+    }
+
+    /// `--max-image-entries`, else `$JKMOUNT_MAX_IMAGE_ENTRIES`, else the library's default.
+    fn max_image_entries(&self) -> anyhow::Result<u64> {
+        count_option(
+            self.max_image_entries,
+            "JKMOUNT_MAX_IMAGE_ENTRIES",
+            jkmount::layer::DEFAULT_MAX_IMAGE_ENTRIES,
+        )
+    }
+}
+
+/// A size given as an option, else in the environment variable `name`, else `default`.
+fn size_option(given: Option<bytesize::ByteSize>, name: &str, default: u64) -> anyhow::Result<u64> {
+    if let Some(size) = given {
+        return Ok(size.as_u64());
+    }
+    match environment(name) {
+        Some(text) => text
+            .to_str()
+            .and_then(|t| t.parse::<bytesize::ByteSize>().ok())
+            .map(|size| size.as_u64())
+            .with_context(|| format!("{name}={text:?} is not a size (512MiB, 2GB, plain bytes)")),
+        None => Ok(default),
+    }
+}
+
+/// A count given as an option, else in the environment variable `name`, else `default`.
+fn count_option(given: Option<u64>, name: &str, default: u64) -> anyhow::Result<u64> {
+    if let Some(count) = given {
+        return Ok(count);
+    }
+    match environment(name) {
+        Some(text) => text
+            .to_str()
+            .and_then(|t| t.parse::<u64>().ok())
+            .with_context(|| format!("{name}={text:?} is not a count of entries")),
+        None => Ok(default),
     }
 }
 
@@ -266,55 +311,59 @@ impl ResolveArgs {
             limits: jkmount::layer::Limits {
                 max_layer_size: self.max_layer_size()?,
                 max_entries: self.max_entries()?,
+                max_image_entries: self.max_image_entries()?,
                 ..Default::default()
             },
             fallback_to_cache: self.fallback_to_cache,
-            registries: std::sync::Arc::new(registries(global)?),
+            registries: std::sync::Arc::new(
+                registries(global)?.with_max_document(self.max_document_size()?),
+            ),
         })
     }
 }
 
 /// The password for --username: the first line of stdin, or asked on the terminal.
-fn password(global: &GlobalArgs) -> anyhow::Result<String> {
+fn password(global: &GlobalArgs) -> anyhow::Result<Zeroizing<String>> {
     use std::io::{BufRead, IsTerminal};
     if global.password_stdin
         || std::env::var_os(jkmount::mount::daemon::PASSWORD_ON_STDIN_ENV).is_some()
     {
-        let mut line = String::new();
+        // Room for a long token, so that reading does not leave grown-out copies behind.
+        let mut line = Zeroizing::new(String::with_capacity(4096));
         std::io::stdin()
             .lock()
             .read_line(&mut line)
             .context("cannot read the password from stdin")?;
-        return Ok(line.trim_end_matches(['\n', '\r']).to_owned());
+        let end = line.trim_end_matches(['\n', '\r']).len();
+        line.truncate(end);
+        return Ok(line);
     }
     if !std::io::stdin().is_terminal() {
         anyhow::bail!("--username needs a password: give it on stdin with --password-stdin");
     }
-    rpassword::prompt_password("Password: ").context("cannot read the password")
+    rpassword::prompt_password("Password: ")
+        .map(Zeroizing::new)
+        .context("cannot read the password")
 }
 
-/// The credentials given on the command line, read once per process.
+/// The credentials given on the command line, read once per command (and made the reason
+/// this process may not be dumped).
 fn explicit_secret(
     global: &GlobalArgs,
 ) -> anyhow::Result<Option<jkmount::source::registry::credentials::Secret>> {
-    static READ: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    use jkmount::source::registry::credentials::{Secret, keep_out_of_dumps};
     let Some(username) = &global.username else {
         return Ok(None);
     };
-    let password = match READ.get() {
-        Some(Some(p)) => p.clone(),
-        _ => {
-            let p = password(global)?;
-            let _ = READ.set(Some(p.clone()));
-            p
-        }
+    if let Some(secret) = global.secret.get() {
+        return Ok(Some(secret.clone()));
+    }
+    keep_out_of_dumps();
+    let secret = Secret::Password {
+        username: username.clone(),
+        password: password(global)?,
     };
-    Ok(Some(
-        jkmount::source::registry::credentials::Secret::Password {
-            username: username.clone(),
-            password,
-        },
-    ))
+    Ok(Some(global.secret.get_or_init(|| secret).clone()))
 }
 
 /// The registry configuration file in effect and its contents.

@@ -196,7 +196,7 @@ fn start_server(global: &GlobalArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let args = std::env::args_os().skip(1);
-    match daemon::start_server(args, password.as_deref())
+    match daemon::start_server(args, password.as_deref().map(String::as_str))
         .context("cannot start the background jkmount")?
     {
         daemon::Started::Ready => Ok(()),

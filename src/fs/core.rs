@@ -298,7 +298,7 @@ mod tests {
         let pulled = runtime
             .block_on(pull(&cache, &reference, &options))
             .unwrap();
-        let core = FsCore::new(assemble(&cache, &[pulled], subdir).unwrap()).unwrap();
+        let core = FsCore::new(assemble(&cache, &[pulled], subdir, u64::MAX).unwrap()).unwrap();
         (dir, core)
     }
 

@@ -145,7 +145,7 @@ pub fn load_index(cache: &Cache, diff_id: &Digest) -> Result<LayerIndex> {
     crate::cache::layers::load_index(cache, diff_id)
 }
 
-/// Bounds on what decoding one layer may cost.
+/// Bounds on what decoding one layer, and merging an image's layers, may cost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Most uncompressed bytes a layer may have.
@@ -154,6 +154,9 @@ pub struct Limits {
     pub max_entry_metadata: u64,
     /// Most entries a layer may have (each costs ~170 bytes of memory while decoding).
     pub max_entries: u64,
+    /// Most entries the layers of one mount may have together (each costs about as much
+    /// while merging).
+    pub max_image_entries: u64,
 }
 
 impl Default for Limits {
@@ -162,12 +165,16 @@ impl Default for Limits {
             max_layer_size: DEFAULT_MAX_LAYER_SIZE,
             max_entry_metadata: 16 * 1024 * 1024,
             max_entries: DEFAULT_MAX_ENTRIES,
+            max_image_entries: DEFAULT_MAX_IMAGE_ENTRIES,
         }
     }
 }
 
 /// The default for `--max-entries`: five times the files of a large `node_modules`.
 pub const DEFAULT_MAX_ENTRIES: u64 = 2_000_000;
+
+/// The default for `--max-image-entries`: four layers at the `--max-entries` default.
+pub const DEFAULT_MAX_IMAGE_ENTRIES: u64 = 4 * DEFAULT_MAX_ENTRIES;
 
 /// The default for `--max-layer-size`.
 pub const DEFAULT_MAX_LAYER_SIZE: u64 = 32 << 30;

@@ -3,6 +3,7 @@
 //! their digest. Nothing here is trusted: verification happens where bytes enter the cache.
 
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -21,6 +22,7 @@ use crate::oci::layout::REF_NAME;
 pub struct LayoutSource {
     dir: PathBuf,
     tag: Option<String>,
+    max_document: u64,
 }
 
 #[derive(Deserialize)]
@@ -29,12 +31,32 @@ struct LayoutIndex {
 }
 
 impl LayoutSource {
-    /// The layout at `dir`, choosing `tag` from its index.
-    pub fn new(dir: &Path, tag: Option<&str>) -> Self {
+    /// The layout at `dir`, choosing `tag` from its index, reading documents of at most
+    /// `max_document` bytes.
+    pub fn new(dir: &Path, tag: Option<&str>, max_document: u64) -> Self {
         LayoutSource {
             dir: dir.to_owned(),
             tag: tag.map(str::to_owned),
+            max_document,
         }
+    }
+
+    /// A whole document file, refused past the cap.
+    fn read_document(&self, path: &Path, name: &str) -> Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        fs::File::open(path)
+            .and_then(|f| {
+                f.take(self.max_document.saturating_add(1))
+                    .read_to_end(&mut bytes)
+            })
+            .map_err(|e| self.error(format!("cannot read {name} ({e})")))?;
+        if bytes.len() as u64 > self.max_document {
+            return Err(self.error(format!(
+                "{name} is larger than {} bytes (--max-document-size); refused",
+                self.max_document
+            )));
+        }
+        Ok(bytes)
     }
 
     fn error(&self, detail: impl Into<String>) -> Error {
@@ -48,11 +70,10 @@ impl LayoutSource {
     /// tag, the layout's only manifest.
     pub fn top_manifest(&self, shown: &str) -> Result<Digest> {
         let path = self.dir.join("index.json");
-        let bytes = fs::read(&path).map_err(|e| {
-            self.error(format!(
-                "cannot read index.json ({e}); is this an OCI image layout directory?"
-            ))
-        })?;
+        if !path.exists() {
+            return Err(self.error("it has no index.json; is this an OCI image layout directory?"));
+        }
+        let bytes = self.read_document(&path, "index.json")?;
         let index: LayoutIndex = serde_json::from_slice(&bytes)
             .map_err(|e| self.error(format!("index.json is malformed: {e}")))?;
         let tag_of = |d: &OciDescriptor| {
@@ -90,10 +111,9 @@ impl LayoutSource {
         self.dir.join("blobs/sha256").join(digest.hex())
     }
 
-    /// Reads a whole (small) blob; the caller verifies it.
+    /// Reads a whole document blob, refused past the cap; the caller verifies it.
     pub fn read_blob(&self, digest: &Digest) -> Result<Vec<u8>> {
-        let path = self.blob_path(digest);
-        fs::read(&path).map_err(|e| self.error(format!("blob {digest}: {e}")))
+        self.read_document(&self.blob_path(digest), &format!("blob {digest}"))
     }
 
     /// Opens a blob for streaming.
@@ -127,7 +147,10 @@ impl super::Source for LayoutSource {
         blob: super::BlobRef<'a>,
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
-            let mut file = self.open_blob(blob.digest)?;
+            // One byte more than the descriptor says is enough for the size check to refuse.
+            let mut file = self
+                .open_blob(blob.digest)?
+                .take(blob.size.saturating_add(1));
             let mut writer = cache.blob_writer(blob.digest)?;
             std::io::copy(&mut file, &mut writer).at(self.blob_path(blob.digest))?;
             let label = BlobLabel {
@@ -144,5 +167,9 @@ impl super::Source for LayoutSource {
 
     fn registry(self: Arc<Self>) -> Option<Arc<super::registry::RegistrySource>> {
         None
+    }
+
+    fn max_document(&self) -> u64 {
+        self.max_document
     }
 }

@@ -56,6 +56,9 @@ pub trait Source: Send + Sync {
 
     /// The registry behind this source, for pushes that copy or mount its blobs.
     fn registry(self: Arc<Self>) -> Option<Arc<RegistrySource>>;
+
+    /// The most bytes a document read whole (manifest, index, config) may have from here.
+    fn max_document(&self) -> u64;
 }
 
 /// One blob to fetch, and how to name it in messages.
@@ -76,6 +79,10 @@ pub struct BlobRef<'a> {
 pub fn open(image: &ImageRef, registries: Arc<Registries>, offline: bool) -> Arc<dyn Source> {
     match image {
         ImageRef::Registry(r) => Arc::new(RegistrySource::new(r, registries, offline)),
-        ImageRef::Layout { dir, tag } => Arc::new(layout::LayoutSource::new(dir, tag.as_deref())),
+        ImageRef::Layout { dir, tag } => Arc::new(layout::LayoutSource::new(
+            dir,
+            tag.as_deref(),
+            registries.max_document,
+        )),
     }
 }

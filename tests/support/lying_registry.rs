@@ -1,6 +1,6 @@
 //! An in-process HTTP registry that does what the real one never will: serve other bytes than
-//! the digest it was asked for, more bytes than the descriptor says, or drop the connection in the
-//! middle of a blob. Only the read side of the distribution API (`/v2/`, manifests, blobs) on
+//! the digest it was asked for, more bytes than the descriptor says, drop the connection in the
+//! middle of a blob, or send at a drip. Only the read side of the distribution API (`/v2/`, manifests, blobs) on
 //! 127.0.0.1, one thread per connection, stopped on drop.
 
 use std::collections::HashMap;
@@ -21,6 +21,14 @@ pub enum Answer {
     /// A `Content-Length` of the first, then only the bytes given, then nothing more for up to
     /// the duration (a stalled transfer, for killing a client in the middle of a download).
     Stall(usize, Vec<u8>, Duration),
+    /// The whole answer (status line and headers too, with `headers`), honestly sized, sent
+    /// `chunk` bytes at a time with a pause between: a slow drip or a fair but long transfer.
+    Drip {
+        bytes: Vec<u8>,
+        chunk: usize,
+        pause: Duration,
+        headers: bool,
+    },
 }
 
 /// The fake registry; paths are like `/v2/repo/blobs/sha256:…`.
@@ -131,6 +139,31 @@ fn serve(stream: TcpStream, answers: &Mutex<HashMap<String, Answer>>) {
                 let _ = out.write_all(header.as_bytes());
                 if !head {
                     let _ = out.write_all(&bytes);
+                }
+                return;
+            }
+            Some(Answer::Drip {
+                bytes,
+                chunk,
+                pause,
+                headers,
+            }) => {
+                let header = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+                    bytes.len()
+                );
+                let (slow, fast) = match (headers, head) {
+                    (true, _) => ([header.as_bytes(), &bytes].concat(), Vec::new()),
+                    (false, true) => (Vec::new(), header.into_bytes()),
+                    (false, false) => (bytes, header.into_bytes()),
+                };
+                let _ = out.write_all(&fast);
+                for piece in slow.chunks(chunk) {
+                    let sent = out.write_all(piece).and_then(|()| out.flush());
+                    if sent.is_err() {
+                        return;
+                    }
+                    std::thread::sleep(pause);
                 }
                 return;
             }

@@ -5,11 +5,11 @@
 //! than the descriptor's size is cut off at once. Whatever path the bytes took, the blob enters
 //! the cache only if its digest and size match.
 
-use futures_util::StreamExt;
 use reqwest::header::{AUTHORIZATION, CONTENT_RANGE, RANGE};
 
 use super::http::Failure;
-use super::{RegistrySource, Remote, error_chain};
+use super::rate::Body;
+use super::{RegistrySource, Remote};
 use crate::cache::{BlobLabel, BlobWriter, Cache};
 use crate::error::{Error, IoContext, Result};
 use crate::oci::digest::Digest;
@@ -118,6 +118,7 @@ impl RegistrySource {
         if download.received > 0 {
             request = request.header(RANGE, format!("bytes={}-", download.received));
         }
+        let network = &self.registries.config.network;
         let response = request
             .send()
             .await
@@ -164,17 +165,21 @@ impl RegistrySource {
             }
             _ => return Err(self.failure(remote, &response, failed).await),
         }
-        let mut stream = response.bytes_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| Failure::Transient {
-                error: failed(format!(
-                    "the transfer broke off after {} of {} bytes: {}",
-                    download.received,
-                    blob.size,
-                    error_chain(&e)
-                )),
-                after: None,
-            })?;
+        let mut body = Body::new(response, network);
+        loop {
+            let chunk = match body.chunk().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(Failure::Transient {
+                        error: failed(format!(
+                            "the transfer broke off after {} of {} bytes: {e}",
+                            download.received, blob.size,
+                        )),
+                        after: None,
+                    });
+                }
+            };
             download.received += chunk.len() as u64;
             // A registry that sends more than the descriptor promised is cut off at once,
             // not after it has filled the disk.

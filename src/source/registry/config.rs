@@ -9,6 +9,8 @@
 //! retry-delay = "500ms"    # the first wait; doubled each time, with jitter, at most 30 s
 //! connect-timeout = "10s"
 //! stall-timeout = "60s"    # a transfer that receives nothing for this long is retried
+//! min-rate = 1024          # bytes/s a body must keep over each window, else retried (0: off)
+//! rate-window = "30s"
 //! max-connections = 8      # layers fetched at once, across all images of a command
 //!
 //! [[registry]]
@@ -64,6 +66,12 @@ pub struct Network {
     pub stall_timeout: Duration,
     /// Layers fetched at once, across all images of one command.
     pub max_connections: usize,
+    /// Bytes per second a response body must keep, averaged over each `rate_window` (0: no
+    /// floor); a slower one is cut off and retried.
+    pub min_rate: u64,
+    /// The window `min_rate` is averaged over.
+    #[serde(with = "duration_text")]
+    pub rate_window: Duration,
 }
 
 impl Default for Network {
@@ -74,6 +82,8 @@ impl Default for Network {
             connect_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(60),
             max_connections: 8,
+            min_rate: 1024,
+            rate_window: Duration::from_secs(30),
         }
     }
 }
@@ -200,6 +210,9 @@ impl Config {
         }
         if self.network.max_connections == 0 {
             return Err("network.max-connections must be at least 1".into());
+        }
+        if self.network.rate_window.is_zero() {
+            return Err("network.rate-window must be longer than 0s".into());
         }
         Ok(())
     }

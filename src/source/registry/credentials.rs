@@ -20,6 +20,7 @@ use std::process::{Command, Stdio};
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
 
 use super::config::normalize_host;
 use crate::error::{Error, IoContext, Result};
@@ -35,7 +36,7 @@ pub fn basic_header(user: &str, password: &str) -> String {
     format!("Basic {}", basic_pair(user, password))
 }
 
-/// What a registry is given.
+/// What a registry is given. The secret is zeroed in memory when it is dropped.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Secret {
     /// A user name and password (or access token used as one).
@@ -43,10 +44,21 @@ pub enum Secret {
         /// The user name.
         username: String,
         /// The password.
-        password: String,
+        password: Zeroizing<String>,
     },
     /// An OAuth2 refresh token, exchanged at the registry's token service.
-    IdentityToken(String),
+    IdentityToken(Zeroizing<String>),
+}
+
+/// Makes this process non-dumpable, once it holds a secret: no core file, and no other
+/// process of the same user may read its memory (`/proc/PID/mem`, ptrace).
+pub fn keep_out_of_dumps() {
+    use rustix::process::{DumpableBehavior, set_dumpable_behavior};
+    if let Err(e) = set_dumpable_behavior(DumpableBehavior::NotDumpable) {
+        tracing::warn!(
+            "cannot make this process non-dumpable ({e}); a core dump could hold a secret"
+        );
+    }
 }
 
 impl fmt::Debug for Secret {
@@ -162,6 +174,14 @@ impl CredentialSources {
 
     /// Credentials for `repository` on `host`, if any source has them.
     pub fn lookup(&self, host: &str, repository: &str) -> Result<Option<Found>> {
+        let found = self.find(host, repository)?;
+        if found.is_some() {
+            keep_out_of_dumps();
+        }
+        Ok(found)
+    }
+
+    fn find(&self, host: &str, repository: &str) -> Result<Option<Found>> {
         if let Some(secret) = &self.explicit {
             return Ok(Some(Found {
                 secret: secret.clone(),
@@ -325,17 +345,21 @@ impl AuthEntry {
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(auth.trim())
                     .map_err(|_| bad_entry(host, "its \"auth\" is not base64"))?;
-                let text = String::from_utf8(bytes)
-                    .map_err(|_| bad_entry(host, "its \"auth\" is not UTF-8"))?;
+                let text = Zeroizing::new(
+                    String::from_utf8(bytes)
+                        .map_err(|_| bad_entry(host, "its \"auth\" is not UTF-8"))?,
+                );
                 let (user, password) = text
                     .split_once(':')
                     .ok_or_else(|| bad_entry(host, "its \"auth\" is not user:password"))?;
-                Some((user.to_owned(), password.to_owned()))
+                Some((user.to_owned(), Zeroizing::new(password.to_owned())))
             }
             _ => None,
         };
         Ok(match (&self.identitytoken, decoded) {
-            (Some(token), _) if !token.is_empty() => Some(Secret::IdentityToken(token.clone())),
+            (Some(token), _) if !token.is_empty() => {
+                Some(Secret::IdentityToken(Zeroizing::new(token.clone())))
+            }
             (_, Some((username, password))) => Some(Secret::Password { username, password }),
             _ => None,
         })
@@ -464,11 +488,11 @@ fn helper_get(name: &str, host: &str) -> Result<Option<Found>> {
         ),
     })?;
     let secret = if answer.username == "<token>" {
-        Secret::IdentityToken(answer.secret)
+        Secret::IdentityToken(Zeroizing::new(answer.secret))
     } else {
         Secret::Password {
             username: answer.username,
-            password: answer.secret,
+            password: Zeroizing::new(answer.secret),
         }
     };
     Ok(Some(Found {
@@ -509,7 +533,7 @@ mod tests {
             Some(Found {
                 secret: Secret::Password { username, password },
                 ..
-            }) => format!("{username}:{password}"),
+            }) => format!("{username}:{}", *password),
             other => format!("{other:?}"),
         };
         assert_eq!(user("index.docker.io", "library/node"), "hub:h");
@@ -521,7 +545,7 @@ mod tests {
         assert_eq!(user("reg.io", "x"), "None", "ports are part of the host");
         assert_eq!(
             f.lookup("tok.io", "x", p).unwrap().unwrap().secret,
-            Secret::IdentityToken("refresh-me".into())
+            Secret::IdentityToken(Zeroizing::new("refresh-me".into()))
         );
         let shown = format!("{:?}", f.lookup("reg.io:5000", "x", p).unwrap());
         assert!(
@@ -544,7 +568,7 @@ mod tests {
                 .secret,
             Secret::Password {
                 username: "me".into(),
-                password: "secret".into()
+                password: Zeroizing::new("secret".into())
             }
         );
         let mut back = back;

@@ -8,10 +8,11 @@ use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
 use reqwest::header::{ACCEPT, AUTHORIZATION, RETRY_AFTER};
 
+use super::rate::{Body, BodyError};
 use super::{RegistrySource, Remote, retry, token};
 use crate::error::Error;
 use crate::oci::digest::Digest;
-use crate::oci::image::{ACCEPTED_MANIFEST_TYPES, MAX_DOCUMENT};
+use crate::oci::image::ACCEPTED_MANIFEST_TYPES;
 
 /// Why one try failed.
 pub(super) enum Failure {
@@ -63,6 +64,7 @@ impl RegistrySource {
                         remote.reference.repository(),
                         basic,
                         unreachable,
+                        &self.registries.config.network,
                     )
                     .await;
                     match negotiated {
@@ -195,6 +197,8 @@ impl RegistrySource {
         if let Some(value) = self.authorization(remote).await? {
             request = request.header(AUTHORIZATION, value);
         }
+        let network = &self.registries.config.network;
+        // reqwest bounds the wait for the headers by the stall timeout in all.
         let response = request
             .send()
             .await
@@ -202,25 +206,30 @@ impl RegistrySource {
         if !response.status().is_success() {
             return Err(self.failure(remote, &response, failed).await);
         }
-        let too_large = || {
-            Failure::Final(failed(format!(
-                "it is larger than {MAX_DOCUMENT} bytes; refused"
-            )))
-        };
-        if response.content_length().is_some_and(|n| n > MAX_DOCUMENT) {
-            return Err(too_large());
+        Body::new(response, network)
+            .read_capped(self.registries.max_document)
+            .await
+            .map_err(|e| self.body_failure(remote, e, failed))
+    }
+
+    /// What a response that could not be read means: a broken connection as any failed
+    /// request, a slow one is retried, a document over the cap is refused.
+    fn body_failure(
+        &self,
+        remote: &Remote,
+        e: BodyError,
+        failed: impl Fn(String) -> Error,
+    ) -> Failure {
+        match e {
+            BodyError::Broken(e) => self.request_failure(remote, &e, failed),
+            BodyError::Slow(detail) => Failure::Transient {
+                error: failed(detail),
+                after: None,
+            },
+            BodyError::TooLarge => Failure::Final(failed(format!(
+                "it is larger than {} bytes (--max-document-size); refused",
+                self.registries.max_document
+            ))),
         }
-        // Read with the cap enforced as the bytes arrive: a server that sends no length, or
-        // lies about it, is cut off at the cap.
-        let mut body = Vec::new();
-        let mut stream = response.bytes_stream();
-        while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
-            let chunk = chunk.map_err(|e| self.request_failure(remote, &e, failed))?;
-            if (body.len() + chunk.len()) as u64 > MAX_DOCUMENT {
-                return Err(too_large());
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
     }
 }

@@ -58,4 +58,8 @@ impl Source for RegistrySource {
     fn registry(self: Arc<Self>) -> Option<Arc<RegistrySource>> {
         Some(self)
     }
+
+    fn max_document(&self) -> u64 {
+        self.registries.max_document
+    }
 }

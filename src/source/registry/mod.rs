@@ -17,6 +17,7 @@ mod http;
 mod image_source;
 mod login;
 pub mod push;
+mod rate;
 pub mod retry;
 pub mod token;
 pub mod transport;
@@ -34,6 +35,7 @@ use tokio::sync::Semaphore;
 
 use crate::error::{Error, Result};
 use crate::oci::digest::Digest;
+use crate::oci::image::MAX_DOCUMENT;
 use crate::source::progress::{Progress, Silent};
 use config::{Config, Endpoint};
 use credentials::{CredentialSources, Secret};
@@ -50,6 +52,9 @@ pub struct Registries {
     pub certs_base: Option<PathBuf>,
     /// Receives transfer events.
     pub progress: Arc<dyn Progress>,
+    /// The most bytes a document read whole (manifest, index, config) may have, from a
+    /// registry or a layout [default: [`MAX_DOCUMENT`]].
+    pub max_document: u64,
     connections: Arc<Semaphore>,
 }
 
@@ -77,7 +82,16 @@ impl Registries {
             credentials,
             certs_base,
             progress,
+            max_document: MAX_DOCUMENT,
             connections,
+        }
+    }
+
+    /// These registries, reading documents of at most `max_document` bytes.
+    pub fn with_max_document(self, max_document: u64) -> Self {
+        Registries {
+            max_document,
+            ..self
         }
     }
 
@@ -120,6 +134,19 @@ struct Remote {
     credentials_from: Option<String>,
     /// The `Authorization` header our own requests send, once negotiated.
     authorization: tokio::sync::Mutex<Option<Option<String>>>,
+}
+
+impl Drop for Remote {
+    /// The password or token it was given, and the header made of them, are zeroed.
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        if let RegistryAuth::Basic(_, secret) | RegistryAuth::Bearer(secret) = &mut self.auth {
+            secret.zeroize();
+        }
+        if let Some(Some(header)) = self.authorization.get_mut() {
+            header.zeroize();
+        }
+    }
 }
 
 impl Remote {
@@ -213,9 +240,11 @@ impl RegistrySource {
             Some(found) => {
                 tracing::debug!("credentials for {} from {}", endpoint.host, found.origin);
                 let auth = match found.secret {
-                    Secret::Password { username, password } => {
-                        RegistryAuth::Basic(username, password)
-                    }
+                    // Moved out, not copied: the found secret is left empty.
+                    Secret::Password {
+                        username,
+                        mut password,
+                    } => RegistryAuth::Basic(username, std::mem::take(&mut *password)),
                     Secret::IdentityToken(refresh) => {
                         let base = format!("{}://{}", transport.scheme, endpoint.host);
                         let access = token::exchange(
@@ -225,6 +254,7 @@ impl RegistrySource {
                             &repository,
                             &refresh,
                             &found.origin,
+                            &registries.config.network,
                         )
                         .await?;
                         RegistryAuth::Bearer(access)
@@ -332,7 +362,7 @@ impl RegistrySource {
     }
 
     /// A manifest's bytes from one endpoint, through our own client (the token `oci-client`
-    /// negotiated, or ours where it cannot go), never more than [`image::MAX_DOCUMENT`] bytes.
+    /// negotiated, or ours where it cannot go), never more than `max_document` bytes.
     async fn manifest_from(&self, remote: &Remote, digest: Option<&Digest>) -> Result<Vec<u8>> {
         self.manifest_over_http(remote, digest).await
     }

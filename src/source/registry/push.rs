@@ -53,7 +53,10 @@ impl Destination {
             .lookup(host, reference.repository())?
         {
             Some(found) => match found.secret {
-                Secret::Password { username, password } => RegistryAuth::Basic(username, password),
+                Secret::Password {
+                    username,
+                    mut password,
+                } => RegistryAuth::Basic(username, std::mem::take(&mut *password)),
                 Secret::IdentityToken(_) => {
                     return Err(push_error(
                         reference,

@@ -9,7 +9,27 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 
+use super::config::Network;
+use super::rate::{Body, BodyError};
 use crate::error::{Error, Result};
+
+/// The most bytes a token service's answer may have (a token is a few kilobytes).
+const MAX_TOKEN_ANSWER: u64 = 1 << 20;
+
+/// A token service's answer, read under the rate floor and [`MAX_TOKEN_ANSWER`].
+async fn token_answer(
+    answer: reqwest::Response,
+    network: &Network,
+) -> std::result::Result<TokenAnswer, String> {
+    let body = Body::new(answer, network)
+        .read_capped(MAX_TOKEN_ANSWER)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge => format!("more than {MAX_TOKEN_ANSWER} bytes"),
+            e => e.to_string(),
+        })?;
+    serde_json::from_slice(&body).map_err(|e| e.to_string())
+}
 
 /// The parameters of a `WWW-Authenticate: Bearer …` challenge (`realm`, `service`, …).
 pub fn bearer_challenge(header: &str) -> Option<HashMap<String, String>> {
@@ -61,6 +81,7 @@ pub async fn exchange(
     repository: &str,
     refresh_token: &str,
     origin: &str,
+    network: &Network,
 ) -> Result<String> {
     let refused = |why: String| Error::Unauthorized {
         reference: format!("{host}/{repository}"),
@@ -105,8 +126,7 @@ pub async fn exchange(
     if !status.is_success() {
         return Err(refused(format!("its token service answered {status}")));
     }
-    let answer: TokenAnswer = answer
-        .json()
+    let answer = token_answer(answer, network)
         .await
         .map_err(|e| refused(format!("its token service answered something else: {e}")))?;
     answer
@@ -126,6 +146,7 @@ pub async fn negotiate(
     repository: &str,
     basic: Option<(&str, &str)>,
     unreachable: impl Fn(reqwest::Error) -> Error,
+    network: &Network,
 ) -> Result<Option<String>> {
     let basic_header =
         basic.map(|(user, password)| super::credentials::basic_header(user, password));
@@ -163,11 +184,13 @@ pub async fn negotiate(
             hint: format!("its token service answered {status}"),
         });
     }
-    let answer: TokenAnswer = answer.json().await.map_err(|e| Error::Registry {
-        reference: format!("{host}/{repository}"),
-        registry: host.to_owned(),
-        detail: format!("its token service answered something else than a token: {e}"),
-    })?;
+    let answer = token_answer(answer, network)
+        .await
+        .map_err(|e| Error::Registry {
+            reference: format!("{host}/{repository}"),
+            registry: host.to_owned(),
+            detail: format!("its token service answered something else than a token: {e}"),
+        })?;
     Ok(answer
         .token
         .or(answer.access_token)

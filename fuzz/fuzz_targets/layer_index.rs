@@ -47,6 +47,8 @@ fuzz_target!(|input: &[u8]| {
     let limits = Limits {
         max_layer_size: 64 << 20,
         max_entry_metadata: 1 << 20,
+        max_entries: 100_000,
+        ..Limits::default()
     };
     if decode_layer(cache(), blob, &spec, &limits).is_ok() {
         let index = load_index(cache(), &diff_id).expect("a decoded layer has an index");

@@ -37,9 +37,10 @@ lint:
 test-unit:
 	$(CARGO) test --features test-support --lib --bins --examples
 
-# Property: random layer stacks merged equal a naive path-map model.
+# Property: random layer stacks merged equal a naive path-map model; random changes through
+# the writable core equal a plain directory, and its upper is their layer.
 test-property:
-	$(CARGO) test --test merge_model
+	$(CARGO) test --test merge_model --test overlay_model
 
 # Integration: the CLI against a real docker-registry on 127.0.0.1. The limits tests run one
 # at a time: their peak-memory check sees every child of the test binary.

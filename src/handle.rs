@@ -154,6 +154,62 @@ impl Dir {
         )?)
     }
 
+    /// Renames `from` here to `to` in `target` (replacing what is there unless `noreplace`),
+    /// neither followed if it is a link.
+    pub fn rename_into(
+        &self,
+        from: &OsStr,
+        target: &Dir,
+        to: &OsStr,
+        noreplace: bool,
+    ) -> io::Result<()> {
+        single(from)?;
+        single(to)?;
+        let flags = match noreplace {
+            true => RenameFlags::NOREPLACE,
+            false => RenameFlags::empty(),
+        };
+        Ok(rustix::fs::renameat_with(
+            &self.fd, from, &target.fd, to, flags,
+        )?)
+    }
+
+    /// Removes the name `name` (not a directory).
+    pub fn unlink(&self, name: &OsStr) -> io::Result<()> {
+        single(name)?;
+        Ok(rustix::fs::unlinkat(&self.fd, name, AtFlags::empty())?)
+    }
+
+    /// Opens the regular file `name` for reading, or reading and writing, never through a link.
+    pub fn open_file(&self, name: &OsStr, write: bool) -> io::Result<File> {
+        single(name)?;
+        let access = match write {
+            true => OFlags::RDWR,
+            false => OFlags::RDONLY,
+        };
+        let flags = access | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = rustix::fs::openat(&self.fd, name, flags, Mode::empty())?;
+        Ok(File::from(fd))
+    }
+
+    /// The target of the symlink `name`.
+    pub fn read_link(&self, name: &OsStr) -> io::Result<Vec<u8>> {
+        single(name)?;
+        Ok(rustix::fs::readlinkat(&self.fd, name, Vec::new())?.into_bytes())
+    }
+
+    /// The names in this directory (not `.` or `..`), in the order the filesystem gives them.
+    pub fn names_in(&self) -> io::Result<Vec<std::ffi::OsString>> {
+        let mut names = Vec::new();
+        for entry in rustix::fs::Dir::read_from(&self.fd)? {
+            let name = entry?.file_name().to_bytes().to_vec();
+            if !matches!(name.as_slice(), b"." | b"..") {
+                names.push(std::ffi::OsString::from_vec(name));
+            }
+        }
+        Ok(names)
+    }
+
     /// Removes the empty directory `name`.
     pub fn remove_dir(&self, name: &OsStr) -> io::Result<()> {
         single(name)?;

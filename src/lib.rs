@@ -14,7 +14,8 @@
 //! - [`cache`]: the content-addressed store and its whole on-disk format, gc and verify.
 //! - [`layer`]: a layer blob decoded into its content file and an index of its entries.
 //! - [`tree`]: the union of layers, whiteouts applied, as an immutable arena.
-//! - [`fs`]: the filesystem core (no FUSE types) and the thin `fuser` skin.
+//! - [`fs`]: the filesystem core (no FUSE types) and the thin `fuser` skin; `fs::overlay` is
+//!   the writable core over the tree and an [`upper`] (the changes, as an OCI layer's).
 //! - [`mount`]: putting a filesystem at a mountpoint and taking it away.
 //! - [`app`]: the pipelines the commands run (pull, prepare a mount, lock).
 //! - [`extract`] writes a tree to a directory; [`pack`] builds images from directories.
@@ -38,5 +39,6 @@ pub mod oci;
 pub mod pack;
 pub mod source;
 pub mod tree;
+pub mod upper;
 
 pub use error::{Error, Result};

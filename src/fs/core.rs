@@ -35,6 +35,16 @@ pub enum FsError {
     /// `getxattr` of a name the inode does not have.
     #[error("no such extended attribute")]
     NoXattr,
+    /// A name to be made is taken.
+    #[error("file exists")]
+    Exists,
+    /// A directory to be removed or replaced has entries.
+    #[error("directory not empty")]
+    NotEmpty,
+    /// A name the upper's format keeps for itself (`.wh.…`), or an operation this filesystem
+    /// does not do.
+    #[error("invalid argument")]
+    Invalid,
     /// Reading a layer's content failed.
     #[error("reading layer content: {0}")]
     Io(#[from] io::Error),
@@ -269,6 +279,28 @@ impl FsCore {
     /// Totals for `statfs`.
     pub fn statfs(&self) -> FsStats {
         self.stats
+    }
+
+    /// The merged tree.
+    pub fn tree(&self) -> &Tree {
+        &self.tree
+    }
+
+    /// Writes the whole content of the file `ino` into `out` (new and empty, at `dest`),
+    /// holes kept; its size.
+    pub fn copy_data(&self, ino: u64, out: &std::fs::File, dest: &std::path::Path) -> Result<u64> {
+        use crate::error::IoContext;
+        let id = self
+            .id(ino)
+            .map_err(|_| io::Error::from(io::ErrorKind::NotFound))
+            .at(dest)?;
+        let kind = &self.tree.node(id).kind;
+        self.content.copy_to(kind, out, dest).unwrap_or(Ok(0))
+    }
+
+    /// The extended attributes of `ino`, sorted by name.
+    pub fn xattrs(&self, ino: u64) -> Result<&[crate::layer::Xattr], FsError> {
+        Ok(&self.tree.node(self.id(ino)?).xattrs)
     }
 }
 

@@ -52,6 +52,9 @@ pub fn errno(e: &FsError) -> Errno {
         FsError::IsADirectory => Errno::EISDIR,
         FsError::NotASymlink => Errno::EINVAL,
         FsError::NoXattr => Errno::ENODATA,
+        FsError::Exists => Errno::EEXIST,
+        FsError::NotEmpty => Errno::ENOTEMPTY,
+        FsError::Invalid => Errno::EINVAL,
         FsError::Io(io) => {
             tracing::error!("{e}");
             io.raw_os_error().map_or(Errno::EIO, Errno::from_i32)

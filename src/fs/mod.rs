@@ -4,6 +4,7 @@
 pub mod content;
 pub mod core;
 pub mod fuse;
+pub mod overlay;
 pub mod stats;
 
 pub use self::core::{Attr, FileKind, FsCore, FsError};

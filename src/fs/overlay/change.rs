@@ -1,0 +1,425 @@
+//! The operations that write. Each holds the change lock for its whole length (the kernel
+//! already serialises conflicting operations on one directory; this keeps the table and the
+//! upper in step), copies up what it touches of the image, then changes the upper:
+//!
+//! - a name made where the image has one that was removed replaces its whiteout, and a
+//!   directory made there is opaque (the image's old entries stay gone);
+//! - a name removed that the image has gets a whiteout;
+//! - a rename moves the upper entry, whites out the old name if the image has it, and makes a
+//!   moved directory opaque where the image has the new name.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use rustix::fs::FileType;
+
+use super::{Inode, Overlay, key};
+use crate::fs::core::{Attr, FileKind, FsError};
+use crate::handle::Dir;
+use crate::upper;
+
+/// What to make with [`Overlay::make`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewEntry<'a> {
+    /// A directory.
+    Dir,
+    /// An empty regular file.
+    File,
+    /// A symlink to this target.
+    Symlink(&'a [u8]),
+    /// A FIFO.
+    Fifo,
+    /// A character device.
+    CharDevice(u32),
+    /// A block device.
+    BlockDevice(u32),
+}
+
+/// Changes to an inode's attributes (`None`: unchanged).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    /// Permission bits.
+    pub mode: Option<u32>,
+    /// Owner.
+    pub uid: Option<u32>,
+    /// Group.
+    pub gid: Option<u32>,
+    /// Size (truncate or extend).
+    pub size: Option<u64>,
+    /// Modification time, seconds and nanoseconds.
+    pub mtime: Option<(i64, u32)>,
+}
+
+impl Overlay {
+    fn change_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.change.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes `name` in `parent` with permission bits `mode`, owned by `owner` (a root mount's
+    /// requester; an ordinary user's mount owns everything it makes).
+    pub fn make(
+        &self,
+        parent: u64,
+        name: &[u8],
+        entry: NewEntry<'_>,
+        mode: u32,
+        owner: (u32, u32),
+    ) -> Result<Attr, FsError> {
+        let _change = self.change_lock();
+        if upper::is_reserved(name) || name.is_empty() || name.contains(&b'/') {
+            return Err(FsError::Invalid);
+        }
+        if self.find(parent, name)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        let dir = self.ensure_dir(parent)?;
+        let shadowed = self.lower_child(parent, name)?.is_some();
+        let os_name = OsStr::from_bytes(name);
+        remove_whiteout(&dir, name)?;
+        match entry {
+            NewEntry::Dir => {
+                let made = dir.create_dir(os_name, 0o700)?;
+                if shadowed {
+                    made.create_file(OsStr::from_bytes(upper::OPAQUE_MARKER), 0o600)?;
+                }
+            }
+            // Opened for writing only: reads open it again, for both, when first needed.
+            NewEntry::File => drop(dir.create_file(os_name, 0o600)?),
+            NewEntry::Symlink(target) => dir.symlink(os_name, OsStr::from_bytes(target))?,
+            NewEntry::Fifo => dir.mknod(os_name, FileType::Fifo, 0o600, 0)?,
+            NewEntry::CharDevice(rdev) => {
+                dir.mknod(os_name, FileType::CharacterDevice, 0o600, u64::from(rdev))?
+            }
+            NewEntry::BlockDevice(rdev) => {
+                dir.mknod(os_name, FileType::BlockDevice, 0o600, u64::from(rdev))?
+            }
+        }
+        if self.owner.is_none() {
+            dir.set_owner_at(os_name, owner.0, owner.1)?;
+        }
+        if !matches!(entry, NewEntry::Symlink(_)) {
+            dir.set_mode_at(os_name, mode & 0o7777)?;
+        }
+        let stat = dir.stat_at(os_name)?;
+        let mut state = self.write_state();
+        let ino = state.allocate();
+        state.by_upper.insert(key(&stat), ino);
+        state.inodes.insert(
+            ino,
+            Inode {
+                lower: None,
+                kind: super::file_kind(&stat),
+                upper: true,
+                opaque: shadowed && entry == NewEntry::Dir,
+                names: vec![(parent, name.to_vec())],
+                lookups: 1,
+                file: None,
+            },
+        );
+        let inode = state.inodes[&ino].clone();
+        self.upper_attr(&state, ino, &inode)
+    }
+
+    /// Gives the file `ino` the further name `name` in `parent`.
+    pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> Result<Attr, FsError> {
+        let _change = self.change_lock();
+        if upper::is_reserved(name) {
+            return Err(FsError::Invalid);
+        }
+        if self.find(parent, name)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        if self.getattr(ino)?.kind == FileKind::Directory {
+            return Err(FsError::IsADirectory);
+        }
+        self.copy_up(ino)?;
+        let target = self.ensure_dir(parent)?;
+        let state = self.read_state();
+        let (from, from_name) = self.place(&state, ino)?;
+        let from = self.upper_dir(&state, from)?;
+        drop(state);
+        remove_whiteout(&target, name)?;
+        target.hard_link(
+            &from,
+            OsStr::from_bytes(&from_name),
+            OsStr::from_bytes(name),
+        )?;
+        let mut state = self.write_state();
+        let inode = state.inodes.get_mut(&ino).ok_or(FsError::NotFound)?;
+        inode.names.push((parent, name.to_vec()));
+        inode.lookups += 1;
+        let inode = inode.clone();
+        self.upper_attr(&state, ino, &inode)
+    }
+
+    /// Removes the name `name` (not a directory) from `parent`.
+    pub fn unlink(&self, parent: u64, name: &[u8]) -> Result<(), FsError> {
+        let _change = self.change_lock();
+        let child = self.find(parent, name)?.ok_or(FsError::NotFound)?;
+        if child.kind == FileKind::Directory {
+            return Err(FsError::IsADirectory);
+        }
+        if child.nlink > 1 {
+            // The other names must keep a true link count: the upper copy has one.
+            self.copy_up(child.ino)?;
+        }
+        let dir = self.ensure_dir(parent)?;
+        self.drop_upper_name(&dir, parent, name, child.ino)?;
+        self.whiteout_if_shown_below(&dir, parent, name)
+    }
+
+    /// Removes the empty directory `name` from `parent`.
+    pub fn rmdir(&self, parent: u64, name: &[u8]) -> Result<(), FsError> {
+        let _change = self.change_lock();
+        let child = self.find(parent, name)?.ok_or(FsError::NotFound)?;
+        if child.kind != FileKind::Directory {
+            return Err(FsError::NotADirectory);
+        }
+        if self.readdir(child.ino)?.len() > 2 {
+            return Err(FsError::NotEmpty);
+        }
+        let dir = self.ensure_dir(parent)?;
+        self.drop_upper_name(&dir, parent, name, child.ino)?;
+        self.whiteout_if_shown_below(&dir, parent, name)
+    }
+
+    /// Renames `name` in `parent` to `new_name` in `new_parent`, replacing what is there
+    /// (unless `noreplace`) when the kinds allow it.
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        noreplace: bool,
+    ) -> Result<(), FsError> {
+        let _change = self.change_lock();
+        if upper::is_reserved(new_name) {
+            return Err(FsError::Invalid);
+        }
+        let source = self.find(parent, name)?.ok_or(FsError::NotFound)?;
+        let target = self.find(new_parent, new_name)?;
+        if let Some(target) = &target {
+            if target.ino == source.ino {
+                return Ok(());
+            }
+            if noreplace {
+                return Err(FsError::Exists);
+            }
+            match (source.kind, target.kind) {
+                (FileKind::Directory, FileKind::Directory)
+                    if self.readdir(target.ino)?.len() > 2 =>
+                {
+                    return Err(FsError::NotEmpty);
+                }
+                (FileKind::Directory, FileKind::Directory) => {}
+                (FileKind::Directory, _) => return Err(FsError::NotADirectory),
+                (_, FileKind::Directory) => return Err(FsError::IsADirectory),
+                _ => {}
+            }
+        }
+        match source.kind {
+            FileKind::Directory if self.shows_image(source.ino)? => {
+                self.copy_up_tree(source.ino, 0)?
+            }
+            FileKind::Directory => {}
+            _ => self.copy_up(source.ino)?,
+        }
+        let from = self.ensure_dir(parent)?;
+        let to = self.ensure_dir(new_parent)?;
+        if let Some(target) = &target {
+            if target.kind != FileKind::Directory && target.nlink > 1 {
+                self.copy_up(target.ino)?; // its other names keep a true link count
+            }
+            self.drop_upper_name(&to, new_parent, new_name, target.ino)?;
+        }
+        remove_whiteout(&to, new_name)?;
+        from.rename_into(
+            OsStr::from_bytes(name),
+            &to,
+            OsStr::from_bytes(new_name),
+            true,
+        )?;
+        self.whiteout_if_shown_below(&from, parent, name)?;
+        {
+            let mut state = self.write_state();
+            let inode = state.inodes.get_mut(&source.ino).ok_or(FsError::NotFound)?;
+            if let Some(place) = inode
+                .names
+                .iter_mut()
+                .find(|(d, n)| *d == parent && n == name)
+            {
+                *place = (new_parent, new_name.to_vec());
+            }
+        }
+        if source.kind == FileKind::Directory && self.lower_child(new_parent, new_name)?.is_some() {
+            let moved = to.open_dir(OsStr::from_bytes(new_name))?;
+            self.make_opaque(source.ino, &moved)?;
+        }
+        Ok(())
+    }
+
+    /// Applies `changes` to `ino`, copying it up first.
+    pub fn setattr(&self, ino: u64, changes: SetAttr) -> Result<Attr, FsError> {
+        let _change = self.change_lock();
+        let attr = self.getattr(ino)?;
+        if changes == SetAttr::default() {
+            return Ok(attr);
+        }
+        match attr.kind {
+            FileKind::Directory => drop(self.ensure_dir(ino)?),
+            _ => self.copy_up(ino)?,
+        }
+        let target = self.target(ino, attr.kind)?;
+        if let Some(size) = changes.size {
+            let Target::File(file) = &target else {
+                return Err(FsError::Invalid);
+            };
+            file.set_len(size)?;
+        }
+        if let Some(mode) = changes.mode.filter(|_| attr.kind != FileKind::Symlink) {
+            target.set_mode(mode & 0o7777)?;
+        }
+        if self.owner.is_none() && (changes.uid.is_some() || changes.gid.is_some()) {
+            let uid = changes.uid.unwrap_or(attr.uid);
+            target.set_owner(uid, changes.gid.unwrap_or(attr.gid))?;
+        }
+        if let Some((seconds, nanos)) = changes.mtime {
+            target.set_mtime(seconds, nanos)?;
+        }
+        self.getattr(ino)
+    }
+
+    /// What metadata changes of the copied-up `ino` go through: its open file, its directory,
+    /// or its name in its directory.
+    fn target(&self, ino: u64, kind: FileKind) -> Result<Target, FsError> {
+        if kind == FileKind::RegularFile {
+            return Ok(Target::File(
+                self.upper_file(ino)?.ok_or(FsError::NotFound)?,
+            ));
+        }
+        let state = self.read_state();
+        if kind == FileKind::Directory {
+            return Ok(Target::Dir(self.upper_dir(&state, ino)?));
+        }
+        let (dir, name) = self.place(&state, ino)?;
+        Ok(Target::At(self.upper_dir(&state, dir)?, name))
+    }
+
+    /// Writes `data` at `offset` of the file `ino`, copying it up first; how much was written.
+    pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
+        if self.upper_file(ino)?.is_none() {
+            let _change = self.change_lock();
+            self.copy_up(ino)?;
+        }
+        let file = self.upper_file(ino)?.ok_or(FsError::NotFound)?;
+        file.write_all_at(data, offset)?;
+        Ok(data.len() as u32)
+    }
+
+    /// Removes the upper's `name` in `dir` (the directory `parent`), if the upper has one, and
+    /// the place from the inode `ino`. A file still looked up is kept open, so it stays
+    /// readable until the kernel forgets it.
+    fn drop_upper_name(
+        &self,
+        dir: &Dir,
+        parent: u64,
+        name: &[u8],
+        ino: u64,
+    ) -> Result<(), FsError> {
+        let os_name = OsStr::from_bytes(name);
+        let held = {
+            let state = self.read_state();
+            self.known(&state, ino)?
+        };
+        let mut inode = match held {
+            Some(inode) => inode,
+            None => {
+                let attr = self.lower.getattr(ino)?;
+                Inode {
+                    lower: Some(super::lower_id(ino)),
+                    kind: attr.kind,
+                    upper: false,
+                    opaque: false,
+                    names: self.image_places(ino),
+                    lookups: 0,
+                    file: None,
+                }
+            }
+        };
+        if inode.upper {
+            match inode.kind {
+                FileKind::RegularFile if inode.file.is_none() => {
+                    inode.file = Some(Arc::new(dir.open_file(os_name, true)?));
+                }
+                FileKind::Directory => dir.open_dir(os_name)?.clear()?,
+                _ => {}
+            }
+            match inode.kind {
+                FileKind::Directory => dir.remove_dir(os_name)?,
+                _ => dir.unlink(os_name)?,
+            }
+        }
+        inode.names.retain(|(d, n)| !(*d == parent && n == name));
+        self.write_state().inodes.insert(ino, inode);
+        Ok(())
+    }
+
+    /// Writes a whiteout for `name` in `dir` (the directory `parent`) if the image shows a
+    /// `name` there.
+    fn whiteout_if_shown_below(&self, dir: &Dir, parent: u64, name: &[u8]) -> Result<(), FsError> {
+        if self.lower_child(parent, name)?.is_some() {
+            dir.create_file(&upper::whiteout_name(name), 0o600)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where an upper object's metadata is changed.
+enum Target {
+    /// A regular file, through its open handle (it may have no name any more).
+    File(Arc<std::fs::File>),
+    /// A directory, through its handle.
+    Dir(Dir),
+    /// Anything else, by its name in its directory (never followed).
+    At(Dir, Vec<u8>),
+}
+
+impl Target {
+    fn set_mode(&self, mode: u32) -> io::Result<()> {
+        match self {
+            Target::File(file) => crate::handle::set_mode(file.as_fd(), mode),
+            Target::Dir(dir) => crate::handle::set_mode(dir.as_fd(), mode),
+            Target::At(dir, name) => dir.set_mode_at(OsStr::from_bytes(name), mode),
+        }
+    }
+
+    fn set_owner(&self, uid: u32, gid: u32) -> io::Result<()> {
+        match self {
+            Target::File(file) => crate::handle::set_owner(file.as_fd(), uid, gid),
+            Target::Dir(dir) => dir.set_owner(uid, gid),
+            Target::At(dir, name) => dir.set_owner_at(OsStr::from_bytes(name), uid, gid),
+        }
+    }
+
+    fn set_mtime(&self, seconds: i64, nanos: u32) -> io::Result<()> {
+        match self {
+            Target::File(file) => crate::handle::set_mtime(file.as_fd(), seconds, nanos),
+            Target::Dir(dir) => crate::handle::set_mtime(dir.as_fd(), seconds, nanos),
+            Target::At(dir, name) => dir.set_mtime_at(OsStr::from_bytes(name), seconds, nanos),
+        }
+    }
+}
+
+/// Removes the whiteout of `name` in `dir`, if there is one.
+fn remove_whiteout(dir: &Dir, name: &[u8]) -> Result<(), FsError> {
+    match dir.unlink(&upper::whiteout_name(name)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}

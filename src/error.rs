@@ -234,6 +234,30 @@ pub enum Error {
         images: String,
     },
 
+    /// An upper (`--upper DIR`) was made over other images than the ones mounted now.
+    #[error(
+        "the upper {} was made over {made_over}, not over {now}; mount the images it was made over, or give another --upper",
+        dir.display()
+    )]
+    UpperOfOtherImages {
+        /// The upper's directory.
+        dir: PathBuf,
+        /// What it was made over (manifest digests, the subtree).
+        made_over: String,
+        /// What is mounted now.
+        now: String,
+    },
+
+    /// An upper is in use by a live mount.
+    #[error(
+        "the upper {} is in use by another mount; unmount that one first, or give another --upper",
+        dir.display()
+    )]
+    UpperInUse {
+        /// The upper's directory.
+        dir: PathBuf,
+    },
+
     /// The operating system refused a file operation on the named path.
     #[error("{}: {source}", path.display())]
     Io {

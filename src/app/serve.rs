@@ -1,16 +1,36 @@
 //! Serving prepared images at a mountpoint: the live mount recorded in the cache (so `gc`
 //! keeps what it uses and `jkmount status` finds it), the cache released for `gc` once that
-//! record holds, then the filesystem core handed to the mount until it is unmounted.
+//! record holds, then the filesystem core handed to the mount until it is unmounted: the
+//! image alone, or with an upper layer taking every change (kept in a directory the user
+//! names, or in the cache's temp space and removed at unmount).
+
+use std::path::PathBuf;
 
 use crate::app::prepare::Prepared;
 use crate::cache::records::{MountRecord, now};
-use crate::error::Result;
+use crate::error::{IoContext, Result};
 use crate::fs::FsCore;
+use crate::fs::overlay::Overlay;
+use crate::fs::served::Served;
 use crate::mount::{self, MountRequest, daemon};
+use crate::upper::{MadeOver, Upper};
+
+/// How a writable mount keeps its changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Writable {
+    /// Where the upper is kept (`--upper`); `None`: in the cache, removed at unmount.
+    pub upper: Option<PathBuf>,
+    /// The subtree mounted, as the upper records it.
+    pub subdir: String,
+}
 
 /// Serves `prepared` at the request's mountpoint until it is unmounted or signalled; tells
 /// whoever waits (the starting command, or systemd) once the mount is live.
-pub fn serve(prepared: Prepared, request: &MountRequest) -> Result<()> {
+pub fn serve(
+    prepared: Prepared,
+    request: &MountRequest,
+    writable: Option<&Writable>,
+) -> Result<()> {
     let Prepared {
         cache,
         using,
@@ -26,11 +46,37 @@ pub fn serve(prepared: Prepared, request: &MountRequest) -> Result<()> {
     })?;
     drop(using);
     let core = FsCore::new(mountable)?;
+    // A temporary upper lives in this process's temp space of the cache, removed with it.
+    let served = match writable {
+        None => Served::ReadOnly(core),
+        Some(writable) => {
+            let made_over = MadeOver {
+                images: pulled.iter().map(|p| p.manifest.to_string()).collect(),
+                subdir: writable.subdir.clone(),
+            };
+            let upper = match &writable.upper {
+                Some(dir) => Upper::open_for(dir, &made_over)?,
+                None => {
+                    let dir = cache.temp_path("upper");
+                    Upper::open(&dir).at(&dir)?
+                }
+            };
+            let owner = match nix::unistd::geteuid().is_root() {
+                true => None,
+                false => Some((
+                    nix::unistd::geteuid().as_raw(),
+                    nix::unistd::getegid().as_raw(),
+                )),
+            };
+            let path = upper.path().to_owned();
+            Served::Writable(Box::new(Overlay::new(core, upper, owner).at(path)?))
+        }
+    };
     let status = format!(
         "serving {} at {}",
         request.fsname,
         request.mountpoint.path.display()
     );
-    mount::serve(core, request, || daemon::report_ready(&status))?;
+    mount::serve(served, request, || daemon::report_ready(&status))?;
     Ok(())
 }

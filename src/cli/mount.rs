@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use jkmount::app::prepare::{Request, prepare};
+use jkmount::app::serve::Writable;
 use jkmount::mount::{self, MountRequest, daemon};
 use jkmount::oci::reference::ImageRef;
 
@@ -37,13 +38,21 @@ pub struct MountArgs {
     /// Present only this directory of the images.
     #[arg(long, value_name = "PATH")]
     subdir: Option<String>,
+    /// Accept changes: they go to an upper layer (in the cache, removed at unmount, unless
+    /// --upper); the images themselves never change.
+    #[arg(long)]
+    writable: bool,
+    /// Keep the changes in DIR (implies --writable): mounting the same images with the same
+    /// DIR again shows them again. DIR records what it was made over.
+    #[arg(long, value_name = "DIR")]
+    upper: Option<PathBuf>,
     /// Stay in the foreground and serve until unmounted or sent SIGTERM/SIGINT; under
     /// systemd (NOTIFY_SOCKET set) report readiness with sd_notify.
     #[arg(short, long)]
     foreground: bool,
     /// Mount options, comma-separated (as mount -t fuse.jkmount and fstab give them):
     /// modules, subdir=PATH, cache_dir=DIR, platform=P, lockfile=FILE, pull=POLICY, offline,
-    /// config=FILE, authfile=FILE, allow_other, noexec, nonempty (mount over a directory that
+    /// config=FILE, authfile=FILE, writable, upper=DIR, allow_other, noexec, nonempty (mount over a directory that
     /// has entries, hiding them; refused otherwise), allow_shared_parent (mount although
     /// another user may change the mountpoint's parent; refused otherwise); ro, nosuid, nodev,
     /// _netdev, noauto, x-systemd.* and the like are accepted and passed over.
@@ -80,6 +89,10 @@ impl MountArgs {
         }
         if let Some(lockfile) = &o.lockfile {
             self.lock.use_file(lockfile.clone());
+        }
+        self.writable |= o.writable;
+        if o.upper.is_some() {
+            self.upper.clone_from(&o.upper);
         }
         for (option, field) in [
             (&o.cache_dir, &mut global.cache_dir),
@@ -167,15 +180,20 @@ pub fn run(mut args: MountArgs, mut global: GlobalArgs) -> anyhow::Result<()> {
         args.subdir.as_deref()
     };
     let prepared = prepare(open_cache(global)?, &targets.request(subdir))?;
+    let writable = (args.writable || args.upper.is_some()).then(|| Writable {
+        upper: args.upper.clone(),
+        subdir: subdir.unwrap_or("/").to_owned(),
+    });
     let request = MountRequest {
         mountpoint: std::sync::Arc::new(mountpoint),
         fsname: prepared.mountable.name.clone(),
         threads: FUSE_THREADS,
         allow_other: mount_options.allow_other,
         noexec: mount_options.noexec,
+        writable: writable.is_some(),
         stats: Default::default(),
     };
-    jkmount::app::serve::serve(prepared, &request)?;
+    jkmount::app::serve::serve(prepared, &request, writable.as_ref())?;
     let counts = request.stats.to_json();
     tracing::info!("served {}: {counts}", request.mountpoint.path.display());
     match args.stats.as_deref() {

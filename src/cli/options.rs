@@ -29,6 +29,11 @@ pub struct MountOptions {
     pub config: Option<PathBuf>,
     /// `authfile=FILE`: the credentials file.
     pub authfile: Option<PathBuf>,
+    /// `writable`: changes go to an upper layer (never plain `rw`, which mount(8) gives every
+    /// helper whose fstab line lacks `ro`).
+    pub writable: bool,
+    /// `upper=DIR`: keep the changes in DIR (implies `writable`).
+    pub upper: Option<PathBuf>,
     /// `allow_other`: users other than the one mounting may read the mount.
     pub allow_other: bool,
     /// `noexec`: files in the mount cannot be executed.
@@ -43,7 +48,7 @@ pub struct MountOptions {
 
 /// Options a jkmount mount has whatever is asked, or that change nothing for it: `rw` and
 /// `suid`/`dev` are accepted (mount(8) adds them by itself) but the mount stays
-/// `ro,nosuid,nodev`.
+/// `nosuid,nodev`, and `ro` unless `writable` is asked for by name.
 const ALWAYS_SO: &[&str] = &[
     "ro",
     "rw",
@@ -81,6 +86,7 @@ const OWN_WITH_VALUE: &[&str] = &[
     "pull",
     "config",
     "authfile",
+    "upper",
 ];
 
 impl MountOptions {
@@ -124,6 +130,8 @@ impl MountOptions {
                 })
             }
             "offline" => self.offline = true,
+            "writable" => self.writable = true,
+            "upper" => self.upper = Some(value("DIR")?.into()),
             "allow_other" => self.allow_other = true,
             "noexec" => self.noexec = true,
             "nonempty" => self.nonempty = true,
@@ -135,7 +143,7 @@ impl MountOptions {
             _ if name.starts_with("x-") || name.starts_with("comment") => {}
             _ if name == "fsname" || name == "subtype" => {}
             _ => anyhow::bail!(
-                "unknown mount option {option:?}; jkmount takes modules, offline, allow_other, noexec, nonempty, allow_shared_parent, {}=…, and the standard ro, nosuid, nodev, _netdev, noauto, x-systemd.*",
+                "unknown mount option {option:?}; jkmount takes modules, offline, writable, allow_other, noexec, nonempty, allow_shared_parent, {}=…, and the standard ro, nosuid, nodev, _netdev, noauto, x-systemd.*",
                 OWN_WITH_VALUE.join("=…, ")
             ),
         }
@@ -171,7 +179,7 @@ mod tests {
     #[test]
     fn own_options_are_read() {
         let got = parse(
-            "ro,allow_other,modules,cache_dir=/var/cache/jk,platform=linux/arm64,lockfile=/etc/jk.lock,pull=always,noexec,config=/c.toml,authfile=/a.json,offline,nonempty,allow_shared_parent",
+            "ro,allow_other,modules,cache_dir=/var/cache/jk,platform=linux/arm64,lockfile=/etc/jk.lock,pull=always,noexec,config=/c.toml,authfile=/a.json,offline,nonempty,allow_shared_parent,writable,upper=/var/lib/up",
         )
         .unwrap();
         assert_eq!(
@@ -186,6 +194,8 @@ mod tests {
                 offline: true,
                 config: Some("/c.toml".into()),
                 authfile: Some("/a.json".into()),
+                writable: true,
+                upper: Some("/var/lib/up".into()),
                 allow_other: true,
                 noexec: true,
                 nonempty: true,

@@ -45,6 +45,9 @@ pub enum FsError {
     /// does not do.
     #[error("invalid argument")]
     Invalid,
+    /// A change asked of a read-only mount.
+    #[error("read-only file system")]
+    ReadOnly,
     /// Reading a layer's content failed.
     #[error("reading layer content: {0}")]
     Io(#[from] io::Error),

@@ -1,21 +1,28 @@
-//! The `fuser` skin over [`FsCore`]: each callback asks the core and replies, and
-//! [`errno`] is the one place errors become errno values. Here too is what we tell the
-//! kernel: nothing in an image ever changes, so entries, attributes, negative lookups, pages
-//! and directory listings may all be cached for as long as the mount lives.
+//! The `fuser` skin over what a mount serves ([`Served`]): each callback asks the core and
+//! replies, and [`errno`] is the one place errors become errno values. Here too is what we
+//! tell the kernel: nothing in an image ever changes, so entries, attributes, negative
+//! lookups, pages and directory listings may all be cached for as long as the mount lives. A
+//! writable mount keeps those timeouts: every change comes through the kernel, which updates
+//! its own caches for the operations it sends (entries, the parent's listing and attributes,
+//! a written file's size), so nothing it holds goes stale.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::time::{Duration, UNIX_EPOCH};
 
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, Generation, INodeNo, InitFlags,
-    KernelConfig, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    KernelConfig, OpenFlags, RenameFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
 };
 
-use std::sync::Arc;
-
-use super::core::{Attr, BLOCK_SIZE, FileKind, FsCore, FsError, MAX_NAME};
+use super::core::{Attr, BLOCK_SIZE, FileKind, FsError};
+use super::overlay::{NewEntry, SetAttr};
+use super::served::Served;
 use super::stats::{Op, Stats};
 
 /// How long the kernel may trust an entry, an attribute or a negative lookup: the image is
@@ -33,14 +40,57 @@ const WANTED: [InitFlags; 4] = [
 /// The filesystem as `fuser` sees it.
 #[derive(Debug)]
 pub struct FuseFs {
-    core: FsCore,
+    core: Served,
     stats: Arc<Stats>,
 }
 
 impl FuseFs {
     /// Wraps a core; every request is counted in `stats`.
-    pub fn new(core: FsCore, stats: Arc<Stats>) -> Self {
+    pub fn new(core: Served, stats: Arc<Stats>) -> Self {
         FuseFs { core, stats }
+    }
+
+    /// Replies to a request that made an entry.
+    fn entry(&self, made: Result<Attr, FsError>, reply: ReplyEntry) {
+        match made {
+            Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    /// Each directory entry from `offset` on, to `add` until it says the reply is full.
+    fn each_entry(
+        &self,
+        ino: u64,
+        offset: u64,
+        mut add: impl FnMut(&Attr, u64, &OsStr) -> bool,
+    ) -> Result<(), FsError> {
+        match &self.core {
+            Served::ReadOnly(core) => {
+                for e in core.readdir(ino, offset)? {
+                    if add(&e.attr, e.next_offset, OsStr::from_bytes(e.name)) {
+                        break;
+                    }
+                }
+            }
+            Served::Writable(fs) => {
+                let entries = fs.readdir(ino)?.into_iter().enumerate();
+                for (i, (name, attr)) in entries.skip(offset as usize) {
+                    if add(&attr, i as u64 + 1, OsStr::from_bytes(&name)) {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Replies to a request that answers nothing but success.
+    fn done(result: Result<(), FsError>, reply: ReplyEmpty) {
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 }
 
@@ -55,6 +105,7 @@ pub fn errno(e: &FsError) -> Errno {
         FsError::Exists => Errno::EEXIST,
         FsError::NotEmpty => Errno::ENOTEMPTY,
         FsError::Invalid => Errno::EINVAL,
+        FsError::ReadOnly => Errno::EROFS,
         FsError::Io(io) => {
             tracing::error!("{e}");
             io.raw_os_error().map_or(Errno::EIO, Errno::from_i32)
@@ -96,6 +147,38 @@ fn file_attr(a: &Attr) -> FileAttr {
         rdev: a.rdev,
         blksize: BLOCK_SIZE,
         flags: 0,
+    }
+}
+
+/// The requester, as the owner of what it makes (a root mount's; an ordinary user's mount owns
+/// all it makes).
+fn owner(req: &Request) -> (u32, u32) {
+    (req.uid(), req.gid())
+}
+
+/// The file-type bits of a mode (`S_IFMT`).
+const fn libc_type_mask() -> u32 {
+    0o170000
+}
+
+/// A time the kernel gives, as seconds and nanoseconds since the epoch.
+fn seconds_and_nanos(time: TimeOrNow) -> (i64, u32) {
+    let time = match time {
+        TimeOrNow::SpecificTime(time) => time,
+        TimeOrNow::Now => SystemTime::now(),
+    };
+    match time.duration_since(UNIX_EPOCH) {
+        Ok(after) => (after.as_secs() as i64, after.subsec_nanos()),
+        Err(before) => {
+            let (seconds, nanos) = (
+                before.duration().as_secs() as i64,
+                before.duration().subsec_nanos(),
+            );
+            match nanos {
+                0 => (-seconds, 0),
+                n => (-seconds - 1, 1_000_000_000 - n),
+            }
+        }
     }
 }
 
@@ -161,15 +244,16 @@ impl Filesystem for FuseFs {
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         self.stats.count(Op::Readlink);
         match self.core.readlink(ino.0) {
-            Ok(target) => reply.data(target),
+            Ok(target) => reply.data(&target),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
     /// `ENOSYS` tells the kernel that opening needs no daemon: from then on it opens files and
     /// directories itself (page cache kept, directory listings cached) and sends no `open`,
-    /// `opendir`, `release` or `releasedir` at all. Nothing is lost: the mount is read-only, so
-    /// the VFS refuses every open for writing, and directories never reach `open`.
+    /// `opendir`, `release` or `releasedir` at all. Nothing is lost: a read-only mount's VFS
+    /// refuses every open for writing; a writable mount gets writes by inode, truncation as
+    /// `setattr`, and copies up at the first of those, not at open.
     fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.stats.count(Op::Open);
         reply.error(Errno::ENOSYS);
@@ -197,8 +281,9 @@ impl Filesystem for FuseFs {
         }
     }
 
-    /// Nothing is ever written, so nothing needs flushing: `ENOSYS` stops the kernel sending a
-    /// `flush` on every close.
+    /// Nothing needs flushing: a read-only mount writes nothing, and a writable one has no
+    /// writeback cache, so every `write(2)` reached the core and got its own error. `ENOSYS`
+    /// stops the kernel sending a `flush` on every close.
     fn flush(
         &self,
         _req: &Request,
@@ -226,20 +311,11 @@ impl Filesystem for FuseFs {
         mut reply: ReplyDirectory,
     ) {
         self.stats.count(Op::Readdir);
-        match self.core.readdir(ino.0, offset) {
-            Ok(entries) => {
-                for e in entries {
-                    if reply.add(
-                        INodeNo(e.attr.ino),
-                        e.next_offset,
-                        file_type(e.attr.kind),
-                        OsStr::from_bytes(e.name),
-                    ) {
-                        break;
-                    }
-                }
-                reply.ok();
-            }
+        let listed = self.each_entry(ino.0, offset, |attr, next, name| {
+            reply.add(INodeNo(attr.ino), next, file_type(attr.kind), name)
+        });
+        match listed {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -253,37 +329,30 @@ impl Filesystem for FuseFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         self.stats.count(Op::Readdirplus);
-        match self.core.readdir(ino.0, offset) {
-            Ok(entries) => {
-                for e in entries {
-                    let name = OsStr::from_bytes(e.name);
-                    if reply.add(
-                        INodeNo(e.attr.ino),
-                        e.next_offset,
-                        name,
-                        &TTL,
-                        &file_attr(&e.attr),
-                        Generation(0),
-                    ) {
-                        break;
-                    }
-                }
-                reply.ok();
-            }
+        let listed = self.each_entry(ino.0, offset, |attr, next, name| {
+            let attr = file_attr(attr);
+            reply.add(INodeNo(attr.ino.0), next, name, &TTL, &attr, Generation(0))
+        });
+        match listed {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         self.stats.count(Op::Statfs);
-        let s = self.core.statfs();
-        reply.statfs(s.blocks, 0, 0, s.files, 0, BLOCK_SIZE, MAX_NAME, BLOCK_SIZE);
+        match self.core.statfs() {
+            Ok(s) => reply.statfs(
+                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         self.stats.count(Op::Getxattr);
         match self.core.getxattr(ino.0, name.as_bytes()) {
-            Ok(value) => reply_xattr(value, size, reply),
+            Ok(value) => reply_xattr(&value, size, reply),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -331,8 +400,231 @@ impl Filesystem for FuseFs {
         reply.ok();
     }
 
-    fn forget(&self, _req: &Request, _ino: INodeNo, _nlookup: u64) {
-        // Nothing to free: inodes are the tree's own node ids, valid for the mount's life.
+    /// A read-only mount frees nothing (inodes are the tree's node ids, valid for the mount's
+    /// life); a writable one drops a removed upper-only inode no longer looked up.
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         self.stats.count(Op::Forget);
+        self.core.forget(ino.0, nlookup);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        self.stats.count(Op::Change);
+        let made = self.core.writable().and_then(|fs| {
+            let mode = mode & !umask;
+            fs.make(parent.0, name.as_bytes(), NewEntry::Dir, mode, owner(req))
+        });
+        self.entry(made, reply);
+    }
+
+    /// Regular files are made here too: `create` answers `ENOSYS`, so the kernel makes a file
+    /// with `mknod` and then opens it itself (`open` answers `ENOSYS` as well).
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        self.stats.count(Op::Change);
+        let entry = match mode & libc_type_mask() {
+            0o100000 => Ok(NewEntry::File),
+            0o010000 => Ok(NewEntry::Fifo),
+            0o020000 => Ok(NewEntry::CharDevice(rdev)),
+            0o060000 => Ok(NewEntry::BlockDevice(rdev)),
+            _ => Err(FsError::Invalid),
+        };
+        let made = entry.and_then(|entry| {
+            let fs = self.core.writable()?;
+            fs.make(parent.0, name.as_bytes(), entry, mode & !umask, owner(req))
+        });
+        self.entry(made, reply);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: fuser::ReplyCreate,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        self.stats.count(Op::Change);
+        let made = self.core.writable().and_then(|fs| {
+            let entry = NewEntry::Symlink(target.as_os_str().as_bytes());
+            fs.make(parent.0, link_name.as_bytes(), entry, 0o777, owner(req))
+        });
+        self.entry(made, reply);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        self.stats.count(Op::Change);
+        let made =
+            (self.core.writable()).and_then(|fs| fs.link(ino.0, newparent.0, newname.as_bytes()));
+        self.entry(made, reply);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.stats.count(Op::Change);
+        let done = (self.core.writable()).and_then(|fs| fs.unlink(parent.0, name.as_bytes()));
+        Self::done(done, reply);
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.stats.count(Op::Change);
+        let done = (self.core.writable()).and_then(|fs| fs.rmdir(parent.0, name.as_bytes()));
+        Self::done(done, reply);
+    }
+
+    /// `RENAME_EXCHANGE` and `RENAME_WHITEOUT` are not done (`EINVAL`); `RENAME_NOREPLACE` is.
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.stats.count(Op::Change);
+        let done = self.core.writable().and_then(|fs| {
+            if !(flags - RenameFlags::RENAME_NOREPLACE).is_empty() {
+                return Err(FsError::Invalid);
+            }
+            let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+            let (from, to) = (name.as_bytes(), newname.as_bytes());
+            fs.rename(parent.0, from, newparent.0, to, noreplace)
+        });
+        Self::done(done, reply);
+    }
+
+    /// Owners change only on a root mount; access times are not kept (the mount shows the
+    /// modification time for all three).
+    #[allow(clippy::too_many_arguments)]
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        self.stats.count(Op::Change);
+        let changes = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            mtime: mtime.map(seconds_and_nanos),
+        };
+        let changed = match self.core.writable() {
+            Ok(fs) => fs.setattr(ino.0, changes),
+            // Nothing to change: a read-only mount answers what it has.
+            Err(_) if changes == SetAttr::default() => self.core.getattr(ino.0),
+            Err(e) => Err(e),
+        };
+        match changed {
+            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        self.stats.count(Op::Write);
+        match (self.core.writable()).and_then(|fs| fs.write(ino.0, offset, data)) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.stats.count(Op::Fsync);
+        let synced = (self.core.writable()).and_then(|fs| fs.sync(ino.0, datasync));
+        Self::done(synced, reply);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        self.stats.count(Op::Change);
+        let done = (self.core.writable())
+            .and_then(|fs| fs.change_xattr(ino.0, name.as_bytes(), Some(value)));
+        Self::done(done, reply);
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.stats.count(Op::Change);
+        let done =
+            (self.core.writable()).and_then(|fs| fs.change_xattr(ino.0, name.as_bytes(), None));
+        Self::done(done, reply);
     }
 }

@@ -5,6 +5,7 @@ pub mod content;
 pub mod core;
 pub mod fuse;
 pub mod overlay;
+pub mod served;
 pub mod stats;
 
 pub use self::core::{Attr, FileKind, FsCore, FsError};

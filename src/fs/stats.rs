@@ -40,9 +40,16 @@ pub enum Op {
     Access,
     /// `forget` / `batch_forget` (the kernel dropping inodes).
     Forget,
+    /// `write` of file data (writable mounts).
+    Write,
+    /// A request that changes names or metadata: `mkdir`, `mknod`, `symlink`, `link`,
+    /// `unlink`, `rmdir`, `rename`, `setattr`, `setxattr`, `removexattr` (writable mounts).
+    Change,
+    /// `fsync`.
+    Fsync,
 }
 
-const ALL: [Op; 16] = [
+const ALL: [Op; 19] = [
     Op::Lookup,
     Op::Getattr,
     Op::Readlink,
@@ -59,6 +66,9 @@ const ALL: [Op; 16] = [
     Op::Listxattr,
     Op::Access,
     Op::Forget,
+    Op::Write,
+    Op::Change,
+    Op::Fsync,
 ];
 
 impl Op {
@@ -81,6 +91,9 @@ impl Op {
             Op::Listxattr => "listxattr",
             Op::Access => "access",
             Op::Forget => "forget",
+            Op::Write => "write",
+            Op::Change => "change",
+            Op::Fsync => "fsync",
         }
     }
 }

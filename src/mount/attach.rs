@@ -108,14 +108,20 @@ fn mount_on_handle(
     for (key, value) in options.pairs() {
         rustix::mount::fsconfig_set_string(&context, key, value.as_str())?;
     }
-    for flag in ["default_permissions", "allow_other", "ro"] {
+    let read_only = (!request.writable).then_some("ro");
+    for flag in ["default_permissions", "allow_other"]
+        .into_iter()
+        .chain(read_only)
+    {
         rustix::mount::fsconfig_set_flag(&context, flag)?;
     }
     rustix::mount::fsconfig_create(&context)?;
-    let mut attributes = MountAttrFlags::MOUNT_ATTR_RDONLY
-        | MountAttrFlags::MOUNT_ATTR_NOSUID
+    let mut attributes = MountAttrFlags::MOUNT_ATTR_NOSUID
         | MountAttrFlags::MOUNT_ATTR_NODEV
         | MountAttrFlags::MOUNT_ATTR_NOATIME;
+    if !request.writable {
+        attributes |= MountAttrFlags::MOUNT_ATTR_RDONLY;
+    }
     if request.noexec {
         attributes |= MountAttrFlags::MOUNT_ATTR_NOEXEC;
     }
@@ -139,10 +145,12 @@ fn mount_on_proc_path(request: &MountRequest, options: &ConnectionOptions) -> io
         .map(|(key, value)| format!("{key}={value}"))
         .collect();
     data.extend(["default_permissions".into(), "allow_other".into()]);
-    let mut flags = nix::mount::MsFlags::MS_RDONLY
-        | nix::mount::MsFlags::MS_NOSUID
+    let mut flags = nix::mount::MsFlags::MS_NOSUID
         | nix::mount::MsFlags::MS_NODEV
         | nix::mount::MsFlags::MS_NOATIME;
+    if !request.writable {
+        flags |= nix::mount::MsFlags::MS_RDONLY;
+    }
     if request.noexec {
         flags |= nix::mount::MsFlags::MS_NOEXEC;
     }
@@ -207,7 +215,10 @@ fn mount_with_fusermount(request: &MountRequest) -> io::Result<OwnedFd> {
     )?;
     rustix::io::fcntl_setfd(&theirs, rustix::io::FdFlags::empty())?;
     let mut options = vec![
-        "ro".to_owned(),
+        match request.writable {
+            true => "rw".to_owned(),
+            false => "ro".to_owned(),
+        },
         "nosuid".into(),
         "nodev".into(),
         "noatime".into(),

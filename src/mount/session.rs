@@ -10,8 +10,8 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::unistd::Uid;
 
 use super::*;
-use crate::fs::FsCore;
 use crate::fs::fuse::FuseFs;
+use crate::fs::served::Served;
 
 /// How to mount.
 #[derive(Debug, Clone)]
@@ -26,6 +26,8 @@ pub struct MountRequest {
     pub allow_other: bool,
     /// Refuse to execute files from the mount.
     pub noexec: bool,
+    /// Mount read-write (the core takes the changes into an upper layer).
+    pub writable: bool,
     /// Where to count the requests served (`--stats`).
     pub stats: Arc<crate::fs::stats::Stats>,
 }
@@ -35,7 +37,7 @@ pub struct MountRequest {
 /// once the kernel has completed the FUSE handshake, so the mount is live; if it fails (nobody
 /// is waiting for the mount any more) the mount is taken down again.
 pub fn serve(
-    core: FsCore,
+    core: Served,
     request: &MountRequest,
     on_ready: impl FnOnce() -> io::Result<()>,
 ) -> Result<(), MountError> {

@@ -3,6 +3,8 @@
 //!
 //! ```text
 //! DIR/
+//!   upper.json    what it was made over: the images' manifest digests and the subtree
+//!   lock          locked by the mount using it
 //!   upper/        the changes, with the mount's root as its root:
 //!                   new and copied-up entries as themselves (hardlinks as hardlinks);
 //!                   .wh.NAME       an empty file: NAME of the layers below was removed
@@ -22,7 +24,18 @@ use std::io;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
+use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
 use crate::handle::Dir;
+
+/// `O_NOFOLLOW`: the lock file is never reached through a link.
+fn libc_nofollow() -> i32 {
+    rustix::fs::OFlags::NOFOLLOW.bits() as i32
+}
 
 /// What a whiteout's name starts with.
 pub const WHITEOUT_PREFIX: &[u8] = b".wh.";
@@ -43,6 +56,26 @@ pub fn is_reserved(name: &[u8]) -> bool {
     name.starts_with(WHITEOUT_PREFIX)
 }
 
+/// The record of what an upper was made over.
+const RECORD: &str = "upper.json";
+/// The lock a mount holds on the upper it uses.
+const LOCK: &str = "lock";
+
+/// What an upper was made over: changes make sense only on top of the same tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MadeOver {
+    /// The images' manifest digests, bottom first.
+    pub images: Vec<String>,
+    /// The subtree mounted (`/` for the root).
+    pub subdir: String,
+}
+
+impl std::fmt::Display for MadeOver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (subtree {})", self.images.join(" + "), self.subdir)
+    }
+}
+
 /// An open upper: its changes and its work directory, by handle.
 #[derive(Debug)]
 pub struct Upper {
@@ -50,6 +83,8 @@ pub struct Upper {
     root: Dir,
     work: Dir,
     fresh: bool,
+    /// Held while a mount uses it.
+    _lock: Option<File>,
 }
 
 impl Upper {
@@ -79,7 +114,57 @@ impl Upper {
             root,
             work,
             fresh,
+            _lock: None,
         })
+    }
+
+    /// Opens the upper in `dir` for a mount of `made_over`: locked against a second mount,
+    /// and refused if it was made over anything else (recorded the first time).
+    pub fn open_for(dir: &Path, made_over: &MadeOver) -> Result<Upper> {
+        std::fs::create_dir_all(dir).at(dir)?;
+        let lock_path = dir.join(LOCK);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc_nofollow())
+            .open(&lock_path)
+            .at(&lock_path)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::UpperInUse {
+                    dir: dir.to_owned(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e).at(&lock_path),
+        }
+        let record = dir.join(RECORD);
+        match std::fs::read(&record) {
+            Ok(bytes) => {
+                let had: MadeOver = serde_json::from_slice(&bytes).map_err(|e| {
+                    Error::io(&record, io::Error::new(io::ErrorKind::InvalidData, e))
+                })?;
+                if &had != made_over {
+                    return Err(Error::UpperOfOtherImages {
+                        dir: dir.to_owned(),
+                        made_over: had.to_string(),
+                        now: made_over.to_string(),
+                    });
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let text = serde_json::to_vec_pretty(made_over).expect("a record serializes");
+                let temp = dir.join(format!(".{RECORD}.new"));
+                std::fs::write(&temp, text).at(&temp)?;
+                std::fs::rename(&temp, &record).at(&record)?;
+            }
+            Err(e) => return Err(e).at(&record),
+        }
+        let mut upper = Upper::open(dir).at(dir)?;
+        upper._lock = Some(lock);
+        Ok(upper)
     }
 
     /// Where it is kept.
@@ -120,6 +205,29 @@ mod tests {
         assert!(is_reserved(OPAQUE_MARKER));
         assert!(is_reserved(b".wh.x"));
         assert!(!is_reserved(b".whx") && !is_reserved(b"wh.x"));
+    }
+
+    #[test]
+    fn is_kept_for_the_images_it_was_made_over_and_one_mount_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let made = MadeOver {
+            images: vec!["sha256:aa".into()],
+            subdir: "/jk/modules".into(),
+        };
+        let upper = Upper::open_for(dir.path(), &made).unwrap();
+        let err = Upper::open_for(dir.path(), &made).unwrap_err();
+        assert!(matches!(err, Error::UpperInUse { .. }), "{err}");
+        drop(upper);
+        Upper::open_for(dir.path(), &made).unwrap();
+        let other = MadeOver {
+            images: vec!["sha256:bb".into()],
+            ..made
+        };
+        let err = Upper::open_for(dir.path(), &other).unwrap_err().to_string();
+        assert!(
+            err.contains("was made over sha256:aa (subtree /jk/modules), not over sha256:bb"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -10,13 +10,13 @@
 
 use std::ffi::OsStr;
 use std::io;
-use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use rustix::fs::FileType;
 
+use super::target::Target;
 use super::{Inode, Overlay, key};
 use crate::fs::core::{Attr, FileKind, FsError};
 use crate::handle::Dir;
@@ -294,20 +294,33 @@ impl Overlay {
         self.getattr(ino)
     }
 
-    /// What metadata changes of the copied-up `ino` go through: its open file, its directory,
-    /// or its name in its directory.
-    fn target(&self, ino: u64, kind: FileKind) -> Result<Target, FsError> {
-        if kind == FileKind::RegularFile {
-            return Ok(Target::File(
-                self.upper_file(ino)?.ok_or(FsError::NotFound)?,
-            ));
+    /// Sets (`Some`) or removes (`None`) the extended attribute `name` of `ino`, copying it
+    /// up first.
+    pub fn change_xattr(&self, ino: u64, name: &[u8], value: Option<&[u8]>) -> Result<(), FsError> {
+        let _change = self.change_lock();
+        let attr = self.getattr(ino)?;
+        match attr.kind {
+            FileKind::Directory => drop(self.ensure_dir(ino)?),
+            _ => self.copy_up(ino)?,
         }
-        let state = self.read_state();
-        if kind == FileKind::Directory {
-            return Ok(Target::Dir(self.upper_dir(&state, ino)?));
+        let target = self.target(ino, attr.kind)?;
+        match value {
+            Some(value) => target.set_xattr(OsStr::from_bytes(name), value)?,
+            None => target.remove_xattr(OsStr::from_bytes(name))?,
         }
-        let (dir, name) = self.place(&state, ino)?;
-        Ok(Target::At(self.upper_dir(&state, dir)?, name))
+        Ok(())
+    }
+
+    /// Makes what was written to `ino` durable (its data only, with `data_only`).
+    pub fn sync(&self, ino: u64, data_only: bool) -> Result<(), FsError> {
+        let Some(file) = self.upper_file(ino)? else {
+            return Ok(());
+        };
+        match data_only {
+            true => file.sync_data()?,
+            false => file.sync_all()?,
+        }
+        Ok(())
     }
 
     /// Writes `data` at `offset` of the file `ino`, copying it up first; how much was written.
@@ -376,42 +389,6 @@ impl Overlay {
             dir.create_file(&upper::whiteout_name(name), 0o600)?;
         }
         Ok(())
-    }
-}
-
-/// Where an upper object's metadata is changed.
-enum Target {
-    /// A regular file, through its open handle (it may have no name any more).
-    File(Arc<std::fs::File>),
-    /// A directory, through its handle.
-    Dir(Dir),
-    /// Anything else, by its name in its directory (never followed).
-    At(Dir, Vec<u8>),
-}
-
-impl Target {
-    fn set_mode(&self, mode: u32) -> io::Result<()> {
-        match self {
-            Target::File(file) => crate::handle::set_mode(file.as_fd(), mode),
-            Target::Dir(dir) => crate::handle::set_mode(dir.as_fd(), mode),
-            Target::At(dir, name) => dir.set_mode_at(OsStr::from_bytes(name), mode),
-        }
-    }
-
-    fn set_owner(&self, uid: u32, gid: u32) -> io::Result<()> {
-        match self {
-            Target::File(file) => crate::handle::set_owner(file.as_fd(), uid, gid),
-            Target::Dir(dir) => dir.set_owner(uid, gid),
-            Target::At(dir, name) => dir.set_owner_at(OsStr::from_bytes(name), uid, gid),
-        }
-    }
-
-    fn set_mtime(&self, seconds: i64, nanos: u32) -> io::Result<()> {
-        match self {
-            Target::File(file) => crate::handle::set_mtime(file.as_fd(), seconds, nanos),
-            Target::Dir(dir) => crate::handle::set_mtime(dir.as_fd(), seconds, nanos),
-            Target::At(dir, name) => dir.set_mtime_at(OsStr::from_bytes(name), seconds, nanos),
-        }
     }
 }
 

@@ -18,6 +18,7 @@
 
 mod change;
 mod copyup;
+mod target;
 #[cfg(test)]
 mod tests;
 
@@ -531,6 +532,37 @@ impl Overlay {
                 Ok(self.lower.readlink(self.lower_ino(ino)?)?.to_vec())
             }
         }
+    }
+
+    /// The value of an extended attribute.
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>, FsError> {
+        let attr = self.getattr(ino)?;
+        if !self.held_by_upper(ino)? {
+            return Ok(self.lower.getxattr(self.lower_ino(ino)?, name)?.to_vec());
+        }
+        self.target(ino, attr.kind)?
+            .get_xattr(OsStr::from_bytes(name))?
+            .ok_or(FsError::NoXattr)
+    }
+
+    /// The names of an inode's extended attributes, each followed by a NUL.
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>, FsError> {
+        let attr = self.getattr(ino)?;
+        if !self.held_by_upper(ino)? {
+            return self.lower.listxattr(self.lower_ino(ino)?);
+        }
+        let mut out = Vec::new();
+        for name in self.target(ino, attr.kind)?.list_xattrs()? {
+            out.extend_from_slice(name.as_bytes());
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    /// Whether the upper holds `ino`.
+    fn held_by_upper(&self, ino: u64) -> Result<bool, FsError> {
+        let state = self.read_state();
+        Ok(self.known(&state, ino)?.is_some_and(|i| i.upper))
     }
 
     /// The kernel forgets `count` lookups of `ino`: an upper-only inode that is removed and

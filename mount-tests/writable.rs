@@ -1,0 +1,177 @@
+//! Writable mounts through /dev/fuse: the same changes made with ordinary tools (`mkdir`,
+//! `printf >`, `rm`, `mv`, `ln`, `chmod`, `truncate`) in a writable mount and in a plain
+//! directory holding the extracted image must leave the same tree; the image is unchanged
+//! afterwards; an upper kept with `--upper` shows the changes again, only over its own images,
+//! and only to one mount at a time.
+
+use std::path::Path;
+use std::process::Command;
+
+use super::support::registry::Registry;
+use super::support::{fails, jkmount, ok};
+use super::{Mounted, describe, push, run};
+
+/// Two layers under /jk/modules: files, a hardlink, directories to rename and remove, and a
+/// file the second layer replaces.
+const LAYERS: [&str; 2] = [
+    "d /jk/modules/a 755\n\
+     f /jk/modules/a/index.js 644 \"module.exports = 'a';\"\n\
+     f /jk/modules/a/data.txt 644 \"0123456789\"\n\
+     d /jk/modules/b 755\n\
+     f /jk/modules/b/x.js 644 \"x\"\n\
+     f /jk/modules/b/y.js 644 \"y\"\n\
+     h /jk/modules/b/hard /jk/modules/a/data.txt\n\
+     d /jk/modules/gone 755\n\
+     f /jk/modules/gone/old 644 \"old\"\n\
+     d /jk/modules/empty 755",
+    "f /jk/modules/b/y.js 640 \"y, second layer\"",
+];
+
+/// What tools that write into node_modules do, and more: run with `sh -e` in the tree's root.
+const CHANGES: &str = "\
+mkdir -p .cache/webpack
+printf 'cached' > .cache/webpack/0.pack
+printf ' module.exports += \"!\";' >> a/index.js
+rm b/x.js
+mv b c
+ln a/index.js a/again.js
+ln -s a/index.js top-link
+chmod 600 a/index.js
+rm -rf gone
+mkdir gone
+mv c/y.js a/y.js
+printf 'new' > c/new.js
+truncate -s 3 a/data.txt
+rmdir empty
+";
+
+/// `describe` less what differs between any two filesystems: times, and the link count of
+/// directories (a merged directory says 1, as overlayfs does, so that `find` does not count).
+fn shape(root: &Path) -> Vec<String> {
+    describe(root)
+        .into_iter()
+        .filter(|line| !line.starts_with("mtime "))
+        .map(|line| match line.strip_prefix("d ") {
+            Some(rest) => {
+                let mut fields: Vec<&str> = rest.split(' ').collect();
+                fields[2] = "-";
+                format!("d {}", fields.join(" "))
+            }
+            None => line,
+        })
+        .collect()
+}
+
+fn change(root: &Path) {
+    run(Command::new("sh")
+        .args(["-e", "-c", CHANGES])
+        .current_dir(root));
+}
+
+#[test]
+fn a_writable_mount_changes_as_a_plain_directory_would_and_leaves_the_image_as_it_was() {
+    let registry = Registry::start();
+    let (reference, _) = push(&registry, "libs/writable:1", &LAYERS);
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+
+    let native = work.path().join("native");
+    ok(jkmount(
+        &cache,
+        &["extract", "--modules", &reference, native.to_str().unwrap()],
+    ));
+    let image = shape(&native);
+    change(&native);
+
+    let mnt = work.path().join("node_modules");
+    {
+        let _m = Mounted::new(&cache, &["--writable", "--modules", &reference], &mnt);
+        assert_eq!(shape(&mnt), image, "the image as it is");
+        change(&mnt);
+        assert_eq!(
+            shape(&mnt),
+            shape(&native),
+            "the same changes, the same tree"
+        );
+        let out = run(Command::new("node")
+            .args(["-e", "console.log(require('./a/index.js'))"])
+            .current_dir(&mnt));
+        assert_eq!(out, "a!\n");
+        let statfs = run(Command::new("stat").args(["-f", "-c", "%a"]).arg(&mnt));
+        assert!(
+            statfs.trim().parse::<u64>().unwrap() > 0,
+            "free space is the upper's"
+        );
+    }
+    let _m = Mounted::new(&cache, &["--modules", &reference], &mnt);
+    assert_eq!(shape(&mnt), image, "the image is unchanged, the upper gone");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.contains(mnt.to_str().unwrap()) && l.contains(" ro,")),
+        "a mount not asked to be writable is read-only"
+    );
+}
+
+#[test]
+fn an_upper_kept_in_a_directory_comes_back_only_over_its_images_and_to_one_mount() {
+    let registry = Registry::start();
+    let (reference, _) = push(&registry, "libs/kept:1", &LAYERS);
+    let (other, _) = push(&registry, "libs/other:1", &["f /jk/modules/o.js 644 \"o\""]);
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let upper = work.path().join("upper");
+    let upper_arg = format!("upper={}", upper.display());
+    let mnt = work.path().join("mnt");
+    {
+        let _m = Mounted::new(&cache, &["-o", &upper_arg, "--modules", &reference], &mnt);
+        std::fs::write(mnt.join("a/kept.txt"), "kept").unwrap();
+        std::fs::remove_file(mnt.join("b/x.js")).unwrap();
+        let second = work.path().join("second");
+        std::fs::create_dir_all(&second).unwrap();
+        let err = fails(
+            jkmount(
+                &cache,
+                &[
+                    "--upper",
+                    upper.to_str().unwrap(),
+                    "--modules",
+                    &reference,
+                    second.to_str().unwrap(),
+                ],
+            ),
+            1,
+        );
+        assert!(err.contains("is in use by another mount"), "{err}");
+    }
+    assert!(upper.join("upper/a/kept.txt").is_file());
+    assert!(upper.join("upper/b/.wh.x.js").is_file());
+    {
+        let _m = Mounted::new(
+            &cache,
+            &["--upper", upper.to_str().unwrap(), "--modules", &reference],
+            &mnt,
+        );
+        assert_eq!(
+            std::fs::read_to_string(mnt.join("a/kept.txt")).unwrap(),
+            "kept"
+        );
+        assert!(!mnt.join("b/x.js").exists());
+    }
+    let err = fails(
+        jkmount(
+            &cache,
+            &[
+                "--upper",
+                upper.to_str().unwrap(),
+                "--modules",
+                &other,
+                mnt.to_str().unwrap(),
+            ],
+        ),
+        1,
+    );
+    assert!(err.contains("was made over sha256:"), "{err}");
+    assert!(err.contains("give another --upper"), "{err}");
+}

@@ -25,7 +25,7 @@ fn push_modules(registry: &Registry, name: &str, value: &str) -> String {
 
 /// Runs `script` with `sh -eu` in a private mount namespace (made by `unshare`: what the script
 /// mounts over system paths is seen by it alone), asserts it succeeded, returns its stdout.
-fn in_private_namespace(script: &str) -> String {
+pub(super) fn in_private_namespace(script: &str) -> String {
     let out = Command::new("unshare")
         .args([
             "--mount",
@@ -63,7 +63,7 @@ fn with_helper_on_path(work: &Path, script: &str) -> String {
 }
 
 /// Asserts every line of `expected` occurs in `said`.
-fn assert_says(said: &str, expected: &[&str]) {
+pub(super) fn assert_says(said: &str, expected: &[&str]) {
     for line in expected {
         assert!(said.contains(line), "no {line:?} in:\n{said}");
     }

@@ -175,3 +175,56 @@ fn an_upper_kept_in_a_directory_comes_back_only_over_its_images_and_to_one_mount
     assert!(err.contains("was made over sha256:"), "{err}");
     assert!(err.contains("give another --upper"), "{err}");
 }
+
+#[test]
+fn an_ordinary_users_writable_mount_shows_the_image_as_theirs_and_takes_their_changes() {
+    use std::os::unix::fs::PermissionsExt;
+    const NOBODY: u32 = 65534;
+    let registry = Registry::start();
+    let (reference, _) = push(&registry, "libs/users:1", &LAYERS);
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = work.path().join("jkmount");
+    std::fs::copy(super::support::jkmount_bin(), &bin).unwrap();
+    let home = work.path().join("home");
+    let mnt = home.join("node_modules");
+    for dir in [&home, &mnt] {
+        std::fs::create_dir_all(dir).unwrap();
+        std::os::unix::fs::chown(dir, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    let script = format!(
+        r#"trap 'umount -l {mnt} 2>/dev/null || true' EXIT
+as_user() {{ setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups env -i HOME={home} PATH=/usr/bin:/bin "$@"; }}
+mknod {work}/fuse c 10 229
+chmod 0666 {work}/fuse
+mount --bind {work}/fuse /dev/fuse
+as_user {bin} --writable --modules {reference} {mnt}
+echo "owner: $(as_user stat -c %u:%g {mnt}/a/index.js)"
+as_user sh -e -c 'mkdir -p {mnt}/.cache/jest && printf cached > {mnt}/.cache/jest/x && rm {mnt}/b/x.js && mv {mnt}/b {mnt}/c'
+echo "cache: $(as_user cat {mnt}/.cache/jest/x)"
+echo "names: $(as_user ls {mnt} | tr '\n' ' ')"
+echo "gone: $(as_user ls {mnt}/c | tr '\n' ' ')"
+grep " {mnt} " /proc/self/mountinfo | grep -o ' rw,[^ ]*' | head -1
+as_user {bin} unmount {mnt}
+as_user {bin} --modules {reference} {mnt}
+echo "after: $(as_user ls {mnt} | tr '\n' ' ')"
+as_user {bin} unmount {mnt}
+"#,
+        mnt = mnt.display(),
+        home = home.display(),
+        bin = bin.display(),
+        work = work.path().display(),
+    );
+    let said = super::deploy::in_private_namespace(&script);
+    super::deploy::assert_says(
+        &said,
+        &[
+            &format!("owner: {NOBODY}:{NOBODY}"),
+            "cache: cached",
+            "names: a c empty gone ",
+            "gone: hard y.js ",
+            " rw,nosuid,nodev",
+            "after: a b empty gone ",
+        ],
+    );
+}

@@ -228,3 +228,82 @@ as_user {bin} unmount {mnt}
         ],
     );
 }
+
+#[test]
+fn run_mounts_for_one_command_and_exits_with_its_status() {
+    let registry = Registry::start();
+    let (reference, _) = push(&registry, "libs/run:1", &LAYERS);
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let mnt = work.path().join("node_modules");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let script = format!(
+        "set -e; cd {m}; mkdir -p .cache/jest; printf x > .cache/jest/y; cat .cache/jest/y a/index.js; exit 3",
+        m = mnt.display()
+    );
+    let out = jkmount(
+        &cache,
+        &[
+            "run",
+            "--modules",
+            &reference,
+            mnt.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        super::support::shown(&out)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "xmodule.exports = 'a';"
+    );
+    assert!(!super::is_mounted(&mnt), "unmounted after the command");
+    assert_eq!(
+        std::fs::read_dir(&mnt).unwrap().count(),
+        0,
+        "nothing left behind"
+    );
+
+    let touch = |path: &Path| {
+        jkmount(
+            &cache,
+            &[
+                "run",
+                "--read-only",
+                "--modules",
+                &reference,
+                mnt.to_str().unwrap(),
+                "--",
+                "touch",
+                path.to_str().unwrap(),
+            ],
+        )
+    };
+    let err = fails(touch(&mnt.join("new")), 1);
+    assert!(err.contains("Read-only file system"), "{err}");
+    assert!(!super::is_mounted(&mnt));
+
+    let err = fails(
+        jkmount(
+            &cache,
+            &[
+                "run",
+                "--modules",
+                &registry.reference("libs/missing:1"),
+                mnt.to_str().unwrap(),
+                "--",
+                "true",
+            ],
+        ),
+        1,
+    );
+    assert!(err.contains("libs/missing:1"), "{err}");
+    assert!(!super::is_mounted(&mnt));
+}

@@ -12,7 +12,7 @@ use crate::error::{IoContext, Result};
 use crate::fs::FsCore;
 use crate::fs::overlay::Overlay;
 use crate::fs::served::Served;
-use crate::mount::{self, MountRequest, daemon};
+use crate::mount::{self, MountRequest};
 use crate::upper::{MadeOver, Upper};
 
 /// How a writable mount keeps its changes.
@@ -24,12 +24,14 @@ pub struct Writable {
     pub subdir: String,
 }
 
-/// Serves `prepared` at the request's mountpoint until it is unmounted or signalled; tells
-/// whoever waits (the starting command, or systemd) once the mount is live.
+/// Serves `prepared` at the request's mountpoint until it is unmounted or signalled;
+/// `on_ready` tells whoever waits (the starting command, systemd, `jkmount run`) once the
+/// mount is live.
 pub fn serve(
     prepared: Prepared,
     request: &MountRequest,
     writable: Option<&Writable>,
+    on_ready: impl FnOnce() -> std::io::Result<()>,
 ) -> Result<()> {
     let Prepared {
         cache,
@@ -72,11 +74,6 @@ pub fn serve(
             Served::Writable(Box::new(Overlay::new(core, upper, owner).at(path)?))
         }
     };
-    let status = format!(
-        "serving {} at {}",
-        request.fsname,
-        request.mountpoint.path.display()
-    );
-    mount::serve(served, request, || daemon::report_ready(&status))?;
+    mount::serve(served, request, on_ready)?;
     Ok(())
 }

@@ -12,6 +12,7 @@ mod options;
 mod pack;
 mod progress;
 mod pull;
+mod run;
 mod unmount;
 
 use std::path::PathBuf;
@@ -84,6 +85,9 @@ impl Cli {
 enum Command {
     /// Write the tree a mount would show to a plain directory (where there is no /dev/fuse).
     Extract(extract::ExtractArgs),
+    /// Mount (writable unless --read-only), run a command, unmount, and exit with its status:
+    /// jkmount run --modules IMAGE ./node_modules -- npm test
+    Run(run::RunArgs),
     /// Fetch images into the cache without mounting them (tags are asked at the registry).
     Pull(pull::PullArgs),
     /// Pin images to their current manifest digests in a lockfile (jkmount.lock).
@@ -439,6 +443,7 @@ pub fn init_logging(global: &GlobalArgs) {
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Extract(args)) => extract::run(args, &cli.global),
+        Some(Command::Run(args)) => run::run(args, cli.global),
         Some(Command::Pull(args)) => pull::run(args, &cli.global),
         Some(Command::Lock(args)) => lock::run(args, &cli.global),
         Some(Command::Pack(args)) => pack::pack(args, &cli.global),

@@ -41,11 +41,11 @@ pub struct MountArgs {
     /// Accept changes: they go to an upper layer (in the cache, removed at unmount, unless
     /// --upper); the images themselves never change.
     #[arg(long)]
-    writable: bool,
+    pub writable: bool,
     /// Keep the changes in DIR (implies --writable): mounting the same images with the same
     /// DIR again shows them again. DIR records what it was made over.
     #[arg(long, value_name = "DIR")]
-    upper: Option<PathBuf>,
+    pub upper: Option<PathBuf>,
     /// Stay in the foreground and serve until unmounted or sent SIGTERM/SIGINT; under
     /// systemd (NOTIFY_SOCKET set) report readiness with sd_notify.
     #[arg(short, long)]
@@ -61,7 +61,7 @@ pub struct MountArgs {
     /// When the mount ends, write the FUSE requests it served, counted by kind, to FILE as
     /// JSON (- for stderr); -v logs them too.
     #[arg(long, value_name = "FILE")]
-    stats: Option<PathBuf>,
+    pub stats: Option<PathBuf>,
     #[command(flatten)]
     resolve: ResolveArgs,
     #[command(flatten)]
@@ -71,7 +71,7 @@ pub struct MountArgs {
 impl MountArgs {
     /// Folds the `-o` options into the arguments they stand for (an option wins over a flag
     /// or environment variable saying otherwise).
-    fn apply_options(&mut self, global: &mut GlobalArgs) -> anyhow::Result<MountOptions> {
+    pub fn apply_options(&mut self, global: &mut GlobalArgs) -> anyhow::Result<MountOptions> {
         let o = MountOptions::parse(&self.options)?;
         self.modules |= o.modules;
         if let Some(subdir) = &o.subdir {
@@ -160,49 +160,95 @@ impl<'a> Targets<'a> {
 pub fn run(mut args: MountArgs, mut global: GlobalArgs) -> anyhow::Result<()> {
     let mount_options = args.apply_options(&mut global)?;
     let global = &global;
-    let targets = Targets::parse(&args.targets, &args.resolve, &args.lock, global)?;
     let is_server = daemon::is_server();
     if !args.foreground && !is_server {
+        // Checked here too, so that a bad reference fails before a server is started.
+        Targets::parse(&args.targets, &args.resolve, &args.lock, global)?;
         return start_server(global);
     }
     if is_server {
         daemon::become_server().context("cannot start the background server")?;
     }
-    let checks = mount::Checks {
-        allow_other: mount_options.allow_other,
-        nonempty: mount_options.nonempty,
-        allow_shared_parent: mount_options.allow_shared_parent,
-    };
-    let mountpoint = mount::preflight(&PathBuf::from(targets.dir), &checks)?;
-    let subdir = if args.modules {
-        Some(MODULES_DIR)
-    } else {
-        args.subdir.as_deref()
-    };
-    let prepared = prepare(open_cache(global)?, &targets.request(subdir))?;
-    let writable = (args.writable || args.upper.is_some()).then(|| Writable {
-        upper: args.upper.clone(),
-        subdir: subdir.unwrap_or("/").to_owned(),
-    });
-    let request = MountRequest {
-        mountpoint: std::sync::Arc::new(mountpoint),
-        fsname: prepared.mountable.name.clone(),
-        threads: FUSE_THREADS,
-        allow_other: mount_options.allow_other,
-        noexec: mount_options.noexec,
-        writable: writable.is_some(),
-        stats: Default::default(),
-    };
-    jkmount::app::serve::serve(prepared, &request, writable.as_ref())?;
-    let counts = request.stats.to_json();
-    tracing::info!("served {}: {counts}", request.mountpoint.path.display());
-    match args.stats.as_deref() {
-        Some(path) if path == std::path::Path::new("-") => eprintln!("{counts}"),
-        Some(path) => std::fs::write(path, format!("{counts}\n"))
-            .with_context(|| format!("cannot write --stats to {}", path.display()))?,
-        None => {}
+    let writable = args.writable || args.upper.is_some();
+    let mounting = Mounting::prepare(&args, &mount_options, global, writable)?;
+    let path = mounting.request.mountpoint.path.clone();
+    let status = format!("serving {} at {}", mounting.request.fsname, path.display());
+    mounting.serve(|| daemon::report_ready(&status), args.stats.as_deref())
+}
+
+/// A mount ready to be served: the mountpoint checked and held, the images pulled and merged.
+pub struct Mounting {
+    prepared: jkmount::app::prepare::Prepared,
+    /// How it is mounted.
+    pub request: MountRequest,
+    writable: Option<Writable>,
+}
+
+impl Mounting {
+    /// Checks the mountpoint and prepares the images (`writable`: with an upper layer, kept
+    /// in `--upper` if given).
+    pub fn prepare(
+        args: &MountArgs,
+        mount_options: &MountOptions,
+        global: &GlobalArgs,
+        writable: bool,
+    ) -> anyhow::Result<Mounting> {
+        let targets = Targets::parse(&args.targets, &args.resolve, &args.lock, global)?;
+        let checks = mount::Checks {
+            allow_other: mount_options.allow_other,
+            nonempty: mount_options.nonempty,
+            allow_shared_parent: mount_options.allow_shared_parent,
+        };
+        let mountpoint = mount::preflight(&PathBuf::from(targets.dir), &checks)?;
+        let subdir = if args.modules {
+            Some(MODULES_DIR)
+        } else {
+            args.subdir.as_deref()
+        };
+        let prepared = prepare(open_cache(global)?, &targets.request(subdir))?;
+        let writable = writable.then(|| Writable {
+            upper: args.upper.clone(),
+            subdir: subdir.unwrap_or("/").to_owned(),
+        });
+        let request = MountRequest {
+            mountpoint: std::sync::Arc::new(mountpoint),
+            fsname: prepared.mountable.name.clone(),
+            threads: FUSE_THREADS,
+            allow_other: mount_options.allow_other,
+            noexec: mount_options.noexec,
+            writable: writable.is_some(),
+            stats: Default::default(),
+        };
+        Ok(Mounting {
+            prepared,
+            request,
+            writable,
+        })
     }
-    Ok(())
+
+    /// Serves until unmounted; `on_ready` runs once the mount is live. The requests served
+    /// are logged, and written to `stats` if given (`-` for stderr).
+    pub fn serve(
+        self,
+        on_ready: impl FnOnce() -> std::io::Result<()>,
+        stats: Option<&std::path::Path>,
+    ) -> anyhow::Result<()> {
+        let Mounting {
+            prepared,
+            request,
+            writable,
+        } = self;
+        jkmount::app::serve::serve(prepared, &request, writable.as_ref(), on_ready)?;
+        let counts = request.stats.to_json();
+        tracing::info!("served {}: {counts}", request.mountpoint.path.display());
+        match stats {
+            Some(path) if path == std::path::Path::new("-") => eprintln!("{counts}"),
+            Some(path) => std::fs::write(path, format!("{counts}\n"))
+                .with_context(|| format!("cannot write --stats to {}", path.display()))?,
+            None => {}
+        }
+        Ok(())
+    }
 }
 
 /// Re-runs this command as a detached server and waits for it to say the mount is live.

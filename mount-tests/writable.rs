@@ -307,3 +307,98 @@ fn run_mounts_for_one_command_and_exits_with_its_status() {
     assert!(err.contains("libs/missing:1"), "{err}");
     assert!(!super::is_mounted(&mnt));
 }
+
+#[test]
+fn commit_makes_the_kept_changes_a_layer_that_mounts_and_unpacks_as_they_were() {
+    let registry = Registry::start();
+    let (reference, _) = push(&registry, "libs/commit:1", &LAYERS);
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let native = work.path().join("native");
+    ok(jkmount(
+        &cache,
+        &["extract", "--modules", &reference, native.to_str().unwrap()],
+    ));
+    change(&native);
+    let changed = shape(&native);
+
+    let upper = work.path().join("upper");
+    let mnt = work.path().join("mnt");
+    {
+        let args = ["--upper", upper.to_str().unwrap(), "--modules", &reference];
+        let _m = Mounted::new(&cache, &args, &mnt);
+        change(&mnt);
+        let err = fails(
+            jkmount(
+                &cache,
+                &[
+                    "commit",
+                    "--upper",
+                    upper.to_str().unwrap(),
+                    "--output",
+                    "oci:/nowhere",
+                ],
+            ),
+            1,
+        );
+        assert!(err.contains("is in use by another mount"), "{err}");
+    }
+    let layout = work.path().join("layout");
+    let to_layout = format!("oci:{}:1", layout.display());
+    ok(jkmount(
+        &cache,
+        &[
+            "commit",
+            "--upper",
+            upper.to_str().unwrap(),
+            "--output",
+            &to_layout,
+        ],
+    ));
+    let committed = registry.reference("libs/committed:1");
+    ok(jkmount(
+        &cache,
+        &[
+            "commit",
+            "--upper",
+            upper.to_str().unwrap(),
+            "--tag",
+            &committed,
+        ],
+    ));
+
+    for image in [&to_layout, &committed] {
+        let fresh = tempfile::tempdir().unwrap();
+        let _m = Mounted::new(fresh.path(), &["--modules", image], &mnt);
+        assert_eq!(shape(&mnt), changed, "{image} mounted");
+    }
+    let rootfs = work.path().join("unpacked");
+    run(Command::new("umoci")
+        .args([
+            "raw",
+            "unpack",
+            "--image",
+            &format!("{}:1", layout.display()),
+        ])
+        .arg(&rootfs));
+    assert_eq!(
+        shape(&rootfs.join("jk/modules")),
+        changed,
+        "umoci raw unpack"
+    );
+
+    let err = fails(
+        jkmount(
+            &cache,
+            &[
+                "commit",
+                "--upper",
+                native.to_str().unwrap(),
+                "--output",
+                &to_layout,
+            ],
+        ),
+        1,
+    );
+    assert!(err.contains("holds no upper.json"), "{err}");
+}

@@ -3,6 +3,7 @@
 //! references in a [`lockfile`]; [`prepare`] does all of it for a mount or an extraction,
 //! and [`serve`] hands the result to the mount. [`pack`] builds and pushes images.
 
+pub mod commit;
 pub mod lockfile;
 pub mod mountable;
 pub mod pack;

@@ -54,6 +54,7 @@ pub fn serve(
         Some(writable) => {
             let made_over = MadeOver {
                 images: pulled.iter().map(|p| p.manifest.to_string()).collect(),
+                references: pulled.iter().map(|p| p.shown.clone()).collect(),
                 subdir: writable.subdir.clone(),
             };
             let upper = match &writable.upper {

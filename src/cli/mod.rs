@@ -2,6 +2,7 @@
 //! dispatch to one file per subcommand.
 
 mod cache;
+mod commit;
 mod config;
 mod extract;
 mod generate;
@@ -97,6 +98,9 @@ enum Command {
     Pack(pack::PackArgs),
     /// Join images on a registry into one, without downloading their layers.
     Combine(pack::CombineArgs),
+    /// Make the changes a writable mount kept (--upper DIR) one more layer on top of the image
+    /// they were made over, and push it or write an OCI layout.
+    Commit(commit::CommitArgs),
     /// Inspect, check and tidy the cache.
     #[command(subcommand)]
     Cache(cache::CacheCommand),
@@ -448,6 +452,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Lock(args)) => lock::run(args, &cli.global),
         Some(Command::Pack(args)) => pack::pack(args, &cli.global),
         Some(Command::Combine(args)) => pack::combine(args, &cli.global),
+        Some(Command::Commit(args)) => commit::run(args, &cli.global),
         Some(Command::Cache(command)) => cache::run(command, &cli.global),
         Some(Command::Unmount(args)) => unmount::run(args),
         Some(Command::Status(args)) => unmount::status(args),

@@ -28,6 +28,25 @@ pub struct Output {
     output: Option<String>,
 }
 
+impl Output {
+    /// What was given, and where it goes.
+    pub fn target(&self) -> anyhow::Result<(&str, Target)> {
+        Ok(match (&self.tag, &self.output) {
+            (Some(tag), None) => match Target::parse(tag)? {
+                target @ Target::Registry(_) => (tag, target),
+                Target::Layout { .. } => anyhow::bail!(
+                    "--tag {tag:?} is not a registry reference; use --output for a layout"
+                ),
+            },
+            (None, Some(output)) => match Target::parse(output)? {
+                target @ Target::Layout { .. } => (output, target),
+                Target::Registry(_) => anyhow::bail!("--output {output:?} is not oci:DIR[:TAG]"),
+            },
+            _ => unreachable!("clap requires exactly one"),
+        })
+    }
+}
+
 /// How a layer is compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CompressionArg {
@@ -37,6 +56,16 @@ pub enum CompressionArg {
     Zstd,
     /// Plain tar.
     None,
+}
+
+impl From<CompressionArg> for Compression {
+    fn from(arg: CompressionArg) -> Compression {
+        match arg {
+            CompressionArg::Gzip => Compression::Gzip,
+            CompressionArg::Zstd => Compression::Zstd,
+            CompressionArg::None => Compression::None,
+        }
+    }
 }
 
 /// Arguments of `jkmount pack`.
@@ -108,7 +137,8 @@ fn parse_annotations(texts: &[String]) -> anyhow::Result<BTreeMap<String, String
         .collect()
 }
 
-fn pull_options(global: &GlobalArgs) -> anyhow::Result<PullOptions> {
+/// How `pack`, `combine` and `commit` fetch bases and reach registries.
+pub fn pull_options(global: &GlobalArgs) -> anyhow::Result<PullOptions> {
     Ok(PullOptions {
         policy: PullPolicy::Always,
         registries: Arc::new(registries(global)?),
@@ -119,28 +149,12 @@ fn pull_options(global: &GlobalArgs) -> anyhow::Result<PullOptions> {
 /// Builds the image and writes or pushes it; prints `REF DIGEST`.
 pub fn pack(args: PackArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     let mtime = pack::layer::source_date_epoch()?;
-    let compression = match args.compression {
-        CompressionArg::Gzip => Compression::Gzip,
-        CompressionArg::Zstd => Compression::Zstd,
-        CompressionArg::None => Compression::None,
-    };
+    let compression = Compression::from(args.compression);
     let (os, architecture) = args
         .platform
         .split_once('/')
         .with_context(|| format!("--platform {:?} is not OS/ARCH", args.platform))?;
-    let (shown, target) = match (&args.output.tag, &args.output.output) {
-        (Some(tag), None) => match Target::parse(tag)? {
-            target @ Target::Registry(_) => (tag, target),
-            Target::Layout { .. } => anyhow::bail!(
-                "--tag {tag:?} is not a registry reference; use --output for a layout"
-            ),
-        },
-        (None, Some(output)) => match Target::parse(output)? {
-            target @ Target::Layout { .. } => (output, target),
-            Target::Registry(_) => anyhow::bail!("--output {output:?} is not oci:DIR[:TAG]"),
-        },
-        _ => unreachable!("clap requires exactly one"),
-    };
+    let (shown, target) = args.output.target()?;
     if let Some(bad) = args.env.iter().find(|e| !e.contains('=')) {
         anyhow::bail!("--env {bad:?} is not KEY=VALUE");
     }
@@ -156,6 +170,8 @@ pub fn pack(args: PackArgs, global: &GlobalArgs) -> anyhow::Result<()> {
             dereference: args.dereference,
             mtime,
             compression,
+            exact_modes: false,
+            keep_times: false,
         },
         image: ImageOptions {
             os: os.to_owned(),

@@ -33,6 +33,11 @@ pub struct LayerOptions {
     pub mtime: u64,
     /// How the layer blob is compressed.
     pub compression: Compression,
+    /// Keep every mode as it is and read no `.jkmountignore` (a commit of a writable mount's
+    /// changes), instead of normalizing modes as git keeps them.
+    pub exact_modes: bool,
+    /// Keep each entry's own mtime instead of `mtime`.
+    pub keep_times: bool,
 }
 
 /// A packed layer, written to a file.
@@ -70,6 +75,7 @@ fn pack_error(path: &Path, detail: impl Into<String>) -> Error {
 
 /// The paths under `dir` to pack, relative, sorted by their bytes.
 fn collect(dir: &Path, options: &LayerOptions) -> Result<Vec<PathBuf>> {
+    let ignore_file = (!options.exact_modes).then_some(".jkmountignore");
     let mut overrides = ignore::overrides::OverrideBuilder::new(dir);
     for pattern in &options.exclude {
         overrides
@@ -79,12 +85,14 @@ fn collect(dir: &Path, options: &LayerOptions) -> Result<Vec<PathBuf>> {
     let overrides = overrides
         .build()
         .map_err(|e| pack_error(dir, e.to_string()))?;
-    let walk = ignore::WalkBuilder::new(dir)
-        .standard_filters(false)
-        .add_custom_ignore_filename(".jkmountignore")
+    let mut walk = ignore::WalkBuilder::new(dir);
+    walk.standard_filters(false)
         .follow_links(options.dereference)
-        .overrides(overrides)
-        .build();
+        .overrides(overrides);
+    if let Some(name) = ignore_file {
+        walk.add_custom_ignore_filename(name);
+    }
+    let walk = walk.build();
     let mut paths = Vec::new();
     for entry in walk {
         let entry = entry.map_err(|e| pack_error(dir, e.to_string()))?;
@@ -94,7 +102,7 @@ fn collect(dir: &Path, options: &LayerOptions) -> Result<Vec<PathBuf>> {
             .expect("the walk stays under its root")
             .to_owned();
         if relative.as_os_str().is_empty()
-            || relative.file_name() == Some(".jkmountignore".as_ref())
+            || ignore_file.is_some_and(|name| relative.file_name() == Some(name.as_ref()))
         {
             continue;
         }
@@ -149,6 +157,7 @@ pub fn pack_dir(dir: &Path, options: &LayerOptions, dest: &Path) -> Result<Packe
     };
     let mut entry = EntryWriter {
         mtime,
+        exact: (options.exact_modes, options.keep_times),
         dest,
         first_names: HashMap::new(),
     };
@@ -182,6 +191,8 @@ pub fn pack_dir(dir: &Path, options: &LayerOptions, dest: &Path) -> Result<Packe
 /// Appends entries to a layer's tar, one per packed path.
 struct EntryWriter<'a> {
     mtime: u64,
+    /// Keep modes, keep times.
+    exact: (bool, bool),
     dest: &'a Path,
     /// A file with more than one name is stored once; its other names (later in path order)
     /// become hardlink entries to the first, as tar and the kernel keep them.
@@ -196,15 +207,22 @@ impl EntryWriter<'_> {
         name: &Path,
         meta: &std::fs::Metadata,
     ) -> Result<()> {
-        let (mtime, dest) = (self.mtime, self.dest);
+        let dest = self.dest;
         let kind = meta.file_type();
-        let mode = match meta.permissions().mode() & 0o111 {
-            0 => 0o644,
-            _ => 0o755,
+        let (exact_modes, keep_times) = self.exact;
+        let mtime = match keep_times {
+            true => u64::try_from(meta.mtime()).unwrap_or(0),
+            false => self.mtime,
+        };
+        let mode = match (exact_modes, meta.permissions().mode() & 0o111) {
+            (true, _) => meta.permissions().mode() & 0o7777,
+            (false, 0) => 0o644,
+            (false, _) => 0o755,
         };
         let inode = (meta.dev(), meta.ino());
         if kind.is_dir() {
-            let mut h = header(tar::EntryType::Directory, 0o755, mtime);
+            let mode = if exact_modes { mode } else { 0o755 };
+            let mut h = header(tar::EntryType::Directory, mode, mtime);
             let mut dir_name = name.as_os_str().to_owned();
             dir_name.push("/");
             tar.append_data(&mut h, &dir_name, io::empty()).at(dest)

@@ -66,8 +66,31 @@ const LOCK: &str = "lock";
 pub struct MadeOver {
     /// The images' manifest digests, bottom first.
     pub images: Vec<String>,
+    /// The images as they were named, for `commit` to find them again.
+    #[serde(default)]
+    pub references: Vec<String>,
     /// The subtree mounted (`/` for the root).
     pub subdir: String,
+}
+
+impl MadeOver {
+    /// Whether changes made over `self` belong over `other` too: the same manifests and
+    /// subtree, however the images were named.
+    pub fn same_tree(&self, other: &MadeOver) -> bool {
+        self.images == other.images && self.subdir == other.subdir
+    }
+
+    /// The record of the upper kept in `dir`, if it has one.
+    pub fn read(dir: &Path) -> Result<Option<MadeOver>> {
+        let record = dir.join(RECORD);
+        match std::fs::read(&record) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| Error::io(&record, io::Error::new(io::ErrorKind::InvalidData, e))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).at(&record),
+        }
+    }
 }
 
 impl std::fmt::Display for MadeOver {
@@ -118,10 +141,9 @@ impl Upper {
         })
     }
 
-    /// Opens the upper in `dir` for a mount of `made_over`: locked against a second mount,
-    /// and refused if it was made over anything else (recorded the first time).
-    pub fn open_for(dir: &Path, made_over: &MadeOver) -> Result<Upper> {
-        std::fs::create_dir_all(dir).at(dir)?;
+    /// Locks the upper kept in `dir` against any mount (and so any change) while the lock is
+    /// held; refused if a live mount uses it.
+    pub fn lock(dir: &Path) -> Result<File> {
         let lock_path = dir.join(LOCK);
         let lock = std::fs::OpenOptions::new()
             .create(true)
@@ -132,35 +154,40 @@ impl Upper {
             .open(&lock_path)
             .at(&lock_path)?;
         match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(Error::UpperInUse {
+            Ok(()) => Ok(lock),
+            Err(std::fs::TryLockError::WouldBlock) => Err(Error::UpperInUse {
+                dir: dir.to_owned(),
+            }),
+            Err(std::fs::TryLockError::Error(e)) => Err(e).at(&lock_path),
+        }
+    }
+
+    /// The directory holding the changes (`DIR/upper`).
+    pub fn changes_path(dir: &Path) -> PathBuf {
+        dir.join(UPPER)
+    }
+
+    /// Opens the upper in `dir` for a mount of `made_over`: locked against a second mount,
+    /// and refused if it was made over anything else (recorded the first time).
+    pub fn open_for(dir: &Path, made_over: &MadeOver) -> Result<Upper> {
+        std::fs::create_dir_all(dir).at(dir)?;
+        let lock = Upper::lock(dir)?;
+        let record = dir.join(RECORD);
+        match MadeOver::read(dir)? {
+            Some(had) if !had.same_tree(made_over) => {
+                return Err(Error::UpperOfOtherImages {
                     dir: dir.to_owned(),
+                    made_over: had.to_string(),
+                    now: made_over.to_string(),
                 });
             }
-            Err(std::fs::TryLockError::Error(e)) => return Err(e).at(&lock_path),
-        }
-        let record = dir.join(RECORD);
-        match std::fs::read(&record) {
-            Ok(bytes) => {
-                let had: MadeOver = serde_json::from_slice(&bytes).map_err(|e| {
-                    Error::io(&record, io::Error::new(io::ErrorKind::InvalidData, e))
-                })?;
-                if &had != made_over {
-                    return Err(Error::UpperOfOtherImages {
-                        dir: dir.to_owned(),
-                        made_over: had.to_string(),
-                        now: made_over.to_string(),
-                    });
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Some(_) => {}
+            None => {
                 let text = serde_json::to_vec_pretty(made_over).expect("a record serializes");
                 let temp = dir.join(format!(".{RECORD}.new"));
                 std::fs::write(&temp, text).at(&temp)?;
                 std::fs::rename(&temp, &record).at(&record)?;
             }
-            Err(e) => return Err(e).at(&record),
         }
         let mut upper = Upper::open(dir).at(dir)?;
         upper._lock = Some(lock);
@@ -212,6 +239,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let made = MadeOver {
             images: vec!["sha256:aa".into()],
+            references: vec!["r/a:1".into()],
             subdir: "/jk/modules".into(),
         };
         let upper = Upper::open_for(dir.path(), &made).unwrap();

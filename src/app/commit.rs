@@ -1,0 +1,118 @@
+//! `commit`: the changes kept in an upper (`--upper DIR`) become one more layer on top of the
+//! image they were made over, written to an OCI layout or pushed with the base layers
+//! referenced. The upper is already in the form of an OCI layer's changeset (whiteouts,
+//! opaque markers, hardlinks), so the layer is `upper/` packed as it is: under the subtree
+//! that was mounted, in byte order, owners normalized to 0:0 as `pack` does, modes kept, times
+//! kept unless asked to normalize. The image itself is pinned by the digest the upper recorded.
+
+use std::path::Path;
+
+use crate::app::pack::{PackRequest, Target};
+use crate::app::pull::{self, PullOptions};
+use crate::cache::Cache;
+use crate::error::{Error, Result};
+use crate::oci::image::Compression;
+use crate::oci::reference::ImageRef;
+use crate::pack::{ImageOptions, LayerOptions, PackedImage};
+use crate::upper::{MadeOver, Upper};
+
+/// What `commit` is asked to do.
+pub struct CommitRequest<'a> {
+    /// The upper's directory (what was given to `--upper`).
+    pub upper: &'a Path,
+    /// Where the image goes.
+    pub target: &'a Target,
+    /// Give every entry the same time (`SOURCE_DATE_EPOCH`, else 1980), as `pack` does.
+    pub normalize_times: bool,
+    /// How the new layer is compressed.
+    pub compression: Compression,
+    /// How the base is fetched, and the registries pushed to.
+    pub pull: &'a PullOptions,
+}
+
+fn commit_error(upper: &Path, detail: impl Into<String>) -> Error {
+    Error::Pack {
+        path: upper.to_owned(),
+        detail: detail.into(),
+    }
+}
+
+/// Writes or pushes the image made over the upper's base with its changes on top.
+pub fn commit(cache: &Cache, request: &CommitRequest<'_>) -> Result<PackedImage> {
+    let upper = request.upper;
+    // No mount may change it while it is read.
+    let _held = Upper::lock(upper)?;
+    let made = MadeOver::read(upper)?.ok_or_else(|| {
+        commit_error(
+            upper,
+            "holds no upper.json, so it is not an upper jkmount kept: give the directory that was given to --upper",
+        )
+    })?;
+    let ([digest], [reference]) = (made.images.as_slice(), made.references.as_slice()) else {
+        return Err(commit_error(
+            upper,
+            format!(
+                "was made over {} images; commit works on one: join them first (jkmount combine) and mount that",
+                made.images.len()
+            ),
+        ));
+    };
+    let base = pinned(ImageRef::parse(reference)?, digest)?;
+    let documents =
+        crate::app::prepare::runtime()?.block_on(pull::documents(cache, &base, request.pull))?;
+    if documents.manifest_digest.to_string() != *digest {
+        return Err(commit_error(
+            upper,
+            format!(
+                "was made over {reference} at {digest}, which is now {}: mount that image with this upper again, or commit elsewhere",
+                documents.manifest_digest
+            ),
+        ));
+    }
+    let mtime = crate::pack::layer::source_date_epoch()?;
+    let pack = PackRequest {
+        dir: &Upper::changes_path(upper),
+        target: request.target,
+        layer: LayerOptions {
+            prefix: made.subdir.trim_start_matches('/').to_owned(),
+            exclude: Vec::new(),
+            dereference: false,
+            mtime,
+            compression: request.compression,
+            exact_modes: true,
+            keep_times: !request.normalize_times,
+        },
+        image: ImageOptions {
+            annotations: commit_annotations(request.target, mtime),
+            ..ImageOptions::default()
+        },
+        base: Some(&base),
+        pull: request.pull,
+    };
+    crate::app::pack::pack(cache, &pack)
+}
+
+/// A registry reference pinned to `digest`; a layout is checked against it after reading.
+fn pinned(image: ImageRef, digest: &str) -> Result<ImageRef> {
+    Ok(match image {
+        ImageRef::Registry(r) => ImageRef::Registry(oci_client::Reference::with_digest(
+            r.registry().to_owned(),
+            r.repository().to_owned(),
+            digest.to_owned(),
+        )),
+        layout => layout,
+    })
+}
+
+/// The annotations of a committed image: its creation time, and title and version from the
+/// target as `pack` gives them.
+fn commit_annotations(target: &Target, mtime: u64) -> std::collections::BTreeMap<String, String> {
+    let (title, version) = target.title_and_version();
+    crate::app::pack::annotations(
+        mtime,
+        title.as_deref(),
+        version.as_deref(),
+        None,
+        Default::default(),
+    )
+}

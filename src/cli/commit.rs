@@ -1,0 +1,50 @@
+//! `jkmount commit --upper DIR (--tag REF | --output oci:DIR[:TAG])`: the changes a writable
+//! mount kept in DIR become one more layer on top of the image they were made over.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use jkmount::app::commit::CommitRequest;
+use jkmount::oci::image::Compression;
+
+use super::pack::{CompressionArg, Output, pull_options};
+use super::{GlobalArgs, open_cache};
+
+/// Arguments of `jkmount commit`.
+#[derive(Debug, Args)]
+pub struct CommitArgs {
+    /// The upper: the directory given to --upper (unmount the mount using it first).
+    #[arg(long, value_name = "DIR")]
+    upper: PathBuf,
+    #[command(flatten)]
+    output: Output,
+    /// Give every entry one time (SOURCE_DATE_EPOCH, else 1980-01-01), as pack does, instead of
+    /// the times the changes were made.
+    #[arg(long)]
+    normalize_times: bool,
+    /// The new layer's compression.
+    #[arg(long, value_enum, default_value_t = CompressionArg::Gzip)]
+    compression: CompressionArg,
+}
+
+/// Writes or pushes the committed image; prints `REF DIGEST`.
+pub fn run(args: CommitArgs, global: &GlobalArgs) -> anyhow::Result<()> {
+    let (shown, target) = args.output.target()?;
+    let options = pull_options(global)?;
+    let request = CommitRequest {
+        upper: &args.upper,
+        target: &target,
+        normalize_times: args.normalize_times,
+        compression: Compression::from(args.compression),
+        pull: &options,
+    };
+    let image = jkmount::app::commit::commit(&open_cache(global)?, &request)?;
+    println!("{shown} {}", image.manifest.digest);
+    if !global.quiet {
+        eprintln!(
+            "committed {} entries as layer {} ({} bytes)",
+            image.layer.entries, image.layer.digest, image.layer.size
+        );
+    }
+    Ok(())
+}

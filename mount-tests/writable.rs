@@ -402,3 +402,71 @@ fn commit_makes_the_kept_changes_a_layer_that_mounts_and_unpacks_as_they_were() 
     );
     assert!(err.contains("holds no upper.json"), "{err}");
 }
+
+#[test]
+fn npm_installs_and_uninstalls_on_a_writable_node_modules() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let write = |path: &str, text: &str| {
+        let path = w.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    };
+    write(
+        "src/greet/package.json",
+        r#"{"name":"greet","version":"1.0.0","main":"index.js"}"#,
+    );
+    write(
+        "src/greet/index.js",
+        "module.exports = (n) => 'hello ' + n;\n",
+    );
+    write(
+        "hello/package.json",
+        r#"{"name":"hello","version":"1.0.0","main":"index.js"}"#,
+    );
+    write(
+        "hello/index.js",
+        "module.exports = require('greet')('npm');\n",
+    );
+    write(
+        "project/package.json",
+        r#"{"name":"p","version":"1.0.0","dependencies":{"greet":"1.0.0"}}"#,
+    );
+    let cache = w.join("cache");
+    let layout = format!("oci:{}:1", w.join("layout").display());
+    ok(jkmount(
+        &cache,
+        &["pack", w.join("src").to_str().unwrap(), "--output", &layout],
+    ));
+    let npm = |dir: &str, args: &[&str]| {
+        run(Command::new("npm")
+            .args(args)
+            .args(["--offline", "--no-audit", "--no-fund"])
+            .env("npm_config_cache", w.join("npm-cache"))
+            .current_dir(w.join(dir)))
+    };
+    npm("hello", &["pack", "--silent"]);
+    let project = w.join("project");
+    let modules = project.join("node_modules");
+    {
+        let _m = Mounted::new(&cache, &["--writable", "--modules", &layout], &modules);
+        npm("project", &["install", "../hello/hello-1.0.0.tgz"]);
+        let said = run(Command::new("node")
+            .args(["-e", "console.log(require('hello'))"])
+            .current_dir(&project));
+        assert_eq!(said, "hello npm\n", "the new package requires the image's");
+        npm("project", &["uninstall", "greet"]);
+        let listed = npm("project", &["ls"]);
+        assert!(
+            listed.contains("hello@1.0.0") && !listed.contains("greet"),
+            "{listed}"
+        );
+        assert!(!modules.join("greet").exists());
+    }
+    let _m = Mounted::new(&cache, &["--modules", &layout], &modules);
+    assert!(
+        modules.join("greet/index.js").is_file(),
+        "the image is unchanged"
+    );
+    assert!(!modules.join("hello").exists());
+}

@@ -19,6 +19,8 @@ for pkg in "${debs[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing_debs+=("$pkg")
 done
 command -v node >/dev/null 2>&1 || missing_debs+=(nodejs)
+# npm for the writable mount tests (NodeSource's nodejs ships it; Debian's is a package).
+command -v npm >/dev/null 2>&1 || missing_debs+=(npm)
 missing_components=()
 cargo fmt --version >/dev/null 2>&1 || missing_components+=(rustfmt)
 cargo clippy --version >/dev/null 2>&1 || missing_components+=(clippy)

@@ -470,3 +470,47 @@ fn npm_installs_and_uninstalls_on_a_writable_node_modules() {
     );
     assert!(!modules.join("hello").exists());
 }
+
+#[test]
+fn es_modules_resolve_through_a_mounted_node_modules_and_not_through_node_path() {
+    let registry = Registry::start();
+    let (reference, _) = push(
+        &registry,
+        "libs/esm:1",
+        &[
+            "f /jk/modules/greet/package.json 644 \"{\\\"name\\\":\\\"greet\\\",\\\"main\\\":\\\"index.js\\\"}\"\n\
+           f /jk/modules/greet/index.js 644 \"module.exports = (n) => 'hello ' + n;\"",
+        ],
+    );
+    let work = tempfile::tempdir().unwrap();
+    let project = work.path().join("project");
+    let modules = project.join("node_modules");
+    let _m = Mounted::new(
+        &work.path().join("cache"),
+        &["--modules", &reference],
+        &modules,
+    );
+    let import = "import greet from 'greet'; console.log(greet('esm'))";
+    let said = run(Command::new("node")
+        .args(["--input-type=module", "-e", import])
+        .current_dir(&project));
+    assert_eq!(said, "hello esm\n");
+    let elsewhere = work.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let via_node_path = Command::new("node")
+        .args(["--input-type=module", "-e", import])
+        .env("NODE_PATH", &modules)
+        .current_dir(&elsewhere)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&via_node_path.stderr).contains("ERR_MODULE_NOT_FOUND"),
+        "ES modules ignore NODE_PATH: {}",
+        super::support::shown(&via_node_path)
+    );
+    let required = run(Command::new("node")
+        .args(["-e", "console.log(require('greet')('cjs'))"])
+        .env("NODE_PATH", &modules)
+        .current_dir(&elsewhere));
+    assert_eq!(required, "hello cjs\n", "CommonJS honours NODE_PATH");
+}

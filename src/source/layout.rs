@@ -173,3 +173,41 @@ impl super::Source for LayoutSource {
         self.max_document
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documents_are_read_only_up_to_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = crate::fixture::ImageBuilder::new()
+            .layer("f /a 644 \"a\"")
+            .build();
+        image.write_layout(dir.path(), "t").unwrap();
+        let index_size = std::fs::metadata(dir.path().join("index.json"))
+            .unwrap()
+            .len();
+        let manifest_size = image.manifest.bytes.len() as u64;
+
+        let small = LayoutSource::new(dir.path(), Some("t"), index_size - 1);
+        let err = small.top_manifest("t").unwrap_err().to_string();
+        assert!(
+            err.contains(&format!(
+                "index.json is larger than {} bytes",
+                index_size - 1
+            )),
+            "{err}"
+        );
+
+        let roomy = LayoutSource::new(dir.path(), Some("t"), index_size.max(manifest_size));
+        let digest = roomy.top_manifest("t").unwrap();
+        assert_eq!(roomy.read_blob(&digest).unwrap(), image.manifest.bytes);
+        let tight = LayoutSource::new(dir.path(), Some("t"), manifest_size - 1);
+        let err = tight.read_blob(&digest).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("blob {digest} is larger than")),
+            "{err}"
+        );
+    }
+}

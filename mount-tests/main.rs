@@ -10,6 +10,7 @@ mod lifecycle;
 mod pack;
 mod shared;
 mod snapshot;
+mod toolchain;
 mod writable;
 
 #[path = "../tests/support/mod.rs"]

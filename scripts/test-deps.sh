@@ -29,12 +29,20 @@ python3 -m kubernetes_validate --version >/dev/null 2>&1 || need_pip=true
 need_deb=false
 command -v cargo-deb >/dev/null 2>&1 || need_deb=true
 
+# The Node toolchain the writable mount tests run, pinned by tests/toolchain/package-lock.json
+# (installed from the npm registry here, in the set-up, so that the tests contact nothing).
+toolchain="$(cd "$(dirname "$0")/.." && pwd)/tests/toolchain"
+toolchain_stamp="$(sha256sum "$toolchain/package-lock.json" | cut -d' ' -f1)"
+need_toolchain=false
+[ "$(cat "$toolchain/node_modules/.jkmount-stamp" 2>/dev/null)" = "$toolchain_stamp" ] || need_toolchain=true
+
 lines=()
 [ "${#missing_debs[@]}" -gt 0 ] && lines+=("apt-get update && apt-get install -y --no-install-recommends ${missing_debs[*]}")
 [ "${#missing_components[@]}" -gt 0 ] && lines+=("rustup component add ${missing_components[*]}")
 $need_pip && lines+=("python3 -m pip install $pip_pkg")
 $need_deb && lines+=("cargo install --locked $cargo_deb")
 [ -e /dev/fuse ] || lines+=("modprobe fuse   # /dev/fuse is missing; the mount tests need it")
+$need_toolchain && lines+=("npm ci --ignore-scripts --no-audit --no-fund --prefix $toolchain")
 
 if [ "${#lines[@]}" -eq 0 ]; then
   exit 0
@@ -54,5 +62,10 @@ fi
 [ "${#missing_components[@]}" -gt 0 ] && rustup component add "${missing_components[@]}"
 $need_pip && python3 -m pip install -q "$pip_pkg"
 $need_deb && cargo install -q --locked "$cargo_deb"
+if $need_toolchain; then
+  echo "== installing the Node toolchain of the writable mount tests into $toolchain"
+  npm ci --ignore-scripts --no-audit --no-fund --loglevel=error --prefix "$toolchain"
+  echo "$toolchain_stamp" > "$toolchain/node_modules/.jkmount-stamp"
+fi
 [ -e /dev/fuse ] || { echo "scripts/test-deps.sh: /dev/fuse is missing; the mount tests need it" >&2; exit 1; }
 exit 0

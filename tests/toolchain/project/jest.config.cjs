@@ -1,0 +1,1 @@
+module.exports = { testMatch: ["**/test/*.test.cjs"], cacheDirectory: "node_modules/.cache/jest" };

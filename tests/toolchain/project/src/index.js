@@ -1,0 +1,2 @@
+import { greet } from "./greet.js";
+document.body.textContent = greet("toolchain");

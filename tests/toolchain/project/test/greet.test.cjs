@@ -1,0 +1,3 @@
+test("greets", () => {
+  expect(`hello ${"jest"}`).toBe("hello jest");
+});

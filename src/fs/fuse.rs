@@ -330,8 +330,13 @@ impl Filesystem for FuseFs {
     ) {
         self.stats.count(Op::Readdirplus);
         let listed = self.each_entry(ino.0, offset, |attr, next, name| {
-            let attr = file_attr(attr);
-            reply.add(INodeNo(attr.ino.0), next, name, &TTL, &attr, Generation(0))
+            let shown = file_attr(attr);
+            let full = reply.add(INodeNo(attr.ino), next, name, &TTL, &shown, Generation(0));
+            // The kernel takes a lookup of every entry but `.` and `..` it was given.
+            if !full && name != "." && name != ".." {
+                self.core.looked_up(attr.ino);
+            }
+            full
         });
         match listed {
             Ok(()) => reply.ok(),

@@ -128,6 +128,13 @@ impl Served {
         })
     }
 
+    /// The kernel took a lookup of `ino` other than by `lookup` (a `readdirplus` entry).
+    pub fn looked_up(&self, ino: u64) {
+        if let Served::Writable(overlay) = self {
+            overlay.looked_up(ino);
+        }
+    }
+
     /// The kernel forgets lookups of `ino`.
     pub fn forget(&self, ino: u64, count: u64) {
         if let Served::Writable(overlay) = self {

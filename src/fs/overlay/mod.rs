@@ -565,6 +565,14 @@ impl Overlay {
         Ok(self.known(&state, ino)?.is_some_and(|i| i.upper))
     }
 
+    /// Counts a lookup the kernel took of `ino` without asking `lookup` (a `readdirplus`
+    /// entry), so that [`Overlay::forget`] does not drop an inode the kernel still holds.
+    pub fn looked_up(&self, ino: u64) {
+        if let Some(inode) = self.write_state().inodes.get_mut(&ino) {
+            inode.lookups += 1;
+        }
+    }
+
     /// The kernel forgets `count` lookups of `ino`: an upper-only inode that is removed and
     /// no longer looked up is dropped (with its open data).
     pub fn forget(&self, ino: u64, count: u64) {

@@ -181,3 +181,20 @@ fn an_ordinary_users_mount_shows_everything_as_theirs() {
     let made = fs.make(d.ino, b"n", NewEntry::File, 0o644, (0, 0)).unwrap();
     assert_eq!((made.uid, made.gid), (1000, 1000));
 }
+
+#[test]
+fn an_inode_is_forgotten_only_after_every_lookup_the_kernel_took() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = overlay(dir.path(), &[IMAGE]);
+    let file = fs
+        .make(ROOT_INO, b"n", NewEntry::File, 0o644, (0, 0))
+        .unwrap()
+        .ino;
+    fs.looked_up(file); // a readdirplus entry
+    fs.lookup(ROOT_INO, b"n").unwrap();
+    fs.unlink(ROOT_INO, b"n").unwrap();
+    fs.forget(file, 2);
+    assert!(fs.getattr(file).is_ok(), "one lookup is still held");
+    fs.forget(file, 1);
+    assert!(matches!(fs.getattr(file), Err(FsError::NotFound)));
+}

@@ -80,24 +80,7 @@ impl Overlay {
         let shadowed = self.lower_child(parent, name)?.is_some();
         let os_name = OsStr::from_bytes(name);
         remove_whiteout(&dir, name)?;
-        match entry {
-            NewEntry::Dir => {
-                let made = dir.create_dir(os_name, 0o700)?;
-                if shadowed {
-                    made.create_file(OsStr::from_bytes(upper::OPAQUE_MARKER), 0o600)?;
-                }
-            }
-            // Opened for writing only: reads open it again, for both, when first needed.
-            NewEntry::File => drop(dir.create_file(os_name, 0o600)?),
-            NewEntry::Symlink(target) => dir.symlink(os_name, OsStr::from_bytes(target))?,
-            NewEntry::Fifo => dir.mknod(os_name, FileType::Fifo, 0o600, 0)?,
-            NewEntry::CharDevice(rdev) => {
-                dir.mknod(os_name, FileType::CharacterDevice, 0o600, u64::from(rdev))?
-            }
-            NewEntry::BlockDevice(rdev) => {
-                dir.mknod(os_name, FileType::BlockDevice, 0o600, u64::from(rdev))?
-            }
-        }
+        create(&dir, os_name, entry, shadowed)?;
         if self.owner.is_none() {
             dir.set_owner_at(os_name, owner.0, owner.1)?;
         }
@@ -205,22 +188,9 @@ impl Overlay {
         let target = self.find(new_parent, new_name)?;
         if let Some(target) = &target {
             if target.ino == source.ino {
-                return Ok(());
+                return Ok(()); // two names of one file: nothing to do
             }
-            if noreplace {
-                return Err(FsError::Exists);
-            }
-            match (source.kind, target.kind) {
-                (FileKind::Directory, FileKind::Directory)
-                    if self.readdir(target.ino)?.len() > 2 =>
-                {
-                    return Err(FsError::NotEmpty);
-                }
-                (FileKind::Directory, FileKind::Directory) => {}
-                (FileKind::Directory, _) => return Err(FsError::NotADirectory),
-                (_, FileKind::Directory) => return Err(FsError::IsADirectory),
-                _ => {}
-            }
+            self.may_replace(&source, target, noreplace)?;
         }
         match source.kind {
             FileKind::Directory if self.shows_image(source.ino)? => {
@@ -245,22 +215,42 @@ impl Overlay {
             true,
         )?;
         self.whiteout_if_shown_below(&from, parent, name)?;
-        {
-            let mut state = self.write_state();
-            let inode = state.inodes.get_mut(&source.ino).ok_or(FsError::NotFound)?;
-            if let Some(place) = inode
-                .names
-                .iter_mut()
-                .find(|(d, n)| *d == parent && n == name)
-            {
-                *place = (new_parent, new_name.to_vec());
-            }
-        }
+        self.moved(source.ino, (parent, name), (new_parent, new_name))?;
         if source.kind == FileKind::Directory && self.lower_child(new_parent, new_name)?.is_some() {
             let moved = to.open_dir(OsStr::from_bytes(new_name))?;
             self.make_opaque(source.ino, &moved)?;
         }
         Ok(())
+    }
+
+    /// Records that `ino`'s name `from` is now `to`.
+    fn moved(&self, ino: u64, from: (u64, &[u8]), to: (u64, &[u8])) -> Result<(), FsError> {
+        let mut state = self.write_state();
+        let inode = state.inodes.get_mut(&ino).ok_or(FsError::NotFound)?;
+        if let Some(place) = inode
+            .names
+            .iter_mut()
+            .find(|(d, n)| (*d, n.as_slice()) == from)
+        {
+            *place = (to.0, to.1.to_vec());
+        }
+        Ok(())
+    }
+
+    /// Whether `source` may be renamed over `target`, as `rename(2)` says.
+    fn may_replace(&self, source: &Attr, target: &Attr, noreplace: bool) -> Result<(), FsError> {
+        if noreplace {
+            return Err(FsError::Exists);
+        }
+        match (source.kind, target.kind) {
+            (FileKind::Directory, FileKind::Directory) if self.readdir(target.ino)?.len() > 2 => {
+                Err(FsError::NotEmpty)
+            }
+            (FileKind::Directory, FileKind::Directory) => Ok(()),
+            (FileKind::Directory, _) => Err(FsError::NotADirectory),
+            (_, FileKind::Directory) => Err(FsError::IsADirectory),
+            _ => Ok(()),
+        }
     }
 
     /// Applies `changes` to `ino`, copying it up first.
@@ -390,6 +380,30 @@ impl Overlay {
         }
         Ok(())
     }
+}
+
+/// Makes `entry` as `name` in `dir` (mode 0600 until it is set), a directory opaque where it
+/// `shadows` a removed one of the image.
+fn create(dir: &Dir, name: &OsStr, entry: NewEntry<'_>, shadows: bool) -> Result<(), FsError> {
+    match entry {
+        NewEntry::Dir => {
+            let made = dir.create_dir(name, 0o700)?;
+            if shadows {
+                made.create_file(OsStr::from_bytes(upper::OPAQUE_MARKER), 0o600)?;
+            }
+        }
+        // Opened for writing only: reads open it again, for both, when first needed.
+        NewEntry::File => drop(dir.create_file(name, 0o600)?),
+        NewEntry::Symlink(target) => dir.symlink(name, OsStr::from_bytes(target))?,
+        NewEntry::Fifo => dir.mknod(name, FileType::Fifo, 0o600, 0)?,
+        NewEntry::CharDevice(rdev) => {
+            dir.mknod(name, FileType::CharacterDevice, 0o600, u64::from(rdev))?
+        }
+        NewEntry::BlockDevice(rdev) => {
+            dir.mknod(name, FileType::BlockDevice, 0o600, u64::from(rdev))?
+        }
+    }
+    Ok(())
 }
 
 /// Removes the whiteout of `name` in `dir`, if there is one.

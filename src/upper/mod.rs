@@ -58,6 +58,8 @@ pub fn is_reserved(name: &[u8]) -> bool {
 
 /// The record of what an upper was made over.
 const RECORD: &str = "upper.json";
+/// The most bytes of a record read.
+const MAX_RECORD: u64 = 1 << 20;
 /// The lock a mount holds on the upper it uses.
 const LOCK: &str = "lock";
 
@@ -82,14 +84,22 @@ impl MadeOver {
 
     /// The record of the upper kept in `dir`, if it has one.
     pub fn read(dir: &Path) -> Result<Option<MadeOver>> {
+        use std::io::Read;
         let record = dir.join(RECORD);
-        match std::fs::read(&record) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| Error::io(&record, io::Error::new(io::ErrorKind::InvalidData, e))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).at(&record),
-        }
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc_nofollow())
+            .open(&record);
+        let mut bytes = Vec::new();
+        match opened {
+            // A record is a few hundred bytes; one past the cap fails to parse.
+            Ok(file) => file.take(MAX_RECORD).read_to_end(&mut bytes).at(&record)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).at(&record),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| Error::io(&record, io::Error::new(io::ErrorKind::InvalidData, e)))
     }
 }
 
@@ -183,10 +193,16 @@ impl Upper {
             }
             Some(_) => {}
             None => {
+                // Through a new, randomly named temp file, as the auth file is written: a
+                // name planted beside it is never written through.
                 let text = serde_json::to_vec_pretty(made_over).expect("a record serializes");
-                let temp = dir.join(format!(".{RECORD}.new"));
-                std::fs::write(&temp, text).at(&temp)?;
-                std::fs::rename(&temp, &record).at(&record)?;
+                let mut temp = tempfile::Builder::new()
+                    .prefix(".upper.json.")
+                    .tempfile_in(dir)
+                    .at(dir)?;
+                std::io::Write::write_all(&mut temp, &text).at(temp.path())?;
+                temp.persist(&record)
+                    .map_err(|e| Error::io(&record, e.error))?;
             }
         }
         let mut upper = Upper::open(dir).at(dir)?;

@@ -151,7 +151,7 @@ impl Overlay {
             if upper::is_reserved(bytes) {
                 continue;
             }
-            let Ok(Some(below)) = self.lower_child(ino, bytes) else {
+            let Some(below) = self.lower_child(ino, bytes).map_err(io_error)? else {
                 continue;
             };
             let stat = dir.stat_at(&name)?;
@@ -204,7 +204,7 @@ impl Overlay {
     fn known(&self, state: &State, ino: u64) -> Result<Option<Inode>, FsError> {
         match state.inodes.get(&ino) {
             Some(inode) => Ok(Some(inode.clone())),
-            None if ino >= 1 && ino < state.next_ino && self.is_image_node(ino) => Ok(None),
+            None if ino >= 1 && self.is_image_node(ino) => Ok(None),
             None => Err(FsError::NotFound),
         }
     }
@@ -286,10 +286,24 @@ impl Overlay {
     fn lower_attr(&self, lower: u64, ino: u64) -> Result<Attr, FsError> {
         let mut attr = self.lower.getattr(lower)?;
         attr.ino = ino;
+        Ok(self.owned(attr))
+    }
+
+    /// An image entry found below, as shown: as it is (owners mapped), unless it changed (a
+    /// hardlinked file copied up through another name), when the table's answer stands.
+    fn shown(&self, found: Attr) -> Result<Attr, FsError> {
+        if self.read_state().inodes.contains_key(&found.ino) {
+            return self.getattr(found.ino);
+        }
+        Ok(self.owned(found))
+    }
+
+    /// `attr` with the owner every entry shows on an ordinary user's mount.
+    fn owned(&self, mut attr: Attr) -> Attr {
         if let Some((uid, gid)) = self.owner {
             (attr.uid, attr.gid) = (uid, gid);
         }
-        Ok(attr)
+        attr
     }
 
     fn upper_attr(&self, state: &State, ino: u64, inode: &Inode) -> Result<Attr, FsError> {
@@ -307,16 +321,15 @@ impl Overlay {
             // Merged: its subdirectories are not counted anywhere; 1 tells `find` so.
             attr.nlink = 1;
         }
-        if let Some((uid, gid)) = self.owner {
-            (attr.uid, attr.gid) = (uid, gid);
-        }
-        Ok(attr)
+        Ok(self.owned(attr))
     }
 
     /// Looks `name` up in the directory `parent`: `Ok(None)` when there is no such entry.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Attr>, FsError> {
         let found = self.find(parent, name)?;
+        // Only changed inodes count lookups: an untouched image node takes no exclusive lock.
         if let Some(attr) = &found
+            && self.read_state().inodes.contains_key(&attr.ino)
             && let Some(inode) = self.write_state().inodes.get_mut(&attr.ino)
         {
             inode.lookups += 1;
@@ -334,10 +347,10 @@ impl Overlay {
         let Some(dir) = dir.filter(|d| d.upper) else {
             drop(state);
             // Untouched by the upper: the image alone answers (as fast as a read-only mount).
-            return match self.lower_child(parent, name)? {
-                Some(attr) => self.getattr(attr.ino).map(Some),
-                None => Ok(None),
-            };
+            return self
+                .lower_child(parent, name)?
+                .map(|a| self.shown(a))
+                .transpose();
         };
         if dir.kind != FileKind::Directory {
             return Err(FsError::NotADirectory);
@@ -352,10 +365,9 @@ impl Overlay {
         if exists(&handle, &upper::whiteout_name(name))? {
             return Ok(None);
         }
-        match self.lower_child(parent, name)? {
-            Some(attr) => self.getattr(attr.ino).map(Some),
-            None => Ok(None),
-        }
+        self.lower_child(parent, name)?
+            .map(|a| self.shown(a))
+            .transpose()
     }
 
     /// The inode of an entry found in the upper, registered the first time it is seen.

@@ -68,6 +68,22 @@ fn change(root: &Path) {
         .current_dir(root));
 }
 
+/// The image extracted to `work/native` and changed there: the directory and its shape.
+fn changed_natively(
+    cache: &Path,
+    reference: &str,
+    work: &Path,
+) -> (std::path::PathBuf, Vec<String>) {
+    let native = work.join("native");
+    ok(jkmount(
+        cache,
+        &["extract", "--modules", reference, native.to_str().unwrap()],
+    ));
+    change(&native);
+    let changed = shape(&native);
+    (native, changed)
+}
+
 #[test]
 fn a_writable_mount_changes_as_a_plain_directory_would_and_leaves_the_image_as_it_was() {
     let registry = Registry::start();
@@ -314,13 +330,7 @@ fn commit_makes_the_kept_changes_a_layer_that_mounts_and_unpacks_as_they_were() 
     let (reference, _) = push(&registry, "libs/commit:1", &LAYERS);
     let work = tempfile::tempdir().unwrap();
     let cache = work.path().join("cache");
-    let native = work.path().join("native");
-    ok(jkmount(
-        &cache,
-        &["extract", "--modules", &reference, native.to_str().unwrap()],
-    ));
-    change(&native);
-    let changed = shape(&native);
+    let (native, changed) = changed_natively(&cache, &reference, work.path());
 
     let upper = work.path().join("upper");
     let mnt = work.path().join("mnt");
@@ -401,6 +411,118 @@ fn commit_makes_the_kept_changes_a_layer_that_mounts_and_unpacks_as_they_were() 
         1,
     );
     assert!(err.contains("holds no upper.json"), "{err}");
+}
+
+#[test]
+fn a_live_mount_commits_its_changes_holding_its_writes_and_only_for_its_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let registry = Registry::start();
+    let (reference, _) = push(&registry, "libs/live:1", &LAYERS);
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let (_, changed) = changed_natively(&cache, &reference, work.path());
+
+    let mnt = work.path().join("mnt");
+    let layout = work.path().join("layout");
+    let to_layout = format!("oci:{}:1", layout.display());
+    let committed = registry.reference("libs/live-committed:1");
+    let upper = work.path().join("kept");
+    {
+        // No --upper: the temporary upper in the cache is found through the mount.
+        let _m = Mounted::new(&cache, &["--writable", "--modules", &reference], &mnt);
+        change(&mnt);
+        let live = mnt.to_str().unwrap();
+        ok(jkmount(&cache, &["commit", live, "--output", &to_layout]));
+        ok(jkmount(&cache, &["commit", live, "--tag", &committed]));
+
+        // While a hold is on, a write waits; reads go on; released, the write lands.
+        let found = jkmount::mount::control::LiveMount::find(&mnt).unwrap();
+        let held = found.hold().unwrap();
+        let mut writer = Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf later > {}/held.txt", mnt.display()))
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        assert!(
+            writer.try_wait().unwrap().is_none(),
+            "a write went through the hold"
+        );
+        assert_eq!(
+            std::fs::read(mnt.join("a/y.js")).unwrap(),
+            b"y, second layer"
+        );
+        held.release().unwrap();
+        assert!(writer.wait().unwrap().success());
+        assert_eq!(std::fs::read(mnt.join("held.txt")).unwrap(), b"later");
+    }
+    for image in [&to_layout, &committed] {
+        let fresh = tempfile::tempdir().unwrap();
+        let _m = Mounted::new(fresh.path(), &["--modules", image], &mnt);
+        assert_eq!(shape(&mnt), changed, "{image} mounted");
+    }
+
+    // Another user who can reach the control socket is refused a hold, and holds nothing.
+    std::fs::create_dir(&upper).unwrap();
+    for dir in [work.path(), &upper] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let args = ["--upper", upper.to_str().unwrap(), "--modules", &reference];
+    let _m = Mounted::new(&cache, &args, &mnt);
+    for (name, mode) in [("control", 0o666), ("upper.json", 0o644)] {
+        let path = upper.join(name);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let bin = work.path().join("jkmount");
+    std::fs::copy(super::support::jkmount_bin(), &bin).unwrap();
+    let theirs = work.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    let output = theirs.join("layout");
+    let said = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "env",
+            "-i",
+        ])
+        .arg(format!("HOME={}", theirs.display()))
+        .arg(&bin)
+        .arg("--cache-dir")
+        .arg(theirs.join("cache"))
+        .arg("commit")
+        .arg(&mnt)
+        .arg("--output")
+        .arg(format!("oci:{}", output.display()))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&said.stderr);
+    assert_eq!(said.status.code(), Some(1), "{err}");
+    assert!(err.contains("could not hold its writes"), "{err}");
+    assert!(
+        err.contains("refused: only root or the user who mounted"),
+        "{err}"
+    );
+    std::fs::write(mnt.join("after.txt"), "not held").unwrap();
+    assert!(!output.exists());
+
+    let err = fails(
+        jkmount(
+            &cache,
+            &[
+                "commit",
+                work.path().to_str().unwrap(),
+                "--output",
+                &to_layout,
+            ],
+        ),
+        1,
+    );
+    assert!(
+        err.contains("is not a jkmount mount (nothing is mounted there)"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -250,7 +250,7 @@ pub enum Error {
 
     /// An upper is in use by a live mount.
     #[error(
-        "the upper {} is in use by another mount; unmount that one first, or give another --upper",
+        "the upper {} is in use by another mount; unmount that one first, or give another --upper (to commit it, commit that mount: jkmount commit MOUNTPOINT)",
         dir.display()
     )]
     UpperInUse {

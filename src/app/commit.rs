@@ -4,6 +4,8 @@
 //! opaque markers, hardlinks), so the layer is `upper/` packed as it is: under the subtree
 //! that was mounted, in byte order, owners normalized to 0:0 as `pack` does, modes kept, times
 //! kept unless asked to normalize. The image itself is pinned by the digest the upper recorded.
+//! A live mount's upper is committed while the mount holds its writes (its control socket,
+//! [`crate::mount::control`]), from before `upper/` is read until it has been read whole.
 
 use std::path::Path;
 
@@ -11,15 +13,25 @@ use crate::app::pack::{PackRequest, Target};
 use crate::app::pull::{self, PullOptions};
 use crate::cache::Cache;
 use crate::error::{Error, Result};
+use crate::mount::control::{Hold, LiveMount};
 use crate::oci::image::Compression;
 use crate::oci::reference::ImageRef;
 use crate::pack::{ImageOptions, LayerOptions, PackedImage};
 use crate::upper::{MadeOver, Upper};
 
+/// Whose changes are committed.
+#[derive(Debug, Clone, Copy)]
+pub enum Changes<'a> {
+    /// The upper kept in a directory (what was given to `--upper`), no mount using it.
+    Kept(&'a Path),
+    /// The upper of the live writable mount at this mountpoint.
+    Live(&'a Path),
+}
+
 /// What `commit` is asked to do.
 pub struct CommitRequest<'a> {
-    /// The upper's directory (what was given to `--upper`).
-    pub upper: &'a Path,
+    /// The changes.
+    pub changes: Changes<'a>,
     /// Where the image goes.
     pub target: &'a Target,
     /// Give every entry the same time (`SOURCE_DATE_EPOCH`, else 1980), as `pack` does.
@@ -39,9 +51,27 @@ fn commit_error(upper: &Path, detail: impl Into<String>) -> Error {
 
 /// Writes or pushes the image made over the upper's base with its changes on top.
 pub fn commit(cache: &Cache, request: &CommitRequest<'_>) -> Result<PackedImage> {
-    let upper = request.upper;
-    // No mount may change it while it is read.
-    let _held = Upper::lock(upper)?;
+    match request.changes {
+        Changes::Kept(upper) => {
+            // No mount may change it while it is read.
+            let _held = Upper::lock(upper)?;
+            commit_upper(cache, upper, request, || Ok(None))
+        }
+        Changes::Live(mountpoint) => {
+            let live = LiveMount::find(mountpoint)?;
+            commit_upper(cache, &live.upper, request, || Ok(Some(live.hold()?)))
+        }
+    }
+}
+
+/// Commits the upper in `upper`; `hold` is called just before it is read, and what it returns
+/// is released once it has been read.
+fn commit_upper(
+    cache: &Cache,
+    upper: &Path,
+    request: &CommitRequest<'_>,
+    hold: impl FnOnce() -> Result<Option<Hold>>,
+) -> Result<PackedImage> {
     let made = MadeOver::read(upper)?.ok_or_else(|| {
         commit_error(
             upper,
@@ -89,7 +119,11 @@ pub fn commit(cache: &Cache, request: &CommitRequest<'_>) -> Result<PackedImage>
         base: Some(&base),
         pull: request.pull,
     };
-    crate::app::pack::pack(cache, &pack)
+    let held = hold()?;
+    crate::app::pack::pack_then(cache, &pack, || match held {
+        Some(held) => Ok(held.release()?),
+        None => Ok(()),
+    })
 }
 
 /// A registry reference pinned to `digest`; a layout is checked against it after reading.

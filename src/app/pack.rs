@@ -100,6 +100,16 @@ pub struct PackRequest<'a> {
 
 /// Packs the directory and writes or pushes the image. The layer file is removed after.
 pub fn pack(cache: &Cache, request: &PackRequest<'_>) -> Result<PackedImage> {
+    pack_then(cache, request, || Ok(()))
+}
+
+/// As [`pack`], calling `read` once the directory has been read whole (and before anything is
+/// written or pushed): `commit` lets a live mount's writes go on then.
+pub fn pack_then(
+    cache: &Cache,
+    request: &PackRequest<'_>,
+    read: impl FnOnce() -> Result<()>,
+) -> Result<PackedImage> {
     let _using = cache.begin_use()?;
     let runtime = crate::app::prepare::runtime()?;
     let base = match request.base {
@@ -107,7 +117,10 @@ pub fn pack(cache: &Cache, request: &PackRequest<'_>) -> Result<PackedImage> {
         None => None,
     };
     let work = cache.temp_path("pack-layer");
-    let layer = pack::layer::pack_dir(request.dir, &request.layer, &work)?;
+    let layer = pack::layer::pack_dir(request.dir, &request.layer, &work);
+    let layer = read().and(layer).inspect_err(|_| {
+        std::fs::remove_file(&work).ok();
+    })?;
     let base_documents = base.as_ref().map(|d| Base {
         digest: d.manifest_digest.clone(),
         shown: request.base.map(ToString::to_string).unwrap_or_default(),

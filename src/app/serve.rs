@@ -5,6 +5,7 @@
 //! names, or in the cache's temp space and removed at unmount).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::app::prepare::Prepared;
 use crate::cache::records::{MountRecord, now};
@@ -49,6 +50,7 @@ pub fn serve(
     drop(using);
     let core = FsCore::new(mountable)?;
     // A temporary upper lives in this process's temp space of the cache, removed with it.
+    let mut control = None;
     let served = match writable {
         None => Served::ReadOnly(core),
         Some(writable) => {
@@ -57,13 +59,12 @@ pub fn serve(
                 references: pulled.iter().map(|p| p.shown.clone()).collect(),
                 subdir: writable.subdir.clone(),
             };
-            let upper = match &writable.upper {
-                Some(dir) => Upper::open_for(dir, &made_over)?,
-                None => {
-                    let dir = cache.temp_path("upper");
-                    Upper::open(&dir).at(&dir)?
-                }
+            let dir = match &writable.upper {
+                Some(dir) => dir.clone(),
+                None => cache.temp_path("upper"),
             };
+            // Recorded and locked as a kept one is, so `commit MOUNTPOINT` finds its images.
+            let upper = Upper::open_for(&dir, &made_over)?;
             let owner = match nix::unistd::geteuid().is_root() {
                 true => None,
                 false => Some((
@@ -71,10 +72,12 @@ pub fn serve(
                     nix::unistd::getegid().as_raw(),
                 )),
             };
-            let path = upper.path().to_owned();
-            Served::Writable(Box::new(Overlay::new(core, upper, owner).at(path)?))
+            let overlay = Arc::new(Overlay::new(core, upper, owner).at(&dir)?);
+            control = Some(mount::control::listen(&dir, overlay.clone()).at(&dir)?);
+            Served::Writable(overlay)
         }
     };
     mount::serve(served, request, on_ready)?;
+    drop(control);
     Ok(())
 }

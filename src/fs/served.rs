@@ -4,9 +4,13 @@
 //! should one arrive).
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
-use super::core::{Attr, BLOCK_SIZE, FsCore, FsError, MAX_NAME};
+use std::os::unix::ffi::OsStrExt;
+
+use super::core::{Attr, BLOCK_SIZE, FsCore, FsError, MAX_NAME, ROOT_INO};
 use super::overlay::Overlay;
+use crate::mount::control::UPPER_XATTR;
 
 /// The filesystem behind a mount.
 #[derive(Debug)]
@@ -14,7 +18,8 @@ pub enum Served {
     /// The image alone.
     ReadOnly(FsCore),
     /// The image with an upper layer taking every change.
-    Writable(Box<Overlay>),
+    /// (Shared with the mount's control socket, which holds its writes for a commit.)
+    Writable(Arc<Overlay>),
 }
 
 /// Totals `statfs` answers with.
@@ -83,6 +88,9 @@ impl Served {
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Cow<'_, [u8]>, FsError> {
         match self {
             Served::ReadOnly(core) => core.getxattr(ino, name).map(Cow::Borrowed),
+            Served::Writable(overlay) if ino == ROOT_INO && name == UPPER_XATTR.as_bytes() => Ok(
+                Cow::Owned(overlay.upper_path().as_os_str().as_bytes().to_vec()),
+            ),
             Served::Writable(overlay) => overlay.getxattr(ino, name).map(Cow::Owned),
         }
     }

@@ -7,6 +7,7 @@
 //! error type, [`MountError`], is shared by all of them.
 
 mod attach;
+pub mod control;
 pub mod daemon;
 pub mod mountinfo;
 pub mod preflight;
@@ -119,6 +120,20 @@ pub enum MountError {
         path: PathBuf,
         /// What the system said (in the message, so not also a `source`).
         cause: io::Error,
+    },
+    /// `commit` of a mount that takes no writes.
+    #[error(
+        "{} is a read-only jkmount mount, so there is nothing to commit: mount it with --writable or --upper DIR",
+        .0.display()
+    )]
+    NotWritable(PathBuf),
+    /// A live writable mount did not hold its writes for a commit.
+    #[error("the writable mount at {} could not hold its writes for the commit: {detail}", path.display())]
+    HoldFailed {
+        /// The mountpoint.
+        path: PathBuf,
+        /// What went wrong and what to do.
+        detail: String,
     },
     /// `unmount` on a path that is not a jkmount mount.
     #[error("{} is not a jkmount mount ({what}); nothing was unmounted", path.display())]

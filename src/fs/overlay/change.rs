@@ -12,7 +12,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard, RwLockReadGuard, RwLockWriteGuard};
 
 use rustix::fs::FileType;
 
@@ -54,9 +54,29 @@ pub struct SetAttr {
     pub mtime: Option<(i64, u32)>,
 }
 
+/// What an operation that changes the tree holds: the gate open, and the change lock.
+struct Changing<'a> {
+    _gate: RwLockReadGuard<'a, ()>,
+    _change: MutexGuard<'a, ()>,
+}
+
 impl Overlay {
-    fn change_lock(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.change.lock().unwrap_or_else(|e| e.into_inner())
+    fn change_lock(&self) -> Changing<'_> {
+        Changing {
+            _gate: self.gate_open(),
+            _change: self.change.lock().unwrap_or_else(|e| e.into_inner()),
+        }
+    }
+
+    /// Passes the gate: waits while a hold is on, keeps the next one off until dropped.
+    fn gate_open(&self) -> RwLockReadGuard<'_, ()> {
+        self.gate.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Holds every change (writes of data too) until the guard is dropped; returns once the
+    /// changes under way have ended, so the upper then holds all that was written.
+    pub fn hold(&self) -> RwLockWriteGuard<'_, ()> {
+        self.gate.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Makes `name` in `parent` with permission bits `mode`, owned by `owner` (a root mount's
@@ -319,6 +339,7 @@ impl Overlay {
             let _change = self.change_lock();
             self.copy_up(ino)?;
         }
+        let _gate = self.gate_open();
         let file = self.upper_file(ino)?.ok_or(FsError::NotFound)?;
         file.write_all_at(data, offset)?;
         Ok(data.len() as u32)

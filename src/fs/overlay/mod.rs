@@ -52,6 +52,8 @@ pub struct Overlay {
     state: RwLock<State>,
     /// Held by every operation that writes, for its whole length.
     change: Mutex<()>,
+    /// Passed (shared) by every change, closed by [`Overlay::hold`].
+    gate: RwLock<()>,
 }
 
 /// What changed: the inodes the upper holds or that were moved or removed.
@@ -101,6 +103,7 @@ impl Overlay {
                 ..State::default()
             }),
             change: Mutex::new(()),
+            gate: RwLock::new(()),
         };
         overlay.adopt_upper()?;
         Ok(overlay)
@@ -597,6 +600,11 @@ impl Overlay {
             state.inodes.remove(&ino);
             state.by_upper.retain(|_, shown| *shown != ino);
         }
+    }
+
+    /// Where the upper is kept.
+    pub fn upper_path(&self) -> &std::path::Path {
+        self.upper.path()
     }
 
     /// Space and inodes as the upper's filesystem has them.

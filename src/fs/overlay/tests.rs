@@ -198,3 +198,44 @@ fn an_inode_is_forgotten_only_after_every_lookup_the_kernel_took() {
     fs.forget(file, 1);
     assert!(matches!(fs.getattr(file), Err(FsError::NotFound)));
 }
+
+#[test]
+fn a_hold_keeps_every_change_waiting_until_it_is_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = std::sync::Arc::new(overlay(dir.path(), &[IMAGE]));
+    let d = ino(&fs, ROOT_INO, "d");
+    let a = ino(&fs, d, "a");
+    fs.write(a, 0, b"first").unwrap();
+    let held = fs.hold();
+    let (done, finished) = std::sync::mpsc::channel();
+    let writers = [
+        std::thread::spawn({
+            let (fs, done) = (fs.clone(), done.clone());
+            move || done.send(fs.write(a, 0, b"later").map(drop)).unwrap()
+        }),
+        std::thread::spawn({
+            let (fs, done) = (fs.clone(), done.clone());
+            move || {
+                done.send(fs.make(d, b"new", NewEntry::File, 0o644, (0, 0)).map(drop))
+                    .unwrap()
+            }
+        }),
+        std::thread::spawn({
+            let fs = fs.clone();
+            move || done.send(fs.unlink(d, b"b")).unwrap()
+        }),
+    ];
+    let waited = std::time::Duration::from_millis(300);
+    assert!(
+        finished.recv_timeout(waited).is_err(),
+        "a change went through the hold"
+    );
+    assert_eq!(fs.read(a, 0, 100).unwrap(), b"first a\n", "reads go on");
+    drop(held);
+    for _ in 0..3 {
+        finished.recv().unwrap().unwrap();
+    }
+    writers.into_iter().for_each(|w| w.join().unwrap());
+    assert_eq!(fs.read(a, 0, 100).unwrap(), b"later a\n");
+    assert!(fs.lookup(d, b"new").unwrap().is_some() && fs.lookup(d, b"b").unwrap().is_none());
+}

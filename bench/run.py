@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """make bench: jkmount side by side, in one run, with the same tree on native disk and with the
 tools people use today: skopeo + umoci unpack, podman image mount, fuse-overlayfs over extracted
-layers, ratarmount over the layer blobs. Builds its images from real npm packages with
+layers, ratarmount over the layer blobs; and writes into a writable mount beside native disk and
+fuse-overlayfs with an upper (bench/writes.py). Builds its images from real npm packages with
 `jkmount pack`, serves them from a docker-registry on 127.0.0.1, prints ratios to native and
 writes docs/benchmarks.md. Timings are medians of BENCH_RUNS runs (default 3) with min-max;
 "first" rows drop the page cache and mount afresh. Needs root (drop_caches, mounts).
@@ -14,20 +15,14 @@ import os
 import platform
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-WORK = ROOT / "target" / "bench"
-RUNS = int(os.environ.get("BENCH_RUNS", "3"))
-OUT = Path(os.environ.get("BENCH_OUT", ROOT / "docs" / "benchmarks.md"))
-TRIPLE = subprocess.run(["rustc", "-vV"], capture_output=True, text=True, check=True).stdout
-TRIPLE = next(l.split(": ")[1] for l in TRIPLE.splitlines() if l.startswith("host: "))
-JK = ROOT / "target" / TRIPLE / "release" / "jkmount"
+import writes
+from common import (JK, OUT, ROOT, RUNS, WORK, Result, attempt, count_files, drop_caches, du,
+                    free_port, log, out, samples, sh, timed, unmount, version, wait_for_port)
+
 NPM_PACKAGES = [
     "typescript@5.6.3", "webpack@5.96.1", "@babel/core@7.26.0", "@babel/preset-env@7.26.0",
     "eslint@9.15.0", "jest@29.7.0", "rxjs@7.8.1", "lodash@4.17.21", "@mui/material@6.1.8",
@@ -36,57 +31,6 @@ NPM_PACKAGES = [
 ]
 REQUIRED = ["typescript", "webpack", "@babel/core", "eslint", "jest"]
 APT = ["podman", "fuse-overlayfs", "wrk", "umoci", "skopeo", "nginx-light", "docker-registry"]
-
-
-def sh(*cmd, **kw):
-    kw.setdefault("check", True)
-    return subprocess.run([str(c) for c in cmd], **kw)
-
-
-def out(*cmd, **kw):
-    return sh(*cmd, capture_output=True, text=True, **kw).stdout
-
-
-def log(msg):
-    print(f"bench: {msg}", file=sys.stderr, flush=True)
-
-
-def drop_caches():
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port, what, tries=200):
-    """Returns once something accepts connections on 127.0.0.1:`port` (at most ~10 s)."""
-    for _ in range(tries):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port}")
-
-
-def version(cmd, pick=None):
-    try:
-        said = sh(*cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                  check=False).stdout
-        lines = said.strip().splitlines()
-        return next((l for l in lines if pick and pick in l), lines[0])
-    except Exception as e:  # noqa: BLE001 - shown in the report as is
-        return f"unavailable ({e})"
 
 
 # ---------------------------------------------------------------- setup
@@ -211,28 +155,7 @@ def split_into_layers(tree, dest, n):
     return sorted(dest.iterdir())
 
 
-def du(path):
-    return int(out("du", "-sb", path).split()[0])
-
-
-def count_files(path):
-    return int(out("sh", "-c", f"find '{path}' -type f | wc -l").strip())
-
-
 # ---------------------------------------------------------------- the tools
-
-
-def is_mounted(path):
-    path = str(Path(path).resolve())
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == path for line in f)
-
-
-def unmount(path):
-    for cmd in (["umount", path], ["umount", "-l", path]):
-        if not is_mounted(path):
-            return
-        sh(*cmd, check=False, stderr=subprocess.DEVNULL)
 
 
 class MountTool:
@@ -390,34 +313,6 @@ class Ratarmount(MountTool):
 # ---------------------------------------------------------------- measurements
 
 
-class Result:
-    """Samples of one row for one tool."""
-
-    def __init__(self, samples, unit="s"):
-        self.samples, self.unit = samples, unit
-
-    @property
-    def median(self):
-        return statistics.median(self.samples)
-
-    def shown(self):
-        if self.unit == "s":
-            f = lambda v: f"{v * 1000:.0f} ms" if v < 10 else f"{v:.1f} s"  # noqa: E731
-        elif self.unit == "MiB":
-            f = lambda v: f"{v:.1f} MiB"  # noqa: E731
-        elif self.unit == "workloads/s":
-            f = lambda v: f"{v:.2f}/s"  # noqa: E731
-        else:
-            f = lambda v: f"{v:,.0f} {self.unit}"  # noqa: E731
-        if len(self.samples) == 1:
-            return f(self.median)
-        return f"{f(self.median)} ({f(min(self.samples))}–{f(max(self.samples))})"
-
-
-def samples(fn, runs=RUNS):
-    return Result([fn() for _ in range(runs)])
-
-
 def node_command(root):
     """`node` requiring the big packages from the image's modules: (argv, env)."""
     script = "for (const m of %s) require(m)" % json.dumps(REQUIRED)
@@ -478,14 +373,6 @@ class Native:
         return self._root
 
 
-def attempt(what, fn):
-    try:
-        return fn()
-    except Exception as e:  # noqa: BLE001 - a peer that fails here is reported, not fatal
-        log(f"{what} failed: {e}")
-        return f"failed: {str(e).splitlines()[0][:80]}"
-
-
 def wrk(root, port_dir):
     """nginx serving `root` on 127.0.0.1, loaded by wrk: (requests/s, p99 ms)."""
     port = free_port()
@@ -544,7 +431,7 @@ def main():
     layers = split_into_layers(tree, WORK / "layers", 5)
     n_files = count_files(tree)
     registry = Registry()
-    rows, notes = [], []
+    rows = []
     tools = []
     try:
         cache = WORK / "pack-cache"
@@ -585,6 +472,10 @@ def main():
         rss = peak_rss_mib(pid) if pid else None
         rows.append(("jkmount daemon peak RSS (after tar read every file twice)",
                      {"jkmount": Result([rss], unit="MiB") if rss else "unknown"}))
+
+        log("writes into a writable node_modules")
+        rows += writes.measure(jk, peers[1], umoci.root(), tree.parent,
+                               generated_tree(WORK / "src-5k", 50, 100))
 
         log("concurrent node workloads")
         jk.warm(PROBE)
@@ -710,6 +601,7 @@ def targets(rows, n_entries):
     four = median(by.get("4 concurrent node workloads (throughput)", {}), "jkmount")
     add("4 concurrent workloads ≥ 1.6× the throughput of one", four / one if four and one else None,
         1.6, higher_is_better=True)
+    writes.targets(by, ratio, add)
     return out_
 
 
@@ -781,8 +673,6 @@ def report(rows, n_files, size, rss, n_entries, versions):
     notes = Path(__file__).parent / "notes.md"
     OUT.write_text("\n".join(lines) + "\n" + (("\n" + notes.read_text()) if notes.exists() else ""))
     print("\n".join(lines))
-
-
 
 
 if __name__ == "__main__":

@@ -414,6 +414,56 @@ fn commit_makes_the_kept_changes_a_layer_that_mounts_and_unpacks_as_they_were() 
 }
 
 #[test]
+fn a_commit_over_stacked_images_puts_its_layer_on_all_of_theirs() {
+    let registry = Registry::start();
+    let (below, _) = push(&registry, "libs/below:1", &LAYERS[..1]);
+    let (above, _) = push(&registry, "libs/above:1", &LAYERS[1..]);
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let native = work.path().join("native");
+    let stack = ["--modules", below.as_str(), above.as_str()];
+    ok(jkmount(
+        &cache,
+        &[&["extract"][..], &stack, &[native.to_str().unwrap()]].concat(),
+    ));
+    change(&native);
+    let changed = shape(&native);
+
+    let upper = work.path().join("upper");
+    let mnt = work.path().join("mnt");
+    {
+        let args = [&["--upper", upper.to_str().unwrap()][..], &stack].concat();
+        let _m = Mounted::new(&cache, &args, &mnt);
+        change(&mnt);
+    }
+    let layout = work.path().join("layout");
+    let to_layout = format!("oci:{}:1", layout.display());
+    let committed = registry.reference("libs/stacked-committed:1");
+    for output in [["--output", &to_layout], ["--tag", &committed]] {
+        let args = [&["commit", "--upper", upper.to_str().unwrap()][..], &output].concat();
+        ok(jkmount(&cache, &args));
+    }
+    for image in [&to_layout, &committed] {
+        let fresh = tempfile::tempdir().unwrap();
+        let _m = Mounted::new(fresh.path(), &["--modules", image], &mnt);
+        assert_eq!(shape(&mnt), changed, "{image} mounted");
+    }
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let digest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .replace(':', "/");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("blobs").join(digest)).unwrap()).unwrap();
+    assert_eq!(
+        manifest["layers"].as_array().unwrap().len(),
+        3,
+        "both images' layers, then the commit's"
+    );
+}
+
+#[test]
 fn a_live_mount_commits_its_changes_holding_its_writes_and_only_for_its_owner() {
     use std::os::unix::fs::PermissionsExt;
     let registry = Registry::start();

@@ -1,9 +1,9 @@
 //! `commit`: the changes kept in an upper (`--upper DIR`) become one more layer on top of the
-//! image they were made over, written to an OCI layout or pushed with the base layers
-//! referenced. The upper is already in the form of an OCI layer's changeset (whiteouts,
+//! images they were made over (several stacked: their layers in order, then the new one),
+//! written to an OCI layout or pushed with the base layers referenced. The upper is already in the form of an OCI layer's changeset (whiteouts,
 //! opaque markers, hardlinks), so the layer is `upper/` packed as it is: under the subtree
 //! that was mounted, in byte order, owners normalized to 0:0 as `pack` does, modes kept, times
-//! kept unless asked to normalize. The image itself is pinned by the digest the upper recorded.
+//! kept unless asked to normalize. Each image is pinned by the digest the upper recorded.
 //! A live mount's upper is committed while the mount holds its writes (its control socket,
 //! [`crate::mount::control`]), from before `upper/` is read until it has been read whole.
 
@@ -78,27 +78,7 @@ fn commit_upper(
             "holds no upper.json, so it is not an upper jkmount kept: give the directory that was given to --upper",
         )
     })?;
-    let ([digest], [reference]) = (made.images.as_slice(), made.references.as_slice()) else {
-        return Err(commit_error(
-            upper,
-            format!(
-                "was made over {} images; commit works on one: join them first (jkmount combine) and mount that",
-                made.images.len()
-            ),
-        ));
-    };
-    let base = pinned(ImageRef::parse(reference)?, digest)?;
-    let documents =
-        crate::app::prepare::runtime()?.block_on(pull::documents(cache, &base, request.pull))?;
-    if documents.manifest_digest.to_string() != *digest {
-        return Err(commit_error(
-            upper,
-            format!(
-                "was made over {reference} at {digest}, which is now {}: mount that image with this upper again, or commit elsewhere",
-                documents.manifest_digest
-            ),
-        ));
-    }
+    let base = bases(cache, upper, &made, request.pull)?;
     let mtime = crate::pack::layer::source_date_epoch()?;
     let pack = PackRequest {
         dir: &Upper::changes_path(upper),
@@ -116,7 +96,7 @@ fn commit_upper(
             annotations: commit_annotations(request.target, mtime),
             ..ImageOptions::default()
         },
-        base: Some(&base),
+        base: &base,
         pull: request.pull,
     };
     let held = hold()?;
@@ -124,6 +104,39 @@ fn commit_upper(
         Some(held) => Ok(held.release()?),
         None => Ok(()),
     })
+}
+
+/// The images the upper was made over, bottom first, each pinned to the manifest recorded;
+/// refused if one of them now has another (a layout's tag moved).
+fn bases(
+    cache: &Cache,
+    upper: &Path,
+    made: &MadeOver,
+    pull: &PullOptions,
+) -> Result<Vec<ImageRef>> {
+    if made.images.len() != made.references.len() || made.images.is_empty() {
+        return Err(commit_error(
+            upper,
+            "has an upper.json naming no images, or not one reference for each: it was not written by jkmount",
+        ));
+    }
+    let runtime = crate::app::prepare::runtime()?;
+    let mut bases = Vec::new();
+    for (reference, digest) in made.references.iter().zip(&made.images) {
+        let base = pinned(ImageRef::parse(reference)?, digest)?;
+        let documents = runtime.block_on(pull::documents(cache, &base, pull))?;
+        if documents.manifest_digest.to_string() != *digest {
+            return Err(commit_error(
+                upper,
+                format!(
+                    "was made over {reference} at {digest}, which is now {}: mount that image with this upper again, or commit elsewhere",
+                    documents.manifest_digest
+                ),
+            ));
+        }
+        bases.push(base);
+    }
+    Ok(bases)
 }
 
 /// A registry reference pinned to `digest`; a layout is checked against it after reading.

@@ -92,8 +92,8 @@ pub struct PackRequest<'a> {
     pub layer: LayerOptions,
     /// The config and manifest settings.
     pub image: ImageOptions,
-    /// The image to build on.
-    pub base: Option<&'a ImageRef>,
+    /// The images to build on, bottom first (none: the layer alone).
+    pub base: &'a [ImageRef],
     /// How the base is fetched, and the registries pushed to.
     pub pull: &'a PullOptions,
 }
@@ -112,43 +112,38 @@ pub fn pack_then(
 ) -> Result<PackedImage> {
     let _using = cache.begin_use()?;
     let runtime = crate::app::prepare::runtime()?;
-    let base = match request.base {
-        Some(image) => Some(runtime.block_on(pull::documents(cache, image, request.pull))?),
-        None => None,
-    };
+    let mut bases = Vec::new();
+    for image in request.base {
+        bases.push(runtime.block_on(pull::documents(cache, image, request.pull))?);
+    }
     let work = cache.temp_path("pack-layer");
     let layer = pack::layer::pack_dir(request.dir, &request.layer, &work);
     let layer = read().and(layer).inspect_err(|_| {
         std::fs::remove_file(&work).ok();
     })?;
-    let base_documents = base.as_ref().map(|d| Base {
-        digest: d.manifest_digest.clone(),
-        shown: request.base.map(ToString::to_string).unwrap_or_default(),
-        manifest: d.manifest.clone(),
-        config: d.config.clone(),
-    });
+    let base = one_base(request.base, &bases)?;
     let image = pack::assemble(
         layer,
         request.layer.compression,
         request.layer.mtime,
         &request.image,
-        base_documents.as_ref(),
+        base.as_ref(),
     )?;
     let written = match request.target {
         Target::Layout { dir, tag } => {
-            if let (Some(image), Some(documents)) = (request.base, &base) {
-                // The layout must hold the base layers too: pull them into the cache, from the
-                // very manifest the documents came from (pinned, so the tag is not asked
-                // again and cannot have moved in between).
+            // The layout must hold the base layers too: pull them into the cache, from the
+            // very manifests the documents came from (pinned, so no tag is asked again and
+            // none can have moved in between).
+            let pinned = PullOptions {
+                policy: PullPolicy::Missing,
+                ..request.pull.clone()
+            };
+            for (image, documents) in request.base.iter().zip(&bases) {
                 let pin = Pin {
                     reference: image.to_string(),
                     platform: None,
                     digest: documents.manifest_digest.clone(),
                     index: None,
-                };
-                let pinned = PullOptions {
-                    policy: PullPolicy::Missing,
-                    ..request.pull.clone()
                 };
                 runtime.block_on(pull::pull_pinned(cache, image, Some(&pin), &pinned))?;
             }
@@ -158,10 +153,16 @@ pub fn pack_then(
         }
         Target::Registry(reference) => runtime.block_on(async {
             let destination = Destination::new(reference, &request.pull.registries).await?;
-            let copied = match base.as_ref().and_then(|b| b.source.as_deref()) {
-                Some(source) => vec![(source, image.base_layers.clone())],
-                None => Vec::new(),
-            };
+            let mut copied = Vec::new();
+            for (image, documents) in request.base.iter().zip(&bases) {
+                if let Some(source) = documents.source.as_deref() {
+                    let shown = image.to_string();
+                    let digest = &documents.manifest_digest;
+                    let blobs =
+                        crate::oci::image::layer_blobs(&documents.manifest, digest, &shown)?;
+                    copied.push((source, blobs));
+                }
+            }
             let layer = Some((image.layer.path.as_path(), &image.layer.digest));
             push(&destination, &copied, layer, &image.config, &image.manifest).await?;
             Ok(())
@@ -169,6 +170,37 @@ pub fn pack_then(
     };
     std::fs::remove_file(&image.layer.path).ok();
     written.map(|()| image)
+}
+
+/// The base the new layer goes on: one image's documents as they are, several joined (their
+/// layers in order, the bottom one's config with every image's diff_ids and history).
+fn one_base(images: &[ImageRef], documents: &[Documents]) -> Result<Option<Base>> {
+    let shown = images.iter().map(ToString::to_string).collect::<Vec<_>>();
+    Ok(match documents {
+        [] => None,
+        [one] => Some(Base {
+            digest: one.manifest_digest.clone(),
+            shown: shown.join(""),
+            manifest: one.manifest.clone(),
+            config: one.config.clone(),
+        }),
+        several => {
+            let parts = several.iter().map(|d| (&d.manifest, &d.config));
+            let joined = pack::join(parts, BTreeMap::new())?;
+            let json = |d: &pack::Document| {
+                serde_json::from_slice(&d.bytes).map_err(|e| Error::Pack {
+                    path: "--base".into(),
+                    detail: format!("the joined base images' documents: {e}"),
+                })
+            };
+            Some(Base {
+                digest: joined.manifest.digest.clone(),
+                shown: shown.join(" + "),
+                manifest: json(&joined.manifest)?,
+                config: json(&joined.config)?,
+            })
+        }
+    })
 }
 
 /// How the layers of a combined image reached the target: [already there, mounted across

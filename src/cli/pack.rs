@@ -159,7 +159,13 @@ pub fn pack(args: PackArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         anyhow::bail!("--env {bad:?} is not KEY=VALUE");
     }
     let (title, version) = target.title_and_version();
-    let base = args.base.as_deref().map(ImageRef::parse).transpose()?;
+    let base: Vec<ImageRef> = args
+        .base
+        .as_deref()
+        .map(ImageRef::parse)
+        .transpose()?
+        .into_iter()
+        .collect();
     let options = pull_options(global)?;
     let request = PackRequest {
         dir: &args.dir,
@@ -187,7 +193,7 @@ pub fn pack(args: PackArgs, global: &GlobalArgs) -> anyhow::Result<()> {
             entrypoint: args.entrypoint.clone(),
             env: args.env.clone(),
         },
-        base: base.as_ref(),
+        base: base.as_slice(),
         pull: &options,
     };
     let image = jkmount::app::pack::pack(&open_cache(global)?, &request)?;

@@ -54,6 +54,15 @@ pub struct SetAttr {
     pub mtime: Option<(i64, u32)>,
 }
 
+/// Forgets the kept directory handles when dropped (at the end of a rename, however it ends).
+struct Forget<'a>(&'a Overlay);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.0.forget_dir_handles();
+    }
+}
+
 /// What an operation that changes the tree holds: the gate open, and the change lock.
 struct Changing<'a> {
     _gate: RwLockReadGuard<'a, ()>,
@@ -172,6 +181,7 @@ impl Overlay {
         }
         let dir = self.ensure_dir(parent)?;
         self.drop_upper_name(&dir, parent, name, child.ino)?;
+        self.forget_dir_handles();
         self.whiteout_if_shown_below(&dir, parent, name)
     }
 
@@ -187,6 +197,7 @@ impl Overlay {
         }
         let dir = self.ensure_dir(parent)?;
         self.drop_upper_name(&dir, parent, name, child.ino)?;
+        self.forget_dir_handles();
         self.whiteout_if_shown_below(&dir, parent, name)
     }
 
@@ -204,6 +215,8 @@ impl Overlay {
         if upper::is_reserved(new_name) {
             return Err(FsError::Invalid);
         }
+        // Whatever happens below, no handle kept may stand for a directory replaced.
+        let _forget = Forget(self);
         let source = self.find(parent, name)?.ok_or(FsError::NotFound)?;
         let target = self.find(new_parent, new_name)?;
         if let Some(target) = &target {

@@ -19,7 +19,7 @@ use crate::upper;
 
 impl Overlay {
     /// The upper directory of the directory `ino`, made (its parents first) if it has none.
-    pub(super) fn ensure_dir(&self, ino: u64) -> Result<Dir, FsError> {
+    pub(super) fn ensure_dir(&self, ino: u64) -> Result<Arc<Dir>, FsError> {
         let state = self.read_state();
         let inode = self.known(&state, ino)?;
         if let Some(inode) = &inode {
@@ -58,7 +58,7 @@ impl Overlay {
                 file: None,
             },
         );
-        Ok(dir)
+        Ok(Arc::new(dir))
     }
 
     /// Copies `ino` (anything but a directory) up at each of its places, unless the upper

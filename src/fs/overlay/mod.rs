@@ -18,7 +18,10 @@
 
 mod change;
 mod copyup;
+mod dirs;
 mod target;
+
+use target::{attr_of, file_kind};
 #[cfg(test)]
 mod tests;
 
@@ -32,7 +35,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use rustix::fs::{FileType, Stat};
+use rustix::fs::Stat;
 
 use super::core::{Attr, FileKind, FsCore, FsError, ROOT_INO};
 use crate::tree::{NodeId, NodeKind};
@@ -54,6 +57,8 @@ pub struct Overlay {
     change: Mutex<()>,
     /// Passed (shared) by every change, closed by [`Overlay::hold`].
     gate: RwLock<()>,
+    /// Open handles on upper directories by inode, so a lookup costs no path walk.
+    dir_handles: dirs::DirHandles,
 }
 
 /// What changed: the inodes the upper holds or that were moved or removed.
@@ -104,6 +109,7 @@ impl Overlay {
             }),
             change: Mutex::new(()),
             gate: RwLock::new(()),
+            dir_handles: dirs::DirHandles::default(),
         };
         overlay.adopt_upper()?;
         Ok(overlay)
@@ -271,8 +277,15 @@ impl Overlay {
     }
 
     /// The upper directory of the directory `ino`, which must have one.
-    fn upper_dir(&self, state: &State, ino: u64) -> Result<crate::handle::Dir, FsError> {
-        Ok(self.upper.dir_at(&self.path(state, ino)?)?)
+    fn upper_dir(&self, state: &State, ino: u64) -> Result<Arc<crate::handle::Dir>, FsError> {
+        self.dir_handles
+            .get_or_open(ino, || Ok(self.upper.dir_at(&self.path(state, ino)?)?))
+    }
+
+    /// Forgets the directory handles kept: after a rename or removal of a directory, a
+    /// number may stand for another upper directory.
+    pub(super) fn forget_dir_handles(&self) {
+        self.dir_handles.forget();
     }
 
     /// Attributes of an inode.
@@ -676,33 +689,5 @@ fn io_error(e: FsError) -> io::Error {
     match e {
         FsError::Io(e) => e,
         e => io::Error::other(e.to_string()),
-    }
-}
-
-fn file_kind(stat: &Stat) -> FileKind {
-    match FileType::from_raw_mode(stat.st_mode) {
-        FileType::Directory => FileKind::Directory,
-        FileType::Symlink => FileKind::Symlink,
-        FileType::CharacterDevice => FileKind::CharDevice,
-        FileType::BlockDevice => FileKind::BlockDevice,
-        FileType::Fifo => FileKind::NamedPipe,
-        _ => FileKind::RegularFile,
-    }
-}
-
-/// An upper object's attributes, shown as `ino`.
-fn attr_of(ino: u64, stat: &Stat) -> Attr {
-    Attr {
-        ino,
-        kind: file_kind(stat),
-        size: stat.st_size as u64,
-        perm: (stat.st_mode & 0o7777) as u16,
-        nlink: stat.st_nlink as u32,
-        uid: stat.st_uid,
-        gid: stat.st_gid,
-        rdev: stat.st_rdev as u32,
-        mtime: stat.st_mtime,
-        mtime_nsec: stat.st_mtime_nsec as u32,
-        blocks: stat.st_blocks as u64,
     }
 }

@@ -9,10 +9,11 @@ use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
+use rustix::fs::{FileType, Stat};
 use xattr::FileExt;
 
 use super::Overlay;
-use crate::fs::core::{FileKind, FsError};
+use crate::fs::core::{Attr, FileKind, FsError};
 use crate::handle::Dir;
 
 /// An upper object to read or change.
@@ -20,9 +21,9 @@ pub(super) enum Target {
     /// A regular file, open.
     File(Arc<File>),
     /// A directory, open.
-    Dir(Dir),
+    Dir(Arc<Dir>),
     /// Anything else: its directory and name.
-    At(Dir, Vec<u8>),
+    At(Arc<Dir>, Vec<u8>),
 }
 
 impl Overlay {
@@ -103,5 +104,33 @@ impl Target {
             Target::Dir(dir) => xattr::remove_deref(dir.proc_path(), key),
             Target::At(dir, name) => xattr::remove(Self::at_path(dir, name), key),
         }
+    }
+}
+
+pub(super) fn file_kind(stat: &Stat) -> FileKind {
+    match FileType::from_raw_mode(stat.st_mode) {
+        FileType::Directory => FileKind::Directory,
+        FileType::Symlink => FileKind::Symlink,
+        FileType::CharacterDevice => FileKind::CharDevice,
+        FileType::BlockDevice => FileKind::BlockDevice,
+        FileType::Fifo => FileKind::NamedPipe,
+        _ => FileKind::RegularFile,
+    }
+}
+
+/// An upper object's attributes, shown as `ino`.
+pub(super) fn attr_of(ino: u64, stat: &Stat) -> Attr {
+    Attr {
+        ino,
+        kind: file_kind(stat),
+        size: stat.st_size as u64,
+        perm: (stat.st_mode & 0o7777) as u16,
+        nlink: stat.st_nlink as u32,
+        uid: stat.st_uid,
+        gid: stat.st_gid,
+        rdev: stat.st_rdev as u32,
+        mtime: stat.st_mtime,
+        mtime_nsec: stat.st_mtime_nsec as u32,
+        blocks: stat.st_blocks as u64,
     }
 }

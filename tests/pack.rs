@@ -427,6 +427,41 @@ fn a_layer_packed_on_a_base_keeps_the_base_layers() {
 }
 
 #[test]
+fn a_layer_packed_on_a_layout_base_and_pushed_takes_the_base_layers_along() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let (a, b) = (work.path().join("a"), work.path().join("b"));
+    for (dir, name) in [(&a, "lib-a"), (&b, "lib-b")] {
+        std::fs::create_dir_all(dir.join(name)).unwrap();
+        std::fs::write(dir.join(name).join("index.js"), name).unwrap();
+    }
+    let base = format!("oci:{}:1", work.path().join("base").display());
+    ok(jkmount(
+        &cache,
+        &["pack", a.to_str().unwrap(), "--output", &base],
+    ));
+    let on_top = registry.reference("libs/on-layout:1");
+    let b = b.to_str().unwrap();
+    ok(jkmount(
+        &cache,
+        &["pack", b, "--base", &base, "--tag", &on_top],
+    ));
+    // A fresh cache pulls both layers from the registry alone.
+    let fresh = work.path().join("fresh");
+    let rootfs = work.path().join("rootfs");
+    ok(jkmount(
+        &fresh,
+        &["extract", &on_top, rootfs.to_str().unwrap()],
+    ));
+    for name in ["lib-a", "lib-b"] {
+        let content =
+            std::fs::read_to_string(rootfs.join("jk/modules").join(name).join("index.js"));
+        assert_eq!(content.unwrap(), name);
+    }
+}
+
+#[test]
 fn hardlinked_files_are_packed_once_and_come_back_as_hardlinks() {
     use std::os::unix::fs::MetadataExt;
     let work = tempfile::tempdir().unwrap();

@@ -131,36 +131,33 @@ pub fn pack_then(
     )?;
     let written = match request.target {
         Target::Layout { dir, tag } => {
-            // The layout must hold the base layers too: pull them into the cache, from the
-            // very manifests the documents came from (pinned, so no tag is asked again and
-            // none can have moved in between).
-            let pinned = PullOptions {
-                policy: PullPolicy::Missing,
-                ..request.pull.clone()
-            };
+            // The layout must hold the base layers too: from the cache.
             for (image, documents) in request.base.iter().zip(&bases) {
-                let pin = Pin {
-                    reference: image.to_string(),
-                    platform: None,
-                    digest: documents.manifest_digest.clone(),
-                    index: None,
-                };
-                runtime.block_on(pull::pull_pinned(cache, image, Some(&pin), &pinned))?;
+                pull_base(cache, &runtime, image, documents, request.pull)?;
             }
-            pack::write_layout(&image, dir, tag, |d| {
-                cache.has_blob(d).then(|| cache.blob_path(d))
-            })
+            pack::write_layout(&image, dir, tag, |d| base_blob(cache, request.base, d))
         }
         Target::Registry(reference) => runtime.block_on(async {
             let destination = Destination::new(reference, &request.pull.registries).await?;
             let mut copied = Vec::new();
-            for (image, documents) in request.base.iter().zip(&bases) {
-                if let Some(source) = documents.source.as_deref() {
-                    let shown = image.to_string();
-                    let digest = &documents.manifest_digest;
-                    let blobs =
-                        crate::oci::image::layer_blobs(&documents.manifest, digest, &shown)?;
-                    copied.push((source, blobs));
+            for (base, documents) in request.base.iter().zip(&bases) {
+                let shown = base.to_string();
+                let digest = &documents.manifest_digest;
+                let blobs = crate::oci::image::layer_blobs(&documents.manifest, digest, &shown)?;
+                match documents.source.as_deref() {
+                    Some(source) => copied.push((source, blobs)),
+                    // A layout's layers go up from the layout, checked first.
+                    None => {
+                        for (blob, _) in &blobs {
+                            let path = base_blob(cache, request.base, blob).ok_or_else(|| {
+                                Error::Pack {
+                                    path: shown.clone().into(),
+                                    detail: format!("its layer {blob} is missing or damaged"),
+                                }
+                            })?;
+                            destination.push_file(&path, blob).await?;
+                        }
+                    }
                 }
             }
             let layer = Some((image.layer.path.as_path(), &image.layer.digest));
@@ -170,6 +167,54 @@ pub fn pack_then(
     };
     std::fs::remove_file(&image.layer.path).ok();
     written.map(|()| image)
+}
+
+/// Where a base layer's blob is: in the cache, or in a base's layout when its bytes there
+/// hash to `digest` (a layout is the user's directory: checked before use).
+fn base_blob(cache: &Cache, bases: &[ImageRef], digest: &Digest) -> Option<std::path::PathBuf> {
+    if cache.has_blob(digest) {
+        return Some(cache.blob_path(digest));
+    }
+    bases.iter().find_map(|base| {
+        let ImageRef::Layout { dir, .. } = base else {
+            return None;
+        };
+        let path = dir.join("blobs/sha256").join(digest.hex());
+        let (found, _) = Digest::of_file(&path).ok()?;
+        (found == *digest).then_some(path)
+    })
+}
+
+/// Pulls a base into the cache, from the very manifest its documents came from (pinned, so no
+/// tag is asked again and none can have moved in between).
+fn pull_base(
+    cache: &Cache,
+    runtime: &tokio::runtime::Runtime,
+    image: &ImageRef,
+    documents: &Documents,
+    options: &PullOptions,
+) -> Result<()> {
+    let pinned = PullOptions {
+        policy: PullPolicy::Missing,
+        ..options.clone()
+    };
+    runtime.block_on(pull::pull_pinned(
+        cache,
+        image,
+        Some(&pin(image, documents)),
+        &pinned,
+    ))?;
+    Ok(())
+}
+
+/// The pin of a base to the manifest its documents came from.
+fn pin(image: &ImageRef, documents: &Documents) -> Pin {
+    Pin {
+        reference: image.to_string(),
+        platform: None,
+        digest: documents.manifest_digest.clone(),
+        index: None,
+    }
 }
 
 /// The base the new layer goes on: one image's documents as they are, several joined (their

@@ -291,10 +291,13 @@ class FuseOverlayfs(MountTool):
             layer.mkdir(parents=True)
             sh("tar", "-xzf", blob, "-C", layer)
 
-    def _mount(self):
+    def lowerdir(self):
+        """The extracted layers as fuse-overlayfs's `lowerdir` (top first)."""
         n = len(list((self.dir / "layers").iterdir()))
-        lower = ":".join(str(self.dir / "layers" / str(i)) for i in reversed(range(n)))
-        sh("fuse-overlayfs", "-o", f"lowerdir={lower}", self.mnt)
+        return ":".join(str(self.dir / "layers" / str(i)) for i in reversed(range(n)))
+
+    def _mount(self):
+        sh("fuse-overlayfs", "-o", f"lowerdir={self.lowerdir()}", self.mnt)
 
 
 class Ratarmount(MountTool):

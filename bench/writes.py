@@ -102,48 +102,47 @@ class NativeTree:
         shutil.rmtree(self.dir / "tree", ignore_errors=True)
 
 
-class JkmountWritable:
+class WritableMount:
+    """A tool's writable mount of the large image at `WORK/writes/NAME/mnt`; `fresh` mounts it
+    anew and returns its `node_modules`."""
+
+    name = None
+
+    def __init__(self, tool):
+        self.tool, self.dir = tool, WORK / "writes" / self.name
+        self.mnt = self.dir / "mnt"
+
+    def fresh(self):
+        unmount(self.mnt)
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        self._mount()
+        return self.mnt / "jk" / "modules"
+
+    def stop(self):
+        unmount(self.mnt)
+
+
+class JkmountWritable(WritableMount):
     """`jkmount --writable` from the cache the read-only rows filled: a fresh temporary upper."""
 
     name = "jkmount"
 
-    def __init__(self, jk):
-        self.jk, self.dir = jk, WORK / "writes" / "jkmount"
-        self.mnt = self.dir / "mnt"
-
-    def fresh(self):
-        unmount(self.mnt)
-        self.mnt.mkdir(parents=True, exist_ok=True)
-        sh(JK, "-q", "--cache-dir", self.jk.cache, "--writable", self.jk.ref, self.mnt)
-        return self.mnt / "jk" / "modules"
-
-    def stop(self):
-        unmount(self.mnt)
+    def _mount(self):
+        sh(JK, "-q", "--cache-dir", self.tool.cache, "--writable", self.tool.ref, self.mnt)
 
 
-class FuseOverlayfsWritable:
+class FuseOverlayfsWritable(WritableMount):
     """fuse-overlayfs over the layers its read-only rows extracted, with a fresh upper."""
 
     name = "fuse-overlayfs"
 
-    def __init__(self, fo):
-        self.fo, self.dir = fo, WORK / "writes" / "fuse-overlayfs"
-        self.mnt = self.dir / "mnt"
-
-    def fresh(self):
-        unmount(self.mnt)
+    def _mount(self):
         for d in ("upper", "work"):
             shutil.rmtree(self.dir / d, ignore_errors=True)
             (self.dir / d).mkdir(parents=True)
-        self.mnt.mkdir(parents=True, exist_ok=True)
-        layers = self.fo.dir / "layers"
-        lower = ":".join(str(layers / str(i)) for i in reversed(range(len(list(layers.iterdir())))))
-        options = f"lowerdir={lower},upperdir={self.dir / 'upper'},workdir={self.dir / 'work'}"
+        options = (f"lowerdir={self.tool.lowerdir()},upperdir={self.dir / 'upper'},"
+                   f"workdir={self.dir / 'work'}")
         sh("fuse-overlayfs", "-o", options, self.mnt)
-        return self.mnt / "jk" / "modules"
-
-    def stop(self):
-        unmount(self.mnt)
 
 
 def one_run(tool, tar, package, npm_dir):

@@ -214,13 +214,17 @@ as_user() {{ setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups env -i HOM
 mknod {work}/fuse c 10 229
 chmod 0666 {work}/fuse
 mount --bind {work}/fuse /dev/fuse
-as_user {bin} --writable --modules {reference} {mnt}
+printf 'user_allow_other\n' > {work}/fuse.conf
+mount --bind {work}/fuse.conf /etc/fuse.conf
+as_user {bin} --writable -o allow_other --modules {reference} {mnt}
 echo "owner: $(as_user stat -c %u:%g {mnt}/a/index.js)"
 as_user sh -e -c 'mkdir -p {mnt}/.cache/jest && printf cached > {mnt}/.cache/jest/x && rm {mnt}/b/x.js && mv {mnt}/b {mnt}/c'
 echo "cache: $(as_user cat {mnt}/.cache/jest/x)"
 echo "names: $(as_user ls {mnt} | tr '\n' ' ')"
 echo "gone: $(as_user ls {mnt}/c | tr '\n' ' ')"
 grep " {mnt} " /proc/self/mountinfo | grep -o ' rw,[^ ]*' | head -1
+as_user {bin} -q commit {mnt} --output oci:{home}/mine:1 >/dev/null && echo "own commit: ok"
+echo "root's commit: $({bin} -q --cache-dir {work}/root-cache commit {mnt} --output oci:{work}/theirs:1 2>&1)"
 as_user {bin} unmount {mnt}
 as_user {bin} --modules {reference} {mnt}
 echo "after: $(as_user ls {mnt} | tr '\n' ' ')"
@@ -240,6 +244,8 @@ as_user {bin} unmount {mnt}
             "names: a c empty gone ",
             "gone: hard y.js ",
             " rw,nosuid,nodev",
+            "own commit: ok",
+            "it is served by user 65534, neither root nor this user",
             "after: a b empty gone ",
         ],
     );

@@ -352,16 +352,23 @@ fn cached_manifest_layers(cache: &Path) -> Vec<String> {
     out
 }
 
+/// `work/a` holding `lib-a/index.js` and `work/b` holding `lib-b/index.js`, each file's
+/// content its library's name.
+fn two_libraries(work: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (a, b) = (work.join("a"), work.join("b"));
+    for (dir, name) in [(&a, "lib-a"), (&b, "lib-b")] {
+        std::fs::create_dir_all(dir.join(name)).unwrap();
+        std::fs::write(dir.join(name).join("index.js"), name).unwrap();
+    }
+    (a, b)
+}
+
 #[test]
 fn a_layer_packed_on_a_base_keeps_the_base_layers() {
     let registry = Registry::start();
     let work = tempfile::tempdir().unwrap();
     let cache = work.path().join("cache");
-    let (a, b) = (work.path().join("a"), work.path().join("b"));
-    for (dir, name) in [(&a, "lib-a"), (&b, "lib-b")] {
-        std::fs::create_dir_all(dir.join(name)).unwrap();
-        std::fs::write(dir.join(name).join("index.js"), name).unwrap();
-    }
+    let (a, b) = two_libraries(work.path());
     let base = registry.reference("libs/a:1");
     ok(jkmount(
         &cache,
@@ -431,11 +438,7 @@ fn a_layer_packed_on_a_layout_base_and_pushed_takes_the_base_layers_along() {
     let registry = Registry::start();
     let work = tempfile::tempdir().unwrap();
     let cache = work.path().join("cache");
-    let (a, b) = (work.path().join("a"), work.path().join("b"));
-    for (dir, name) in [(&a, "lib-a"), (&b, "lib-b")] {
-        std::fs::create_dir_all(dir.join(name)).unwrap();
-        std::fs::write(dir.join(name).join("index.js"), name).unwrap();
-    }
+    let (a, b) = two_libraries(work.path());
     let base = format!("oci:{}:1", work.path().join("base").display());
     ok(jkmount(
         &cache,

@@ -5,7 +5,8 @@
 //! that was mounted, in byte order, owners normalized to 0:0 as `pack` does, modes kept, times
 //! kept unless asked to normalize. Each image is pinned by the digest the upper recorded.
 //! A live mount's upper is committed while the mount holds its writes (its control socket,
-//! [`crate::mount::control`]), from before `upper/` is read until it has been read whole.
+//! [`crate::mount::control`]) from just before `upper/` is read until it has been read whole,
+//! after the base documents are fetched and before anything is written or pushed.
 
 use std::path::Path;
 
@@ -13,9 +14,10 @@ use crate::app::pack::{PackRequest, Target};
 use crate::app::pull::{self, PullOptions};
 use crate::cache::Cache;
 use crate::error::{Error, Result};
-use crate::mount::control::{Hold, LiveMount};
+use crate::mount::control::LiveMount;
 use crate::oci::image::Compression;
 use crate::oci::reference::ImageRef;
+use crate::pack::layer::PackedLayer;
 use crate::pack::{ImageOptions, LayerOptions, PackedImage};
 use crate::upper::{MadeOver, Upper};
 
@@ -55,22 +57,27 @@ pub fn commit(cache: &Cache, request: &CommitRequest<'_>) -> Result<PackedImage>
         Changes::Kept(upper) => {
             // No mount may change it while it is read.
             let _held = Upper::lock(upper)?;
-            commit_upper(cache, upper, request, || Ok(None))
+            commit_upper(cache, upper, request, |read| read())
         }
         Changes::Live(mountpoint) => {
             let live = LiveMount::find(mountpoint)?;
-            commit_upper(cache, &live.upper, request, || Ok(Some(live.hold()?)))
+            commit_upper(cache, &live.upper, request, |read| {
+                let held = live.hold()?;
+                let layer = read();
+                held.release()?;
+                layer
+            })
         }
     }
 }
 
-/// Commits the upper in `upper`; `hold` is called just before it is read, and what it returns
-/// is released once it has been read.
+/// Commits the upper in `upper`, its reading into the layer wrapped by `around` (see
+/// [`crate::app::pack::pack_reading`]).
 fn commit_upper(
     cache: &Cache,
     upper: &Path,
     request: &CommitRequest<'_>,
-    hold: impl FnOnce() -> Result<Option<Hold>>,
+    around: impl FnOnce(&dyn Fn() -> Result<PackedLayer>) -> Result<PackedLayer>,
 ) -> Result<PackedImage> {
     let made = MadeOver::read(upper)?.ok_or_else(|| {
         commit_error(
@@ -99,11 +106,7 @@ fn commit_upper(
         base: &base,
         pull: request.pull,
     };
-    let held = hold()?;
-    crate::app::pack::pack_then(cache, &pack, || match held {
-        Some(held) => Ok(held.release()?),
-        None => Ok(()),
-    })
+    crate::app::pack::pack_reading(cache, &pack, around)
 }
 
 /// The images the upper was made over, bottom first, each pinned to the manifest recorded;

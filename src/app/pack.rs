@@ -14,7 +14,9 @@ use crate::cache::Cache;
 use crate::error::{Error, Result};
 use crate::oci::digest::Digest;
 use crate::oci::reference::ImageRef;
+use crate::pack::layer::PackedLayer;
 use crate::pack::{self, Base, Document, ImageOptions, LayerOptions, PackedImage};
+use crate::source::layout::LayoutSource;
 use crate::source::registry::RegistrySource;
 use crate::source::registry::push::Destination;
 
@@ -100,15 +102,16 @@ pub struct PackRequest<'a> {
 
 /// Packs the directory and writes or pushes the image. The layer file is removed after.
 pub fn pack(cache: &Cache, request: &PackRequest<'_>) -> Result<PackedImage> {
-    pack_then(cache, request, || Ok(()))
+    pack_reading(cache, request, |read| read())
 }
 
-/// As [`pack`], calling `read` once the directory has been read whole (and before anything is
-/// written or pushed): `commit` lets a live mount's writes go on then.
-pub fn pack_then(
+/// As [`pack`], with the reading of the directory into the layer wrapped by `around` (which
+/// calls `read` once): `commit` holds a live mount's writes for just that long, after the
+/// base documents are fetched and before anything is written or pushed.
+pub fn pack_reading(
     cache: &Cache,
     request: &PackRequest<'_>,
-    read: impl FnOnce() -> Result<()>,
+    around: impl FnOnce(&dyn Fn() -> Result<PackedLayer>) -> Result<PackedLayer>,
 ) -> Result<PackedImage> {
     let _using = cache.begin_use()?;
     let runtime = crate::app::prepare::runtime()?;
@@ -117,10 +120,11 @@ pub fn pack_then(
         bases.push(runtime.block_on(pull::documents(cache, image, request.pull))?);
     }
     let work = cache.temp_path("pack-layer");
-    let layer = pack::layer::pack_dir(request.dir, &request.layer, &work);
-    let layer = read().and(layer).inspect_err(|_| {
-        std::fs::remove_file(&work).ok();
-    })?;
+    let layer = around(&|| pack::layer::pack_dir(request.dir, &request.layer, &work)).inspect_err(
+        |_| {
+            std::fs::remove_file(&work).ok();
+        },
+    )?;
     let base = one_base(request.base, &bases)?;
     let image = pack::assemble(
         layer,
@@ -131,9 +135,12 @@ pub fn pack_then(
     )?;
     let written = match request.target {
         Target::Layout { dir, tag } => {
-            // The layout must hold the base layers too: from the cache.
+            // The layout must hold the base layers too: a registry's pulled into the cache, a
+            // layout's read where they are.
             for (image, documents) in request.base.iter().zip(&bases) {
-                pull_base(cache, &runtime, image, documents, request.pull)?;
+                if documents.source.is_some() {
+                    pull_base(cache, &runtime, image, documents, request.pull)?;
+                }
             }
             pack::write_layout(&image, dir, tag, |d| base_blob(cache, request.base, d))
         }
@@ -179,7 +186,7 @@ fn base_blob(cache: &Cache, bases: &[ImageRef], digest: &Digest) -> Option<std::
         let ImageRef::Layout { dir, .. } = base else {
             return None;
         };
-        let path = dir.join("blobs/sha256").join(digest.hex());
+        let path = LayoutSource::blob_in(dir, digest);
         let (found, _) = Digest::of_file(&path).ok()?;
         (found == *digest).then_some(path)
     })
@@ -220,12 +227,16 @@ fn pin(image: &ImageRef, documents: &Documents) -> Pin {
 /// The base the new layer goes on: one image's documents as they are, several joined (their
 /// layers in order, the bottom one's config with every image's diff_ids and history).
 fn one_base(images: &[ImageRef], documents: &[Documents]) -> Result<Option<Base>> {
-    let shown = images.iter().map(ToString::to_string).collect::<Vec<_>>();
+    let shown = images
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" + ");
     Ok(match documents {
         [] => None,
         [one] => Some(Base {
             digest: one.manifest_digest.clone(),
-            shown: shown.join(""),
+            shown,
             manifest: one.manifest.clone(),
             config: one.config.clone(),
         }),
@@ -240,7 +251,7 @@ fn one_base(images: &[ImageRef], documents: &[Documents]) -> Result<Option<Base>
             };
             Some(Base {
                 digest: joined.manifest.digest.clone(),
-                shown: shown.join(" + "),
+                shown,
                 manifest: json(&joined.manifest)?,
                 config: json(&joined.config)?,
             })

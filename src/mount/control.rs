@@ -10,7 +10,9 @@
 //! writeback cache: every write the kernel acknowledged is in the upper by then.
 //!
 //! Both ends reach the socket through a handle on the directory (`/proc/self/fd/N/control`),
-//! never through a path others could swap, and whatever its length.
+//! never through a path others could swap, and whatever its length. Each end checks the
+//! other's user (`SO_PEERCRED`): the mount answers root and its own user only, and the commit
+//! believes a mount served by root or by its own user only.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -204,6 +206,17 @@ impl LiveMount {
         let connect = || -> io::Result<BufReader<UnixStream>> {
             let handle = open_dir(&self.upper)?;
             let stream = UnixStream::connect(through(&handle))?;
+            // The directory was named by whatever serves the mountpoint; only a server of
+            // root or of this user is believed, so nobody else's filesystem can point a
+            // commit at a directory it should not read.
+            let server = rustix::net::sockopt::socket_peercred(&stream)?.uid.as_raw();
+            let me = rustix::process::geteuid().as_raw();
+            if server != 0 && server != me {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("it is served by user {server}, neither root nor this user"),
+                ));
+            }
             stream.set_read_timeout(Some(ANSWER_TIME))?;
             stream.set_write_timeout(Some(ANSWER_TIME))?;
             let mut stream = BufReader::new(stream);

@@ -108,7 +108,12 @@ impl LayoutSource {
 
     /// Where a blob of the layout is.
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
-        self.dir.join("blobs/sha256").join(digest.hex())
+        Self::blob_in(&self.dir, digest)
+    }
+
+    /// Where a blob of the layout in `dir` is.
+    pub fn blob_in(dir: &Path, digest: &Digest) -> PathBuf {
+        dir.join("blobs/sha256").join(digest.hex())
     }
 
     /// Reads a whole document blob, refused past the cap; the caller verifies it.

@@ -181,7 +181,6 @@ impl Overlay {
         }
         let dir = self.ensure_dir(parent)?;
         self.drop_upper_name(&dir, parent, name, child.ino)?;
-        self.forget_dir_handles();
         self.whiteout_if_shown_below(&dir, parent, name)
     }
 

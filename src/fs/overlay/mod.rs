@@ -20,12 +20,11 @@ mod change;
 mod copyup;
 mod dirs;
 mod target;
-
-use target::{attr_of, file_kind};
 #[cfg(test)]
 mod tests;
 
 pub use change::{NewEntry, SetAttr};
+use target::{attr_of, file_kind};
 
 use std::collections::HashMap;
 use std::ffi::OsStr;

@@ -107,6 +107,7 @@ impl Target {
     }
 }
 
+/// What an upper object is, from its `stat`.
 pub(super) fn file_kind(stat: &Stat) -> FileKind {
     match FileType::from_raw_mode(stat.st_mode) {
         FileType::Directory => FileKind::Directory,

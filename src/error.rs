@@ -385,6 +385,9 @@ pub enum Damage {
     /// A binary file (tree, layer index) whose body does not decode.
     #[error("{0}")]
     Encoding(#[from] postcard::Error),
+    /// A tree file whose records do not hold together, or a tree too big for the format.
+    #[error("{0}")]
+    Tree(String),
     /// A decoded layer without an index of this release's format.
     #[error("layer index missing or of another format")]
     NoIndex,

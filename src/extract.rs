@@ -26,10 +26,12 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::FileType;
 
+use crate::cache::trees;
 use crate::error::{Error, Result};
-use crate::fs::content::Content;
+use crate::fs::content::{Content, Data};
 use crate::handle::{self, Dir};
 use crate::tree::Mountable;
+use crate::tree::file::Kind;
 use crate::tree::{Node, NodeId, NodeKind, ROOT};
 
 /// How to extract.
@@ -114,7 +116,7 @@ pub fn extract(mountable: &Mountable, dest: &Path, options: &Options) -> Result<
         writer.write_dir(ROOT, &work, Path::new(""))?;
         writer.finish_children(ROOT, &work, Path::new(""))?;
         put_in_place(&parent, &work_name, &work, name, replaces_empty_dir, dest)?;
-        let root = writer.node(ROOT).clone();
+        let root = writer.node(ROOT)?;
         writer.set_meta(root, Entry::Open(work.as_fd()), dest)
     })();
     if let Err(e) = written {
@@ -256,14 +258,25 @@ enum Entry<'a> {
 }
 
 impl Writer<'_> {
-    fn node(&self, id: NodeId) -> &Node {
-        self.mountable.tree.node(id)
+    fn node(&self, id: NodeId) -> Result<Node> {
+        let tree = &self.mountable.tree;
+        tree.to_node(id).map_err(|e| trees::damaged(tree, e))
+    }
+
+    fn entries(&self, id: NodeId) -> Result<Vec<(Vec<u8>, NodeId)>> {
+        let tree = &self.mountable.tree;
+        match tree.node(id).and_then(|n| n.kind()) {
+            Ok(Kind::Dir { entries, .. }) => entries.to_vec(),
+            Ok(_) => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+        .map_err(|e| trees::damaged(tree, e))
     }
 
     /// Creates the contents of directory `id`, open as `dir`, at `rel` in the tree.
     fn write_dir(&mut self, id: NodeId, dir: &Dir, rel: &Path) -> Result<()> {
         self.summary.dirs += 1;
-        let entries = self.mountable.tree.entries(id).unwrap_or_default().to_vec();
+        let entries = self.entries(id)?;
         for (name, child) in entries {
             // Each name is one component: `Dir` refuses any other, naming it.
             let name = OsStr::from_bytes(&name);
@@ -273,7 +286,7 @@ impl Writer<'_> {
     }
 
     fn write_entry(&mut self, id: NodeId, dir: &Dir, rel: &Path, name: &OsStr) -> Result<()> {
-        let node = self.node(id).clone();
+        let node = self.node(id)?;
         let path = self.dest.join(rel).join(name);
         let at = |e: io::Error| Error::io(&path, e);
         let device = matches!(
@@ -303,7 +316,7 @@ impl Writer<'_> {
             }
             NodeKind::File { .. } | NodeKind::SparseFile { .. } => {
                 let out: File = dir.create_file(name, 0o600).map_err(at)?;
-                let written = self.content.copy_to(&node.kind, &out, &path);
+                let written = self.content.copy_to(Data::of_node(&node.kind), &out, &path);
                 let size = written.expect("a file node has content")?;
                 self.summary.files += 1;
                 self.summary.bytes += size;
@@ -347,9 +360,10 @@ impl Writer<'_> {
     /// them is written, children first so that their times stay as set. Each is reopened by
     /// name in its parent, which is still 0700 and this process's alone.
     fn finish_children(&mut self, id: NodeId, dir: &Dir, rel: &Path) -> Result<()> {
-        let entries = self.mountable.tree.entries(id).unwrap_or_default().to_vec();
+        let entries = self.entries(id)?;
         for (name, child) in entries {
-            if !matches!(self.node(child).kind, NodeKind::Dir { .. }) {
+            let node = self.node(child)?;
+            if !matches!(node.kind, NodeKind::Dir { .. }) {
                 continue;
             }
             let name = OsStr::from_bytes(&name);
@@ -357,7 +371,7 @@ impl Writer<'_> {
             let path = self.dest.join(&rel);
             let sub = dir.open_dir(name).map_err(|e| Error::io(&path, e))?;
             self.finish_children(child, &sub, &rel)?;
-            self.set_meta(self.node(child).clone(), Entry::Open(sub.as_fd()), &path)?;
+            self.set_meta(node, Entry::Open(sub.as_fd()), &path)?;
         }
         Ok(())
     }

@@ -22,7 +22,8 @@
 //! - [`handle`]: directory handles, for everything done where another user may write.
 //!
 //! Test fixtures ([`fixture`]) are compiled only with the `test-support` feature.
-#![forbid(unsafe_code)]
+// Denied, not forbidden, for one exception: mapping a tree file (`tree::file::map_immutable`).
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod app;

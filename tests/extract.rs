@@ -69,6 +69,56 @@ fn extract_modules_of_two_stacked_images_into_node_modules() {
     assert_eq!(names(&app), ["node_modules"]);
 }
 
+/// The merged tree the cache keeps is used in place, so `cache verify` checks it whole: a
+/// changed byte is found and the tree removed, and the next extract rebuilds the same tree.
+#[test]
+fn cache_verify_finds_a_changed_tree_and_the_next_use_rebuilds_it() {
+    let registry = Registry::start();
+    let image = push(
+        &registry,
+        "libs/tree:1",
+        &["f /jk/modules/t/index.js 644 \"module.exports = 't';\"\nl /jk/modules/u t"],
+    );
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("cache");
+    let extract = |dest: &str| {
+        let dest = work.path().join(dest);
+        ok(jkmount(
+            &cache,
+            &["extract", "--modules", &image, dest.to_str().unwrap()],
+        ));
+        names(&dest)
+    };
+    let first = extract("one");
+    let trees: Vec<_> = std::fs::read_dir(cache.join("v1/trees"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(trees.len(), 1, "{trees:?}");
+    let clean = ok(jkmount(&cache, &["cache", "verify"]));
+    assert!(clean.ends_with(": 0 damaged\n"), "{clean}");
+
+    // One byte at its end: a letter of the digest of the layer it was merged from.
+    let mut bytes = std::fs::read(&trees[0]).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x20;
+    std::fs::write(&trees[0], bytes).unwrap();
+    let out = jkmount(&cache, &["cache", "verify"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains(&format!(
+            "removed tree {}: its content does not match the digest in its header",
+            trees[0].display()
+        )) && report.contains(": 1 damaged"),
+        "{report}"
+    );
+    assert!(!trees[0].exists());
+    assert_eq!(extract("two"), first);
+    assert!(trees[0].exists());
+    assert!(ok(jkmount(&cache, &["cache", "verify"])).ends_with(": 0 damaged\n"));
+}
+
 #[test]
 fn extract_refuses_a_destination_in_use_and_leaves_nothing_when_it_fails() {
     let registry = Registry::start();

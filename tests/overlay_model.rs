@@ -14,6 +14,7 @@ use jkmount::fs::overlay::{NewEntry, Overlay, SetAttr};
 use jkmount::layer::{Entry, EntryKind, Meta};
 use jkmount::oci::digest::Digest;
 use jkmount::tree::Mountable;
+use jkmount::tree::TreeFile;
 use jkmount::tree::merge::TreeBuilder;
 use jkmount::upper::Upper;
 use proptest::prelude::*;
@@ -154,7 +155,7 @@ fn core(dir: &Path, layers: &[(Vec<Entry>, Vec<u8>)]) -> FsCore {
     }
     let tree = builder.finish(None).unwrap().unwrap();
     FsCore::new(Mountable {
-        tree,
+        tree: TreeFile::in_memory(&tree, &[]).unwrap(),
         layers: paths,
         name: "model".into(),
         key: Digest::of(b"model"),
@@ -443,6 +444,7 @@ fn core_view(fs: &FsCore) -> View {
     let list = |ino| {
         fs.readdir(ino, 2)
             .unwrap()
+            .map(|e| e.unwrap())
             .map(|e| (e.name.to_vec(), e.attr))
             .collect()
     };

@@ -37,8 +37,7 @@ pub fn assemble(
                 None => {
                     let from: Vec<Digest> = layers.iter().map(|l| layer_id(l).clone()).collect();
                     let tree = merge(cache, images, subdir, &name, max_entries)?;
-                    trees::save_tree(cache, &path, from, &tree)?;
-                    tree
+                    trees::save_tree(cache, &path, &from, &tree)?
                 }
             }
         }
@@ -210,8 +209,12 @@ mod tests {
         let cache = Cache::open(&dir.path().join("cache")).unwrap();
         let first = assemble(&cache, &[pull(&cache)], None, u64::MAX).unwrap();
 
-        // What an older release left under the same names, and a newer release's layout beside.
-        std::fs::write(cache.tree_path(&first.key), b"JKTREE02\x01\x02garbage").unwrap();
+        // What an older release left under the same names (renamed in, as every release
+        // writes them: `first` still maps the file it replaced), and a newer release's layout.
+        let first_bytes = first.tree.as_bytes().to_vec();
+        let tree_path = cache.tree_path(&first.key);
+        std::fs::write(tree_path.with_extension("old"), b"JKTREE03\x01\x02garbage").unwrap();
+        std::fs::rename(tree_path.with_extension("old"), &tree_path).unwrap();
         let index = cache.layer_dir(&image.layers[1].diff_id).join("index.bin");
         std::fs::write(&index, b"JKLIDX01\x05garbage").unwrap();
         let newer = dir.path().join("cache/v2/blobs/sha256");
@@ -220,7 +223,9 @@ mod tests {
 
         let cache = Cache::open(&dir.path().join("cache")).unwrap();
         let second = assemble(&cache, &[pull(&cache)], None, u64::MAX).unwrap();
-        assert_eq!(second.tree, first.tree);
+        assert_eq!(second.tree.as_bytes(), first_bytes);
+        assert_eq!(first.tree.as_bytes(), first_bytes);
+        assert_eq!(second.tree.check(), Ok(()));
         assert!(crate::layer::is_decoded(&cache, &image.layers[1].diff_id));
         assert!(
             std::fs::read(cache.tree_path(&first.key))

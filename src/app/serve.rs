@@ -52,7 +52,7 @@ pub fn serve(
     // A temporary upper lives in this process's temp space of the cache, removed with it.
     let mut control = None;
     let served = match writable {
-        None => Served::ReadOnly(core),
+        None => Served::ReadOnly(Box::new(core)),
         Some(writable) => {
             let made_over = MadeOver {
                 images: pulled.iter().map(|p| p.manifest.to_string()).collect(),

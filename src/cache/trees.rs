@@ -1,46 +1,71 @@
-//! Merged trees as the cache keeps them: `trees/<key>.bin`, a versioned file (see
-//! [`persist`](super::persist)) led by the layers the tree was merged from, so that `gc` can
-//! tell which trees it still needs without decoding the tree itself.
+//! Merged trees as the cache keeps them: `trees/<key>.bin`, laid out by
+//! [`tree::layout`](crate::tree::layout) and used in place, memory-mapped. A file is written
+//! once, through the cache's `tmp/`, and renamed in; a rebuild renames a new file over it, so
+//! a mapping never sees its bytes change. A file of another format, or cut short, is rebuilt.
 
 use std::path::Path;
 
 use super::Cache;
-use super::persist;
-use crate::error::Result;
+use crate::error::{Damage, Error, Result};
 use crate::oci::digest::Digest;
-use crate::tree::Tree;
+use crate::tree::file::Unusable;
+use crate::tree::{Tree, TreeFile, layout};
 
-/// The tree file format this release reads and writes; another is rebuilt.
-pub const TREE_MAGIC: &[u8; 8] = b"JKTREE03";
+pub use crate::tree::layout::MAGIC as TREE_MAGIC;
 
-/// A persisted tree, led by the layers it was merged from so that `gc` can tell which trees
-/// it still needs without decoding the tree itself.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct StoredTree {
-    layers: Vec<Digest>,
-    tree: Tree,
+/// Persists `tree`, merged from `layers` (diff_ids, artifact blob digests), at `path`, and
+/// maps it.
+pub fn save_tree(cache: &Cache, path: &Path, layers: &[Digest], tree: &Tree) -> Result<TreeFile> {
+    let bytes = layout::encode(tree, layers).map_err(|e| Error::CacheDamaged {
+        path: path.to_owned(),
+        cause: Damage::Tree(e.to_string()),
+    })?;
+    cache.write_file_atomic(path, &bytes)?;
+    load_tree(path)?.ok_or_else(|| Error::CacheDamaged {
+        path: path.to_owned(),
+        cause: Damage::Vanished,
+    })
 }
 
-/// Persists `tree`, merged from `layers` (diff_ids, artifact blob digests), at `path`.
-pub fn save_tree(cache: &Cache, path: &Path, layers: Vec<Digest>, tree: &Tree) -> Result<()> {
-    let stored = StoredTreeRef { layers, tree };
-    persist::save(cache, path, TREE_MAGIC, &stored)
-}
-
-/// What is written: the same layout as [`StoredTree`], borrowing the tree.
-#[derive(serde::Serialize)]
-struct StoredTreeRef<'a> {
-    layers: Vec<Digest>,
-    tree: &'a Tree,
-}
-
-/// Loads a persisted tree; `None` if it is of another format.
-pub fn load_tree(path: &Path) -> Result<Option<Tree>> {
-    Ok(persist::load::<StoredTree>(path, TREE_MAGIC)?.map(|stored| stored.tree))
+/// Maps a persisted tree; `None` if there is none, or it is of another format or cut short
+/// (to be rebuilt).
+pub fn load_tree(path: &Path) -> Result<Option<TreeFile>> {
+    match TreeFile::map(path) {
+        Ok(tree) => Ok(tree),
+        Err(Unusable::Format(why)) => {
+            tracing::info!("{}: {why}; rebuilding it", path.display());
+            Ok(None)
+        }
+        Err(Unusable::Io(e)) => Err(Error::io(path, e)),
+    }
 }
 
 /// The layers (diff_ids, artifact blob digests) a persisted tree was merged from; `None` if it
-/// is of another format.
+/// is missing or of another format.
 pub fn tree_layers(path: &Path) -> Result<Option<Vec<Digest>>> {
-    persist::load_prefix::<Vec<Digest>>(path, TREE_MAGIC)
+    let Some(tree) = load_tree(path)? else {
+        return Ok(None);
+    };
+    tree.layers().map(Some).map_err(|e| Error::CacheDamaged {
+        path: path.to_owned(),
+        cause: Damage::Tree(e.0),
+    })
+}
+
+/// The error for damage found in `tree` while it was used.
+pub fn damaged(tree: &TreeFile, e: crate::tree::file::Damaged) -> Error {
+    Error::CacheDamaged {
+        path: tree.path().to_owned(),
+        cause: Damage::Tree(e.0),
+    }
+}
+
+/// Checks a persisted tree through and through (`cache verify`): what is wrong, if anything.
+pub fn check_tree(path: &Path) -> Result<Option<String>> {
+    Ok(match TreeFile::map(path) {
+        Ok(Some(tree)) => tree.check().err().map(|e| e.0),
+        Ok(None) => None,
+        Err(Unusable::Format(why)) => Some(why.to_owned()),
+        Err(Unusable::Io(e)) => return Err(Error::io(path, e)),
+    })
 }

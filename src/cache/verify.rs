@@ -1,7 +1,8 @@
 //! `cache verify`: re-hash everything the cache holds against the digest that names it — every
 //! blob, every decoded layer's `content.tar` against its diff_id (and its index must load) — and
-//! remove what fails, so the next pull fetches it again. Derived trees that no longer load are
-//! removed too (they are rebuilt from the layers).
+//! remove what fails, so the next pull fetches it again. Derived trees whose full check fails
+//! (the digest of their body, then every record and reference) are removed too; the next
+//! mount rebuilds them from the layers.
 
 use std::fs;
 
@@ -59,11 +60,11 @@ pub fn verify(cache: &Cache) -> Result<Report> {
         }
     }
     for (_, path) in cache.named_entries("trees")? {
-        if let Err(e) = crate::cache::trees::load_tree(&path) {
+        if let Some(detail) = crate::cache::trees::check_tree(&path)? {
             fs::remove_file(&path).at(&path)?;
             report.damaged.push(Damaged {
                 what: format!("tree {}", path.display()),
-                detail: e.to_string(),
+                detail,
             });
         }
     }

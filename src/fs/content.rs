@@ -11,9 +11,85 @@ use std::path::{Path, PathBuf};
 use crate::error::{IoContext, Result};
 use crate::layer::Extent;
 use crate::tree::NodeKind;
+use crate::tree::file::Kind;
 
 /// Bytes copied at a time when a whole file is written out.
 const CHUNK: u64 = 1 << 20;
+
+/// Where a file's bytes are stored.
+#[derive(Debug, Clone, Copy)]
+pub enum Data<'a> {
+    /// One run: `size` bytes at `offset` of the layer's content.
+    Run {
+        /// Index into the tree's layers.
+        layer: u32,
+        /// Offset in that layer's content.
+        offset: u64,
+        /// Length.
+        size: u64,
+    },
+    /// Zeros but for the stored extents (in order, apart, within `size`).
+    Sparse {
+        /// Index into the tree's layers.
+        layer: u32,
+        /// Size, holes included.
+        size: u64,
+        /// The stored runs.
+        extents: &'a [Extent],
+    },
+}
+
+impl<'a> Data<'a> {
+    /// Where the bytes of a served node are; `None` for nodes without content.
+    pub fn of(kind: &'a Kind<'_>) -> Option<Data<'a>> {
+        match kind {
+            Kind::File {
+                layer,
+                offset,
+                size,
+            } => Some(Data::Run {
+                layer: *layer,
+                offset: *offset,
+                size: *size,
+            }),
+            Kind::SparseFile {
+                layer,
+                size,
+                extents,
+            } => Some(Data::Sparse {
+                layer: *layer,
+                size: *size,
+                extents,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Where the bytes of a node taken out of the tree are; `None` for nodes without content.
+    pub fn of_node(kind: &'a NodeKind) -> Option<Data<'a>> {
+        match kind {
+            NodeKind::File {
+                layer,
+                offset,
+                size,
+            } => Some(Data::Run {
+                layer: *layer,
+                offset: *offset,
+                size: *size,
+            }),
+            NodeKind::SparseFile {
+                layer,
+                size,
+                extents,
+            } => Some(Data::Sparse {
+                layer: *layer,
+                size: *size,
+                extents,
+            }),
+            _ => None,
+        }
+    }
+}
 
 /// The layers' content files, open for reading.
 #[derive(Debug)]
@@ -35,57 +111,71 @@ impl Content {
         })
     }
 
-    /// Up to `len` bytes of a file node at `offset` (fewer only at its end); `None` for a node
+    /// The open content file of layer `layer`; an index the tree should not hold is an error.
+    fn layer(&self, layer: u32) -> io::Result<&File> {
+        self.layers.get(layer as usize).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the tree names layer {layer} of {}", self.layers.len()),
+            )
+        })
+    }
+
+    /// Up to `len` bytes of a file at `offset` (fewer only at its end); `None` for a node
     /// that has no content.
-    pub fn read(&self, kind: &NodeKind, offset: u64, len: u64) -> Option<io::Result<Vec<u8>>> {
-        Some(match kind {
-            NodeKind::File {
+    pub fn read(
+        &self,
+        data: Option<Data<'_>>,
+        offset: u64,
+        len: u64,
+    ) -> Option<io::Result<Vec<u8>>> {
+        Some(match data? {
+            Data::Run {
                 layer,
                 offset: start,
                 size,
             } => {
                 let len = size.saturating_sub(offset).min(len);
                 let mut buf = vec![0; len as usize];
-                self.layers[*layer as usize]
-                    .read_exact_at(&mut buf, start + offset)
+                self.layer(layer)
+                    .and_then(|file| file.read_exact_at(&mut buf, start + offset))
                     .map(|()| buf)
             }
-            NodeKind::SparseFile {
+            Data::Sparse {
                 layer,
                 size,
                 extents,
             } => {
                 let len = size.saturating_sub(offset).min(len);
-                read_sparse(&self.layers[*layer as usize], extents, offset, len)
+                self.layer(layer)
+                    .and_then(|file| read_sparse(file, extents, offset, len))
             }
-            _ => return None,
         })
     }
 
-    /// Writes a file node's whole content into `out` (a new, empty file at `dest`), a chunk
-    /// at a time: a regular file as one stored run, a sparse file as its extents only, so its
-    /// holes stay holes. Returns the file's size; `None` for a node that has no content.
-    pub fn copy_to(&self, kind: &NodeKind, out: &File, dest: &Path) -> Option<Result<u64>> {
+    /// Writes a file's whole content into `out` (a new, empty file at `dest`), a chunk at a
+    /// time: a regular file as one stored run, a sparse file as its extents only, so its holes
+    /// stay holes. Returns the file's size; `None` for a node that has no content.
+    pub fn copy_to(&self, data: Option<Data<'_>>, out: &File, dest: &Path) -> Option<Result<u64>> {
         let whole;
-        let (layer, size, runs) = match kind {
-            NodeKind::File {
+        let (layer, size, runs) = match data? {
+            Data::Run {
                 layer,
                 offset,
                 size,
             } => {
                 whole = Extent {
                     logical: 0,
-                    len: *size,
-                    offset: *offset,
+                    len: size,
+                    offset,
                 };
-                (*layer as usize, *size, std::slice::from_ref(&whole))
+                (layer, size, std::slice::from_ref(&whole))
             }
-            NodeKind::SparseFile {
+            Data::Sparse {
                 layer,
                 size,
                 extents,
-            } => (*layer as usize, *size, extents.as_slice()),
-            _ => return None,
+            } => (layer, size, extents),
         };
         Some(self.copy_runs(layer, size, runs, out, dest))
     }
@@ -93,7 +183,7 @@ impl Content {
     /// Copies stored runs of `layer` to their logical offsets in `out`, `size` bytes long.
     fn copy_runs(
         &self,
-        layer: usize,
+        layer: u32,
         size: u64,
         runs: &[Extent],
         out: &File,
@@ -106,9 +196,9 @@ impl Content {
             let mut done = 0;
             while done < run.len {
                 let n = (run.len - done).min(CHUNK) as usize;
-                self.layers[layer]
-                    .read_exact_at(&mut buf[..n], run.offset + done)
-                    .at(&self.paths[layer])?;
+                self.layer(layer)
+                    .and_then(|file| file.read_exact_at(&mut buf[..n], run.offset + done))
+                    .at(&self.paths[layer as usize])?;
                 out.write_all_at(&buf[..n], run.logical + done).at(dest)?;
                 done += n as u64;
             }

@@ -6,9 +6,9 @@
 use std::io;
 
 use crate::error::Result;
-use crate::fs::content::Content;
-use crate::tree::Mountable;
-use crate::tree::{NodeId, NodeKind, ROOT, Tree};
+use crate::fs::content::{Content, Data};
+use crate::tree::file::{Damaged, Entries, Kind, NodeRef, Xattrs};
+use crate::tree::{Mountable, NodeId, ROOT, TreeFile};
 
 /// The FUSE root inode.
 pub const ROOT_INO: u64 = 1;
@@ -48,6 +48,9 @@ pub enum FsError {
     /// A change asked of a read-only mount.
     #[error("read-only file system")]
     ReadOnly,
+    /// The tree file is damaged where this request led (which node, how).
+    #[error("{0}")]
+    Damaged(String),
     /// Reading a layer's content failed.
     #[error("reading layer content: {0}")]
     Io(#[from] io::Error),
@@ -120,7 +123,7 @@ pub struct FsStats {
 /// The filesystem over one merged tree.
 #[derive(Debug)]
 pub struct FsCore {
-    tree: Tree,
+    tree: TreeFile,
     content: Content,
     stats: FsStats,
 }
@@ -134,21 +137,9 @@ impl FsCore {
     pub fn new(mountable: Mountable) -> Result<Self> {
         let content = Content::open(&mountable.layers)?;
         let tree = mountable.tree;
-        let bytes: u64 = tree
-            .nodes
-            .iter()
-            .map(|n| match n.kind {
-                NodeKind::File { size, .. } => size.div_ceil(u64::from(BLOCK_SIZE)),
-                NodeKind::SparseFile { ref extents, .. } => extents
-                    .iter()
-                    .map(|e| e.len.div_ceil(u64::from(BLOCK_SIZE)))
-                    .sum(),
-                _ => 0,
-            })
-            .sum();
         let stats = FsStats {
-            blocks: bytes,
-            files: tree.nodes.len() as u64,
+            blocks: tree.blocks(),
+            files: u64::from(tree.len()),
         };
         Ok(FsCore {
             tree,
@@ -160,55 +151,76 @@ impl FsCore {
     fn id(&self, ino: u64) -> Result<NodeId, FsError> {
         ino.checked_sub(1)
             .and_then(|id| NodeId::try_from(id).ok())
-            .filter(|&id| (id as usize) < self.tree.nodes.len())
+            .filter(|&id| id < self.tree.len())
             .ok_or(FsError::NotFound)
+    }
+
+    /// The damage found in the tree, as the error a request answers (EIO, logged).
+    fn damaged(&self, e: Damaged) -> FsError {
+        FsError::Damaged(format!("{}: {e}", self.tree.path().display()))
+    }
+
+    /// Node `id` and what it is.
+    fn node(&self, id: NodeId) -> Result<(NodeRef<'_>, Kind<'_>), FsError> {
+        let node = self.tree.node(id).map_err(|e| self.damaged(e))?;
+        let kind = node.kind().map_err(|e| self.damaged(e))?;
+        Ok((node, kind))
     }
 
     /// Attributes of an inode.
     pub fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
-        Ok(self.attr(self.id(ino)?))
+        self.attr(self.id(ino)?)
     }
 
-    fn attr(&self, id: NodeId) -> Attr {
-        let node = self.tree.node(id);
-        let (kind, size, rdev) = match &node.kind {
-            NodeKind::Dir { .. } => (FileKind::Directory, u64::from(BLOCK_SIZE), 0),
-            NodeKind::File { size, .. } | NodeKind::SparseFile { size, .. } => {
+    fn attr(&self, id: NodeId) -> Result<Attr, FsError> {
+        let (node, kind) = self.node(id)?;
+        let (file_kind, size, rdev) = match &kind {
+            Kind::Dir { .. } => (FileKind::Directory, u64::from(BLOCK_SIZE), 0),
+            Kind::File { size, .. } | Kind::SparseFile { size, .. } => {
                 (FileKind::RegularFile, *size, 0)
             }
-            NodeKind::Symlink { target } => (FileKind::Symlink, target.len() as u64, 0),
-            NodeKind::CharDevice { rdev } => (FileKind::CharDevice, 0, *rdev),
-            NodeKind::BlockDevice { rdev } => (FileKind::BlockDevice, 0, *rdev),
-            NodeKind::Fifo => (FileKind::NamedPipe, 0, 0),
+            Kind::Symlink { target } => (FileKind::Symlink, target.len() as u64, 0),
+            Kind::CharDevice { rdev } => (FileKind::CharDevice, 0, *rdev),
+            Kind::BlockDevice { rdev } => (FileKind::BlockDevice, 0, *rdev),
+            Kind::Fifo => (FileKind::NamedPipe, 0, 0),
         };
-        Attr {
+        let meta = node.meta();
+        Ok(Attr {
             ino: ino_of(id),
-            kind,
+            kind: file_kind,
             size,
-            perm: (node.meta.mode & 0o7777) as u16,
-            nlink: node.nlink,
-            uid: node.meta.uid,
-            gid: node.meta.gid,
+            perm: (meta.mode & 0o7777) as u16,
+            nlink: node.nlink(),
+            uid: meta.uid,
+            gid: meta.gid,
             rdev,
-            mtime: node.meta.mtime,
-            mtime_nsec: node.meta.mtime_nsec,
-            blocks: match &node.kind {
-                NodeKind::SparseFile { extents, .. } => {
+            mtime: meta.mtime,
+            mtime_nsec: meta.mtime_nsec,
+            blocks: match &kind {
+                Kind::SparseFile { extents, .. } => {
                     extents.iter().map(|e| e.len.div_ceil(512)).sum()
                 }
                 _ => size.div_ceil(512),
             },
+        })
+    }
+
+    /// A directory's entries and its parent.
+    fn dir(&self, id: NodeId) -> Result<(Entries<'_>, NodeId), FsError> {
+        match self.node(id)?.1 {
+            Kind::Dir { entries, parent } => Ok((entries, parent)),
+            _ => Err(FsError::NotADirectory),
         }
     }
 
     /// Looks `name` up in directory `parent`: `Ok(None)` when absent, which the kernel may
     /// cache as a negative entry.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Attr>, FsError> {
-        let dir = self.id(parent)?;
-        if self.tree.entries(dir).is_none() {
-            return Err(FsError::NotADirectory);
+        let (entries, _) = self.dir(self.id(parent)?)?;
+        match entries.find(name).map_err(|e| self.damaged(e))? {
+            Some(child) => self.attr(child).map(Some),
+            None => Ok(None),
         }
-        Ok(self.tree.lookup(dir, name).map(|id| self.attr(id)))
     }
 
     /// Directory entries from `offset` on: `.` and `..` first, then the names in byte order.
@@ -216,56 +228,55 @@ impl FsCore {
         &self,
         ino: u64,
         offset: u64,
-    ) -> Result<impl Iterator<Item = DirEntry<'_>>, FsError> {
+    ) -> Result<impl Iterator<Item = Result<DirEntry<'_>, FsError>>, FsError> {
         let id = self.id(ino)?;
-        let node = self.tree.node(id);
-        let NodeKind::Dir { entries, parent } = &node.kind else {
-            return Err(FsError::NotADirectory);
-        };
+        let (entries, parent) = self.dir(id)?;
         let dots = [
-            (&b"."[..], id),
-            (&b".."[..], if id == ROOT { ROOT } else { *parent }),
+            Ok((&b"."[..], id)),
+            Ok((&b".."[..], if id == ROOT { ROOT } else { parent })),
         ];
-        let all = dots.into_iter().chain(
-            entries
-                .iter()
-                .map(|(name, child)| (name.as_slice(), *child)),
-        );
-        Ok(all
-            .enumerate()
-            .skip(offset as usize)
-            .map(|(i, (name, child))| DirEntry {
-                attr: self.attr(child),
+        let all = dots.into_iter().chain(entries.iter());
+        Ok(all.enumerate().skip(offset as usize).map(|(i, entry)| {
+            let (name, child) = entry.map_err(|e| self.damaged(e))?;
+            Ok(DirEntry {
+                attr: self.attr(child)?,
                 next_offset: i as u64 + 1,
                 name,
-            }))
+            })
+        }))
     }
 
     /// Reads up to `size` bytes at `offset`; fewer only at the end of the file.
     pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
-        let kind = &self.tree.node(self.id(ino)?).kind;
-        match self.content.read(kind, offset, u64::from(size)) {
+        let (_, kind) = self.node(self.id(ino)?)?;
+        match self.content.read(Data::of(&kind), offset, u64::from(size)) {
             Some(read) => Ok(read?),
-            None if matches!(kind, NodeKind::Dir { .. }) => Err(FsError::IsADirectory),
+            None if matches!(kind, Kind::Dir { .. }) => Err(FsError::IsADirectory),
             None => Err(FsError::NotFound),
         }
     }
 
+    /// The extended attributes of `ino`, sorted by name.
+    fn node_xattrs(&self, ino: u64) -> Result<Xattrs<'_>, FsError> {
+        let node = self.tree.node(self.id(ino)?).map_err(|e| self.damaged(e))?;
+        node.xattrs().map_err(|e| self.damaged(e))
+    }
+
     /// The value of an extended attribute.
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<&[u8], FsError> {
-        let xattrs = &self.tree.node(self.id(ino)?).xattrs;
+        let xattrs = self.node_xattrs(ino)?;
         xattrs
-            .binary_search_by(|(n, _)| n.as_slice().cmp(name))
-            .map(|i| xattrs[i].1.as_slice())
-            .map_err(|_| FsError::NoXattr)
+            .find(name)
+            .map_err(|e| self.damaged(e))?
+            .ok_or(FsError::NoXattr)
     }
 
     /// The names of an inode's extended attributes, each followed by a NUL, as `listxattr`
     /// returns them.
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>, FsError> {
         let mut out = Vec::new();
-        for (name, _) in &self.tree.node(self.id(ino)?).xattrs {
-            out.extend_from_slice(name);
+        for (name, _) in self.xattrs(ino)? {
+            out.extend_from_slice(&name);
             out.push(0);
         }
         Ok(out)
@@ -273,8 +284,8 @@ impl FsCore {
 
     /// A symlink's target, verbatim.
     pub fn readlink(&self, ino: u64) -> Result<&[u8], FsError> {
-        match &self.tree.node(self.id(ino)?).kind {
-            NodeKind::Symlink { target } => Ok(target),
+        match self.node(self.id(ino)?)?.1 {
+            Kind::Symlink { target } => Ok(target),
             _ => Err(FsError::NotASymlink),
         }
     }
@@ -285,7 +296,7 @@ impl FsCore {
     }
 
     /// The merged tree.
-    pub fn tree(&self) -> &Tree {
+    pub fn tree(&self) -> &TreeFile {
         &self.tree
     }
 
@@ -297,13 +308,45 @@ impl FsCore {
             .id(ino)
             .map_err(|_| io::Error::from(io::ErrorKind::NotFound))
             .at(dest)?;
-        let kind = &self.tree.node(id).kind;
-        self.content.copy_to(kind, out, dest).unwrap_or(Ok(0))
+        let tree = &self.tree;
+        let kind = tree
+            .node(id)
+            .and_then(|n| n.kind())
+            .map_err(|e| crate::cache::trees::damaged(tree, e))?;
+        self.content
+            .copy_to(Data::of(&kind), out, dest)
+            .unwrap_or(Ok(0))
+    }
+
+    /// Every name of `ino`: (directory inode, name), the first it was merged under first;
+    /// none for the root.
+    pub fn places(&self, ino: u64) -> Result<Vec<(u64, Vec<u8>)>, FsError> {
+        let id = self.id(ino)?;
+        let node = self.tree.node(id).map_err(|e| self.damaged(e))?;
+        let mut out = Vec::new();
+        for (dir, index) in std::iter::once(node.place()).chain(self.tree.more_places(id)) {
+            if id == ROOT {
+                break;
+            }
+            let (entries, _) = self.dir(dir)?;
+            match entries.get(index as usize) {
+                Some(entry) => {
+                    let (name, _) = entry.map_err(|e| self.damaged(e))?;
+                    out.push((ino_of(dir), name.to_vec()));
+                }
+                None => return Err(self.damaged(Damaged(format!("node {id} placed nowhere")))),
+            }
+        }
+        Ok(out)
     }
 
     /// The extended attributes of `ino`, sorted by name.
-    pub fn xattrs(&self, ino: u64) -> Result<&[crate::layer::Xattr], FsError> {
-        Ok(&self.tree.node(self.id(ino)?).xattrs)
+    pub fn xattrs(&self, ino: u64) -> Result<Vec<crate::layer::Xattr>, FsError> {
+        let xattrs = self.node_xattrs(ino)?;
+        (0..xattrs.len())
+            .map(|i| xattrs.get(i).map(|(n, v)| (n.to_vec(), v.to_vec())))
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.damaged(e))
     }
 }
 
@@ -359,10 +402,14 @@ mod tests {
         let names: Vec<_> = fs
             .readdir(a.ino, 0)
             .unwrap()
-            .map(|e| String::from_utf8_lossy(e.name).into_owned())
+            .map(|e| String::from_utf8_lossy(e.unwrap().name).into_owned())
             .collect();
         assert_eq!(names, [".", "..", "hello", "link"]);
-        let rest: Vec<_> = fs.readdir(a.ino, 3).unwrap().map(|e| e.name).collect();
+        let rest: Vec<_> = fs
+            .readdir(a.ino, 3)
+            .unwrap()
+            .map(|e| e.unwrap().name)
+            .collect();
         assert_eq!(rest, [b"link"]);
         assert!(matches!(
             fs.lookup(hello.ino, b"x"),

@@ -68,6 +68,7 @@ impl FuseFs {
         match &self.core {
             Served::ReadOnly(core) => {
                 for e in core.readdir(ino, offset)? {
+                    let e = e?;
                     if add(&e.attr, e.next_offset, OsStr::from_bytes(e.name)) {
                         break;
                     }
@@ -106,6 +107,10 @@ pub fn errno(e: &FsError) -> Errno {
         FsError::NotEmpty => Errno::ENOTEMPTY,
         FsError::Invalid => Errno::EINVAL,
         FsError::ReadOnly => Errno::EROFS,
+        FsError::Damaged(_) => {
+            tracing::error!("{e}");
+            Errno::EIO
+        }
         FsError::Io(io) => {
             tracing::error!("{e}");
             io.raw_os_error().map_or(Errno::EIO, Errno::from_i32)

@@ -16,7 +16,7 @@ use crate::mount::control::UPPER_XATTR;
 #[derive(Debug)]
 pub enum Served {
     /// The image alone.
-    ReadOnly(FsCore),
+    ReadOnly(Box<FsCore>),
     /// The image with an upper layer taking every change.
     /// (Shared with the mount's control socket, which holds its writes for a commit.)
     Writable(Arc<Overlay>),

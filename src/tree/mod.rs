@@ -1,22 +1,25 @@
-//! The merged, immutable tree that a mount serves: an arena of nodes (`Vec<Node>`, ids are
-//! indexes, the root is 0) where a hardlink is two names for one node. Built by `merge`,
-//! persisted per (diff_id list, subdir) so a warm mount loads it instead of re-merging.
+//! The merged, immutable tree that a mount serves: an arena of nodes (ids are indexes, the
+//! root is 0) where a hardlink is two names for one node. `merge` builds it as a [`Tree`];
+//! [`layout`] lays it out as bytes that a mount uses in place ([`file::TreeFile`]), persisted
+//! per (diff_id list, subdir) so a warm mount maps it instead of re-merging.
 
+pub mod file;
+pub mod layout;
 pub mod merge;
 
 use std::path::PathBuf;
-
-use serde::{Deserialize, Serialize};
 
 use crate::oci::digest::Digest;
 
 use crate::layer::{Extent, Meta, Xattr};
 
+pub use file::TreeFile;
+
 /// A merged tree and the files holding its content, ready for `fs::FsCore`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Mountable {
     /// The merged tree; its root is the requested subdirectory.
-    pub tree: Tree,
+    pub tree: TreeFile,
     /// The file holding each layer's content (`content.tar`, or an artifact's blob), indexed as
     /// in the tree's file nodes.
     pub layers: Vec<PathBuf>,
@@ -33,12 +36,11 @@ pub type NodeId = u32;
 pub const ROOT: NodeId = 0;
 
 /// What a node is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeKind {
     /// A directory; entries sorted by name bytes.
     Dir {
         /// `(name, child)` pairs, sorted by name.
-        #[serde(with = "names")]
         entries: Vec<(Vec<u8>, NodeId)>,
         /// The containing directory (the root's is itself).
         parent: NodeId,
@@ -64,7 +66,6 @@ pub enum NodeKind {
     /// A symbolic link, target verbatim.
     Symlink {
         /// The target.
-        #[serde(with = "serde_bytes")]
         target: Vec<u8>,
     },
     /// A character device.
@@ -81,35 +82,8 @@ pub enum NodeKind {
     Fifo,
 }
 
-/// Directory entries with each name (de)serialized as one block of bytes, which postcard writes
-/// exactly as it writes a `Vec<u8>` but reads several times faster than byte by byte: loading the
-/// tree is most of a warm mount.
-mod names {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use serde_bytes::{ByteBuf, Bytes};
-
-    use super::NodeId;
-
-    pub fn serialize<S: Serializer>(
-        entries: &[(Vec<u8>, NodeId)],
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        s.collect_seq(entries.iter().map(|(name, id)| (Bytes::new(name), *id)))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Vec<(Vec<u8>, NodeId)>, D::Error> {
-        let entries = Vec::<(ByteBuf, NodeId)>::deserialize(d)?;
-        Ok(entries
-            .into_iter()
-            .map(|(name, id)| (name.into_vec(), id))
-            .collect())
-    }
-}
-
 /// One file, directory or link of the merged image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {
     /// Owner, mode and mtime.
     pub meta: Meta,
@@ -121,8 +95,8 @@ pub struct Node {
     pub xattrs: Vec<Xattr>,
 }
 
-/// The merged tree.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The merged tree, as `merge` builds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tree {
     /// All nodes; `nodes[ROOT]` is the root directory.
     pub nodes: Vec<Node>,
@@ -175,22 +149,4 @@ impl Tree {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Trees written before names were read as blocks still load: the bytes are the same.
-    #[test]
-    fn names_are_written_as_plain_byte_vectors() {
-        #[derive(Serialize, Deserialize)]
-        struct Plain(Vec<(Vec<u8>, NodeId)>);
-        #[derive(Serialize, Deserialize)]
-        struct Blocks(#[serde(with = "names")] Vec<(Vec<u8>, NodeId)>);
-        let entries = vec![(b"index.js".to_vec(), 1), (vec![0xff; 300], 2), (vec![], 3)];
-        let plain = postcard::to_allocvec(&Plain(entries.clone())).unwrap();
-        assert_eq!(
-            postcard::to_allocvec(&Blocks(entries.clone())).unwrap(),
-            plain
-        );
-        assert_eq!(postcard::from_bytes::<Blocks>(&plain).unwrap().0, entries);
-    }
-}
+mod tests;

@@ -381,7 +381,7 @@ impl Overlay {
                     kind: attr.kind,
                     upper: false,
                     opaque: false,
-                    names: self.image_places(ino),
+                    names: self.image_places(ino)?,
                     lookups: 0,
                     file: None,
                 }

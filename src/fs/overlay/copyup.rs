@@ -70,7 +70,7 @@ impl Overlay {
         let (places, lookups) = match &inode {
             Some(i) if i.upper => return Ok(()),
             Some(i) => (i.names.clone(), i.lookups),
-            None => (self.image_places(ino), 0),
+            None => (self.image_places(ino)?, 0),
         };
         drop(state);
         let lower_ino = self.lower_ino(ino)?;
@@ -160,7 +160,7 @@ impl Overlay {
     /// The image node's xattrs, set on `name` in `dir`.
     fn copy_xattrs(&self, lower: u64, dir: &Dir, name: &OsStr) -> Result<(), FsError> {
         for (key, value) in self.lower.xattrs(lower)? {
-            dir.set_xattr_at(name, OsStr::from_bytes(key), value)?;
+            dir.set_xattr_at(name, OsStr::from_bytes(&key), &value)?;
         }
         Ok(())
     }

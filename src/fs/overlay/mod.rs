@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use rustix::fs::Stat;
 
 use super::core::{Attr, FileKind, FsCore, FsError, ROOT_INO};
-use crate::tree::{NodeId, NodeKind};
+use crate::tree::NodeId;
 use crate::upper::{self, Upper};
 
 /// A writable mount's filesystem.
@@ -45,10 +45,6 @@ use crate::upper::{self, Upper};
 pub struct Overlay {
     lower: FsCore,
     upper: Upper,
-    /// Where each image node is in the image: its directory and its index there.
-    places: Vec<(NodeId, u32)>,
-    /// The further names of image files with several (hardlinks).
-    more_places: HashMap<NodeId, Vec<(NodeId, u32)>>,
     /// Owner and group every entry is shown with, for a mount by an ordinary user.
     owner: Option<(u32, u32)>,
     state: RwLock<State>,
@@ -94,13 +90,10 @@ impl Overlay {
     /// The image `lower` with the changes in `upper` on top; `owner` shows every entry as
     /// owned by that user and group (an ordinary user's mount).
     pub fn new(lower: FsCore, upper: Upper, owner: Option<(u32, u32)>) -> io::Result<Overlay> {
-        let (places, more_places) = places(&lower);
-        let next_ino = lower.tree().nodes.len() as u64 + 1;
+        let next_ino = u64::from(lower.tree().len()) + 1;
         let overlay = Overlay {
             lower,
             upper,
-            places,
-            more_places,
             owner,
             state: RwLock::new(State {
                 next_ino,
@@ -218,7 +211,7 @@ impl Overlay {
     }
 
     fn is_image_node(&self, ino: u64) -> bool {
-        ino <= self.lower.tree().nodes.len() as u64
+        ino <= u64::from(self.lower.tree().len())
     }
 
     /// The names leading from the root to the directory `ino`.
@@ -241,28 +234,17 @@ impl Overlay {
     fn place(&self, state: &State, ino: u64) -> Result<(u64, Vec<u8>), FsError> {
         match state.inodes.get(&ino) {
             Some(inode) => inode.names.first().cloned().ok_or(FsError::NotFound),
-            None => {
-                let (dir, index) = self.places[lower_id(ino) as usize];
-                let name = self.lower.tree().entries(dir).ok_or(FsError::NotFound)?[index as usize]
-                    .0
-                    .clone();
-                Ok((u64::from(dir) + 1, name))
-            }
+            None => self
+                .image_places(ino)?
+                .into_iter()
+                .next()
+                .ok_or(FsError::NotFound),
         }
     }
 
     /// Every place of an untouched image node: one, or each name of a hardlinked file.
-    fn image_places(&self, ino: u64) -> Vec<(u64, Vec<u8>)> {
-        let id = lower_id(ino);
-        let first = std::iter::once(self.places[id as usize]);
-        let more = self.more_places.get(&id).into_iter().flatten().copied();
-        first
-            .chain(more)
-            .filter_map(|(dir, index)| {
-                let entries = self.lower.tree().entries(dir)?;
-                Some((u64::from(dir) + 1, entries.get(index as usize)?.0.clone()))
-            })
-            .collect()
+    fn image_places(&self, ino: u64) -> Result<Vec<(u64, Vec<u8>)>, FsError> {
+        self.lower.places(ino)
     }
 
     /// Whether the directory `ino` shows anything of the image (it is one of the image's and
@@ -463,6 +445,7 @@ impl Overlay {
             };
             if let Some(lower) = lower {
                 for entry in self.lower.readdir(lower, 2)? {
+                    let entry = entry?;
                     if !hidden.iter().any(|h| h == entry.name) {
                         names.push(entry.name.to_vec());
                     }
@@ -631,33 +614,6 @@ impl State {
         self.next_ino += 1;
         ino
     }
-}
-
-/// Each image node's directory and index there (the root's is its own), and the further
-/// places of hardlinked files.
-type Places = (Vec<(NodeId, u32)>, HashMap<NodeId, Vec<(NodeId, u32)>>);
-
-fn places(lower: &FsCore) -> Places {
-    let tree = lower.tree();
-    let mut first = vec![(crate::tree::ROOT, u32::MAX); tree.nodes.len()];
-    let mut seen = vec![false; tree.nodes.len()];
-    let mut more: HashMap<NodeId, Vec<(NodeId, u32)>> = HashMap::new();
-    for (id, node) in tree.nodes.iter().enumerate() {
-        let NodeKind::Dir { entries, .. } = &node.kind else {
-            continue;
-        };
-        for (index, (_, child)) in entries.iter().enumerate() {
-            let place = (id as NodeId, index as u32);
-            match seen[*child as usize] {
-                false => {
-                    first[*child as usize] = place;
-                    seen[*child as usize] = true;
-                }
-                true => more.entry(*child).or_default().push(place),
-            }
-        }
-    }
-    (first, more)
 }
 
 fn lower_id(ino: u64) -> NodeId {

@@ -66,9 +66,13 @@ fn layer_id(layer: &PulledLayer) -> &Digest {
 }
 
 fn tree_key(layers: &[&PulledLayer], subdir: Option<&str>) -> Digest {
-    // The version is part of the key so that a release that merges differently never serves a
-    // tree an older one persisted.
-    let mut text = format!("jkmount {} tree\n", env!("CARGO_PKG_VERSION"));
+    // The version and the file format are part of the key so that a release that merges or
+    // lays trees out differently never serves, nor replaces, a tree another one persisted.
+    let mut text = format!(
+        "jkmount {} tree {}\n",
+        env!("CARGO_PKG_VERSION"),
+        String::from_utf8_lossy(trees::TREE_MAGIC)
+    );
     for layer in layers {
         match layer {
             PulledLayer::Tar { diff_id } => text.push_str(&format!("{diff_id}\n")),

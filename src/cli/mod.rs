@@ -333,9 +333,7 @@ impl ResolveArgs {
 /// The password for --username: the first line of stdin, or asked on the terminal.
 fn password(global: &GlobalArgs) -> anyhow::Result<Zeroizing<String>> {
     use std::io::{BufRead, IsTerminal};
-    if global.password_stdin
-        || std::env::var_os(jkmount::mount::daemon::PASSWORD_ON_STDIN_ENV).is_some()
-    {
+    if global.password_stdin {
         // Room for a long token, so that reading does not leave grown-out copies behind.
         let mut line = Zeroizing::new(String::with_capacity(4096));
         std::io::stdin()

@@ -1,6 +1,6 @@
-//! `jkmount [OPTIONS] IMAGE... MOUNTPOINT`: pull, merge, mount. By default the command
-//! re-runs itself as a detached server and returns once that server reports the mount live
-//! (a readiness pipe: the server's stdout), or with the server's own error and exit status.
+//! `jkmount [OPTIONS] IMAGE... MOUNTPOINT`: pull, merge, mount. By default the command forks
+//! a detached server (`mount::daemon`) and returns once that server reports the mount live on
+//! a readiness pipe, or with the server's own error and exit status.
 
 use std::path::PathBuf;
 
@@ -160,20 +160,26 @@ impl<'a> Targets<'a> {
 pub fn run(mut args: MountArgs, mut global: GlobalArgs) -> anyhow::Result<()> {
     let mount_options = args.apply_options(&mut global)?;
     let global = &global;
-    let is_server = daemon::is_server();
-    if !args.foreground && !is_server {
-        // Checked here too, so that a bad reference fails before a server is started.
+    let readiness = if args.foreground {
+        daemon::Readiness::foreground()
+    } else {
+        // Checked before the fork, so that a bad reference fails before a server exists; a
+        // password is asked for once, here, and the server has it in memory.
         Targets::parse(&args.targets, &args.resolve, &args.lock, global)?;
-        return start_server(global);
-    }
-    if is_server {
-        daemon::become_server().context("cannot start the background server")?;
-    }
+        super::explicit_secret(global)?;
+        match daemon::fork_server().context("cannot start the background jkmount")? {
+            daemon::Forked::Waited(daemon::Started::Ready) => return Ok(()),
+            daemon::Forked::Waited(daemon::Started::Failed(code)) => {
+                return Err(AlreadyReported(code).into());
+            }
+            daemon::Forked::Server(readiness) => readiness,
+        }
+    };
     let writable = args.writable || args.upper.is_some();
     let mounting = Mounting::prepare(&args, &mount_options, global, writable)?;
     let path = mounting.request.mountpoint.path.clone();
     let status = format!("serving {} at {}", mounting.request.fsname, path.display());
-    mounting.serve(|| daemon::report_ready(&status), args.stats.as_deref())
+    mounting.serve(|| readiness.report(&status), args.stats.as_deref())
 }
 
 /// A mount ready to be served: the mountpoint checked and held, the images pulled and merged.
@@ -248,22 +254,5 @@ impl Mounting {
             None => {}
         }
         Ok(())
-    }
-}
-
-/// Re-runs this command as a detached server and waits for it to say the mount is live.
-fn start_server(global: &GlobalArgs) -> anyhow::Result<()> {
-    let password = match super::explicit_secret(global)? {
-        Some(jkmount::source::registry::credentials::Secret::Password { password, .. }) => {
-            Some(password)
-        }
-        _ => None,
-    };
-    let args = std::env::args_os().skip(1);
-    match daemon::start_server(args, password.as_deref().map(String::as_str))
-        .context("cannot start the background jkmount")?
-    {
-        daemon::Started::Ready => Ok(()),
-        daemon::Started::Failed(code) => Err(AlreadyReported(code).into()),
     }
 }

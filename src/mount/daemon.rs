@@ -1,28 +1,21 @@
-//! Serving in the background: the command re-runs itself as a detached server and waits on a
-//! readiness pipe (the server's stdout) until the server says the mount is live, or returns
-//! the server's own exit status. A password given on the command line reaches the server on
-//! its stdin, never in its arguments or environment. In the foreground under systemd
-//! (`Type=notify`), readiness goes to the service manager instead.
+//! Serving in the background: the command forks (while it has one thread, before any runtime
+//! exists) and the parent waits on a readiness pipe until the server says the mount is live,
+//! or returns the server's own exit status. The server is the same process image, so nothing
+//! is executed or parsed again and a password asked for stays in memory. In the foreground
+//! under systemd (`Type=notify`), readiness goes to the service manager instead.
 
-use std::ffi::OsString;
+use std::fs::File;
 use std::io::{self, BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::os::fd::OwnedFd;
 
 use nix::sys::signal::Signal;
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Pid};
 
 use crate::error::{IoContext, Result};
 
-/// Set in the environment of the detached server so it reports readiness on stdout.
-const SERVER_ENV: &str = "JKMOUNT_BACKGROUND_SERVER";
-/// Set for the background server when the password follows on its stdin.
-pub const PASSWORD_ON_STDIN_ENV: &str = "JKMOUNT_PASSWORD_ON_STDIN";
-/// What the server writes on its stdout once the mount is live.
+/// What the server writes on the readiness pipe once the mount is live.
 const READY: &str = "ready";
-
-/// Whether this process is the detached server of a waiting command.
-pub fn is_server() -> bool {
-    std::env::var_os(SERVER_ENV).is_some()
-}
 
 /// How the background server ended its start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,79 +26,113 @@ pub enum Started {
     Failed(u8),
 }
 
-/// Re-runs this executable with `args` as a detached server and waits until it reports the
-/// mount live or exits. `password` is written to the server's stdin.
-pub fn start_server(
-    args: impl IntoIterator<Item = OsString>,
-    password: Option<&str>,
-) -> Result<Started> {
-    let exe = std::env::current_exe().at("the jkmount executable")?;
-    let mut command = Command::new(&exe);
-    command
-        .args(args)
-        .env(SERVER_ENV, "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    if password.is_some() {
-        command
-            .env(PASSWORD_ON_STDIN_ENV, "1")
-            .stdin(Stdio::piped());
+/// Which side of the fork this is.
+#[derive(Debug)]
+pub enum Forked {
+    /// The command, after the server said how its start went.
+    Waited(Started),
+    /// The server, to report readiness through this once the mount is live.
+    Server(Readiness),
+}
+
+/// Where a live mount is reported: the waiting command's pipe, or the service manager.
+#[derive(Debug)]
+pub struct Readiness(Option<OwnedFd>);
+
+/// Forks the background server and, in the parent, waits until it reports the mount live or
+/// exits. Refused if the process has more than one thread (a fork copies only the caller's).
+pub fn fork_server() -> Result<Forked> {
+    let (read, write) = nix::unistd::pipe()
+        .map_err(io::Error::from)
+        .at("the readiness pipe")?;
+    io::stdout().flush().at("stdout")?;
+    match fork_single_threaded().at("forking the background jkmount")? {
+        ForkResult::Parent { child } => {
+            drop(write);
+            wait_for(child, read).map(Forked::Waited)
+        }
+        ForkResult::Child => {
+            drop(read);
+            become_server().at("the background jkmount")?;
+            Ok(Forked::Server(Readiness(Some(write))))
+        }
     }
-    let mut child = command.spawn().at(&exe)?;
-    if let Some(password) = password {
-        let mut stdin = child.stdin.take().expect("stdin is piped");
-        writeln!(stdin, "{password}").at("the background jkmount's stdin")?;
+}
+
+#[allow(unsafe_code)]
+fn fork_single_threaded() -> io::Result<ForkResult> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let threads = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse::<u32>().ok());
+    if threads != Some(1) {
+        return Err(io::Error::other(format!(
+            "the command has {threads:?} threads where it should have one"
+        )));
     }
+    // SAFETY: the process has one thread (checked just above), so the child is a whole copy:
+    // no lock or allocator state is held by a thread that does not exist in it.
+    unsafe { nix::unistd::fork() }.map_err(io::Error::from)
+}
+
+/// The parent's side: `ready` on the pipe, or the server's exit status.
+fn wait_for(child: Pid, read: OwnedFd) -> Result<Started> {
     let mut line = String::new();
-    let stdout = child.stdout.take().expect("stdout is piped");
-    BufReader::new(stdout)
+    BufReader::new(File::from(read))
         .read_line(&mut line)
         .at("the background jkmount's readiness pipe")?;
     if line.trim_end() == READY {
         return Ok(Started::Ready);
     }
-    let status = child.wait().at("the background jkmount")?;
-    let code = status
-        .code()
-        .and_then(|c| u8::try_from(c).ok())
-        .filter(|&c| c != 0)
-        .unwrap_or(1);
-    Ok(Started::Failed(code))
+    let code = match waitpid(child, None).map_err(io::Error::from) {
+        Ok(WaitStatus::Exited(_, code)) => u8::try_from(code).ok().filter(|&c| c != 0),
+        Ok(_) => None,
+        Err(e) => return Err(e).at("the background jkmount"),
+    };
+    Ok(Started::Failed(code.unwrap_or(1)))
 }
 
-/// In the server: a new session, and — until the mount is reported live — death with the
-/// command that waits for it (Ctrl-C, a killed CI step): a mount nobody waits for must not
-/// appear later.
-pub fn become_server() -> io::Result<()> {
+/// In the server: a new session, stdin closed, and — until the mount is reported live — death
+/// with the command that waits for it (Ctrl-C, a killed CI step): a mount nobody waits for must
+/// not appear later.
+fn become_server() -> io::Result<()> {
+    let parent = nix::unistd::getppid();
     nix::unistd::setsid()?;
     nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
+    if nix::unistd::getppid() != parent {
+        return Err(io::Error::other("the command that started it has gone"));
+    }
+    let null = File::open("/dev/null")?;
+    nix::unistd::dup2_stdin(&null)?;
     Ok(())
 }
 
-/// Tells whoever waits that the mount is live: the waiting command (in the server) or the
-/// service manager (in the foreground).
-pub fn report_ready(status: &str) -> io::Result<()> {
-    if is_server() {
-        release_parent()
-    } else {
-        notify_service_manager(status);
+impl Readiness {
+    /// For a server in the foreground: readiness goes to the service manager, if any.
+    pub fn foreground() -> Readiness {
+        Readiness(None)
+    }
+
+    /// Tells whoever waits that the mount is live. The background server then lets go of its
+    /// command: stdout and stderr go to /dev/null so nothing holds the caller's pipes open, and
+    /// it no longer dies with it. An error means the command is gone, and the mount is taken
+    /// down.
+    pub fn report(self, status: &str) -> io::Result<()> {
+        let Some(pipe) = self.0 else {
+            notify_service_manager(status);
+            return Ok(());
+        };
+        let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+        nix::sys::prctl::set_pdeathsig(None)?;
+        let mut pipe = File::from(pipe);
+        writeln!(pipe, "{READY}")?;
+        drop(pipe);
+        io::stdout().flush()?;
+        nix::unistd::dup2_stderr(&null)?;
+        nix::unistd::dup2_stdout(&null)?;
         Ok(())
     }
-}
-
-/// Tells the waiting parent that the mount is live, then lets go of it: stdout and stderr go
-/// to /dev/null so nothing holds the caller's pipes open, and the server no longer dies with
-/// the parent. An error means the parent is gone, and the mount is taken down.
-fn release_parent() -> io::Result<()> {
-    let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
-    nix::sys::prctl::set_pdeathsig(None)?;
-    let mut out = io::stdout().lock();
-    writeln!(out, "{READY}")?;
-    out.flush()?;
-    nix::unistd::dup2_stderr(&null)?;
-    nix::unistd::dup2_stdout(&null)?;
-    Ok(())
 }
 
 /// Tells systemd (when it started us with `NOTIFY_SOCKET`, as `Type=notify` does) that the

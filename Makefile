@@ -32,6 +32,7 @@ test-deps:
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets --features test-support -- -D warnings
+	python3 -c 'import ast, sys; [ast.parse(open(f).read(), f) for f in sys.argv[1:]]' bench/*.py
 
 # Unit tests need nothing but Rust (a plain `cargo test` runs these and the property test).
 test-unit:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import link
 import writes
 from common import (JK, OUT, ROOT, RUNS, WORK, Result, attempt, count_files, drop_caches, du,
                     free_port, log, out, samples, sh, timed, unmount, version, wait_for_port)
@@ -502,6 +503,13 @@ def main():
         rows.append(("warm mount, tree file evicted from the page cache",
                      {"jkmount": samples(lambda: jk.warm_evicted(PROBE))}))
 
+        log("cold mounts over a 100 Mbit/s link with 20 ms RTT")
+        shaped = link.Link(registry.dir / "storage")
+        with shaped.inside():
+            rows += link.rows(shaped, large, lambda ref: [Jkmount(ref, "link"),
+                                                          SkopeoUmoci(ref, "link"),
+                                                          Podman(ref, "link")], PROBE, RUNS)
+
         native = Native(umoci.root())
         readers = [native, jk, *peers]
         for label, workload in [("node require of 5 packages", node_workload),
@@ -633,6 +641,12 @@ def targets(rows, n_entries):
     out_.append(("cold mount faster than every peer",
                  f"{jk_cold:.2f} s vs fastest peer {min(peers):.2f} s" if jk_cold and peers else "not measured",
                  bool(jk_cold and peers and jk_cold < min(peers))))
+    over = next((row for row in by if row.startswith("link ") and "cold mount" in row), None)
+    alone = next((row for row in by if row.startswith("link ") and "bytes alone" in row), None)
+    jk_link, bytes_alone = median(by.get(over, {}), "jkmount"), median(by.get(alone, {}), "jkmount")
+    add("cold mount over the 100 Mbit/s link ≤ 1.1× its compressed bytes alone",
+        jk_link / bytes_alone if jk_link and bytes_alone else None, 1.1)
+    add("cold mount over the 100 Mbit/s link ≤ 0.3× skopeo+umoci", ratio(over, "jkmount", "skopeo+umoci"), 0.3)
     warm = "warm mount (all cached → mount live)"
     add("warm mount ≤ 1.0× fuse-overlayfs remount", ratio(warm, "jkmount", "fuse-overlayfs"), 1.0)
     evicted = median(by.get("warm mount, tree file evicted from the page cache", {}), "jkmount")

@@ -96,6 +96,13 @@ class Link:
         return timed(run), got[-1]
 
 
+def synced(cold):
+    """A cold run after what earlier runs wrote has reached the disk: writeback left over from
+    the last unpack (tens of thousands of files) otherwise slows the next one by seconds."""
+    os.sync()
+    return cold()
+
+
 def rows(link, large, tools_for, probe, runs):
     """The link's rows: the bytes alone, then each tool's cold mount over it."""
     repo, tag = large.split("/", 1)[1].rsplit(":", 1)
@@ -106,7 +113,7 @@ def rows(link, large, tools_for, probe, runs):
             {"jkmount": Result([t for t, _ in alone])})]
     cells = {}
     for tool in tools_for(f"{link.addr}/{repo}:{tag}"):
-        cells[tool.name] = Result([tool.cold(probe) for _ in range(runs)])
+        cells[tool.name] = Result([synced(lambda: tool.cold(probe)) for _ in range(runs)])
         tool.stop()
     out.append((f"link {label}: cold mount (empty cache → file readable)", cells))
     return out

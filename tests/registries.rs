@@ -141,6 +141,75 @@ fn transient_failures_are_retried_and_a_cut_layer_resumes_with_range() {
     assert!(verified.ends_with(": 0 damaged\n"), "{verified}");
 }
 
+/// One pass over the network: a layer is decoded while it downloads. With its transfer held
+/// still halfway, the cache's work directory already holds decoded content; the layer is
+/// whole and verified once the rest arrives.
+#[test]
+fn a_layer_is_decoded_while_it_downloads() {
+    let registry = Registry::start();
+    let image = ImageBuilder::new()
+        .layer(&format!("f /noise 644 {}", noise(120_000)))
+        .build();
+    registry.push("libs/a:1", &image);
+    let proxy = FaultProxy::start(&registry.addr);
+    let layer = &image.layers[0];
+    let half = layer.blob.len() / 2;
+    assert!(half > 1_000_000, "{half}");
+    proxy.fail(
+        &layer.digest.to_string(),
+        Fault::PauseAfter(half, Duration::from_secs(3)),
+        1,
+    );
+    let setup = Setup::new(QUICK);
+    let reference = format!("{}/libs/a:1", proxy.addr);
+    let mut pull = setup
+        .command(&["pull", &reference])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // While the transfer is held: a decoded content file in the work directory, bigger than the
+    // decoder's write buffer (so written, not buffered).
+    let decoded_while_held = (0..25).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        largest_content(&setup.path("cache/v1/tmp")) > 256 * 1024
+    });
+    let status = pull.wait().unwrap();
+    assert!(status.success());
+    assert!(
+        decoded_while_held,
+        "nothing was decoded while the download was held"
+    );
+    let seen = proxy.seen(&layer.digest.to_string());
+    assert_eq!(seen.len(), 1, "one transfer: {seen:?}");
+    let verified = ok(setup.run(&["cache", "verify"]));
+    assert!(
+        verified.contains("1 layers") || verified.contains("1 layer"),
+        "{verified}"
+    );
+    assert!(verified.ends_with(": 0 damaged\n"), "{verified}");
+}
+
+/// The biggest `content.tar` under `dir`.
+fn largest_content(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            let path = e.path();
+            if path.is_dir() {
+                largest_content(&path)
+            } else if path.file_name().is_some_and(|n| n == "content.tar") {
+                e.metadata().map_or(0, |m| m.len())
+            } else {
+                0
+            }
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 #[test]
 fn a_registry_that_keeps_failing_fails_clearly_after_its_tries() {
     let registry = Registry::start();

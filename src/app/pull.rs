@@ -18,6 +18,7 @@ use oci_client::manifest::{OciDescriptor, OciImageManifest};
 use tokio::task::JoinSet;
 
 use crate::app::lockfile::Pin;
+use crate::cache::growing::{EndOnDrop, Growing};
 use crate::cache::records::{ImageRecord, now};
 use crate::cache::{BlobLabel, Cache};
 use crate::error::{Error, IoContext, Result};
@@ -330,6 +331,7 @@ async fn fetch_artifact(
         if !cache.has_blob(&digest) {
             cache.ensure_space(size, || format!("artifact blob {digest} of {shown}"))?;
             let blob = BlobRef {
+                follow: None,
                 digest: &digest,
                 size,
                 what: "artifact blob",
@@ -468,6 +470,7 @@ async fn small_blob(
         return Ok(bytes);
     }
     let blob = BlobRef {
+        follow: None,
         digest,
         size,
         what,
@@ -488,6 +491,18 @@ struct LayerJob {
     compression: Compression,
     shown: String,
     limits: Limits,
+}
+
+impl LayerJob {
+    fn spec(&self) -> LayerSpec<'_> {
+        LayerSpec {
+            digest: &self.digest,
+            size: self.size,
+            diff_id: &self.diff_id,
+            compression: self.compression,
+            reference: &self.shown,
+        }
+    }
 }
 
 async fn fetch_layers(
@@ -575,22 +590,62 @@ async fn fetch_and_decode(cache: Cache, origin: Origin, job: LayerJob) -> Result
         };
     }
     let source = origin.as_ref();
-    let was_cached = cache.has_blob(&job.digest);
-    if !was_cached {
-        fetch_layer_blob(&cache, source, &job).await?;
+    if !cache.has_blob(&job.digest) {
+        return fetch_while_decoding(cache, source, job).await;
     }
     match decode(cache.clone(), cache.blob_path(&job.digest), job.clone()).await {
-        Err(e) if was_cached && !cache.blob_is_intact(&job.digest)? => {
+        Err(e) if !cache.blob_is_intact(&job.digest)? => {
             tracing::debug!("decoding cached layer {} failed: {e}", job.digest);
             cache.discard_blob(&job.digest);
-            fetch_layer_blob(&cache, source, &job).await?;
-            decode(cache.clone(), cache.blob_path(&job.digest), job).await
+            fetch_while_decoding(cache, source, job).await
         }
         result => result,
     }
 }
 
-async fn fetch_layer_blob(cache: &Cache, source: &dyn Source, job: &LayerJob) -> Result<()> {
+/// One pass over the network: the layer is decoded from its blob's temp file while the blob
+/// downloads (a transfer resumed with a range goes on where it was; one that starts over
+/// restarts the decoding). The blob is renamed in when its digest and size match, the layer
+/// when the decoder's own digest, size and diff_id checks pass; a download error is the one
+/// reported, since it names the registry.
+async fn fetch_while_decoding(cache: Cache, source: &dyn Source, job: Arc<LayerJob>) -> Result<()> {
+    let growing = Growing::new();
+    let ended = EndOnDrop(growing.clone());
+    let decoding = {
+        let (cache, growing, job) = (cache.clone(), growing.clone(), job.clone());
+        tokio::task::spawn_blocking(move || decode_growing(&cache, &growing, &job))
+    };
+    let fetched = fetch_layer_blob(&cache, source, &job, Some(&growing)).await;
+    growing.end(fetched.is_ok());
+    drop(ended);
+    let decoded = decoding.await.expect("a layer decoder panicked");
+    fetched?;
+    decoded
+}
+
+/// Decodes the download `growing` follows, again from its start each time it starts over.
+fn decode_growing(cache: &Cache, growing: &Arc<Growing>, job: &LayerJob) -> Result<()> {
+    loop {
+        let Some(blob) = growing.reader().at(cache.blob_path(&job.digest))? else {
+            return Err(Error::io(
+                cache.blob_path(&job.digest),
+                std::io::Error::other("the download ended before it began"),
+            ));
+        };
+        let generation = blob.generation();
+        match layer::decode_layer(cache, blob, &job.spec(), &job.limits) {
+            Err(_) if growing.started_over_since(generation) => continue,
+            result => return result,
+        }
+    }
+}
+
+async fn fetch_layer_blob(
+    cache: &Cache,
+    source: &dyn Source,
+    job: &LayerJob,
+    follow: Option<&Arc<Growing>>,
+) -> Result<()> {
     cache.ensure_space(job.size, || {
         format!("layer {} of {}", job.digest, job.shown)
     })?;
@@ -601,6 +656,7 @@ async fn fetch_layer_blob(cache: &Cache, source: &dyn Source, job: &LayerJob) ->
         job.size
     );
     let blob = BlobRef {
+        follow,
         digest: &job.digest,
         size: job.size,
         what: "layer",
@@ -612,14 +668,7 @@ async fn fetch_layer_blob(cache: &Cache, source: &dyn Source, job: &LayerJob) ->
 async fn decode(cache: Cache, blob_path: std::path::PathBuf, job: Arc<LayerJob>) -> Result<()> {
     tokio::task::spawn_blocking(move || {
         let file = std::fs::File::open(&blob_path).at(&blob_path)?;
-        let spec = LayerSpec {
-            digest: &job.digest,
-            size: job.size,
-            diff_id: &job.diff_id,
-            compression: job.compression,
-            reference: &job.shown,
-        };
-        layer::decode_layer(&cache, file, &spec, &job.limits)
+        layer::decode_layer(&cache, file, &job.spec(), &job.limits)
     })
     .await
     .expect("a layer decoder panicked")

@@ -26,6 +26,7 @@
 //! [`trust`] checks that the cache is this user's alone.
 
 pub mod gc;
+pub mod growing;
 pub mod layers;
 pub mod lock;
 pub mod persist;
@@ -218,7 +219,21 @@ impl Cache {
             tmp,
             dest: self.blob_path(expected),
             expected: expected.clone(),
+            followed: None,
         })
+    }
+
+    /// A blob writer whose bytes `growing` can be read while they are written: each write
+    /// reaches the file at once and is published.
+    pub fn followed_blob_writer(
+        &self,
+        expected: &Digest,
+        growing: Arc<growing::Growing>,
+    ) -> Result<BlobWriter> {
+        let mut writer = self.blob_writer(expected)?;
+        growing.started(&writer.tmp);
+        writer.followed = Some((growing, 0));
+        Ok(writer)
     }
 
     /// Stores a blob held in memory after checking its digest and size.
@@ -388,6 +403,8 @@ pub struct BlobWriter {
     tmp: PathBuf,
     dest: PathBuf,
     expected: Digest,
+    /// Who reads it while it is written, and how many bytes are in the file.
+    followed: Option<(Arc<growing::Growing>, u64)>,
 }
 
 impl BlobWriter {
@@ -424,10 +441,14 @@ impl BlobWriter {
 
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.out
-            .as_mut()
-            .expect("writer is open until commit")
-            .write(buf)
+        let out = self.out.as_mut().expect("writer is open until commit");
+        let n = out.write(buf)?;
+        if let Some((growing, written)) = &mut self.followed {
+            out.flush()?;
+            *written += n as u64;
+            growing.wrote(*written);
+        }
+        Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
         self.out

@@ -72,6 +72,8 @@ pub struct BlobRef<'a> {
     pub what: &'static str,
     /// The image it belongs to, as the user wrote it.
     pub image: &'a str,
+    /// Set to have the bytes readable while they download (a layer decoded as it arrives).
+    pub follow: Option<&'a std::sync::Arc<crate::cache::growing::Growing>>,
 }
 
 /// The source `image` names. With `offline`, a registry source fails every fetch with

@@ -19,6 +19,8 @@ pub enum Fault {
     Status(u16, Option<String>),
     /// Forward, but send only this many bytes of the response body, then close.
     CutAfter(usize),
+    /// Forward this many bytes of the response body, wait this long, then send the rest.
+    PauseAfter(usize, Duration),
 }
 
 struct Rule {
@@ -194,6 +196,15 @@ fn handle(stream: TcpStream, upstream: &str, rules: &Mutex<Vec<Rule>>, log: &Mut
         Some(Fault::CutAfter(n)) => (head_end + n).min(response.len()),
         _ => response.len(),
     };
+    if let Some(Fault::PauseAfter(n, pause)) = fault {
+        let at = (head_end + n).min(response.len());
+        let _ = out.write_all(&response[..at]);
+        let _ = out.flush();
+        std::thread::sleep(pause);
+        let _ = out.write_all(&response[at..]);
+        let _ = out.flush();
+        return;
+    }
     let _ = out.write_all(&response[..end]);
     let _ = out.flush();
 }

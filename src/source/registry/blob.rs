@@ -10,6 +10,9 @@ use reqwest::header::{AUTHORIZATION, CONTENT_RANGE, RANGE};
 use super::http::Failure;
 use super::rate::Body;
 use super::{RegistrySource, Remote};
+use std::sync::Arc;
+
+use crate::cache::growing::Growing;
 use crate::cache::{BlobLabel, BlobWriter, Cache};
 use crate::error::{Error, IoContext, Result};
 use crate::oci::digest::Digest;
@@ -18,11 +21,16 @@ use crate::oci::digest::Digest;
 struct Download {
     writer: Option<BlobWriter>,
     received: u64,
+    /// Who reads the bytes as they arrive, if anyone.
+    follow: Option<Arc<Growing>>,
 }
 
 impl Download {
     fn start_over(&mut self, cache: &Cache, digest: &Digest) -> Result<()> {
-        self.writer = Some(cache.blob_writer(digest)?);
+        self.writer = Some(match &self.follow {
+            Some(growing) => cache.followed_blob_writer(digest, growing.clone())?,
+            None => cache.blob_writer(digest)?,
+        });
         self.received = 0;
         Ok(())
     }
@@ -44,18 +52,38 @@ impl RegistrySource {
         size: u64,
         what: &'static str,
     ) -> Result<()> {
+        self.fetch_followed_blob(cache, digest, size, what, None)
+            .await
+    }
+
+    /// [`fetch_blob`](Self::fetch_blob), its bytes readable through `follow` as they arrive.
+    pub async fn fetch_followed_blob(
+        &self,
+        cache: &Cache,
+        digest: &Digest,
+        size: u64,
+        what: &'static str,
+        follow: Option<Arc<Growing>>,
+    ) -> Result<()> {
         self.online(|| format!("{what} {digest}"))?;
         let progress = &self.registries.progress;
         progress.started(&self.shown(), what, digest, size);
-        let result = self.download(cache, &Blob { digest, size, what }).await;
+        let blob = Blob { digest, size, what };
+        let result = self.download(cache, &blob, follow).await;
         progress.finished(digest, result.is_ok());
         result
     }
 
-    async fn download(&self, cache: &Cache, blob: &Blob<'_>) -> Result<()> {
+    async fn download(
+        &self,
+        cache: &Cache,
+        blob: &Blob<'_>,
+        follow: Option<Arc<Growing>>,
+    ) -> Result<()> {
         let mut download = Download {
             writer: None,
             received: 0,
+            follow,
         };
         download.start_over(cache, blob.digest)?;
         let mut failure = None;

@@ -42,12 +42,13 @@ impl Source for RegistrySource {
     }
 
     fn fetch_blob<'a>(&'a self, cache: &'a Cache, blob: BlobRef<'a>) -> BoxFuture<'a, Result<()>> {
-        Box::pin(RegistrySource::fetch_blob(
+        Box::pin(RegistrySource::fetch_followed_blob(
             self,
             cache,
             blob.digest,
             blob.size,
             blob.what,
+            blob.follow.cloned(),
         ))
     }
 

@@ -316,7 +316,12 @@ impl Writer<'_> {
             }
             NodeKind::File { .. } | NodeKind::SparseFile { .. } => {
                 let out: File = dir.create_file(name, 0o600).map_err(at)?;
-                let written = self.content.copy_to(Data::of_node(&node.kind), &out, &path);
+                let tree = &self.mountable.tree;
+                let kind = tree
+                    .node(id)
+                    .and_then(|n| n.kind())
+                    .map_err(|e| trees::damaged(tree, e))?;
+                let written = self.content.copy_to(Data::of(&kind), &out, &path);
                 let size = written.expect("a file node has content")?;
                 self.summary.files += 1;
                 self.summary.bytes += size;

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{IoContext, Result};
 use crate::layer::Extent;
-use crate::tree::NodeKind;
 use crate::tree::file::Kind;
 
 /// Bytes copied at a time when a whole file is written out.
@@ -53,31 +52,6 @@ impl<'a> Data<'a> {
                 size: *size,
             }),
             Kind::SparseFile {
-                layer,
-                size,
-                extents,
-            } => Some(Data::Sparse {
-                layer: *layer,
-                size: *size,
-                extents,
-            }),
-            _ => None,
-        }
-    }
-
-    /// Where the bytes of a node taken out of the tree are; `None` for nodes without content.
-    pub fn of_node(kind: &'a NodeKind) -> Option<Data<'a>> {
-        match kind {
-            NodeKind::File {
-                layer,
-                offset,
-                size,
-            } => Some(Data::Run {
-                layer: *layer,
-                offset: *offset,
-                size: *size,
-            }),
-            NodeKind::SparseFile {
                 layer,
                 size,
                 extents,

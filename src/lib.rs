@@ -22,7 +22,9 @@
 //! - [`handle`]: directory handles, for everything done where another user may write.
 //!
 //! Test fixtures ([`fixture`]) are compiled only with the `test-support` feature.
-// Denied, not forbidden, for one exception: mapping a tree file (`tree::file::map_immutable`).
+// Denied, not forbidden, for two exceptions, each allowed on one small function with its
+// reasoning: mapping a tree file (`tree::file::map_immutable`) and forking the background
+// server while the process has one thread (`mount::daemon::fork_single_threaded`).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -32,6 +32,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, IoContext, Result};
 use crate::handle::Dir;
 
+/// How long a mount waits for the lock of an upper that another server still holds (one that
+/// is exiting after its unmount) before refusing it as in use.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// `O_NOFOLLOW`: the lock file is never reached through a link.
 fn libc_nofollow() -> i32 {
     rustix::fs::OFlags::NOFOLLOW.bits() as i32
@@ -152,7 +156,9 @@ impl Upper {
     }
 
     /// Locks the upper kept in `dir` against any mount (and so any change) while the lock is
-    /// held; refused if a live mount uses it.
+    /// held; refused if a live mount uses it. A server whose mount was just taken away lets go
+    /// of it as it exits, a moment after `unmount` returns: the lock is waited for that long
+    /// (`LOCK_WAIT`) before the upper is said to be in use.
     pub fn lock(dir: &Path) -> Result<File> {
         let lock_path = dir.join(LOCK);
         let lock = std::fs::OpenOptions::new()
@@ -163,12 +169,20 @@ impl Upper {
             .custom_flags(libc_nofollow())
             .open(&lock_path)
             .at(&lock_path)?;
-        match lock.try_lock() {
-            Ok(()) => Ok(lock),
-            Err(std::fs::TryLockError::WouldBlock) => Err(Error::UpperInUse {
-                dir: dir.to_owned(),
-            }),
-            Err(std::fs::TryLockError::Error(e)) => Err(e).at(&lock_path),
+        let until = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match lock.try_lock() {
+                Ok(()) => return Ok(lock),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < until => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(Error::UpperInUse {
+                        dir: dir.to_owned(),
+                    });
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(e).at(&lock_path),
+            }
         }
     }
 

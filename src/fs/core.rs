@@ -12,8 +12,8 @@ use crate::tree::{Mountable, NodeId, ROOT, TreeFile};
 
 /// The FUSE root inode.
 pub const ROOT_INO: u64 = 1;
-/// Block size reported by `stat` and `statfs`.
-pub const BLOCK_SIZE: u32 = 4096;
+/// Block size reported by `stat` and `statfs`: the tree file's unit for the blocks it counts.
+pub const BLOCK_SIZE: u32 = crate::tree::layout::BLOCK as u32;
 /// Longest name `statfs` admits to.
 pub const MAX_NAME: u32 = 255;
 
@@ -275,8 +275,9 @@ impl FsCore {
     /// returns them.
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>, FsError> {
         let mut out = Vec::new();
-        for (name, _) in self.xattrs(ino)? {
-            out.extend_from_slice(&name);
+        for xattr in self.node_xattrs(ino)?.iter() {
+            let (name, _) = xattr.map_err(|e| self.damaged(e))?;
+            out.extend_from_slice(name);
             out.push(0);
         }
         Ok(out)
@@ -342,11 +343,7 @@ impl FsCore {
 
     /// The extended attributes of `ino`, sorted by name.
     pub fn xattrs(&self, ino: u64) -> Result<Vec<crate::layer::Xattr>, FsError> {
-        let xattrs = self.node_xattrs(ino)?;
-        (0..xattrs.len())
-            .map(|i| xattrs.get(i).map(|(n, v)| (n.to_vec(), v.to_vec())))
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.damaged(e))
+        self.node_xattrs(ino)?.to_vec().map_err(|e| self.damaged(e))
     }
 }
 

@@ -42,7 +42,9 @@ pub struct Readiness(Option<OwnedFd>);
 /// Forks the background server and, in the parent, waits until it reports the mount live or
 /// exits. Refused if the process has more than one thread (a fork copies only the caller's).
 pub fn fork_server() -> Result<Forked> {
-    let (read, write) = nix::unistd::pipe()
+    // Close-on-exec: a program the server runs (fusermount3) must not hold the pipe open, or
+    // the command would wait for it as well.
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(io::Error::from)
         .at("the readiness pipe")?;
     io::stdout().flush().at("stdout")?;

@@ -19,7 +19,7 @@ use super::layout::{
     file_digest, kind,
 };
 use super::{Node, NodeId, NodeKind, ROOT};
-use crate::layer::{Extent, Meta};
+use crate::layer::{Extent, Meta, Xattr};
 use crate::oci::digest::Digest;
 
 /// What is wrong inside a tree file: which node or record, and how.
@@ -59,12 +59,6 @@ pub struct TreeFile {
     sections: Sections,
     nodes: u32,
     blocks: u64,
-}
-
-impl PartialEq for TreeFile {
-    fn eq(&self, other: &Self) -> bool {
-        *self.bytes == *other.bytes
-    }
 }
 
 /// Why a file could not be used as a tree: another format (rebuild it) or an I/O error.
@@ -245,10 +239,7 @@ impl TreeFile {
     /// Node `id` as an owned [`Node`] (for `extract`, which writes each node once).
     pub fn to_node(&self, id: NodeId) -> Result<Node, Damaged> {
         let node = self.node(id)?;
-        let xattrs = node.xattrs()?;
-        let xattrs = (0..xattrs.len())
-            .map(|i| xattrs.get(i).map(|(n, v)| (n.to_vec(), v.to_vec())))
-            .collect::<Result<_, _>>()?;
+        let xattrs = node.xattrs()?.to_vec()?;
         let kind = match node.kind()? {
             Kind::Dir { entries, parent } => NodeKind::Dir {
                 entries: entries.to_vec()?,
@@ -625,10 +616,22 @@ impl<'a> Xattrs<'a> {
         Ok((self.tree.blob(rec.name)?, self.tree.blob(rec.value)?))
     }
 
+    /// Every attribute, in order.
+    pub fn iter(self) -> impl Iterator<Item = Result<(&'a [u8], &'a [u8]), Damaged>> + 'a {
+        (0..self.recs.len()).map(move |i| self.get(i))
+    }
+
+    /// The attributes as owned pairs.
+    pub fn to_vec(self) -> Result<Vec<Xattr>, Damaged> {
+        self.iter()
+            .map(|x| x.map(|(name, value)| (name.to_vec(), value.to_vec())))
+            .collect()
+    }
+
     /// The value of `name`.
     pub fn find(&self, name: &[u8]) -> Result<Option<&'a [u8]>, Damaged> {
-        for i in 0..self.recs.len() {
-            let (n, value) = self.get(i)?;
+        for xattr in self.iter() {
+            let (n, value) = xattr?;
             if n == name {
                 return Ok(Some(value));
             }
@@ -637,9 +640,6 @@ impl<'a> Xattrs<'a> {
     }
 
     fn check(&self) -> Result<(), Damaged> {
-        for i in 0..self.recs.len() {
-            self.get(i)?;
-        }
-        Ok(())
+        self.iter().try_for_each(|x| x.map(drop))
     }
 }

@@ -27,6 +27,9 @@ use crate::layer::Xattr;
 use crate::oci::digest::Digest;
 use crate::tree::{NodeId, NodeKind, ROOT, Tree};
 
+/// The unit of the header's block count (`statfs`'s block size).
+pub const BLOCK: u64 = 4096;
+
 /// The format this release reads and writes; a file with another magic is rebuilt.
 pub const MAGIC: &[u8; 8] = b"JKTREE04";
 
@@ -277,7 +280,7 @@ impl Encoder {
         rec.mtime_nsec = node.meta.mtime_nsec.into();
         (rec.parent, rec.index) = (place.0.into(), place.1.into());
         rec.xattrs = self.xattrs(&node.xattrs)?;
-        let blocks = |len: u64| len.div_ceil(4096);
+        let blocks = |len: u64| len.div_ceil(BLOCK);
         match &node.kind {
             NodeKind::Dir { entries, parent } => {
                 rec.kind = kind::DIR;

@@ -16,7 +16,7 @@ fn main() -> ExitCode {
             if let Some(cli::AlreadyReported(code)) = e.downcast_ref() {
                 return ExitCode::from(*code);
             }
-            eprintln!("jkmount: error: {e:#}");
+            eprintln!("jkmount: error: {}", cli::one_line(&e));
             ExitCode::from(cli::exit_code(&e))
         }
     }

@@ -626,7 +626,7 @@ async fn fetch_while_decoding(cache: Cache, source: &dyn Source, job: Arc<LayerJ
 /// Decodes the download `growing` follows, again from its start each time it starts over.
 fn decode_growing(cache: &Cache, growing: &Arc<Growing>, job: &LayerJob) -> Result<()> {
     loop {
-        let Some(blob) = growing.reader().at(cache.blob_path(&job.digest))? else {
+        let Some(blob) = growing.reader() else {
             return Err(Error::io(
                 cache.blob_path(&job.digest),
                 std::io::Error::other("the download ended before it began"),

@@ -1,7 +1,8 @@
 //! A blob read while it is downloaded, so that decoding overlaps the transfer: the download's
-//! [`BlobWriter`](super::BlobWriter) publishes how much of its temp file is written, and each
-//! time it starts over; a [`GrowingReader`] on another thread reads that file as it grows and
-//! waits for bytes not yet there. It hands out only bytes already written to the temp file;
+//! [`BlobWriter`](super::BlobWriter) publishes its open temp file, how much of it is written,
+//! and each time it starts over; a [`GrowingReader`] on another thread reads that file as it
+//! grows and waits for bytes not yet there. The reader holds the file itself, never its name:
+//! a download may end, and its file be renamed into the cache, before the reader begins. It hands out only bytes already written to the temp file;
 //! what they are worth is decided by the checks of whoever reads them (the layer decoder
 //! hashes them against the layer digest, and the download against the same digest before the
 //! blob is renamed in).
@@ -9,7 +10,6 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ pub struct Growing {
 #[derive(Debug, Default)]
 struct State {
     /// The temp file being written, and how many times the download started over.
-    file: Option<PathBuf>,
+    file: Option<Arc<File>>,
     generation: u64,
     /// Bytes of it written to the file (not held in a buffer).
     written: u64,
@@ -52,10 +52,10 @@ impl Growing {
         self.changed.notify_all();
     }
 
-    /// The download writes to `path` from its first byte.
-    pub(super) fn started(&self, path: &Path) {
+    /// The download writes to `file` from its first byte.
+    pub(super) fn started(&self, file: File) {
         self.update(|s| {
-            s.file = Some(path.to_owned());
+            s.file = Some(Arc::new(file));
             s.generation += 1;
             s.written = 0;
         });
@@ -73,19 +73,19 @@ impl Growing {
 
     /// A reader of the download from its start, once it has a file; `None` if it ended
     /// without one.
-    pub fn reader(self: &Arc<Self>) -> io::Result<Option<GrowingReader>> {
+    pub fn reader(self: &Arc<Self>) -> Option<GrowingReader> {
         let mut state = self.lock();
         loop {
-            if let Some(path) = &state.file {
-                return Ok(Some(GrowingReader {
-                    file: File::open(path)?,
+            if let Some(file) = &state.file {
+                return Some(GrowingReader {
+                    file: file.clone(),
                     generation: state.generation,
                     growing: self.clone(),
                     at: 0,
-                }));
+                });
             }
             if state.end.is_some() {
-                return Ok(None);
+                return None;
             }
             state = self.wait(state);
         }
@@ -109,7 +109,7 @@ impl Growing {
 #[derive(Debug)]
 pub struct GrowingReader {
     growing: Arc<Growing>,
-    file: File,
+    file: Arc<File>,
     generation: u64,
     at: u64,
 }
@@ -167,6 +167,17 @@ impl Drop for EndOnDrop {
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::path::Path;
+
+    fn read_write(path: &Path) -> File {
+        File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .unwrap()
+    }
 
     #[test]
     fn a_reader_follows_the_file_waits_for_bytes_and_sees_a_restart() {
@@ -176,25 +187,25 @@ mod tests {
         let reader = {
             let growing = growing.clone();
             std::thread::spawn(move || {
-                let mut reader = growing.reader().unwrap().unwrap();
+                let mut reader = growing.reader().unwrap();
                 let mut first = [0; 3];
                 reader.read_exact(&mut first).unwrap();
                 let restarted = reader.read(&mut [0; 8]).unwrap_err();
-                let mut again = growing.reader().unwrap().unwrap();
+                let mut again = growing.reader().unwrap();
                 let mut all = Vec::new();
                 again.read_to_end(&mut all).unwrap();
                 (first, restarted.to_string(), all)
             })
         };
-        let mut file = File::create(&path).unwrap();
-        growing.started(&path);
+        let mut file = read_write(&path);
+        growing.started(file.try_clone().unwrap());
         file.write_all(b"abc").unwrap();
         growing.wrote(3);
         std::thread::sleep(Duration::from_millis(50));
         // Over, in a new file: the reader of the first must not go on with it.
         let path = dir.path().join("blob-2");
-        let mut file = File::create(&path).unwrap();
-        growing.started(&path);
+        let mut file = read_write(&path);
+        growing.started(file.try_clone().unwrap());
         file.write_all(b"xyz").unwrap();
         growing.wrote(3);
         file.write_all(b"!").unwrap();
@@ -212,9 +223,9 @@ mod tests {
         let path = dir.path().join("blob");
         std::fs::write(&path, b"ab").unwrap();
         let growing = Growing::new();
-        growing.started(&path);
+        growing.started(File::open(&path).unwrap());
         growing.wrote(2);
-        let mut reader = growing.reader().unwrap().unwrap();
+        let mut reader = growing.reader().unwrap();
         drop(EndOnDrop(growing.clone()));
         let mut buf = Vec::new();
         let failed = reader.read_to_end(&mut buf).unwrap_err();
@@ -222,6 +233,25 @@ mod tests {
         assert!(failed.to_string().contains("failed"), "{failed}");
         let never = Growing::new();
         never.end(false);
-        assert!(never.reader().unwrap().is_none());
+        assert!(never.reader().is_none());
+    }
+
+    #[test]
+    fn a_reader_that_begins_after_the_file_is_renamed_or_removed_reads_it_all() {
+        // A small blob may be downloaded and renamed into the cache before the decoder's
+        // thread asks for a reader: the reader must not look the file up by name.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob.tmp");
+        let mut file = read_write(&path);
+        let growing = Growing::new();
+        growing.started(file.try_clone().unwrap());
+        file.write_all(b"whole").unwrap();
+        growing.wrote(5);
+        growing.end(true);
+        std::fs::rename(&path, dir.path().join("blob")).unwrap();
+        std::fs::remove_file(dir.path().join("blob")).unwrap();
+        let mut all = Vec::new();
+        growing.reader().unwrap().read_to_end(&mut all).unwrap();
+        assert_eq!(all, b"whole");
     }
 }

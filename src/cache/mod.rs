@@ -103,6 +103,7 @@ pub(crate) fn private_dir(path: &Path) -> Result<()> {
 pub(crate) fn private_file(path: &Path) -> Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     fs::OpenOptions::new()
+        .read(true) // a followed blob's reader reads through a clone of this handle
         .write(true)
         .create(true)
         .truncate(true)
@@ -212,28 +213,37 @@ impl Cache {
 
     /// Starts writing a blob that must hash to `expected`.
     pub fn blob_writer(&self, expected: &Digest) -> Result<BlobWriter> {
-        let tmp = self.temp_path("blob");
-        let file = private_file(&tmp)?;
-        Ok(BlobWriter {
-            out: Some(HashingWriter::new(BufWriter::new(file))),
-            tmp,
-            dest: self.blob_path(expected),
-            expected: expected.clone(),
-            followed: None,
-        })
+        self.new_blob_writer(expected, None)
     }
 
     /// A blob writer whose bytes `growing` can be read while they are written: each write
-    /// reaches the file at once and is published.
+    /// reaches the file at once and is published. The reader gets the open file, not its
+    /// name, so it reads on after the blob is renamed in or the temp file removed.
     pub fn followed_blob_writer(
         &self,
         expected: &Digest,
         growing: Arc<growing::Growing>,
     ) -> Result<BlobWriter> {
-        let mut writer = self.blob_writer(expected)?;
-        growing.started(&writer.tmp);
-        writer.followed = Some((growing, 0));
-        Ok(writer)
+        self.new_blob_writer(expected, Some(growing))
+    }
+
+    fn new_blob_writer(
+        &self,
+        expected: &Digest,
+        growing: Option<Arc<growing::Growing>>,
+    ) -> Result<BlobWriter> {
+        let tmp = self.temp_path("blob");
+        let file = private_file(&tmp)?;
+        if let Some(growing) = &growing {
+            growing.started(file.try_clone().at(&tmp)?);
+        }
+        Ok(BlobWriter {
+            out: Some(HashingWriter::new(BufWriter::new(file))),
+            tmp,
+            dest: self.blob_path(expected),
+            expected: expected.clone(),
+            followed: growing.map(|g| (g, 0)),
+        })
     }
 
     /// Stores a blob held in memory after checking its digest and size.

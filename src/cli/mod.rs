@@ -411,6 +411,23 @@ fn parse_platform(text: Option<&str>) -> anyhow::Result<Platform> {
 #[error("jkmount exited with status {0}")]
 pub struct AlreadyReported(pub u8);
 
+/// An error and its causes on one line, `: `-separated; a cause whose text the line already
+/// ends with (an I/O error a message quotes) is not repeated.
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
 /// 2 for usage errors (a malformed reference or platform), 1 for the rest.
 pub fn exit_code(e: &anyhow::Error) -> u8 {
     let usage = e.chain().any(|cause| {
@@ -482,4 +499,17 @@ fn open_cache(global: &GlobalArgs) -> anyhow::Result<Cache> {
 /// One runtime for the network part of a command; dropped before anything is mounted.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(jkmount::app::prepare::runtime()?)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_error_is_one_line_that_names_each_cause_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let e = anyhow::Error::new(jkmount::Error::io("/cache/blobs/x", io)).context("mounting");
+        assert_eq!(
+            super::one_line(&e),
+            "mounting: /cache/blobs/x: entity not found"
+        );
+    }
 }

@@ -4,6 +4,7 @@
 //! need root (or fusermount3) and /dev/fuse; without them they fail, they do not skip.
 
 mod conformance;
+mod csi;
 mod deploy;
 mod kernel_cache;
 mod lifecycle;

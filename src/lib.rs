@@ -20,6 +20,8 @@
 //! - [`app`]: the pipelines the commands run (pull, prepare a mount, lock).
 //! - [`extract`] writes a tree to a directory; [`pack`] builds images from directories.
 //! - [`handle`]: directory handles, for everything done where another user may write.
+//! - [`csi`]: the Kubernetes CSI node plugin; [`keeper`] holds its mounts in a process of
+//!   their own.
 //!
 //! Test fixtures ([`fixture`]) are compiled only with the `test-support` feature.
 // Denied, not forbidden, for two exceptions, each allowed on one small function with its
@@ -30,12 +32,14 @@
 
 pub mod app;
 pub mod cache;
+pub mod csi;
 pub mod error;
 pub mod extract;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fixture;
 pub mod fs;
 pub mod handle;
+pub mod keeper;
 pub mod layer;
 pub mod mount;
 pub mod oci;

@@ -148,6 +148,32 @@ pub async fn resolve(cache: &Cache, image: &ImageRef, options: &PullOptions) -> 
     })
 }
 
+/// Asks the registry for `image`'s manifest `digest` with these options' credentials, even
+/// when the cache holds it: on a cache that several tenants share, whoever asks for an image
+/// must be one the registry lets read it (a CSI volume's pod, with its own pull secret). The
+/// answer must be the manifest itself (its digest is checked); nothing is cached from it.
+pub async fn confirm_access(
+    image: &ImageRef,
+    digest: &Digest,
+    options: &PullOptions,
+) -> Result<()> {
+    if !matches!(image, ImageRef::Registry(_)) {
+        return Ok(());
+    }
+    let origin = source::open(image, options.registries.clone(), false);
+    let bytes = origin.manifest(digest).await?;
+    let found = Digest::of(&bytes);
+    if found != *digest {
+        return Err(Error::DigestMismatch {
+            what: "manifest",
+            reference: image.to_string(),
+            expected: digest.clone(),
+            found,
+        });
+    }
+    Ok(())
+}
+
 /// An image's manifest and config, fetched without its layers (for `pack --base` and
 /// `combine`), and the registry it came from.
 pub struct Documents {

@@ -4,6 +4,7 @@
 mod cache;
 mod commit;
 mod config;
+mod csi;
 mod extract;
 mod generate;
 mod lock;
@@ -113,6 +114,11 @@ enum Command {
     Login(login::LoginArgs),
     /// Forget the stored credentials for a registry.
     Logout(login::LogoutArgs),
+    /// Serve the Kubernetes CSI node plugin on a unix socket (volumes name images in their
+    /// attributes; see docs/kubernetes.md).
+    Csi(csi::CsiArgs),
+    /// Hold the CSI plugin's mounts in a process of their own, so they outlive its restarts.
+    Keeper(csi::KeeperArgs),
     /// Print the effective registry configuration, and where credentials are looked for.
     Config,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -471,6 +477,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Cache(command)) => cache::run(command, &cli.global),
         Some(Command::Unmount(args)) => unmount::run(args),
         Some(Command::Status(args)) => unmount::status(args),
+        Some(Command::Csi(args)) => csi::run(args, &cli.global),
+        Some(Command::Keeper(args)) => csi::keeper(args, &cli.global),
         Some(Command::Login(args)) => login::login(args, &cli.global),
         Some(Command::Logout(args)) => login::logout(args, &cli.global),
         Some(Command::Config) => config::run(&cli.global),

@@ -17,6 +17,7 @@ use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -83,6 +84,8 @@ pub struct Found {
 #[derive(Debug, Clone, Default)]
 pub struct CredentialSources {
     explicit: Option<Secret>,
+    /// An auth file held in memory only (a Kubernetes pull secret), and what it is called.
+    held: Option<(Arc<AuthFile>, PathBuf)>,
     files: Vec<PathBuf>,
 }
 
@@ -157,7 +160,51 @@ impl CredentialSources {
             .flatten()
             .collect(),
         };
-        CredentialSources { explicit, files }
+        CredentialSources {
+            explicit,
+            held: None,
+            files,
+        }
+    }
+
+    /// Only the credentials of a Kubernetes pull secret, held in memory and never written:
+    /// `.dockerconfigjson` (a `kubernetes.io/dockerconfigjson` secret) or the older
+    /// `.dockercfg`. `named` says where it came from, for messages. Such a secret belongs to
+    /// a pod, not to this machine: one that names credential helpers (programs this machine
+    /// would run) is refused.
+    pub fn from_pull_secret(key: &str, text: &str, named: &str) -> Result<Self> {
+        let bad = |detail: String| Error::Credentials {
+            registry: "any registry".into(),
+            detail: format!("{named} ({key}) {detail}"),
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| bad(format!("is not JSON: {e}")))?;
+        let value = match key {
+            ".dockerconfigjson" => value,
+            ".dockercfg" => serde_json::json!({ "auths": value }),
+            _ => {
+                return Err(bad(
+                    "is not a pull secret's key: expected .dockerconfigjson".into(),
+                ));
+            }
+        };
+        let file: AuthFile = serde_json::from_value(value)
+            .map_err(|e| bad(format!("is not a valid docker config: {e}")))?;
+        if !file.cred_helpers.is_empty() || file.creds_store.is_some() {
+            return Err(bad(
+                "names a credential helper (credHelpers or credsStore), which would run a program on this node: give the credentials themselves (auths)".into(),
+            ));
+        }
+        Ok(CredentialSources {
+            explicit: None,
+            held: Some((Arc::new(file), PathBuf::from(named))),
+            files: Vec::new(),
+        })
+    }
+
+    /// No credentials at all: every registry is asked anonymously.
+    pub fn none() -> Self {
+        CredentialSources::default()
     }
 
     /// The file `jkmount login` writes: the first of the lookup order (the auth file if one
@@ -187,6 +234,9 @@ impl CredentialSources {
                 secret: secret.clone(),
                 origin: "--username".into(),
             }));
+        }
+        if let Some((file, named)) = &self.held {
+            return file.lookup(host, repository, named);
         }
         for path in &self.files {
             let Some(file) = AuthFile::read(path)? else {

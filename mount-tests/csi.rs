@@ -1,0 +1,700 @@
+//! The CSI node plugin driven as the kubelet drives it: a gRPC client on the plugin's unix
+//! socket making the kubelet's calls in the kubelet's order (Probe, NodeGetInfo,
+//! NodePublishVolume to a `pods/UID/volumes/kubernetes.io~csi/NAME/mount` target, reads from
+//! another mount namespace, NodeUnpublishVolume), against a real docker-registry, through
+//! /dev/fuse. The plugin and the keeper are the jkmount binary, started here and ended by
+//! their PIDs; every target is unmounted by a `Drop` guard.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bpfman_csi::v1 as csi;
+use bpfman_csi::v1::identity_client::IdentityClient;
+use bpfman_csi::v1::node_client::NodeClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use super::support::fault_proxy::{Fault, FaultProxy};
+use super::support::registry::Registry;
+use super::support::{jkmount_bin, quick_retries_config};
+use super::{WAIT, is_mounted, node_value, run};
+
+const A: &str = "f /jk/modules/a/index.js 644 \"module.exports = 'a';\"";
+const B: &str = "f /jk/modules/b/index.js 644 \"module.exports = 'b from ' + require('a');\"";
+
+/// A jkmount process this test started (the plugin or the keeper), ended by its PID on drop.
+struct Daemon(Child);
+
+impl Daemon {
+    /// Runs `jkmount --cache-dir CACHE ARGS`, its stderr in `log`; `own_pid_namespace`: as
+    /// PID 1 of a new PID namespace, as a container's process would be, so that killing it
+    /// kills everything it started.
+    fn start(cache: &Path, args: &[&str], log: &Path, own_pid_namespace: bool) -> Daemon {
+        let mut command = if own_pid_namespace {
+            let mut c = Command::new("unshare");
+            c.args(["--pid", "--fork", "--kill-child", "--"])
+                .arg(jkmount_bin());
+            c
+        } else {
+            Command::new(jkmount_bin())
+        };
+        command
+            .env("JKMOUNT_CONFIG", quick_retries_config())
+            .env("RUST_LOG", "jkmount=info")
+            .arg("--cache-dir")
+            .arg(cache)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap());
+        Daemon(command.spawn().expect("jkmount starts"))
+    }
+
+    /// Kills it (and, in its own PID namespace, everything in it) and waits for it.
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Targets unmounted on drop, however the test ends.
+#[derive(Default)]
+struct Targets(Vec<PathBuf>);
+
+impl Targets {
+    /// `WORK/kubelet/pods/UID/volumes/kubernetes.io~csi/NAME/mount`, its parent made as the
+    /// kubelet makes it.
+    fn add(&mut self, work: &Path, pod: &str, name: &str) -> PathBuf {
+        let dir = work.join(format!(
+            "kubelet/pods/{pod}/volumes/kubernetes.io~csi/{name}"
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = dir.join("mount");
+        self.0.push(target.clone());
+        target
+    }
+}
+
+impl Drop for Targets {
+    fn drop(&mut self) {
+        for target in &self.0 {
+            if is_mounted(target) {
+                let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+}
+
+/// The kubelet's side of the socket. Its calls answer as tonic's do, with a `Status`.
+struct Kubelet {
+    runtime: tokio::runtime::Runtime,
+    node: NodeClient<Channel>,
+    identity: IdentityClient<Channel>,
+}
+
+fn wait_for_socket(socket: &Path, log: &Path) {
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(
+            start.elapsed() < WAIT,
+            "nothing listens on {socket:?}: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[allow(clippy::result_large_err)]
+impl Kubelet {
+    fn connect(socket: &Path) -> Kubelet {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let socket = socket.to_owned();
+        let channel = runtime
+            .block_on(
+                tonic::transport::Endpoint::try_from("http://[::]:50051")
+                    .unwrap()
+                    .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                        tokio::net::UnixStream::connect(socket.clone())
+                    })),
+            )
+            .expect("the plugin's socket takes a connection");
+        Kubelet {
+            runtime,
+            node: NodeClient::new(channel.clone()),
+            identity: IdentityClient::new(channel),
+        }
+    }
+
+    /// What the kubelet asks when it registers the plugin.
+    fn register(&self) -> csi::NodeGetInfoResponse {
+        let mut identity = self.identity.clone();
+        let mut node = self.node.clone();
+        self.runtime.block_on(async {
+            let probe = identity.probe(csi::ProbeRequest {}).await.unwrap();
+            assert_eq!(probe.into_inner().ready, Some(true));
+            let info = identity
+                .get_plugin_info(csi::GetPluginInfoRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(info.name, "jkmount.jkcfg.io");
+            node.node_get_info(csi::NodeGetInfoRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+        })
+    }
+
+    fn publish(&self, call: &Publish<'_>) -> Result<(), tonic::Status> {
+        let mut node = self.node.clone();
+        self.runtime.block_on(call.send(&mut node))
+    }
+
+    fn unpublish(&self, volume: &str, target: &Path) -> Result<(), tonic::Status> {
+        let mut node = self.node.clone();
+        let call = csi::NodeUnpublishVolumeRequest {
+            volume_id: volume.into(),
+            target_path: target.to_str().unwrap().into(),
+        };
+        self.runtime
+            .block_on(node.node_unpublish_volume(call))
+            .map(drop)
+    }
+
+    fn stats(
+        &self,
+        volume: &str,
+        path: &Path,
+    ) -> Result<csi::NodeGetVolumeStatsResponse, tonic::Status> {
+        let mut node = self.node.clone();
+        let call = csi::NodeGetVolumeStatsRequest {
+            volume_id: volume.into(),
+            volume_path: path.to_str().unwrap().into(),
+            staging_target_path: String::new(),
+        };
+        self.runtime
+            .block_on(node.node_get_volume_stats(call))
+            .map(|r| r.into_inner())
+    }
+}
+
+/// One NodePublishVolume call, as the kubelet makes it for an inline ephemeral volume.
+struct Publish<'a> {
+    volume: &'a str,
+    target: &'a Path,
+    attributes: Vec<(&'a str, &'a str)>,
+    secrets: Vec<(&'a str, String)>,
+    readonly: bool,
+    block: bool,
+    deadline: Option<Duration>,
+}
+
+impl<'a> Publish<'a> {
+    fn new(volume: &'a str, target: &'a Path, attributes: &[(&'a str, &'a str)]) -> Self {
+        let mut all = attributes.to_vec();
+        all.extend([
+            ("csi.storage.k8s.io/pod.name", "web-0"),
+            ("csi.storage.k8s.io/pod.namespace", "shop"),
+            ("csi.storage.k8s.io/ephemeral", "true"),
+        ]);
+        Publish {
+            volume,
+            target,
+            attributes: all,
+            secrets: Vec::new(),
+            readonly: true,
+            block: false,
+            deadline: None,
+        }
+    }
+
+    async fn send(&self, node: &mut NodeClient<Channel>) -> Result<(), tonic::Status> {
+        use csi::volume_capability::{AccessType, BlockVolume, MountVolume};
+        let access_type = if self.block {
+            AccessType::Block(BlockVolume {})
+        } else {
+            AccessType::Mount(MountVolume::default())
+        };
+        let owned = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let call = csi::NodePublishVolumeRequest {
+            volume_id: self.volume.into(),
+            target_path: self.target.to_str().unwrap().into(),
+            volume_capability: Some(csi::VolumeCapability {
+                access_mode: None,
+                access_type: Some(access_type),
+            }),
+            readonly: self.readonly,
+            volume_context: owned(&self.attributes),
+            secrets: self
+                .secrets
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            ..Default::default()
+        };
+        let mut request = tonic::Request::new(call);
+        if let Some(deadline) = self.deadline {
+            request.set_timeout(deadline);
+        }
+        node.node_publish_volume(request).await.map(drop)
+    }
+}
+
+/// A registry with libraries a and b, a plugin (with or without a keeper), and a kubelet.
+struct Node {
+    work: tempfile::TempDir,
+    registry: Registry,
+    targets: Targets,
+    // Dropped after the targets are unmounted: the keeper, then the plugin.
+    plugin: Option<Daemon>,
+    keeper: Option<Daemon>,
+}
+
+impl Node {
+    fn new(registry: Registry) -> Node {
+        let work = tempfile::tempdir().unwrap();
+        Node {
+            work,
+            registry,
+            targets: Targets::default(),
+            plugin: None,
+            keeper: None,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.work.path().join(name)
+    }
+
+    fn start_keeper(&mut self) {
+        let socket = self.path("keeper.sock");
+        let listen = format!("unix://{}", socket.display());
+        let log = self.path("keeper.log");
+        self.keeper = Some(Daemon::start(
+            &self.path("cache"),
+            &["keeper", "--listen", &listen],
+            &log,
+            false,
+        ));
+        wait_for_socket(&socket, &log);
+    }
+
+    /// Starts the plugin (through the keeper if one runs) and registers it with a kubelet.
+    fn start_plugin(&mut self, own_pid_namespace: bool) -> Kubelet {
+        let socket = self.path("csi.sock");
+        let endpoint = format!("unix://{}", socket.display());
+        let keeper = format!("unix://{}", self.path("keeper.sock").display());
+        let mut args = vec!["csi", "--endpoint", &endpoint, "--node-id", "node-1"];
+        if self.keeper.is_some() {
+            args.extend(["--keeper", &keeper]);
+        }
+        let log = self.path("plugin.log");
+        self.plugin = Some(Daemon::start(
+            &self.path("cache"),
+            &args,
+            &log,
+            own_pid_namespace,
+        ));
+        wait_for_socket(&socket, &log);
+        let kubelet = Kubelet::connect(&socket);
+        assert_eq!(kubelet.register().node_id, "node-1");
+        kubelet
+    }
+
+    fn target(&mut self, pod: &str, name: &str) -> PathBuf {
+        let work = self.work.path().to_owned();
+        self.targets.add(&work, pod, name)
+    }
+
+    fn logs(&self) -> String {
+        ["plugin.log", "keeper.log"]
+            .iter()
+            .map(|f| std::fs::read_to_string(self.path(f)).unwrap_or_default())
+            .collect()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let targets = std::mem::take(&mut self.targets);
+        drop(targets);
+        self.keeper.take();
+        self.plugin.take();
+    }
+}
+
+/// `cat` run in a new mount namespace: what a pod's container, which gets the mount by
+/// propagation, would read.
+fn read_elsewhere(path: &Path) -> String {
+    run(Command::new("unshare")
+        .args(["--mount", "--propagation", "slave", "cat"])
+        .arg(path))
+}
+
+fn push_libraries(registry: &Registry) -> (String, String, String) {
+    let (a, image) = registry.push_layers("libs/a:1", &[A]);
+    let (b, _) = registry.push_layers("libs/b:2", &[B]);
+    (a, b, image.layers[0].digest.to_string())
+}
+
+#[test]
+fn a_kubelet_publishes_reads_and_unpublishes_volumes_and_every_call_is_idempotent() {
+    let mut node = Node::new(Registry::start());
+    let (a, b, _) = push_libraries(&node.registry);
+    let kubelet = node.start_plugin(false);
+    let target = node.target("pod-1", "libs");
+    let image = format!("{a}+{b}");
+    let call = Publish::new("vol-1", &target, &[("image", &image), ("modules", "true")]);
+    kubelet
+        .publish(&call)
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", node.logs()));
+    assert_eq!(
+        read_elsewhere(&target.join("a/index.js")),
+        "module.exports = 'a';"
+    );
+    assert_eq!(node_value(&target, "b"), "b from a\n");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = mounts
+        .lines()
+        .find(|l| l.contains(target.to_str().unwrap()))
+        .expect("the target is mounted");
+    assert!(
+        line.contains(" ro,") && line.contains("fuse.jkmount"),
+        "{line}"
+    );
+
+    // The kubelet repeats calls: the same publish succeeds without a second mount.
+    kubelet.publish(&call).unwrap();
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert_eq!(
+        mounted.matches(target.to_str().unwrap()).count(),
+        1,
+        "{mounted}"
+    );
+    // The same target for another volume is refused.
+    let other = Publish::new("vol-2", &target, &[("image", &a)]);
+    assert_eq!(
+        kubelet.publish(&other).unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+
+    let stats = kubelet.stats("vol-1", &target).unwrap();
+    let condition = stats.volume_condition.unwrap();
+    assert!(!condition.abnormal, "{condition:?}");
+    assert!(stats.usage.iter().any(|u| u.used > 0), "{:?}", stats.usage);
+
+    kubelet.unpublish("vol-1", &target).unwrap();
+    assert!(!is_mounted(&target));
+    assert!(!target.exists(), "the plugin removes the target it made");
+    kubelet
+        .unpublish("vol-1", &target)
+        .expect("unpublishing an absent target succeeds");
+    assert_eq!(
+        kubelet.stats("vol-1", &target).unwrap_err().code(),
+        Code::NotFound
+    );
+}
+
+#[test]
+fn bad_calls_and_attributes_are_refused_by_name() {
+    let mut node = Node::new(Registry::start());
+    let (a, _, _) = push_libraries(&node.registry);
+    let kubelet = node.start_plugin(false);
+    let target = node.target("pod-1", "libs");
+    let cases: Vec<(Publish<'_>, &str)> = vec![
+        (
+            Publish::new("v", &target, &[("image", &a), ("modlues", "true")]),
+            "\"modlues\"",
+        ),
+        (
+            Publish::new("v", &target, &[("modules", "true")]),
+            "\"image\"",
+        ),
+        (
+            Publish::new("v", &target, &[("image", "oci:/etc")]),
+            "directory of the node",
+        ),
+        (
+            Publish::new("v", &target, &[("image", &a), ("pull", "often")]),
+            "\"pull\"",
+        ),
+        (
+            Publish::new("v", &target, &[("image", &a), ("writable", "true")]),
+            "read-only",
+        ),
+        (
+            Publish {
+                block: true,
+                ..Publish::new("v", &target, &[("image", &a)])
+            },
+            "block",
+        ),
+        (
+            Publish {
+                secrets: vec![(".dockerconfigjson", r#"{"credsStore": "evil"}"#.into())],
+                ..Publish::new("v", &target, &[("image", &a)])
+            },
+            "credential helper",
+        ),
+    ];
+    for (call, names) in cases {
+        let status = kubelet.publish(&call).unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains(names),
+            "{names}: {}",
+            status.message()
+        );
+        assert!(
+            !status.message().contains('\n'),
+            "one line: {}",
+            status.message()
+        );
+    }
+    let missing = format!("{}/libs/none:1", node.registry.addr);
+    let status = kubelet
+        .publish(&Publish::new("v", &target, &[("image", &missing)]))
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(!is_mounted(&target));
+}
+
+#[test]
+fn two_pods_of_one_image_share_the_cache_and_fetch_each_layer_once() {
+    let mut node = Node::new(Registry::start());
+    let (a, _, layer) = push_libraries(&node.registry);
+    let kubelet = node.start_plugin(false);
+    let first = node.target("pod-1", "libs");
+    let second = node.target("pod-2", "libs");
+    let calls = [
+        Publish::new("vol-1", &first, &[("image", &a), ("modules", "true")]),
+        Publish::new("vol-2", &second, &[("image", &a), ("modules", "true")]),
+    ];
+    let (mut n1, mut n2) = (kubelet.node.clone(), kubelet.node.clone());
+    let (r1, r2) = kubelet
+        .runtime
+        .block_on(async { tokio::join!(calls[0].send(&mut n1), calls[1].send(&mut n2)) });
+    r1.unwrap();
+    r2.unwrap();
+    for target in [&first, &second] {
+        assert_eq!(
+            read_elsewhere(&target.join("a/index.js")),
+            "module.exports = 'a';"
+        );
+    }
+    assert_eq!(node.registry.blob_downloads(&layer), 1);
+    kubelet.unpublish("vol-1", &first).unwrap();
+    assert_eq!(
+        read_elsewhere(&second.join("a/index.js")),
+        "module.exports = 'a';"
+    );
+    kubelet.unpublish("vol-2", &second).unwrap();
+}
+
+fn docker_config(registry: &Registry, user: &str, password: &str) -> String {
+    use base64::Engine;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    format!(
+        r#"{{"auths": {{"{}": {{"auth": "{auth}"}}}}}}"#,
+        registry.addr
+    )
+}
+
+#[test]
+fn a_private_image_is_served_only_to_pods_whose_own_secret_the_registry_accepts() {
+    let registry = Registry::start_with_basic_auth("alice", "s3cret");
+    let image = jkmount::fixture::ImageBuilder::new().layer(A).build();
+    let reference = registry.reference("private/a:1");
+    super::support::block_on(image.push_with_basic_auth(&reference, "alice", "s3cret")).unwrap();
+    let mut node = Node::new(registry);
+    let kubelet = node.start_plugin(false);
+    let good = docker_config(&node.registry, "alice", "s3cret");
+    let wrong = docker_config(&node.registry, "alice", "guess");
+
+    let with_secret = node.target("pod-1", "libs");
+    let call = Publish {
+        secrets: vec![(".dockerconfigjson", good)],
+        ..Publish::new(
+            "vol-1",
+            &with_secret,
+            &[("image", &reference), ("modules", "true")],
+        )
+    };
+    kubelet
+        .publish(&call)
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", node.logs()));
+    assert_eq!(
+        read_elsewhere(&with_secret.join("a/index.js")),
+        "module.exports = 'a';"
+    );
+
+    // The image is in the node's cache now; pods without the right secret still get nothing.
+    let without = node.target("pod-2", "libs");
+    for secrets in [vec![], vec![(".dockerconfigjson", wrong)]] {
+        let call = Publish {
+            secrets,
+            ..Publish::new(
+                "vol-2",
+                &without,
+                &[
+                    ("image", &reference),
+                    ("modules", "true"),
+                    ("pull", "never"),
+                ],
+            )
+        };
+        let status = kubelet.publish(&call).unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        assert!(!is_mounted(&without));
+        assert!(!status.message().contains("s3cret") && !status.message().contains("guess"));
+    }
+    let logs = node.logs();
+    assert!(
+        !logs.contains("s3cret") && !logs.contains("guess"),
+        "a secret was logged"
+    );
+    kubelet.unpublish("vol-1", &with_secret).unwrap();
+}
+
+#[test]
+fn a_pull_that_outlasts_the_callers_deadline_goes_on_and_the_retry_finds_it() {
+    let mut node = Node::new(Registry::start());
+    let (_, _, layer) = push_libraries(&node.registry);
+    let proxy = FaultProxy::start(&node.registry.addr);
+    proxy.fail(&layer, Fault::PauseAfter(10, Duration::from_secs(3)), 1);
+    let image = format!("{}/libs/a:1", proxy.addr);
+    let kubelet = node.start_plugin(false);
+    let target = node.target("pod-1", "libs");
+    let first = Publish {
+        deadline: Some(Duration::from_millis(500)),
+        ..Publish::new("vol-1", &target, &[("image", &image), ("modules", "true")])
+    };
+    let status = kubelet.publish(&first).unwrap_err();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    // The kubelet retries; while one call waits for the pull, another is told to come back.
+    let retry = Publish::new("vol-1", &target, &[("image", &image), ("modules", "true")]);
+    let (mut n1, mut n2) = (kubelet.node.clone(), kubelet.node.clone());
+    let (waited, concurrent) = kubelet.runtime.block_on(async {
+        let waited = retry.send(&mut n1);
+        let concurrent = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            retry.send(&mut n2).await
+        };
+        tokio::join!(waited, concurrent)
+    });
+    waited.unwrap_or_else(|e| panic!("{e:?}\n{}", node.logs()));
+    assert_eq!(concurrent.unwrap_err().code(), Code::Aborted);
+    assert_eq!(
+        read_elsewhere(&target.join("a/index.js")),
+        "module.exports = 'a';"
+    );
+    let fetched = proxy.seen(&layer);
+    assert_eq!(
+        fetched.len(),
+        1,
+        "the layer was fetched once, not again: {fetched:?}"
+    );
+    kubelet.unpublish("vol-1", &target).unwrap();
+}
+
+/// The PID of the jkmount server serving `target` (a child of the keeper).
+fn server_of(target: &Path) -> i32 {
+    let wanted = target.to_str().unwrap();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        if args.contains(&&b"--foreground"[..]) && args.contains(&wanted.as_bytes()) {
+            return pid;
+        }
+    }
+    panic!("no server of {wanted}");
+}
+
+#[test]
+fn volumes_outlive_the_plugins_process_tree_and_a_dead_server_is_reported_and_republished() {
+    let mut node = Node::new(Registry::start());
+    let (a, _, _) = push_libraries(&node.registry);
+    node.start_keeper();
+    let kubelet = node.start_plugin(true);
+    let target = node.target("pod-1", "libs");
+    let call = Publish::new("vol-1", &target, &[("image", &a), ("modules", "true")]);
+    kubelet
+        .publish(&call)
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", node.logs()));
+    drop(kubelet);
+
+    // The plugin's container restarts: everything in its PID namespace is killed.
+    node.plugin.as_mut().unwrap().kill();
+    assert_eq!(
+        read_elsewhere(&target.join("a/index.js")),
+        "module.exports = 'a';"
+    );
+    let kubelet = node.start_plugin(true);
+
+    // The volume's server dies: reported, and the kubelet's republish serves it again.
+    let server = server_of(&target);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let start = Instant::now();
+    let condition = loop {
+        let condition = kubelet
+            .stats("vol-1", &target)
+            .unwrap()
+            .volume_condition
+            .unwrap();
+        if condition.abnormal || start.elapsed() > WAIT {
+            break condition;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(condition.abnormal, "{condition:?}");
+    assert!(
+        condition.message.contains("server exited"),
+        "{}",
+        condition.message
+    );
+    kubelet
+        .publish(&call)
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", node.logs()));
+    assert_eq!(
+        read_elsewhere(&target.join("a/index.js")),
+        "module.exports = 'a';"
+    );
+    assert!(
+        !kubelet
+            .stats("vol-1", &target)
+            .unwrap()
+            .volume_condition
+            .unwrap()
+            .abnormal
+    );
+
+    // The restarted plugin unpublishes what its predecessor published.
+    kubelet.unpublish("vol-1", &target).unwrap();
+    assert!(!is_mounted(&target));
+}

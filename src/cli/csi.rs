@@ -1,0 +1,131 @@
+//! `jkmount csi`: the Kubernetes CSI node plugin on a unix socket; `jkmount keeper`: the
+//! process that holds the plugin's mounts so that they outlive it. Both only parse, open the
+//! cache and the socket, and hand over to `jkmount::csi` and `jkmount::keeper`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use jkmount::csi::service::{Plugin, serve};
+use jkmount::csi::volumes::{Mounter, Settings, Volumes};
+use jkmount::keeper::Keeper;
+use jkmount::keeper::server::{self, Client};
+
+use super::{GlobalArgs, load_config, open_cache};
+
+/// Arguments of `jkmount csi`.
+#[derive(Debug, Args)]
+pub struct CsiArgs {
+    /// The socket the kubelet calls, as unix:///PATH.
+    #[arg(long, env = "CSI_ENDPOINT", value_name = "unix:///PATH")]
+    endpoint: String,
+    /// This node's name, as NodeGetInfo reports it.
+    #[arg(long, env = "NODE_ID", value_name = "NAME")]
+    node_id: String,
+    /// Have `jkmount keeper` on this socket hold the mounts, so that they outlive this
+    /// process; without it, they end with it.
+    #[arg(long, value_name = "unix:///PATH")]
+    keeper: Option<String>,
+}
+
+/// Arguments of `jkmount keeper`.
+#[derive(Debug, Args)]
+pub struct KeeperArgs {
+    /// The socket the plugin calls, as unix:///PATH.
+    #[arg(long, value_name = "unix:///PATH")]
+    listen: String,
+}
+
+/// `unix:///run/x.sock` → `/run/x.sock`.
+fn socket_path(endpoint: &str) -> anyhow::Result<PathBuf> {
+    let path = endpoint
+        .strip_prefix("unix://")
+        .or_else(|| endpoint.strip_prefix("unix:"))
+        .unwrap_or(endpoint);
+    if !path.starts_with('/') {
+        anyhow::bail!("endpoint {endpoint:?} is not unix:///ABSOLUTE/PATH");
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// The cache directory, as given (the keeper's servers are handed the same one).
+fn cache_dir(global: &GlobalArgs) -> anyhow::Result<PathBuf> {
+    let cache = open_cache(global)?;
+    Ok(cache
+        .root()
+        .parent()
+        .context("the cache's root has a parent")?
+        .to_owned())
+}
+
+fn this_binary() -> anyhow::Result<PathBuf> {
+    std::env::current_exe().context("cannot find this jkmount binary to run mount servers")
+}
+
+/// Serves the CSI plugin until SIGTERM or SIGINT; volumes stay mounted.
+pub fn run(args: CsiArgs, global: &GlobalArgs) -> anyhow::Result<()> {
+    let cache = open_cache(global)?;
+    let (_, config) = load_config(global)?;
+    let mounter = match &args.keeper {
+        Some(endpoint) => Mounter::Keeper(Client::new(socket_path(endpoint)?)),
+        None => Mounter::Here(Arc::new(Keeper::new(this_binary()?, cache_dir(global)?))),
+    };
+    let settings = Settings {
+        cache,
+        config,
+        certs_base: global.cert_dir.clone(),
+        limits: Default::default(),
+    };
+    let volumes = Arc::new(Volumes::new(settings, mounter));
+    match volumes.list() {
+        Ok(held) => {
+            let broken = held.iter().filter(|v| v.gone.is_some()).count();
+            tracing::info!(
+                "{} volumes held ({broken} with their server gone)",
+                held.len()
+            );
+        }
+        Err(e) => tracing::warn!("cannot list the volumes held: {e}"),
+    }
+    let socket = socket_path(&args.endpoint)?;
+    let listener = server::listen(&socket)?;
+    listener.set_nonblocking(true)?;
+    let plugin = Plugin {
+        node_id: args.node_id,
+        volumes,
+    };
+    let runtime = jkmount::app::prepare::runtime()?;
+    runtime.block_on(async {
+        let listener = tokio::net::UnixListener::from_std(listener)?;
+        tracing::info!("CSI plugin listening on {}", socket.display());
+        serve(plugin, listener, stopped()).await?;
+        anyhow::Ok(())
+    })?;
+    tracing::info!("CSI plugin stopped; its volumes stay mounted");
+    Ok(())
+}
+
+/// SIGTERM or SIGINT.
+async fn stopped() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Holds mounts for a CSI plugin until killed.
+pub fn keeper(args: KeeperArgs, global: &GlobalArgs) -> anyhow::Result<()> {
+    let keeper = Arc::new(Keeper::new(this_binary()?, cache_dir(global)?));
+    let socket = socket_path(&args.listen)?;
+    let listener = server::listen(&socket)?;
+    tracing::info!("keeper listening on {}", socket.display());
+    server::serve(listener, keeper).with_context(|| format!("keeper socket {}", socket.display()))
+}

@@ -264,6 +264,8 @@ struct Node {
     // Dropped after the targets are unmounted: the keeper, then the plugin.
     plugin: Option<Daemon>,
     keeper: Option<Daemon>,
+    /// More arguments for the plugin.
+    plugin_args: Vec<String>,
 }
 
 impl Node {
@@ -275,6 +277,7 @@ impl Node {
             targets: Targets::default(),
             plugin: None,
             keeper: None,
+            plugin_args: Vec::new(),
         }
     }
 
@@ -304,6 +307,7 @@ impl Node {
         if self.keeper.is_some() {
             args.extend(["--keeper", &keeper]);
         }
+        args.extend(self.plugin_args.iter().map(String::as_str));
         let log = self.path("plugin.log");
         self.plugin = Some(Daemon::start(
             &self.path("cache"),
@@ -697,4 +701,53 @@ fn volumes_outlive_the_plugins_process_tree_and_a_dead_server_is_reported_and_re
     // The restarted plugin unpublishes what its predecessor published.
     kubelet.unpublish("vol-1", &target).unwrap();
     assert!(!is_mounted(&target));
+}
+
+#[test]
+fn the_plugin_keeps_the_cache_under_its_limit_but_never_takes_what_a_volume_serves() {
+    let mut node = Node::new(Registry::start());
+    let (a, b, _) = push_libraries(&node.registry);
+    node.plugin_args = ["--cache-max-size", "1B", "--prune-every", "100ms"]
+        .map(String::from)
+        .to_vec();
+    let kubelet = node.start_plugin(false);
+    let (first, second) = (node.target("pod-1", "libs"), node.target("pod-2", "libs"));
+    kubelet
+        .publish(&Publish::new(
+            "vol-1",
+            &first,
+            &[("image", &a), ("modules", "true")],
+        ))
+        .unwrap();
+    kubelet
+        .publish(&Publish::new(
+            "vol-2",
+            &second,
+            &[("image", &b), ("modules", "true")],
+        ))
+        .unwrap();
+    let cached = || {
+        let out = super::support::jkmount(&node.path("cache"), &["cache", "ls", "--json"]);
+        super::support::ok(out)
+    };
+    // Both are in use: the schedule, however tight, leaves them.
+    std::thread::sleep(Duration::from_millis(500));
+    let listed = cached();
+    assert!(
+        listed.contains("libs/a:1") && listed.contains("libs/b:2"),
+        "{listed}"
+    );
+
+    kubelet.unpublish("vol-1", &first).unwrap();
+    let start = Instant::now();
+    while cached().contains("libs/a:1") {
+        assert!(start.elapsed() < WAIT, "a is still cached: {}", cached());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(cached().contains("libs/b:2"));
+    assert_eq!(
+        read_elsewhere(&second.join("b/index.js")),
+        "module.exports = 'b from ' + require('a');"
+    );
+    kubelet.unpublish("vol-2", &second).unwrap();
 }

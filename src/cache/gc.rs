@@ -99,6 +99,36 @@ impl Plan {
     }
 }
 
+/// What a removal did: the plan (carried out unless it was a dry run) and how many bytes the
+/// cache held before.
+#[derive(Debug, Clone)]
+pub struct Removal {
+    /// What went, or would go.
+    pub plan: Plan,
+    /// The cache's size before.
+    pub size_before: u64,
+}
+
+/// Waits until no other process uses the cache, plans with `plan` and carries it out (with
+/// `dry_run`, only plans): for `cache gc`, `cache prune` and the CSI plugin's schedule.
+pub fn remove(
+    cache: &Cache,
+    dry_run: bool,
+    plan: impl FnOnce(&Inventory) -> Plan,
+) -> Result<Removal> {
+    let _alone = cache.begin_removal()?;
+    let inventory = Inventory::read(cache, !dry_run)?;
+    let plan = plan(&inventory);
+    if !dry_run {
+        plan.apply(cache)?;
+        cache.clear_entry_locks()?;
+    }
+    Ok(Removal {
+        plan,
+        size_before: inventory.total_size(),
+    })
+}
+
 fn dir_size(dir: &Path) -> Result<u64> {
     let mut total = 0;
     for entry in fs::read_dir(dir).at(dir)? {

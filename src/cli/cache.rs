@@ -105,14 +105,9 @@ fn remove(
     dry_run: bool,
     plan: impl FnOnce(&Inventory) -> Plan,
 ) -> anyhow::Result<()> {
-    let _alone = cache.begin_removal()?;
-    let inventory = Inventory::read(cache, !dry_run)?;
-    let plan = plan(&inventory);
+    let removal = jkmount::cache::gc::remove(cache, dry_run, plan)?;
+    let plan = &removal.plan;
     let verb = if dry_run { "would remove" } else { "removed" };
-    if !dry_run {
-        plan.apply(cache)?;
-        cache.clear_entry_locks()?;
-    }
     for (what, _, bytes) in &plan.remove {
         match bytes {
             0 => println!("{verb} {what}"),
@@ -123,7 +118,7 @@ fn remove(
         "{verb} {} entries ({}); {} left in the cache",
         plan.remove.len(),
         human(plan.bytes()),
-        human(inventory.total_size().saturating_sub(plan.bytes()))
+        human(removal.size_before.saturating_sub(plan.bytes()))
     );
     Ok(())
 }

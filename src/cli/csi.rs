@@ -27,6 +27,13 @@ pub struct CsiArgs {
     /// process; without it, they end with it.
     #[arg(long, value_name = "unix:///PATH")]
     keeper: Option<String>,
+    /// Keep the cache under this size (10GiB, 500MB): the least recently used images no live
+    /// volume uses are removed, at start and every --prune-every.
+    #[arg(long, value_name = "SIZE")]
+    cache_max_size: Option<bytesize::ByteSize>,
+    /// How often the cache is pruned to --cache-max-size.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    prune_every: std::time::Duration,
 }
 
 /// Arguments of `jkmount keeper`.
@@ -71,6 +78,9 @@ pub fn run(args: CsiArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         Some(endpoint) => Mounter::Keeper(Client::new(socket_path(endpoint)?)),
         None => Mounter::Here(Arc::new(Keeper::new(this_binary()?, cache_dir(global)?))),
     };
+    if let Some(max) = args.cache_max_size {
+        jkmount::csi::upkeep::prune_on_schedule(cache.clone(), max.as_u64(), args.prune_every);
+    }
     let settings = Settings {
         cache,
         config,

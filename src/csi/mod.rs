@@ -10,11 +10,13 @@
 //!
 //! [`attributes`] reads what a volume asks for, [`volumes`] publishes and unpublishes them
 //! (one operation per volume at a time; a pull outlives a caller that gave up, and the
-//! kubelet's retry finds it), [`service`] is the thin gRPC skin. [`PluginError`] is every
-//! failure, and [`PluginError::code`] the one mapping to gRPC codes.
+//! kubelet's retry finds it), [`service`] is the thin gRPC skin, [`upkeep`] keeps the
+//! cache under its size limit. [`PluginError`] is every failure, and [`PluginError::code`]
+//! the one mapping to gRPC codes.
 
 pub mod attributes;
 pub mod service;
+pub mod upkeep;
 pub mod volumes;
 
 use std::path::PathBuf;

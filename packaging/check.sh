@@ -44,7 +44,8 @@ said=$(cd "$units" && systemd-analyze verify --man=no ./jkmount@srv-libs.service
 [ -z "$said" ] || fail "systemd-analyze verify: $said"
 
 echo "== kubernetes-validate --strict"
-python3 -m kubernetes_validate --strict --kubernetes-version 1.33.0 packaging/kubernetes/*.yaml
+python3 -m kubernetes_validate --strict --kubernetes-version 1.33.0 packaging/kubernetes/*.yaml \
+  packaging/kubernetes/csi/*.yaml
 
 echo "== make deb"
 make -s deb >/dev/null
@@ -54,7 +55,7 @@ dpkg-deb -c "$deb" >"$work/contents"
 for f in ./usr/bin/jkmount ./usr/share/man/man1/jkmount.1.gz ./usr/share/man/man1/jkmount-pull.1.gz \
   ./usr/share/bash-completion/completions/jkmount ./usr/share/zsh/vendor-completions/_jkmount \
   ./usr/share/fish/vendor_completions.d/jkmount.fish ./usr/lib/systemd/system/jkmount@.service \
-  ./usr/share/doc/jkmount/examples/sidecar.yaml; do
+  ./usr/share/doc/jkmount/examples/sidecar.yaml ./usr/share/doc/jkmount/examples/csi-plugin.yaml; do
   grep -q " $f\$" "$work/contents" || fail "$deb lacks $f"
 done
 dpkg-deb -x "$deb" "$work/deb"

@@ -32,3 +32,7 @@ chmod 644 "$root/lib/systemd/system/jkmount@.service"
 install -d "$root/share/doc/jkmount/examples"
 install -m644 "$here/systemd/srv-libs.mount" "$here/kubernetes/sidecar.yaml" \
   "$here/kubernetes/extract-init.yaml" "$root/share/doc/jkmount/examples/"
+# The CSI driver's manifests, as csi-*.yaml beside the others.
+for f in "$here"/kubernetes/csi/*.yaml; do
+  install -m644 "$f" "$root/share/doc/jkmount/examples/csi-$(basename "$f")"
+done

@@ -303,7 +303,10 @@ impl Node {
         let socket = self.path("csi.sock");
         let endpoint = format!("unix://{}", socket.display());
         let keeper = format!("unix://{}", self.path("keeper.sock").display());
+        let kubelet_dir = self.path("kubelet");
         let mut args = vec!["csi", "--endpoint", &endpoint, "--node-id", "node-1"];
+        args.extend(["--kubelet-dir", kubelet_dir.to_str().unwrap()]);
+        args.extend(["--registry", &self.registry.addr]);
         if self.keeper.is_some() {
             args.extend(["--keeper", &keeper]);
         }
@@ -471,6 +474,33 @@ fn bad_calls_and_attributes_are_refused_by_name() {
             status.message()
         );
     }
+    // What only the node's rules refuse: a target outside the kubelet's pods, a registry
+    // the plugin was not told to allow.
+    let outside = node.path("elsewhere");
+    let status = kubelet
+        .publish(&Publish::new("v", &outside, &[("image", &a)]))
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("--kubelet-dir"),
+        "{}",
+        status.message()
+    );
+    assert!(!outside.exists());
+    let status = kubelet
+        .publish(&Publish::new(
+            "v",
+            &target,
+            &[("image", "127.0.0.2:5000/libs/a:1")],
+        ))
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("--registry"),
+        "{}",
+        status.message()
+    );
+
     let missing = format!("{}/libs/none:1", node.registry.addr);
     let status = kubelet
         .publish(&Publish::new("v", &target, &[("image", &missing)]))
@@ -583,6 +613,7 @@ fn a_pull_that_outlasts_the_callers_deadline_goes_on_and_the_retry_finds_it() {
     let proxy = FaultProxy::start(&node.registry.addr);
     proxy.fail(&layer, Fault::PauseAfter(10, Duration::from_secs(3)), 1);
     let image = format!("{}/libs/a:1", proxy.addr);
+    node.plugin_args = vec!["--registry".into(), proxy.addr.clone()];
     let kubelet = node.start_plugin(false);
     let target = node.target("pod-1", "libs");
     let first = Publish {

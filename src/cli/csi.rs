@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
+use jkmount::csi::admission::Admission;
 use jkmount::csi::service::{Plugin, serve};
 use jkmount::csi::volumes::{Mounter, Settings, Volumes};
 use jkmount::keeper::Keeper;
@@ -31,6 +32,13 @@ pub struct CsiArgs {
     /// volume uses are removed, at start and every --prune-every.
     #[arg(long, value_name = "SIZE")]
     cache_max_size: Option<bytesize::ByteSize>,
+    /// The kubelet's root directory: volumes are mounted only under its pods/.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/kubelet")]
+    kubelet_dir: PathBuf,
+    /// A registry volumes may name (host or host:port), repeatable; without any, every
+    /// registry but those on this node's loopback, link-local or unspecified addresses.
+    #[arg(long = "registry", value_name = "HOST")]
+    registries: Vec<String>,
     /// How often the cache is pruned to --cache-max-size.
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
     prune_every: std::time::Duration,
@@ -103,6 +111,10 @@ pub fn run(args: CsiArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     listener.set_nonblocking(true)?;
     let plugin = Plugin {
         node_id: args.node_id,
+        admission: Admission {
+            kubelet_dir: args.kubelet_dir,
+            registries: args.registries,
+        },
         volumes,
     };
     let runtime = jkmount::app::prepare::runtime()?;

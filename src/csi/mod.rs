@@ -8,12 +8,14 @@
 //!                                                    keeper` on its own socket): mount
 //! ```
 //!
-//! [`attributes`] reads what a volume asks for, [`volumes`] publishes and unpublishes them
+//! [`attributes`] reads what a volume asks for, [`admission`] what this node lets it ask,
+//! [`volumes`] publishes and unpublishes them
 //! (one operation per volume at a time; a pull outlives a caller that gave up, and the
 //! kubelet's retry finds it), [`service`] is the thin gRPC skin, [`upkeep`] keeps the
 //! cache under its size limit. [`PluginError`] is every failure, and [`PluginError::code`]
 //! the one mapping to gRPC codes.
 
+pub mod admission;
 pub mod attributes;
 pub mod service;
 pub mod upkeep;
@@ -65,6 +67,9 @@ pub enum PluginError {
         /// Its message.
         message: String,
     },
+    /// The node does not let volumes do this.
+    #[error("{0}")]
+    NotAllowed(String),
     /// Another call for the volume is running.
     #[error("volume {0}: another call for it is still running; the kubelet retries once it ends")]
     Busy(String),
@@ -100,6 +105,7 @@ impl PluginError {
                 Refusal::Taken => Code::FailedPrecondition,
                 Refusal::Failed => Code::Internal,
             },
+            PluginError::NotAllowed(_) => Code::PermissionDenied,
             PluginError::Busy(_) => Code::Aborted,
             PluginError::NotPublished { .. } => Code::NotFound,
         }

@@ -11,14 +11,17 @@ use bpfman_csi::v1::node_server::{Node, NodeServer};
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
+use super::admission::Admission;
 use super::attributes::VolumeRequest;
 use super::volumes::{Publish, Volumes};
 use super::{DRIVER_NAME, PluginError};
 
-/// The plugin: its node's name and its volumes.
+/// The plugin: its node's name, its rules and its volumes.
 pub struct Plugin {
     /// What `NodeGetInfo` answers.
     pub node_id: String,
+    /// What volumes may ask for.
+    pub admission: Admission,
     /// The volumes.
     pub volumes: Arc<Volumes>,
 }
@@ -64,9 +67,13 @@ fn volume_id(value: &str) -> Result<String, PluginError> {
 }
 
 /// Checks a publish call and reads its attributes.
-fn read_publish(call: csi::NodePublishVolumeRequest) -> Result<Publish, PluginError> {
+fn read_publish(
+    call: csi::NodePublishVolumeRequest,
+    admission: &Admission,
+) -> Result<Publish, PluginError> {
     let volume = volume_id(&call.volume_id)?;
     let target = absolute("target_path", &call.target_path)?;
+    admission.check_target(&target)?;
     match call
         .volume_capability
         .as_ref()
@@ -85,6 +92,7 @@ fn read_publish(call: csi::NodePublishVolumeRequest) -> Result<Publish, PluginEr
         }
     }
     let request = VolumeRequest::from_context(&call.volume_context)?;
+    admission.check_images(&request.images)?;
     if request.writable && call.readonly {
         return Err(PluginError::Request(format!(
             "volume {volume} is asked to be writable and mounted read-only: drop writable, or readOnly"
@@ -115,6 +123,7 @@ impl Plugin {
     ) -> Result<T, PluginError> {
         let volume = volume_id(volume)?;
         let path = absolute(field, path)?;
+        self.admission.check_target(&path)?;
         let volumes = self.volumes.clone();
         tokio::task::spawn_blocking(move || work(&volumes, &volume, &path))
             .await
@@ -178,7 +187,7 @@ impl Node for Plugin {
         &self,
         call: Request<csi::NodePublishVolumeRequest>,
     ) -> Result<Response<csi::NodePublishVolumeResponse>, Status> {
-        let publish = read_publish(call.into_inner()).map_err(|e| e.status())?;
+        let publish = read_publish(call.into_inner(), &self.admission).map_err(|e| e.status())?;
         match self.volumes.publish(publish).await {
             Ok(()) => Ok(Response::new(csi::NodePublishVolumeResponse {})),
             Err(e) => Err(e.status()),

@@ -409,6 +409,26 @@ fn a_kubelet_publishes_reads_and_unpublishes_volumes_and_every_call_is_idempoten
     kubelet.unpublish("vol-1", &target).unwrap();
     assert!(!is_mounted(&target));
     assert!(!target.exists(), "the plugin removes the target it made");
+
+    // A writable volume takes changes, and loses them with the pod.
+    let scratch = node.target("pod-2", "scratch");
+    let writable = Publish {
+        readonly: false,
+        ..Publish::new(
+            "vol-3",
+            &scratch,
+            &[("image", &a), ("modules", "true"), ("writable", "true")],
+        )
+    };
+    kubelet
+        .publish(&writable)
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", node.logs()));
+    std::fs::write(scratch.join("a/index.js"), "module.exports = 'changed';").unwrap();
+    assert_eq!(node_value(&scratch, "a"), "changed\n");
+    kubelet.unpublish("vol-3", &scratch).unwrap();
+    kubelet.publish(&writable).unwrap();
+    assert_eq!(node_value(&scratch, "a"), "a\n");
+    kubelet.unpublish("vol-3", &scratch).unwrap();
     kubelet
         .unpublish("vol-1", &target)
         .expect("unpublishing an absent target succeeds");

@@ -14,6 +14,8 @@ use crate::oci::reference::ImageRef;
 
 /// The subtree `modules: "true"` presents.
 pub const MODULES_DIR: &str = "/jk/modules";
+/// The most images one volume may stack.
+pub const MAX_IMAGES: usize = 64;
 /// The prefix of the attributes the kubelet adds itself.
 const KUBELET_PREFIX: &str = "csi.storage.k8s.io/";
 /// The attributes a volume may have.
@@ -145,6 +147,14 @@ fn flag(value: Option<&str>, key: &'static str) -> Result<bool, AttributeError> 
 /// `a:1+b:2`: registry references only. An OCI layout would be a directory of this node,
 /// which a pod has no business naming.
 fn parse_images(text: &str) -> Result<Vec<ImageRef>, AttributeError> {
+    if text.split('+').count() > MAX_IMAGES {
+        let shown: String = text.chars().take(80).collect();
+        return Err(bad(
+            "image",
+            &shown,
+            format!("at most {MAX_IMAGES} images, joined by +"),
+        ));
+    }
     text.split('+')
         .map(|part| {
             if part.is_empty() {
@@ -234,6 +244,7 @@ mod tests {
             VolumeRequest::from_context(&context(&[("image", "r/a:1"), ("digest", &d)])).unwrap();
         assert_eq!(pinned.pins[0].as_ref().unwrap().digest.to_string(), d);
 
+        let many = vec!["r/a:1"; MAX_IMAGES + 1].join("+");
         for (pairs, names) in [
             (vec![("image", "r/a:1"), ("modlues", "true")], "\"modlues\""),
             (vec![("modules", "true")], "\"image\""),
@@ -255,6 +266,7 @@ mod tests {
                 vec![("image", "r/a:1"), ("digest", "sha256:12")],
                 "\"digest\"",
             ),
+            (vec![("image", &many)], "at most 64"),
         ] {
             let err = VolumeRequest::from_context(&context(&pairs))
                 .unwrap_err()

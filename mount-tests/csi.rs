@@ -802,3 +802,39 @@ fn the_plugin_keeps_the_cache_under_its_limit_but_never_takes_what_a_volume_serv
     );
     kubelet.unpublish("vol-2", &second).unwrap();
 }
+
+#[test]
+fn sigterm_ends_the_plugin_cleanly_and_leaves_its_volumes_mounted() {
+    let mut node = Node::new(Registry::start());
+    let (a, _, _) = push_libraries(&node.registry);
+    node.start_keeper();
+    let kubelet = node.start_plugin(false);
+    let target = node.target("pod-1", "libs");
+    let call = Publish::new("vol-1", &target, &[("image", &a), ("modules", "true")]);
+    kubelet.publish(&call).unwrap();
+    drop(kubelet);
+    let plugin = &mut node.plugin.as_mut().unwrap().0;
+    let pid = nix::unistd::Pid::from_raw(plugin.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = plugin.try_wait().unwrap() {
+            break status;
+        }
+        assert!(start.elapsed() < WAIT, "the plugin did not end on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}: {}", node.logs());
+    assert!(
+        node.logs().contains("its volumes stay mounted"),
+        "{}",
+        node.logs()
+    );
+    assert_eq!(
+        read_elsewhere(&target.join("a/index.js")),
+        "module.exports = 'a';"
+    );
+    let kubelet = node.start_plugin(false);
+    kubelet.unpublish("vol-1", &target).unwrap();
+    assert!(!is_mounted(&target));
+}

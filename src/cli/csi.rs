@@ -64,16 +64,6 @@ fn socket_path(endpoint: &str) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(path))
 }
 
-/// The cache directory, as given (the keeper's servers are handed the same one).
-fn cache_dir(global: &GlobalArgs) -> anyhow::Result<PathBuf> {
-    let cache = open_cache(global)?;
-    Ok(cache
-        .root()
-        .parent()
-        .context("the cache's root has a parent")?
-        .to_owned())
-}
-
 fn this_binary() -> anyhow::Result<PathBuf> {
     std::env::current_exe().context("cannot find this jkmount binary to run mount servers")
 }
@@ -84,7 +74,7 @@ pub fn run(args: CsiArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     let (_, config) = load_config(global)?;
     let mounter = match &args.keeper {
         Some(endpoint) => Mounter::Keeper(Client::new(socket_path(endpoint)?)),
-        None => Mounter::Here(Arc::new(Keeper::new(this_binary()?, cache_dir(global)?))),
+        None => Mounter::Here(Arc::new(Keeper::new(this_binary()?, cache.clone()))),
     };
     if let Some(max) = args.cache_max_size {
         jkmount::csi::upkeep::prune_on_schedule(cache.clone(), max.as_u64(), args.prune_every);
@@ -145,7 +135,7 @@ async fn stopped() {
 
 /// Holds mounts for a CSI plugin until killed.
 pub fn keeper(args: KeeperArgs, global: &GlobalArgs) -> anyhow::Result<()> {
-    let keeper = Arc::new(Keeper::new(this_binary()?, cache_dir(global)?));
+    let keeper = Arc::new(Keeper::new(this_binary()?, open_cache(global)?));
     let socket = socket_path(&args.listen)?;
     let listener = server::listen(&socket)?;
     tracing::info!("keeper listening on {}", socket.display());

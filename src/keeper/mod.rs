@@ -14,6 +14,7 @@ pub mod server;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -21,11 +22,12 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cache::Cache;
 use crate::mount::{self, Status};
 
 /// How long a volume's server may take to show its mount live (everything is in the cache).
 const MOUNT_TIME: Duration = Duration::from_secs(60);
-/// How often the mountpoint is looked at meanwhile.
+/// How long each wait for the server's word lasts, between looks at whether it exited.
 const POLL: Duration = Duration::from_millis(20);
 /// How long a server may take to exit once its mount is gone.
 const EXIT_TIME: Duration = Duration::from_secs(10);
@@ -116,17 +118,18 @@ struct Held {
 pub struct Keeper {
     /// The jkmount binary the servers run (this one).
     exe: PathBuf,
-    /// The cache every volume is served from.
-    cache_dir: PathBuf,
+    /// The cache every volume is served from; its work directory holds the servers'
+    /// readiness sockets.
+    cache: Cache,
     held: Mutex<BTreeMap<PathBuf, Held>>,
 }
 
 impl Keeper {
-    /// A keeper whose servers run `exe` over the cache at `cache_dir`.
-    pub fn new(exe: PathBuf, cache_dir: PathBuf) -> Keeper {
+    /// A keeper whose servers run `exe` over `cache`.
+    pub fn new(exe: PathBuf, cache: Cache) -> Keeper {
         Keeper {
             exe,
-            cache_dir,
+            cache,
             held: Mutex::default(),
         }
     }
@@ -191,14 +194,18 @@ impl Keeper {
         }
     }
 
-    /// Starts a server for `spec` and waits until its mount is live.
+    /// Starts a server for `spec` and waits until its mount is live: the server says so on
+    /// a datagram socket, as it would tell systemd (`NOTIFY_SOCKET`).
     fn start(&self, spec: &MountSpec) -> Result<Held, String> {
         if let Err(e) = std::fs::create_dir_all(&spec.target) {
             return Err(format!("cannot create {}: {e}", spec.target.display()));
         }
+        let ready = Readiness::new(&self.cache)?;
+        let cache_dir = self.cache.root().parent().unwrap_or(self.cache.root());
         let mut command = Command::new(&self.exe);
         command
-            .args(server_args(&self.cache_dir, spec))
+            .args(server_args(cache_dir, spec))
+            .env("NOTIFY_SOCKET", &ready.path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -212,11 +219,13 @@ impl Keeper {
             said,
         };
         let started = Instant::now();
+        let mut told = false;
         loop {
             if let Some(gone) = server_gone(&mut volume) {
                 return Err(format!("volume {}: {gone}", spec.volume));
             }
-            if matches!(mount::status(&spec.target), Ok(Status::Live(_))) {
+            told = told || ready.said_ready();
+            if told && matches!(mount::status(&spec.target), Ok(Status::Live(_))) {
                 tracing::info!(
                     "volume {} mounted at {}",
                     spec.volume,
@@ -232,7 +241,6 @@ impl Keeper {
                     MOUNT_TIME.as_secs()
                 ));
             }
-            std::thread::sleep(POLL);
         }
     }
 
@@ -259,6 +267,37 @@ impl Keeper {
                 spec: volume.spec.clone(),
             })
             .collect()
+    }
+}
+
+/// The socket a server says `READY=1` on, removed when dropped.
+struct Readiness {
+    socket: UnixDatagram,
+    path: PathBuf,
+}
+
+impl Readiness {
+    fn new(cache: &Cache) -> Result<Readiness, String> {
+        let path = cache.temp_path("notify");
+        let socket = UnixDatagram::bind(&path)
+            .and_then(|s| s.set_read_timeout(Some(POLL)).map(|()| s))
+            .map_err(|e| format!("cannot make a readiness socket at {}: {e}", path.display()))?;
+        Ok(Readiness { socket, path })
+    }
+
+    /// Waits up to [`POLL`] for the server's `READY=1`.
+    fn said_ready(&self) -> bool {
+        let mut message = [0; 512];
+        match self.socket.recv(&mut message) {
+            Ok(n) => message[..n].split(|&b| b == b'\n').any(|l| l == b"READY=1"),
+            Err(_) => false,
+        }
+    }
+}
+
+impl Drop for Readiness {
+    fn drop(&mut self) {
+        let _gone = std::fs::remove_file(&self.path);
     }
 }
 

@@ -521,6 +521,21 @@ fn bad_calls_and_attributes_are_refused_by_name() {
         status.message()
     );
 
+    // A value with a comma must not become mount options of the pod's choosing: here an
+    // upper kept in a directory of the node.
+    let evil = node.path("evil");
+    let injected = format!("/jk/modules,upper={}", evil.display());
+    let status = kubelet
+        .publish(&Publish::new(
+            "v",
+            &target,
+            &[("image", &a), ("subdir", &injected)],
+        ))
+        .unwrap_err();
+    assert!(status.message().contains("upper="), "{status:?}");
+    assert!(!evil.exists(), "the pod chose an upper on the node");
+    assert!(!is_mounted(&target));
+
     let missing = format!("{}/libs/none:1", node.registry.addr);
     let status = kubelet
         .publish(&Publish::new("v", &target, &[("image", &missing)]))

@@ -330,19 +330,21 @@ fn take_down(target: &Path, volume: Option<Held>) -> Result<(), String> {
 }
 
 /// The command line of a volume's server.
+/// Each value a pod wrote is one argument of its own, as `--flag=VALUE`: never spliced into a
+/// `-o` list, where a comma in it would add options of the pod's choosing (`upper=/etc`).
 fn server_args(cache_dir: &Path, spec: &MountSpec) -> Vec<std::ffi::OsString> {
-    let mut options = vec!["allow_other".to_owned(), "pull=never".to_owned()];
+    let mut args: Vec<std::ffi::OsString> = vec!["--cache-dir".into(), cache_dir.into()];
+    args.extend(["--foreground", "--pull=never", "-o", "allow_other"].map(Into::into));
     if let Some(subdir) = &spec.subdir {
-        options.push(format!("subdir={subdir}"));
+        args.push(format!("--subdir={subdir}").into());
     }
     if let Some(platform) = &spec.platform {
-        options.push(format!("platform={platform}"));
+        args.push(format!("--platform={platform}").into());
     }
     if spec.writable {
-        options.push("writable".to_owned());
+        args.push("--writable".into());
     }
-    let mut args: Vec<std::ffi::OsString> = vec!["--cache-dir".into(), cache_dir.into()];
-    args.extend(["--foreground".into(), "-o".into(), options.join(",").into()]);
+    args.push("--".into());
     args.push(spec.images.join("+").into());
     args.push(spec.target.clone().into());
     args
@@ -408,5 +410,42 @@ fn retire(mut volume: Held) {
 fn detach(target: &Path) {
     if let Err(e) = mount::unmount(target, true) {
         tracing::warn!("cannot detach {}: {e}", target.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_volumes_values_are_arguments_of_their_own_never_mount_options() {
+        let spec = MountSpec {
+            volume: "v".into(),
+            target: "/k/pods/u/volumes/kubernetes.io~csi/v/mount".into(),
+            images: vec!["r/a@sha256:1".into(), "r/b@sha256:2".into()],
+            subdir: Some("/jk,upper=/etc".into()),
+            platform: Some("linux/amd64,writable".into()),
+            writable: false,
+        };
+        let args: Vec<String> = server_args(Path::new("/cache"), &spec)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "--cache-dir",
+                "/cache",
+                "--foreground",
+                "--pull=never",
+                "-o",
+                "allow_other",
+                "--subdir=/jk,upper=/etc",
+                "--platform=linux/amd64,writable",
+                "--",
+                "r/a@sha256:1+r/b@sha256:2",
+                "/k/pods/u/volumes/kubernetes.io~csi/v/mount",
+            ]
+        );
     }
 }

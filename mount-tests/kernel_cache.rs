@@ -9,9 +9,15 @@ use super::support::jkmount_bin;
 use super::support::registry::Registry;
 use super::{Mounted, big_content, is_mounted, push, wait_until};
 
-/// Mounts `image` in the foreground with `--stats`, runs `workload` on the mountpoint, unmounts
-/// with SIGTERM and returns the counts.
-fn counted(image: &str, work: &Path, name: &str, workload: impl Fn(&Path)) -> serde_json::Value {
+/// Mounts `image` in the foreground with `--stats` and `args`, runs `workload` on the
+/// mountpoint, unmounts with SIGTERM and returns the counts.
+pub(super) fn counted(
+    image: &str,
+    work: &Path,
+    name: &str,
+    args: &[&str],
+    workload: impl Fn(&Path),
+) -> serde_json::Value {
     let mountpoint = work.join(name);
     std::fs::create_dir_all(&mountpoint).unwrap();
     let stats = work.join(format!("{name}.json"));
@@ -23,6 +29,7 @@ fn counted(image: &str, work: &Path, name: &str, workload: impl Fn(&Path)) -> se
         .arg(&stats)
         .arg("--cache-dir")
         .arg(work.join("cache"))
+        .args(args)
         .arg(image)
         .arg(&mountpoint)
         .stdout(Stdio::null())
@@ -65,8 +72,8 @@ fn a_second_stat_of_a_missing_path_or_read_of_a_file_reaches_the_daemon_not_at_a
     let work = tempfile::tempdir().unwrap();
     let work = work.path();
 
-    let once = counted(&image, work, "stat-once", stat_missing);
-    let twice = counted(&image, work, "stat-twice", |m| {
+    let once = counted(&image, work, "stat-once", &[], stat_missing);
+    let twice = counted(&image, work, "stat-twice", &[], |m| {
         stat_missing(m);
         stat_missing(m);
     });
@@ -78,8 +85,8 @@ fn a_second_stat_of_a_missing_path_or_read_of_a_file_reaches_the_daemon_not_at_a
         );
     }
 
-    let once = counted(&image, work, "read-once", read_big);
-    let twice = counted(&image, work, "read-twice", |m| {
+    let once = counted(&image, work, "read-once", &[], read_big);
+    let twice = counted(&image, work, "read-twice", &[], |m| {
         read_big(m);
         read_big(m);
     });

@@ -9,6 +9,7 @@ mod deploy;
 mod kernel_cache;
 mod lifecycle;
 mod pack;
+mod passthrough;
 mod shared;
 mod snapshot;
 mod toolchain;

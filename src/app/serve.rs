@@ -77,7 +77,17 @@ pub fn serve(
             Served::Writable(overlay)
         }
     };
-    mount::serve(served, request, on_ready)?;
+    // Backing files for passthrough are made in this process's temp space, then renamed in.
+    let backing_work = match request.passthrough {
+        true => Some(cache.temp_dir("backing")?),
+        false => None,
+    };
+    mount::serve(
+        served,
+        request,
+        backing_work.as_ref().map(|dir| dir.path()),
+        on_ready,
+    )?;
     drop(control);
     Ok(())
 }

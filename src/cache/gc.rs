@@ -129,10 +129,17 @@ pub fn remove(
     })
 }
 
+/// The bytes of a layer directory's files, its backing files (`files/`) included.
 fn dir_size(dir: &Path) -> Result<u64> {
     let mut total = 0;
     for entry in fs::read_dir(dir).at(dir)? {
-        total += entry.at(dir)?.metadata().at(dir)?.len();
+        let entry = entry.at(dir)?;
+        // Not followed if a link: the cache makes none.
+        let meta = entry.metadata().at(dir)?;
+        total += match meta.is_dir() {
+            true => dir_size(&entry.path())?,
+            false => meta.len(),
+        };
     }
     Ok(total)
 }

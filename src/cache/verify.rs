@@ -2,9 +2,14 @@
 //! blob, every decoded layer's `content.tar` against its diff_id (and its index must load) — and
 //! remove what fails, so the next pull fetches it again. Derived trees whose full check fails
 //! (the digest of their body, then every record and reference) are removed too; the next
-//! mount rebuilds them from the layers.
+//! mount rebuilds them from the layers. A layer's backing files for passthrough must hold
+//! exactly the bytes of the verified content at their offset; one that does not is removed
+//! alone, and the next passthrough open makes it again.
 
-use std::fs;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
 
 use crate::cache::Cache;
 use crate::error::{IoContext, Result};
@@ -57,6 +62,8 @@ pub fn verify(cache: &Cache) -> Result<Report> {
                 what: format!("layer {diff_id}"),
                 detail,
             });
+        } else {
+            check_backing_files(cache, &diff_id, &mut report)?;
         }
     }
     for (_, path) in cache.named_entries("trees")? {
@@ -88,6 +95,76 @@ fn check_layer(cache: &Cache, diff_id: &Digest, bytes: &mut u64) -> Result<Optio
     if let Err(e) = layer::load_index(cache, diff_id) {
         return Ok(Some(format!("its index does not load: {e}")));
     }
+    Ok(None)
+}
+
+/// Compares each backing file of a verified layer with the content at its offset, removing
+/// those that differ.
+fn check_backing_files(cache: &Cache, diff_id: &Digest, report: &mut Report) -> Result<()> {
+    let dir = cache
+        .layer_dir(diff_id)
+        .join(crate::fs::content::BACKING_DIR);
+    let entries = match fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(crate::error::Error::io(&dir, e)),
+    };
+    let content_path = layer::content_path(cache, diff_id);
+    let content = File::open(&content_path).at(&content_path)?;
+    let content_len = content.metadata().at(&content_path)?.len();
+    for entry in entries {
+        let path = entry.at(&dir)?.path();
+        if let Some(detail) = backing_problem(&content, content_len, &path, &mut report.bytes)? {
+            fs::remove_file(&path).at(&path)?;
+            report.damaged.push(Damaged {
+                what: format!("backing file {}", path.display()),
+                detail,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What is wrong with the backing file at `path`, if anything.
+fn backing_problem(
+    content: &File,
+    content_len: u64,
+    path: &Path,
+    bytes: &mut u64,
+) -> Result<Option<String>> {
+    let name = path.file_name().and_then(|n| n.to_str());
+    let Some(offset) = name.and_then(|n| n.parse::<u64>().ok()) else {
+        return Ok(Some("its name is not an offset in content.tar".into()));
+    };
+    let meta = fs::symlink_metadata(path).at(path)?;
+    if !meta.is_file() {
+        return Ok(Some("it is not a regular file".into()));
+    }
+    let len = meta.len();
+    if offset.checked_add(len).is_none_or(|end| end > content_len) {
+        return Ok(Some("it runs past the end of content.tar".into()));
+    }
+    let file = File::open(path).at(path)?;
+    let (mut ours, mut theirs) = (vec![0; 1 << 20], vec![0; 1 << 20]);
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(ours.len() as u64) as usize;
+        file.read_exact_at(&mut ours[..n], done).at(path)?;
+        content
+            .read_exact_at(&mut theirs[..n], offset + done)
+            .at(path)?;
+        if ours[..n] != theirs[..n] {
+            let at = done
+                + ours
+                    .iter()
+                    .zip(&theirs)
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(0) as u64;
+            return Ok(Some(format!("it differs from content.tar at byte {at}")));
+        }
+        done += n as u64;
+    }
+    *bytes += len;
     Ok(None)
 }
 

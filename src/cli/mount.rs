@@ -46,13 +46,18 @@ pub struct MountArgs {
     /// DIR again shows them again. DIR records what it was made over.
     #[arg(long, value_name = "DIR")]
     pub upper: Option<PathBuf>,
+    /// Let the kernel read big files (1 MiB and more) itself, from backing files of their own
+    /// in the cache, at the speed of the disk (root, Linux 6.9 or later, read-only mounts).
+    /// Every file opened then costs an open and a release round trip.
+    #[arg(long)]
+    pub passthrough: bool,
     /// Stay in the foreground and serve until unmounted or sent SIGTERM/SIGINT; under
     /// systemd (NOTIFY_SOCKET set) report readiness with sd_notify.
     #[arg(short, long)]
     foreground: bool,
     /// Mount options, comma-separated (as mount -t fuse.jkmount and fstab give them):
     /// modules, subdir=PATH, cache_dir=DIR, platform=P, lockfile=FILE, pull=POLICY, offline,
-    /// config=FILE, authfile=FILE, writable, upper=DIR, allow_other, noexec, nonempty (mount over a directory that
+    /// config=FILE, authfile=FILE, writable, upper=DIR, passthrough, allow_other, noexec, nonempty (mount over a directory that
     /// has entries, hiding them; refused otherwise), allow_shared_parent (mount although
     /// another user may change the mountpoint's parent; refused otherwise); ro, nosuid, nodev,
     /// _netdev, noauto, x-systemd.* and the like are accepted and passed over.
@@ -93,6 +98,17 @@ impl MountArgs {
         self.writable |= o.writable;
         if o.upper.is_some() {
             self.upper.clone_from(&o.upper);
+        }
+        self.passthrough |= o.passthrough;
+        if self.passthrough && (self.writable || self.upper.is_some()) {
+            anyhow::bail!(
+                "passthrough serves read-only mounts (the kernel would write into the cache's backing files): drop passthrough or writable"
+            );
+        }
+        if self.passthrough && !nix::unistd::Uid::effective().is_root() {
+            anyhow::bail!(
+                "passthrough needs root: the kernel takes backing files only from CAP_SYS_ADMIN; mount without passthrough"
+            );
         }
         for (option, field) in [
             (&o.cache_dir, &mut global.cache_dir),
@@ -223,6 +239,7 @@ impl Mounting {
             allow_other: mount_options.allow_other,
             noexec: mount_options.noexec,
             writable: writable.is_some(),
+            passthrough: args.passthrough,
             stats: Default::default(),
         };
         Ok(Mounting {

@@ -34,6 +34,8 @@ pub struct MountOptions {
     pub writable: bool,
     /// `upper=DIR`: keep the changes in DIR (implies `writable`).
     pub upper: Option<PathBuf>,
+    /// `passthrough`: the kernel reads big files from backing files in the cache.
+    pub passthrough: bool,
     /// `allow_other`: users other than the one mounting may read the mount.
     pub allow_other: bool,
     /// `noexec`: files in the mount cannot be executed.
@@ -131,6 +133,7 @@ impl MountOptions {
             }
             "offline" => self.offline = true,
             "writable" => self.writable = true,
+            "passthrough" => self.passthrough = true,
             "upper" => self.upper = Some(value("DIR")?.into()),
             "allow_other" => self.allow_other = true,
             "noexec" => self.noexec = true,
@@ -143,7 +146,7 @@ impl MountOptions {
             _ if name.starts_with("x-") || name.starts_with("comment") => {}
             _ if name == "fsname" || name == "subtype" => {}
             _ => anyhow::bail!(
-                "unknown mount option {option:?}; jkmount takes modules, offline, writable, allow_other, noexec, nonempty, allow_shared_parent, {}=…, and the standard ro, nosuid, nodev, _netdev, noauto, x-systemd.*",
+                "unknown mount option {option:?}; jkmount takes modules, offline, writable, passthrough, allow_other, noexec, nonempty, allow_shared_parent, {}=…, and the standard ro, nosuid, nodev, _netdev, noauto, x-systemd.*",
                 OWN_WITH_VALUE.join("=…, ")
             ),
         }
@@ -179,7 +182,7 @@ mod tests {
     #[test]
     fn own_options_are_read() {
         let got = parse(
-            "ro,allow_other,modules,cache_dir=/var/cache/jk,platform=linux/arm64,lockfile=/etc/jk.lock,pull=always,noexec,config=/c.toml,authfile=/a.json,offline,nonempty,allow_shared_parent,writable,upper=/var/lib/up",
+            "ro,allow_other,modules,cache_dir=/var/cache/jk,platform=linux/arm64,lockfile=/etc/jk.lock,pull=always,noexec,config=/c.toml,authfile=/a.json,offline,nonempty,allow_shared_parent,writable,upper=/var/lib/up,passthrough",
         )
         .unwrap();
         assert_eq!(
@@ -196,6 +199,7 @@ mod tests {
                 authfile: Some("/a.json".into()),
                 writable: true,
                 upper: Some("/var/lib/up".into()),
+                passthrough: true,
                 allow_other: true,
                 noexec: true,
                 nonempty: true,

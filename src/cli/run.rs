@@ -30,6 +30,11 @@ pub struct RunArgs {
 /// Mounts, runs the command, unmounts; the command's exit status is the result.
 pub fn run(mut args: RunArgs, mut global: GlobalArgs) -> anyhow::Result<()> {
     let options = args.mount.apply_options(&mut global)?;
+    if args.mount.passthrough && !args.read_only {
+        anyhow::bail!(
+            "passthrough serves read-only mounts, and run mounts writable: add --read-only"
+        );
+    }
     // Blocked here and so in the server thread, whose signal thread unmounts on them; the
     // command starts with an empty mask (std resets it for children) and gets them itself.
     let mut signals = SigSet::empty();

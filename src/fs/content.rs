@@ -1,7 +1,8 @@
 //! The one content reader: a merged tree's file data, read with `pread` from the layers'
 //! verified `content.tar` files. Regular files are one stored run; sparse files are zeros
 //! with their stored extents laid over them. The filesystem core reads ranges of it, and
-//! `extract` copies whole files out of it (holes kept as holes).
+//! `extract` copies whole files out of it (holes kept as holes). For kernel passthrough a big
+//! file gets a backing file of its own beside its layer's content, copied once from it.
 
 use std::fs::File;
 use std::io;
@@ -14,6 +15,14 @@ use crate::tree::file::Kind;
 
 /// Bytes copied at a time when a whole file is written out.
 const CHUNK: u64 = 1 << 20;
+
+/// Regular files at least this big are handed to the kernel in passthrough; smaller ones
+/// cost less served from the content (no backing file, no second copy on disk).
+pub const PASSTHROUGH_MIN: u64 = 1 << 20;
+
+/// The directory, beside a layer's `content.tar`, of its big files' backing files, each named
+/// by the offset of its bytes in the content.
+pub const BACKING_DIR: &str = "files";
 
 /// Where a file's bytes are stored.
 #[derive(Debug, Clone, Copy)]
@@ -179,6 +188,69 @@ impl Content {
         }
         Ok(size)
     }
+}
+
+impl Content {
+    /// A file of its own holding a big regular file's bytes at their own offsets, for the
+    /// kernel to read in passthrough: `<layer>/files/<offset>`, copied once from the verified
+    /// content through `work` (a directory on the cache's filesystem) and renamed in, so a
+    /// reader never sees it half written. `None` for a node that is not a regular file of at
+    /// least [`PASSTHROUGH_MIN`] bytes (sparse files keep their holes in the content).
+    pub fn backing_file(&self, data: Option<Data<'_>>, work: &Path) -> Option<Result<File>> {
+        let Some(Data::Run {
+            layer,
+            offset,
+            size,
+        }) = data
+        else {
+            return None;
+        };
+        if size < PASSTHROUGH_MIN {
+            return None;
+        }
+        let content = &self.paths.get(layer as usize)?;
+        let dir = content.parent()?.join(BACKING_DIR);
+        let path = dir.join(offset.to_string());
+        Some(open_backing(&path, size).and_then(|found| match found {
+            Some(file) => Ok(file),
+            None => {
+                crate::cache::private_dir_all(&dir)?;
+                let out = tempfile::NamedTempFile::new_in(work).at(work)?;
+                self.copy_to(data, out.as_file(), out.path())
+                    .expect("a run has content")?;
+                out.as_file().sync_all().at(out.path())?;
+                out.persist(&path).map_err(|e| e.error).at(&path)?;
+                open_backing(&path, size)?
+                    .ok_or_else(|| crate::error::Error::io(&path, io::ErrorKind::NotFound.into()))
+            }
+        }))
+    }
+}
+
+/// The backing file at `path` if it is there whole (a regular file of `size` bytes, not a
+/// link); one of another size, left by a crash, is removed to be made again.
+fn open_backing(path: &Path, size: u64) -> Result<Option<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(crate::error::Error::io(path, e)),
+    };
+    let meta = file.metadata().at(path)?;
+    if meta.is_file() && meta.len() == size {
+        return Ok(Some(file));
+    }
+    tracing::warn!(
+        "{} is {} bytes, not {size}: making it again",
+        path.display(),
+        meta.len()
+    );
+    std::fs::remove_file(path).at(path)?;
+    Ok(None)
 }
 
 /// Reads `len` bytes at `offset` of a sparse file: zeros, with the stored extents read over them.

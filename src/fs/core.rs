@@ -3,7 +3,9 @@
 //! File data comes from the one [`Content`] reader; nothing here blocks on
 //! the network or holds a lock, so any number of FUSE worker threads can share it.
 
+use std::fs::File;
 use std::io;
+use std::path::Path;
 
 use crate::error::Result;
 use crate::fs::content::{Content, Data};
@@ -253,6 +255,20 @@ impl FsCore {
             Some(read) => Ok(read?),
             None if matches!(kind, Kind::Dir { .. }) => Err(FsError::IsADirectory),
             None => Err(FsError::NotFound),
+        }
+    }
+
+    /// The file the kernel may read `ino` from itself (passthrough), made in the cache if need
+    /// be through `work`; `None` for a file this core serves by reads (small, sparse, or not a
+    /// regular file).
+    pub fn backing_file(&self, ino: u64, work: &Path) -> Result<Option<File>, FsError> {
+        let (_, kind) = self.node(self.id(ino)?)?;
+        match self.content.backing_file(Data::of(&kind), work) {
+            None => Ok(None),
+            Some(Ok(file)) => Ok(Some(file)),
+            Some(Err(e)) => Err(FsError::Damaged(format!(
+                "backing file of inode {ino}: {e}"
+            ))),
         }
     }
 

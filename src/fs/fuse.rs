@@ -10,7 +10,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::time::{Duration, UNIX_EPOCH};
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -22,6 +22,7 @@ use fuser::{
 
 use super::core::{Attr, BLOCK_SIZE, FileKind, FsError};
 use super::overlay::{NewEntry, SetAttr};
+use super::passthrough::{Opened, Passthrough};
 use super::served::Served;
 use super::stats::{Op, Stats};
 
@@ -42,12 +43,26 @@ const WANTED: [InitFlags; 4] = [
 pub struct FuseFs {
     core: Served,
     stats: Arc<Stats>,
+    passthrough: Option<Passthrough>,
 }
 
 impl FuseFs {
     /// Wraps a core; every request is counted in `stats`.
     pub fn new(core: Served, stats: Arc<Stats>) -> Self {
-        FuseFs { core, stats }
+        FuseFs {
+            core,
+            stats,
+            passthrough: None,
+        }
+    }
+
+    /// Hands big files of a read-only mount to the kernel in passthrough, their backing files
+    /// made through `work` where the cache has none yet.
+    pub fn with_passthrough(mut self, work: PathBuf) -> Self {
+        if matches!(self.core, Served::ReadOnly(_)) {
+            self.passthrough = Some(Passthrough::new(work));
+        }
+        self
     }
 
     /// Replies to a request that made an entry.
@@ -226,6 +241,17 @@ impl Filesystem for FuseFs {
                 tracing::debug!("kernel does not support {unsupported:?}");
             }
         }
+        if let Some(passthrough) = &self.passthrough {
+            // Depth 1: backing files on a plain filesystem (not one stacked on another).
+            let on = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if !on {
+                tracing::warn!(
+                    "this kernel has no FUSE passthrough (Linux 6.9 or later has it); big files are served by reads"
+                );
+            }
+            passthrough.set_on(on);
+        }
         Ok(())
     }
 
@@ -259,9 +285,25 @@ impl Filesystem for FuseFs {
     /// `opendir`, `release` or `releasedir` at all. Nothing is lost: a read-only mount's VFS
     /// refuses every open for writing; a writable mount gets writes by inode, truncation as
     /// `setattr`, and copies up at the first of those, not at open.
-    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    /// With passthrough, every file is opened here: a big one in passthrough, the others as
+    /// files served by reads.
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.stats.count(Op::Open);
-        reply.error(Errno::ENOSYS);
+        let (Some(passthrough), Served::ReadOnly(core)) = (&self.passthrough, &self.core) else {
+            return reply.error(Errno::ENOSYS);
+        };
+        if !passthrough.is_on() {
+            return reply.error(Errno::ENOSYS);
+        }
+        let opened = match core.backing_file(ino.0, passthrough.work()) {
+            Ok(Some(file)) => Opened::Backed(file),
+            Ok(None) => Opened::ByReads,
+            Err(e) => {
+                tracing::warn!("{e}; serving it by reads");
+                Opened::ByReads
+            }
+        };
+        passthrough.reply(ino.0, opened, reply);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -388,13 +430,16 @@ impl Filesystem for FuseFs {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         self.stats.count(Op::Release);
+        if let Some(passthrough) = &self.passthrough {
+            passthrough.release(fh.0);
+        }
         reply.ok();
     }
 

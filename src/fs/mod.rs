@@ -1,10 +1,12 @@
 //! The filesystem: [`core`] answers every request from the immutable tree with plain file
-//! reads and no FUSE types; [`fuse`] is the thin `fuser` skin that translates.
+//! reads and no FUSE types; [`fuse`] is the thin `fuser` skin that translates, with
+//! [`passthrough`] the state it keeps when the kernel reads big files itself.
 
 pub mod content;
 pub mod core;
 pub mod fuse;
 pub mod overlay;
+pub mod passthrough;
 pub mod served;
 pub mod stats;
 

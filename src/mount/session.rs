@@ -28,6 +28,8 @@ pub struct MountRequest {
     pub noexec: bool,
     /// Mount read-write (the core takes the changes into an upper layer).
     pub writable: bool,
+    /// Let the kernel read big files from backing files in the cache (read-only mounts).
+    pub passthrough: bool,
     /// Where to count the requests served (`--stats`).
     pub stats: Arc<crate::fs::stats::Stats>,
 }
@@ -35,10 +37,12 @@ pub struct MountRequest {
 /// Mounts `core` and serves it until the filesystem is unmounted (by `jkmount unmount`,
 /// `umount`, or SIGTERM/SIGINT/SIGHUP to this process, which unmount cleanly). `on_ready` runs
 /// once the kernel has completed the FUSE handshake, so the mount is live; if it fails (nobody
-/// is waiting for the mount any more) the mount is taken down again.
+/// is waiting for the mount any more) the mount is taken down again. `backing_work`, with
+/// passthrough, is where backing files are made before they are renamed into the cache.
 pub fn serve(
     core: Served,
     request: &MountRequest,
+    backing_work: Option<&std::path::Path>,
     on_ready: impl FnOnce() -> io::Result<()>,
 ) -> Result<(), MountError> {
     let mut signals = SigSet::empty();
@@ -49,7 +53,10 @@ pub fn serve(
     signals
         .thread_block()
         .map_err(|e| mount_failed(request, e.into()))?;
-    let fs = FuseFs::new(core, request.stats.clone());
+    let mut fs = FuseFs::new(core, request.stats.clone());
+    if let Some(work) = backing_work {
+        fs = fs.with_passthrough(work.to_owned());
+    }
     let mut config = Config::default();
     config.n_threads = Some(request.threads);
     // A cloned connection per worker thread needs /dev/fuse opened again, which an ordinary

@@ -655,3 +655,65 @@ fn conformance_suite_mounts_every_case_as_the_spec_says() {
     );
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
+
+/// The same cases mounted lazily (`--lazy --no-background-fetch`, every byte read by range)
+/// from images indexed with `jkmount index --push`: every tree a registry image shows eagerly
+/// it shows lazily. (Refused images cannot be indexed: the index is built from a verified pull.)
+#[test]
+fn conformance_suite_mounts_lazily_as_eagerly() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    let (mut checked, mut lazily) = (0, 0);
+    for case in cases() {
+        let (Subject::Image(_), Expect::Tree(expected)) = (&case.subject, &case.expect) else {
+            continue;
+        };
+        let dir = work.path().join(case.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let reference = publish(&registry, &case, &dir);
+        let mut index_args = vec!["index", &reference, "--push"];
+        index_args.extend(
+            case.args
+                .iter()
+                .map(String::as_str)
+                .filter(|a| a.starts_with("--platform")),
+        );
+        // An image none of whose layers can be indexed (not gzip, several gzip members) is
+        // pulled whole by --lazy.
+        let indexed = jkmount(&dir.join("indexer"), &index_args);
+        if !indexed.status.success() && !shown(&indexed).contains("can be indexed") {
+            failures.push(format!("{}: index failed: {}", case.name, shown(&indexed)));
+            continue;
+        }
+        lazily += usize::from(indexed.status.success());
+        let mountpoint = dir.join("lazy");
+        std::fs::create_dir_all(&mountpoint).unwrap();
+        let mut args = vec!["--lazy", "--no-background-fetch"];
+        args.extend(case.args.iter().map(String::as_str));
+        args.push(&reference);
+        args.push(mountpoint.to_str().unwrap());
+        let out = jkmount(&dir.join("cache"), &args);
+        let _guard = Mounted {
+            path: mountpoint.clone(),
+        };
+        if !out.status.success() {
+            failures.push(format!("{}: lazy mount failed: {}", case.name, shown(&out)));
+            continue;
+        }
+        let found = snapshot(&mountpoint, false);
+        if &found != expected {
+            failures.push(format!(
+                "{}: lazy tree differs\n  expected {expected:#?}\n  mounted  {found:#?}",
+                case.name
+            ));
+        }
+        checked += 1;
+    }
+    eprintln!("{checked} trees mounted with --lazy, {lazily} of them from an index");
+    assert!(
+        checked >= 25 && lazily >= 20,
+        "{checked} mounted, {lazily} lazily"
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}

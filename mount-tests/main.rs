@@ -7,6 +7,7 @@ mod conformance;
 mod csi;
 mod deploy;
 mod kernel_cache;
+mod lazy;
 mod lifecycle;
 mod pack;
 mod passthrough;

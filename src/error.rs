@@ -53,6 +53,17 @@ pub enum Error {
         digest: Digest,
     },
 
+    /// A registry that answers a `Range` request with the whole blob (lazy mounts need spans).
+    #[error(
+        "{reference}: {registry} does not serve byte ranges of blobs, which a lazy mount needs"
+    )]
+    RangeUnsupported {
+        /// The image reference.
+        reference: String,
+        /// The registry host.
+        registry: String,
+    },
+
     /// The registry cannot be reached at all.
     #[error(
         "cannot reach registry {registry} for {reference} ({detail}); check the address and that the registry is running, or use what is cached (--pull missing, a digest reference, or --fallback-to-cache with --pull always)"
@@ -211,6 +222,26 @@ pub enum Error {
         /// The image reference.
         reference: String,
         /// What is wrong, naming the path inside the layer where there is one.
+        detail: String,
+    },
+
+    /// A lazy index (`jkmount index`) that cannot be used for the layer it names.
+    #[error(
+        "lazy index of layer {layer}: {detail}; rebuild it with `jkmount index IMAGE --push`, or mount without --lazy"
+    )]
+    BadLazyIndex {
+        /// The layer it is said to index.
+        layer: Digest,
+        /// What is wrong with it.
+        detail: String,
+    },
+
+    /// A layer `jkmount index` cannot index (it stays eager for lazy mounts).
+    #[error("layer {layer} cannot be indexed for lazy mounts: {detail}")]
+    Unindexable {
+        /// The layer's digest.
+        layer: Digest,
+        /// Why.
         detail: String,
     },
 

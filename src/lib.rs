@@ -41,6 +41,7 @@ pub mod fs;
 pub mod handle;
 pub mod keeper;
 pub mod layer;
+pub mod lazy;
 pub mod mount;
 pub mod oci;
 pub mod pack;

@@ -159,6 +159,7 @@ fn core(dir: &Path, layers: &[(Vec<Entry>, Vec<u8>)]) -> FsCore {
         layers: paths,
         name: "model".into(),
         key: Digest::of(b"model"),
+        lazy: Vec::new(),
     })
     .unwrap()
 }

@@ -4,6 +4,8 @@
 //! and [`serve`] hands the result to the mount. [`pack`] builds and pushes images.
 
 pub mod commit;
+pub mod index;
+pub mod lazy;
 pub mod lockfile;
 pub mod mountable;
 pub mod pack;

@@ -7,6 +7,7 @@ use crate::cache::Cache;
 use crate::cache::trees;
 use crate::error::{Error, Result};
 use crate::layer::{self, Entry, EntryKind, Meta};
+use crate::lazy::LazyIndex;
 use crate::oci::digest::Digest;
 use crate::tree::merge::TreeBuilder;
 use crate::tree::{Mountable, Tree};
@@ -18,6 +19,18 @@ pub fn assemble(
     images: &[PulledImage],
     subdir: Option<&str>,
     max_entries: u64,
+) -> Result<Mountable> {
+    assemble_lazy(cache, images, subdir, max_entries, Vec::new())
+}
+
+/// [`assemble`], with the layers served lazily (`lazy`, by the tree's layer index, as
+/// [`crate::app::lazy::open_layers`] made them).
+pub fn assemble_lazy(
+    cache: &Cache,
+    images: &[PulledImage],
+    subdir: Option<&str>,
+    max_entries: u64,
+    lazy: Vec<Option<std::sync::Arc<crate::lazy::LazyLayer>>>,
 ) -> Result<Mountable> {
     let layers: Vec<&PulledLayer> = images.iter().flat_map(|i| &i.layers).collect();
     // Joined as an fstab source stacks them, so /proc/mounts shows what would mount it again.
@@ -44,8 +57,13 @@ pub fn assemble(
     };
     let layers = layers
         .iter()
-        .map(|layer| match layer {
+        .enumerate()
+        .map(|(i, layer)| match layer {
             PulledLayer::Tar { diff_id } => layer::content_path(cache, diff_id),
+            PulledLayer::Lazy { .. } => match lazy.get(i) {
+                Some(Some(served)) => served.content_path().to_owned(),
+                _ => unreachable!("every lazy layer is opened before the tree is assembled"),
+            },
             PulledLayer::File { digest, .. } => cache.blob_path(digest),
         })
         .collect();
@@ -54,13 +72,14 @@ pub fn assemble(
         layers,
         name,
         key,
+        lazy,
     })
 }
 
 /// What names a layer in the cache: a tar layer's diff_id, an artifact blob's digest.
 fn layer_id(layer: &PulledLayer) -> &Digest {
     match layer {
-        PulledLayer::Tar { diff_id } => diff_id,
+        PulledLayer::Tar { diff_id } | PulledLayer::Lazy { diff_id, .. } => diff_id,
         PulledLayer::File { digest, .. } => digest,
     }
 }
@@ -76,6 +95,10 @@ fn tree_key(layers: &[&PulledLayer], subdir: Option<&str>) -> Digest {
     for layer in layers {
         match layer {
             PulledLayer::Tar { diff_id } => text.push_str(&format!("{diff_id}\n")),
+            // A tree merged from an index is kept apart from one merged from the layer.
+            PulledLayer::Lazy { diff_id, found } => {
+                text.push_str(&format!("{diff_id} lazy {}\n", found.index))
+            }
             PulledLayer::File {
                 digest,
                 size,
@@ -119,6 +142,11 @@ fn merge(
             let (digest, entries) = match layer {
                 PulledLayer::Tar { diff_id } => {
                     (diff_id, layer::load_index(cache, diff_id)?.entries)
+                }
+                PulledLayer::Lazy { diff_id, found } => {
+                    let bytes = crate::app::lazy::read_index(cache, &found.index)?;
+                    let index = LazyIndex::decode(&bytes, &found.layer, found.size, diff_id)?;
+                    (diff_id, index.entries.entries)
                 }
                 PulledLayer::File {
                     digest,

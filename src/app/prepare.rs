@@ -46,6 +46,8 @@ pub struct Prepared {
     pub pulled: Vec<PulledImage>,
     /// What they present.
     pub mountable: Mountable,
+    /// The layers served lazily, if any: kept for the mount's life.
+    pub lazy: Option<crate::app::lazy::LazyLayers>,
 }
 
 /// What to prepare: the images bottom first, each with its pin, how to pull them, the
@@ -72,11 +74,14 @@ pub fn prepare(cache: Cache, request: &Request<'_>) -> Result<Prepared> {
         cache.add_lockfile_root(lockfile)?;
     }
     let max_entries = request.options.limits.max_image_entries;
-    let mountable = mountable::assemble(&cache, &pulled, request.subdir, max_entries)?;
+    let lazy = crate::app::lazy::open_layers(&cache, request.images, &pulled, request.options)?;
+    let served = lazy.as_ref().map(|l| l.layers.clone()).unwrap_or_default();
+    let mountable = mountable::assemble_lazy(&cache, &pulled, request.subdir, max_entries, served)?;
     Ok(Prepared {
         cache,
         using,
         pulled,
         mountable,
+        lazy,
     })
 }

@@ -39,6 +39,7 @@ pub fn serve(
         using,
         pulled,
         mountable,
+        mut lazy,
     } = prepared;
     let _registration = cache.register_mount(&MountRecord {
         pid: std::process::id(),
@@ -49,6 +50,9 @@ pub fn serve(
     })?;
     drop(using);
     let core = FsCore::new(mountable)?;
+    if let Some(lazy) = &mut lazy {
+        lazy.complete_in_background(&cache);
+    }
     // A temporary upper lives in this process's temp space of the cache, removed with it.
     let mut control = None;
     let served = match writable {

@@ -7,6 +7,7 @@ mod config;
 mod csi;
 mod extract;
 mod generate;
+mod index;
 mod lock;
 mod login;
 mod mount;
@@ -92,6 +93,8 @@ enum Command {
     Run(run::RunArgs),
     /// Fetch images into the cache without mounting them (tags are asked at the registry).
     Pull(pull::PullArgs),
+    /// Index an image's gzip layers for lazy mounts (--lazy) and push the index beside it.
+    Index(index::IndexArgs),
     /// Pin images to their current manifest digests in a lockfile (jkmount.lock).
     Lock(lock::LockArgs),
     /// Build a reproducible image from a directory (under /jk/modules) and push it or write
@@ -329,6 +332,7 @@ impl ResolveArgs {
                 ..Default::default()
             },
             fallback_to_cache: self.fallback_to_cache,
+            lazy: jkmount::app::pull::Lazy::Off,
             registries: std::sync::Arc::new(
                 registries(global)?.with_max_document(self.max_document_size()?),
             ),
@@ -471,6 +475,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Run(args)) => run::run(args, cli.global),
         Some(Command::Pull(args)) => pull::run(args, &cli.global),
         Some(Command::Lock(args)) => lock::run(args, &cli.global),
+        Some(Command::Index(args)) => index::run(args, &cli.global),
         Some(Command::Pack(args)) => pack::pack(args, &cli.global),
         Some(Command::Combine(args)) => pack::combine(args, &cli.global),
         Some(Command::Commit(args)) => commit::run(args, &cli.global),

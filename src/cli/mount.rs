@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use jkmount::app::prepare::{Request, prepare};
+use jkmount::app::pull::Lazy;
 use jkmount::app::serve::Writable;
 use jkmount::mount::{self, MountRequest, daemon};
 use jkmount::oci::reference::ImageRef;
@@ -51,13 +52,23 @@ pub struct MountArgs {
     /// Every file opened then costs an open and a release round trip.
     #[arg(long)]
     pub passthrough: bool,
+    /// Mount before the layers are downloaded: gzip layers that have a lazy index (`jkmount
+    /// index IMAGE --push`) are read by range as files are opened, each span checked, and
+    /// completed in the background; a read may then wait on the network. Layers without an
+    /// index are pulled whole first.
+    #[arg(long)]
+    pub lazy: bool,
+    /// With --lazy: fetch only what is read, never the rest (the layers then never reach the
+    /// cache whole, and every first read of a file may wait on the registry).
+    #[arg(long)]
+    pub no_background_fetch: bool,
     /// Stay in the foreground and serve until unmounted or sent SIGTERM/SIGINT; under
     /// systemd (NOTIFY_SOCKET set) report readiness with sd_notify.
     #[arg(short, long)]
     foreground: bool,
     /// Mount options, comma-separated (as mount -t fuse.jkmount and fstab give them):
     /// modules, subdir=PATH, cache_dir=DIR, platform=P, lockfile=FILE, pull=POLICY, offline,
-    /// config=FILE, authfile=FILE, writable, upper=DIR, passthrough, allow_other, noexec, nonempty (mount over a directory that
+    /// config=FILE, authfile=FILE, writable, upper=DIR, passthrough, lazy, no_background_fetch, allow_other, noexec, nonempty (mount over a directory that
     /// has entries, hiding them; refused otherwise), allow_shared_parent (mount although
     /// another user may change the mountpoint's parent; refused otherwise); ro, nosuid, nodev,
     /// _netdev, noauto, x-systemd.* and the like are accepted and passed over.
@@ -100,6 +111,16 @@ impl MountArgs {
             self.upper.clone_from(&o.upper);
         }
         self.passthrough |= o.passthrough;
+        self.lazy |= o.lazy;
+        self.no_background_fetch |= o.no_background_fetch;
+        if self.no_background_fetch && !self.lazy {
+            anyhow::bail!("no_background_fetch goes with lazy: add lazy, or drop it");
+        }
+        if self.lazy && self.passthrough {
+            anyhow::bail!(
+                "lazy and passthrough do not go together (the kernel would read backing files that are not there yet): drop one"
+            );
+        }
         if self.passthrough && (self.writable || self.upper.is_some()) {
             anyhow::bail!(
                 "passthrough serves read-only mounts (the kernel would write into the cache's backing files): drop passthrough or writable"
@@ -215,7 +236,12 @@ impl Mounting {
         global: &GlobalArgs,
         writable: bool,
     ) -> anyhow::Result<Mounting> {
-        let targets = Targets::parse(&args.targets, &args.resolve, &args.lock, global)?;
+        let mut targets = Targets::parse(&args.targets, &args.resolve, &args.lock, global)?;
+        targets.options.lazy = match (args.lazy, args.no_background_fetch) {
+            (false, _) => Lazy::Off,
+            (true, false) => Lazy::Background,
+            (true, true) => Lazy::OnRead,
+        };
         let checks = mount::Checks {
             allow_other: mount_options.allow_other,
             nonempty: mount_options.nonempty,

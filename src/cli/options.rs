@@ -36,6 +36,10 @@ pub struct MountOptions {
     pub upper: Option<PathBuf>,
     /// `passthrough`: the kernel reads big files from backing files in the cache.
     pub passthrough: bool,
+    /// `lazy`: serve layers that have a lazy index before they are downloaded.
+    pub lazy: bool,
+    /// `no_background_fetch`: with `lazy`, fetch only what is read.
+    pub no_background_fetch: bool,
     /// `allow_other`: users other than the one mounting may read the mount.
     pub allow_other: bool,
     /// `noexec`: files in the mount cannot be executed.
@@ -134,6 +138,8 @@ impl MountOptions {
             "offline" => self.offline = true,
             "writable" => self.writable = true,
             "passthrough" => self.passthrough = true,
+            "lazy" => self.lazy = true,
+            "no_background_fetch" => self.no_background_fetch = true,
             "upper" => self.upper = Some(value("DIR")?.into()),
             "allow_other" => self.allow_other = true,
             "noexec" => self.noexec = true,
@@ -146,7 +152,7 @@ impl MountOptions {
             _ if name.starts_with("x-") || name.starts_with("comment") => {}
             _ if name == "fsname" || name == "subtype" => {}
             _ => anyhow::bail!(
-                "unknown mount option {option:?}; jkmount takes modules, offline, writable, passthrough, allow_other, noexec, nonempty, allow_shared_parent, {}=…, and the standard ro, nosuid, nodev, _netdev, noauto, x-systemd.*",
+                "unknown mount option {option:?}; jkmount takes modules, offline, writable, passthrough, lazy, no_background_fetch, allow_other, noexec, nonempty, allow_shared_parent, {}=…, and the standard ro, nosuid, nodev, _netdev, noauto, x-systemd.*",
                 OWN_WITH_VALUE.join("=…, ")
             ),
         }
@@ -182,7 +188,7 @@ mod tests {
     #[test]
     fn own_options_are_read() {
         let got = parse(
-            "ro,allow_other,modules,cache_dir=/var/cache/jk,platform=linux/arm64,lockfile=/etc/jk.lock,pull=always,noexec,config=/c.toml,authfile=/a.json,offline,nonempty,allow_shared_parent,writable,upper=/var/lib/up,passthrough",
+            "ro,allow_other,modules,cache_dir=/var/cache/jk,platform=linux/arm64,lockfile=/etc/jk.lock,pull=always,noexec,config=/c.toml,authfile=/a.json,offline,nonempty,allow_shared_parent,writable,upper=/var/lib/up,passthrough,lazy,no_background_fetch",
         )
         .unwrap();
         assert_eq!(
@@ -200,6 +206,8 @@ mod tests {
                 writable: true,
                 upper: Some("/var/lib/up".into()),
                 passthrough: true,
+                lazy: true,
+                no_background_fetch: true,
                 allow_other: true,
                 noexec: true,
                 nonempty: true,

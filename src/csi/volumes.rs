@@ -242,6 +242,7 @@ fn publish_now(
         policy: request.pull,
         limits: settings.limits,
         fallback_to_cache: false,
+        lazy: crate::app::pull::Lazy::Off,
         registries: Arc::new(Registries::new(
             settings.config.clone(),
             credentials,

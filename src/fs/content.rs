@@ -9,8 +9,11 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use crate::error::{IoContext, Result};
 use crate::layer::Extent;
+use crate::lazy::LazyLayer;
 use crate::tree::file::Kind;
 
 /// Bytes copied at a time when a whole file is written out.
@@ -79,6 +82,8 @@ impl<'a> Data<'a> {
 pub struct Content {
     layers: Vec<File>,
     paths: Vec<PathBuf>,
+    /// Layers served lazily: a range is made present (fetched, checked) before it is read.
+    lazy: Vec<Option<Arc<LazyLayer>>>,
 }
 
 impl Content {
@@ -91,7 +96,22 @@ impl Content {
         Ok(Content {
             layers,
             paths: paths.to_vec(),
+            lazy: Vec::new(),
         })
+    }
+
+    /// Serves the layers given as lazy (by layer index) through them.
+    pub fn with_lazy(mut self, lazy: Vec<Option<Arc<LazyLayer>>>) -> Self {
+        self.lazy = lazy;
+        self
+    }
+
+    /// Makes `start..end` of layer `layer`'s content present, if it is served lazily.
+    fn present(&self, layer: u32, start: u64, end: u64) -> io::Result<()> {
+        match self.lazy.get(layer as usize) {
+            Some(Some(lazy)) => lazy.ensure(start, end),
+            _ => Ok(()),
+        }
     }
 
     /// The open content file of layer `layer`; an index the tree should not hold is an error.
@@ -120,8 +140,10 @@ impl Content {
             } => {
                 let len = size.saturating_sub(offset).min(len);
                 let mut buf = vec![0; len as usize];
-                self.layer(layer)
-                    .and_then(|file| file.read_exact_at(&mut buf, start + offset))
+                let at = start + offset;
+                self.present(layer, at, at + len)
+                    .and_then(|()| self.layer(layer))
+                    .and_then(|file| file.read_exact_at(&mut buf, at))
                     .map(|()| buf)
             }
             Data::Sparse {
@@ -130,7 +152,9 @@ impl Content {
                 extents,
             } => {
                 let len = size.saturating_sub(offset).min(len);
-                self.layer(layer)
+                stored_ranges(extents, offset, len)
+                    .try_for_each(|(from, to)| self.present(layer, from, to))
+                    .and_then(|()| self.layer(layer))
                     .and_then(|file| read_sparse(file, extents, offset, len))
             }
         })
@@ -251,6 +275,20 @@ fn open_backing(path: &Path, size: u64) -> Result<Option<File>> {
     );
     std::fs::remove_file(path).at(path)?;
     Ok(None)
+}
+
+/// Where in the content the stored bytes of `offset..offset + len` of a sparse file are.
+fn stored_ranges(extents: &[Extent], offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+    let end = offset + len;
+    let first = extents.partition_point(|e| e.logical + e.len <= offset);
+    extents[first..]
+        .iter()
+        .take_while(move |e| e.logical < end)
+        .map(move |e| {
+            let from = e.logical.max(offset);
+            let to = (e.logical + e.len).min(end);
+            (e.offset + (from - e.logical), e.offset + (to - e.logical))
+        })
 }
 
 /// Reads `len` bytes at `offset` of a sparse file: zeros, with the stored extents read over them.

@@ -137,7 +137,7 @@ fn ino_of(id: NodeId) -> u64 {
 impl FsCore {
     /// Opens the layers' content files.
     pub fn new(mountable: Mountable) -> Result<Self> {
-        let content = Content::open(&mountable.layers)?;
+        let content = Content::open(&mountable.layers)?.with_lazy(mountable.lazy);
         let tree = mountable.tree;
         let stats = FsStats {
             blocks: tree.blocks(),

@@ -35,6 +35,13 @@ impl Digest {
         reader.finish()
     }
 
+    /// The digest whose 32 bytes were computed elsewhere (a SHA-256 finished by the caller).
+    pub fn from_sha256(bytes: [u8; 32]) -> Self {
+        Digest {
+            hex: hex::encode(bytes),
+        }
+    }
+
     fn from_hasher(hasher: Sha256) -> Self {
         Digest {
             hex: hex::encode(hasher.finalize()),

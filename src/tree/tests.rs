@@ -136,6 +136,7 @@ fn core(bytes: Vec<u8>, dir: &std::path::Path) -> Option<FsCore> {
         layers: vec![content],
         name: "t".into(),
         key: Digest::of(b"t"),
+        lazy: Vec::new(),
     };
     Some(FsCore::new(mountable).unwrap())
 }

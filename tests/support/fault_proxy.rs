@@ -21,6 +21,8 @@ pub enum Fault {
     CutAfter(usize),
     /// Forward this many bytes of the response body, wait this long, then send the rest.
     PauseAfter(usize, Duration),
+    /// Forward without the `Range` header, as a server that does not serve ranges answers.
+    IgnoreRange,
 }
 
 struct Rule {
@@ -173,8 +175,11 @@ fn handle(stream: TcpStream, upstream: &str, rules: &Mutex<Vec<Rule>>, log: &Mut
         return;
     };
     let mut forwarded = format!("{method} {path} HTTP/1.1\r\n");
+    let ignore_range = matches!(fault, Some(Fault::IgnoreRange));
     for header in headers {
-        forwarded.push_str(header);
+        if !(ignore_range && header.to_ascii_lowercase().starts_with("range:")) {
+            forwarded.push_str(header);
+        }
     }
     forwarded.push_str("Connection: close\r\n\r\n");
     if up.write_all(forwarded.as_bytes()).is_err() {

@@ -113,10 +113,26 @@ impl Registry {
             ));
         }
         std::fs::write(&config, yaml).expect("write registry config");
-        let log = std::fs::File::create(dir.path().join("registry.log")).expect("log file");
+        let mut registry = Registry {
+            child: None,
+            addr,
+            dir,
+        };
+        registry.spawn();
+        registry
+    }
+
+    /// Starts the registry process with the config written by `start_with`, appending to its
+    /// log, and waits (bounded) until it answers.
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
         let child = Command::new(BINARY)
             .arg("serve")
-            .arg(&config)
+            .arg(self.dir.path().join("config.yml"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -126,11 +142,8 @@ impl Registry {
                     "cannot start {BINARY} ({e}): install it with apt-get install docker-registry"
                 )
             });
-        let mut registry = Registry {
-            child: Some(child),
-            addr,
-            dir,
-        };
+        self.child = Some(child);
+        let registry = self;
         let start = Instant::now();
         while !answers(&registry.addr) {
             if let Some(status) = registry
@@ -147,7 +160,12 @@ impl Registry {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        registry
+    }
+
+    /// Starts a stopped registry again, at the same address and with the same storage.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
     }
 
     /// Pushes `image` as `name` (`repo:tag`); its full reference.

@@ -5,7 +5,7 @@
 //! than the descriptor's size is cut off at once. Whatever path the bytes took, the blob enters
 //! the cache only if its digest and size match.
 
-use reqwest::header::{AUTHORIZATION, CONTENT_RANGE, RANGE};
+use reqwest::header::{AUTHORIZATION, RANGE};
 
 use super::http::Failure;
 use super::rate::Body;
@@ -162,13 +162,7 @@ impl RegistrySource {
             200 if download.received > 0 => start_over(download)?,
             200 => {}
             206 => {
-                let from = response
-                    .headers()
-                    .get(CONTENT_RANGE)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("bytes "))
-                    .and_then(|v| v.split('-').next())
-                    .and_then(|v| v.parse::<u64>().ok());
+                let from = super::http::range_start(&response);
                 if from != Some(download.received) {
                     start_over(download)?;
                     return Err(Failure::Transient {

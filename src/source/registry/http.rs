@@ -233,3 +233,14 @@ impl RegistrySource {
         }
     }
 }
+
+/// Where the range a `206 Partial Content` response carries starts (`Content-Range: bytes A-B/N`).
+pub(super) fn range_start(response: &reqwest::Response) -> Option<u64> {
+    response
+        .headers()
+        .get(reqwest::header::CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes "))
+        .and_then(|v| v.split('-').next())
+        .and_then(|v| v.parse::<u64>().ok())
+}

@@ -17,7 +17,9 @@ mod http;
 mod image_source;
 mod login;
 pub mod push;
+mod range;
 mod rate;
+mod referrers;
 pub mod retry;
 pub mod token;
 pub mod transport;
@@ -289,16 +291,7 @@ impl RegistrySource {
     ) -> Result<impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static>
     {
         self.online(|| format!("blob {digest}"))?;
-        let remote = self
-            .remotes()
-            .await?
-            .by_digest
-            .last()
-            .expect("the registry itself is always an endpoint");
-        remote
-            .client
-            .store_auth_if_needed(&remote.endpoint.host, &remote.auth)
-            .await;
+        let remote = self.own_remote().await?;
         let descriptor = oci_client::manifest::OciDescriptor {
             digest: digest.to_string(),
             size: size as i64,
@@ -309,6 +302,22 @@ impl RegistrySource {
             .pull_blob_stream(&remote.reference, &descriptor)
             .await
             .map_err(|e| self.classify(remote, e))
+    }
+
+    /// The registry itself (not a mirror), its credentials handed to `oci-client`, for the
+    /// requests made through that client.
+    async fn own_remote(&self) -> Result<&Remote> {
+        let remote = self
+            .remotes()
+            .await?
+            .by_digest
+            .last()
+            .expect("the registry itself is always an endpoint");
+        remote
+            .client
+            .store_auth_if_needed(&remote.endpoint.host, &remote.auth)
+            .await;
+        Ok(remote)
     }
 
     /// Refuses to go on when offline, saying what was missing.

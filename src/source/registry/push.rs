@@ -32,6 +32,7 @@ pub enum Transfer {
 pub struct Destination {
     client: oci_client::Client,
     reference: Reference,
+    auth: RegistryAuth,
 }
 
 /// What a push of chunks reads from a file.
@@ -74,6 +75,7 @@ impl Destination {
         Ok(Destination {
             client,
             reference: reference.clone(),
+            auth,
         })
     }
 
@@ -173,14 +175,61 @@ impl Destination {
 
     /// Pushes the manifest (last: it names blobs that must be there).
     pub async fn push_manifest(&self, bytes: &[u8], media_type: &str) -> Result<()> {
+        self.push_manifest_at(&self.reference, bytes, media_type)
+            .await
+    }
+
+    /// Pushes a manifest to this repository under `tag` (a referrer by its digest, the
+    /// referrers fallback tag `sha256-<hex>`).
+    pub async fn push_manifest_tagged(
+        &self,
+        tag: &str,
+        bytes: &[u8],
+        media_type: &str,
+    ) -> Result<()> {
+        let at = self.tagged(tag);
+        self.push_manifest_at(&at, bytes, media_type).await
+    }
+
+    fn tagged(&self, tag: &str) -> Reference {
+        let (registry, repository) = (self.reference.registry(), self.reference.repository());
+        match tag.starts_with("sha256:") {
+            true => Reference::with_digest(registry.into(), repository.into(), tag.into()),
+            false => Reference::with_tag(registry.into(), repository.into(), tag.into()),
+        }
+    }
+
+    async fn push_manifest_at(&self, at: &Reference, bytes: &[u8], media_type: &str) -> Result<()> {
         let content_type = media_type
             .parse()
             .map_err(|_| push_error(&self.reference, format!("bad media type {media_type}")))?;
         self.client
-            .push_manifest_raw(&self.reference, bytes.to_vec(), content_type)
+            .push_manifest_raw(at, bytes.to_vec(), content_type)
             .await
             .map_err(|e| self.failed("pushing the manifest", e))?;
         Ok(())
+    }
+
+    /// The manifest (or index) bytes at `tag` of this repository, `None` when there is none.
+    pub async fn manifest_at(&self, tag: &str) -> Result<Option<Vec<u8>>> {
+        let accept = [oci_client::manifest::OCI_IMAGE_INDEX_MEDIA_TYPE];
+        match self
+            .client
+            .pull_manifest_raw(&self.tagged(tag), &self.auth, &accept)
+            .await
+        {
+            Ok((bytes, _)) => Ok(Some(bytes.to_vec())),
+            Err(OciDistributionError::ImageManifestNotFoundError(_)) => Ok(None),
+            Err(OciDistributionError::RegistryError { envelope, .. })
+                if envelope
+                    .errors
+                    .iter()
+                    .any(|e| e.code == oci_client::errors::OciErrorCode::ManifestUnknown) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(self.failed(&format!("reading {tag}"), e)),
+        }
     }
 }
 

@@ -1,0 +1,311 @@
+//! `--lazy`: an image indexed by `jkmount index --push` is mounted from a real registry before
+//! its layer is downloaded. A read fetches only its spans (seen as `Range` requests through a
+//! logging proxy); the tree equals an eager mount's; the background pass completes the layer
+//! into the cache; bytes changed in the registry are refused, never served; with the registry
+//! stopped, what was fetched still reads and the rest fails with EIO until it is back.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::support::fault_proxy::{Fault, FaultProxy};
+use super::support::registry::Registry;
+use super::support::{jkmount, jkmount_bin, ok};
+use super::{Mounted, describe, is_mounted, push, wait_until};
+
+const PACKAGES: usize = 64;
+const FILES: usize = 16;
+
+/// Text that gzip cannot shrink much (hex of a fixed pseudo-random sequence), so the layer
+/// spans many chunks and several deflate access points.
+fn content(package: usize, file: usize) -> String {
+    let mut x = ((package * 1000 + file) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let len = 8_000 + (x % 24_000) as usize;
+    let mut text = format!("module.exports = \"{package}/{file}\";\n// ");
+    while text.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        text.push_str(&format!("{x:016x}"));
+    }
+    text.push('\n');
+    text
+}
+
+fn spec() -> String {
+    let mut lines = vec!["d /jk/modules 755".to_owned()];
+    for p in 0..PACKAGES {
+        lines.push(format!("d /jk/modules/pkg{p} 755"));
+        for f in 0..FILES {
+            let text = serde_json::to_string(&content(p, f)).unwrap();
+            lines.push(format!("f /jk/modules/pkg{p}/f{f}.js 644 {text}"));
+        }
+    }
+    lines.join("\n")
+}
+
+/// An image of one big gzip layer in `registry`, indexed for lazy mounts: its reference, the
+/// layer's digest and compressed size.
+fn indexed_image(registry: &Registry, name: &str, work: &Path) -> (String, String, u64) {
+    let (reference, image) = push(registry, name, &[&spec()]);
+    let out = ok(jkmount(
+        &work.join("indexer"),
+        &["index", &reference, "--push"],
+    ));
+    assert!(out.contains(&reference), "{out}");
+    let layer = &image.layers[0];
+    (reference, layer.digest.to_string(), layer.blob.len() as u64)
+}
+
+/// Bytes asked for by `Range` requests of the layer, and whether any asked for it whole.
+fn ranged_bytes(proxy: &FaultProxy, layer: &str) -> (u64, usize) {
+    let seen = proxy.seen(&format!("/blobs/{layer}"));
+    let whole = seen.iter().filter(|s| s.range.is_none()).count();
+    let bytes = seen
+        .iter()
+        .filter_map(|s| s.range.as_deref()?.strip_prefix("bytes="))
+        .filter_map(|r| {
+            let (a, b) = r.split_once('-')?;
+            Some(b.parse::<u64>().ok()? + 1 - a.parse::<u64>().ok()?)
+        })
+        .sum();
+    (bytes, whole)
+}
+
+/// A foreground `jkmount -f` whose log is kept; unmounted and waited for on drop.
+struct Foreground {
+    child: Child,
+    log: PathBuf,
+    mounted: Option<Mounted>,
+}
+
+impl Foreground {
+    fn start(cache: &Path, args: &[&str], image: &str, mountpoint: &Path) -> Foreground {
+        std::fs::create_dir_all(mountpoint).unwrap();
+        let log = mountpoint.with_extension("log");
+        let mounted = Some(Mounted {
+            path: mountpoint.to_owned(),
+        });
+        let child = Command::new(jkmount_bin())
+            .arg("--cache-dir")
+            .arg(cache)
+            .arg("-f")
+            .args(args)
+            .arg(image)
+            .arg(mountpoint)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut started = Foreground {
+            child,
+            log,
+            mounted,
+        };
+        let start = Instant::now();
+        while !is_mounted(mountpoint) {
+            if let Some(status) = started.child.try_wait().unwrap() {
+                panic!("jkmount exited with {status}: {}", started.log());
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "not mounted");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        started
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Foreground {
+    fn drop(&mut self) {
+        drop(self.mounted.take());
+        let start = Instant::now();
+        while self.child.try_wait().ok().flatten().is_none() {
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn read_file(root: &Path, p: usize, f: usize) -> std::io::Result<String> {
+    std::fs::read_to_string(root.join(format!("jk/modules/pkg{p}/f{f}.js")))
+}
+
+#[test]
+fn a_lazy_mount_reads_a_file_from_a_few_spans_and_equals_the_eager_mount() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let (reference, layer, size) = indexed_image(&registry, "lazy/lib:1", work);
+    let proxy = FaultProxy::start(&registry.addr);
+    let through_proxy = reference.replace(&registry.addr, &proxy.addr);
+
+    // Fetched only as read: one module costs a few spans, not the layer.
+    let mnt = work.join("ondemand");
+    let lazy = Foreground::start(
+        &work.join("c1"),
+        &["--lazy", "--no-background-fetch"],
+        &through_proxy,
+        &mnt,
+    );
+    let value = super::node_value(&mnt.join("jk/modules"), "pkg7/f3.js");
+    assert_eq!(value.trim(), "7/3");
+    let (fetched, whole) = ranged_bytes(&proxy, &layer);
+    assert_eq!(whole, 0, "the layer was asked for whole");
+    assert!(fetched > 0, "nothing was fetched by range");
+    assert!(
+        fetched * 5 < size,
+        "{fetched} of the layer's {size} bytes fetched for one module"
+    );
+    eprintln!("one module: {fetched} of the layer's {size} bytes fetched");
+    assert_eq!(read_file(&mnt, 40, 9).unwrap(), content(40, 9));
+    drop(lazy);
+
+    // Completed in the background: the tree equals the eager mount's, and the layer reaches the
+    // cache, so the next mount needs no network.
+    let eager_mnt = work.join("eager");
+    let _eager = Mounted::new(&work.join("c2"), &[&reference], &eager_mnt);
+    let cache = work.join("c3");
+    let mnt = work.join("background");
+    let lazy = Foreground::start(&cache, &["-v", "--lazy"], &through_proxy, &mnt);
+    assert_eq!(describe(&mnt), describe(&eager_mnt));
+    let layers = cache.join("v1/layers/sha256");
+    wait_until("the layer is complete in the cache", || {
+        std::fs::read_dir(&layers).is_ok_and(|mut d| d.next().is_some())
+    });
+    assert!(
+        lazy.log().contains("complete and in the cache"),
+        "{}",
+        lazy.log()
+    );
+    drop(lazy);
+    let offline_mnt = work.join("offline");
+    let _offline = Mounted::new(&cache, &["--offline", &through_proxy], &offline_mnt);
+    assert_eq!(describe(&offline_mnt), describe(&eager_mnt));
+}
+
+/// The layer blob's file in the registry's storage.
+fn stored_blob(registry: &Registry, digest: &str) -> PathBuf {
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    registry.storage().join(format!(
+        "docker/registry/v2/blobs/sha256/{}/{hex}/data",
+        &hex[..2]
+    ))
+}
+
+#[test]
+fn bytes_changed_in_the_registry_are_refused_and_never_served() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let (reference, layer, size) = indexed_image(&registry, "lazy/changed:1", work);
+    let blob = stored_blob(&registry, &layer);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let middle = (size / 2) as usize;
+    for b in &mut bytes[middle..middle + 64] {
+        *b = !*b;
+    }
+    std::fs::write(&blob, &bytes).unwrap();
+
+    let mnt = work.join("mnt");
+    let lazy = Foreground::start(
+        &work.join("cache"),
+        &["--lazy", "--no-background-fetch"],
+        &reference,
+        &mnt,
+    );
+    let (mut served, mut refused) = (0, 0);
+    for p in 0..PACKAGES {
+        for f in 0..FILES {
+            match read_file(&mnt, p, f) {
+                Ok(text) => {
+                    assert_eq!(text, content(p, f), "pkg{p}/f{f}.js served wrong bytes");
+                    served += 1;
+                }
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc_eio()), "pkg{p}/f{f}.js: {e}");
+                    refused += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        refused > 0 && served > 0,
+        "{served} served, {refused} refused"
+    );
+    let log = lazy.log();
+    assert!(
+        log.contains("do not match their digest in the lazy index") && log.contains(&layer),
+        "{log}"
+    );
+}
+
+fn libc_eio() -> i32 {
+    nix::errno::Errno::EIO as i32
+}
+
+#[test]
+fn with_the_registry_stopped_fetched_files_read_and_the_rest_fail_until_it_is_back() {
+    let mut registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let (reference, layer, _) = indexed_image(&registry, "lazy/away:1", work);
+    let mnt = work.join("mnt");
+    let lazy = Foreground::start(
+        &work.join("cache"),
+        &[
+            "--config",
+            super::support::quick_retries_config().to_str().unwrap(),
+            "--lazy",
+            "--no-background-fetch",
+        ],
+        &reference,
+        &mnt,
+    );
+    assert_eq!(read_file(&mnt, 0, 0).unwrap(), content(0, 0));
+    registry.stop();
+    assert_eq!(read_file(&mnt, 0, 0).unwrap(), content(0, 0));
+    let err = read_file(&mnt, PACKAGES - 1, FILES - 1).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc_eio()), "{err}");
+    let log = lazy.log();
+    assert!(log.contains(&layer) && log.contains(&reference), "{log}");
+    registry.restart();
+    assert_eq!(
+        read_file(&mnt, PACKAGES - 1, FILES - 1).unwrap(),
+        content(PACKAGES - 1, FILES - 1)
+    );
+}
+
+#[test]
+fn a_registry_that_does_not_serve_ranges_gets_an_eager_pull_with_a_warning() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let (reference, layer, _) = indexed_image(&registry, "lazy/whole:1", work);
+    let proxy = FaultProxy::start(&registry.addr);
+    proxy.fail("/blobs/", Fault::IgnoreRange, usize::MAX);
+    let through_proxy = reference.replace(&registry.addr, &proxy.addr);
+    let cache = work.join("cache");
+    let mnt = work.join("mnt");
+    let lazy = Foreground::start(&cache, &["--lazy"], &through_proxy, &mnt);
+    assert_eq!(read_file(&mnt, 3, 2).unwrap(), content(3, 2));
+    let log = lazy.log();
+    assert!(
+        log.contains("does not serve byte ranges") && log.contains("pulling"),
+        "{log}"
+    );
+    let whole = proxy.seen(&format!("/blobs/{layer}"));
+    assert!(whole.iter().any(|s| s.status == 200), "{whole:?}");
+    assert!(
+        std::fs::read_dir(cache.join("v1/layers/sha256"))
+            .unwrap()
+            .next()
+            .is_some()
+    );
+}

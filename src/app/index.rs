@@ -1,0 +1,215 @@
+//! `jkmount index IMAGE --push`: makes an image lazily mountable without changing it. The
+//! image is pulled (every layer verified), each gzip layer indexed ([`LazyIndex::build`]), and
+//! the indexes pushed as one OCI artifact whose `subject` is the image manifest: found through
+//! the referrers API, or the fallback tag `sha256-<hex>` (an index of referrers, which this
+//! merges into rather than replaces) on registries without it.
+
+use std::collections::BTreeMap;
+
+use oci_client::manifest::{OciDescriptor, OciImageIndex, OciImageManifest};
+
+use crate::app::lazy::{ARTIFACT_TYPE, INDEX_MEDIA_TYPE, LAYER_ANNOTATION};
+use crate::app::pull::{self, PullOptions, PulledLayer};
+use crate::cache::Cache;
+use crate::error::{Error, Result};
+use crate::layer::{self, LayerSpec};
+use crate::lazy::LazyIndex;
+use crate::oci::digest::Digest;
+use crate::oci::image::{self, Compression, ManifestDoc};
+use crate::oci::reference::ImageRef;
+use crate::source::registry::push::Destination;
+
+/// The empty config of an artifact, as the image spec gives it.
+const EMPTY_CONFIG: &[u8] = b"{}";
+const EMPTY_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
+
+/// What was indexed and pushed.
+#[derive(Debug, Clone)]
+pub struct Indexed {
+    /// The image manifest the artifact refers to.
+    pub subject: Digest,
+    /// The artifact manifest's digest.
+    pub artifact: Digest,
+    /// Layers indexed.
+    pub layers: usize,
+    /// Bytes of the index blobs together.
+    pub index_bytes: u64,
+    /// Compressed bytes of the image's layers together.
+    pub layer_bytes: u64,
+}
+
+/// Indexes the gzip layers of `image` (a registry reference) and pushes the artifact.
+pub fn index_and_push(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Result<Indexed> {
+    let ImageRef::Registry(reference) = image else {
+        return Err(Error::Push {
+            reference: image.to_string(),
+            detail: "lazy indexes are pushed to registries; give a registry reference".into(),
+        });
+    };
+    let runtime = crate::app::prepare::runtime()?;
+    let pulled = runtime.block_on(pull::pull(cache, image, options))?;
+    let shown = pulled.shown.clone();
+    let bytes = crate::app::lazy::read_index(cache, &pulled.manifest)?;
+    let ManifestDoc::Image(manifest) = image::parse_manifest(&bytes, "manifest", &shown)? else {
+        unreachable!("a pull ends at an image manifest");
+    };
+    let mut blobs = Vec::new();
+    let mut layer_bytes = 0;
+    for (descriptor, pulled_layer) in manifest.layers.iter().zip(&pulled.layers) {
+        let (digest, size) = image::descriptor_digest(descriptor, "layer", &shown)?;
+        layer_bytes += size;
+        let PulledLayer::Tar { diff_id } = pulled_layer else {
+            continue;
+        };
+        if image::layer_compression(&descriptor.media_type) != Some(Compression::Gzip) {
+            tracing::warn!("{shown}: layer {digest} is not gzip; it stays eager");
+            continue;
+        }
+        if !cache.has_blob(&digest) {
+            return Err(Error::NotCached {
+                reference: shown.clone(),
+                what: format!(
+                    "layer blob {digest} (decoded from another image; pull it with --pull always after `jkmount cache gc`)"
+                ),
+            });
+        }
+        let spec = LayerSpec {
+            digest: &digest,
+            size,
+            diff_id,
+            compression: Compression::Gzip,
+            reference: &shown,
+        };
+        let entries = layer::load_index(cache, diff_id)?;
+        let content = layer::content_path(cache, diff_id);
+        let content_size = std::fs::metadata(&content)
+            .map_err(|e| Error::io(&content, e))?
+            .len();
+        match LazyIndex::build(&cache.blob_path(&digest), &spec, entries, content_size) {
+            Ok(index) => blobs.push((digest, index.encode()?)),
+            Err(e @ Error::Unindexable { .. }) => {
+                tracing::warn!("{shown}: {e}; lazy mounts pull it whole")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let subject = OciDescriptor {
+        media_type: manifest
+            .media_type
+            .clone()
+            .unwrap_or_else(|| oci_client::manifest::OCI_IMAGE_MEDIA_TYPE.into()),
+        digest: pulled.manifest.to_string(),
+        size: bytes.len() as i64,
+        ..Default::default()
+    };
+    if blobs.is_empty() {
+        return Err(Error::Push {
+            reference: shown,
+            detail: "none of its layers can be indexed for lazy mounts (only single-member gzip layers can); lazy mounts pull it whole".into(),
+        });
+    }
+    let index_bytes = blobs.iter().map(|(_, b)| b.len() as u64).sum();
+    let layers = blobs.len();
+    let artifact = runtime.block_on(push(reference, options, subject, blobs))?;
+    Ok(Indexed {
+        subject: pulled.manifest,
+        artifact,
+        layers,
+        index_bytes,
+        layer_bytes,
+    })
+}
+
+async fn push(
+    reference: &oci_client::Reference,
+    options: &PullOptions,
+    subject: OciDescriptor,
+    blobs: Vec<(Digest, Vec<u8>)>,
+) -> Result<Digest> {
+    let destination = Destination::new(reference, &options.registries).await?;
+    let mut layers = Vec::new();
+    for (layer, bytes) in &blobs {
+        let digest = Digest::of(bytes);
+        destination.push_bytes(bytes, &digest).await?;
+        layers.push(OciDescriptor {
+            media_type: INDEX_MEDIA_TYPE.into(),
+            digest: digest.to_string(),
+            size: bytes.len() as i64,
+            annotations: Some(BTreeMap::from([(
+                LAYER_ANNOTATION.into(),
+                layer.to_string(),
+            )])),
+            ..Default::default()
+        });
+    }
+    let config = Digest::of(EMPTY_CONFIG);
+    destination.push_bytes(EMPTY_CONFIG, &config).await?;
+    let subject_digest: Digest = subject.digest.parse().expect("a digest we wrote");
+    let manifest = OciImageManifest {
+        schema_version: 2,
+        media_type: Some(oci_client::manifest::OCI_IMAGE_MEDIA_TYPE.into()),
+        artifact_type: Some(ARTIFACT_TYPE.into()),
+        config: OciDescriptor {
+            media_type: EMPTY_MEDIA_TYPE.into(),
+            digest: config.to_string(),
+            size: EMPTY_CONFIG.len() as i64,
+            ..Default::default()
+        },
+        layers,
+        subject: Some(subject),
+        annotations: None,
+    };
+    let bytes = serde_json::to_vec(&manifest).expect("a manifest serializes");
+    let digest = Digest::of(&bytes);
+    let media_type = oci_client::manifest::OCI_IMAGE_MEDIA_TYPE;
+    destination
+        .push_manifest_tagged(&digest.to_string(), &bytes, media_type)
+        .await?;
+    add_to_fallback_tag(&destination, &subject_digest, &digest, bytes.len()).await?;
+    Ok(digest)
+}
+
+/// Lists the artifact under the referrers fallback tag, keeping what others listed there
+/// (an earlier jkmount index of the same image is replaced).
+async fn add_to_fallback_tag(
+    destination: &Destination,
+    subject: &Digest,
+    artifact: &Digest,
+    size: usize,
+) -> Result<()> {
+    let tag = format!("sha256-{}", subject.hex());
+    let mut index = match destination.manifest_at(&tag).await? {
+        Some(bytes) => {
+            serde_json::from_slice::<OciImageIndex>(&bytes).map_err(|e| Error::Push {
+                reference: tag.clone(),
+                detail: format!("the referrers tag holds something other than an index: {e}"),
+            })?
+        }
+        None => OciImageIndex {
+            schema_version: 2,
+            media_type: Some(oci_client::manifest::OCI_IMAGE_INDEX_MEDIA_TYPE.into()),
+            manifests: Vec::new(),
+            artifact_type: None,
+            annotations: None,
+        },
+    };
+    index
+        .manifests
+        .retain(|m| m.artifact_type.as_deref() != Some(ARTIFACT_TYPE));
+    index.manifests.push(oci_client::manifest::ImageIndexEntry {
+        media_type: oci_client::manifest::OCI_IMAGE_MEDIA_TYPE.into(),
+        digest: artifact.to_string(),
+        size: size as i64,
+        platform: None,
+        annotations: None,
+        artifact_type: Some(ARTIFACT_TYPE.into()),
+    });
+    let bytes = serde_json::to_vec(&index).expect("an index serializes");
+    destination
+        .push_manifest_tagged(
+            &tag,
+            &bytes,
+            oci_client::manifest::OCI_IMAGE_INDEX_MEDIA_TYPE,
+        )
+        .await
+}

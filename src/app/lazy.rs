@@ -1,0 +1,364 @@
+//! Lazy mounts (`--lazy`): the pull fetches manifests, configs and each gzip layer's jkmount
+//! index (a referrer artifact of the image manifest) instead of the layers; the mount serves
+//! them through [`LazyLayer`]s that fetch checked spans by `Range`; a background thread then
+//! completes every layer, checks the whole blob against the layer digest and decodes it into the
+//! cache as an eager pull would (diff_id checked), so the next mount is an ordinary warm one.
+//! A layer without an index, or from a source that is not a registry, is pulled eagerly.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use oci_client::manifest::{OciDescriptor, OciImageManifest};
+
+use crate::app::pull::{PullOptions, PulledImage, PulledLayer};
+use crate::cache::{Cache, TempDir};
+use crate::error::{Error, Result};
+use crate::layer::{self, LayerSpec, Limits};
+use crate::lazy::{LazyIndex, LazyLayer, Spans};
+use crate::oci::digest::Digest;
+use crate::oci::image::{self, Compression};
+use crate::oci::reference::ImageRef;
+use crate::source::registry::RegistrySource;
+use crate::source::{BlobRef, Source};
+
+/// The `artifactType` of jkmount's lazy index artifacts.
+pub const ARTIFACT_TYPE: &str = "application/vnd.jkmount.lazy.v1";
+
+/// The media type of one layer's index blob in such an artifact.
+pub const INDEX_MEDIA_TYPE: &str = "application/vnd.jkmount.lazy.index.v1";
+
+/// The annotation on an index blob naming the layer it indexes.
+pub const LAYER_ANNOTATION: &str = "org.jkmount.lazy.layer";
+
+/// The most bytes one layer's index blob may have.
+const MAX_INDEX_BLOB: u64 = 256 << 20;
+
+/// A layer to be served lazily: its index's digest, found for its layer digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// The layer blob's digest.
+    pub layer: Digest,
+    /// Its size.
+    pub size: u64,
+    /// The index blob's digest (in the cache).
+    pub index: Digest,
+}
+
+/// Looks for lazy indexes of the gzip layers of `manifest` that are not decoded yet, keyed by
+/// diff_id. Nothing found (no referrer, another source) is not an error: those layers are
+/// pulled eagerly, with a warning.
+pub async fn find_indexes(
+    cache: &Cache,
+    origin: &Arc<dyn Source>,
+    manifest: (&Digest, &OciImageManifest),
+    diff_ids: &[Digest],
+    shown: &str,
+) -> Result<HashMap<Digest, Found>> {
+    let (subject, doc) = manifest;
+    let mut wanted = HashMap::new();
+    for (descriptor, diff_id) in doc.layers.iter().zip(diff_ids) {
+        let gzip = image::layer_compression(&descriptor.media_type) == Some(Compression::Gzip);
+        if gzip && !layer::is_decoded(cache, diff_id) {
+            let (digest, size) = image::descriptor_digest(descriptor, "layer", shown)?;
+            wanted.insert(digest, (size, diff_id.clone()));
+        }
+    }
+    let mut found = HashMap::new();
+    let Some(registry) = origin.clone().registry() else {
+        return Ok(found);
+    };
+    if wanted.is_empty() || !serves_ranges(&registry, wanted.keys().next(), shown).await? {
+        return Ok(found);
+    }
+    for referrer in registry.referrers(subject, ARTIFACT_TYPE).await? {
+        let (bytes, _) = registry.fetch_manifest(Some(&referrer)).await?;
+        let artifact: OciImageManifest =
+            serde_json::from_slice(&bytes).map_err(|e| Error::BadDocument {
+                what: "lazy index manifest",
+                digest: referrer.to_string(),
+                reference: shown.to_owned(),
+                detail: e.to_string(),
+            })?;
+        if artifact.subject.as_ref().map(|s| s.digest.as_str()) != Some(&subject.to_string()) {
+            continue;
+        }
+        for blob in &artifact.layers {
+            let Some(layer) = indexed_layer(blob) else {
+                continue;
+            };
+            let Some((size, diff_id)) = wanted.get(&layer) else {
+                continue;
+            };
+            if found.contains_key(diff_id) {
+                continue;
+            }
+            let index = fetch_index(cache, origin, blob, shown).await?;
+            // Decoded once here so a bad index fails the pull, not the mount.
+            LazyIndex::decode(&read_index(cache, &index)?, &layer, *size, diff_id)?;
+            let size = *size;
+            found.insert(diff_id.clone(), Found { layer, size, index });
+        }
+    }
+    for (digest, (_, diff_id)) in &wanted {
+        if !found.contains_key(diff_id) {
+            tracing::warn!(
+                "{shown}: layer {digest} has no lazy index (make one with `jkmount index {shown} --push`); pulling it whole"
+            );
+        }
+    }
+    Ok(found)
+}
+
+/// Whether the registry answers a `Range` request of `layer` with the range; one that sends the
+/// whole blob instead gets an eager pull, with a warning.
+async fn serves_ranges(
+    registry: &RegistrySource,
+    layer: Option<&Digest>,
+    shown: &str,
+) -> Result<bool> {
+    let Some(layer) = layer else { return Ok(false) };
+    match registry.fetch_range(layer, 0, 1).await {
+        Ok(_) => Ok(true),
+        Err(e @ Error::RangeUnsupported { .. }) => {
+            tracing::warn!("{e}; pulling {shown} whole instead");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn indexed_layer(blob: &OciDescriptor) -> Option<Digest> {
+    if blob.media_type != INDEX_MEDIA_TYPE {
+        return None;
+    }
+    blob.annotations
+        .as_ref()?
+        .get(LAYER_ANNOTATION)?
+        .parse()
+        .ok()
+}
+
+async fn fetch_index(
+    cache: &Cache,
+    origin: &Arc<dyn Source>,
+    blob: &OciDescriptor,
+    shown: &str,
+) -> Result<Digest> {
+    let (digest, size) = image::descriptor_digest(blob, "lazy index", shown)?;
+    if size > MAX_INDEX_BLOB {
+        return Err(Error::BadLazyIndex {
+            layer: digest,
+            detail: format!("its descriptor says {size} bytes, more than {MAX_INDEX_BLOB}"),
+        });
+    }
+    if !cache.has_blob(&digest) {
+        let blob = BlobRef {
+            follow: None,
+            digest: &digest,
+            size,
+            what: "lazy index",
+            image: shown,
+        };
+        origin.fetch_blob(cache, blob).await?;
+    }
+    Ok(digest)
+}
+
+/// The bytes of a cached index blob.
+pub fn read_index(cache: &Cache, digest: &Digest) -> Result<Vec<u8>> {
+    cache.read_blob(digest)?.ok_or_else(|| Error::CacheDamaged {
+        path: cache.blob_path(digest),
+        cause: crate::error::Damage::Vanished,
+    })
+}
+
+/// The lazily served layers of a mount, one per layer of its tree (`None`: an ordinary one),
+/// with the runtime their fetches run on and the temp space their files are in.
+pub struct LazyLayers {
+    /// One per layer of the tree.
+    pub layers: Vec<Option<Arc<LazyLayer>>>,
+    runtime: Arc<tokio::runtime::Runtime>,
+    _dir: TempDir,
+    jobs: Vec<Completion>,
+    limits: Limits,
+    background: bool,
+}
+
+/// What completing one lazy layer needs.
+struct Completion {
+    layer: Arc<LazyLayer>,
+    diff_id: Digest,
+    shown: String,
+}
+
+/// Fetches spans of one blob from a registry, on the mount's runtime.
+struct RegistrySpans {
+    runtime: Arc<tokio::runtime::Runtime>,
+    registry: Arc<RegistrySource>,
+    digest: Digest,
+}
+
+impl Spans for RegistrySpans {
+    fn fetch(&self, start: u64, len: u64) -> std::result::Result<Vec<u8>, String> {
+        self.runtime
+            .block_on(self.registry.fetch_range(&self.digest, start, len))
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Sets up the lazy layers of `pulled`, in the tree's layer order.
+pub fn open_layers(
+    cache: &Cache,
+    images: &[ImageRef],
+    pulled: &[PulledImage],
+    options: &PullOptions,
+) -> Result<Option<LazyLayers>> {
+    let any = pulled
+        .iter()
+        .flat_map(|p| &p.layers)
+        .any(|l| matches!(l, PulledLayer::Lazy { .. }));
+    if !any {
+        return Ok(None);
+    }
+    let runtime = Arc::new(crate::app::prepare::runtime()?);
+    let dir = cache.temp_dir("lazy")?;
+    let (mut layers, mut jobs) = (Vec::new(), Vec::new());
+    for (image, reference) in pulled.iter().zip(images) {
+        let origin = crate::source::open(reference, options.registries.clone(), false);
+        for pulled_layer in &image.layers {
+            let PulledLayer::Lazy { diff_id, found } = pulled_layer else {
+                layers.push(None);
+                continue;
+            };
+            let registry = origin
+                .clone()
+                .registry()
+                .expect("lazy layers come from registries");
+            let index = LazyIndex::decode(
+                &read_index(cache, &found.index)?,
+                &found.layer,
+                found.size,
+                diff_id,
+            )?;
+            let spans = RegistrySpans {
+                runtime: runtime.clone(),
+                registry,
+                digest: found.layer.clone(),
+            };
+            let name = format!("layer {} of {}", found.layer, image.shown);
+            let own = dir.path().join(diff_id.hex());
+            crate::cache::private_dir_all(&own)?;
+            let layer = Arc::new(LazyLayer::new(&own, index, name, Box::new(spans))?);
+            jobs.push(Completion {
+                layer: layer.clone(),
+                diff_id: diff_id.clone(),
+                shown: image.shown.clone(),
+            });
+            layers.push(Some(layer));
+        }
+    }
+    Ok(Some(LazyLayers {
+        layers,
+        runtime,
+        _dir: dir,
+        jobs,
+        limits: options.limits,
+        background: options.lazy == crate::app::pull::Lazy::Background,
+    }))
+}
+
+impl LazyLayers {
+    /// Starts the background completion of every layer, unless the mount fetches only what
+    /// is read: fetched whole (retried with backoff while the registry is away), checked
+    /// against the layer digest and decoded into the cache. Runs until done or the process ends.
+    pub fn complete_in_background(&mut self, cache: &Cache) {
+        if !self.background {
+            return;
+        }
+        let (jobs, limits) = (std::mem::take(&mut self.jobs), self.limits);
+        let cache = cache.clone();
+        let _runtime = self.runtime.clone();
+        std::thread::spawn(move || {
+            for job in jobs {
+                let mut wait = Duration::from_secs(1);
+                loop {
+                    match job
+                        .layer
+                        .fill()
+                        .map_err(|e| e.to_string())
+                        .and_then(|()| adopt(&cache, &job, &limits).map_err(|e| e.to_string()))
+                    {
+                        Ok(()) => break,
+                        Err(e) if job.layer.is_refused() => {
+                            tracing::error!("{}: {e}", job.shown);
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(
+                                "completing {}: {e}; trying again in {wait:?}",
+                                job.shown
+                            );
+                            std::thread::sleep(wait);
+                            wait = (wait * 2).min(Duration::from_secs(60));
+                        }
+                    }
+                }
+                let (fetched, size) = job.layer.progress();
+                tracing::info!(
+                    "{}: layer {} complete and in the cache ({fetched} of {size} compressed bytes fetched)",
+                    job.shown,
+                    job.layer.digest()
+                );
+            }
+        });
+    }
+}
+
+/// Puts a completed layer into the cache as an eager pull would: the blob checked against its
+/// digest and stored, then decoded (diff_id checked); then the index's entries are compared
+/// with the layer's own.
+fn adopt(cache: &Cache, job: &Completion, limits: &Limits) -> Result<()> {
+    let digest = job.layer.digest();
+    {
+        let _building = cache.lock_entry("layer", &job.diff_id)?;
+        if !layer::is_decoded(cache, &job.diff_id) {
+            store_and_decode(cache, job, limits)?;
+        }
+    }
+    if !job
+        .layer
+        .entries_match(&layer::load_index(cache, &job.diff_id)?)
+    {
+        return Err(Error::BadLazyIndex {
+            layer: digest.clone(),
+            detail: "its entries are not the layer's (the layer is in the cache as it is; this \
+                     mount refuses it from now on: mount again)"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+fn store_and_decode(cache: &Cache, job: &Completion, limits: &Limits) -> Result<()> {
+    let digest = job.layer.digest();
+    let (_, size) = job.layer.progress();
+    let path = job.layer.blob_path();
+    let mut writer = cache.blob_writer(digest)?;
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    std::io::copy(&mut file, &mut writer).map_err(|e| Error::io(path, e))?;
+    let label = crate::cache::BlobLabel {
+        what: "layer",
+        reference: &job.shown,
+    };
+    let stored = writer.commit(Some(size), label)?;
+    let spec = LayerSpec {
+        digest,
+        size,
+        diff_id: &job.diff_id,
+        compression: Compression::Gzip,
+        reference: &job.shown,
+    };
+    let file = std::fs::File::open(&stored).map_err(|e| Error::io(&stored, e))?;
+    layer::decode_layer(cache, file, &spec, limits)
+}

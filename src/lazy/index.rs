@@ -1,0 +1,255 @@
+//! A jkmount lazy index of one gzip layer: what a mount needs to serve the layer before it is
+//! downloaded. It holds the layer's entries (the same [`LayerIndex`] an eager decode records,
+//! offsets into the uncompressed tar), deflate access points (the zran technique, kept by the
+//! `indexed_deflate` crate), and a SHA-256 of every compressed chunk and of every uncompressed
+//! block, so each span fetched by `Range` is checked before it is decoded and each decoded block
+//! before it is served. An index is untrusted input: [`LazyIndex::decode`] bounds its size and
+//! checks that its counts agree with the layer it claims to describe.
+
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::error::{Error, IoContext, Result};
+use crate::layer::{EntryKind, LayerIndex, LayerSpec};
+use crate::oci::digest::Digest;
+
+/// What the artifact's blobs start with, before the zstd frame.
+const MAGIC: &[u8; 8] = b"JKLAZY01";
+
+/// Compressed bytes per verified chunk (and the unit of a `Range` fetch).
+pub const CHUNK_SIZE: u32 = 256 * 1024;
+
+/// Uncompressed bytes per verified block (the unit served after a check).
+pub const BLOCK_SIZE: u32 = 1024 * 1024;
+
+/// Compressed bytes between deflate access points: each costs up to 32 KiB of window in the
+/// index, and a read decodes on average half a span before its block.
+pub const ACCESS_SPAN: u64 = 1024 * 1024;
+
+/// The most bytes an index may expand to (entries, access points and digests).
+pub const MAX_DECODED: u64 = 512 * 1024 * 1024;
+
+/// The index of one layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LazyIndex {
+    /// The compressed layer's digest.
+    pub layer: Digest,
+    /// Its size.
+    pub size: u64,
+    /// The uncompressed tar's digest.
+    pub diff_id: Digest,
+    /// The uncompressed tar's size.
+    pub content_size: u64,
+    /// Bytes per compressed chunk.
+    pub chunk_size: u32,
+    /// SHA-256 of each compressed chunk, in order.
+    pub chunks: Vec<[u8; 32]>,
+    /// Bytes per uncompressed block.
+    pub block_size: u32,
+    /// SHA-256 of each uncompressed block, in order.
+    pub blocks: Vec<[u8; 32]>,
+    /// The layer's entries, as an eager decode records them.
+    pub entries: LayerIndex,
+    /// The deflate access points, in `indexed_deflate`'s format.
+    #[serde(with = "serde_bytes")]
+    pub deflate: Vec<u8>,
+}
+
+/// The SHA-256 of `bytes`, as stored per chunk and block.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+fn pieces(total: u64, piece: u32) -> usize {
+    total.div_ceil(u64::from(piece)) as usize
+}
+
+fn bad(layer: &Digest, detail: impl Into<String>) -> Error {
+    Error::BadLazyIndex {
+        layer: layer.clone(),
+        detail: detail.into(),
+    }
+}
+
+impl LazyIndex {
+    /// Builds the index of a verified gzip layer blob at `blob`, whose decoded entries are
+    /// `entries` and uncompressed size `content_size`. The blob is read twice (chunk digests,
+    /// then the deflate stream); the uncompressed bytes are checked against the layer's diff_id
+    /// on the way. A gzip stream of several members is [`Error::Unindexable`]: the access
+    /// points follow one deflate stream.
+    pub fn build(
+        blob: &Path,
+        spec: &LayerSpec<'_>,
+        entries: LayerIndex,
+        content_size: u64,
+    ) -> Result<LazyIndex> {
+        let chunks = chunk_digests(blob)?;
+        let mut points = tempfile::tempfile().at("a temp file for deflate access points")?;
+        let file = std::fs::File::open(blob).at(blob)?;
+        let mut builder = indexed_deflate::GzIndexBuilder::new(
+            io::BufReader::with_capacity(1 << 20, file),
+            &mut points,
+            indexed_deflate::AccessPointSpan::new(ACCESS_SPAN),
+        )
+        .map_err(|e| bad(spec.digest, format!("not a gzip stream: {e}")))?;
+        let mut blocks = Vec::new();
+        let mut whole = Sha256::new();
+        let mut decoded = 0u64;
+        let mut block = vec![0; BLOCK_SIZE as usize];
+        loop {
+            let n = read_full(&mut builder, &mut block).at(blob)?;
+            if n == 0 {
+                break;
+            }
+            blocks.push(sha256(&block[..n]));
+            whole.update(&block[..n]);
+            decoded += n as u64;
+        }
+        builder
+            .finish()
+            .map_err(|e| bad(spec.digest, format!("writing access points: {e}")))?;
+        if decoded != content_size {
+            return Err(Error::Unindexable {
+                layer: spec.digest.clone(),
+                detail: format!(
+                    "its first gzip member holds {decoded} of its {content_size} bytes (a stream of several members)"
+                ),
+            });
+        }
+        let found = Digest::from_sha256(whole.finalize().into());
+        if found != *spec.diff_id {
+            return Err(Error::DigestMismatch {
+                what: "uncompressed layer (diff_id)",
+                reference: spec.reference.to_owned(),
+                expected: spec.diff_id.clone(),
+                found,
+            });
+        }
+        let mut deflate = Vec::new();
+        points
+            .seek(SeekFrom::Start(0))
+            .and_then(|_| points.read_to_end(&mut deflate))
+            .at("the deflate access points")?;
+        Ok(LazyIndex {
+            layer: spec.digest.clone(),
+            size: spec.size,
+            diff_id: spec.diff_id.clone(),
+            content_size,
+            chunk_size: CHUNK_SIZE,
+            chunks,
+            block_size: BLOCK_SIZE,
+            blocks,
+            entries,
+            deflate,
+        })
+    }
+
+    /// The artifact blob: magic, then the index as postcard in one zstd frame.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let plain = postcard::to_stdvec(self).map_err(|e| bad(&self.layer, e.to_string()))?;
+        let mut out = MAGIC.to_vec();
+        out.extend(zstd::bulk::compress(&plain, 19).at("compressing a lazy index")?);
+        Ok(out)
+    }
+
+    /// Reads an artifact blob said to index `layer` (of `size` bytes, uncompressed
+    /// `diff_id`), bounding what it may cost and checking that it describes that layer.
+    pub fn decode(bytes: &[u8], layer: &Digest, size: u64, diff_id: &Digest) -> Result<LazyIndex> {
+        let body = bytes
+            .strip_prefix(MAGIC.as_slice())
+            .ok_or_else(|| bad(layer, "it does not start with jkmount's lazy index magic"))?;
+        let mut plain = Vec::new();
+        zstd::stream::read::Decoder::new(body)
+            .and_then(|d| d.take(MAX_DECODED + 1).read_to_end(&mut plain))
+            .map_err(|e| bad(layer, format!("its zstd frame: {e}")))?;
+        if plain.len() as u64 > MAX_DECODED {
+            return Err(bad(
+                layer,
+                format!("it expands to more than {MAX_DECODED} bytes"),
+            ));
+        }
+        let index: LazyIndex =
+            postcard::from_bytes(&plain).map_err(|e| bad(layer, e.to_string()))?;
+        index.check(layer, size, diff_id)?;
+        Ok(index)
+    }
+
+    /// The counts and bounds an honest index of this layer has.
+    fn check(&self, layer: &Digest, size: u64, diff_id: &Digest) -> Result<()> {
+        if self.layer != *layer || self.size != size || self.diff_id != *diff_id {
+            return Err(bad(
+                layer,
+                format!(
+                    "it describes layer {} ({} bytes, diff_id {}), not this one",
+                    self.layer, self.size, self.diff_id
+                ),
+            ));
+        }
+        let sane = |piece: u32| (64 * 1024..=64 << 20).contains(&piece);
+        if !sane(self.chunk_size) || !sane(self.block_size) {
+            return Err(bad(
+                layer,
+                "its chunk or block size is outside 64 KiB..64 MiB",
+            ));
+        }
+        if self.chunks.len() != pieces(self.size, self.chunk_size)
+            || self.blocks.len() != pieces(self.content_size, self.block_size)
+        {
+            return Err(bad(
+                layer,
+                "its digest counts do not match the sizes it gives",
+            ));
+        }
+        for entry in &self.entries.entries {
+            let ends = match &entry.kind {
+                EntryKind::File { offset, size } => offset.checked_add(*size),
+                EntryKind::SparseFile { extents, .. } => extents
+                    .iter()
+                    .map(|e| e.offset.checked_add(e.len))
+                    .try_fold(0u64, |most, end| end.map(|end| most.max(end))),
+                _ => Some(0),
+            };
+            if ends.is_none_or(|end| end > self.content_size) {
+                return Err(bad(
+                    layer,
+                    format!(
+                        "entry {} lies outside the layer's {} bytes",
+                        String::from_utf8_lossy(&entry.path),
+                        self.content_size
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads until `buf` is full or the stream ends.
+pub(crate) fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+fn chunk_digests(blob: &Path) -> Result<Vec<[u8; 32]>> {
+    let mut file = std::fs::File::open(blob).at(blob)?;
+    let mut chunk = vec![0; CHUNK_SIZE as usize];
+    let mut digests = Vec::new();
+    loop {
+        let n = read_full(&mut file, &mut chunk).at(blob)?;
+        if n == 0 {
+            return Ok(digests);
+        }
+        digests.push(sha256(&chunk[..n]));
+    }
+}

@@ -1,0 +1,10 @@
+//! Serving a layer before it is downloaded: [`index`] is jkmount's lazy index of a gzip layer
+//! (entries, deflate access points, a digest per compressed chunk and per uncompressed block),
+//! [`layer`] the layer served from it, each span fetched by `Range` and checked before use.
+//! Finding indexes and completing layers in the background is `app::lazy`'s.
+
+pub mod index;
+pub mod layer;
+
+pub use index::LazyIndex;
+pub use layer::{LazyLayer, Spans};

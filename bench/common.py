@@ -107,6 +107,8 @@ class Result:
             f = lambda v: f"{v:.1f} MiB"  # noqa: E731
         elif self.unit == "workloads/s":
             f = lambda v: f"{v:.2f}/s"  # noqa: E731
+        elif self.unit == "%":
+            f = lambda v: f"{v:.2f} %"  # noqa: E731
         else:
             f = lambda v: f"{v:,.0f} {self.unit}"  # noqa: E731
         if len(self.samples) == 1:

@@ -7,7 +7,8 @@ fuse-overlayfs with an upper (bench/writes.py). Builds its images from real npm 
 writes docs/benchmarks.md. Timings are medians of BENCH_RUNS runs (default 3) with min-max;
 "first" rows drop the page cache and mount afresh. Needs root (drop_caches, mounts).
 
-Environment: BENCH_RUNS, BENCH_SKIP_INSTALL=1 (use what is installed), BENCH_OUT (markdown).
+Environment: BENCH_RUNS, BENCH_SKIP_INSTALL=1 (use what is installed), BENCH_OUT (markdown),
+BENCH_ONLY=lazy (only the lazy-mount rows and targets, printed, docs left alone).
 """
 
 import json
@@ -175,10 +176,14 @@ class MountTool:
         return self.mnt
 
     def cold(self, probe):
+        return self.cold_then(lambda root: lambda: (root / probe).stat())
+
+    def cold_then(self, workload_for):
+        """From nothing to the end of `workload_for(root)` run once through a fresh mount."""
         unmount(self.mnt)
         shutil.rmtree(self.dir, ignore_errors=True)
         self.mnt.mkdir(parents=True)
-        return timed(lambda: (self._fetch(), self._mount(), (self.mnt / probe).stat()))
+        return timed(lambda: (self._fetch(), self._mount(), workload_for(self.root())()))
 
     def warm(self, probe):
         unmount(self.mnt)
@@ -286,6 +291,24 @@ class Jkmount(MountTool):
                 unmount(t)
             keeper.kill()
             keeper.wait()
+
+
+class Lazy(Jkmount):
+    """jkmount --lazy: mounted once the image's indexes are fetched (made by `jkmount index
+    --push` beforehand), layers fetched by range as read and completed in the background."""
+
+    name = "jkmount --lazy"
+
+    def _mount(self):
+        sh(JK, "-q", "--cache-dir", self.cache, "--lazy", self.ref, self.mnt)
+
+
+def index_for_lazy(ref, cache):
+    """`jkmount index REF --push`: the index's size against the image's compressed layers."""
+    said = sh(JK, "--cache-dir", cache, "index", ref, "--push", capture_output=True, text=True)
+    line = next(l for l in said.stderr.splitlines() if l.startswith("indexed"))
+    index_bytes, layer_bytes = (int(w) for w in line.split() if w.isdigit())
+    return index_bytes, layer_bytes
 
 
 class Passthrough(Jkmount):
@@ -551,6 +574,16 @@ def main():
         reg = registry.addr
         log(f"packing {n_files} files of npm packages as 5 layers")
         large = pack_layers(layers, f"{reg}/bench/large:1", cache)
+        if os.environ.get("BENCH_ONLY") == "lazy":
+            lazy = lazy_rows(registry, large, WORK / "lazy-index-cache")
+            met = []
+            lazy_targets(dict(lazy), lambda text, r, limit, fmt="{:.2f}×": met.append(
+                (text, "not measured" if r is None else fmt.format(r), r is not None and r <= limit)))
+            for text, figure, ok in met:
+                lazy.append((f"target: {text}: {figure} ({'met' if ok else 'missed'})", {}))
+            for label, cells in lazy:
+                print(label, {k: v.shown() for k, v in cells.items()})
+            return
         small = pack_layers([generated_tree(WORK / "src-1k", 10, 100)], f"{reg}/bench/small:1", cache)
         huge = pack_layers([generated_tree(WORK / "src-100k", 100, 1000)], f"{reg}/bench/huge:1", cache)
         bigf = pack_layers([big_files(WORK / "src-big")], f"{reg}/bench/big:1", cache)
@@ -578,8 +611,10 @@ def main():
             rows += link.rows(shaped, large, lambda ref: [Jkmount(ref, "link"),
                                                           SkopeoUmoci(ref, "link"),
                                                           Podman(ref, "link")], PROBE, RUNS)
+        rows += lazy_rows(registry, large, jk.cache)
 
         native = Native(umoci.root())
+
         jkp = Passthrough(jk)
         tools += [jkp]
         readers = [native, jk, *peers, jkp]
@@ -774,8 +809,46 @@ def targets(rows, n_entries):
     four = median(by.get("4 concurrent node workloads (throughput)", {}), "jkmount")
     add("4 concurrent workloads ≥ 1.6× the throughput of one", four / one if four and one else None,
         1.6, higher_is_better=True)
+    lazy_targets(by, add)
     writes.targets(by, ratio, add)
     return out_
+
+
+def lazy_rows(registry, large, index_cache):
+    """The lazy-mount rows: the index's cost, then the first require from an empty cache over
+    the 100 and 20 Mbit/s links, eager against --lazy, with the bytes fetched by then."""
+    log("lazy index of the large image")
+    index_bytes, layer_bytes = index_for_lazy(large, index_cache)
+    rows = [("lazy index (jkmount index --push) of the large image: % of its compressed layers",
+             {"jkmount": Result([100 * index_bytes / layer_bytes], unit="%")}),
+            ("the large image's compressed layers",
+             {"jkmount": Result([layer_bytes / 2**20], unit="MiB")})]
+    for rate in (100, 20):
+        log(f"first require over a {rate} Mbit/s link with 20 ms RTT, eager and --lazy")
+        shaped = link.Link(registry.dir / "storage", rate_mbit=rate)
+        with shaped.inside():
+            rows += link.first_result_rows(shaped, large, lambda ref: [Jkmount(ref, "link"),
+                                                                      Lazy(ref, "link-lazy")],
+                                           node_workload, RUNS)
+    return rows
+
+
+def lazy_targets(by, add):
+    """The lazy-mount issue's targets: on the 20 Mbit/s link, the first require through --lazy
+    against an eager mount's, and the share of the image fetched by then; the index's cost."""
+    slow = "20 Mbit/s, 20 ms RTT"
+    eager = median(by.get(link.first_result_row(slow, Jkmount.name), {}), "jkmount")
+    lazy = median(by.get(link.first_result_row(slow, Lazy.name), {}), "jkmount")
+    add("first require through --lazy ≤ 0.3× an eager mount's, 20 Mbit/s link",
+        lazy / eager if lazy and eager else None, 0.3)
+    fetched = median(by.get(f"link {slow}: MiB over the link by that first result ({Lazy.name})", {}),
+                     "jkmount")
+    image = median(by.get("the large image's compressed layers", {}), "jkmount")
+    add("--lazy: < 20 % of the compressed image fetched by the first require",
+        100 * fetched / image if fetched and image else None, 20, fmt="{:.1f} %")
+    add("lazy index ≤ 3 % of the compressed layers",
+        median(by.get("lazy index (jkmount index --push) of the large image: % of its compressed layers", {}),
+               "jkmount"), 3, fmt="{:.2f} %")
 
 
 def cell(text):

@@ -224,6 +224,7 @@ pub fn open_layers(
     let runtime = Arc::new(crate::app::prepare::runtime()?);
     let dir = cache.temp_dir("lazy")?;
     let (mut layers, mut jobs) = (Vec::new(), Vec::new());
+    let waiting = Arc::default();
     for (image, reference) in pulled.iter().zip(images) {
         let origin = crate::source::open(reference, options.registries.clone(), false);
         for pulled_layer in &image.layers {
@@ -249,7 +250,14 @@ pub fn open_layers(
             let name = format!("layer {} of {}", found.layer, image.shown);
             let own = dir.path().join(diff_id.hex());
             crate::cache::private_dir_all(&own)?;
-            let layer = Arc::new(LazyLayer::new(&own, index, name, Box::new(spans))?);
+            let spans = Box::new(spans);
+            let layer = Arc::new(LazyLayer::new(
+                &own,
+                index,
+                name,
+                spans,
+                Arc::clone(&waiting),
+            )?);
             jobs.push(Completion {
                 layer: layer.clone(),
                 diff_id: diff_id.clone(),

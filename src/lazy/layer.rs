@@ -11,8 +11,8 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 #[cfg(test)]
@@ -53,8 +53,9 @@ pub struct LazyLayer {
     content_path: PathBuf,
     present: Mutex<Present>,
     spans: Box<dyn Spans>,
-    /// Reads waiting on the network now; the background pass pauses while there are any.
-    waiting: AtomicUsize,
+    /// Reads of the mount's lazy layers waiting on the network now (shared by them all); the
+    /// background pass pauses while there are any.
+    waiting: Arc<AtomicUsize>,
     /// Compressed bytes fetched so far.
     fetched: AtomicU64,
     /// Set when the index proved not to describe the layer: every read then fails.
@@ -79,6 +80,7 @@ impl LazyLayer {
         mut index: LazyIndex,
         name: String,
         spans: Box<dyn Spans>,
+        waiting: Arc<AtomicUsize>,
     ) -> Result<Self> {
         let entries = entries_digest(&std::mem::take(&mut index.entries));
         let sparse = |file: &str, len: u64| -> Result<(File, PathBuf)> {
@@ -109,7 +111,7 @@ impl LazyLayer {
             content_path,
             present: Mutex::new(present),
             spans,
-            waiting: AtomicUsize::new(0),
+            waiting,
             fetched: AtomicU64::new(0),
             refused: AtomicBool::new(false),
             entries,
@@ -379,8 +381,6 @@ impl Seek for Chunks<'_> {
 #[cfg(test)]
 mod tests {
     use std::io::Write;
-    use std::sync::Arc;
-    use std::sync::atomic::AtomicUsize;
 
     use super::*;
     use crate::layer::{LayerIndex, LayerSpec};
@@ -453,7 +453,14 @@ mod tests {
             flip,
             requests: Arc::default(),
         };
-        LazyLayer::new(dir, index, "layer of test".into(), Box::new(spans)).unwrap()
+        LazyLayer::new(
+            dir,
+            index,
+            "layer of test".into(),
+            Box::new(spans),
+            Arc::default(),
+        )
+        .unwrap()
     }
 
     fn content(layer: &LazyLayer, start: u64, len: usize) -> Vec<u8> {

@@ -49,7 +49,7 @@ pub fn index_and_push(cache: &Cache, image: &ImageRef, options: &PullOptions) ->
     let runtime = crate::app::prepare::runtime()?;
     let pulled = runtime.block_on(pull::pull(cache, image, options))?;
     let shown = pulled.shown.clone();
-    let bytes = crate::app::lazy::read_index(cache, &pulled.manifest)?;
+    let bytes = cache.read_stored_blob(&pulled.manifest)?;
     let ManifestDoc::Image(manifest) = image::parse_manifest(&bytes, "manifest", &shown)? else {
         unreachable!("a pull ends at an image manifest");
     };

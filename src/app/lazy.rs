@@ -68,7 +68,7 @@ pub async fn find_indexes(
     let Some(registry) = origin.clone().registry() else {
         return Ok(found);
     };
-    if wanted.is_empty() || !serves_ranges(&registry, wanted.keys().next(), shown).await? {
+    if wanted.is_empty() {
         return Ok(found);
     }
     for referrer in registry.referrers(subject, ARTIFACT_TYPE).await? {
@@ -93,12 +93,16 @@ pub async fn find_indexes(
             if found.contains_key(diff_id) {
                 continue;
             }
+            // Read (bounded, checked against the layer) once, when the mount opens it.
             let index = fetch_index(cache, origin, blob, shown).await?;
-            // Decoded once here so a bad index fails the pull, not the mount.
-            LazyIndex::decode(&read_index(cache, &index)?, &layer, *size, diff_id)?;
             let size = *size;
             found.insert(diff_id.clone(), Found { layer, size, index });
         }
+    }
+    // Asked only when there is something to serve lazily.
+    let probe = found.values().next().map(|f: &Found| f.layer.clone());
+    if probe.is_some() && !serves_ranges(&registry, probe.as_ref(), shown).await? {
+        return Ok(HashMap::new());
     }
     for (digest, (_, diff_id)) in &wanted {
         if !found.contains_key(diff_id) {
@@ -165,20 +169,11 @@ async fn fetch_index(
     Ok(digest)
 }
 
-/// The bytes of a cached index blob.
-pub fn read_index(cache: &Cache, digest: &Digest) -> Result<Vec<u8>> {
-    cache.read_blob(digest)?.ok_or_else(|| Error::CacheDamaged {
-        path: cache.blob_path(digest),
-        cause: crate::error::Damage::Vanished,
-    })
-}
-
 /// The lazily served layers of a mount, one per layer of its tree (`None`: an ordinary one),
-/// with the runtime their fetches run on and the temp space their files are in.
+/// with the temp space their files are in (their spans hold the runtime their fetches run on).
 pub struct LazyLayers {
     /// One per layer of the tree.
     pub layers: Vec<Option<Arc<LazyLayer>>>,
-    runtime: Arc<tokio::runtime::Runtime>,
     _dir: TempDir,
     jobs: Vec<Completion>,
     limits: Limits,
@@ -237,7 +232,7 @@ pub fn open_layers(
                 .registry()
                 .expect("lazy layers come from registries");
             let index = LazyIndex::decode(
-                &read_index(cache, &found.index)?,
+                &cache.read_stored_blob(&found.index)?,
                 &found.layer,
                 found.size,
                 diff_id,
@@ -268,7 +263,6 @@ pub fn open_layers(
     }
     Ok(Some(LazyLayers {
         layers,
-        runtime,
         _dir: dir,
         jobs,
         limits: options.limits,
@@ -286,7 +280,6 @@ impl LazyLayers {
         }
         let (jobs, limits) = (std::mem::take(&mut self.jobs), self.limits);
         let cache = cache.clone();
-        let _runtime = self.runtime.clone();
         std::thread::spawn(move || {
             for job in jobs {
                 let mut wait = Duration::from_secs(1);

@@ -144,7 +144,7 @@ fn merge(
                     (diff_id, layer::load_index(cache, diff_id)?.entries)
                 }
                 PulledLayer::Lazy { diff_id, found } => {
-                    let bytes = crate::app::lazy::read_index(cache, &found.index)?;
+                    let bytes = cache.read_stored_blob(&found.index)?;
                     let index = LazyIndex::decode(&bytes, &found.layer, found.size, diff_id)?;
                     (diff_id, index.entries.entries)
                 }

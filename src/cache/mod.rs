@@ -211,6 +211,15 @@ impl Cache {
         Ok(Some(bytes))
     }
 
+    /// [`read_blob`](Self::read_blob) of a blob that was just stored or pulled: its absence is
+    /// damage (it vanished, or failed its digest and was removed), not a miss.
+    pub fn read_stored_blob(&self, digest: &Digest) -> Result<Vec<u8>> {
+        self.read_blob(digest)?.ok_or_else(|| Error::CacheDamaged {
+            path: self.blob_path(digest),
+            cause: crate::error::Damage::Vanished,
+        })
+    }
+
     /// Starts writing a blob that must hash to `expected`.
     pub fn blob_writer(&self, expected: &Digest) -> Result<BlobWriter> {
         self.new_blob_writer(expected, None)

@@ -238,12 +238,7 @@ pub async fn documents(
         reference: shown.clone(),
         detail: e.to_string(),
     };
-    let manifest_bytes = cache
-        .read_blob(&manifest_digest)?
-        .ok_or_else(|| Error::CacheDamaged {
-            path: cache.blob_path(&manifest_digest),
-            cause: crate::error::Damage::Vanished,
-        })?;
+    let manifest_bytes = cache.read_stored_blob(&manifest_digest)?;
     Ok(Documents {
         manifest: serde_json::from_slice(&manifest_bytes)
             .map_err(|e| bad("manifest", &manifest_digest, e))?,
@@ -545,10 +540,7 @@ async fn small_blob(
         image: shown,
     };
     origin.fetch_blob(cache, blob).await?;
-    cache.read_blob(digest)?.ok_or_else(|| Error::CacheDamaged {
-        path: cache.blob_path(digest),
-        cause: crate::error::Damage::Vanished,
-    })
+    cache.read_stored_blob(digest)
 }
 
 /// Takes the cache's lock on one entry without blocking the runtime.

@@ -309,3 +309,81 @@ fn a_registry_that_does_not_serve_ranges_gets_an_eager_pull_with_a_warning() {
             .is_some()
     );
 }
+
+/// An index that gives two files of one size each other's names: its digests all hold (the
+/// bytes are the layer's own), but the tar headers do not. Neither file is served, nor anything
+/// of the layer after; the log names the layer.
+#[test]
+fn an_index_that_swaps_two_files_names_serves_neither() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let lines = [
+        "d /jk 755".to_owned(),
+        "f /jk/public.js 644 \"module.exports = 'public';\\n\"".to_owned(),
+        "f /jk/secret.js 644 \"module.exports = 'secret';\\n\"".to_owned(),
+        spec(),
+    ];
+    let (reference, image) = push(&registry, "lazy/swapped:1", &[&lines.join("\n")]);
+    let indexer = jkmount::cache::Cache::open(&work.join("indexer")).unwrap();
+    let parsed = jkmount::oci::reference::ImageRef::parse(&reference).unwrap();
+    let options = jkmount::app::pull::PullOptions::host();
+    let mut built = jkmount::app::index::build(&indexer, &parsed, &options).unwrap();
+    let entries = &mut built.indexes[0].entries.entries;
+    let at = |path: &[u8]| entries.iter().position(|e| e.path == path).unwrap();
+    let (public, secret) = (at(b"jk/public.js"), at(b"jk/secret.js"));
+    let name = entries[public].path.clone();
+    entries[public].path = std::mem::replace(&mut entries[secret].path, name);
+    jkmount::app::index::push_built(&built, &options).unwrap();
+
+    let mnt = work.join("mnt");
+    let lazy = Foreground::start(
+        &work.join("cache"),
+        &["--lazy", "--no-background-fetch"],
+        &reference,
+        &mnt,
+    );
+    for file in ["jk/public.js", "jk/secret.js"] {
+        let err = std::fs::read_to_string(mnt.join(file)).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc_eio()), "{file}: {err}");
+    }
+    let err = read_file(&mnt, 0, 0).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc_eio()), "the layer is refused");
+    let log = lazy.log();
+    let layer = image.layers[0].digest.to_string();
+    assert!(
+        log.contains("do not match its lazy index's entry") && log.contains(&layer),
+        "{log}"
+    );
+}
+
+/// A writable lazy mount copies a file up with its bytes, fetched for the copy, not with the
+/// holes of the layer not yet downloaded.
+#[test]
+fn a_copy_up_in_a_writable_lazy_mount_fetches_the_file_first() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let (reference, _, _) = indexed_image(&registry, "lazy/written:1", work);
+    let mnt = work.join("mnt");
+    let _lazy = Foreground::start(
+        &work.join("cache"),
+        &["--lazy", "--no-background-fetch", "--writable"],
+        &reference,
+        &mnt,
+    );
+    let path = mnt.join("jk/modules/pkg40/f3.js");
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    std::io::Write::write_all(&mut file, b"// appended\n").unwrap();
+    drop(file);
+    let text = std::fs::read(&path).unwrap();
+    let zeros = text.iter().filter(|&&b| b == 0).count();
+    assert!(
+        text == (content(40, 3) + "// appended\n").as_bytes(),
+        "{} bytes after the copy-up, {zeros} of them zeros",
+        text.len()
+    );
+}

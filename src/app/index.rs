@@ -38,8 +38,27 @@ pub struct Indexed {
     pub layer_bytes: u64,
 }
 
+/// The indexes of an image's layers, built and not yet pushed.
+#[derive(Debug, Clone)]
+pub struct Built {
+    /// Where they go: the image's repository.
+    pub reference: oci_client::Reference,
+    /// The image manifest they refer to.
+    pub subject: OciDescriptor,
+    /// One per indexed layer, in layer order.
+    pub indexes: Vec<LazyIndex>,
+    /// Compressed bytes of the image's layers together.
+    pub layer_bytes: u64,
+}
+
 /// Indexes the gzip layers of `image` (a registry reference) and pushes the artifact.
 pub fn index_and_push(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Result<Indexed> {
+    let built = build(cache, image, options)?;
+    push_built(&built, options)
+}
+
+/// Pulls `image` (a registry reference) and indexes its gzip layers.
+pub fn build(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Result<Built> {
     let ImageRef::Registry(reference) = image else {
         return Err(Error::Push {
             reference: image.to_string(),
@@ -53,7 +72,7 @@ pub fn index_and_push(cache: &Cache, image: &ImageRef, options: &PullOptions) ->
     let ManifestDoc::Image(manifest) = image::parse_manifest(&bytes, "manifest", &shown)? else {
         unreachable!("a pull ends at an image manifest");
     };
-    let mut blobs = Vec::new();
+    let mut indexes = Vec::new();
     let mut layer_bytes = 0;
     for (descriptor, pulled_layer) in manifest.layers.iter().zip(&pulled.layers) {
         let (digest, size) = image::descriptor_digest(descriptor, "layer", &shown)?;
@@ -82,16 +101,19 @@ pub fn index_and_push(cache: &Cache, image: &ImageRef, options: &PullOptions) ->
         };
         let entries = layer::load_index(cache, diff_id)?;
         let content = layer::content_path(cache, diff_id);
-        let content_size = std::fs::metadata(&content)
-            .map_err(|e| Error::io(&content, e))?
-            .len();
-        match LazyIndex::build(&cache.blob_path(&digest), &spec, entries, content_size) {
-            Ok(index) => blobs.push((digest, index.encode()?)),
+        match LazyIndex::build(&cache.blob_path(&digest), &content, &spec, entries) {
+            Ok(index) => indexes.push(index),
             Err(e @ Error::Unindexable { .. }) => {
                 tracing::warn!("{shown}: {e}; lazy mounts pull it whole")
             }
             Err(e) => return Err(e),
         }
+    }
+    if indexes.is_empty() {
+        return Err(Error::Push {
+            reference: shown,
+            detail: "none of its layers can be indexed for lazy mounts (only single-member gzip layers can); lazy mounts pull it whole".into(),
+        });
     }
     let subject = OciDescriptor {
         media_type: manifest
@@ -102,21 +124,31 @@ pub fn index_and_push(cache: &Cache, image: &ImageRef, options: &PullOptions) ->
         size: bytes.len() as i64,
         ..Default::default()
     };
-    if blobs.is_empty() {
-        return Err(Error::Push {
-            reference: shown,
-            detail: "none of its layers can be indexed for lazy mounts (only single-member gzip layers can); lazy mounts pull it whole".into(),
-        });
-    }
-    let index_bytes = blobs.iter().map(|(_, b)| b.len() as u64).sum();
-    let layers = blobs.len();
-    let artifact = runtime.block_on(push(reference, options, subject, blobs))?;
-    Ok(Indexed {
-        subject: pulled.manifest,
-        artifact,
-        layers,
-        index_bytes,
+    Ok(Built {
+        reference: reference.clone(),
+        subject,
+        indexes,
         layer_bytes,
+    })
+}
+
+/// Pushes built indexes as one artifact referring to their image.
+pub fn push_built(built: &Built, options: &PullOptions) -> Result<Indexed> {
+    let blobs = built
+        .indexes
+        .iter()
+        .map(|index| Ok((index.layer.clone(), index.encode()?)))
+        .collect::<Result<Vec<_>>>()?;
+    let index_bytes = blobs.iter().map(|(_, b)| b.len() as u64).sum();
+    let runtime = crate::app::prepare::runtime()?;
+    let subject = built.subject.clone();
+    let artifact = runtime.block_on(push(&built.reference, options, subject, blobs))?;
+    Ok(Indexed {
+        subject: built.subject.digest.parse().expect("a digest we wrote"),
+        artifact,
+        layers: built.indexes.len(),
+        index_bytes,
+        layer_bytes: built.layer_bytes,
     })
 }
 

@@ -203,8 +203,11 @@ impl Content {
             let mut done = 0;
             while done < run.len {
                 let n = (run.len - done).min(CHUNK) as usize;
-                self.layer(layer)
-                    .and_then(|file| file.read_exact_at(&mut buf[..n], run.offset + done))
+                let at = run.offset + done;
+                // A lazy layer's bytes may not be here yet: a copy-up must not copy holes.
+                self.present(layer, at, at + n as u64)
+                    .and_then(|()| self.layer(layer))
+                    .and_then(|file| file.read_exact_at(&mut buf[..n], at))
                     .at(&self.paths[layer as usize])?;
                 out.write_all_at(&buf[..n], run.logical + done).at(dest)?;
                 done += n as u64;

@@ -3,9 +3,11 @@
 //! cache and records an index of its entries. The mount later reads file data in place from
 //! that verified tar, so nothing is extracted and a layer is never held in memory.
 //! Whiteouts are not interpreted here: the index is faithful to the tar; `merge` merges.
-//! `header` reads one entry's header; `stream` holds the byte plumbing and the guards.
+//! `header` reads one entry's header; `located` finds and rereads one entry's headers (for lazy
+//! mounts); `stream` holds the byte plumbing and the guards.
 
 mod header;
+mod located;
 mod stream;
 
 use std::io::{self, BufReader, BufWriter, Read};
@@ -139,6 +141,7 @@ pub struct LayerSpec<'a> {
 }
 
 pub use crate::cache::layers::{content_path, is_decoded};
+pub use located::{MAX_HEADERS, data_ranges, entry_at, header_starts};
 
 /// Loads a decoded layer's index.
 pub fn load_index(cache: &Cache, diff_id: &Digest) -> Result<LayerIndex> {
@@ -278,7 +281,7 @@ fn stop_error(cache: &Cache, spec: &LayerSpec<'_>, stop: Stop) -> Error {
 }
 
 /// Reads every tar entry, then the rest of the stream, so the tee and the hashes see it all.
-fn read_entries<R: Read>(
+pub(crate) fn read_entries<R: Read>(
     reader: R,
     spec: &LayerSpec<'_>,
     limits: &Limits,

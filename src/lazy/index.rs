@@ -3,7 +3,8 @@
 //! offsets into the uncompressed tar), deflate access points (the zran technique, kept by the
 //! `indexed_deflate` crate), and a SHA-256 of every compressed chunk and of every uncompressed
 //! block, so each span fetched by `Range` is checked before it is decoded and each decoded block
-//! before it is served. An index is untrusted input: [`LazyIndex::decode`] bounds its size and
+//! before it is served; and where each entry's tar headers start, so the entry a file is served
+//! under is checked against the layer's own headers before its first byte is. An index is untrusted input: [`LazyIndex::decode`] bounds its size and
 //! checks that its counts agree with the layer it claims to describe.
 
 use std::io::{self, Read, Seek, SeekFrom};
@@ -13,11 +14,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, IoContext, Result};
-use crate::layer::{EntryKind, LayerIndex, LayerSpec};
+use crate::layer::{self, LayerIndex, LayerSpec};
 use crate::oci::digest::Digest;
 
 /// What the artifact's blobs start with, before the zstd frame.
-const MAGIC: &[u8; 8] = b"JKLAZY01";
+const MAGIC: &[u8; 8] = b"JKLAZY02";
 
 /// Compressed bytes per verified chunk (and the unit of a `Range` fetch).
 pub const CHUNK_SIZE: u32 = 256 * 1024;
@@ -53,6 +54,8 @@ pub struct LazyIndex {
     pub blocks: Vec<[u8; 32]>,
     /// The layer's entries, as an eager decode records them.
     pub entries: LayerIndex,
+    /// Where each entry's first header starts in the uncompressed tar, in entry order.
+    pub headers: Vec<u64>,
     /// The deflate access points, in `indexed_deflate`'s format.
     #[serde(with = "serde_bytes")]
     pub deflate: Vec<u8>,
@@ -75,17 +78,19 @@ fn bad(layer: &Digest, detail: impl Into<String>) -> Error {
 }
 
 impl LazyIndex {
-    /// Builds the index of a verified gzip layer blob at `blob`, whose decoded entries are
-    /// `entries` and uncompressed size `content_size`. The blob is read twice (chunk digests,
-    /// then the deflate stream); the uncompressed bytes are checked against the layer's diff_id
-    /// on the way. A gzip stream of several members is [`Error::Unindexable`]: the access
-    /// points follow one deflate stream.
+    /// Builds the index of a verified gzip layer blob at `blob`, decoded into the tar at
+    /// `content` with entries `entries`. The blob is read twice (chunk digests, then the
+    /// deflate stream); the uncompressed bytes are checked against the layer's diff_id on the
+    /// way. A gzip stream of several members is [`Error::Unindexable`]: the access points
+    /// follow one deflate stream.
     pub fn build(
         blob: &Path,
+        content: &Path,
         spec: &LayerSpec<'_>,
         entries: LayerIndex,
-        content_size: u64,
     ) -> Result<LazyIndex> {
+        let headers = locate_headers(content, spec, &entries)?;
+        let content_size = std::fs::metadata(content).at(content)?.len();
         let chunks = chunk_digests(blob)?;
         let mut points = tempfile::tempfile().at("a temp file for deflate access points")?;
         let file = std::fs::File::open(blob).at(blob)?;
@@ -143,6 +148,7 @@ impl LazyIndex {
             block_size: BLOCK_SIZE,
             blocks,
             entries,
+            headers,
             deflate,
         })
     }
@@ -203,20 +209,22 @@ impl LazyIndex {
                 "its digest counts do not match the sizes it gives",
             ));
         }
-        for entry in &self.entries.entries {
-            let ends = match &entry.kind {
-                EntryKind::File { offset, size } => offset.checked_add(*size),
-                EntryKind::SparseFile { extents, .. } => extents
-                    .iter()
-                    .map(|e| e.offset.checked_add(e.len))
-                    .try_fold(0u64, |most, end| end.map(|end| most.max(end))),
-                _ => Some(0),
-            };
-            if ends.is_none_or(|end| end > self.content_size) {
+        if self.headers.len() != self.entries.entries.len() {
+            return Err(bad(layer, "it does not give every entry's header offset"));
+        }
+        for (entry, &header) in self.entries.entries.iter().zip(&self.headers) {
+            let ranges = layer::data_ranges(&entry.kind);
+            let ends = ranges.iter().try_fold(header, |most, r| {
+                (r.0 <= r.1 && r.0 > header).then_some(most.max(r.1))
+            });
+            let headers_fit = ranges
+                .first()
+                .is_none_or(|r| r.0 - header <= layer::MAX_HEADERS);
+            if ends.is_none_or(|end| end > self.content_size) || !headers_fit {
                 return Err(bad(
                     layer,
                     format!(
-                        "entry {} lies outside the layer's {} bytes",
+                        "entry {} lies outside the layer's {} bytes, or far from its headers",
                         String::from_utf8_lossy(&entry.path),
                         self.content_size
                     ),
@@ -239,6 +247,38 @@ pub(crate) fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<us
         }
     }
     Ok(filled)
+}
+
+/// Where each entry's headers start in the decoded tar at `content`; each entry with data is
+/// read back from its headers and must be exactly the entry given, as a lazy mount will check.
+fn locate_headers(content: &Path, spec: &LayerSpec<'_>, entries: &LayerIndex) -> Result<Vec<u64>> {
+    let file = std::fs::File::open(content).at(content)?;
+    let headers = layer::header_starts(io::BufReader::new(&file)).at(content)?;
+    let unindexable = |detail: String| Error::Unindexable {
+        layer: spec.digest.clone(),
+        detail,
+    };
+    if headers.len() != entries.entries.len() {
+        return Err(unindexable(format!(
+            "its tar has {} entries where its decode recorded {}",
+            headers.len(),
+            entries.entries.len()
+        )));
+    }
+    for (entry, &start) in entries.entries.iter().zip(&headers) {
+        let Some(&(data, _)) = layer::data_ranges(&entry.kind).first() else {
+            continue;
+        };
+        let mut bytes = vec![0; data.saturating_sub(start).min(layer::MAX_HEADERS) as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut bytes, start).at(content)?;
+        if layer::entry_at(&bytes, start).ok().flatten().as_ref() != Some(entry) {
+            return Err(unindexable(format!(
+                "the headers of {} do not read back as its entry",
+                String::from_utf8_lossy(&entry.path)
+            )));
+        }
+    }
+    Ok(headers)
 }
 
 fn chunk_digests(blob: &Path) -> Result<Vec<[u8; 32]>> {

@@ -4,7 +4,9 @@
 //! blocks present: the compressed chunks the deflate decoder needs are fetched by `Range`
 //! (neighbours grouped into one request) and each is checked against the index before the
 //! decoder sees it; the decoded block is checked against the index before it is written and
-//! served. Nothing unchecked is ever written to either file. A background pass
+//! served. Before a file's first byte is served, its tar headers are read back from the layer
+//! and must give exactly the index's entry, so an index cannot serve one file's genuine bytes
+//! under another's name. Nothing unchecked is ever written to either file. A background pass
 //! ([`LazyLayer::fill`]) decodes the whole stream once, in order, yielding to waiting reads.
 
 use std::fs::File;
@@ -15,8 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-#[cfg(test)]
-use super::index::BLOCK_SIZE;
+use super::headers::Headers;
 use super::index::{LazyIndex, read_full, sha256};
 use crate::error::{IoContext, Result};
 use crate::layer::LayerIndex;
@@ -34,12 +35,15 @@ const GROUP: u64 = 512 << 10;
 /// Most compressed bytes one request of the background pass asks for.
 const BACKGROUND_GROUP: u64 = 4 << 20;
 
-/// What has arrived, chunk by chunk and block by block.
+/// What has arrived, chunk by chunk and block by block, and which entries' headers were
+/// checked.
 #[derive(Debug)]
 struct Present {
     chunks: Vec<bool>,
     blocks: Vec<bool>,
     missing_blocks: usize,
+    checked: Vec<bool>,
+    unchecked: usize,
 }
 
 /// A layer being served lazily.
@@ -62,6 +66,8 @@ pub struct LazyLayer {
     refused: AtomicBool,
     /// The digest of the index's entries (postcard), to compare with the layer's own.
     entries: Digest,
+    /// The entries' headers to check before their data is served.
+    headers: Headers,
 }
 
 impl std::fmt::Debug for LazyLayer {
@@ -74,7 +80,8 @@ impl std::fmt::Debug for LazyLayer {
 
 impl LazyLayer {
     /// Sets the layer up in `dir` (the caller's temp space): two empty sparse files of the
-    /// blob's and the tar's sizes. The index's entries are dropped here (the tree has them).
+    /// blob's and the tar's sizes. The index's entries are dropped here (the tree has them),
+    /// keeping a digest of each to check it against the layer's headers.
     pub fn new(
         dir: &Path,
         mut index: LazyIndex,
@@ -82,6 +89,7 @@ impl LazyLayer {
         spans: Box<dyn Spans>,
         waiting: Arc<AtomicUsize>,
     ) -> Result<Self> {
+        let headers = Headers::of(&index);
         let entries = entries_digest(&std::mem::take(&mut index.entries));
         let sparse = |file: &str, len: u64| -> Result<(File, PathBuf)> {
             let path = dir.join(file);
@@ -101,6 +109,8 @@ impl LazyLayer {
             chunks: vec![false; index.chunks.len()],
             blocks: vec![false; index.blocks.len()],
             missing_blocks: index.blocks.len(),
+            checked: vec![false; headers.entries.len()],
+            unchecked: headers.entries.len(),
         };
         Ok(LazyLayer {
             index,
@@ -115,6 +125,7 @@ impl LazyLayer {
             fetched: AtomicU64::new(0),
             refused: AtomicBool::new(false),
             entries,
+            headers,
         })
     }
 
@@ -124,6 +135,10 @@ impl LazyLayer {
         let same = entries_digest(entries) == self.entries;
         if !same {
             self.refused.store(true, Ordering::SeqCst);
+        } else {
+            let mut present = self.present.lock().expect("not poisoned");
+            present.checked.fill(true);
+            present.unchecked = 0;
         }
         same
     }
@@ -158,9 +173,9 @@ impl LazyLayer {
         self.present.lock().expect("not poisoned").missing_blocks == 0
     }
 
-    /// Makes `start..end` of the uncompressed tar present (fetched, checked, written).
+    /// Makes `start..end` of the uncompressed tar, file data the index gives, present
+    /// (fetched, checked, written), once the headers of the entries it belongs to are checked.
     pub fn ensure(&self, start: u64, end: u64) -> io::Result<()> {
-        let block = u64::from(self.index.block_size);
         let end = end.min(self.index.content_size);
         if start >= end {
             return Ok(());
@@ -170,9 +185,62 @@ impl LazyLayer {
                 "its lazy index proved not to describe it; nothing more of it is served".into(),
             ));
         }
+        {
+            // The common case once a layer has arrived: nothing to do, nothing allocated.
+            let present = self.present.lock().expect("not poisoned");
+            if present.missing_blocks == 0 && present.unchecked == 0 {
+                return Ok(());
+            }
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let result = self
+            .check_headers(start, end)
+            .and_then(|()| self.ensure_blocks(start, end));
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    /// Checks the headers of the entries whose data `start..end` is: each must read back, from
+    /// the layer's own bytes, as exactly the index's entry; otherwise the layer is refused.
+    fn check_headers(&self, start: u64, end: u64) -> io::Result<()> {
+        let Some(entries) = self.headers.read_by(start, end) else {
+            return Err(self.refused(format!(
+                "bytes {start}..{end} are no file's data in its lazy index; they are not served"
+            )));
+        };
+        for e in entries {
+            if self.present.lock().expect("not poisoned").checked[e] {
+                continue;
+            }
+            let check = &self.headers.entries[e];
+            self.ensure_blocks(check.header, check.data)?;
+            let mut bytes = vec![0; (check.data - check.header) as usize];
+            self.content.read_exact_at(&mut bytes, check.header)?;
+            let found = crate::layer::entry_at(&bytes, check.header).ok().flatten();
+            let same = found.is_some_and(|entry| {
+                sha256(&postcard::to_stdvec(&entry).expect("entries serialize")) == check.digest
+            });
+            if !same {
+                self.refused.store(true, Ordering::SeqCst);
+                return Err(self.refused(format!(
+                    "the tar headers at {} do not match its lazy index's entry for the data at {}; nothing more of it is served",
+                    check.header, check.data
+                )));
+            }
+            let mut present = self.present.lock().expect("not poisoned");
+            if !present.checked[e] {
+                present.checked[e] = true;
+                present.unchecked -= 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the blocks of `start..end` present.
+    fn ensure_blocks(&self, start: u64, end: u64) -> io::Result<()> {
+        let block = u64::from(self.index.block_size);
         let wanted: Vec<usize> = {
             let present = self.present.lock().expect("not poisoned");
-            // The common case once a layer has arrived: nothing to do, nothing allocated.
             if present.missing_blocks == 0 {
                 return Ok(());
             }
@@ -181,13 +249,7 @@ impl LazyLayer {
                 .filter(|&b| !present.blocks[b])
                 .collect()
         };
-        if wanted.is_empty() {
-            return Ok(());
-        }
-        self.waiting.fetch_add(1, Ordering::SeqCst);
-        let result = wanted.iter().try_for_each(|&b| self.decode_block(b));
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
-        result
+        wanted.iter().try_for_each(|&b| self.decode_block(b))
     }
 
     /// Decodes block `b` from its access point, checks it and writes it. The decoder asserts
@@ -383,209 +445,4 @@ impl Seek for Chunks<'_> {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::io::Write;
-
-    use super::*;
-    use crate::layer::{LayerIndex, LayerSpec};
-    use crate::oci::image::Compression;
-
-    /// 16 MB of text gzip shrinks only by half: many chunks and access points.
-    fn data() -> Vec<u8> {
-        let mut x = 1u64;
-        let mut out = Vec::new();
-        while out.len() < 16_000_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            out.extend_from_slice(format!("{x:016x}\n").as_bytes());
-        }
-        out
-    }
-
-    /// The gzip blob of `data()` in a file, and its index.
-    fn indexed(dir: &Path) -> (Vec<u8>, Vec<u8>, LazyIndex) {
-        let plain = data();
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        gz.write_all(&plain).unwrap();
-        let blob = gz.finish().unwrap();
-        let path = dir.join("blob.gz");
-        std::fs::write(&path, &blob).unwrap();
-        let (digest, diff_id) = (Digest::of(&blob), Digest::of(&plain));
-        let spec = LayerSpec {
-            digest: &digest,
-            size: blob.len() as u64,
-            diff_id: &diff_id,
-            compression: Compression::Gzip,
-            reference: "test",
-        };
-        let size = plain.len() as u64;
-        let index = LazyIndex::build(&path, &spec, LayerIndex::default(), size).unwrap();
-        (plain, blob, index)
-    }
-
-    /// The blob as a registry would serve it, with `flip` bytes inverted.
-    struct Served {
-        blob: Vec<u8>,
-        flip: Option<std::ops::Range<usize>>,
-    }
-
-    impl Spans for Served {
-        fn fetch(&self, start: u64, len: u64) -> std::result::Result<Vec<u8>, String> {
-            let mut bytes = self.blob[start as usize..(start + len) as usize].to_vec();
-            if let Some(flip) = &self.flip {
-                for i in flip.clone() {
-                    if let Some(at) = i.checked_sub(start as usize).filter(|&at| at < bytes.len()) {
-                        bytes[at] = !bytes[at];
-                    }
-                }
-            }
-            Ok(bytes)
-        }
-    }
-
-    fn layer(
-        dir: &Path,
-        index: LazyIndex,
-        blob: Vec<u8>,
-        flip: Option<std::ops::Range<usize>>,
-    ) -> LazyLayer {
-        let spans = Served { blob, flip };
-        LazyLayer::new(
-            dir,
-            index,
-            "layer of test".into(),
-            Box::new(spans),
-            Arc::default(),
-        )
-        .unwrap()
-    }
-
-    fn content(layer: &LazyLayer, start: u64, len: usize) -> Vec<u8> {
-        let mut buf = vec![0; len];
-        layer.content.read_exact_at(&mut buf, start).unwrap();
-        buf
-    }
-
-    #[test]
-    fn a_range_is_decoded_from_a_few_chunks_and_the_whole_layer_by_the_fill() {
-        let dir = tempfile::tempdir().unwrap();
-        let (plain, blob, index) = indexed(dir.path());
-        assert!(
-            index.deflate.len() < blob.len() / 30,
-            "access points cost {}",
-            index.deflate.len()
-        );
-        let size = blob.len() as u64;
-        let served = layer(dir.path(), index, blob.clone(), None);
-        let at = 12_000_000;
-        served.ensure(at, at + 1000).unwrap();
-        assert_eq!(
-            content(&served, at, 1000),
-            plain[at as usize..at as usize + 1000]
-        );
-        let (fetched, _) = served.progress();
-        assert!(
-            fetched * 2 < size,
-            "{fetched} of {size} fetched for 1000 bytes"
-        );
-        assert!(!served.is_complete());
-        served.fill().unwrap();
-        assert!(served.is_complete());
-        assert_eq!(std::fs::read(served.content_path()).unwrap(), plain);
-        assert_eq!(std::fs::read(served.blob_path()).unwrap(), blob);
-    }
-
-    #[test]
-    fn compressed_bytes_that_do_not_match_their_chunk_digest_are_never_decoded() {
-        let dir = tempfile::tempdir().unwrap();
-        let (_, blob, index) = indexed(dir.path());
-        let served = layer(dir.path(), index, blob, Some(100..110));
-        let err = served.ensure(0, 10).unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-        assert!(err.to_string().contains("compressed bytes 0+"), "{err}");
-        assert!(
-            content(&served, 0, 10).iter().all(|&b| b == 0),
-            "something was written"
-        );
-    }
-
-    #[test]
-    fn a_decoded_block_that_does_not_match_the_index_is_not_served() {
-        let dir = tempfile::tempdir().unwrap();
-        let (_, blob, mut index) = indexed(dir.path());
-        index.blocks[1][0] ^= 1;
-        let served = layer(dir.path(), index, blob, None);
-        served.ensure(0, 10).unwrap();
-        let err = served
-            .ensure(BLOCK_SIZE as u64, BLOCK_SIZE as u64 + 10)
-            .unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("uncompressed block 1 does not match"),
-            "{err}"
-        );
-        assert!(
-            content(&served, BLOCK_SIZE as u64, 10)
-                .iter()
-                .all(|&b| b == 0)
-        );
-        // Decoded from the start, the block differs from the index: the layer is refused,
-        // even the block served before.
-        let err = served.fill().unwrap_err();
-        assert!(err.to_string().contains("does not describe it"), "{err}");
-        assert!(served.is_refused());
-        assert!(served.ensure(0, 10).is_err());
-    }
-
-    #[test]
-    fn an_index_of_another_layer_or_with_wrong_counts_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let (_, blob, index) = indexed(dir.path());
-        let bytes = index.encode().unwrap();
-        let (layer, size, diff_id) = (index.layer.clone(), index.size, index.diff_id.clone());
-        assert_eq!(
-            LazyIndex::decode(&bytes, &layer, size, &diff_id).unwrap(),
-            index
-        );
-        let other = Digest::of(b"other");
-        for (l, s, d) in [
-            (&other, size, &diff_id),
-            (&layer, size + 1, &diff_id),
-            (&layer, size, &other),
-        ] {
-            let err = LazyIndex::decode(&bytes, l, s, d).unwrap_err().to_string();
-            assert!(err.contains("not this one"), "{err}");
-        }
-        let mut short = index.clone();
-        short.chunks.pop();
-        let err = LazyIndex::decode(&short.encode().unwrap(), &layer, size, &diff_id).unwrap_err();
-        assert!(err.to_string().contains("digest counts"), "{err}");
-        let err = LazyIndex::decode(&blob, &layer, size, &diff_id).unwrap_err();
-        assert!(err.to_string().contains("magic"), "{err}");
-    }
-
-    #[test]
-    fn damaged_access_points_are_an_error_not_a_crash_nor_wrong_bytes() {
-        let dir = tempfile::tempdir().unwrap();
-        let (plain, blob, index) = indexed(dir.path());
-        let mut refused = 0;
-        for damage in (0..index.deflate.len() - 32).step_by(index.deflate.len() / 7) {
-            let mut damaged = index.clone();
-            for b in &mut damaged.deflate[damage..damage + 32] {
-                *b = !*b;
-            }
-            let own = dir.path().join(damage.to_string());
-            std::fs::create_dir(&own).unwrap();
-            let served = layer(&own, damaged, blob.clone(), None);
-            // Every block: refused, or served right (a window no block here needs).
-            for at in (0..plain.len() as u64).step_by(BLOCK_SIZE as usize) {
-                match served.ensure(at, at + 10) {
-                    Ok(()) => assert_eq!(content(&served, at, 10), plain[at as usize..][..10]),
-                    Err(_) => refused += 1,
-                }
-            }
-        }
-        assert!(refused > 0, "no damage was seen");
-    }
-}
+mod tests;

@@ -1,0 +1,279 @@
+//! A lazy layer against a gzip tar served from memory: honest, lying and damaged.
+
+use std::io::Write;
+
+use super::*;
+use crate::layer::LayerSpec;
+use crate::lazy::index::BLOCK_SIZE;
+use crate::oci::image::Compression;
+
+/// 16 MB of text gzip shrinks only by half: many chunks and access points.
+fn text() -> Vec<u8> {
+    let mut x = 1u64;
+    let mut out = Vec::new();
+    while out.len() < 16_000_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(format!("{x:016x}\n").as_bytes());
+    }
+    out
+}
+
+/// A tar of two small files of one size, `a` and `b`, then `big` (the text).
+fn data() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, data) in [
+        ("a", vec![b'a'; 1000]),
+        ("b", vec![b'b'; 1000]),
+        ("big", text()),
+    ] {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        b.append_data(&mut h, path, &data[..]).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// The gzip blob of `data()` in a file, and its index.
+fn indexed(dir: &Path) -> (Vec<u8>, Vec<u8>, LazyIndex) {
+    let plain = data();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&plain).unwrap();
+    let blob = gz.finish().unwrap();
+    let input = dir.join("input");
+    std::fs::create_dir(&input).unwrap();
+    let (path, content) = (input.join("blob.gz"), input.join("content.tar"));
+    std::fs::write(&path, &blob).unwrap();
+    std::fs::write(&content, &plain).unwrap();
+    let (digest, diff_id) = (Digest::of(&blob), Digest::of(&plain));
+    let spec = LayerSpec {
+        digest: &digest,
+        size: blob.len() as u64,
+        diff_id: &diff_id,
+        compression: Compression::Gzip,
+        reference: "test",
+    };
+    let (entries, _) = crate::layer::read_entries(&plain[..], &spec, &Default::default()).unwrap();
+    let index = LazyIndex::build(&path, &content, &spec, entries).unwrap();
+    (plain, blob, index)
+}
+
+/// Where the data of entry `path` starts.
+fn data_of(index: &LazyIndex, path: &[u8]) -> u64 {
+    let entry = index
+        .entries
+        .entries
+        .iter()
+        .find(|e| e.path == path)
+        .unwrap();
+    crate::layer::data_ranges(&entry.kind)[0].0
+}
+
+/// The blob as a registry would serve it, with `flip` bytes inverted.
+struct Served {
+    blob: Vec<u8>,
+    flip: Option<std::ops::Range<usize>>,
+}
+
+impl Spans for Served {
+    fn fetch(&self, start: u64, len: u64) -> std::result::Result<Vec<u8>, String> {
+        let mut bytes = self.blob[start as usize..(start + len) as usize].to_vec();
+        if let Some(flip) = &self.flip {
+            for i in flip.clone() {
+                if let Some(at) = i.checked_sub(start as usize).filter(|&at| at < bytes.len()) {
+                    bytes[at] = !bytes[at];
+                }
+            }
+        }
+        Ok(bytes)
+    }
+}
+
+fn layer(
+    dir: &Path,
+    index: LazyIndex,
+    blob: Vec<u8>,
+    flip: Option<std::ops::Range<usize>>,
+) -> LazyLayer {
+    let spans = Served { blob, flip };
+    LazyLayer::new(
+        dir,
+        index,
+        "layer of test".into(),
+        Box::new(spans),
+        Arc::default(),
+    )
+    .unwrap()
+}
+
+fn content(layer: &LazyLayer, start: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0; len];
+    layer.content.read_exact_at(&mut buf, start).unwrap();
+    buf
+}
+
+#[test]
+fn a_range_is_decoded_from_a_few_chunks_and_the_whole_layer_by_the_fill() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, blob, index) = indexed(dir.path());
+    assert!(
+        index.deflate.len() < blob.len() / 30,
+        "access points cost {}",
+        index.deflate.len()
+    );
+    let size = blob.len() as u64;
+    let served = layer(dir.path(), index, blob.clone(), None);
+    let at = 12_000_000;
+    served.ensure(at, at + 1000).unwrap();
+    assert_eq!(
+        content(&served, at, 1000),
+        plain[at as usize..at as usize + 1000]
+    );
+    let (fetched, _) = served.progress();
+    assert!(
+        fetched * 2 < size,
+        "{fetched} of {size} fetched for 1000 bytes"
+    );
+    assert!(!served.is_complete());
+    served.fill().unwrap();
+    assert!(served.is_complete());
+    assert_eq!(std::fs::read(served.content_path()).unwrap(), plain);
+    assert_eq!(std::fs::read(served.blob_path()).unwrap(), blob);
+}
+
+#[test]
+fn compressed_bytes_that_do_not_match_their_chunk_digest_are_never_decoded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, blob, index) = indexed(dir.path());
+    let big = data_of(&index, b"big");
+    let served = layer(dir.path(), index, blob, Some(100..110));
+    let err = served.ensure(big, big + 10).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    assert!(err.to_string().contains("compressed bytes 0+"), "{err}");
+    assert!(
+        content(&served, 0, 10).iter().all(|&b| b == 0),
+        "something was written"
+    );
+}
+
+#[test]
+fn a_decoded_block_that_does_not_match_the_index_is_not_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, blob, mut index) = indexed(dir.path());
+    index.blocks[1][0] ^= 1;
+    let big = data_of(&index, b"big");
+    let served = layer(dir.path(), index, blob, None);
+    served.ensure(big, big + 10).unwrap();
+    let err = served
+        .ensure(BLOCK_SIZE as u64, BLOCK_SIZE as u64 + 10)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("uncompressed block 1 does not match"),
+        "{err}"
+    );
+    assert!(
+        content(&served, BLOCK_SIZE as u64, 10)
+            .iter()
+            .all(|&b| b == 0)
+    );
+    // Decoded from the start, the block differs from the index: the layer is refused,
+    // even the block served before.
+    let err = served.fill().unwrap_err();
+    assert!(err.to_string().contains("does not describe it"), "{err}");
+    assert!(served.is_refused());
+    assert!(served.ensure(big, big + 10).is_err());
+}
+
+#[test]
+fn an_index_of_another_layer_or_with_wrong_counts_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, blob, index) = indexed(dir.path());
+    let bytes = index.encode().unwrap();
+    let (layer, size, diff_id) = (index.layer.clone(), index.size, index.diff_id.clone());
+    assert_eq!(
+        LazyIndex::decode(&bytes, &layer, size, &diff_id).unwrap(),
+        index
+    );
+    let other = Digest::of(b"other");
+    for (l, s, d) in [
+        (&other, size, &diff_id),
+        (&layer, size + 1, &diff_id),
+        (&layer, size, &other),
+    ] {
+        let err = LazyIndex::decode(&bytes, l, s, d).unwrap_err().to_string();
+        assert!(err.contains("not this one"), "{err}");
+    }
+    let mut short = index.clone();
+    short.chunks.pop();
+    let err = LazyIndex::decode(&short.encode().unwrap(), &layer, size, &diff_id).unwrap_err();
+    assert!(err.to_string().contains("digest counts"), "{err}");
+    let mut headless = index.clone();
+    headless.headers.pop();
+    let err = LazyIndex::decode(&headless.encode().unwrap(), &layer, size, &diff_id);
+    assert!(err.unwrap_err().to_string().contains("header offset"));
+    let mut far = index.clone();
+    far.headers[2] = 0;
+    far.entries.entries[2].kind = crate::layer::EntryKind::File {
+        offset: 32 << 20,
+        size: 1,
+    };
+    let err = LazyIndex::decode(&far.encode().unwrap(), &layer, size, &diff_id);
+    assert!(err.unwrap_err().to_string().contains("lies outside"));
+    let err = LazyIndex::decode(&blob, &layer, size, &diff_id).unwrap_err();
+    assert!(err.to_string().contains("magic"), "{err}");
+}
+
+#[test]
+fn damaged_access_points_are_an_error_not_a_crash_nor_wrong_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, blob, index) = indexed(dir.path());
+    let big = data_of(&index, b"big");
+    let mut refused = 0;
+    for damage in (0..index.deflate.len() - 32).step_by(index.deflate.len() / 7) {
+        let mut damaged = index.clone();
+        for b in &mut damaged.deflate[damage..damage + 32] {
+            *b = !*b;
+        }
+        let own = dir.path().join(damage.to_string());
+        std::fs::create_dir(&own).unwrap();
+        let served = layer(&own, damaged, blob.clone(), None);
+        // Every block: refused, or served right (a window no block here needs).
+        for at in (big..plain.len() as u64 - 1024).step_by(BLOCK_SIZE as usize) {
+            match served.ensure(at, at + 10) {
+                Ok(()) => assert_eq!(content(&served, at, 10), plain[at as usize..][..10]),
+                Err(_) => refused += 1,
+            }
+        }
+    }
+    assert!(refused > 0, "no damage was seen");
+}
+
+#[test]
+fn one_files_bytes_are_not_served_under_another_files_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, blob, index) = indexed(dir.path());
+    let (a, b) = (data_of(&index, b"a"), data_of(&index, b"b"));
+    // Reads outside any file's data are not served at all.
+    let honest = layer(dir.path(), index.clone(), blob.clone(), None);
+    let err = honest.ensure(0, 10).unwrap_err();
+    assert!(err.to_string().contains("no file's data"), "{err}");
+    honest.ensure(a, a + 10).unwrap();
+    assert_eq!(content(&honest, a, 10), plain[a as usize..][..10]);
+    // The same sizes and digests, the names swapped: `a` would read b's bytes.
+    let mut lying = index;
+    let (x, y) = lying.entries.entries.split_at_mut(1);
+    std::mem::swap(&mut x[0].path, &mut y[0].path);
+    let own = dir.path().join("lying");
+    std::fs::create_dir(&own).unwrap();
+    let served = layer(&own, lying, blob, None);
+    let err = served.ensure(b, b + 10).unwrap_err();
+    assert!(err.to_string().contains("tar headers at"), "{err}");
+    assert!(served.is_refused());
+    assert!(served.ensure(a, a + 10).is_err());
+}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::support::fault_proxy::{Fault, FaultProxy};
 use super::support::registry::Registry;
-use super::support::{jkmount, jkmount_bin, ok};
+use super::support::{jkmount, jkmount_bin, ok, shown};
 use super::{Mounted, describe, is_mounted, push, wait_until};
 
 const PACKAGES: usize = 64;
@@ -310,7 +310,28 @@ fn a_registry_that_does_not_serve_ranges_gets_an_eager_pull_with_a_warning() {
     );
 }
 
-/// An index that gives two files of one size each other's names: its digests all hold (the
+/// Pushes an index of `reference`'s first layer, built by jkmount, with the entries of paths
+/// `a` and `b` given each other's names (every digest in it still true); its artifact digest.
+fn push_index_with_names_swapped(reference: &str, work: &Path, a: &str, b: &str) -> String {
+    let indexer = jkmount::cache::Cache::open(&work.join("indexer")).unwrap();
+    let parsed = jkmount::oci::reference::ImageRef::parse(reference).unwrap();
+    let options = jkmount::app::pull::PullOptions::host();
+    let mut built = jkmount::app::index::build(&indexer, &parsed, &options).unwrap();
+    let entries = &mut built.indexes[0].entries.entries;
+    let at = |path: &str| {
+        entries
+            .iter()
+            .position(|e| e.path == path.as_bytes())
+            .unwrap()
+    };
+    let (a, b) = (at(a), at(b));
+    let name = entries[a].path.clone();
+    entries[a].path = std::mem::replace(&mut entries[b].path, name);
+    let pushed = jkmount::app::index::push_built(&built, &options).unwrap();
+    pushed.artifact.to_string()
+}
+
+/// An index that gives two files each other's names: its digests all hold (the
 /// bytes are the layer's own), but the tar headers do not. Neither file is served, nor anything
 /// of the layer after; the log names the layer.
 #[test]
@@ -325,16 +346,7 @@ fn an_index_that_swaps_two_files_names_serves_neither() {
         spec(),
     ];
     let (reference, image) = push(&registry, "lazy/swapped:1", &[&lines.join("\n")]);
-    let indexer = jkmount::cache::Cache::open(&work.join("indexer")).unwrap();
-    let parsed = jkmount::oci::reference::ImageRef::parse(&reference).unwrap();
-    let options = jkmount::app::pull::PullOptions::host();
-    let mut built = jkmount::app::index::build(&indexer, &parsed, &options).unwrap();
-    let entries = &mut built.indexes[0].entries.entries;
-    let at = |path: &[u8]| entries.iter().position(|e| e.path == path).unwrap();
-    let (public, secret) = (at(b"jk/public.js"), at(b"jk/secret.js"));
-    let name = entries[public].path.clone();
-    entries[public].path = std::mem::replace(&mut entries[secret].path, name);
-    jkmount::app::index::push_built(&built, &options).unwrap();
+    push_index_with_names_swapped(&reference, work, "jk/public.js", "jk/secret.js");
 
     let mnt = work.join("mnt");
     let lazy = Foreground::start(
@@ -386,4 +398,51 @@ fn a_copy_up_in_a_writable_lazy_mount_fetches_the_file_first() {
         "{} bytes after the copy-up, {zeros} of them zeros",
         text.len()
     );
+}
+
+/// A lockfile pins the lazy index beside the image: an index pushed later (here one that lies)
+/// is not used by a locked mount, is used — and refused — by an unlocked one, and `jkmount
+/// lock` keeps the pin and reports the index the cache saw used.
+#[test]
+fn a_lockfile_pins_the_lazy_index() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let (reference, _, _) = indexed_image(&registry, "lazy/pinned:1", work);
+    let lockfile = work.join("jkmount.lock");
+    let lock = |cache: &str| {
+        let args = ["lock", &reference, "-o", lockfile.to_str().unwrap()];
+        jkmount(&work.join(cache), &args)
+    };
+    ok(lock("locker"));
+    let pinned = std::fs::read_to_string(&lockfile).unwrap();
+    assert!(pinned.contains("lazy = \"sha256:"), "{pinned}");
+
+    // Someone who can push to the repository replaces the index with a lying one.
+    let lying = push_index_with_names_swapped(
+        &reference,
+        work,
+        "jk/modules/pkg0/f0.js",
+        "jk/modules/pkg0/f1.js",
+    );
+    assert!(!pinned.contains(&lying.to_string()));
+
+    let args = ["--lazy", "--no-background-fetch", "--lockfile"];
+    let locked = [&args[..], &[lockfile.to_str().unwrap()]].concat();
+    {
+        let mnt = work.join("locked");
+        let _m = Foreground::start(&work.join("cache"), &locked, &reference, &mnt);
+        assert_eq!(read_file(&mnt, 0, 0).unwrap(), content(0, 0));
+    }
+    let unlocked = ["--lazy", "--no-background-fetch", "--no-lockfile"];
+    {
+        let mnt = work.join("unlocked");
+        let _m = Foreground::start(&work.join("other"), &unlocked, &reference, &mnt);
+        let err = read_file(&mnt, 0, 0).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc_eio()), "{err}");
+    }
+    let said = shown(&lock("other"));
+    assert!(said.contains("keeping the pin"), "{said}");
+    assert!(said.contains(&format!("used lazy index {lying}")), "{said}");
+    assert_eq!(std::fs::read_to_string(&lockfile).unwrap(), pinned);
 }

@@ -45,16 +45,27 @@ pub struct Found {
     pub index: Digest,
 }
 
-/// Looks for lazy indexes of the gzip layers of `manifest` that are not decoded yet, keyed by
-/// diff_id. Nothing found (no referrer, another source) is not an error: those layers are
-/// pulled eagerly, with a warning.
+/// The lazy indexes found for an image's layers, by diff_id, and the artifact they are from.
+#[derive(Debug, Clone, Default)]
+pub struct Indexes {
+    /// One per layer to serve lazily, keyed by diff_id.
+    pub found: HashMap<Digest, Found>,
+    /// The index artifact's manifest digest (what a lockfile pins).
+    pub artifact: Option<Digest>,
+}
+
+/// Looks for lazy indexes of the gzip layers of `manifest` that are not decoded yet: in the
+/// artifact `pinned` (a lockfile's) if given, else in the first of the manifest's referrers
+/// that indexes any of them. Nothing found (no referrer, a pinned artifact gone, another
+/// source) is not an error: those layers are pulled eagerly, with a warning.
 pub async fn find_indexes(
     cache: &Cache,
     origin: &Arc<dyn Source>,
     manifest: (&Digest, &OciImageManifest),
     diff_ids: &[Digest],
+    pinned: Option<&Digest>,
     shown: &str,
-) -> Result<HashMap<Digest, Found>> {
+) -> Result<Indexes> {
     let (subject, doc) = manifest;
     let mut wanted = HashMap::new();
     for (descriptor, diff_id) in doc.layers.iter().zip(diff_ids) {
@@ -64,25 +75,35 @@ pub async fn find_indexes(
             wanted.insert(digest, (size, diff_id.clone()));
         }
     }
-    let mut found = HashMap::new();
+    let mut indexes = Indexes::default();
     let Some(registry) = origin.clone().registry() else {
-        return Ok(found);
+        return Ok(indexes);
     };
     if wanted.is_empty() {
-        return Ok(found);
+        return Ok(indexes);
     }
-    for referrer in registry.referrers(subject, ARTIFACT_TYPE).await? {
-        let (bytes, _) = registry.fetch_manifest(Some(&referrer)).await?;
-        let artifact: OciImageManifest =
-            serde_json::from_slice(&bytes).map_err(|e| Error::BadDocument {
-                what: "lazy index manifest",
-                digest: referrer.to_string(),
-                reference: shown.to_owned(),
-                detail: e.to_string(),
-            })?;
-        if artifact.subject.as_ref().map(|s| s.digest.as_str()) != Some(&subject.to_string()) {
-            continue;
-        }
+    let candidates = match pinned {
+        Some(pinned) => vec![pinned.clone()],
+        None => registry.referrers(subject, ARTIFACT_TYPE).await?,
+    };
+    for referrer in candidates {
+        let artifact = match artifact_of(&registry, &referrer, subject, shown).await {
+            Ok(Some(artifact)) => artifact,
+            Ok(None) if pinned.is_none() => continue,
+            Ok(None) => {
+                tracing::warn!(
+                    "{shown}: the lazy index {referrer} its lockfile pins is not one of this image; pulling it whole"
+                );
+                return Ok(indexes);
+            }
+            Err(e) if pinned.is_some() => {
+                tracing::warn!(
+                    "{shown}: the lazy index {referrer} its lockfile pins cannot be had ({e}); pulling it whole"
+                );
+                return Ok(indexes);
+            }
+            Err(e) => return Err(e),
+        };
         for blob in &artifact.layers {
             let Some(layer) = indexed_layer(blob) else {
                 continue;
@@ -90,28 +111,69 @@ pub async fn find_indexes(
             let Some((size, diff_id)) = wanted.get(&layer) else {
                 continue;
             };
-            if found.contains_key(diff_id) {
-                continue;
-            }
             // Read (bounded, checked against the layer) once, when the mount opens it.
             let index = fetch_index(cache, origin, blob, shown).await?;
             let size = *size;
-            found.insert(diff_id.clone(), Found { layer, size, index });
+            indexes
+                .found
+                .insert(diff_id.clone(), Found { layer, size, index });
+        }
+        if !indexes.found.is_empty() {
+            indexes.artifact = Some(referrer);
+            break;
         }
     }
     // Asked only when there is something to serve lazily.
-    let probe = found.values().next().map(|f: &Found| f.layer.clone());
+    let probe = indexes.found.values().next().map(|f| f.layer.clone());
     if probe.is_some() && !serves_ranges(&registry, probe.as_ref(), shown).await? {
-        return Ok(HashMap::new());
+        return Ok(Indexes::default());
     }
     for (digest, (_, diff_id)) in &wanted {
-        if !found.contains_key(diff_id) {
+        if !indexes.found.contains_key(diff_id) {
             tracing::warn!(
                 "{shown}: layer {digest} has no lazy index (make one with `jkmount index {shown} --push`); pulling it whole"
             );
         }
     }
-    Ok(found)
+    Ok(indexes)
+}
+
+/// The digest of the jkmount lazy index artifact of `subject` at the registry, if there is
+/// one (the first, if several): what `jkmount lock` pins.
+pub async fn find_artifact(
+    registry: &RegistrySource,
+    subject: &Digest,
+    shown: &str,
+) -> Result<Option<Digest>> {
+    for referrer in registry.referrers(subject, ARTIFACT_TYPE).await? {
+        if artifact_of(registry, &referrer, subject, shown)
+            .await?
+            .is_some()
+        {
+            return Ok(Some(referrer));
+        }
+    }
+    Ok(None)
+}
+
+/// The lazy index artifact `referrer` (its digest checked), if it refers to `subject`.
+async fn artifact_of(
+    registry: &RegistrySource,
+    referrer: &Digest,
+    subject: &Digest,
+    shown: &str,
+) -> Result<Option<OciImageManifest>> {
+    let (bytes, _) = registry.fetch_manifest(Some(referrer)).await?;
+    let artifact: OciImageManifest =
+        serde_json::from_slice(&bytes).map_err(|e| Error::BadDocument {
+            what: "lazy index manifest",
+            digest: referrer.to_string(),
+            reference: shown.to_owned(),
+            detail: e.to_string(),
+        })?;
+    let refers = artifact.subject.as_ref().map(|s| s.digest.as_str()) == Some(&subject.to_string());
+    let typed = artifact.artifact_type.as_deref() == Some(ARTIFACT_TYPE);
+    Ok((refers && typed).then_some(artifact))
 }
 
 /// Whether the registry answers a `Range` request of `layer` with the range; one that sends the

@@ -12,9 +12,11 @@
 //! platform = "linux/amd64"
 //! digest = "sha256:1f3e…"   # the platform's image manifest: what is mounted
 //! index = "sha256:9ab0…"    # the index the tag pointed to, when there was one
+//! lazy = "sha256:77c2…"     # the lazy index artifact `--lazy` mounts use, when there is one
 //! ```
 //! `platform` and `index` are absent when the reference named a single-platform manifest; such
-//! a pin applies on every platform.
+//! a pin applies on every platform. `lazy` is absent when the image had no `jkmount index`
+//! artifact when pinned.
 
 use std::path::{Path, PathBuf};
 
@@ -46,6 +48,23 @@ pub struct Pin {
     /// The digest of the index the reference pointed to, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index: Option<Digest>,
+    /// The digest of the lazy index artifact (`jkmount index`) that `--lazy` mounts use; none
+    /// other is used while it is pinned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lazy: Option<Digest>,
+}
+
+impl Pin {
+    /// Whether `other` pins the same image (manifest and index), whatever its lazy index.
+    pub fn same_image(&self, other: &Pin) -> bool {
+        (&self.reference, &self.platform, &self.digest, &self.index)
+            == (
+                &other.reference,
+                &other.platform,
+                &other.digest,
+                &other.index,
+            )
+    }
 }
 
 impl Pin {
@@ -168,6 +187,7 @@ mod tests {
             platform: platform.map(Into::into),
             digest: Digest::of(seed),
             index: platform.map(|_| Digest::of(b"index")),
+            lazy: platform.map(|_| Digest::of(b"lazy")),
         }
     }
 
@@ -197,6 +217,11 @@ mod tests {
         assert_eq!(
             back.find("r.io/a:1", &host).unwrap().digest,
             Digest::of(b"a")
+        );
+        assert!(text.contains(&format!("lazy = \"{}\"", Digest::of(b"lazy"))));
+        assert_eq!(
+            back.find("r.io/b:1", &host).unwrap().lazy,
+            Some(Digest::of(b"lazy"))
         );
         assert!(back.find("r.io/c:1", &host).is_none());
     }

@@ -221,6 +221,7 @@ fn pin(image: &ImageRef, documents: &Documents) -> Pin {
         platform: None,
         digest: documents.manifest_digest.clone(),
         index: None,
+        lazy: None,
     }
 }
 

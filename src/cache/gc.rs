@@ -397,6 +397,7 @@ mod tests {
             config: Some(d(&format!("{name}-config"))),
             blobs: vec![d(&format!("{name}-blob"))],
             layers: vec![d("shared"), d(&format!("{name}-layer"))],
+            lazy: None,
             last_used,
         }
     }
@@ -483,6 +484,7 @@ mod tests {
             platform: None,
             digest: b.manifest.clone(),
             index: None,
+            lazy: None,
         });
         let gone = inv.garbage();
         let gone = removed(&gone);

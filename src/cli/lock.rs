@@ -142,6 +142,7 @@ pub fn run(args: LockArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     let _using = cache.begin_use()?;
     let runtime = runtime()?;
     let registries = std::sync::Arc::new(super::registries(global)?);
+    let records = cache.image_records()?;
     for (image, platform) in targets {
         let options = PullOptions {
             platform,
@@ -155,35 +156,94 @@ pub fn run(args: LockArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         };
         let resolved = runtime.block_on(jkmount::app::pull::resolve(&cache, &image, &options))?;
         let reference = image.to_string();
-        let new = resolved.pin(reference.clone(), &options.platform);
+        let mut new = resolved.pin(reference.clone(), &options.platform);
         let old = file.find(&reference, &options.platform).cloned();
-        match old {
-            Some(old) if old == new => println!("{reference}: unchanged {}", new.top()),
-            Some(old) if !args.update => {
-                tracing::warn!(
-                    "{reference} has moved: {} pins {}, the registry now has {}; keeping the pin. \
-                     Run `jkmount lock --update {reference}` to move it",
-                    args.output.display(),
-                    old.top(),
-                    new.top()
-                );
-                println!("{reference}: kept {}", old.top());
-            }
-            Some(old) => {
-                println!("{reference}: {} -> {}", old.top(), new.top());
-                file.set(new);
-            }
-            None => {
-                println!("{reference}: pinned {}", new.top());
-                file.set(new);
-            }
+        if args.offline {
+            // The registry was not asked for a lazy index: a pinned one stays.
+            new.lazy = old.as_ref().and_then(|o| o.lazy.clone());
         }
+        let chosen = settle(&args, old, new);
+        report_unpinned_lazy(&records, &reference, &chosen);
+        file.set(chosen);
     }
     file.save(&args.output)?;
     cache
         .add_lockfile_root(&args.output)
         .with_context(|| format!("cannot register {} with the cache", args.output.display()))?;
     Ok(())
+}
+
+/// The pin to keep of `old` and `new` (what the registry has now), said on standard output: a
+/// moved image or lazy index moves only with --update; a lazy index is pinned beside an
+/// unchanged image pinned without one.
+fn settle(args: &LockArgs, old: Option<Pin>, new: Pin) -> Pin {
+    let reference = new.reference.clone();
+    let Some(old) = old else {
+        match &new.lazy {
+            Some(lazy) => println!("{reference}: pinned {} (lazy index {lazy})", new.top()),
+            None => println!("{reference}: pinned {}", new.top()),
+        }
+        return new;
+    };
+    if old == new {
+        println!("{reference}: unchanged {}", new.top());
+        return old;
+    }
+    let lockfile = args.output.display();
+    if old.same_image(&new) {
+        return match (&old.lazy, &new.lazy) {
+            (None, Some(lazy)) => {
+                println!(
+                    "{reference}: unchanged {}, lazy index {lazy} pinned",
+                    new.top()
+                );
+                new
+            }
+            (Some(was), now) if !args.update => {
+                let now = now.as_ref().map_or("none".to_owned(), |d| d.to_string());
+                tracing::warn!(
+                    "{reference}: {lockfile} pins lazy index {was}, the registry now has {now}; keeping the pin. Run `jkmount lock --update {reference}` to move it"
+                );
+                println!("{reference}: kept {} (lazy index {was})", old.top());
+                old
+            }
+            (_, now) => {
+                let now = now.as_ref().map_or("none".to_owned(), |d| d.to_string());
+                println!("{reference}: unchanged {}, lazy index now {now}", new.top());
+                new
+            }
+        };
+    }
+    if !args.update {
+        tracing::warn!(
+            "{reference} has moved: {lockfile} pins {}, the registry now has {}; keeping the pin. \
+             Run `jkmount lock --update {reference}` to move it",
+            old.top(),
+            new.top()
+        );
+        println!("{reference}: kept {}", old.top());
+        return old;
+    }
+    println!("{reference}: {} -> {}", old.top(), new.top());
+    new
+}
+
+/// Says when a `--lazy` mount of the pinned image used a lazy index the pin does not name (the
+/// cache records the one last used, pinned or not).
+fn report_unpinned_lazy(
+    records: &[jkmount::cache::records::ImageRecord],
+    reference: &str,
+    pin: &Pin,
+) {
+    let used = records
+        .iter()
+        .filter(|r| r.manifest == pin.digest)
+        .filter_map(|r| r.lazy.as_ref());
+    for lazy in used.filter(|l| pin.lazy.as_ref() != Some(*l)) {
+        tracing::warn!(
+            "{reference}: a --lazy mount used lazy index {lazy}, which this lockfile does not pin"
+        );
+    }
 }
 
 /// The images to resolve, each with the platform to pin.

@@ -206,6 +206,7 @@ fn parse_pins(text: Option<&str>, images: &[ImageRef]) -> Result<Vec<Option<Pin>
                 platform: None,
                 digest,
                 index: None,
+                lazy: None,
             }))
         })
         .collect()

@@ -131,6 +131,9 @@ pub struct Resolved {
     pub manifest: Digest,
     /// The index it was chosen from, if the reference named one.
     pub index: Option<Digest>,
+    /// The image's lazy index artifact at its registry, if it has one (looked for only
+    /// online).
+    pub lazy: Option<Digest>,
 }
 
 impl Resolved {
@@ -141,6 +144,7 @@ impl Resolved {
             platform: self.index.as_ref().map(|_| platform.to_string()),
             digest: self.manifest.clone(),
             index: self.index.clone(),
+            lazy: self.lazy.clone(),
         }
     }
 }
@@ -158,16 +162,23 @@ pub async fn pull(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Res
 }
 
 /// Resolves `image` to the platform's manifest without fetching its layers (for `jkmount
-/// lock`); the manifests are kept in the cache.
+/// lock`), and finds its lazy index artifact; the manifests are kept in the cache.
 pub async fn resolve(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Result<Resolved> {
     let shown = image.to_string();
     let origin = origin(image, options);
     let top = resolve_top(cache, &origin, options, &shown).await?;
     let (manifest, _) =
         image_manifest(cache, &origin, top.clone(), &options.platform, &shown).await?;
+    let lazy = match origin.registry() {
+        Some(registry) if options.policy != PullPolicy::Never => {
+            crate::app::lazy::find_artifact(&registry, &manifest, &shown).await?
+        }
+        _ => None,
+    };
     Ok(Resolved {
         index: (top != manifest).then_some(top),
         manifest,
+        lazy,
     })
 }
 
@@ -280,6 +291,7 @@ pub async fn pull_pinned(
         config: None,
         blobs: Vec::new(),
         layers: Vec::new(),
+        lazy: None,
         last_used: now(),
     };
     record.platform = record.index.as_ref().map(|_| options.platform.to_string());
@@ -291,15 +303,28 @@ pub async fn pull_pinned(
         record.config = Some(config);
         // Without an index, the platform is what the image's own config says it is for.
         record.platform = record.platform.take().or(platform);
-        let lazy = match options.lazy != Lazy::Off {
+        let indexes = match options.lazy != Lazy::Off {
             true => {
                 let manifest = (&manifest_digest, &manifest);
-                crate::app::lazy::find_indexes(cache, &origin, manifest, &diff_ids, &shown).await?
+                let pinned = pin.and_then(|p| p.lazy.as_ref());
+                let found = crate::app::lazy::find_indexes(
+                    cache, &origin, manifest, &diff_ids, pinned, &shown,
+                );
+                found.await?
             }
             false => Default::default(),
         };
+        if let (Some(pin), Some(artifact)) = (pin, &indexes.artifact)
+            && pin.lazy.is_none()
+        {
+            tracing::warn!(
+                "{shown}: its lazy index {artifact} is not pinned in the lockfile; `jkmount lock --update {shown}` pins it"
+            );
+        }
+        let lazy = indexes.found;
         let layers = (&manifest.layers[..], &diff_ids[..]);
         fetch_layers(cache, &origin, layers, &lazy, options, &shown).await?;
+        record.lazy = indexes.artifact;
         record
             .blobs
             .extend(lazy.values().map(|found| found.index.clone()));

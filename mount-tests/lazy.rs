@@ -165,6 +165,25 @@ fn a_lazy_mount_reads_a_file_from_a_few_spans_and_equals_the_eager_mount() {
     );
     eprintln!("one module: {fetched} of the layer's {size} bytes fetched");
     assert_eq!(read_file(&mnt, 40, 9).unwrap(), content(40, 9));
+    // `status` asks the server how much is local: the fetched spans, not the layer.
+    let said = ok(jkmount(
+        &work.join("c1"),
+        &["status", mnt.to_str().unwrap()],
+    ));
+    assert!(said.contains("0 of 1 lazy layers complete"), "{said}");
+    assert!(
+        said.contains(&format!("layer {layer}: ")) && said.contains("partial"),
+        "{said}"
+    );
+    let progress = jkmount::lazy::progress::read(&mnt).unwrap().unwrap();
+    let (asked, _) = ranged_bytes(&proxy, &layer);
+    let probe = 1;
+    assert_eq!(
+        progress[0].fetched + probe,
+        asked,
+        "what the proxy saw asked for"
+    );
+    assert!(progress[0].local > 0 && progress[0].local * 3 < progress[0].size);
     drop(lazy);
 
     // Completed in the background: the tree equals the eager mount's, and the layer reaches the
@@ -183,6 +202,11 @@ fn a_lazy_mount_reads_a_file_from_a_few_spans_and_equals_the_eager_mount() {
         lazy.log().contains("complete and in the cache"),
         "{}",
         lazy.log()
+    );
+    let said = ok(jkmount(&cache, &["status", mnt.to_str().unwrap()]));
+    assert!(
+        said.contains("(100 %), 1 of 1 lazy layers complete"),
+        "{said}"
     );
     drop(lazy);
     let offline_mnt = work.join("offline");

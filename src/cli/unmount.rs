@@ -34,6 +34,15 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     match jkmount::mount::status(&args.mountpoint)? {
         Status::Live(m) => {
             println!("{shown}: mounted, serving {}", m.source);
+            match jkmount::lazy::progress::read(&args.mountpoint) {
+                Ok(Some(layers)) => {
+                    for line in jkmount::lazy::progress::describe(&layers) {
+                        println!("  {line}");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("{shown}: cannot read how much of it is local: {e}"),
+            }
             Ok(())
         }
         Status::Stale(m) => {

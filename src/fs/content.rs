@@ -106,6 +106,11 @@ impl Content {
         self
     }
 
+    /// The progress of each layer served lazily (none for an eager mount).
+    pub fn lazy_progress(&self) -> Vec<crate::lazy::progress::LayerProgress> {
+        self.lazy.iter().flatten().map(|l| l.report()).collect()
+    }
+
     /// Makes `start..end` of layer `layer`'s content present, if it is served lazily.
     fn present(&self, layer: u32, start: u64, end: u64) -> io::Result<()> {
         match self.lazy.get(layer as usize) {

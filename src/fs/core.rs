@@ -287,6 +287,11 @@ impl FsCore {
             .ok_or(FsError::NoXattr)
     }
 
+    /// The progress of the layers served lazily (none for an eager mount).
+    pub fn lazy_progress(&self) -> Vec<crate::lazy::progress::LayerProgress> {
+        self.content.lazy_progress()
+    }
+
     /// The names of an inode's extended attributes, each followed by a NUL, as `listxattr`
     /// returns them.
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>, FsError> {

@@ -10,6 +10,7 @@ use std::os::unix::ffi::OsStrExt;
 
 use super::core::{Attr, BLOCK_SIZE, FsCore, FsError, MAX_NAME, ROOT_INO};
 use super::overlay::Overlay;
+use crate::lazy::progress::PROGRESS_XATTR;
 use crate::mount::control::UPPER_XATTR;
 
 /// The filesystem behind a mount.
@@ -84,8 +85,19 @@ impl Served {
         }
     }
 
-    /// An extended attribute's value.
+    /// An extended attribute's value. The root of a lazy mount answers
+    /// [`PROGRESS_XATTR`] with its layers' progress.
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Cow<'_, [u8]>, FsError> {
+        if ino == ROOT_INO && name == PROGRESS_XATTR.as_bytes() {
+            let core = match self {
+                Served::ReadOnly(core) => core,
+                Served::Writable(overlay) => overlay.lower(),
+            };
+            let layers = core.lazy_progress();
+            if !layers.is_empty() {
+                return Ok(Cow::Owned(crate::lazy::progress::encode(&layers)));
+            }
+        }
         match self {
             Served::ReadOnly(core) => core.getxattr(ino, name).map(Cow::Borrowed),
             Served::Writable(overlay) if ino == ROOT_INO && name == UPPER_XATTR.as_bytes() => Ok(

@@ -602,6 +602,11 @@ impl Overlay {
         self.upper.path()
     }
 
+    /// The image below.
+    pub fn lower(&self) -> &FsCore {
+        &self.lower
+    }
+
     /// Space and inodes as the upper's filesystem has them.
     pub fn statfs(&self) -> Result<rustix::fs::StatVfs, FsError> {
         Ok(rustix::fs::fstatvfs(self.upper.root()).map_err(io::Error::from)?)

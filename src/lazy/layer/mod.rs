@@ -163,6 +163,24 @@ impl LazyLayer {
         (self.fetched.load(Ordering::Relaxed), self.index.size)
     }
 
+    /// How much of the layer is here, for `jkmount status`.
+    pub fn report(&self) -> super::progress::LayerProgress {
+        let present = self.present.lock().expect("not poisoned");
+        let local = (0..present.blocks.len())
+            .filter(|&b| present.blocks[b])
+            .map(|b| self.block_len(b) as u64)
+            .sum();
+        super::progress::LayerProgress {
+            layer: self.index.layer.clone(),
+            local,
+            size: self.index.content_size,
+            fetched: self.fetched.load(Ordering::Relaxed),
+            blob_size: self.index.size,
+            complete: present.missing_blocks == 0,
+            refused: self.is_refused(),
+        }
+    }
+
     /// Whether the index proved not to describe the layer (every read then fails).
     pub fn is_refused(&self) -> bool {
         self.refused.load(Ordering::SeqCst)

@@ -577,3 +577,67 @@ fn pack_and_combine_say_in_one_line_when_the_registry_is_down() {
     assert!(err.contains("Usage: jkmount pack "), "{err}");
     assert!(!err.contains("--cache-dir"), "{err}");
 }
+
+/// `jkmount index IMAGE --output DIR` writes the lazy index artifact into an OCI layout, tagged
+/// with the referrers fallback tag of the image manifest: its manifest refers to the image, and
+/// its index blob is an index of the image's layer.
+#[test]
+fn index_output_writes_the_artifact_into_a_layout() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let spec = (0..200)
+        .map(|i| format!("f /jk/modules/m/f{i}.js 644 \"module.exports = {i};\\n\""))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let (reference, image) = registry.push_layers("libs/indexed:1", &[&spec]);
+    let layout = work.path().join("layout");
+    let cache = work.path().join("cache");
+    let out = ok(jkmount(
+        &cache,
+        &[
+            "index",
+            &reference,
+            "--output",
+            &format!("oci:{}", layout.display()),
+        ],
+    ));
+    let subject = image.manifest.digest.to_string();
+    assert!(
+        out.contains(&format!("{reference}@{subject} sha256:")),
+        "{out}"
+    );
+    let artifact = out.split_whitespace().last().unwrap().to_owned();
+
+    let blob = |digest: &str| {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        let bytes = std::fs::read(layout.join("blobs/sha256").join(hex)).unwrap();
+        assert_eq!(jkmount::oci::digest::Digest::of(&bytes).to_string(), digest);
+        bytes
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let tag = format!("sha256-{}", subject.strip_prefix("sha256:").unwrap());
+    let named = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag.as_str())
+        .unwrap();
+    assert_eq!(named["digest"], artifact.as_str());
+    let manifest: serde_json::Value = serde_json::from_slice(&blob(&artifact)).unwrap();
+    assert_eq!(manifest["subject"]["digest"], subject.as_str());
+    assert_eq!(manifest["artifactType"], "application/vnd.jkmount.lazy.v1");
+    let layer = &image.layers[0];
+    let described = &manifest["layers"][0];
+    assert_eq!(
+        described["annotations"]["org.jkmount.lazy.layer"],
+        layer.digest.to_string().as_str()
+    );
+    let bytes = blob(described["digest"].as_str().unwrap());
+    let size = layer.blob.len() as u64;
+    let decoded = jkmount::lazy::LazyIndex::decode(&bytes, &layer.digest, size, &layer.diff_id);
+    assert_eq!(decoded.unwrap().entries.entries.len(), 200);
+
+    let both = ["index", &reference, "--push", "--output", "x"];
+    assert!(fails(jkmount(&cache, &both), 2).contains("cannot be used with"));
+}

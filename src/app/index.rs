@@ -1,8 +1,10 @@
-//! `jkmount index IMAGE --push`: makes an image lazily mountable without changing it. The
+//! `jkmount index IMAGE --push | --output DIR`: makes an image lazily mountable without
+//! changing it. The
 //! image is pulled (every layer verified), each gzip layer indexed ([`LazyIndex::build`]), and
 //! the indexes pushed as one OCI artifact whose `subject` is the image manifest: found through
 //! the referrers API, or the fallback tag `sha256-<hex>` (an index of referrers, which this
-//! merges into rather than replaces) on registries without it.
+//! merges into rather than replaces) on registries without it. Or the artifact is written into
+//! an OCI layout, tagged `sha256-<hex>`, for whoever pushes with another tool.
 
 use std::collections::BTreeMap;
 
@@ -51,10 +53,27 @@ pub struct Built {
     pub layer_bytes: u64,
 }
 
-/// Indexes the gzip layers of `image` (a registry reference) and pushes the artifact.
-pub fn index_and_push(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Result<Indexed> {
+/// Where `jkmount index` puts the artifact.
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// Pushed beside the image (`--push`).
+    Push,
+    /// Written into an OCI layout directory (`--output DIR`).
+    Layout(std::path::PathBuf),
+}
+
+/// Indexes the gzip layers of `image` (a registry reference) and pushes or writes the artifact.
+pub fn index(
+    cache: &Cache,
+    image: &ImageRef,
+    options: &PullOptions,
+    output: &Output,
+) -> Result<Indexed> {
     let built = build(cache, image, options)?;
-    push_built(&built, options)
+    match output {
+        Output::Push => push_built(&built, options),
+        Output::Layout(dir) => write_built(&built, dir),
+    }
 }
 
 /// Pulls `image` (a registry reference) and indexes its gzip layers.
@@ -132,84 +151,133 @@ pub fn build(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Result<B
     })
 }
 
+/// The artifact of some built indexes: its blobs (the index blobs, then the empty config) and
+/// its manifest.
+struct Artifact {
+    blobs: Vec<(Digest, Vec<u8>)>,
+    manifest: Vec<u8>,
+    digest: Digest,
+    /// The image manifest it refers to.
+    subject: Digest,
+    index_bytes: u64,
+}
+
+impl Artifact {
+    fn of(built: &Built) -> Result<Artifact> {
+        let mut blobs = Vec::new();
+        let mut layers = Vec::new();
+        for index in &built.indexes {
+            let bytes = index.encode()?;
+            let digest = Digest::of(&bytes);
+            layers.push(OciDescriptor {
+                media_type: INDEX_MEDIA_TYPE.into(),
+                digest: digest.to_string(),
+                size: bytes.len() as i64,
+                annotations: Some(BTreeMap::from([(
+                    LAYER_ANNOTATION.into(),
+                    index.layer.to_string(),
+                )])),
+                ..Default::default()
+            });
+            blobs.push((digest, bytes));
+        }
+        let index_bytes = blobs.iter().map(|(_, b)| b.len() as u64).sum();
+        let config = Digest::of(EMPTY_CONFIG);
+        blobs.push((config.clone(), EMPTY_CONFIG.to_vec()));
+        let manifest = OciImageManifest {
+            schema_version: 2,
+            media_type: Some(oci_client::manifest::OCI_IMAGE_MEDIA_TYPE.into()),
+            artifact_type: Some(ARTIFACT_TYPE.into()),
+            config: OciDescriptor {
+                media_type: EMPTY_MEDIA_TYPE.into(),
+                digest: config.to_string(),
+                size: EMPTY_CONFIG.len() as i64,
+                ..Default::default()
+            },
+            layers,
+            subject: Some(built.subject.clone()),
+            annotations: None,
+        };
+        let manifest = serde_json::to_vec(&manifest).expect("a manifest serializes");
+        Ok(Artifact {
+            digest: Digest::of(&manifest),
+            subject: built.subject.digest.parse().expect("a digest we wrote"),
+            blobs,
+            manifest,
+            index_bytes,
+        })
+    }
+
+    fn indexed(&self, built: &Built) -> Indexed {
+        Indexed {
+            subject: self.subject.clone(),
+            artifact: self.digest.clone(),
+            layers: built.indexes.len(),
+            index_bytes: self.index_bytes,
+            layer_bytes: built.layer_bytes,
+        }
+    }
+
+    /// The referrers fallback tag of its subject (`sha256-<hex>`).
+    fn fallback_tag(&self) -> String {
+        format!("sha256-{}", self.subject.hex())
+    }
+}
+
 /// Pushes built indexes as one artifact referring to their image.
 pub fn push_built(built: &Built, options: &PullOptions) -> Result<Indexed> {
-    let blobs = built
-        .indexes
-        .iter()
-        .map(|index| Ok((index.layer.clone(), index.encode()?)))
-        .collect::<Result<Vec<_>>>()?;
-    let index_bytes = blobs.iter().map(|(_, b)| b.len() as u64).sum();
+    let artifact = Artifact::of(built)?;
     let runtime = crate::app::prepare::runtime()?;
-    let subject = built.subject.clone();
-    let artifact = runtime.block_on(push(&built.reference, options, subject, blobs))?;
-    Ok(Indexed {
-        subject: built.subject.digest.parse().expect("a digest we wrote"),
-        artifact,
-        layers: built.indexes.len(),
-        index_bytes,
-        layer_bytes: built.layer_bytes,
-    })
+    runtime.block_on(push(&built.reference, options, &artifact))?;
+    Ok(artifact.indexed(built))
+}
+
+/// Writes built indexes as one artifact into the OCI layout `dir` (created, or added to),
+/// named by the referrers fallback tag `sha256-<hex>` of the image manifest, for copying to a
+/// registry with any tool.
+pub fn write_built(built: &Built, dir: &std::path::Path) -> Result<Indexed> {
+    let artifact = Artifact::of(built)?;
+    let layout = crate::oci::layout::LayoutWriter::create(dir)?;
+    for (digest, bytes) in &artifact.blobs {
+        layout.write_blob(digest, bytes)?;
+    }
+    layout.write_blob(&artifact.digest, &artifact.manifest)?;
+    let descriptor = OciDescriptor {
+        media_type: oci_client::manifest::OCI_IMAGE_MEDIA_TYPE.into(),
+        digest: artifact.digest.to_string(),
+        size: artifact.manifest.len() as i64,
+        artifact_type: Some(ARTIFACT_TYPE.into()),
+        ..Default::default()
+    };
+    layout.tag(&descriptor, &artifact.fallback_tag())?;
+    Ok(artifact.indexed(built))
 }
 
 async fn push(
     reference: &oci_client::Reference,
     options: &PullOptions,
-    subject: OciDescriptor,
-    blobs: Vec<(Digest, Vec<u8>)>,
-) -> Result<Digest> {
+    artifact: &Artifact,
+) -> Result<()> {
     let destination = Destination::new(reference, &options.registries).await?;
-    let mut layers = Vec::new();
-    for (layer, bytes) in &blobs {
-        let digest = Digest::of(bytes);
-        destination.push_bytes(bytes, &digest).await?;
-        layers.push(OciDescriptor {
-            media_type: INDEX_MEDIA_TYPE.into(),
-            digest: digest.to_string(),
-            size: bytes.len() as i64,
-            annotations: Some(BTreeMap::from([(
-                LAYER_ANNOTATION.into(),
-                layer.to_string(),
-            )])),
-            ..Default::default()
-        });
+    for (digest, bytes) in &artifact.blobs {
+        destination.push_bytes(bytes, digest).await?;
     }
-    let config = Digest::of(EMPTY_CONFIG);
-    destination.push_bytes(EMPTY_CONFIG, &config).await?;
-    let subject_digest: Digest = subject.digest.parse().expect("a digest we wrote");
-    let manifest = OciImageManifest {
-        schema_version: 2,
-        media_type: Some(oci_client::manifest::OCI_IMAGE_MEDIA_TYPE.into()),
-        artifact_type: Some(ARTIFACT_TYPE.into()),
-        config: OciDescriptor {
-            media_type: EMPTY_MEDIA_TYPE.into(),
-            digest: config.to_string(),
-            size: EMPTY_CONFIG.len() as i64,
-            ..Default::default()
-        },
-        layers,
-        subject: Some(subject),
-        annotations: None,
-    };
-    let bytes = serde_json::to_vec(&manifest).expect("a manifest serializes");
-    let digest = Digest::of(&bytes);
     let media_type = oci_client::manifest::OCI_IMAGE_MEDIA_TYPE;
+    let (digest, bytes) = (&artifact.digest, &artifact.manifest);
     destination
-        .push_manifest_tagged(&digest.to_string(), &bytes, media_type)
+        .push_manifest_tagged(&digest.to_string(), bytes, media_type)
         .await?;
-    add_to_fallback_tag(&destination, &subject_digest, &digest, bytes.len()).await?;
-    Ok(digest)
+    add_to_fallback_tag(&destination, artifact, bytes.len()).await
 }
 
 /// Lists the artifact under the referrers fallback tag, keeping what others listed there
 /// (an earlier jkmount index of the same image is replaced).
 async fn add_to_fallback_tag(
     destination: &Destination,
-    subject: &Digest,
-    artifact: &Digest,
+    artifact: &Artifact,
     size: usize,
 ) -> Result<()> {
-    let tag = format!("sha256-{}", subject.hex());
+    let tag = artifact.fallback_tag();
     let mut index = match destination.manifest_at(&tag).await? {
         Some(bytes) => {
             serde_json::from_slice::<OciImageIndex>(&bytes).map_err(|e| Error::Push {
@@ -230,7 +298,7 @@ async fn add_to_fallback_tag(
         .retain(|m| m.artifact_type.as_deref() != Some(ARTIFACT_TYPE));
     index.manifests.push(oci_client::manifest::ImageIndexEntry {
         media_type: oci_client::manifest::OCI_IMAGE_MEDIA_TYPE.into(),
-        digest: artifact.to_string(),
+        digest: artifact.digest.to_string(),
         size: size as i64,
         platform: None,
         annotations: None,

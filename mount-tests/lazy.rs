@@ -470,3 +470,60 @@ fn a_lockfile_pins_the_lazy_index() {
     assert!(said.contains(&format!("used lazy index {lying}")), "{said}");
     assert_eq!(std::fs::read_to_string(&lockfile).unwrap(), pinned);
 }
+
+/// Reads waiting on a stalled registry do not hold the FUSE workers: with more of them waiting
+/// than the mount has workers, lookups and reads of what is already local are answered while
+/// they all still wait; then they complete with the right bytes.
+#[test]
+fn reads_waiting_on_the_network_leave_the_mount_answering() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let (reference, layer, _) = indexed_image(&registry, "lazy/stalled:1", work);
+    let proxy = FaultProxy::start(&registry.addr);
+    let through_proxy = reference.replace(&registry.addr, &proxy.addr);
+    let mnt = work.join("mnt");
+    let _lazy = Foreground::start(
+        &work.join("cache"),
+        &["--lazy", "--no-background-fetch"],
+        &through_proxy,
+        &mnt,
+    );
+    assert_eq!(read_file(&mnt, 0, 0).unwrap(), content(0, 0));
+
+    // Each far read's first request stalls (more of them than the mount's 4 FUSE workers).
+    let far: Vec<usize> = (1..=8).map(|i| i * 7).collect();
+    let stall = Fault::PauseAfter(0, Duration::from_secs(10));
+    proxy.fail(&format!("/blobs/{layer}"), stall, far.len());
+    let waiting: Vec<_> = far
+        .iter()
+        .map(|&p| {
+            let mnt = mnt.clone();
+            std::thread::spawn(move || read_file(&mnt, p, 5))
+        })
+        .collect();
+    wait_until("the reads reach the stalled registry", || {
+        proxy.seen(&format!("/blobs/{layer}")).len() > 1 + far.len() / 2
+    });
+    // Neighbours of the file read first: their blocks are here, their names not looked up yet.
+    let started = Instant::now();
+    for f in 1..4 {
+        assert_eq!(read_file(&mnt, 0, f).unwrap(), content(0, f));
+    }
+    assert!(
+        std::fs::read_dir(mnt.join("jk/modules/pkg1"))
+            .unwrap()
+            .count()
+            == FILES
+    );
+    let answered = started.elapsed();
+    let still_waiting = waiting.iter().filter(|t| !t.is_finished()).count();
+    assert_eq!(
+        still_waiting,
+        far.len(),
+        "the local reads took {answered:?}: they waited for the stalled ones"
+    );
+    for (thread, p) in waiting.into_iter().zip(far) {
+        assert_eq!(thread.join().unwrap().unwrap(), content(p, 5));
+    }
+}

@@ -111,6 +111,38 @@ impl Content {
         self.lazy.iter().flatten().map(|l| l.report()).collect()
     }
 
+    /// Whether some layer is still served lazily and not all here.
+    pub fn lazy_pending(&self) -> bool {
+        self.lazy.iter().flatten().any(|l| !l.is_settled())
+    }
+
+    /// Whether reading `len` bytes of a file at `offset` may wait on the network.
+    pub fn may_wait(&self, data: Option<Data<'_>>, offset: u64, len: u64) -> bool {
+        let local = |layer: u32, start: u64, end: u64| match self.lazy.get(layer as usize) {
+            Some(Some(lazy)) => lazy.is_local(start, end),
+            _ => true,
+        };
+        match data {
+            Some(Data::Run {
+                layer,
+                offset: start,
+                size,
+            }) => {
+                let len = size.saturating_sub(offset).min(len);
+                !local(layer, start + offset, start + offset + len)
+            }
+            Some(Data::Sparse {
+                layer,
+                size,
+                extents,
+            }) => {
+                let len = size.saturating_sub(offset).min(len);
+                !stored_ranges(extents, offset, len).all(|(from, to)| local(layer, from, to))
+            }
+            None => false,
+        }
+    }
+
     /// Makes `start..end` of layer `layer`'s content present, if it is served lazily.
     fn present(&self, layer: u32, start: u64, end: u64) -> io::Result<()> {
         match self.lazy.get(layer as usize) {

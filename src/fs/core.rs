@@ -258,6 +258,25 @@ impl FsCore {
         }
     }
 
+    /// Whether reading `size` bytes of `ino` at `offset` may wait on the network (a lazy
+    /// layer's blocks not here yet); `false` is certain, `true` may be cautious.
+    pub fn read_may_wait(&self, ino: u64, offset: u64, size: u32) -> bool {
+        if !self.content.lazy_pending() {
+            return false;
+        }
+        match self.id(ino).and_then(|id| self.node(id)) {
+            Ok((_, kind)) => self
+                .content
+                .may_wait(Data::of(&kind), offset, u64::from(size)),
+            Err(_) => false,
+        }
+    }
+
+    /// Whether some layer is still served lazily and not all here.
+    pub fn lazy_pending(&self) -> bool {
+        self.content.lazy_pending()
+    }
+
     /// The file the kernel may read `ino` from itself (passthrough), made in the cache if need
     /// be through `work`; `None` for a file this core serves by reads (small, sparse, or not a
     /// regular file).

@@ -25,6 +25,7 @@ use super::overlay::{NewEntry, SetAttr};
 use super::passthrough::{Opened, Passthrough};
 use super::served::Served;
 use super::stats::{Op, Stats};
+use super::waiting::Waiting;
 
 /// How long the kernel may trust an entry, an attribute or a negative lookup: the image is
 /// immutable, so for as long as the mount lives.
@@ -41,25 +42,28 @@ const WANTED: [InitFlags; 4] = [
 /// The filesystem as `fuser` sees it.
 #[derive(Debug)]
 pub struct FuseFs {
-    core: Served,
+    core: Arc<Served>,
     stats: Arc<Stats>,
     passthrough: Option<Passthrough>,
+    /// Where reads that may wait on the network run.
+    waiting: Waiting,
 }
 
 impl FuseFs {
     /// Wraps a core; every request is counted in `stats`.
     pub fn new(core: Served, stats: Arc<Stats>) -> Self {
         FuseFs {
-            core,
+            core: Arc::new(core),
             stats,
             passthrough: None,
+            waiting: Waiting::default(),
         }
     }
 
     /// Hands big files of a read-only mount to the kernel in passthrough, their backing files
     /// made through `work` where the cache has none yet.
     pub fn with_passthrough(mut self, work: PathBuf) -> Self {
-        if matches!(self.core, Served::ReadOnly(_)) {
+        if matches!(*self.core, Served::ReadOnly(_)) {
             self.passthrough = Some(Passthrough::new(work));
         }
         self
@@ -80,7 +84,7 @@ impl FuseFs {
         offset: u64,
         mut add: impl FnMut(&Attr, u64, &OsStr) -> bool,
     ) -> Result<(), FsError> {
-        match &self.core {
+        match &*self.core {
             Served::ReadOnly(core) => {
                 for e in core.readdir(ino, offset)? {
                     let e = e?;
@@ -107,6 +111,17 @@ impl FuseFs {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
+    }
+}
+
+/// Reads and replies (on a FUSE worker, or on a [`Waiting`] thread).
+fn answer_read(core: &Served, stats: &Stats, ino: u64, offset: u64, size: u32, reply: ReplyData) {
+    match core.read(ino, offset, size) {
+        Ok(data) => {
+            stats.read_bytes(data.len());
+            reply.data(&data)
+        }
+        Err(e) => reply.error(errno(&e)),
     }
 }
 
@@ -289,7 +304,7 @@ impl Filesystem for FuseFs {
     /// files served by reads.
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.stats.count(Op::Open);
-        let (Some(passthrough), Served::ReadOnly(core)) = (&self.passthrough, &self.core) else {
+        let (Some(passthrough), Served::ReadOnly(core)) = (&self.passthrough, &*self.core) else {
             return reply.error(Errno::ENOSYS);
         };
         if !passthrough.is_on() {
@@ -319,13 +334,13 @@ impl Filesystem for FuseFs {
         reply: ReplyData,
     ) {
         self.stats.count(Op::Read);
-        match self.core.read(ino.0, offset, size) {
-            Ok(data) => {
-                self.stats.read_bytes(data.len());
-                reply.data(&data)
-            }
-            Err(e) => reply.error(errno(&e)),
+        if self.core.read_may_wait(ino.0, offset, size) {
+            let (core, stats) = (self.core.clone(), self.stats.clone());
+            self.waiting
+                .run(move || answer_read(&core, &stats, ino.0, offset, size, reply));
+            return;
         }
+        answer_read(&self.core, &self.stats, ino.0, offset, size, reply)
     }
 
     /// Nothing needs flushing: a read-only mount writes nothing, and a writable one has no

@@ -1,6 +1,7 @@
 //! The filesystem: [`core`] answers every request from the immutable tree with plain file
 //! reads and no FUSE types; [`fuse`] is the thin `fuser` skin that translates, with
-//! [`passthrough`] the state it keeps when the kernel reads big files itself.
+//! [`passthrough`] the state it keeps when the kernel reads big files itself, and [`waiting`]
+//! the threads that serve reads which may wait on the network.
 
 pub mod content;
 pub mod core;
@@ -9,5 +10,6 @@ pub mod overlay;
 pub mod passthrough;
 pub mod served;
 pub mod stats;
+pub mod waiting;
 
 pub use self::core::{Attr, FileKind, FsCore, FsError};

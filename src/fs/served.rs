@@ -85,6 +85,15 @@ impl Served {
         }
     }
 
+    /// Whether reading `size` bytes of `ino` at `offset` may wait on the network; `false` is
+    /// certain. A writable mount says so for every read while a lazy layer is incomplete.
+    pub fn read_may_wait(&self, ino: u64, offset: u64, size: u32) -> bool {
+        match self {
+            Served::ReadOnly(core) => core.read_may_wait(ino, offset, size),
+            Served::Writable(overlay) => overlay.lower().lazy_pending(),
+        }
+    }
+
     /// An extended attribute's value. The root of a lazy mount answers
     /// [`PROGRESS_XATTR`] with its layers' progress.
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Cow<'_, [u8]>, FsError> {

@@ -14,7 +14,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use super::headers::Headers;
@@ -44,6 +44,8 @@ struct Present {
     missing_blocks: usize,
     checked: Vec<bool>,
     unchecked: usize,
+    /// Blocks a read is decoding now: another read of one waits for it, not fetching twice.
+    decoding: std::collections::HashSet<usize>,
 }
 
 /// A layer being served lazily.
@@ -56,6 +58,8 @@ pub struct LazyLayer {
     content: File,
     content_path: PathBuf,
     present: Mutex<Present>,
+    /// Signalled when a read ends decoding a block.
+    decoded: Condvar,
     spans: Box<dyn Spans>,
     /// Reads of the mount's lazy layers waiting on the network now (shared by them all); the
     /// background pass pauses while there are any.
@@ -111,6 +115,7 @@ impl LazyLayer {
             missing_blocks: index.blocks.len(),
             checked: vec![false; headers.entries.len()],
             unchecked: headers.entries.len(),
+            decoding: Default::default(),
         };
         Ok(LazyLayer {
             index,
@@ -120,6 +125,7 @@ impl LazyLayer {
             content,
             content_path,
             present: Mutex::new(present),
+            decoded: Condvar::new(),
             spans,
             waiting,
             fetched: AtomicU64::new(0),
@@ -179,6 +185,28 @@ impl LazyLayer {
             complete: present.missing_blocks == 0,
             refused: self.is_refused(),
         }
+    }
+
+    /// Whether nothing more is to come: every block here and every entry checked, or the
+    /// layer refused.
+    pub fn is_settled(&self) -> bool {
+        let present = self.present.lock().expect("not poisoned");
+        (present.missing_blocks == 0 && present.unchecked == 0) || self.is_refused()
+    }
+
+    /// Whether [`ensure`](Self::ensure) of `start..end` would answer without the network.
+    pub fn is_local(&self, start: u64, end: u64) -> bool {
+        let end = end.min(self.index.content_size);
+        if start >= end || self.is_refused() {
+            return true;
+        }
+        let block = u64::from(self.index.block_size);
+        let present = self.present.lock().expect("not poisoned");
+        let checked = match self.headers.read_by(start, end) {
+            Some(entries) => entries.iter().all(|&e| present.checked[e]),
+            None => true,
+        };
+        checked && (start / block..end.div_ceil(block)).all(|b| present.blocks[b as usize])
     }
 
     /// Whether the index proved not to describe the layer (every read then fails).
@@ -273,18 +301,39 @@ impl LazyLayer {
     /// Decodes block `b` from its access point, checks it and writes it. The decoder asserts
     /// what an index it cannot check says (a window's size): a panic there is a damaged index,
     /// answered as an error, not a dead worker.
+    /// A read of a block another read is decoding waits for that one (and decodes it itself
+    /// only if that one failed).
     fn decode_block(&self, b: usize) -> io::Result<()> {
-        if self.present.lock().expect("not poisoned").blocks[b] {
-            return Ok(());
+        {
+            let mut present = self.present.lock().expect("not poisoned");
+            loop {
+                if present.blocks[b] {
+                    return Ok(());
+                }
+                if self.is_refused() {
+                    return Err(self.refused("its lazy index proved wrong".into()));
+                }
+                if present.decoding.insert(b) {
+                    break;
+                }
+                present = self.decoded.wait(present).expect("not poisoned");
+            }
         }
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.decode_block_unguarded(b)
         }))
         .unwrap_or_else(|_| {
             Err(self.refused(format!(
                 "decoding block {b} failed: the lazy index is damaged"
             )))
-        })
+        });
+        self.present
+            .lock()
+            .expect("not poisoned")
+            .decoding
+            .remove(&b);
+        self.decoded.notify_all();
+        decoded
     }
 
     fn decode_block_unguarded(&self, b: usize) -> io::Result<()> {

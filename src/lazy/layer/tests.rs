@@ -74,14 +74,16 @@ fn data_of(index: &LazyIndex, path: &[u8]) -> u64 {
     crate::layer::data_ranges(&entry.kind)[0].0
 }
 
-/// The blob as a registry would serve it, with `flip` bytes inverted.
+/// The blob as a registry would serve it, with `flip` bytes inverted, each answer `delay`ed.
 struct Served {
     blob: Vec<u8>,
     flip: Option<std::ops::Range<usize>>,
+    delay: Duration,
 }
 
 impl Spans for Served {
     fn fetch(&self, start: u64, len: u64) -> std::result::Result<Vec<u8>, String> {
+        std::thread::sleep(self.delay);
         let mut bytes = self.blob[start as usize..(start + len) as usize].to_vec();
         if let Some(flip) = &self.flip {
             for i in flip.clone() {
@@ -100,7 +102,8 @@ fn layer(
     blob: Vec<u8>,
     flip: Option<std::ops::Range<usize>>,
 ) -> LazyLayer {
-    let spans = Served { blob, flip };
+    let delay = Duration::ZERO;
+    let spans = Served { blob, flip, delay };
     LazyLayer::new(
         dir,
         index,
@@ -276,4 +279,37 @@ fn one_files_bytes_are_not_served_under_another_files_name() {
     assert!(err.to_string().contains("tar headers at"), "{err}");
     assert!(served.is_refused());
     assert!(served.ensure(a, a + 10).is_err());
+}
+
+#[test]
+fn two_reads_of_one_missing_block_fetch_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, blob, index) = indexed(dir.path());
+    let at = 12_000_000;
+    let alone = layer(dir.path(), index.clone(), blob.clone(), None);
+    alone.ensure(at, at + 10).unwrap();
+    let (once, _) = alone.progress();
+
+    let own = dir.path().join("together");
+    std::fs::create_dir(&own).unwrap();
+    let delay = Duration::from_millis(200);
+    let spans = Served {
+        blob,
+        flip: None,
+        delay,
+    };
+    let shared = LazyLayer::new(&own, index, "test".into(), Box::new(spans), Arc::default());
+    let shared = Arc::new(shared.unwrap());
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let shared = shared.clone();
+            std::thread::spawn(move || shared.ensure(at, at + 10))
+        })
+        .collect();
+    for reader in readers {
+        reader.join().unwrap().unwrap();
+    }
+    assert_eq!(content(&shared, at, 10), plain[at as usize..][..10]);
+    let (together, _) = shared.progress();
+    assert_eq!(together, once, "the block was fetched by both reads");
 }

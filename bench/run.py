@@ -831,7 +831,9 @@ def lazy_rows(registry, large, index_cache):
     rows = [("lazy index (jkmount index --push) of the large image: % of its compressed layers",
              {"jkmount": Result([100 * index_bytes / layer_bytes], unit="%")}),
             ("the large image's compressed layers",
-             {"jkmount": Result([layer_bytes / 2**20], unit="MiB")})]
+             {"jkmount": Result([layer_bytes / 2**20], unit="MiB")}),
+            ("what the require workload reads: % of the tree's uncompressed file bytes",
+             {"jkmount": Result([workload_share()], unit="%")})]
     for rate in (100, 20):
         log(f"first require over a {rate} Mbit/s link with 20 ms RTT, eager and --lazy")
         shaped = link.Link(registry.dir / "storage", rate_mbit=rate)
@@ -840,6 +842,30 @@ def lazy_rows(registry, large, index_cache):
                 Jkmount(ref, "link"), Lazy(ref, "link-lazy"), LazyOnRead(ref, "link-lazy-onread")],
                 node_workload, RUNS)
     return rows
+
+
+WORKLOAD_SHARE = """
+const fs = require('fs'), path = require('path');
+const opened = new Set(), readFileSync = fs.readFileSync;
+fs.readFileSync = function (p, ...a) { opened.add(path.resolve(String(p))); return readFileSync.call(this, p, ...a); };
+for (const m of %s) require(m);
+Object.keys(require.cache).forEach(f => opened.add(f));
+const size = f => { try { return fs.statSync(f).size; } catch (e) { return 0; } };
+let all = 0;
+(function walk(d) { for (const e of fs.readdirSync(d, {withFileTypes: true})) {
+  const p = path.join(d, e.name); if (e.isDirectory()) walk(p); else if (e.isFile()) all += size(p); } })(process.argv[1]);
+console.log(100 * [...opened].reduce((n, f) => n + size(f), 0) / all);
+"""
+
+
+def workload_share():
+    """The share of the tree's file bytes the require workload itself reads (the modules node
+    loads and the files read through fs.readFileSync), on native disk: the floor for what any
+    lazy mount must fetch."""
+    modules = WORK / "npm" / "node_modules"
+    script = WORKLOAD_SHARE % json.dumps(REQUIRED)
+    out = sh("node", "-e", script, str(modules), capture_output=True, cwd=modules.parent)
+    return float(out.stdout.decode().strip())
 
 
 def lazy_targets(by, add):

@@ -21,14 +21,14 @@ use crate::oci::digest::Digest;
 const MAGIC: &[u8; 8] = b"JKLAZY02";
 
 /// Compressed bytes per verified chunk (and the unit of a `Range` fetch).
-pub const CHUNK_SIZE: u32 = 256 * 1024;
+pub const CHUNK_SIZE: u32 = 128 * 1024;
 
 /// Uncompressed bytes per verified block (the unit served after a check).
-pub const BLOCK_SIZE: u32 = 1024 * 1024;
+pub const BLOCK_SIZE: u32 = 256 * 1024;
 
 /// Compressed bytes between deflate access points: each costs up to 32 KiB of window in the
-/// index, and a read decodes on average half a span before its block.
-pub const ACCESS_SPAN: u64 = 1024 * 1024;
+/// index, and a read fetches and decodes on average half a span before its block.
+pub const ACCESS_SPAN: u64 = 512 * 1024;
 
 /// The most bytes an index may expand to (entries, access points and digests).
 pub const MAX_DECODED: u64 = 512 * 1024 * 1024;

@@ -9,6 +9,7 @@ mod headers;
 pub mod index;
 pub mod layer;
 pub mod progress;
+pub mod reads;
 
 pub use index::LazyIndex;
 pub use layer::{LazyLayer, Spans};

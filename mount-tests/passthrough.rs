@@ -161,3 +161,39 @@ fn passthrough_is_refused_for_a_writable_mount_by_name() {
         assert_eq!(said.trim().lines().count(), 1, "{said}");
     }
 }
+
+/// A user who is not root is told, in one line, that passthrough needs root (the kernel takes
+/// backing files only from CAP_SYS_ADMIN), before anything is fetched or mounted.
+#[test]
+fn passthrough_is_refused_to_a_user_who_is_not_root() {
+    use std::os::unix::fs::PermissionsExt;
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = work.path().join("jkmount");
+    std::fs::copy(super::support::jkmount_bin(), &bin).unwrap();
+    let theirs = work.path().join("theirs");
+    std::fs::create_dir_all(theirs.join("mnt")).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    std::os::unix::fs::chown(theirs.join("mnt"), Some(65534), Some(65534)).unwrap();
+    let said = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "env",
+            "-i",
+        ])
+        .arg(format!("HOME={}", theirs.display()))
+        .arg(&bin)
+        .arg("--cache-dir")
+        .arg(theirs.join("cache"))
+        .args(["--passthrough", "127.0.0.1:1/a:1"])
+        .arg(theirs.join("mnt"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&said.stderr);
+    assert_eq!(said.status.code(), Some(1), "{err}");
+    assert!(err.contains("passthrough needs root"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!theirs.join("cache").exists(), "something was set up first");
+}

@@ -164,9 +164,22 @@ impl LazyIndex {
     /// Reads an artifact blob said to index `layer` (of `size` bytes, uncompressed
     /// `diff_id`), bounding what it may cost and checking that it describes that layer.
     pub fn decode(bytes: &[u8], layer: &Digest, size: u64, diff_id: &Digest) -> Result<LazyIndex> {
-        let body = bytes
-            .strip_prefix(MAGIC.as_slice())
-            .ok_or_else(|| bad(layer, "it does not start with jkmount's lazy index magic"))?;
+        let body = bytes.strip_prefix(MAGIC.as_slice()).ok_or_else(|| {
+            match bytes
+                .get(..MAGIC.len())
+                .filter(|m| m.starts_with(b"JKLAZY"))
+            {
+                Some(found) => bad(
+                    layer,
+                    format!(
+                        "it is format {}, this jkmount reads {}",
+                        String::from_utf8_lossy(found),
+                        String::from_utf8_lossy(MAGIC)
+                    ),
+                ),
+                None => bad(layer, "it does not start with jkmount's lazy index magic"),
+            }
+        })?;
         let mut plain = Vec::new();
         zstd::stream::read::Decoder::new(body)
             .and_then(|d| d.take(MAX_DECODED + 1).read_to_end(&mut plain))

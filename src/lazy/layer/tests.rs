@@ -232,6 +232,14 @@ fn an_index_of_another_layer_or_with_wrong_counts_is_refused() {
     assert!(err.unwrap_err().to_string().contains("lies outside"));
     let err = LazyIndex::decode(&blob, &layer, size, &diff_id).unwrap_err();
     assert!(err.to_string().contains("magic"), "{err}");
+    let mut older = bytes.clone();
+    older[..8].copy_from_slice(b"JKLAZY01");
+    let err = LazyIndex::decode(&older, &layer, size, &diff_id).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("format JKLAZY01, this jkmount reads JKLAZY02"),
+        "{err}"
+    );
 }
 
 #[test]

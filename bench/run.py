@@ -351,6 +351,10 @@ class SkopeoUmoci:
         return self.dir / "rootfs"
 
     def cold(self, probe):
+        return self.cold_then(lambda root: lambda: (root / probe).stat())
+
+    def cold_then(self, workload_for):
+        """From nothing to the end of `workload_for(root)` on the unpacked tree."""
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
 
@@ -359,7 +363,7 @@ class SkopeoUmoci:
                f"oci:{self.dir / 'layout'}:t")
             sh("umoci", "raw", "unpack", "--image", f"{self.dir / 'layout'}:t", self.root(),
                stderr=subprocess.DEVNULL)
-            (self.root() / probe).stat()
+            workload_for(self.root())()
         return timed(run)
 
     warm = None
@@ -383,13 +387,17 @@ class Podman:
         return Path(self.path)
 
     def cold(self, probe):
+        return self.cold_then(lambda root: lambda: (root / probe).stat())
+
+    def cold_then(self, workload_for):
+        """From nothing to the end of `workload_for(root)` through `podman image mount`."""
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
         def run():
             self._podman("pull", "-q", "--tls-verify=false", self.ref)
             self.path = self._podman("image", "mount", self.ref).strip()
-            (Path(self.path) / probe).stat()
+            workload_for(Path(self.path))()
         return timed(run)
 
     def warm(self, probe):
@@ -824,8 +832,9 @@ def targets(rows, n_entries):
 
 
 def lazy_rows(registry, large, index_cache):
-    """The lazy-mount rows: the index's cost, then the first require from an empty cache over
-    the 100 and 20 Mbit/s links, eager against --lazy, with the bytes fetched by then."""
+    """The lazy-mount rows: the index's cost and what the workload reads, then the first
+    require from an empty cache over the 100 and 20 Mbit/s links — eager jkmount, --lazy,
+    skopeo+umoci and podman — with the bytes over the link by then."""
     log("lazy index of the large image")
     index_bytes, layer_bytes = index_for_lazy(large, index_cache)
     rows = [("lazy index (jkmount index --push) of the large image: % of its compressed layers",
@@ -839,7 +848,8 @@ def lazy_rows(registry, large, index_cache):
         shaped = link.Link(registry.dir / "storage", rate_mbit=rate)
         with shaped.inside():
             rows += link.first_result_rows(shaped, large, lambda ref: [
-                Jkmount(ref, "link"), Lazy(ref, "link-lazy"), LazyOnRead(ref, "link-lazy-onread")],
+                Jkmount(ref, "link"), Lazy(ref, "link-lazy"), LazyOnRead(ref, "link-lazy-onread"),
+                SkopeoUmoci(ref, "link-first"), Podman(ref, "link-first")],
                 node_workload, RUNS)
     return rows
 

@@ -194,15 +194,13 @@ fn a_lazy_mount_reads_a_file_from_a_few_spans_and_equals_the_eager_mount() {
     let mnt = work.join("background");
     let lazy = Foreground::start(&cache, &["-v", "--lazy"], &through_proxy, &mnt);
     assert_eq!(describe(&mnt), describe(&eager_mnt));
-    let layers = cache.join("v1/layers/sha256");
+    // The log line comes last: after the layer is decoded into the cache and its entries are
+    // compared with the index's.
     wait_until("the layer is complete in the cache", || {
-        std::fs::read_dir(&layers).is_ok_and(|mut d| d.next().is_some())
+        lazy.log().contains("complete and in the cache")
     });
-    assert!(
-        lazy.log().contains("complete and in the cache"),
-        "{}",
-        lazy.log()
-    );
+    let layers = cache.join("v1/layers/sha256");
+    assert!(std::fs::read_dir(&layers).is_ok_and(|mut d| d.next().is_some()));
     let said = ok(jkmount(&cache, &["status", mnt.to_str().unwrap()]));
     assert!(
         said.contains("(100 %), 1 of 1 lazy layers complete"),

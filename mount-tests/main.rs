@@ -77,6 +77,32 @@ fn push(registry: &Registry, name: &str, layers: &[&str]) -> (String, BuiltImage
     registry.push_layers(name, layers)
 }
 
+/// `setpriv` running what follows as user 65534 (`nobody`), without supplementary groups.
+fn as_nobody() -> Command {
+    let mut command = Command::new("setpriv");
+    command.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+    command
+}
+
+/// jkmount as user 65534, with an empty environment but `HOME` and its cache there: a copy of
+/// the binary in `work` (which that user must be able to enter) and the user's home beside it.
+/// The command, and the home.
+fn jkmount_as_nobody(work: &Path) -> (Command, PathBuf) {
+    let bin = work.join("jkmount");
+    std::fs::copy(jkmount_bin(), &bin).unwrap();
+    let home = work.join("theirs");
+    std::fs::create_dir_all(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
+    let mut command = as_nobody();
+    command
+        .args(["env", "-i"])
+        .arg(format!("HOME={}", home.display()))
+        .arg(bin)
+        .arg("--cache-dir")
+        .arg(home.join("cache"));
+    (command, home)
+}
+
 fn run(command: &mut Command) -> String {
     let out = command.output().expect("command runs");
     assert!(

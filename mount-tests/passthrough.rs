@@ -51,14 +51,7 @@ fn read_all(root: &Path) {
         SMALL
     );
     assert_eq!(std::fs::read(lib.join("sparse.bin")).unwrap(), sparse());
-    let as_nobody = run(Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "sha256sum",
-        ])
-        .arg(lib.join("big.txt")));
+    let as_nobody = run(super::as_nobody().arg("sha256sum").arg(lib.join("big.txt")));
     let direct = run(Command::new("sha256sum").arg(lib.join("big.txt")));
     assert_eq!(as_nobody, direct);
 }
@@ -169,24 +162,10 @@ fn passthrough_is_refused_to_a_user_who_is_not_root() {
     use std::os::unix::fs::PermissionsExt;
     let work = tempfile::tempdir().unwrap();
     std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let bin = work.path().join("jkmount");
-    std::fs::copy(super::support::jkmount_bin(), &bin).unwrap();
-    let theirs = work.path().join("theirs");
-    std::fs::create_dir_all(theirs.join("mnt")).unwrap();
-    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    let (mut theirs_jkmount, theirs) = super::jkmount_as_nobody(work.path());
+    std::fs::create_dir(theirs.join("mnt")).unwrap();
     std::os::unix::fs::chown(theirs.join("mnt"), Some(65534), Some(65534)).unwrap();
-    let said = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "env",
-            "-i",
-        ])
-        .arg(format!("HOME={}", theirs.display()))
-        .arg(&bin)
-        .arg("--cache-dir")
-        .arg(theirs.join("cache"))
+    let said = theirs_jkmount
         .args(["--passthrough", "127.0.0.1:1/a:1"])
         .arg(theirs.join("mnt"))
         .output()

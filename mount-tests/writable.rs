@@ -529,24 +529,9 @@ fn a_live_mount_commits_its_changes_holding_its_writes_and_only_for_its_owner() 
         let path = upper.join(name);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
     }
-    let bin = work.path().join("jkmount");
-    std::fs::copy(super::support::jkmount_bin(), &bin).unwrap();
-    let theirs = work.path().join("theirs");
-    std::fs::create_dir(&theirs).unwrap();
-    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    let (mut theirs_jkmount, theirs) = super::jkmount_as_nobody(work.path());
     let output = theirs.join("layout");
-    let said = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "env",
-            "-i",
-        ])
-        .arg(format!("HOME={}", theirs.display()))
-        .arg(&bin)
-        .arg("--cache-dir")
-        .arg(theirs.join("cache"))
+    let said = theirs_jkmount
         .arg("commit")
         .arg(&mnt)
         .arg("--output")

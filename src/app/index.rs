@@ -1,10 +1,10 @@
 //! `jkmount index IMAGE --push | --output DIR`: makes an image lazily mountable without
-//! changing it. The
-//! image is pulled (every layer verified), each gzip layer indexed ([`LazyIndex::build`]), and
-//! the indexes pushed as one OCI artifact whose `subject` is the image manifest: found through
-//! the referrers API, or the fallback tag `sha256-<hex>` (an index of referrers, which this
-//! merges into rather than replaces) on registries without it. Or the artifact is written into
-//! an OCI layout, tagged `sha256-<hex>`, for whoever pushes with another tool.
+//! changing it. The image is pulled (every layer verified), each gzip layer indexed
+//! ([`LazyIndex::build`]), and the indexes pushed as one OCI artifact whose `subject` is the
+//! image manifest: found through the referrers API, or the fallback tag `sha256-<hex>` (an
+//! index of referrers, which this merges into rather than replaces) on registries without it.
+//! Or the artifact is written into an OCI layout, tagged `sha256-<hex>`, for whoever pushes
+//! with another tool.
 
 use std::collections::BTreeMap;
 
@@ -267,16 +267,12 @@ async fn push(
     destination
         .push_manifest_tagged(&digest.to_string(), bytes, media_type)
         .await?;
-    add_to_fallback_tag(&destination, artifact, bytes.len()).await
+    add_to_fallback_tag(&destination, artifact).await
 }
 
 /// Lists the artifact under the referrers fallback tag, keeping what others listed there
 /// (an earlier jkmount index of the same image is replaced).
-async fn add_to_fallback_tag(
-    destination: &Destination,
-    artifact: &Artifact,
-    size: usize,
-) -> Result<()> {
+async fn add_to_fallback_tag(destination: &Destination, artifact: &Artifact) -> Result<()> {
     let tag = artifact.fallback_tag();
     let mut index = match destination.manifest_at(&tag).await? {
         Some(bytes) => {
@@ -299,7 +295,7 @@ async fn add_to_fallback_tag(
     index.manifests.push(oci_client::manifest::ImageIndexEntry {
         media_type: oci_client::manifest::OCI_IMAGE_MEDIA_TYPE.into(),
         digest: artifact.digest.to_string(),
-        size: size as i64,
+        size: artifact.manifest.len() as i64,
         platform: None,
         annotations: None,
         artifact_type: Some(ARTIFACT_TYPE.into()),

@@ -55,9 +55,9 @@ pub struct Indexes {
 }
 
 /// Looks for lazy indexes of the gzip layers of `manifest` that are not decoded yet: in the
-/// artifact `pinned` (a lockfile's) if given, else in the first of the manifest's referrers
-/// that indexes any of them. Nothing found (no referrer, a pinned artifact gone, another
-/// source) is not an error: those layers are pulled eagerly, with a warning.
+/// artifact `pinned` (a lockfile's) if given, else in the one `jkmount lock` would pin
+/// ([`find_artifact`]). Nothing found (no referrer, a pinned artifact gone, another source) is
+/// not an error: those layers are pulled eagerly, with a warning.
 pub async fn find_indexes(
     cache: &Cache,
     origin: &Arc<dyn Source>,
@@ -82,28 +82,25 @@ pub async fn find_indexes(
     if wanted.is_empty() {
         return Ok(indexes);
     }
-    let candidates = match pinned {
-        Some(pinned) => vec![pinned.clone()],
-        None => registry.referrers(subject, ARTIFACT_TYPE).await?,
-    };
-    for referrer in candidates {
-        let artifact = match artifact_of(&registry, &referrer, subject, shown).await {
-            Ok(Some(artifact)) => artifact,
-            Ok(None) if pinned.is_none() => continue,
+    let chosen = match pinned {
+        None => first_artifact(&registry, subject, shown).await?,
+        Some(pinned) => match artifact_of(&registry, pinned, subject, shown).await {
+            Ok(Some(artifact)) => Some((pinned.clone(), artifact)),
             Ok(None) => {
                 tracing::warn!(
-                    "{shown}: the lazy index {referrer} its lockfile pins is not one of this image; pulling it whole"
+                    "{shown}: the lazy index {pinned} its lockfile pins is not one of this image; pulling it whole"
                 );
                 return Ok(indexes);
             }
-            Err(e) if pinned.is_some() => {
+            Err(e) => {
                 tracing::warn!(
-                    "{shown}: the lazy index {referrer} its lockfile pins cannot be had ({e}); pulling it whole"
+                    "{shown}: the lazy index {pinned} its lockfile pins cannot be had ({e}); pulling it whole"
                 );
                 return Ok(indexes);
             }
-            Err(e) => return Err(e),
-        };
+        },
+    };
+    if let Some((digest, artifact)) = chosen {
         for blob in &artifact.layers {
             let Some(layer) = indexed_layer(blob) else {
                 continue;
@@ -118,10 +115,7 @@ pub async fn find_indexes(
                 .found
                 .insert(diff_id.clone(), Found { layer, size, index });
         }
-        if !indexes.found.is_empty() {
-            indexes.artifact = Some(referrer);
-            break;
-        }
+        indexes.artifact = (!indexes.found.is_empty()).then_some(digest);
     }
     // Asked only when there is something to serve lazily.
     let probe = indexes.found.values().next().map(|f| f.layer.clone());
@@ -145,12 +139,21 @@ pub async fn find_artifact(
     subject: &Digest,
     shown: &str,
 ) -> Result<Option<Digest>> {
+    Ok(first_artifact(registry, subject, shown)
+        .await?
+        .map(|(digest, _)| digest))
+}
+
+/// The first of `subject`'s referrers that is a jkmount lazy index artifact of it, with its
+/// manifest.
+async fn first_artifact(
+    registry: &RegistrySource,
+    subject: &Digest,
+    shown: &str,
+) -> Result<Option<(Digest, OciImageManifest)>> {
     for referrer in registry.referrers(subject, ARTIFACT_TYPE).await? {
-        if artifact_of(registry, &referrer, subject, shown)
-            .await?
-            .is_some()
-        {
-            return Ok(Some(referrer));
+        if let Some(artifact) = artifact_of(registry, &referrer, subject, shown).await? {
+            return Ok(Some((referrer, artifact)));
         }
     }
     Ok(None)
@@ -281,7 +284,7 @@ pub fn open_layers(
     let runtime = Arc::new(crate::app::prepare::runtime()?);
     let dir = cache.temp_dir("lazy")?;
     let (mut layers, mut jobs) = (Vec::new(), Vec::new());
-    let waiting = Arc::default();
+    let reads = Arc::default();
     for (image, reference) in pulled.iter().zip(images) {
         let origin = crate::source::open(reference, options.registries.clone(), false);
         for pulled_layer in &image.layers {
@@ -313,7 +316,7 @@ pub fn open_layers(
                 index,
                 name,
                 spans,
-                Arc::clone(&waiting),
+                Arc::clone(&reads),
             )?);
             jobs.push(Completion {
                 layer: layer.clone(),

@@ -65,9 +65,7 @@ impl Pin {
                 &other.index,
             )
     }
-}
 
-impl Pin {
     /// What the reference itself pointed to when pinned: the index if there was one.
     pub fn top(&self) -> &Digest {
         self.index.as_ref().unwrap_or(&self.digest)

@@ -32,8 +32,9 @@ pub struct ImageRecord {
     pub blobs: Vec<Digest>,
     /// The diff_ids of its decoded layers.
     pub layers: Vec<Digest>,
-    /// The lazy index artifact a `--lazy` mount last used for it (pinned or not): what
-    /// `jkmount lock` reports when a lockfile does not pin it.
+    /// The lazy index artifact the pull that wrote this record used (a `--lazy` mount's, pinned
+    /// or not; none for an eager pull): what `jkmount lock` reports when a lockfile does not
+    /// pin it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lazy: Option<Digest>,
     /// Seconds since the epoch when it was last pulled or mounted.

@@ -191,6 +191,10 @@ fn settle(args: &LockArgs, old: Option<Pin>, new: Pin) -> Pin {
     }
     let lockfile = args.output.display();
     if old.same_image(&new) {
+        let now = new
+            .lazy
+            .as_ref()
+            .map_or("none".to_owned(), ToString::to_string);
         return match (&old.lazy, &new.lazy) {
             (None, Some(lazy)) => {
                 println!(
@@ -199,16 +203,14 @@ fn settle(args: &LockArgs, old: Option<Pin>, new: Pin) -> Pin {
                 );
                 new
             }
-            (Some(was), now) if !args.update => {
-                let now = now.as_ref().map_or("none".to_owned(), |d| d.to_string());
+            (Some(was), _) if !args.update => {
                 tracing::warn!(
                     "{reference}: {lockfile} pins lazy index {was}, the registry now has {now}; keeping the pin. Run `jkmount lock --update {reference}` to move it"
                 );
                 println!("{reference}: kept {} (lazy index {was})", old.top());
                 old
             }
-            (_, now) => {
-                let now = now.as_ref().map_or("none".to_owned(), |d| d.to_string());
+            _ => {
                 println!("{reference}: unchanged {}, lazy index now {now}", new.top());
                 new
             }

@@ -14,14 +14,13 @@ type Job = Box<dyn FnOnce() + Send>;
 /// The threads, started on first use.
 #[derive(Debug, Default)]
 pub struct Waiting {
-    queue: OnceLock<Mutex<Sender<Job>>>,
+    queue: OnceLock<Sender<Job>>,
 }
 
 impl Waiting {
     /// Runs `job` on one of the threads.
     pub fn run(&self, job: impl FnOnce() + Send + 'static) {
-        let queue = self.queue.get_or_init(|| Mutex::new(start()));
-        let sent = queue.lock().expect("not poisoned").send(Box::new(job));
+        let sent = self.queue.get_or_init(start).send(Box::new(job));
         if let Err(unsent) = sent {
             // Only if every thread died: run it here rather than drop its reply.
             (unsent.0)();

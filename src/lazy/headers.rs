@@ -3,6 +3,12 @@
 //! read as ([`crate::layer::entry_at`]); and which entry a range of the tar belongs to.
 
 use super::index::{LazyIndex, sha256};
+use crate::layer::Entry;
+
+/// What an entry is compared by: the SHA-256 of its postcard encoding.
+pub(super) fn entry_digest(entry: &Entry) -> [u8; 32] {
+    sha256(&postcard::to_stdvec(entry).expect("entries serialize"))
+}
 
 /// A range of the tar that holds an entry's data, and that entry (in [`Headers::entries`]).
 #[derive(Debug)]
@@ -29,7 +35,8 @@ pub(super) struct Headers {
 }
 
 impl Headers {
-    /// From an index that passed [`LazyIndex::decode`]'s checks.
+    /// From an index that passed [`LazyIndex::decode`]'s checks (so no two entries' data
+    /// overlap, which [`read_by`](Self::read_by)'s search relies on).
     pub(super) fn of(index: &LazyIndex) -> Headers {
         let mut headers = Headers::default();
         for (entry, &header) in index.entries.entries.iter().zip(&index.headers) {
@@ -45,11 +52,10 @@ impl Headers {
                     end,
                     entry: at,
                 }));
-            let digest = sha256(&postcard::to_stdvec(entry).expect("entries serialize"));
             headers.entries.push(EntryCheck {
                 header,
                 data,
-                digest,
+                digest: entry_digest(entry),
             });
         }
         headers.ranges.sort_by_key(|r| r.start);

@@ -4,8 +4,9 @@
 //! `indexed_deflate` crate), and a SHA-256 of every compressed chunk and of every uncompressed
 //! block, so each span fetched by `Range` is checked before it is decoded and each decoded block
 //! before it is served; and where each entry's tar headers start, so the entry a file is served
-//! under is checked against the layer's own headers before its first byte is. An index is untrusted input: [`LazyIndex::decode`] bounds its size and
-//! checks that its counts agree with the layer it claims to describe.
+//! under is checked against the layer's own headers before its first byte is. An index is
+//! untrusted input: [`LazyIndex::decode`] bounds its size and checks that its counts agree
+//! with the layer it claims to describe.
 
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
@@ -225,6 +226,7 @@ impl LazyIndex {
         if self.headers.len() != self.entries.entries.len() {
             return Err(bad(layer, "it does not give every entry's header offset"));
         }
+        let mut data = Vec::new();
         for (entry, &header) in self.entries.entries.iter().zip(&self.headers) {
             let ranges = layer::data_ranges(&entry.kind);
             let ends = ranges.iter().try_fold(header, |most, r| {
@@ -243,6 +245,12 @@ impl LazyIndex {
                     ),
                 ));
             }
+            data.extend(ranges);
+        }
+        // A tar's entries never share data bytes; a lazy layer finds a read's entry by that.
+        data.sort_unstable();
+        if data.windows(2).any(|w| w[0].1 > w[1].0) {
+            return Err(bad(layer, "two of its entries' data overlap"));
         }
         Ok(())
     }

@@ -30,9 +30,9 @@ impl Default for Reads {
 
 impl Reads {
     /// A read starts waiting on the network; it ends when the guard is dropped.
-    pub fn begin(&self) -> Waiting<'_> {
+    pub fn begin(&self) -> WaitingRead<'_> {
         self.waiting.fetch_add(1, Ordering::SeqCst);
-        Waiting(self)
+        WaitingRead(self)
     }
 
     /// Whether no read waits and none has for [`QUIET`] (nor since the mount began).
@@ -51,9 +51,9 @@ impl Reads {
 }
 
 /// One read waiting on the network.
-pub struct Waiting<'a>(&'a Reads);
+pub struct WaitingRead<'a>(&'a Reads);
 
-impl Drop for Waiting<'_> {
+impl Drop for WaitingRead<'_> {
     fn drop(&mut self) {
         let reads = self.0;
         let now = reads.start.elapsed().as_millis() as u64;

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::headers::Headers;
+use super::headers::{Headers, entry_digest};
 use super::index::{LazyIndex, read_full, sha256};
 use super::reads::Reads;
 use crate::error::{IoContext, Result};
@@ -48,6 +48,27 @@ struct Present {
     unchecked: usize,
     /// Blocks a read is decoding now: another read of one waits for it, not fetching twice.
     decoding: std::collections::HashSet<usize>,
+}
+
+impl Present {
+    /// Every block here and every entry checked: nothing left to do for any read.
+    fn settled(&self) -> bool {
+        self.missing_blocks == 0 && self.unchecked == 0
+    }
+
+    fn mark_block(&mut self, b: usize) {
+        if !self.blocks[b] {
+            self.blocks[b] = true;
+            self.missing_blocks -= 1;
+        }
+    }
+
+    fn mark_checked(&mut self, e: usize) {
+        if !self.checked[e] {
+            self.checked[e] = true;
+            self.unchecked -= 1;
+        }
+    }
 }
 
 /// A layer being served lazily.
@@ -193,7 +214,7 @@ impl LazyLayer {
     /// layer refused.
     pub fn is_settled(&self) -> bool {
         let present = self.present.lock().expect("not poisoned");
-        (present.missing_blocks == 0 && present.unchecked == 0) || self.is_refused()
+        present.settled() || self.is_refused()
     }
 
     /// Whether [`ensure`](Self::ensure) of `start..end` would answer without the network.
@@ -202,13 +223,12 @@ impl LazyLayer {
         if start >= end || self.is_refused() {
             return true;
         }
-        let block = u64::from(self.index.block_size);
         let present = self.present.lock().expect("not poisoned");
         let checked = match self.headers.read_by(start, end) {
             Some(entries) => entries.iter().all(|&e| present.checked[e]),
             None => true,
         };
-        checked && (start / block..end.div_ceil(block)).all(|b| present.blocks[b as usize])
+        checked && self.blocks_of(start, end).all(|b| present.blocks[b])
     }
 
     /// Whether the index proved not to describe the layer (every read then fails).
@@ -235,8 +255,7 @@ impl LazyLayer {
         }
         {
             // The common case once a layer has arrived: nothing to do, nothing allocated.
-            let present = self.present.lock().expect("not poisoned");
-            if present.missing_blocks == 0 && present.unchecked == 0 {
+            if self.present.lock().expect("not poisoned").settled() {
                 return Ok(());
             }
         }
@@ -262,9 +281,7 @@ impl LazyLayer {
             let mut bytes = vec![0; (check.data - check.header) as usize];
             self.content.read_exact_at(&mut bytes, check.header)?;
             let found = crate::layer::entry_at(&bytes, check.header).ok().flatten();
-            let same = found.is_some_and(|entry| {
-                sha256(&postcard::to_stdvec(&entry).expect("entries serialize")) == check.digest
-            });
+            let same = found.is_some_and(|entry| entry_digest(&entry) == check.digest);
             if !same {
                 self.refused.store(true, Ordering::SeqCst);
                 return Err(self.refused(format!(
@@ -272,25 +289,19 @@ impl LazyLayer {
                     check.header, check.data
                 )));
             }
-            let mut present = self.present.lock().expect("not poisoned");
-            if !present.checked[e] {
-                present.checked[e] = true;
-                present.unchecked -= 1;
-            }
+            self.present.lock().expect("not poisoned").mark_checked(e);
         }
         Ok(())
     }
 
     /// Makes the blocks of `start..end` present.
     fn ensure_blocks(&self, start: u64, end: u64) -> io::Result<()> {
-        let block = u64::from(self.index.block_size);
         let wanted: Vec<usize> = {
             let present = self.present.lock().expect("not poisoned");
             if present.missing_blocks == 0 {
                 return Ok(());
             }
-            (start / block..end.div_ceil(block))
-                .map(|b| b as usize)
+            self.blocks_of(start, end)
                 .filter(|&b| !present.blocks[b])
                 .collect()
         };
@@ -299,9 +310,8 @@ impl LazyLayer {
 
     /// Decodes block `b` from its access point, checks it and writes it. The decoder asserts
     /// what an index it cannot check says (a window's size): a panic there is a damaged index,
-    /// answered as an error, not a dead worker.
-    /// A read of a block another read is decoding waits for that one (and decodes it itself
-    /// only if that one failed).
+    /// answered as an error, not a dead worker. A read of a block another read is decoding
+    /// waits for that one (and decodes it itself only if that one failed).
     fn decode_block(&self, b: usize) -> io::Result<()> {
         {
             let mut present = self.present.lock().expect("not poisoned");
@@ -345,6 +355,12 @@ impl LazyLayer {
         self.store_block(b, &bytes)
     }
 
+    /// The blocks `start..end` lies in.
+    fn blocks_of(&self, start: u64, end: u64) -> std::ops::Range<usize> {
+        let block = u64::from(self.index.block_size);
+        (start / block) as usize..end.div_ceil(block) as usize
+    }
+
     fn block_len(&self, b: usize) -> usize {
         let block = u64::from(self.index.block_size);
         (self.index.content_size - b as u64 * block).min(block) as usize
@@ -376,11 +392,7 @@ impl LazyLayer {
         }
         let at = b as u64 * u64::from(self.index.block_size);
         self.content.write_all_at(bytes, at)?;
-        let mut present = self.present.lock().expect("not poisoned");
-        if !present.blocks[b] {
-            present.blocks[b] = true;
-            present.missing_blocks -= 1;
-        }
+        self.present.lock().expect("not poisoned").mark_block(b);
         Ok(())
     }
 

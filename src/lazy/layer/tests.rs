@@ -230,6 +230,16 @@ fn an_index_of_another_layer_or_with_wrong_counts_is_refused() {
     };
     let err = LazyIndex::decode(&far.encode().unwrap(), &layer, size, &diff_id);
     assert!(err.unwrap_err().to_string().contains("lies outside"));
+    // `a` stretched over the start of `b`'s data: a read of either could be matched to the
+    // other's entry, and only that one's headers checked.
+    let mut overlapping = index.clone();
+    let (a, b) = (data_of(&index, b"a"), data_of(&index, b"b"));
+    overlapping.entries.entries[0].kind = crate::layer::EntryKind::File {
+        offset: a,
+        size: b - a + 10,
+    };
+    let err = LazyIndex::decode(&overlapping.encode().unwrap(), &layer, size, &diff_id);
+    assert!(err.unwrap_err().to_string().contains("overlap"));
     let err = LazyIndex::decode(&blob, &layer, size, &diff_id).unwrap_err();
     assert!(err.to_string().contains("magic"), "{err}");
     let mut older = bytes.clone();

@@ -3,7 +3,10 @@
 //! offsets into the uncompressed tar), deflate access points (the zran technique, kept by the
 //! `indexed_deflate` crate), and a SHA-256 of every compressed chunk and of every uncompressed
 //! block, so each span fetched by `Range` is checked before it is decoded and each decoded block
-//! before it is served; and where each entry's tar headers start, so the entry a file is served
+//! before it is served. A layer of several gzip members (eStargz, which starts a member at each
+//! file's data; `pigz`-style concatenations) is indexed by where its members start instead:
+//! decoding from a member start needs no window, so those access points cost 16 bytes each and
+//! a read fetches from its file's own member, not from a checkpoint up to 512 KiB before it; and where each entry's tar headers start, so the entry a file is served
 //! under is checked against the layer's own headers before its first byte is. An index is
 //! untrusted input: [`LazyIndex::decode`] bounds its size and checks that its counts agree
 //! with the layer it claims to describe.
@@ -19,7 +22,7 @@ use crate::layer::{self, LayerIndex, LayerSpec};
 use crate::oci::digest::Digest;
 
 /// What the artifact's blobs start with, before the zstd frame.
-const MAGIC: &[u8; 8] = b"JKLAZY02";
+const MAGIC: &[u8; 8] = b"JKLAZY03";
 
 /// Compressed bytes per verified chunk (and the unit of a `Range` fetch).
 pub const CHUNK_SIZE: u32 = 128 * 1024;
@@ -30,6 +33,12 @@ pub const BLOCK_SIZE: u32 = 256 * 1024;
 /// Compressed bytes between deflate access points: each costs up to 32 KiB of window in the
 /// index, and a read fetches and decodes on average half a span before its block.
 pub const ACCESS_SPAN: u64 = 512 * 1024;
+
+/// Compressed bytes per chunk, and uncompressed bytes per block, of a layer indexed by its
+/// members: a read fetches only its own members, so the pieces it is checked in are small too.
+pub const MEMBER_CHUNK_SIZE: u32 = 16 * 1024;
+/// See [`MEMBER_CHUNK_SIZE`].
+pub const MEMBER_BLOCK_SIZE: u32 = 64 * 1024;
 
 /// The most bytes an index may expand to (entries, access points and digests).
 pub const MAX_DECODED: u64 = 512 * 1024 * 1024;
@@ -57,9 +66,12 @@ pub struct LazyIndex {
     pub entries: LayerIndex,
     /// Where each entry's first header starts in the uncompressed tar, in entry order.
     pub headers: Vec<u64>,
-    /// The deflate access points, in `indexed_deflate`'s format.
+    /// The deflate access points, in `indexed_deflate`'s format (a layer of one gzip member).
     #[serde(with = "serde_bytes")]
     pub deflate: Vec<u8>,
+    /// Where each gzip member starts, compressed and uncompressed offsets, in order (a layer
+    /// of several members; then `deflate` is empty).
+    pub members: Vec<(u64, u64)>,
 }
 
 /// The SHA-256 of `bytes`, as stored per chunk and block.
@@ -80,10 +92,9 @@ fn bad(layer: &Digest, detail: impl Into<String>) -> Error {
 
 impl LazyIndex {
     /// Builds the index of a verified gzip layer blob at `blob`, decoded into the tar at
-    /// `content` with entries `entries`. The blob is read twice (chunk digests, then the
-    /// deflate stream); the uncompressed bytes are checked against the layer's diff_id on the
-    /// way. A gzip stream of several members is [`Error::Unindexable`]: the access points
-    /// follow one deflate stream.
+    /// `content` with entries `entries`. The blob is read once for its members and blocks
+    /// (the uncompressed bytes checked against the layer's diff_id on the way), once for its
+    /// chunk digests, and, if it is one gzip member, once more for the deflate access points.
     pub fn build(
         blob: &Path,
         content: &Path,
@@ -92,40 +103,30 @@ impl LazyIndex {
     ) -> Result<LazyIndex> {
         let headers = locate_headers(content, spec, &entries)?;
         let content_size = std::fs::metadata(content).at(content)?.len();
-        let chunks = chunk_digests(blob)?;
-        let mut points = tempfile::tempfile().at("a temp file for deflate access points")?;
-        let file = std::fs::File::open(blob).at(blob)?;
-        let mut builder = indexed_deflate::GzIndexBuilder::new(
-            io::BufReader::with_capacity(1 << 20, file),
-            &mut points,
-            indexed_deflate::AccessPointSpan::new(ACCESS_SPAN),
-        )
-        .map_err(|e| bad(spec.digest, format!("not a gzip stream: {e}")))?;
-        let mut blocks = Vec::new();
-        let mut whole = Sha256::new();
-        let mut decoded = 0u64;
-        let mut block = vec![0; BLOCK_SIZE as usize];
-        loop {
-            let n = read_full(&mut builder, &mut block).at(blob)?;
-            if n == 0 {
-                break;
+        // One decode finds the members and, for a layer of one member, its blocks' digests; a
+        // layer of several is decoded again for blocks that end where members do.
+        let mut single = BlockDigests::new(BLOCK_SIZE, None);
+        let members = member_blocks(blob, spec, &mut single)?;
+        let (chunk_size, blocks) = match members.len() {
+            1 => (CHUNK_SIZE, single),
+            _ => {
+                let starts = block_starts(&members, single.total, MEMBER_BLOCK_SIZE);
+                let mut blocks = BlockDigests::new(MEMBER_BLOCK_SIZE, Some(starts));
+                let file = std::fs::File::open(blob).at(blob)?;
+                let mut decoder =
+                    flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(1 << 20, file));
+                io::copy(&mut decoder, &mut blocks).at(blob)?;
+                (MEMBER_CHUNK_SIZE, blocks)
             }
-            blocks.push(sha256(&block[..n]));
-            whole.update(&block[..n]);
-            decoded += n as u64;
-        }
-        builder
-            .finish()
-            .map_err(|e| bad(spec.digest, format!("writing access points: {e}")))?;
+        };
+        let block_size = blocks.size;
+        let (blocks, found, decoded) = blocks.finish();
         if decoded != content_size {
             return Err(Error::Unindexable {
                 layer: spec.digest.clone(),
-                detail: format!(
-                    "its first gzip member holds {decoded} of its {content_size} bytes (a stream of several members)"
-                ),
+                detail: format!("it decodes to {decoded} bytes, its tar has {content_size}"),
             });
         }
-        let found = Digest::from_sha256(whole.finalize().into());
         if found != *spec.diff_id {
             return Err(Error::DigestMismatch {
                 what: "uncompressed layer (diff_id)",
@@ -134,23 +135,23 @@ impl LazyIndex {
                 found,
             });
         }
-        let mut deflate = Vec::new();
-        points
-            .seek(SeekFrom::Start(0))
-            .and_then(|_| points.read_to_end(&mut deflate))
-            .at("the deflate access points")?;
+        let (deflate, members) = match members.len() {
+            1 => (access_points(blob, spec)?, Vec::new()),
+            _ => (Vec::new(), members),
+        };
         Ok(LazyIndex {
             layer: spec.digest.clone(),
             size: spec.size,
             diff_id: spec.diff_id.clone(),
             content_size,
-            chunk_size: CHUNK_SIZE,
-            chunks,
-            block_size: BLOCK_SIZE,
+            chunk_size,
+            chunks: chunk_digests(blob, chunk_size)?,
+            block_size,
             blocks,
             entries,
             headers,
             deflate,
+            members,
         })
     }
 
@@ -208,15 +209,16 @@ impl LazyIndex {
                 ),
             ));
         }
-        let sane = |piece: u32| (64 * 1024..=64 << 20).contains(&piece);
+        let sane = |piece: u32| (4 * 1024..=64 << 20).contains(&piece);
         if !sane(self.chunk_size) || !sane(self.block_size) {
             return Err(bad(
                 layer,
-                "its chunk or block size is outside 64 KiB..64 MiB",
+                "its chunk or block size is outside 4 KiB..64 MiB",
             ));
         }
+        self.check_members(layer)?;
         if self.chunks.len() != pieces(self.size, self.chunk_size)
-            || self.blocks.len() != pieces(self.content_size, self.block_size)
+            || self.blocks.len() != self.block_starts().len()
         {
             return Err(bad(
                 layer,
@@ -253,6 +255,54 @@ impl LazyIndex {
             return Err(bad(layer, "two of its entries' data overlap"));
         }
         Ok(())
+    }
+}
+
+impl LazyIndex {
+    /// Access points of one kind: deflate windows, or member starts that begin at the blob's
+    /// start, rise, and stay inside the blob and the tar.
+    fn check_members(&self, layer: &Digest) -> Result<()> {
+        let Some(&first) = self.members.first() else {
+            return match self.deflate.is_empty() {
+                true => Err(bad(layer, "it has no access points")),
+                false => Ok(()),
+            };
+        };
+        let rising = self
+            .members
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1);
+        let last = self.members[self.members.len() - 1];
+        if !self.deflate.is_empty()
+            || first != (0, 0)
+            || !rising
+            || last.0 >= self.size
+            || last.1 > self.content_size
+        {
+            return Err(bad(
+                layer,
+                "its gzip member starts are out of order or bounds",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Where each block starts (see [`block_starts`]).
+    pub fn block_starts(&self) -> Vec<u64> {
+        match self.members.is_empty() {
+            true => block_starts(&[(0, 0)], self.content_size, self.block_size),
+            false => block_starts(&self.members, self.content_size, self.block_size),
+        }
+    }
+
+    /// The member to decode from for uncompressed offset `at` (its compressed and
+    /// uncompressed start), and the compressed offset the decode of `at..end` needs no bytes
+    /// beyond: the start of the first member at or after `end`, else the blob's end.
+    pub fn member_span(&self, at: u64, end: u64) -> ((u64, u64), u64) {
+        let i = self.members.partition_point(|m| m.1 <= at).max(1) - 1;
+        let j = self.members.partition_point(|m| m.1 < end).max(i + 1);
+        let after = self.members.get(j).map_or(self.size, |m| m.0);
+        (self.members[i], after)
     }
 }
 
@@ -302,9 +352,9 @@ fn locate_headers(content: &Path, spec: &LayerSpec<'_>, entries: &LayerIndex) ->
     Ok(headers)
 }
 
-fn chunk_digests(blob: &Path) -> Result<Vec<[u8; 32]>> {
+fn chunk_digests(blob: &Path, size: u32) -> Result<Vec<[u8; 32]>> {
     let mut file = std::fs::File::open(blob).at(blob)?;
-    let mut chunk = vec![0; CHUNK_SIZE as usize];
+    let mut chunk = vec![0; size as usize];
     let mut digests = Vec::new();
     loop {
         let n = read_full(&mut file, &mut chunk).at(blob)?;
@@ -312,5 +362,179 @@ fn chunk_digests(blob: &Path) -> Result<Vec<[u8; 32]>> {
             return Ok(digests);
         }
         digests.push(sha256(&chunk[..n]));
+    }
+}
+
+/// Where each block starts in a tar of `content_size` bytes whose gzip members start at
+/// `members`: blocks end where members do, neighbouring small members share a block of up to
+/// `size` bytes, and a larger member is cut every `size` bytes from its start. So a read of a
+/// file in its own members (eStargz) decodes only those. One member gives blocks of `size`.
+pub fn block_starts(members: &[(u64, u64)], content_size: u64, size: u32) -> Vec<u64> {
+    let size = u64::from(size);
+    let mut starts = Vec::new();
+    let ends = members.iter().skip(1).map(|m| m.1).chain([content_size]);
+    let mut member_start = 0;
+    for end in ends.map(|e| e.min(content_size)) {
+        if end > member_start {
+            let joins = starts.last().is_some_and(|&block| end - block <= size);
+            if !joins {
+                starts.push(member_start);
+                let mut at = member_start;
+                while end - at > size {
+                    at += size;
+                    starts.push(at);
+                }
+            }
+        }
+        member_start = member_start.max(end);
+    }
+    starts
+}
+
+/// The SHA-256 of each block written (of `size` bytes, or from each of `starts` to the
+/// next), and of them all.
+struct BlockDigests {
+    size: u32,
+    starts: Option<Vec<u64>>,
+    pending: Vec<u8>,
+    blocks: Vec<[u8; 32]>,
+    whole: Sha256,
+    total: u64,
+}
+
+impl BlockDigests {
+    fn new(size: u32, starts: Option<Vec<u64>>) -> Self {
+        BlockDigests {
+            size,
+            starts,
+            pending: Vec::with_capacity(size as usize),
+            blocks: Vec::new(),
+            whole: Sha256::new(),
+            total: 0,
+        }
+    }
+
+    /// Where the block being written ends.
+    fn block_end(&self) -> u64 {
+        let b = self.blocks.len();
+        match &self.starts {
+            Some(starts) => starts.get(b + 1).copied().unwrap_or(u64::MAX),
+            None => (b as u64 + 1) * u64::from(self.size),
+        }
+    }
+
+    fn add(&mut self, mut bytes: &[u8]) {
+        self.whole.update(bytes);
+        while !bytes.is_empty() {
+            let end = self.block_end();
+            let take = ((end - self.total) as usize).min(bytes.len());
+            self.pending.extend_from_slice(&bytes[..take]);
+            self.total += take as u64;
+            bytes = &bytes[take..];
+            if self.total == end {
+                self.blocks.push(sha256(&self.pending));
+                self.pending.clear();
+            }
+        }
+    }
+
+    /// The blocks' digests, the whole's digest, and how many bytes there were.
+    fn finish(mut self) -> (Vec<[u8; 32]>, Digest, u64) {
+        if !self.pending.is_empty() {
+            self.blocks.push(sha256(&self.pending));
+        }
+        let whole = Digest::from_sha256(self.whole.finalize().into());
+        (self.blocks, whole, self.total)
+    }
+}
+
+impl io::Write for BlockDigests {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.add(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Decodes the gzip blob member by member into `sink`; returns where each member starts,
+/// compressed and uncompressed.
+fn member_blocks(
+    blob: &Path,
+    spec: &LayerSpec<'_>,
+    sink: &mut BlockDigests,
+) -> Result<Vec<(u64, u64)>> {
+    let file = std::fs::File::open(blob).at(blob)?;
+    let mut reader = io::BufReader::with_capacity(1 << 20, file);
+    let mut members = Vec::new();
+    let mut decoded = 0u64;
+    let mut buf = vec![0; 1 << 16];
+    loop {
+        let at = reader.stream_position().at(blob)?;
+        if io::BufRead::fill_buf(&mut reader).at(blob)?.is_empty() {
+            break;
+        }
+        members.push((at, decoded));
+        // The bufread decoder consumes exactly its member, leaving the next one's start.
+        let mut member = flate2::bufread::GzDecoder::new(&mut reader);
+        loop {
+            let n = match member.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(Error::Unindexable {
+                        layer: spec.digest.clone(),
+                        detail: format!("gzip member {} at byte {at}: {e}", members.len()),
+                    });
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            sink.add(&buf[..n]);
+            decoded += n as u64;
+        }
+    }
+    Ok(members)
+}
+
+/// The deflate access points of a blob of one gzip member, in `indexed_deflate`'s format.
+fn access_points(blob: &Path, spec: &LayerSpec<'_>) -> Result<Vec<u8>> {
+    let mut points = tempfile::tempfile().at("a temp file for deflate access points")?;
+    let file = std::fs::File::open(blob).at(blob)?;
+    let mut builder = indexed_deflate::GzIndexBuilder::new(
+        io::BufReader::with_capacity(1 << 20, file),
+        &mut points,
+        indexed_deflate::AccessPointSpan::new(ACCESS_SPAN),
+    )
+    .map_err(|e| bad(spec.digest, format!("not a gzip stream: {e}")))?;
+    io::copy(&mut builder, &mut io::sink()).at(blob)?;
+    builder
+        .finish()
+        .map_err(|e| bad(spec.digest, format!("writing access points: {e}")))?;
+    let mut deflate = Vec::new();
+    points
+        .seek(SeekFrom::Start(0))
+        .and_then(|_| points.read_to_end(&mut deflate))
+        .at("the deflate access points")?;
+    Ok(deflate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::block_starts;
+
+    #[test]
+    fn blocks_end_where_members_do_and_large_members_are_cut() {
+        // Members 0..100, an empty one, 100..300 and 300..1000; blocks of at most 256 bytes.
+        let members = [(0, 0), (10, 100), (20, 100), (30, 300)];
+        assert_eq!(block_starts(&members, 1000, 256), [0, 100, 300, 556, 812]);
+        // Small members share a block.
+        let small = [(0, 0), (5, 10), (9, 20), (14, 30)];
+        assert_eq!(block_starts(&small, 40, 256), [0]);
+        // One member: fixed blocks.
+        assert_eq!(block_starts(&[(0, 0)], 600, 256), [0, 256, 512]);
+        assert!(block_starts(&[(0, 0)], 0, 256).is_empty());
     }
 }

@@ -33,6 +33,10 @@ pub trait Spans: Send + Sync {
 /// Most compressed bytes one on-demand request asks for (neighbouring missing chunks).
 const GROUP: u64 = 256 << 10;
 
+/// Compressed bytes a read of a layer of gzip members fetches from its member on, at least:
+/// the members after it in tar order (a package's other files) come in the same round trip.
+const READ_AHEAD: u64 = 64 << 10;
+
 /// Most compressed bytes one request of the background pass asks for: small enough that a
 /// read arriving meanwhile waits little behind it (0.4 s at 20 Mbit/s).
 const BACKGROUND_GROUP: u64 = 1 << 20;
@@ -74,6 +78,8 @@ impl Present {
 /// A layer being served lazily.
 pub struct LazyLayer {
     index: LazyIndex,
+    /// Where each block starts in the uncompressed tar.
+    starts: Vec<u64>,
     /// The image and layer, for messages.
     name: String,
     blob: File,
@@ -141,6 +147,7 @@ impl LazyLayer {
             decoding: Default::default(),
         };
         Ok(LazyLayer {
+            starts: index.block_starts(),
             index,
             name,
             blob,
@@ -346,24 +353,58 @@ impl LazyLayer {
     }
 
     fn decode_block_unguarded(&self, b: usize) -> io::Result<()> {
-        let mut decoder = self.decoder(GROUP)?;
-        let at = b as u64 * u64::from(self.index.block_size);
-        decoder.seek(SeekFrom::Start(at))?;
+        let at = self.starts[b];
         let mut bytes = vec![0; self.block_len(b)];
-        let n = read_full(&mut decoder, &mut bytes)?;
+        let n = if self.index.members.is_empty() {
+            let mut decoder = self.decoder(GROUP)?;
+            decoder.seek(SeekFrom::Start(at))?;
+            read_full(&mut decoder, &mut bytes)?
+        } else {
+            // From the member the block starts in, fetching exactly the members it spans.
+            let ((start, decoded), end) = self.index.member_span(at, at + bytes.len() as u64);
+            let ahead = start.saturating_add(READ_AHEAD).min(self.index.size);
+            self.ensure_span(start, end.max(ahead))?;
+            let mut members = self.members_from(start, end, GROUP);
+            io::copy(&mut (&mut members).take(at - decoded), &mut io::sink())?;
+            read_full(&mut members, &mut bytes)?
+        };
         bytes.truncate(n);
         self.store_block(b, &bytes)
     }
 
+    /// The gzip members from compressed offset `start` (a member's start), decoded, reading
+    /// no compressed byte at or after `limit`.
+    fn members_from(&self, start: u64, limit: u64, group: u64) -> impl Read + '_ {
+        let chunks = Chunks {
+            layer: self,
+            at: start,
+            limit,
+            group,
+        };
+        flate2::bufread::MultiGzDecoder::new(io::BufReader::new(chunks))
+    }
+
+    /// Makes compressed bytes `start..end` present, each run of missing chunks fetched in
+    /// requests of at most [`BACKGROUND_GROUP`] bytes.
+    fn ensure_span(&self, start: u64, end: u64) -> io::Result<()> {
+        let size = u64::from(self.index.chunk_size);
+        let last = end.div_ceil(size) as usize;
+        for c in (start / size) as usize..last {
+            let run = (last - c) as u64 * size;
+            self.ensure_chunk(c, run.min(BACKGROUND_GROUP))?;
+        }
+        Ok(())
+    }
+
     /// The blocks `start..end` lies in.
     fn blocks_of(&self, start: u64, end: u64) -> std::ops::Range<usize> {
-        let block = u64::from(self.index.block_size);
-        (start / block) as usize..end.div_ceil(block) as usize
+        let first = self.starts.partition_point(|&s| s <= start).max(1) - 1;
+        first..self.starts.partition_point(|&s| s < end)
     }
 
     fn block_len(&self, b: usize) -> usize {
-        let block = u64::from(self.index.block_size);
-        (self.index.content_size - b as u64 * block).min(block) as usize
+        let end = self.starts.get(b + 1).copied();
+        (end.unwrap_or(self.index.content_size) - self.starts[b]) as usize
     }
 
     fn decoder(
@@ -373,6 +414,7 @@ impl LazyLayer {
         let chunks = Chunks {
             layer: self,
             at: 0,
+            limit: self.index.size,
             group,
         };
         indexed_deflate::GzDecoder::new(chunks, io::Cursor::new(&self.index.deflate[..])).map_err(
@@ -390,8 +432,7 @@ impl LazyLayer {
                 "uncompressed block {b} does not match its digest in the lazy index; it is not served"
             )));
         }
-        let at = b as u64 * u64::from(self.index.block_size);
-        self.content.write_all_at(bytes, at)?;
+        self.content.write_all_at(bytes, self.starts[b])?;
         self.present.lock().expect("not poisoned").mark_block(b);
         Ok(())
     }
@@ -454,7 +495,10 @@ impl LazyLayer {
     }
 
     fn fill_unguarded(&self) -> io::Result<()> {
-        let mut decoder = self.decoder(BACKGROUND_GROUP)?;
+        let mut decoder: Box<dyn Read + '_> = match self.index.members.is_empty() {
+            true => Box::new(self.decoder(BACKGROUND_GROUP)?),
+            false => Box::new(self.members_from(0, self.index.size, BACKGROUND_GROUP)),
+        };
         for b in 0..self.index.blocks.len() {
             self.reads.wait_quiet();
             let mut bytes = vec![0; self.block_len(b)];
@@ -483,23 +527,25 @@ fn entries_digest(entries: &LayerIndex) -> Digest {
 }
 
 /// The compressed blob as the deflate decoder reads it: each read first makes its chunk
-/// present, so the decoder only ever sees checked bytes.
+/// present, so the decoder only ever sees checked bytes; it ends at `limit`.
 struct Chunks<'a> {
     layer: &'a LazyLayer,
     at: u64,
+    limit: u64,
     group: u64,
 }
 
 impl Read for Chunks<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let index = &self.layer.index;
-        if self.at >= index.size || buf.is_empty() {
+        let limit = self.limit.min(index.size);
+        if self.at >= limit || buf.is_empty() {
             return Ok(0);
         }
         let size = u64::from(index.chunk_size);
         let c = (self.at / size) as usize;
         self.layer.ensure_chunk(c, self.group)?;
-        let chunk_end = ((c as u64 + 1) * size).min(index.size);
+        let chunk_end = ((c as u64 + 1) * size).min(limit);
         let len = buf.len().min((chunk_end - self.at) as usize);
         let n = self.layer.blob.read_at(&mut buf[..len], self.at)?;
         self.at += n as u64;

@@ -42,10 +42,22 @@ fn data() -> Vec<u8> {
 
 /// The gzip blob of `data()` in a file, and its index.
 fn indexed(dir: &Path) -> (Vec<u8>, Vec<u8>, LazyIndex) {
+    indexed_in_members(dir, &[])
+}
+
+/// The gzip blob of `data()`, a new gzip member starting at each of `cuts` (uncompressed
+/// offsets), in a file, and its index.
+fn indexed_in_members(dir: &Path, cuts: &[usize]) -> (Vec<u8>, Vec<u8>, LazyIndex) {
     let plain = data();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(&plain).unwrap();
-    let blob = gz.finish().unwrap();
+    let mut blob = Vec::new();
+    let mut bounds = vec![0];
+    bounds.extend_from_slice(cuts);
+    bounds.push(plain.len());
+    for piece in bounds.windows(2) {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&plain[piece[0]..piece[1]]).unwrap();
+        blob.extend(gz.finish().unwrap());
+    }
     let input = dir.join("input");
     std::fs::create_dir(&input).unwrap();
     let (path, content) = (input.join("blob.gz"), input.join("content.tar"));
@@ -247,7 +259,7 @@ fn an_index_of_another_layer_or_with_wrong_counts_is_refused() {
     let err = LazyIndex::decode(&older, &layer, size, &diff_id).unwrap_err();
     assert!(
         err.to_string()
-            .contains("format JKLAZY01, this jkmount reads JKLAZY02"),
+            .contains("format JKLAZY01, this jkmount reads JKLAZY03"),
         "{err}"
     );
 }
@@ -332,4 +344,82 @@ fn two_reads_of_one_missing_block_fetch_it_once() {
     assert_eq!(content(&shared, at, 10), plain[at as usize..][..10]);
     let (together, _) = shared.progress();
     assert_eq!(together, once, "the block was fetched by both reads");
+}
+
+/// Where `data()` starts a member per file's data and per MiB of `big`, as eStargz does.
+fn member_cuts() -> Vec<usize> {
+    // Header, a's data (1000 bytes, padded to 1024), header, b's, header, big's data.
+    let mut cuts = vec![512, 2048];
+    let big = 3584;
+    cuts.extend((0..16).map(|m| big + m * (1 << 20)));
+    cuts
+}
+
+#[test]
+fn a_layer_of_several_gzip_members_is_read_from_the_members_a_read_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, blob, index) = indexed_in_members(dir.path(), &member_cuts());
+    assert!(index.deflate.is_empty());
+    assert_eq!(index.members.len(), member_cuts().len() + 1);
+    let (a, at) = (data_of(&index, b"a"), 12_000_000);
+    let served = layer(dir.path(), index, blob.clone(), None);
+    served.ensure(a, a + 1000).unwrap();
+    assert_eq!(content(&served, a, 1000), vec![b'a'; 1000]);
+    // A small file costs its member and the read-ahead after it, not an access span.
+    let small = served.progress().0;
+    assert!(
+        small <= READ_AHEAD + 2 * 16 * 1024,
+        "{small} bytes fetched for a 1000-byte file"
+    );
+    served.ensure(at, at + 1000).unwrap();
+    assert_eq!(
+        content(&served, at, 1000),
+        plain[at as usize..at as usize + 1000]
+    );
+    // One MiB member of text, about half a MiB compressed, and the chunks around it.
+    let more = served.progress().0 - small;
+    assert!(
+        more < 700 * 1024,
+        "{more} bytes fetched for 1000 bytes in a 1 MiB member"
+    );
+    served.fill().unwrap();
+    assert!(served.is_complete());
+    assert_eq!(std::fs::read(served.content_path()).unwrap(), plain);
+    assert_eq!(std::fs::read(served.blob_path()).unwrap(), blob);
+}
+
+#[test]
+fn a_changed_member_byte_is_refused_and_member_starts_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, blob, index) = indexed_in_members(dir.path(), &member_cuts());
+    let a = data_of(&index, b"a");
+    let (start, _) = index.member_span(a, a + 1).0;
+    let flip = Some(start as usize + 20..start as usize + 21);
+    let own = dir.path().join("flipped");
+    std::fs::create_dir(&own).unwrap();
+    let served = layer(&own, index.clone(), blob.clone(), flip);
+    let err = served.ensure(a, a + 1000).unwrap_err();
+    assert!(
+        err.to_string().contains("do not match their digest"),
+        "{err}"
+    );
+    let encoded = |index: &LazyIndex| index.encode().unwrap();
+    let decode = |bytes: &[u8]| {
+        LazyIndex::decode(bytes, &index.layer, index.size, &index.diff_id).map(|_| ())
+    };
+    decode(&encoded(&index)).unwrap();
+    for damage in [
+        |i: &mut LazyIndex| i.members.swap(1, 2),
+        |i: &mut LazyIndex| i.members[0].0 = 7,
+        |i: &mut LazyIndex| i.members.last_mut().unwrap().0 = i.size,
+        |i: &mut LazyIndex| i.deflate = vec![1],
+    ] {
+        let mut damaged = index.clone();
+        damage(&mut damaged);
+        let err = decode(&encoded(&damaged)).unwrap_err();
+        assert!(
+            err.to_string().contains("member starts") || err.to_string().contains("access points"),
+            "{err}"
+        );
+    }
 }

@@ -40,6 +40,8 @@ pub struct CommitRequest<'a> {
     pub normalize_times: bool,
     /// How the new layer is compressed.
     pub compression: Compression,
+    /// Write the new (gzip) layer as eStargz.
+    pub estargz: bool,
     /// How the base is fetched, and the registries pushed to.
     pub pull: &'a PullOptions,
 }
@@ -96,6 +98,7 @@ fn commit_upper(
             dereference: false,
             mtime,
             compression: request.compression,
+            estargz: request.estargz,
             exact_modes: true,
             keep_times: !request.normalize_times,
         },

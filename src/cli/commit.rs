@@ -45,6 +45,7 @@ pub fn run(args: CommitArgs, global: &GlobalArgs) -> anyhow::Result<()> {
         target: &target,
         normalize_times: args.normalize_times,
         compression: Compression::from(args.compression),
+        estargz: args.compression == CompressionArg::Estargz,
         pull: &options,
     };
     let image = jkmount::app::commit::commit(&open_cache(global)?, &request)?;

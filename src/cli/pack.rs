@@ -54,6 +54,11 @@ pub enum CompressionArg {
     Gzip,
     /// zstd (level 3): smaller and faster; needs a recent consumer.
     Zstd,
+    /// gzip as eStargz: each file's data in gzip members of its own and a table of contents
+    /// at the end, so `--lazy` mounts read a file without what is around it; still a gzip
+    /// tar to every other tool (which shows two extra files, `stargz.index.json` and
+    /// `.no.prefetch.landmark`).
+    Estargz,
     /// Plain tar.
     None,
 }
@@ -61,7 +66,7 @@ pub enum CompressionArg {
 impl From<CompressionArg> for Compression {
     fn from(arg: CompressionArg) -> Compression {
         match arg {
-            CompressionArg::Gzip => Compression::Gzip,
+            CompressionArg::Gzip | CompressionArg::Estargz => Compression::Gzip,
             CompressionArg::Zstd => Compression::Zstd,
             CompressionArg::None => Compression::None,
         }
@@ -176,6 +181,7 @@ pub fn pack(args: PackArgs, global: &GlobalArgs) -> anyhow::Result<()> {
             dereference: args.dereference,
             mtime,
             compression,
+            estargz: args.compression == CompressionArg::Estargz,
             exact_modes: false,
             keep_times: false,
         },

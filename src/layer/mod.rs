@@ -6,6 +6,7 @@
 //! `header` reads one entry's header; `located` finds and rereads one entry's headers (for lazy
 //! mounts); `stream` holds the byte plumbing and the guards.
 
+pub mod estargz;
 mod header;
 mod located;
 mod stream;
@@ -252,6 +253,8 @@ pub fn decode_layer(
             found: diff_id,
         });
     }
+    let written = std::fs::File::open(&content).at(&content)?;
+    estargz::check_toc(&index.entries, &written).map_err(|detail| bad_layer(spec, detail))?;
     crate::cache::layers::save_index(cache, work.path(), &index)?;
     let dest = cache.layer_dir(spec.diff_id);
     if dest.exists() && !is_decoded(cache, spec.diff_id) {

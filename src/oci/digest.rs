@@ -161,6 +161,11 @@ impl<W: Write> HashingWriter<W> {
         }
     }
 
+    /// Bytes written so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
     /// Flushes and returns the writer, the digest and the byte count.
     pub fn finish(mut self) -> io::Result<(W, Digest, u64)> {
         self.inner.flush()?;

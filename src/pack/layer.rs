@@ -33,6 +33,9 @@ pub struct LayerOptions {
     pub mtime: u64,
     /// How the layer blob is compressed.
     pub compression: Compression,
+    /// Write the gzip layer as eStargz ([`crate::pack::estargz`]), lazily mountable by
+    /// file; `compression` is then gzip.
+    pub estargz: bool,
     /// Keep every mode as it is and read no `.jkmountignore` (a commit of a writable mount's
     /// changes), instead of normalizing modes as git keeps them.
     pub exact_modes: bool,
@@ -53,6 +56,8 @@ pub struct PackedLayer {
     pub diff_id: Digest,
     /// Entries written (directories included).
     pub entries: usize,
+    /// The layer descriptor's annotations (an eStargz layer's table digest and size).
+    pub annotations: std::collections::BTreeMap<String, String>,
 }
 
 /// `SOURCE_DATE_EPOCH` if set (and a number), else [`DEFAULT_EPOCH`].
@@ -129,6 +134,9 @@ fn header(kind: tar::EntryType, mode: u32, mtime: u64) -> tar::Header {
 
 /// Packs `dir` into a layer blob at `dest`.
 pub fn pack_dir(dir: &Path, options: &LayerOptions, dest: &Path) -> Result<PackedLayer> {
+    if options.estargz {
+        return pack_estargz(dir, options, dest);
+    }
     if !dir.is_dir() {
         return Err(pack_error(dir, "not a directory"));
     }
@@ -185,6 +193,36 @@ pub fn pack_dir(dir: &Path, options: &LayerOptions, dest: &Path) -> Result<Packe
         size,
         diff_id,
         entries,
+        annotations: Default::default(),
+    })
+}
+
+/// Packs `dir` into a plain tar beside `dest`, then writes that as eStargz at `dest`.
+fn pack_estargz(dir: &Path, options: &LayerOptions, dest: &Path) -> Result<PackedLayer> {
+    use crate::layer::estargz::{TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION};
+    let beside = dest.parent().unwrap_or(Path::new("."));
+    let plain = tempfile::NamedTempFile::new_in(beside).at(beside)?;
+    let tar_options = LayerOptions {
+        compression: Compression::None,
+        estargz: false,
+        ..options.clone()
+    };
+    let packed = pack_dir(dir, &tar_options, plain.path())?;
+    let written = crate::pack::estargz::from_tar(plain.path(), dest, options.mtime)?;
+    let annotations = [
+        (TOC_DIGEST_ANNOTATION, written.toc_digest.to_string()),
+        (
+            UNCOMPRESSED_SIZE_ANNOTATION,
+            written.uncompressed_size.to_string(),
+        ),
+    ];
+    Ok(PackedLayer {
+        path: dest.to_owned(),
+        digest: written.digest,
+        size: written.size,
+        diff_id: written.diff_id,
+        entries: packed.entries,
+        annotations: annotations.map(|(k, v)| (k.to_owned(), v)).into(),
     })
 }
 

@@ -4,6 +4,7 @@
 //! Everything is plain data; the same directory gives the same manifest digest anywhere.
 
 pub mod compress;
+pub mod estargz;
 pub mod layer;
 
 use std::collections::BTreeMap;
@@ -160,7 +161,11 @@ pub fn assemble(
         None => (Vec::new(), Vec::new()),
     };
     let layer_media_type = layer_media_type(compression);
-    layers.push(descriptor(layer_media_type, &layer.digest, layer.size));
+    let mut new_layer = descriptor(layer_media_type, &layer.digest, layer.size);
+    if !layer.annotations.is_empty() {
+        new_layer.annotations = Some(layer.annotations.clone().into_iter().collect());
+    }
+    layers.push(new_layer);
     let extras = ManifestExtras {
         annotations: options.annotations.clone(),
         ..Default::default()

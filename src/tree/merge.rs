@@ -173,9 +173,15 @@ impl TreeBuilder {
         self.budget = self
             .budget
             .saturating_add(count.saturating_mul(STEPS_PER_ENTRY));
+        // What eStargz adds to a layer (its table of contents, a landmark) is not shown.
+        let added = crate::layer::estargz::added(entries);
         let actions = entries
             .iter()
-            .map(classify)
+            .zip(added)
+            .map(|(entry, added)| match added {
+                true => Ok(Action::Ignore),
+                false => classify(entry),
+            })
             .collect::<Result<Vec<_>, _>>()?;
         for action in &actions {
             match action {

@@ -128,12 +128,13 @@ class Registry:
         self.proc.wait()
 
 
-def pack_layers(groups, ref, registry_cache):
+def pack_layers(groups, ref, registry_cache, compression="gzip"):
     """Packs each directory of `groups` as one layer on top of the previous: one image."""
     base = None
     for i, group in enumerate(groups):
         tag = ref if i == len(groups) - 1 else f"{ref}-part{i}"
-        cmd = [JK, "-q", "--cache-dir", registry_cache, "pack", group, "--tag", tag]
+        cmd = [JK, "-q", "--cache-dir", registry_cache, "pack", group, "--tag", tag,
+               "--compression", compression]
         if base:
             cmd += ["--base", base]
         sh(*cmd, stdout=subprocess.DEVNULL)
@@ -310,6 +311,25 @@ class LazyOnRead(Jkmount):
 
     def _mount(self):
         sh(JK, "-q", "--cache-dir", self.cache, "--lazy", "--no-background-fetch", self.ref, self.mnt)
+
+
+class EagerEstargz(Jkmount):
+    """An eager jkmount mount of the large image packed as eStargz."""
+
+    name = "jkmount (eStargz layers)"
+
+
+class LazyEstargz(Lazy):
+    """jkmount --lazy of the large image packed as eStargz: a read fetches its files' own
+    gzip members."""
+
+    name = "jkmount --lazy (eStargz layers)"
+
+
+class LazyOnReadEstargz(LazyOnRead):
+    """jkmount --lazy --no-background-fetch of the eStargz image."""
+
+    name = "jkmount --lazy --no-background-fetch (eStargz layers)"
 
 
 def index_for_lazy(ref, cache):
@@ -591,8 +611,10 @@ def main():
         reg = registry.addr
         log(f"packing {n_files} files of npm packages as 5 layers")
         large = pack_layers(layers, f"{reg}/bench/large:1", cache)
+        log("packing the same layers as eStargz")
+        large_estargz = pack_layers(layers, f"{reg}/bench/large-estargz:1", cache, "estargz")
         if os.environ.get("BENCH_ONLY") == "lazy":
-            lazy = lazy_rows(registry, large, WORK / "lazy-index-cache")
+            lazy = lazy_rows(registry, large, large_estargz, WORK / "lazy-index-cache")
             met = []
             lazy_targets(dict(lazy), lambda text, r, limit, fmt="{:.2f}×": met.append(
                 (text, "not measured" if r is None else fmt.format(r), r is not None and r <= limit)))
@@ -628,7 +650,7 @@ def main():
             rows += link.rows(shaped, large, lambda ref: [Jkmount(ref, "link"),
                                                           SkopeoUmoci(ref, "link"),
                                                           Podman(ref, "link")], PROBE, RUNS)
-        rows += lazy_rows(registry, large, jk.cache)
+        rows += lazy_rows(registry, large, large_estargz, jk.cache)
 
         native = Native(umoci.root())
 
@@ -831,16 +853,22 @@ def targets(rows, n_entries):
     return out_
 
 
-def lazy_rows(registry, large, index_cache):
+def lazy_rows(registry, large, large_estargz, index_cache):
     """The lazy-mount rows: the index's cost and what the workload reads, then the first
     require from an empty cache over the 100 and 20 Mbit/s links — eager jkmount, --lazy,
-    skopeo+umoci and podman — with the bytes over the link by then."""
-    log("lazy index of the large image")
+    skopeo+umoci and podman; and the same layers packed as eStargz, eager and --lazy — with
+    the bytes over the link by then."""
+    log("lazy indexes of the large image, gzip and eStargz")
     index_bytes, layer_bytes = index_for_lazy(large, index_cache)
+    estargz_index, estargz_bytes = index_for_lazy(large_estargz, index_cache)
     rows = [("lazy index (jkmount index --push) of the large image: % of its compressed layers",
              {"jkmount": Result([100 * index_bytes / layer_bytes], unit="%")}),
             ("the large image's compressed layers",
              {"jkmount": Result([layer_bytes / 2**20], unit="MiB")}),
+            ("lazy index of the large image packed as eStargz: % of its compressed layers",
+             {"jkmount": Result([100 * estargz_index / estargz_bytes], unit="%")}),
+            ("the large image's compressed layers, packed as eStargz",
+             {"jkmount": Result([estargz_bytes / 2**20], unit="MiB")}),
             ("what the require workload reads: % of the tree's uncompressed file bytes",
              {"jkmount": Result([workload_share()], unit="%")})]
     for rate in (100, 20):
@@ -850,6 +878,10 @@ def lazy_rows(registry, large, index_cache):
             rows += link.first_result_rows(shaped, large, lambda ref: [
                 Jkmount(ref, "link"), Lazy(ref, "link-lazy"), LazyOnRead(ref, "link-lazy-onread"),
                 SkopeoUmoci(ref, "link-first"), Podman(ref, "link-first")],
+                node_workload, RUNS)
+            rows += link.first_result_rows(shaped, large_estargz, lambda ref: [
+                EagerEstargz(ref, "link-estargz"), LazyEstargz(ref, "link-lazy-estargz"),
+                LazyOnReadEstargz(ref, "link-lazy-onread-estargz")],
                 node_workload, RUNS)
     return rows
 
@@ -880,20 +912,26 @@ def workload_share():
 
 def lazy_targets(by, add):
     """The lazy-mount issue's targets: on the 20 Mbit/s link, the first require through --lazy
-    against an eager mount's, and the share of the image fetched by then; the index's cost."""
+    against an eager mount's, and the share of the image fetched by then; the index's cost —
+    for the gzip image and for the same layers packed as eStargz."""
     slow = "20 Mbit/s, 20 ms RTT"
-    eager = median(by.get(link.first_result_row(slow, Jkmount.name), {}), "jkmount")
-    lazy = median(by.get(link.first_result_row(slow, Lazy.name), {}), "jkmount")
-    add("first require through --lazy ≤ 0.3× an eager mount's, 20 Mbit/s link",
-        lazy / eager if lazy and eager else None, 0.3)
-    fetched = median(by.get(f"link {slow}: MiB over the link by that first result ({Lazy.name})", {}),
-                     "jkmount")
-    image = median(by.get("the large image's compressed layers", {}), "jkmount")
-    add("--lazy: < 20 % of the compressed image fetched by the first require",
-        100 * fetched / image if fetched and image else None, 20, fmt="{:.1f} %")
-    add("lazy index ≤ 3 % of the compressed layers",
-        median(by.get("lazy index (jkmount index --push) of the large image: % of its compressed layers", {}),
-               "jkmount"), 3, fmt="{:.2f} %")
+    kinds = [("", Jkmount, Lazy, "the large image's compressed layers",
+              "lazy index (jkmount index --push) of the large image: % of its compressed layers"),
+             (" (eStargz layers)", EagerEstargz, LazyEstargz,
+              "the large image's compressed layers, packed as eStargz",
+              "lazy index of the large image packed as eStargz: % of its compressed layers")]
+    for kind, eager_tool, lazy_tool, image_row, index_row in kinds:
+        eager = median(by.get(link.first_result_row(slow, eager_tool.name), {}), "jkmount")
+        lazy = median(by.get(link.first_result_row(slow, lazy_tool.name), {}), "jkmount")
+        add(f"first require through --lazy{kind} ≤ 0.3× an eager mount's, 20 Mbit/s link",
+            lazy / eager if lazy and eager else None, 0.3)
+        fetched = median(by.get(f"link {slow}: MiB over the link by that first result ({lazy_tool.name})",
+                                {}), "jkmount")
+        image = median(by.get(image_row, {}), "jkmount")
+        add(f"--lazy{kind}: < 20 % of the compressed image fetched by the first require",
+            100 * fetched / image if fetched and image else None, 20, fmt="{:.1f} %")
+        add(f"lazy index{kind} ≤ 3 % of the compressed layers",
+            median(by.get(index_row, {}), "jkmount"), 3, fmt="{:.2f} %")
 
 
 def cell(text):

@@ -128,13 +128,15 @@ class Registry:
         self.proc.wait()
 
 
-def pack_layers(groups, ref, registry_cache, compression="gzip"):
+def pack_layers(groups, ref, registry_cache, compression="gzip", prefetch=None):
     """Packs each directory of `groups` as one layer on top of the previous: one image."""
     base = None
     for i, group in enumerate(groups):
         tag = ref if i == len(groups) - 1 else f"{ref}-part{i}"
         cmd = [JK, "-q", "--cache-dir", registry_cache, "pack", group, "--tag", tag,
                "--compression", compression]
+        if prefetch:
+            cmd += ["--prefetch-from", prefetch]
         if base:
             cmd += ["--base", base]
         sh(*cmd, stdout=subprocess.DEVNULL)
@@ -330,6 +332,13 @@ class LazyOnReadEstargz(LazyOnRead):
     """jkmount --lazy --no-background-fetch of the eStargz image."""
 
     name = "jkmount --lazy --no-background-fetch (eStargz layers)"
+
+
+class LazyPrefetch(Lazy):
+    """jkmount --lazy of the large image packed as eStargz with the files the require workload
+    reads listed first (`pack --prefetch-from`), fetched at once at mount."""
+
+    name = "jkmount --lazy (eStargz layers, prefetch list)"
 
 
 def index_for_lazy(ref, cache):
@@ -613,6 +622,11 @@ def main():
         large = pack_layers(layers, f"{reg}/bench/large:1", cache)
         log("packing the same layers as eStargz")
         large_estargz = pack_layers(layers, f"{reg}/bench/large-estargz:1", cache, "estargz")
+        log("packing them as eStargz again, the files the require workload reads listed first")
+        listed = workload_files(WORK / "prefetch.txt")
+        large_prefetch = pack_layers(layers, f"{reg}/bench/large-prefetch:1", cache, "estargz",
+                                     prefetch=listed)
+        large_estargz = (large_estargz, large_prefetch)
         if os.environ.get("BENCH_ONLY") == "lazy":
             lazy = lazy_rows(registry, large, large_estargz, WORK / "lazy-index-cache")
             met = []
@@ -853,14 +867,16 @@ def targets(rows, n_entries):
     return out_
 
 
-def lazy_rows(registry, large, large_estargz, index_cache):
+def lazy_rows(registry, large, estargz_images, index_cache):
     """The lazy-mount rows: the index's cost and what the workload reads, then the first
     require from an empty cache over the 100 and 20 Mbit/s links — eager jkmount, --lazy,
     skopeo+umoci and podman; and the same layers packed as eStargz, eager and --lazy — with
     the bytes over the link by then."""
     log("lazy indexes of the large image, gzip and eStargz")
+    large_estargz, large_prefetch = estargz_images
     index_bytes, layer_bytes = index_for_lazy(large, index_cache)
     estargz_index, estargz_bytes = index_for_lazy(large_estargz, index_cache)
+    prefetch_index, prefetch_bytes = index_for_lazy(large_prefetch, index_cache)
     rows = [("lazy index (jkmount index --push) of the large image: % of its compressed layers",
              {"jkmount": Result([100 * index_bytes / layer_bytes], unit="%")}),
             ("the large image's compressed layers",
@@ -869,6 +885,10 @@ def lazy_rows(registry, large, large_estargz, index_cache):
              {"jkmount": Result([100 * estargz_index / estargz_bytes], unit="%")}),
             ("the large image's compressed layers, packed as eStargz",
              {"jkmount": Result([estargz_bytes / 2**20], unit="MiB")}),
+            ("the large image's compressed layers, packed as eStargz with a prefetch list",
+             {"jkmount": Result([prefetch_bytes / 2**20], unit="MiB")}),
+            ("lazy index of the large image packed as eStargz with a prefetch list: % of its compressed layers",
+             {"jkmount": Result([100 * prefetch_index / prefetch_bytes], unit="%")}),
             ("what the require workload reads: % of the tree's uncompressed file bytes",
              {"jkmount": Result([workload_share()], unit="%")})]
     for rate in (100, 20):
@@ -883,6 +903,8 @@ def lazy_rows(registry, large, large_estargz, index_cache):
                 EagerEstargz(ref, "link-estargz"), LazyEstargz(ref, "link-lazy-estargz"),
                 LazyOnReadEstargz(ref, "link-lazy-onread-estargz")],
                 node_workload, RUNS)
+            rows += link.first_result_rows(shaped, large_prefetch, lambda ref: [
+                LazyPrefetch(ref, "link-lazy-prefetch")], node_workload, RUNS)
     return rows
 
 
@@ -898,6 +920,26 @@ let all = 0;
   const p = path.join(d, e.name); if (e.isDirectory()) walk(p); else if (e.isFile()) all += size(p); } })(process.argv[1]);
 console.log(100 * [...opened].reduce((n, f) => n + size(f), 0) / all);
 """
+
+
+WORKLOAD_FILES = """
+const fs = require('fs'), path = require('path');
+const opened = new Set(), readFileSync = fs.readFileSync;
+fs.readFileSync = function (p, ...a) { opened.add(path.resolve(String(p))); return readFileSync.call(this, p, ...a); };
+for (const m of %s) require(m);
+Object.keys(require.cache).forEach(f => opened.add(f));
+for (const f of opened) if (f.startsWith(process.argv[1] + '/')) console.log(f.slice(process.argv[1].length + 1));
+"""
+
+
+def workload_files(dest):
+    """The files the require workload reads, relative to node_modules, in the order it first
+    reads them (a `pack --prefetch-from` list), written to `dest`."""
+    modules = (WORK / "npm" / "node_modules").resolve()
+    script = WORKLOAD_FILES % json.dumps(REQUIRED)
+    out = sh("node", "-e", script, str(modules), capture_output=True, cwd=modules.parent)
+    dest.write_bytes(out.stdout)
+    return dest
 
 
 def workload_share():
@@ -919,7 +961,12 @@ def lazy_targets(by, add):
               "lazy index (jkmount index --push) of the large image: % of its compressed layers"),
              (" (eStargz layers)", EagerEstargz, LazyEstargz,
               "the large image's compressed layers, packed as eStargz",
-              "lazy index of the large image packed as eStargz: % of its compressed layers")]
+              "lazy index of the large image packed as eStargz: % of its compressed layers"),
+             # Against the eager mount of the eStargz image without the list: the same files,
+             # sizes within a few KiB (the rows above say).
+             (" (eStargz layers, prefetch list)", EagerEstargz, LazyPrefetch,
+              "the large image's compressed layers, packed as eStargz with a prefetch list",
+              "lazy index of the large image packed as eStargz with a prefetch list: % of its compressed layers")]
     for kind, eager_tool, lazy_tool, image_row, index_row in kinds:
         eager = median(by.get(link.first_result_row(slow, eager_tool.name), {}), "jkmount")
         lazy = median(by.get(link.first_result_row(slow, lazy_tool.name), {}), "jkmount")

@@ -554,6 +554,17 @@ fn an_estargz_layer_is_read_file_by_file_and_equals_the_eager_mount() {
     let reference = format!("{}/lazy/estargz:1", registry.addr);
     let cache = work.join("packer");
     let lib_arg = lib.to_str().unwrap();
+    // Two modules listed to prefetch: a background mount fetches them first.
+    let listed = work.join("prefetch.txt");
+    std::fs::write(&listed, "pkg40/f9.js\n# a comment\n./pkg3/f1.js\n").unwrap();
+    let listed_arg = listed.to_str().unwrap();
+    let plain_args = ["pack", lib_arg, "--prefetch-from", listed_arg, "--tag", &reference];
+    let refused = jkmount(&cache, &plain_args);
+    assert!(
+        !refused.status.success() && shown(&refused).contains("needs --compression estargz"),
+        "{}",
+        shown(&refused)
+    );
     ok(jkmount(
         &cache,
         &[
@@ -561,6 +572,8 @@ fn an_estargz_layer_is_read_file_by_file_and_equals_the_eager_mount() {
             lib_arg,
             "--compression",
             "estargz",
+            "--prefetch-from",
+            listed_arg,
             "--tag",
             &reference,
         ],
@@ -599,12 +612,15 @@ fn an_estargz_layer_is_read_file_by_file_and_equals_the_eager_mount() {
 
     let eager_mnt = work.join("eager");
     let _eager = Mounted::new(&work.join("c2"), &[&reference], &eager_mnt);
-    for added in ["stargz.index.json", ".no.prefetch.landmark"] {
+    for added in ["stargz.index.json", ".prefetch.landmark"] {
         assert!(!eager_mnt.join(added).exists(), "{added} is shown");
     }
     let cache = work.join("c3");
     let mnt = work.join("background");
     let lazy = Foreground::start(&cache, &["-v", "--lazy"], &through_proxy, &mnt);
+    wait_until("the listed files are prefetched", || {
+        lazy.log().contains("prefetched the files it lists first")
+    });
     assert_eq!(describe(&mnt), describe(&eager_mnt));
     wait_until("the layer is complete in the cache", || {
         lazy.log().contains("complete and in the cache")

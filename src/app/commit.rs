@@ -99,6 +99,7 @@ fn commit_upper(
             mtime,
             compression: request.compression,
             estargz: request.estargz,
+            prefetch: Vec::new(),
             exact_modes: true,
             keep_times: !request.normalize_times,
         },

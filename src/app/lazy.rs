@@ -337,8 +337,9 @@ pub fn open_layers(
 
 impl LazyLayers {
     /// Starts the background completion of every layer, unless the mount fetches only what
-    /// is read: fetched whole (retried with backoff while the registry is away), checked
-    /// against the layer digest and decoded into the cache. Runs until done or the process ends.
+    /// is read: first what eStargz layers list to prefetch (all layers at once), then each
+    /// layer fetched whole (retried with backoff while the registry is away), checked against
+    /// the layer digest and decoded into the cache. Runs until done or the process ends.
     pub fn complete_in_background(&mut self, cache: &Cache) {
         if !self.background {
             return;
@@ -346,6 +347,20 @@ impl LazyLayers {
         let (jobs, limits) = (std::mem::take(&mut self.jobs), self.limits);
         let cache = cache.clone();
         std::thread::spawn(move || {
+            // What eStargz layers list to prefetch comes first, every layer's at once.
+            std::thread::scope(|scope| {
+                for job in &jobs {
+                    scope.spawn(move || match job.layer.prefetch() {
+                        Ok(0) => {}
+                        Ok(bytes) => tracing::info!(
+                            "{}: layer {}: prefetched the files it lists first ({bytes} bytes of its tar)",
+                            job.shown,
+                            job.layer.digest()
+                        ),
+                        Err(e) => tracing::warn!("prefetching {}: {e}", job.shown),
+                    });
+                }
+            });
             for job in jobs {
                 let mut wait = Duration::from_secs(1);
                 loop {

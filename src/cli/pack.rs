@@ -93,6 +93,11 @@ pub struct PackArgs {
     /// Layer compression.
     #[arg(long, value_enum, default_value_t = CompressionArg::Gzip)]
     compression: CompressionArg,
+    /// With --compression estargz: put the files this file lists first, for lazy mounts to
+    /// fetch at once (one path per line, relative to DIR, in the order a workload reads them;
+    /// lines naming no packed file are skipped).
+    #[arg(long, value_name = "FILE")]
+    prefetch_from: Option<PathBuf>,
     /// Put the layer on top of this image's layers (its config is kept and extended).
     #[arg(long, value_name = "REF")]
     base: Option<String>,
@@ -151,6 +156,27 @@ pub fn pull_options(global: &GlobalArgs) -> anyhow::Result<PullOptions> {
     })
 }
 
+/// The paths `--prefetch-from` lists (blank lines and `#` comments skipped).
+fn prefetch_list(args: &PackArgs) -> anyhow::Result<Vec<String>> {
+    let Some(file) = &args.prefetch_from else {
+        return Ok(Vec::new());
+    };
+    if args.compression != CompressionArg::Estargz {
+        anyhow::bail!(
+            "--prefetch-from {} needs --compression estargz (the order and its landmark are eStargz's)",
+            file.display()
+        );
+    }
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("--prefetch-from {}: cannot read it", file.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect())
+}
+
 /// Builds the image and writes or pushes it; prints `REF DIGEST`.
 pub fn pack(args: PackArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     let mtime = pack::layer::source_date_epoch()?;
@@ -182,6 +208,7 @@ pub fn pack(args: PackArgs, global: &GlobalArgs) -> anyhow::Result<()> {
             mtime,
             compression,
             estargz: args.compression == CompressionArg::Estargz,
+            prefetch: prefetch_list(&args)?,
             exact_modes: false,
             keep_times: false,
         },

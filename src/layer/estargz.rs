@@ -48,6 +48,24 @@ pub fn added(entries: &[Entry]) -> Vec<bool> {
     added
 }
 
+/// Where the files to prefetch end in an eStargz layer's tar (the data of its
+/// `.prefetch.landmark`), if it has them.
+pub fn prefetch_end(entries: &[Entry]) -> Option<u64> {
+    entries
+        .iter()
+        .zip(added(entries))
+        .find_map(
+            |(entry, added)| match (added, root_name(entry), &entry.kind) {
+                (true, Some(name), EntryKind::File { offset, .. })
+                    if name == PREFETCH_LANDMARK.as_bytes() =>
+                {
+                    Some(*offset)
+                }
+                _ => None,
+            },
+        )
+}
+
 /// The most bytes a table of contents may take.
 pub const MAX_TOC: u64 = 64 << 20;
 
@@ -263,6 +281,7 @@ mod tests {
             mtime: 0,
             compression: crate::oci::image::Compression::Gzip,
             estargz: true,
+            prefetch: Vec::new(),
             exact_modes: false,
             keep_times: false,
         };

@@ -36,6 +36,9 @@ pub struct LayerOptions {
     /// Write the gzip layer as eStargz ([`crate::pack::estargz`]), lazily mountable by
     /// file; `compression` is then gzip.
     pub estargz: bool,
+    /// Paths under the directory (as a workload reads them, first first) that an eStargz
+    /// layer puts first, for lazy mounts to fetch at once (`--prefetch-from`).
+    pub prefetch: Vec<String>,
     /// Keep every mode as it is and read no `.jkmountignore` (a commit of a writable mount's
     /// changes), instead of normalizing modes as git keeps them.
     pub exact_modes: bool,
@@ -208,7 +211,16 @@ fn pack_estargz(dir: &Path, options: &LayerOptions, dest: &Path) -> Result<Packe
         ..options.clone()
     };
     let packed = pack_dir(dir, &tar_options, plain.path())?;
-    let written = crate::pack::estargz::from_tar(plain.path(), dest, options.mtime)?;
+    let prefix = options.prefix.trim_matches('/');
+    let inside = |path: &String| {
+        let path = path.trim_start_matches("./").trim_start_matches('/');
+        match prefix.is_empty() || prefix == "." {
+            true => path.to_owned(),
+            false => format!("{prefix}/{path}"),
+        }
+    };
+    let prefetch: Vec<String> = options.prefetch.iter().map(inside).collect();
+    let written = crate::pack::estargz::from_tar(plain.path(), dest, options.mtime, &prefetch)?;
     let annotations = [
         (TOC_DIGEST_ANNOTATION, written.toc_digest.to_string()),
         (

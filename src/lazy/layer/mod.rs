@@ -101,6 +101,8 @@ pub struct LazyLayer {
     entries: Digest,
     /// The entries' headers to check before their data is served.
     headers: Headers,
+    /// Where the files an eStargz layer lists to prefetch end in the tar (0: none).
+    prefetch: u64,
 }
 
 impl std::fmt::Debug for LazyLayer {
@@ -123,6 +125,7 @@ impl LazyLayer {
         reads: Arc<Reads>,
     ) -> Result<Self> {
         let headers = Headers::of(&index);
+        let prefetch = crate::layer::estargz::prefetch_end(&index.entries.entries).unwrap_or(0);
         let entries = entries_digest(&std::mem::take(&mut index.entries));
         let sparse = |file: &str, len: u64| -> Result<(File, PathBuf)> {
             let path = dir.join(file);
@@ -162,7 +165,24 @@ impl LazyLayer {
             refused: AtomicBool::new(false),
             entries,
             headers,
+            prefetch,
         })
+    }
+
+    /// Fetches and decodes what an eStargz layer lists to prefetch (everything before its
+    /// `.prefetch.landmark`: the files a workload reads first), in requests of up to 1 MiB,
+    /// before the background pass; reads then find it here. Returns how many bytes of the
+    /// tar that is (0: the layer lists nothing).
+    pub fn prefetch(&self) -> io::Result<u64> {
+        if self.prefetch == 0 || self.is_refused() {
+            return Ok(0);
+        }
+        if !self.index.members.is_empty() {
+            let (_, end) = self.index.member_span(0, self.prefetch);
+            self.ensure_span(0, end)?;
+        }
+        self.ensure_blocks(0, self.prefetch)?;
+        Ok(self.prefetch)
     }
 
     /// Whether the index's entries are `entries` (the layer's own, decoded from its verified

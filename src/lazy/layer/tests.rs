@@ -58,12 +58,18 @@ fn indexed_in_members(dir: &Path, cuts: &[usize]) -> (Vec<u8>, Vec<u8>, LazyInde
         gz.write_all(&plain[piece[0]..piece[1]]).unwrap();
         blob.extend(gz.finish().unwrap());
     }
+    let index = index_of(dir, &blob, &plain);
+    (plain, blob, index)
+}
+
+/// The index of gzip `blob` (decoding to `plain`), built in `dir/input`.
+fn index_of(dir: &Path, blob: &[u8], plain: &[u8]) -> LazyIndex {
     let input = dir.join("input");
     std::fs::create_dir(&input).unwrap();
     let (path, content) = (input.join("blob.gz"), input.join("content.tar"));
-    std::fs::write(&path, &blob).unwrap();
-    std::fs::write(&content, &plain).unwrap();
-    let (digest, diff_id) = (Digest::of(&blob), Digest::of(&plain));
+    std::fs::write(&path, blob).unwrap();
+    std::fs::write(&content, plain).unwrap();
+    let (digest, diff_id) = (Digest::of(blob), Digest::of(plain));
     let spec = LayerSpec {
         digest: &digest,
         size: blob.len() as u64,
@@ -71,9 +77,8 @@ fn indexed_in_members(dir: &Path, cuts: &[usize]) -> (Vec<u8>, Vec<u8>, LazyInde
         compression: Compression::Gzip,
         reference: "test",
     };
-    let (entries, _) = crate::layer::read_entries(&plain[..], &spec, &Default::default()).unwrap();
-    let index = LazyIndex::build(&path, &content, &spec, entries).unwrap();
-    (plain, blob, index)
+    let (entries, _) = crate::layer::read_entries(plain, &spec, &Default::default()).unwrap();
+    LazyIndex::build(&path, &content, &spec, entries).unwrap()
 }
 
 /// Where the data of entry `path` starts.
@@ -422,4 +427,72 @@ fn a_changed_member_byte_is_refused_and_member_starts_are_checked() {
             "{err}"
         );
     }
+}
+
+#[test]
+fn what_an_estargz_layer_lists_to_prefetch_is_fetched_at_once_and_then_read_locally() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    for p in 0..40 {
+        std::fs::create_dir_all(src.join(format!("p{p}"))).unwrap();
+        let text: String = (0..3000)
+            .map(|i| format!("{:x}", (i * 7919 + p * 104_729) % 65_521))
+            .collect();
+        std::fs::write(src.join(format!("p{p}/index.js")), text).unwrap();
+    }
+    let options = crate::pack::layer::LayerOptions {
+        prefix: "jk/modules".into(),
+        exclude: Vec::new(),
+        dereference: false,
+        mtime: 0,
+        compression: Compression::Gzip,
+        estargz: true,
+        prefetch: vec![
+            "p31/index.js".into(),
+            "./p7/index.js".into(),
+            "missing.js".into(),
+        ],
+        exact_modes: false,
+        keep_times: false,
+    };
+    let path = dir.path().join("blob");
+    crate::pack::layer::pack_dir(&src, &options, &path).unwrap();
+    let blob = std::fs::read(&path).unwrap();
+    let mut plain = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::MultiGzDecoder::new(&blob[..]),
+        &mut plain,
+    )
+    .unwrap();
+    let index = index_of(dir.path(), &blob, &plain);
+    let (listed, other) = (
+        data_of(&index, b"jk/modules/p31/index.js"),
+        data_of(&index, b"jk/modules/p20/index.js"),
+    );
+    // The listed files come first, in the list's order, before the landmark; the rest after.
+    let landmark = crate::layer::estargz::prefetch_end(&index.entries.entries).unwrap();
+    assert!(listed < data_of(&index, b"jk/modules/p7/index.js"));
+    assert!(data_of(&index, b"jk/modules/p7/index.js") < landmark && landmark < other);
+    let served = layer(dir.path(), index, blob.clone(), None);
+    served.prefetch().unwrap();
+    let prefetched = served.progress().0;
+    assert!(
+        prefetched > 0 && prefetched * 4 < blob.len() as u64,
+        "{prefetched}"
+    );
+    served.ensure(listed, listed + 1000).unwrap();
+    assert_eq!(
+        served.progress().0,
+        prefetched,
+        "a listed file was fetched again"
+    );
+    served.ensure(other, other + 1000).unwrap();
+    assert!(
+        served.progress().0 > prefetched,
+        "an unlisted file was prefetched"
+    );
+    assert_eq!(
+        content(&served, listed, 1000),
+        plain[listed as usize..listed as usize + 1000]
+    );
 }

@@ -16,7 +16,7 @@ use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, IoContext, Result};
-use crate::layer::estargz::{NO_PREFETCH_LANDMARK, TOC_NAME};
+use crate::layer::estargz::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_NAME};
 use crate::oci::digest::{Digest, HashingWriter};
 
 /// Uncompressed bytes of a file per gzip member: the most a read of part of a large file
@@ -43,7 +43,7 @@ pub struct Written {
 }
 
 /// One entry of the table of contents (a file, or a later chunk of one).
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct TocEntry {
     name: String,
@@ -115,8 +115,11 @@ impl<W: Write> Members<W> {
     }
 }
 
-/// Writes the tar at `tar` as an eStargz blob at `dest`.
-pub fn from_tar(tar: &Path, dest: &Path, mtime: u64) -> Result<Written> {
+/// Writes the tar at `tar` as an eStargz blob at `dest`. The entries `prefetch` names (tar
+/// paths; with the directories above them and the files they link to) come first, in its
+/// order, then `.prefetch.landmark`, then the rest in the tar's order; with none named,
+/// `.no.prefetch.landmark` comes first.
+pub fn from_tar(tar: &Path, dest: &Path, mtime: u64, prefetch: &[String]) -> Result<Written> {
     let file = File::open(tar).at(tar)?;
     let out = HashingWriter::new(io::BufWriter::new(File::create(dest).at(dest)?));
     let mut members = Members {
@@ -124,13 +127,20 @@ pub fn from_tar(tar: &Path, dest: &Path, mtime: u64) -> Result<Written> {
         member: None,
         plain: HashingWriter::new(io::sink()),
     };
-    let mut toc = vec![landmark(&mut members, mtime).at(dest)?];
-    let mut archive = tar::Archive::new(&file);
-    // Where the entry after the last one copied starts (its first header, long-name or PAX).
-    let mut next = 0;
-    for entry in archive.entries_with_seek().at(tar)? {
-        let entry = entry.at(tar)?;
-        toc.extend(copy_entry(&mut members, &file, entry, &mut next, tar)?);
+    let scanned = scan(&file, tar)?;
+    let (order, first) = order::prefetch_first(&scanned, prefetch);
+    let mut toc = Vec::new();
+    if first == 0 {
+        toc.push(landmark(&mut members, NO_PREFETCH_LANDMARK, mtime).at(dest)?);
+    }
+    for (n, &i) in order.iter().enumerate() {
+        if n == first && first > 0 {
+            toc.push(landmark(&mut members, PREFETCH_LANDMARK, mtime).at(dest)?);
+        }
+        toc.extend(copy_entry(&mut members, &file, &scanned[i], tar)?);
+    }
+    if first > 0 && first == order.len() {
+        toc.push(landmark(&mut members, PREFETCH_LANDMARK, mtime).at(dest)?);
     }
     let toc_json = serde_json::to_vec(&Toc {
         version: 1,
@@ -168,11 +178,11 @@ pub fn from_tar(tar: &Path, dest: &Path, mtime: u64) -> Result<Written> {
     })
 }
 
-/// The no-prefetch landmark, first in the tar: a file of one byte, 0xf.
-fn landmark<W: Write>(members: &mut Members<W>, mtime: u64) -> io::Result<TocEntry> {
-    let (offset, digest) = write_file_entry(members, NO_PREFETCH_LANDMARK, &[0xf], mtime)?;
+/// A landmark (`name`): a file of one byte, 0xf.
+fn landmark<W: Write>(members: &mut Members<W>, name: &str, mtime: u64) -> io::Result<TocEntry> {
+    let (offset, digest) = write_file_entry(members, name, &[0xf], mtime)?;
     Ok(TocEntry {
-        name: NO_PREFETCH_LANDMARK.into(),
+        name: name.into(),
         kind: "reg",
         size: 1,
         modtime: super::rfc3339(mtime),
@@ -217,23 +227,50 @@ pub(crate) fn file_header(name: &str, size: u64, mtime: u64) -> io::Result<tar::
     Ok(header)
 }
 
+/// One entry of the plain tar: where its headers start (its first: long-name or PAX), where
+/// its data starts and how long it is, and its table entry but for where its data goes.
+struct Scanned {
+    start: u64,
+    data_at: u64,
+    size: u64,
+    toc: TocEntry,
+}
+
+/// The entries of the tar at `tar`, in its order.
+fn scan(file: &File, tar: &Path) -> Result<Vec<Scanned>> {
+    let mut archive = tar::Archive::new(file);
+    let mut next = 0;
+    let mut out = Vec::new();
+    for entry in archive.entries_with_seek().at(tar)? {
+        let mut entry = entry.at(tar)?;
+        let data_at = entry.raw_file_position();
+        let size = entry.header().entry_size().at(tar)?;
+        let toc = toc_entry(&mut entry, tar)?;
+        out.push(Scanned {
+            start: next,
+            data_at,
+            size,
+            toc,
+        });
+        next = data_at + size + padding(size) as u64;
+    }
+    Ok(out)
+}
+
 /// Copies one entry of the plain tar, its headers verbatim, a regular file's data from the
 /// start of a member of its own (and a new member every [`CHUNK`]); returns its table
 /// entries (the file's, then one per later chunk).
 fn copy_entry<W: Write>(
     members: &mut Members<W>,
     file: &File,
-    mut entry: tar::Entry<'_, &File>,
-    next: &mut u64,
+    entry: &Scanned,
     tar: &Path,
 ) -> Result<Vec<TocEntry>> {
-    let data_at = entry.raw_file_position();
-    let mut headers = vec![0; (data_at - *next) as usize];
-    file.read_exact_at(&mut headers, *next).at(tar)?;
+    let (data_at, size) = (entry.data_at, entry.size);
+    let mut headers = vec![0; (data_at - entry.start) as usize];
+    file.read_exact_at(&mut headers, entry.start).at(tar)?;
     members.write(&headers).at(tar)?;
-    let mut first = toc_entry(&mut entry, tar)?;
-    let size = entry.header().entry_size().at(tar)?;
-    *next = data_at + size + padding(size) as u64;
+    let mut first = entry.toc.clone();
     if first.kind != "reg" || size == 0 {
         members.write(&vec![0; padding(size)]).at(tar)?;
         return Ok(vec![first]);
@@ -371,5 +408,6 @@ fn footer(toc_offset: u64) -> Vec<u8> {
     out
 }
 
+mod order;
 #[cfg(test)]
 mod tests;

@@ -27,6 +27,7 @@ fn options(estargz: bool) -> LayerOptions {
         mtime: 315_532_800,
         compression: crate::oci::image::Compression::Gzip,
         estargz,
+        prefetch: Vec::new(),
         exact_modes: false,
         keep_times: false,
     }
@@ -184,4 +185,48 @@ fn jkmount_hides_what_estargz_adds_and_only_in_an_estargz_layer() {
     let mut plain = index.entries.clone();
     plain.rotate_right(1);
     assert!(!crate::layer::estargz::added(&plain).iter().any(|&a| a));
+}
+
+#[test]
+fn listed_files_come_first_after_their_directories_then_the_prefetch_landmark() {
+    let dir = tempfile::tempdir().unwrap();
+    tree(&dir.path().join("src"));
+    let estargz = dir.path().join("estargz.gz");
+    let listed = LayerOptions {
+        prefetch: vec![
+            "lib/a.js".into(),
+            "empty".into(),
+            "lib".into(),
+            "nothing".into(),
+        ],
+        ..options(true)
+    };
+    pack_dir(&dir.path().join("src"), &listed, &estargz).unwrap();
+    let names: Vec<String> = listing(&std::fs::read(&estargz).unwrap())
+        .into_iter()
+        .map(|(name, _, _)| name)
+        .collect();
+    let expected_start = [
+        "jk/",
+        "jk/modules/",
+        "jk/modules/lib/",
+        "jk/modules/lib/a.js",
+        "jk/modules/empty",
+        PREFETCH_LANDMARK,
+    ];
+    assert_eq!(names[..6], expected_start, "{names:?}");
+    assert!(!names.iter().any(|n| n == NO_PREFETCH_LANDMARK));
+    assert_eq!(names.last().unwrap(), TOC_NAME);
+    // Every entry is still there once.
+    let plain = dir.path().join("plain.gz");
+    pack_dir(&dir.path().join("src"), &options(false), &plain).unwrap();
+    let mut sorted = names[..names.len() - 1].to_vec();
+    sorted.retain(|n| n != PREFETCH_LANDMARK);
+    sorted.sort();
+    let mut all: Vec<String> = listing(&std::fs::read(&plain).unwrap())
+        .into_iter()
+        .map(|(n, _, _)| n)
+        .collect();
+    all.sort();
+    assert_eq!(sorted, all);
 }

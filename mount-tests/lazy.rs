@@ -558,7 +558,14 @@ fn an_estargz_layer_is_read_file_by_file_and_equals_the_eager_mount() {
     let listed = work.join("prefetch.txt");
     std::fs::write(&listed, "pkg40/f9.js\n# a comment\n./pkg3/f1.js\n").unwrap();
     let listed_arg = listed.to_str().unwrap();
-    let plain_args = ["pack", lib_arg, "--prefetch-from", listed_arg, "--tag", &reference];
+    let plain_args = [
+        "pack",
+        lib_arg,
+        "--prefetch-from",
+        listed_arg,
+        "--tag",
+        &reference,
+    ];
     let refused = jkmount(&cache, &plain_args);
     assert!(
         !refused.status.success() && shown(&refused).contains("needs --compression estargz"),

@@ -24,6 +24,46 @@ use crate::oci::digest::Digest;
 /// What the artifact's blobs start with, before the zstd frame.
 const MAGIC: &[u8; 8] = b"JKLAZY03";
 
+/// The format before gzip member starts, still read: indexes pushed by an earlier jkmount
+/// (of layers of one gzip member) keep working.
+const MAGIC_V2: &[u8; 8] = b"JKLAZY02";
+
+/// A `JKLAZY02` index: a [`LazyIndex`] without `members`.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct LazyIndexV2 {
+    pub(crate) layer: Digest,
+    pub(crate) size: u64,
+    pub(crate) diff_id: Digest,
+    pub(crate) content_size: u64,
+    pub(crate) chunk_size: u32,
+    pub(crate) chunks: Vec<[u8; 32]>,
+    pub(crate) block_size: u32,
+    pub(crate) blocks: Vec<[u8; 32]>,
+    pub(crate) entries: LayerIndex,
+    pub(crate) headers: Vec<u64>,
+    #[serde(with = "serde_bytes")]
+    pub(crate) deflate: Vec<u8>,
+}
+
+impl From<LazyIndexV2> for LazyIndex {
+    fn from(v2: LazyIndexV2) -> LazyIndex {
+        LazyIndex {
+            layer: v2.layer,
+            size: v2.size,
+            diff_id: v2.diff_id,
+            content_size: v2.content_size,
+            chunk_size: v2.chunk_size,
+            chunks: v2.chunks,
+            block_size: v2.block_size,
+            blocks: v2.blocks,
+            entries: v2.entries,
+            headers: v2.headers,
+            deflate: v2.deflate,
+            members: Vec::new(),
+        }
+    }
+}
+
 /// Compressed bytes per verified chunk (and the unit of a `Range` fetch).
 pub const CHUNK_SIZE: u32 = 128 * 1024;
 
@@ -166,22 +206,32 @@ impl LazyIndex {
     /// Reads an artifact blob said to index `layer` (of `size` bytes, uncompressed
     /// `diff_id`), bounding what it may cost and checking that it describes that layer.
     pub fn decode(bytes: &[u8], layer: &Digest, size: u64, diff_id: &Digest) -> Result<LazyIndex> {
-        let body = bytes.strip_prefix(MAGIC.as_slice()).ok_or_else(|| {
-            match bytes
-                .get(..MAGIC.len())
-                .filter(|m| m.starts_with(b"JKLAZY"))
-            {
-                Some(found) => bad(
-                    layer,
-                    format!(
-                        "it is format {}, this jkmount reads {}",
-                        String::from_utf8_lossy(found),
-                        String::from_utf8_lossy(MAGIC)
-                    ),
-                ),
-                None => bad(layer, "it does not start with jkmount's lazy index magic"),
+        let (body, v2) = match (
+            bytes.strip_prefix(MAGIC.as_slice()),
+            bytes.strip_prefix(MAGIC_V2.as_slice()),
+        ) {
+            (Some(body), _) => (body, false),
+            (None, Some(body)) => (body, true),
+            (None, None) => {
+                return Err(
+                    match bytes
+                        .get(..MAGIC.len())
+                        .filter(|m| m.starts_with(b"JKLAZY"))
+                    {
+                        Some(found) => bad(
+                            layer,
+                            format!(
+                                "it is format {}, this jkmount reads {} and {}",
+                                String::from_utf8_lossy(found),
+                                String::from_utf8_lossy(MAGIC),
+                                String::from_utf8_lossy(MAGIC_V2)
+                            ),
+                        ),
+                        None => bad(layer, "it does not start with jkmount's lazy index magic"),
+                    },
+                );
             }
-        })?;
+        };
         let mut plain = Vec::new();
         zstd::stream::read::Decoder::new(body)
             .and_then(|d| d.take(MAX_DECODED + 1).read_to_end(&mut plain))
@@ -192,8 +242,11 @@ impl LazyIndex {
                 format!("it expands to more than {MAX_DECODED} bytes"),
             ));
         }
-        let index: LazyIndex =
-            postcard::from_bytes(&plain).map_err(|e| bad(layer, e.to_string()))?;
+        let index: LazyIndex = match v2 {
+            false => postcard::from_bytes(&plain),
+            true => postcard::from_bytes::<LazyIndexV2>(&plain).map(LazyIndex::from),
+        }
+        .map_err(|e| bad(layer, e.to_string()))?;
         index.check(layer, size, diff_id)?;
         Ok(index)
     }

@@ -264,9 +264,35 @@ fn an_index_of_another_layer_or_with_wrong_counts_is_refused() {
     let err = LazyIndex::decode(&older, &layer, size, &diff_id).unwrap_err();
     assert!(
         err.to_string()
-            .contains("format JKLAZY01, this jkmount reads JKLAZY03"),
+            .contains("format JKLAZY01, this jkmount reads JKLAZY03 and JKLAZY02"),
         "{err}"
     );
+}
+
+#[test]
+fn an_index_an_earlier_jkmount_pushed_is_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, blob, index) = indexed(dir.path());
+    let v2 = crate::lazy::index::LazyIndexV2 {
+        layer: index.layer.clone(),
+        size: index.size,
+        diff_id: index.diff_id.clone(),
+        content_size: index.content_size,
+        chunk_size: index.chunk_size,
+        chunks: index.chunks.clone(),
+        block_size: index.block_size,
+        blocks: index.blocks.clone(),
+        entries: index.entries.clone(),
+        headers: index.headers.clone(),
+        deflate: index.deflate.clone(),
+    };
+    let mut bytes = b"JKLAZY02".to_vec();
+    bytes.extend(zstd::bulk::compress(&postcard::to_stdvec(&v2).unwrap(), 3).unwrap());
+    let read = LazyIndex::decode(&bytes, &index.layer, blob.len() as u64, &index.diff_id).unwrap();
+    assert_eq!(read, index);
+    // Read as the newer format, the older one's bytes are refused, not misread.
+    bytes[..8].copy_from_slice(b"JKLAZY03");
+    assert!(LazyIndex::decode(&bytes, &index.layer, blob.len() as u64, &index.diff_id).is_err());
 }
 
 #[test]

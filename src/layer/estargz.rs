@@ -29,13 +29,17 @@ fn is_file(entry: &Entry, size: Option<u64>) -> bool {
     matches!(entry.kind, EntryKind::File { size: s, .. } if size.is_none_or(|size| s == size))
 }
 
+/// Whether a layer is eStargz: its last entry is a regular file named `stargz.index.json`.
+pub fn is_estargz(entries: &[Entry]) -> bool {
+    entries
+        .last()
+        .is_some_and(|e| root_name(e) == Some(TOC_NAME.as_bytes()) && is_file(e, None))
+}
+
 /// Which of a layer's entries eStargz added (none unless the layer is eStargz).
 pub fn added(entries: &[Entry]) -> Vec<bool> {
     let mut added = vec![false; entries.len()];
-    let estargz = entries
-        .last()
-        .is_some_and(|e| root_name(e) == Some(TOC_NAME.as_bytes()) && is_file(e, None));
-    if estargz {
+    if is_estargz(entries) {
         for (i, entry) in entries.iter().enumerate() {
             let name = root_name(entry);
             let landmark = [PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK]
@@ -180,12 +184,9 @@ fn said_by_toc(entry: &TocEntry) -> Said {
 /// A layer that is not eStargz passes. The error says what differs.
 pub fn check_toc(entries: &[Entry], content: &std::fs::File) -> Result<(), String> {
     use std::os::unix::fs::FileExt;
-    let Some((last, tar_entries)) = entries.split_last() else {
+    let Some((last, tar_entries)) = entries.split_last().filter(|_| is_estargz(entries)) else {
         return Ok(());
     };
-    if !added(entries).last().is_some_and(|&a| a) {
-        return Ok(());
-    }
     let EntryKind::File { offset, size } = last.kind else {
         return Ok(());
     };

@@ -253,8 +253,10 @@ pub fn decode_layer(
             found: diff_id,
         });
     }
-    let written = std::fs::File::open(&content).at(&content)?;
-    estargz::check_toc(&index.entries, &written).map_err(|detail| bad_layer(spec, detail))?;
+    if estargz::is_estargz(&index.entries) {
+        let written = std::fs::File::open(&content).at(&content)?;
+        estargz::check_toc(&index.entries, &written).map_err(|detail| bad_layer(spec, detail))?;
+    }
     crate::cache::layers::save_index(cache, work.path(), &index)?;
     let dest = cache.layer_dir(spec.diff_id);
     if dest.exists() && !is_decoded(cache, spec.diff_id) {

@@ -33,17 +33,20 @@ impl<W: Write> Write for Compressor<W> {
     }
 }
 
+/// A gzip stream (or member) as jkmount writes it: level 6, no name, time 0, OS "unknown".
+pub fn gzip<W: Write>(out: W) -> flate2::write::GzEncoder<W> {
+    flate2::GzBuilder::new()
+        .mtime(0)
+        .operating_system(255)
+        .write(out, flate2::Compression::new(6))
+}
+
 impl<W: Write> Compressor<W> {
     /// Compresses into `out`.
     pub fn new(compression: Compression, out: W) -> io::Result<Self> {
         Ok(match compression {
             Compression::None => Compressor::Plain(out),
-            Compression::Gzip => Compressor::Gzip(
-                flate2::GzBuilder::new()
-                    .mtime(0)
-                    .operating_system(255)
-                    .write(out, flate2::Compression::new(6)),
-            ),
+            Compression::Gzip => Compressor::Gzip(gzip(out)),
             Compression::Zstd => {
                 let mut encoder = zstd::stream::write::Encoder::new(out, 3)?;
                 encoder.include_checksum(false)?;

@@ -23,9 +23,6 @@ use crate::oci::digest::{Digest, HashingWriter};
 /// decodes before its bytes.
 pub const CHUNK: u64 = 1 << 20;
 
-/// The gzip level, as plain gzip layers have it.
-const LEVEL: u32 = 6;
-
 /// An eStargz layer written: the blob's digest and size, the tar's digest and size, and the
 /// table of contents' digest (the layer descriptor's annotations).
 #[derive(Debug, Clone)]
@@ -97,12 +94,9 @@ struct Members<W: Write> {
 impl<W: Write> Members<W> {
     fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.plain.write_all(bytes)?;
-        let member = self.member.get_or_insert_with(|| {
-            flate2::GzBuilder::new()
-                .mtime(0)
-                .operating_system(255)
-                .write(Vec::new(), flate2::Compression::new(LEVEL))
-        });
+        let member = self
+            .member
+            .get_or_insert_with(|| crate::pack::compress::gzip(Vec::new()));
         member.write_all(bytes)
     }
 
@@ -130,17 +124,16 @@ pub fn from_tar(tar: &Path, dest: &Path, mtime: u64, prefetch: &[String]) -> Res
     let scanned = scan(&file, tar)?;
     let (order, first) = order::prefetch_first(&scanned, prefetch);
     let mut toc = Vec::new();
-    if first == 0 {
-        toc.push(landmark(&mut members, NO_PREFETCH_LANDMARK, mtime).at(dest)?);
-    }
-    for (n, &i) in order.iter().enumerate() {
-        if n == first && first > 0 {
-            toc.push(landmark(&mut members, PREFETCH_LANDMARK, mtime).at(dest)?);
-        }
+    for &i in &order[..first] {
         toc.extend(copy_entry(&mut members, &file, &scanned[i], tar)?);
     }
-    if first > 0 && first == order.len() {
-        toc.push(landmark(&mut members, PREFETCH_LANDMARK, mtime).at(dest)?);
+    let landmark_name = match first {
+        0 => NO_PREFETCH_LANDMARK,
+        _ => PREFETCH_LANDMARK,
+    };
+    toc.push(landmark(&mut members, landmark_name, mtime).at(dest)?);
+    for &i in &order[first..] {
+        toc.extend(copy_entry(&mut members, &file, &scanned[i], tar)?);
     }
     let toc_json = serde_json::to_vec(&Toc {
         version: 1,

@@ -142,7 +142,7 @@ fn require_one_module(
     layer: &str,
 ) -> (Foreground, u64) {
     let mnt = work.join("ondemand");
-    let args = ["--lazy", "--no-background-fetch"];
+    let args = ["-v", "--lazy", "--no-background-fetch"];
     let lazy = Foreground::start(&work.join("c1"), &args, reference, &mnt);
     let value = super::node_value(&mnt.join("jk/modules"), "pkg7/f3.js");
     assert_eq!(value.trim(), "7/3");
@@ -539,99 +539,4 @@ fn reads_waiting_on_the_network_leave_the_mount_answering() {
 /// members of its own) and indexed: a module costs its own members, a few per cent of what
 /// the same read costs from a plain gzip layer; the tree equals the eager mount's, which
 /// shows neither the table of contents nor the landmark; the background pass completes it.
-#[test]
-fn an_estargz_layer_is_read_file_by_file_and_equals_the_eager_mount() {
-    let registry = Registry::start();
-    let work = tempfile::tempdir().unwrap();
-    let work = work.path();
-    let lib = work.join("lib");
-    for p in 0..PACKAGES {
-        std::fs::create_dir_all(lib.join(format!("pkg{p}"))).unwrap();
-        for f in 0..FILES {
-            std::fs::write(lib.join(format!("pkg{p}/f{f}.js")), content(p, f)).unwrap();
-        }
-    }
-    let reference = format!("{}/lazy/estargz:1", registry.addr);
-    let cache = work.join("packer");
-    let lib_arg = lib.to_str().unwrap();
-    // Two modules listed to prefetch: a background mount fetches them first.
-    let listed = work.join("prefetch.txt");
-    std::fs::write(&listed, "pkg40/f9.js\n# a comment\n./pkg3/f1.js\n").unwrap();
-    let listed_arg = listed.to_str().unwrap();
-    let plain_args = [
-        "pack",
-        lib_arg,
-        "--prefetch-from",
-        listed_arg,
-        "--tag",
-        &reference,
-    ];
-    let refused = jkmount(&cache, &plain_args);
-    assert!(
-        !refused.status.success() && shown(&refused).contains("needs --compression estargz"),
-        "{}",
-        shown(&refused)
-    );
-    ok(jkmount(
-        &cache,
-        &[
-            "pack",
-            lib_arg,
-            "--compression",
-            "estargz",
-            "--prefetch-from",
-            listed_arg,
-            "--tag",
-            &reference,
-        ],
-    ));
-    let out = ok(jkmount(
-        &work.join("indexer"),
-        &["index", &reference, "--push"],
-    ));
-    assert!(out.contains(&reference), "{out}");
-    let tag = registry
-        .storage()
-        .join("docker/registry/v2/repositories/lazy/estargz/_manifests/tags/1/current/link");
-    let manifest_digest = std::fs::read_to_string(tag).unwrap();
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(stored_blob(&registry, &manifest_digest)).unwrap())
-            .unwrap();
-    let layer = &manifest["layers"][0];
-    assert!(
-        layer["annotations"]["containerd.io/snapshot/stargz/toc.digest"].is_string(),
-        "{layer}"
-    );
-    let digest = layer["digest"].as_str().unwrap().to_owned();
-    let size = layer["size"].as_u64().unwrap();
-    let proxy = FaultProxy::start(&registry.addr);
-    let through_proxy = reference.replace(&registry.addr, &proxy.addr);
-
-    // The index's probe (1 byte), the module's members with their neighbours in a block, and
-    // the read-ahead.
-    let (lazy, fetched) = require_one_module(work, &through_proxy, &proxy, &digest);
-    assert!(
-        fetched * 50 < size,
-        "{fetched} of the layer's {size} bytes fetched for one module"
-    );
-    eprintln!("one module of an eStargz layer: {fetched} of the layer's {size} bytes fetched");
-    drop(lazy);
-
-    let eager_mnt = work.join("eager");
-    let _eager = Mounted::new(&work.join("c2"), &[&reference], &eager_mnt);
-    for added in ["stargz.index.json", ".prefetch.landmark"] {
-        assert!(!eager_mnt.join(added).exists(), "{added} is shown");
-    }
-    let cache = work.join("c3");
-    let mnt = work.join("background");
-    let lazy = Foreground::start(&cache, &["-v", "--lazy"], &through_proxy, &mnt);
-    wait_until("the listed files are prefetched", || {
-        lazy.log().contains("prefetched the files it lists first")
-    });
-    assert_eq!(describe(&mnt), describe(&eager_mnt));
-    wait_until("the layer is complete in the cache", || {
-        lazy.log().contains("complete and in the cache")
-    });
-    assert_eq!(read_file(&mnt, 63, 15).unwrap(), content(63, 15));
-    assert_eq!(describe(&mnt), describe(&eager_mnt));
-}
+mod estargz;

@@ -236,6 +236,18 @@ pub enum Error {
         detail: String,
     },
 
+    /// An eStargz layer's table of contents that cannot serve it lazily (the layer is then
+    /// pulled whole).
+    #[error(
+        "the eStargz table of contents of layer {layer}: {detail}; it is pulled whole (`jkmount index IMAGE --push` makes a lazy index of it)"
+    )]
+    BadToc {
+        /// The layer.
+        layer: Digest,
+        /// What is wrong with its table.
+        detail: String,
+    },
+
     /// A layer `jkmount index` cannot index (it stays eager for lazy mounts).
     #[error("layer {layer} cannot be indexed for lazy mounts: {detail}")]
     Unindexable {

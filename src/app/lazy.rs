@@ -15,7 +15,7 @@ use crate::app::pull::{PullOptions, PulledImage, PulledLayer};
 use crate::cache::{Cache, TempDir};
 use crate::error::{Error, Result};
 use crate::layer::{self, LayerSpec, Limits};
-use crate::lazy::{LazyIndex, LazyLayer, Spans};
+use crate::lazy::{IndexedLayer, LazyIndex, LazyLayer, Spans, TocIndex, TocLayer, toc};
 use crate::oci::digest::Digest;
 use crate::oci::image::{self, Compression};
 use crate::oci::reference::ImageRef;
@@ -43,6 +43,17 @@ pub struct Found {
     pub size: u64,
     /// The index blob's digest (in the cache).
     pub index: Digest,
+    /// `None`: `index` is a jkmount lazy index. `Some(at)`: it is the layer's own eStargz
+    /// table of contents, whose gzip member starts at `at` in the blob.
+    pub toc_offset: Option<u64>,
+}
+
+/// A gzip layer a lazy mount would serve, before its index is found.
+struct Wanted {
+    size: u64,
+    diff_id: Digest,
+    /// The `toc.digest` annotation of an eStargz layer.
+    toc: Option<Digest>,
 }
 
 /// The lazy indexes found for an image's layers, by diff_id, and the artifact they are from.
@@ -56,7 +67,8 @@ pub struct Indexes {
 
 /// Looks for lazy indexes of the gzip layers of `manifest` that are not decoded yet: in the
 /// artifact `pinned` (a lockfile's) if given, else in the one `jkmount lock` would pin
-/// ([`find_artifact`]). Nothing found (no referrer, a pinned artifact gone, another source) is
+/// ([`find_artifact`]); an eStargz layer without one is served from its own table of contents
+/// ([`find_toc`]). Nothing found (no referrer, a pinned artifact gone, another source) is
 /// not an error: those layers are pulled eagerly, with a warning.
 pub async fn find_indexes(
     cache: &Cache,
@@ -72,7 +84,13 @@ pub async fn find_indexes(
         let gzip = image::layer_compression(&descriptor.media_type) == Some(Compression::Gzip);
         if gzip && !layer::is_decoded(cache, diff_id) {
             let (digest, size) = image::descriptor_digest(descriptor, "layer", shown)?;
-            wanted.insert(digest, (size, diff_id.clone()));
+            let toc = descriptor
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(layer::estargz::TOC_DIGEST_ANNOTATION))
+                .and_then(|d| d.parse().ok());
+            let diff_id = diff_id.clone();
+            wanted.insert(digest, Wanted { size, diff_id, toc });
         }
     }
     let mut indexes = Indexes::default();
@@ -105,24 +123,44 @@ pub async fn find_indexes(
             let Some(layer) = indexed_layer(blob) else {
                 continue;
             };
-            let Some((size, diff_id)) = wanted.get(&layer) else {
+            let Some(Wanted { size, diff_id, .. }) = wanted.get(&layer) else {
                 continue;
             };
             // Read (bounded, checked against the layer) once, when the mount opens it.
             let index = fetch_index(cache, origin, blob, shown).await?;
-            let size = *size;
-            indexes
-                .found
-                .insert(diff_id.clone(), Found { layer, size, index });
+            let (size, toc_offset) = (*size, None);
+            let found = Found {
+                layer,
+                size,
+                index,
+                toc_offset,
+            };
+            indexes.found.insert(diff_id.clone(), found);
         }
         indexes.artifact = (!indexes.found.is_empty()).then_some(digest);
     }
+    let tables: Vec<(&Digest, &Wanted)> = (wanted.iter())
+        .filter(|(_, w)| w.toc.is_some() && !indexes.found.contains_key(&w.diff_id))
+        .collect();
     // Asked only when there is something to serve lazily.
-    let probe = indexes.found.values().next().map(|f| f.layer.clone());
-    if probe.is_some() && !serves_ranges(&registry, probe.as_ref(), shown).await? {
+    let probe = (indexes.found.values().map(|f| &f.layer))
+        .chain(tables.iter().map(|(digest, _)| *digest))
+        .next();
+    if probe.is_some() && !serves_ranges(&registry, probe, shown).await? {
         return Ok(Indexes::default());
     }
-    for (digest, (_, diff_id)) in &wanted {
+    for (layer, wanted) in tables {
+        match find_toc(cache, &registry, layer, wanted, shown).await {
+            Ok(found) => {
+                tracing::info!(
+                    "{shown}: layer {layer} has no jkmount lazy index; it is served from its eStargz table of contents"
+                );
+                indexes.found.insert(wanted.diff_id.clone(), found);
+            }
+            Err(e) => tracing::warn!("{shown}: {e}"),
+        }
+    }
+    for (digest, Wanted { diff_id, .. }) in &wanted {
         if !indexes.found.contains_key(diff_id) {
             tracing::warn!(
                 "{shown}: layer {digest} has no lazy index (make one with `jkmount index {shown} --push`); pulling it whole"
@@ -157,6 +195,69 @@ async fn first_artifact(
         }
     }
     Ok(None)
+}
+
+/// An eStargz layer's own table of contents as its index: the footer fetched for where the
+/// table starts, the table fetched (unless the cache has it), checked against the layer's
+/// `toc.digest` annotation and stored by that digest.
+async fn find_toc(
+    cache: &Cache,
+    registry: &RegistrySource,
+    layer: &Digest,
+    wanted: &Wanted,
+    shown: &str,
+) -> Result<Found> {
+    let toc = wanted
+        .toc
+        .clone()
+        .expect("only layers with a table are asked");
+    let bad = |detail: String| Error::BadToc {
+        layer: layer.clone(),
+        detail,
+    };
+    let footer_at = (wanted.size.checked_sub(toc::FOOTER_SIZE))
+        .ok_or_else(|| bad("the layer is smaller than its footer".into()))?;
+    let footer = registry
+        .fetch_range(layer, footer_at, toc::FOOTER_SIZE)
+        .await?;
+    let toc_offset = toc::toc_offset(&footer)
+        .filter(|&at| at < footer_at && footer_at - at <= layer::estargz::MAX_TOC)
+        .ok_or_else(|| bad("its footer is not an eStargz footer in bounds".into()))?;
+    if !cache.has_blob(&toc) {
+        let member = registry
+            .fetch_range(layer, toc_offset, footer_at - toc_offset)
+            .await?;
+        let json = toc::toc_json(&member).map_err(|e| bad(format!("its gzip member: {e}")))?;
+        let found = Digest::of(&json);
+        if found != toc {
+            return Err(bad(format!(
+                "its digest is {found}, not the {toc} its annotation in the manifest says; it is not used"
+            )));
+        }
+        let mut writer = cache.blob_writer(&toc)?;
+        std::io::Write::write_all(&mut writer, &json).map_err(|e| Error::io(cache.root(), e))?;
+        let label = crate::cache::BlobLabel {
+            what: "eStargz table of contents",
+            reference: shown,
+        };
+        writer.commit(Some(json.len() as u64), label)?;
+    }
+    Ok(Found {
+        layer: layer.clone(),
+        size: wanted.size,
+        index: toc,
+        toc_offset: Some(toc_offset),
+    })
+}
+
+/// The entries of a lazily served layer, from its index.
+pub fn entries_of(cache: &Cache, found: &Found, diff_id: &Digest) -> Result<Vec<layer::Entry>> {
+    let bytes = cache.read_stored_blob(&found.index)?;
+    Ok(match found.toc_offset {
+        None => LazyIndex::decode(&bytes, &found.layer, found.size, diff_id)?.entries,
+        Some(at) => TocIndex::decode(&bytes, &found.layer, found.size, at)?.entries,
+    }
+    .entries)
 }
 
 /// The lazy index artifact `referrer` (its digest checked), if it refers to `subject`.
@@ -238,7 +339,7 @@ async fn fetch_index(
 /// with the temp space their files are in (their spans hold the runtime their fetches run on).
 pub struct LazyLayers {
     /// One per layer of the tree.
-    pub layers: Vec<Option<Arc<LazyLayer>>>,
+    pub layers: Vec<Option<Arc<dyn LazyLayer>>>,
     _dir: TempDir,
     jobs: Vec<Completion>,
     limits: Limits,
@@ -247,7 +348,7 @@ pub struct LazyLayers {
 
 /// What completing one lazy layer needs.
 struct Completion {
-    layer: Arc<LazyLayer>,
+    layer: Arc<dyn LazyLayer>,
     diff_id: Digest,
     shown: String,
 }
@@ -296,28 +397,26 @@ pub fn open_layers(
                 .clone()
                 .registry()
                 .expect("lazy layers come from registries");
-            let index = LazyIndex::decode(
-                &cache.read_stored_blob(&found.index)?,
-                &found.layer,
-                found.size,
-                diff_id,
-            )?;
-            let spans = RegistrySpans {
+            let spans = Box::new(RegistrySpans {
                 runtime: runtime.clone(),
                 registry,
                 digest: found.layer.clone(),
-            };
+            });
             let name = format!("layer {} of {}", found.layer, image.shown);
             let own = dir.path().join(diff_id.hex());
             crate::cache::private_dir_all(&own)?;
-            let spans = Box::new(spans);
-            let layer = Arc::new(LazyLayer::new(
-                &own,
-                index,
-                name,
-                spans,
-                Arc::clone(&reads),
-            )?);
+            let bytes = cache.read_stored_blob(&found.index)?;
+            let reads = Arc::clone(&reads);
+            let layer: Arc<dyn LazyLayer> = match found.toc_offset {
+                None => {
+                    let index = LazyIndex::decode(&bytes, &found.layer, found.size, diff_id)?;
+                    Arc::new(IndexedLayer::new(&own, index, name, spans, reads)?)
+                }
+                Some(at) => {
+                    let index = TocIndex::decode(&bytes, &found.layer, found.size, at)?;
+                    Arc::new(TocLayer::new(&own, index, name, spans, reads)?)
+                }
+            };
             jobs.push(Completion {
                 layer: layer.clone(),
                 diff_id: diff_id.clone(),

@@ -7,7 +7,6 @@ use crate::cache::Cache;
 use crate::cache::trees;
 use crate::error::{Error, Result};
 use crate::layer::{self, Entry, EntryKind, Meta};
-use crate::lazy::LazyIndex;
 use crate::oci::digest::Digest;
 use crate::tree::merge::TreeBuilder;
 use crate::tree::{Mountable, Tree};
@@ -30,7 +29,7 @@ pub fn assemble_lazy(
     images: &[PulledImage],
     subdir: Option<&str>,
     max_entries: u64,
-    lazy: Vec<Option<std::sync::Arc<crate::lazy::LazyLayer>>>,
+    lazy: Vec<Option<std::sync::Arc<dyn crate::lazy::LazyLayer>>>,
 ) -> Result<Mountable> {
     let layers: Vec<&PulledLayer> = images.iter().flat_map(|i| &i.layers).collect();
     // Joined as an fstab source stacks them, so /proc/mounts shows what would mount it again.
@@ -97,7 +96,11 @@ fn tree_key(layers: &[&PulledLayer], subdir: Option<&str>) -> Digest {
             PulledLayer::Tar { diff_id } => text.push_str(&format!("{diff_id}\n")),
             // A tree merged from an index is kept apart from one merged from the layer.
             PulledLayer::Lazy { diff_id, found } => {
-                text.push_str(&format!("{diff_id} lazy {}\n", found.index))
+                let from = match found.toc_offset {
+                    None => "lazy",
+                    Some(_) => "lazy eStargz table",
+                };
+                text.push_str(&format!("{diff_id} {from} {}\n", found.index))
             }
             PulledLayer::File {
                 digest,
@@ -143,11 +146,10 @@ fn merge(
                 PulledLayer::Tar { diff_id } => {
                     (diff_id, layer::load_index(cache, diff_id)?.entries)
                 }
-                PulledLayer::Lazy { diff_id, found } => {
-                    let bytes = cache.read_stored_blob(&found.index)?;
-                    let index = LazyIndex::decode(&bytes, &found.layer, found.size, diff_id)?;
-                    (diff_id, index.entries.entries)
-                }
+                PulledLayer::Lazy { diff_id, found } => (
+                    diff_id,
+                    crate::app::lazy::entries_of(cache, found, diff_id)?,
+                ),
                 PulledLayer::File {
                     digest,
                     size,

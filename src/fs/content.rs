@@ -83,7 +83,7 @@ pub struct Content {
     layers: Vec<File>,
     paths: Vec<PathBuf>,
     /// Layers served lazily: a range is made present (fetched, checked) before it is read.
-    lazy: Vec<Option<Arc<LazyLayer>>>,
+    lazy: Vec<Option<Arc<dyn LazyLayer>>>,
 }
 
 impl Content {
@@ -101,7 +101,7 @@ impl Content {
     }
 
     /// Serves the layers given as lazy (by layer index) through them.
-    pub fn with_lazy(mut self, lazy: Vec<Option<Arc<LazyLayer>>>) -> Self {
+    pub fn with_lazy(mut self, lazy: Vec<Option<Arc<dyn LazyLayer>>>) -> Self {
         self.lazy = lazy;
         self
     }

@@ -73,30 +73,34 @@ pub fn prefetch_end(entries: &[Entry]) -> Option<u64> {
 /// The most bytes a table of contents may take.
 pub const MAX_TOC: u64 = 64 << 20;
 
-/// One entry of a table of contents, as far as it is compared with the tar.
-#[derive(Debug, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct TocEntry {
-    name: String,
+/// One entry of a table of contents (`stargz.index.json`): a file, directory, link or device,
+/// or a later `chunk` of a file; `offset` is where a chunk's gzip member starts in the blob.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub(crate) struct TocEntry {
+    pub(crate) name: String,
     #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    size: u64,
-    #[serde(default)]
-    link_name: String,
-    #[serde(default)]
-    mode: u32,
-    #[serde(default)]
-    uid: u64,
-    #[serde(default)]
-    gid: u64,
-    #[serde(default)]
-    digest: String,
+    pub(crate) kind: String,
+    pub(crate) size: u64,
+    pub(crate) modtime: String,
+    pub(crate) link_name: String,
+    pub(crate) mode: u32,
+    pub(crate) uid: u64,
+    pub(crate) gid: u64,
+    pub(crate) dev_major: u32,
+    pub(crate) dev_minor: u32,
+    pub(crate) xattrs: std::collections::BTreeMap<String, String>,
+    pub(crate) digest: String,
+    pub(crate) offset: u64,
+    pub(crate) chunk_offset: u64,
+    pub(crate) chunk_size: u64,
+    pub(crate) chunk_digest: String,
 }
 
+/// A table of contents.
 #[derive(Debug, serde::Deserialize)]
-struct Toc {
-    entries: Vec<TocEntry>,
+pub(crate) struct Toc {
+    pub(crate) entries: Vec<TocEntry>,
 }
 
 /// What an entry is, as a table of contents and a tar both say it.
@@ -130,7 +134,7 @@ impl std::fmt::Display for Said {
 }
 
 /// A path as both sides are compared: without `./`, `/` in front or `/` behind.
-fn clean(path: &[u8]) -> Vec<u8> {
+pub(crate) fn clean(path: &[u8]) -> Vec<u8> {
     let path = path.strip_prefix(b"./").unwrap_or(path);
     let path = path.strip_prefix(b"/").unwrap_or(path);
     path.strip_suffix(b"/").unwrap_or(path).to_vec()

@@ -172,7 +172,7 @@ pub(super) fn index_entry<R: Read>(
     let rdev = || -> u32 {
         let major = header.device_major().ok().flatten().unwrap_or(0);
         let minor = header.device_minor().ok().flatten().unwrap_or(0);
-        ((major & 0xfff) << 8) | (minor & 0xff) | ((minor & !0xff) << 12)
+        makedev(major, minor)
     };
     // A V7 header (type NUL) names a directory with a trailing slash.
     let v7_dir = header.as_bytes()[156] == 0 && path.ends_with(b"/");
@@ -357,6 +357,11 @@ fn read_map_1_0(data: &mut impl Read) -> Result<(Vec<u64>, u64), String> {
     }
     let numbers = (0..count * 2).map(|_| line()).collect::<Result<_, _>>()?;
     Ok((numbers, consumed))
+}
+
+/// A device number from its major and minor numbers, as Linux's `makedev` makes it (32 bits).
+pub(crate) fn makedev(major: u32, minor: u32) -> u32 {
+    ((major & 0xfff) << 8) | (minor & 0xff) | ((minor & !0xff) << 12)
 }
 
 #[cfg(test)]

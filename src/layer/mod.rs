@@ -8,6 +8,7 @@
 
 pub mod estargz;
 mod header;
+pub(crate) use header::makedev;
 mod located;
 mod stream;
 

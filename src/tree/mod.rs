@@ -28,7 +28,7 @@ pub struct Mountable {
     /// The key of the persisted tree (what a live mount keeps from `gc`).
     pub key: Digest,
     /// The layers served lazily (`--lazy`), by the tree's layer index; empty for none.
-    pub lazy: Vec<Option<std::sync::Arc<crate::lazy::LazyLayer>>>,
+    pub lazy: Vec<Option<std::sync::Arc<dyn crate::lazy::LazyLayer>>>,
 }
 
 /// Index of a node in the arena.

@@ -24,6 +24,39 @@ use crate::error::{IoContext, Result};
 use crate::layer::LayerIndex;
 use crate::oci::digest::Digest;
 
+/// A layer served before it is downloaded, as the mount and the background completion use
+/// it: from a jkmount lazy index ([`IndexedLayer`]) or from an eStargz layer's own table of
+/// contents ([`crate::lazy::toc::TocLayer`]). Offsets are those of the tree's file nodes.
+pub trait LazyLayer: Send + Sync + std::fmt::Debug {
+    /// The sparse file the tree's offsets point into.
+    fn content_path(&self) -> &Path;
+    /// The sparse compressed blob, whole once [`fill`](Self::fill) has returned.
+    fn blob_path(&self) -> &Path;
+    /// The layer's digest.
+    fn digest(&self) -> &Digest;
+    /// Compressed bytes fetched so far, and the blob's size.
+    fn progress(&self) -> (u64, u64);
+    /// How much of the layer is here, for `jkmount status`.
+    fn report(&self) -> super::progress::LayerProgress;
+    /// Whether nothing more is to come: all of it here and checked, or the layer refused.
+    fn is_settled(&self) -> bool;
+    /// Whether [`ensure`](Self::ensure) of `start..end` would answer without the network.
+    fn is_local(&self, start: u64, end: u64) -> bool;
+    /// Whether the index proved not to describe the layer (every read then fails).
+    fn is_refused(&self) -> bool;
+    /// Makes `start..end`, file data the index gives, present: fetched, checked, written.
+    fn ensure(&self, start: u64, end: u64) -> io::Result<()>;
+    /// Fetches what an eStargz layer lists to prefetch (everything before its
+    /// `.prefetch.landmark`), before the background pass; returns how many bytes of the
+    /// served space that is (0: the layer lists nothing).
+    fn prefetch(&self) -> io::Result<u64>;
+    /// Fetches everything missing, pausing while reads wait; the blob file is then whole.
+    fn fill(&self) -> io::Result<()>;
+    /// Whether the index's entries are `entries` (the layer's own, decoded from its verified
+    /// blob); if not, the layer is refused from now on, and `false` is returned.
+    fn entries_match(&self, entries: &LayerIndex) -> bool;
+}
+
 /// Where the compressed spans come from (a registry, by `Range`).
 pub trait Spans: Send + Sync {
     /// Bytes `start..start + len` of the layer's blob, unchecked.
@@ -75,8 +108,8 @@ impl Present {
     }
 }
 
-/// A layer being served lazily.
-pub struct LazyLayer {
+/// A layer being served lazily from a jkmount lazy index.
+pub struct IndexedLayer {
     index: LazyIndex,
     /// Where each block starts in the uncompressed tar.
     starts: Vec<u64>,
@@ -105,15 +138,15 @@ pub struct LazyLayer {
     prefetch: u64,
 }
 
-impl std::fmt::Debug for LazyLayer {
+impl std::fmt::Debug for IndexedLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LazyLayer")
+        f.debug_struct("IndexedLayer")
             .field("name", &self.name)
             .finish()
     }
 }
 
-impl LazyLayer {
+impl IndexedLayer {
     /// Sets the layer up in `dir` (the caller's temp space): two empty sparse files of the
     /// blob's and the tar's sizes. The index's entries are dropped here (the tree has them),
     /// keeping a digest of each to check it against the layer's headers.
@@ -149,7 +182,7 @@ impl LazyLayer {
             unchecked: headers.entries.len(),
             decoding: Default::default(),
         };
-        Ok(LazyLayer {
+        Ok(IndexedLayer {
             starts: index.block_starts(),
             index,
             name,
@@ -169,126 +202,9 @@ impl LazyLayer {
         })
     }
 
-    /// Fetches and decodes what an eStargz layer lists to prefetch (everything before its
-    /// `.prefetch.landmark`: the files a workload reads first), in requests of up to 1 MiB,
-    /// before the background pass; reads then find it here. Returns how many bytes of the
-    /// tar that is (0: the layer lists nothing).
-    pub fn prefetch(&self) -> io::Result<u64> {
-        if self.prefetch == 0 || self.is_refused() {
-            return Ok(0);
-        }
-        if !self.index.members.is_empty() {
-            let (_, end) = self.index.member_span(0, self.prefetch);
-            self.ensure_span(0, end)?;
-        }
-        self.ensure_blocks(0, self.prefetch)?;
-        Ok(self.prefetch)
-    }
-
-    /// Whether the index's entries are `entries` (the layer's own, decoded from its verified
-    /// blob); if not, the layer is refused from now on, and `false` is returned.
-    pub fn entries_match(&self, entries: &LayerIndex) -> bool {
-        let same = entries_digest(entries) == self.entries;
-        if !same {
-            self.refused.store(true, Ordering::SeqCst);
-        } else {
-            let mut present = self.present.lock().expect("not poisoned");
-            present.checked.fill(true);
-            present.unchecked = 0;
-        }
-        same
-    }
-
-    /// The sparse uncompressed tar the tree's offsets point into.
-    pub fn content_path(&self) -> &Path {
-        &self.content_path
-    }
-
-    /// The sparse compressed blob, whole once [`fill`](Self::fill) has returned.
-    pub fn blob_path(&self) -> &Path {
-        &self.blob_path
-    }
-
-    /// The layer's digest.
-    pub fn digest(&self) -> &Digest {
-        &self.index.layer
-    }
-
-    /// Compressed bytes fetched so far, and the blob's size.
-    pub fn progress(&self) -> (u64, u64) {
-        (self.fetched.load(Ordering::Relaxed), self.index.size)
-    }
-
-    /// How much of the layer is here, for `jkmount status`.
-    pub fn report(&self) -> super::progress::LayerProgress {
-        let present = self.present.lock().expect("not poisoned");
-        let local = (0..present.blocks.len())
-            .filter(|&b| present.blocks[b])
-            .map(|b| self.block_len(b) as u64)
-            .sum();
-        super::progress::LayerProgress {
-            layer: self.index.layer.clone(),
-            local,
-            size: self.index.content_size,
-            fetched: self.fetched.load(Ordering::Relaxed),
-            blob_size: self.index.size,
-            complete: present.missing_blocks == 0,
-            refused: self.is_refused(),
-        }
-    }
-
-    /// Whether nothing more is to come: every block here and every entry checked, or the
-    /// layer refused.
-    pub fn is_settled(&self) -> bool {
-        let present = self.present.lock().expect("not poisoned");
-        present.settled() || self.is_refused()
-    }
-
-    /// Whether [`ensure`](Self::ensure) of `start..end` would answer without the network.
-    pub fn is_local(&self, start: u64, end: u64) -> bool {
-        let end = end.min(self.index.content_size);
-        if start >= end || self.is_refused() {
-            return true;
-        }
-        let present = self.present.lock().expect("not poisoned");
-        let checked = match self.headers.read_by(start, end) {
-            Some(entries) => entries.iter().all(|&e| present.checked[e]),
-            None => true,
-        };
-        checked && self.blocks_of(start, end).all(|b| present.blocks[b])
-    }
-
-    /// Whether the index proved not to describe the layer (every read then fails).
-    pub fn is_refused(&self) -> bool {
-        self.refused.load(Ordering::SeqCst)
-    }
-
     /// Whether every block has arrived.
     pub fn is_complete(&self) -> bool {
         self.present.lock().expect("not poisoned").missing_blocks == 0
-    }
-
-    /// Makes `start..end` of the uncompressed tar, file data the index gives, present
-    /// (fetched, checked, written), once the headers of the entries it belongs to are checked.
-    pub fn ensure(&self, start: u64, end: u64) -> io::Result<()> {
-        let end = end.min(self.index.content_size);
-        if start >= end {
-            return Ok(());
-        }
-        if self.refused.load(Ordering::SeqCst) {
-            return Err(self.refused(
-                "its lazy index proved not to describe it; nothing more of it is served".into(),
-            ));
-        }
-        {
-            // The common case once a layer has arrived: nothing to do, nothing allocated.
-            if self.present.lock().expect("not poisoned").settled() {
-                return Ok(());
-            }
-        }
-        let _waiting = self.reads.begin();
-        self.check_headers(start, end)
-            .and_then(|()| self.ensure_blocks(start, end))
     }
 
     /// Checks the headers of the entries whose data `start..end` is: each must read back, from
@@ -502,18 +418,6 @@ impl LazyLayer {
         )
     }
 
-    /// Decodes the whole stream once, in order and from its start (no access point used),
-    /// fetching what is missing in large requests and storing every block not yet present;
-    /// pauses while reads wait. A block that differs from the index, decoded so, proves the
-    /// index wrong: the layer is refused from then on. Then fetches any chunk the decoder did
-    /// not need (the gzip trailer), so the blob file is whole.
-    pub fn fill(&self) -> io::Result<()> {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.fill_unguarded()))
-            .unwrap_or_else(|_| {
-                Err(self.refused("decoding failed: the lazy index is damaged".into()))
-            })
-    }
-
     fn fill_unguarded(&self) -> io::Result<()> {
         let mut decoder: Box<dyn Read + '_> = match self.index.members.is_empty() {
             true => Box::new(self.decoder(BACKGROUND_GROUP)?),
@@ -541,6 +445,137 @@ impl LazyLayer {
     }
 }
 
+impl LazyLayer for IndexedLayer {
+    /// Fetches and decodes what an eStargz layer lists to prefetch (everything before its
+    /// `.prefetch.landmark`: the files a workload reads first), in requests of up to 1 MiB,
+    /// before the background pass; reads then find it here. Returns how many bytes of the
+    /// tar that is (0: the layer lists nothing).
+    fn prefetch(&self) -> io::Result<u64> {
+        if self.prefetch == 0 || self.is_refused() {
+            return Ok(0);
+        }
+        if !self.index.members.is_empty() {
+            let (_, end) = self.index.member_span(0, self.prefetch);
+            self.ensure_span(0, end)?;
+        }
+        self.ensure_blocks(0, self.prefetch)?;
+        Ok(self.prefetch)
+    }
+
+    /// Whether the index's entries are `entries` (the layer's own, decoded from its verified
+    /// blob); if not, the layer is refused from now on, and `false` is returned.
+    fn entries_match(&self, entries: &LayerIndex) -> bool {
+        let same = entries_digest(entries) == self.entries;
+        if !same {
+            self.refused.store(true, Ordering::SeqCst);
+        } else {
+            let mut present = self.present.lock().expect("not poisoned");
+            present.checked.fill(true);
+            present.unchecked = 0;
+        }
+        same
+    }
+
+    /// The sparse uncompressed tar the tree's offsets point into.
+    fn content_path(&self) -> &Path {
+        &self.content_path
+    }
+
+    /// The sparse compressed blob, whole once [`fill`](Self::fill) has returned.
+    fn blob_path(&self) -> &Path {
+        &self.blob_path
+    }
+
+    /// The layer's digest.
+    fn digest(&self) -> &Digest {
+        &self.index.layer
+    }
+
+    /// Compressed bytes fetched so far, and the blob's size.
+    fn progress(&self) -> (u64, u64) {
+        (self.fetched.load(Ordering::Relaxed), self.index.size)
+    }
+
+    /// How much of the layer is here, for `jkmount status`.
+    fn report(&self) -> super::progress::LayerProgress {
+        let present = self.present.lock().expect("not poisoned");
+        let local = (0..present.blocks.len())
+            .filter(|&b| present.blocks[b])
+            .map(|b| self.block_len(b) as u64)
+            .sum();
+        super::progress::LayerProgress {
+            layer: self.index.layer.clone(),
+            local,
+            size: self.index.content_size,
+            fetched: self.fetched.load(Ordering::Relaxed),
+            blob_size: self.index.size,
+            complete: present.missing_blocks == 0,
+            refused: self.is_refused(),
+        }
+    }
+
+    /// Whether nothing more is to come: every block here and every entry checked, or the
+    /// layer refused.
+    fn is_settled(&self) -> bool {
+        let present = self.present.lock().expect("not poisoned");
+        present.settled() || self.is_refused()
+    }
+
+    /// Whether [`ensure`](Self::ensure) of `start..end` would answer without the network.
+    fn is_local(&self, start: u64, end: u64) -> bool {
+        let end = end.min(self.index.content_size);
+        if start >= end || self.is_refused() {
+            return true;
+        }
+        let present = self.present.lock().expect("not poisoned");
+        let checked = match self.headers.read_by(start, end) {
+            Some(entries) => entries.iter().all(|&e| present.checked[e]),
+            None => true,
+        };
+        checked && self.blocks_of(start, end).all(|b| present.blocks[b])
+    }
+
+    /// Whether the index proved not to describe the layer (every read then fails).
+    fn is_refused(&self) -> bool {
+        self.refused.load(Ordering::SeqCst)
+    }
+
+    /// Makes `start..end` of the uncompressed tar, file data the index gives, present
+    /// (fetched, checked, written), once the headers of the entries it belongs to are checked.
+    fn ensure(&self, start: u64, end: u64) -> io::Result<()> {
+        let end = end.min(self.index.content_size);
+        if start >= end {
+            return Ok(());
+        }
+        if self.refused.load(Ordering::SeqCst) {
+            return Err(self.refused(
+                "its lazy index proved not to describe it; nothing more of it is served".into(),
+            ));
+        }
+        {
+            // The common case once a layer has arrived: nothing to do, nothing allocated.
+            if self.present.lock().expect("not poisoned").settled() {
+                return Ok(());
+            }
+        }
+        let _waiting = self.reads.begin();
+        self.check_headers(start, end)
+            .and_then(|()| self.ensure_blocks(start, end))
+    }
+
+    /// Decodes the whole stream once, in order and from its start (no access point used),
+    /// fetching what is missing in large requests and storing every block not yet present;
+    /// pauses while reads wait. A block that differs from the index, decoded so, proves the
+    /// index wrong: the layer is refused from then on. Then fetches any chunk the decoder did
+    /// not need (the gzip trailer), so the blob file is whole.
+    fn fill(&self) -> io::Result<()> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.fill_unguarded()))
+            .unwrap_or_else(|_| {
+                Err(self.refused("decoding failed: the lazy index is damaged".into()))
+            })
+    }
+}
+
 /// What the index's entries are compared by.
 fn entries_digest(entries: &LayerIndex) -> Digest {
     Digest::of(&postcard::to_stdvec(entries).expect("entries serialize"))
@@ -549,7 +584,7 @@ fn entries_digest(entries: &LayerIndex) -> Digest {
 /// The compressed blob as the deflate decoder reads it: each read first makes its chunk
 /// present, so the decoder only ever sees checked bytes; it ends at `limit`.
 struct Chunks<'a> {
-    layer: &'a LazyLayer,
+    layer: &'a IndexedLayer,
     at: u64,
     limit: u64,
     group: u64,
@@ -587,4 +622,4 @@ impl Seek for Chunks<'_> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

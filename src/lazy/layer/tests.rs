@@ -93,10 +93,10 @@ fn data_of(index: &LazyIndex, path: &[u8]) -> u64 {
 }
 
 /// The blob as a registry would serve it, with `flip` bytes inverted, each answer `delay`ed.
-struct Served {
-    blob: Vec<u8>,
-    flip: Option<std::ops::Range<usize>>,
-    delay: Duration,
+pub(crate) struct Served {
+    pub(crate) blob: Vec<u8>,
+    pub(crate) flip: Option<std::ops::Range<usize>>,
+    pub(crate) delay: Duration,
 }
 
 impl Spans for Served {
@@ -119,10 +119,10 @@ fn layer(
     index: LazyIndex,
     blob: Vec<u8>,
     flip: Option<std::ops::Range<usize>>,
-) -> LazyLayer {
+) -> IndexedLayer {
     let delay = Duration::ZERO;
     let spans = Served { blob, flip, delay };
-    LazyLayer::new(
+    IndexedLayer::new(
         dir,
         index,
         "layer of test".into(),
@@ -132,7 +132,7 @@ fn layer(
     .unwrap()
 }
 
-fn content(layer: &LazyLayer, start: u64, len: usize) -> Vec<u8> {
+fn content(layer: &IndexedLayer, start: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0; len];
     layer.content.read_exact_at(&mut buf, start).unwrap();
     buf
@@ -361,7 +361,7 @@ fn two_reads_of_one_missing_block_fetch_it_once() {
         flip: None,
         delay,
     };
-    let shared = LazyLayer::new(&own, index, "test".into(), Box::new(spans), Arc::default());
+    let shared = IndexedLayer::new(&own, index, "test".into(), Box::new(spans), Arc::default());
     let shared = Arc::new(shared.unwrap());
     let readers: Vec<_> = (0..2)
         .map(|_| {

@@ -1,0 +1,208 @@
+//! eStargz layers mounted lazily: from jkmount's index, and from their own table of contents.
+
+use super::*;
+
+/// The test library as a directory to pack, at `work/lib`.
+fn library(work: &Path) -> PathBuf {
+    let lib = work.join("lib");
+    for p in 0..PACKAGES {
+        std::fs::create_dir_all(lib.join(format!("pkg{p}"))).unwrap();
+        for f in 0..FILES {
+            std::fs::write(lib.join(format!("pkg{p}/f{f}.js")), content(p, f)).unwrap();
+        }
+    }
+    lib
+}
+
+/// The layer of the image `reference` pushed to `registry`: its descriptor in the manifest.
+fn layer_of(registry: &Registry, repository: &str, tag: &str) -> serde_json::Value {
+    let tag = registry.storage().join(format!(
+        "docker/registry/v2/repositories/{repository}/_manifests/tags/{tag}/current/link"
+    ));
+    let manifest_digest = std::fs::read_to_string(tag).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(stored_blob(registry, &manifest_digest)).unwrap())
+            .unwrap();
+    manifest["layers"][0].clone()
+}
+
+#[test]
+fn an_estargz_layer_is_read_file_by_file_and_equals_the_eager_mount() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let lib = library(work);
+    let reference = format!("{}/lazy/estargz:1", registry.addr);
+    let cache = work.join("packer");
+    let lib_arg = lib.to_str().unwrap();
+    // Two modules listed to prefetch: a background mount fetches them first.
+    let listed = work.join("prefetch.txt");
+    std::fs::write(&listed, "pkg40/f9.js\n# a comment\n./pkg3/f1.js\n").unwrap();
+    let listed_arg = listed.to_str().unwrap();
+    let plain_args = [
+        "pack",
+        lib_arg,
+        "--prefetch-from",
+        listed_arg,
+        "--tag",
+        &reference,
+    ];
+    let refused = jkmount(&cache, &plain_args);
+    assert!(
+        !refused.status.success() && shown(&refused).contains("needs --compression estargz"),
+        "{}",
+        shown(&refused)
+    );
+    ok(jkmount(
+        &cache,
+        &[
+            "pack",
+            lib_arg,
+            "--compression",
+            "estargz",
+            "--prefetch-from",
+            listed_arg,
+            "--tag",
+            &reference,
+        ],
+    ));
+    let out = ok(jkmount(
+        &work.join("indexer"),
+        &["index", &reference, "--push"],
+    ));
+    assert!(out.contains(&reference), "{out}");
+    let layer = &layer_of(&registry, "lazy/estargz", "1");
+    assert!(
+        layer["annotations"]["containerd.io/snapshot/stargz/toc.digest"].is_string(),
+        "{layer}"
+    );
+    let digest = layer["digest"].as_str().unwrap().to_owned();
+    let size = layer["size"].as_u64().unwrap();
+    let proxy = FaultProxy::start(&registry.addr);
+    let through_proxy = reference.replace(&registry.addr, &proxy.addr);
+
+    // The index's probe (1 byte), the module's members with their neighbours in a block, and
+    // the read-ahead.
+    let (lazy, fetched) = require_one_module(work, &through_proxy, &proxy, &digest);
+    assert!(
+        fetched * 50 < size,
+        "{fetched} of the layer's {size} bytes fetched for one module"
+    );
+    eprintln!("one module of an eStargz layer: {fetched} of the layer's {size} bytes fetched");
+    drop(lazy);
+
+    let eager_mnt = work.join("eager");
+    let _eager = Mounted::new(&work.join("c2"), &[&reference], &eager_mnt);
+    for added in ["stargz.index.json", ".prefetch.landmark"] {
+        assert!(!eager_mnt.join(added).exists(), "{added} is shown");
+    }
+    let cache = work.join("c3");
+    let mnt = work.join("background");
+    let lazy = Foreground::start(&cache, &["-v", "--lazy"], &through_proxy, &mnt);
+    wait_until("the listed files are prefetched", || {
+        lazy.log().contains("prefetched the files it lists first")
+    });
+    assert_eq!(describe(&mnt), describe(&eager_mnt));
+    wait_until("the layer is complete in the cache", || {
+        lazy.log().contains("complete and in the cache")
+    });
+    assert_eq!(read_file(&mnt, 63, 15).unwrap(), content(63, 15));
+    assert_eq!(describe(&mnt), describe(&eager_mnt));
+}
+
+#[test]
+fn an_estargz_image_without_an_index_is_served_from_its_own_table_of_contents() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let lib = library(work);
+    let reference = format!("{}/lazy/table:1", registry.addr);
+    let lib_arg = lib.to_str().unwrap();
+    let pack = [
+        "pack",
+        lib_arg,
+        "--compression",
+        "estargz",
+        "--tag",
+        &reference,
+    ];
+    ok(jkmount(&work.join("packer"), &pack));
+    let layer = layer_of(&registry, "lazy/table", "1");
+    let digest = layer["digest"].as_str().unwrap().to_owned();
+    let size = layer["size"].as_u64().unwrap();
+    let proxy = FaultProxy::start(&registry.addr);
+    let through_proxy = reference.replace(&registry.addr, &proxy.addr);
+
+    // No index was pushed: the footer, the table and the module's members, by range.
+    let (lazy, fetched) = require_one_module(work, &through_proxy, &proxy, &digest);
+    let log = lazy.log();
+    assert!(
+        log.contains("served from its eStargz table of contents")
+            && !log.contains("pulling it whole"),
+        "{log}"
+    );
+    assert!(
+        fetched * 20 < size,
+        "{fetched} of the layer's {size} bytes fetched for one module"
+    );
+    eprintln!("one module from an eStargz table: {fetched} of the layer's {size} bytes fetched");
+    assert_eq!(
+        read_file(&work.join("ondemand"), 40, 9).unwrap(),
+        content(40, 9)
+    );
+    drop(lazy);
+
+    // Completed in the background, the mount shows the eager mount's tree; the next mount of
+    // the cache is an eager one.
+    let eager_mnt = work.join("eager");
+    let _eager = Mounted::new(&work.join("c2"), &[&reference], &eager_mnt);
+    let cache = work.join("c3");
+    let mnt = work.join("background");
+    let lazy = Foreground::start(&cache, &["-v", "--lazy"], &through_proxy, &mnt);
+    assert_eq!(read_file(&mnt, 5, 5).unwrap(), content(5, 5));
+    wait_until("the layer is complete in the cache", || {
+        lazy.log().contains("complete and in the cache")
+    });
+    assert_eq!(describe(&mnt), describe(&eager_mnt));
+    drop(lazy);
+    let offline_mnt = work.join("offline");
+    let _offline = Mounted::new(&cache, &["--offline", &through_proxy], &offline_mnt);
+    assert_eq!(describe(&offline_mnt), describe(&eager_mnt));
+
+    // Bytes changed in the registry: what the table's digests do not match is never served.
+    let blob = stored_blob(&registry, &digest);
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let middle = (size / 2) as usize;
+    for b in &mut bytes[middle..middle + 64] {
+        *b = !*b;
+    }
+    std::fs::write(&blob, &bytes).unwrap();
+    let mnt = work.join("changed");
+    let args = ["--lazy", "--no-background-fetch"];
+    let lazy = Foreground::start(&work.join("c4"), &args, &reference, &mnt);
+    let (mut served, mut refused) = (0, 0);
+    for p in 0..PACKAGES {
+        for f in 0..FILES {
+            match read_file(&mnt, p, f) {
+                Ok(text) => {
+                    assert_eq!(text, content(p, f), "pkg{p}/f{f}.js served wrong bytes");
+                    served += 1;
+                }
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc_eio()), "pkg{p}/f{f}.js: {e}");
+                    refused += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        refused > 0 && served > 0,
+        "{served} served, {refused} refused"
+    );
+    let log = lazy.log();
+    assert!(
+        log.contains("does not give the bytes its table of contents has the digest of")
+            && log.contains(&digest),
+        "{log}"
+    );
+}

@@ -1,0 +1,338 @@
+//! An eStargz layer served from its own table of contents ([`TocIndex`]). A read makes the
+//! chunks of its range present: each chunk's gzip member is fetched by `Range` (with the
+//! members after it, up to a read-ahead, in the same request), decoded, and its bytes checked
+//! against the chunk's digest in the table before they are written to the served file; the
+//! member's compressed bytes are kept, for the whole blob, only then. The background pass
+//! ([`TocLayer::fill`]) does the same for every chunk, in the blob's order, then fetches the
+//! bytes no chunk covers (the first headers, the table and footer); the whole blob is then
+//! checked against the layer digest and decoded into the cache by the caller.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use super::TocIndex;
+use crate::error::{IoContext, Result};
+use crate::layer::estargz::{added, clean};
+use crate::layer::{Entry, EntryKind, LayerIndex};
+use crate::lazy::index::sha256;
+use crate::lazy::layer::{LazyLayer, Spans};
+use crate::lazy::reads::Reads;
+use crate::oci::digest::Digest;
+
+/// Compressed bytes a read fetches from its chunk's member on, at least: the members after
+/// it (a package's other files) come in the same round trip.
+const READ_AHEAD: u64 = 64 << 10;
+
+/// Most compressed bytes one request of the prefetch or background pass asks for.
+const BACKGROUND_GROUP: u64 = 1 << 20;
+
+/// Which chunks are here, and which a read is fetching now.
+#[derive(Debug)]
+struct Present {
+    chunks: Vec<bool>,
+    missing: usize,
+    fetching: HashSet<usize>,
+}
+
+/// An eStargz layer being served from its table of contents.
+pub struct TocLayer {
+    index: TocIndex,
+    name: String,
+    blob: File,
+    blob_path: PathBuf,
+    content: File,
+    content_path: PathBuf,
+    present: Mutex<Present>,
+    /// Signalled when a read ends fetching chunks.
+    fetched_some: Condvar,
+    spans: Box<dyn Spans>,
+    reads: Arc<Reads>,
+    fetched: AtomicU64,
+    refused: AtomicBool,
+    /// Where the files the layer lists to prefetch end in the served space (0: none).
+    prefetch: u64,
+}
+
+impl std::fmt::Debug for TocLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TocLayer")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl TocLayer {
+    /// Sets the layer up in `dir` (the caller's temp space): two empty sparse files, the blob
+    /// and the served space.
+    pub fn new(
+        dir: &Path,
+        index: TocIndex,
+        name: String,
+        spans: Box<dyn Spans>,
+        reads: Arc<Reads>,
+    ) -> Result<Self> {
+        let sparse = |file: &str, len: u64| -> Result<(File, PathBuf)> {
+            let path = dir.join(file);
+            let f = File::options()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .at(&path)?;
+            f.set_len(len).at(&path)?;
+            Ok((f, path))
+        };
+        let (blob, blob_path) = sparse("blob.partial", index.size)?;
+        let (content, content_path) = sparse("served", index.content_size)?;
+        let prefetch = crate::layer::estargz::prefetch_end(&index.entries.entries).unwrap_or(0);
+        let present = Present {
+            chunks: vec![false; index.chunks.len()],
+            missing: index.chunks.len(),
+            fetching: HashSet::new(),
+        };
+        Ok(TocLayer {
+            index,
+            name,
+            blob,
+            blob_path,
+            content,
+            content_path,
+            present: Mutex::new(present),
+            fetched_some: Condvar::new(),
+            spans,
+            reads,
+            fetched: AtomicU64::new(0),
+            refused: AtomicBool::new(false),
+            prefetch,
+        })
+    }
+
+    fn error(&self, detail: String) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {detail}", self.name),
+        )
+    }
+
+    /// Makes chunks `range` present, each missing one fetched with the missing ones after it
+    /// up to `reach` compressed bytes from its member.
+    fn ensure_chunks(&self, range: std::ops::Range<usize>, reach: u64) -> io::Result<()> {
+        for c in range {
+            if self.is_refused() {
+                return Err(self.error("its table proved not to describe it".into()));
+            }
+            self.fetch_from(c, reach)?;
+        }
+        Ok(())
+    }
+
+    /// Fetches chunk `c` unless it is here (waiting for a read fetching it), with the chunks
+    /// after it that are missing and no other read fetches, while their members end within
+    /// `reach` bytes of `c`'s.
+    fn fetch_from(&self, c: usize, reach: u64) -> io::Result<()> {
+        let group = {
+            let mut present = self.present.lock().expect("not poisoned");
+            loop {
+                if present.chunks[c] {
+                    return Ok(());
+                }
+                if !present.fetching.contains(&c) {
+                    break;
+                }
+                present = self.fetched_some.wait(present).expect("not poisoned");
+            }
+            let chunks = &self.index.chunks;
+            let limit = chunks[c].member.saturating_add(reach);
+            let last = (c + 1..chunks.len())
+                .take_while(|&i| {
+                    chunks[i].end <= limit && !present.chunks[i] && !present.fetching.contains(&i)
+                })
+                .last()
+                .unwrap_or(c);
+            present.fetching.extend(c..=last);
+            c..last + 1
+        };
+        let fetched = self.fetch_group(group.clone());
+        let mut present = self.present.lock().expect("not poisoned");
+        for i in group {
+            present.fetching.remove(&i);
+        }
+        drop(present);
+        self.fetched_some.notify_all();
+        fetched
+    }
+
+    /// Fetches the members of chunks `group` in one request; checks, writes and marks each.
+    fn fetch_group(&self, group: std::ops::Range<usize>) -> io::Result<()> {
+        let chunks = &self.index.chunks[group.clone()];
+        let (start, end) = (chunks[0].member, chunks[chunks.len() - 1].end);
+        let bytes = self
+            .spans
+            .fetch(start, end - start)
+            .map_err(|e| io::Error::other(format!("{}: {e}", self.name)))?;
+        self.fetched
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        for (i, chunk) in group.zip(chunks) {
+            let member = bytes
+                .get((chunk.member - start) as usize..(chunk.end - start) as usize)
+                .ok_or_else(|| self.error("the registry sent fewer bytes than asked".into()))?;
+            let mut data = Vec::with_capacity(chunk.len as usize);
+            let decoded = flate2::read::GzDecoder::new(member)
+                .take(chunk.len)
+                .read_to_end(&mut data);
+            if decoded.is_err() || data.len() as u64 != chunk.len || sha256(&data) != chunk.digest {
+                return Err(self.error(format!(
+                    "the gzip member at {} from the registry does not give the bytes its table of contents has the digest of; they are not served",
+                    chunk.member
+                )));
+            }
+            self.content.write_all_at(&data, chunk.at)?;
+            self.blob.write_all_at(member, chunk.member)?;
+            let mut present = self.present.lock().expect("not poisoned");
+            if !present.chunks[i] {
+                present.chunks[i] = true;
+                present.missing -= 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Fetches compressed bytes `start..end` (no chunk's: headers, the table, the footer)
+    /// into the blob, unchecked until the whole blob is.
+    fn fetch_raw(&self, start: u64, end: u64) -> io::Result<()> {
+        let mut at = start;
+        while at < end {
+            self.reads.wait_quiet();
+            let len = (end - at).min(BACKGROUND_GROUP);
+            let bytes = self
+                .spans
+                .fetch(at, len)
+                .map_err(|e| io::Error::other(format!("{}: {e}", self.name)))?;
+            if bytes.len() as u64 != len {
+                return Err(self.error("the registry sent fewer bytes than asked".into()));
+            }
+            self.fetched.fetch_add(len, Ordering::Relaxed);
+            self.blob.write_all_at(&bytes, at)?;
+            at += len;
+        }
+        Ok(())
+    }
+}
+
+impl LazyLayer for TocLayer {
+    fn content_path(&self) -> &Path {
+        &self.content_path
+    }
+
+    fn blob_path(&self) -> &Path {
+        &self.blob_path
+    }
+
+    fn digest(&self) -> &Digest {
+        &self.index.layer
+    }
+
+    fn progress(&self) -> (u64, u64) {
+        (self.fetched.load(Ordering::Relaxed), self.index.size)
+    }
+
+    fn report(&self) -> crate::lazy::progress::LayerProgress {
+        let present = self.present.lock().expect("not poisoned");
+        let local = (self.index.chunks.iter().zip(&present.chunks))
+            .filter(|(_, here)| **here)
+            .map(|(c, _)| c.len)
+            .sum();
+        crate::lazy::progress::LayerProgress {
+            layer: self.index.layer.clone(),
+            local,
+            size: self.index.content_size,
+            fetched: self.fetched.load(Ordering::Relaxed),
+            blob_size: self.index.size,
+            complete: present.missing == 0,
+            refused: self.is_refused(),
+        }
+    }
+
+    fn is_settled(&self) -> bool {
+        self.present.lock().expect("not poisoned").missing == 0 || self.is_refused()
+    }
+
+    fn is_local(&self, start: u64, end: u64) -> bool {
+        if self.is_refused() {
+            return true;
+        }
+        let present = self.present.lock().expect("not poisoned");
+        self.index.chunks_of(start, end).all(|c| present.chunks[c])
+    }
+
+    fn is_refused(&self) -> bool {
+        self.refused.load(Ordering::SeqCst)
+    }
+
+    fn ensure(&self, start: u64, end: u64) -> io::Result<()> {
+        let end = end.min(self.index.content_size);
+        if start >= end || self.present.lock().expect("not poisoned").missing == 0 {
+            return match self.is_refused() {
+                true => Err(self.error("its table proved not to describe it".into())),
+                false => Ok(()),
+            };
+        }
+        let _waiting = self.reads.begin();
+        self.ensure_chunks(self.index.chunks_of(start, end), READ_AHEAD)
+    }
+
+    fn prefetch(&self) -> io::Result<u64> {
+        if self.prefetch == 0 || self.is_refused() {
+            return Ok(0);
+        }
+        self.ensure_chunks(self.index.chunks_of(0, self.prefetch), BACKGROUND_GROUP)?;
+        Ok(self.prefetch)
+    }
+
+    fn fill(&self) -> io::Result<()> {
+        for c in 0..self.index.chunks.len() {
+            self.reads.wait_quiet();
+            self.ensure_chunks(c..c + 1, BACKGROUND_GROUP)?;
+        }
+        let first = self.index.chunks.first();
+        self.fetch_raw(0, first.map_or(self.index.toc_offset, |c| c.member))?;
+        self.fetch_raw(self.index.toc_offset, self.index.size)
+    }
+
+    /// The table's entries must be the layer's own (decoded from its verified blob), but for
+    /// where the data lies and the nanoseconds of times, which a table does not hold.
+    fn entries_match(&self, entries: &LayerIndex) -> bool {
+        let same = comparable(entries) == comparable(&self.index.entries);
+        if !same {
+            self.refused.store(true, Ordering::SeqCst);
+        }
+        same
+    }
+}
+
+/// A layer's entries as a table and its tar can both say them: paths cleaned, no offsets, no
+/// nanoseconds, without what eStargz adds.
+fn comparable(entries: &LayerIndex) -> Vec<Entry> {
+    let entries = &entries.entries;
+    entries
+        .iter()
+        .zip(added(entries))
+        .filter(|(_, added)| !added)
+        .map(|(entry, _)| {
+            let mut entry = entry.clone();
+            entry.path = clean(&entry.path);
+            entry.meta.mtime_nsec = 0;
+            match &mut entry.kind {
+                EntryKind::File { offset, .. } => *offset = 0,
+                EntryKind::Hardlink { target } => *target = clean(target),
+                _ => {}
+            }
+            entry
+        })
+        .collect()
+}

@@ -236,11 +236,9 @@ pub enum Error {
         detail: String,
     },
 
-    /// An eStargz layer's table of contents that cannot serve it lazily (the layer is then
-    /// pulled whole).
-    #[error(
-        "the eStargz table of contents of layer {layer}: {detail}; it is pulled whole (`jkmount index IMAGE --push` makes a lazy index of it)"
-    )]
+    /// A layer's own table of contents (eStargz, zstd:chunked) that cannot serve it lazily:
+    /// found so, the layer is pulled whole; found so at completion, the mount refuses it.
+    #[error("the table of contents of layer {layer}: {detail}")]
     BadToc {
         /// The layer.
         layer: Digest,

@@ -96,9 +96,9 @@ fn tree_key(layers: &[&PulledLayer], subdir: Option<&str>) -> Digest {
             PulledLayer::Tar { diff_id } => text.push_str(&format!("{diff_id}\n")),
             // A tree merged from an index is kept apart from one merged from the layer.
             PulledLayer::Lazy { diff_id, found } => {
-                let from = match found.toc_offset {
+                let from = match found.table {
                     None => "lazy",
-                    Some(_) => "lazy eStargz table",
+                    Some(_) => "lazy table",
                 };
                 text.push_str(&format!("{diff_id} {from} {}\n", found.index))
             }

@@ -95,6 +95,8 @@ pub(crate) struct TocEntry {
     pub(crate) chunk_offset: u64,
     pub(crate) chunk_size: u64,
     pub(crate) chunk_digest: String,
+    /// `zeros` (zstd:chunked): a run of zero bytes with no frame of its own.
+    pub(crate) chunk_type: String,
 }
 
 /// A table of contents.

@@ -53,8 +53,9 @@ pub trait LazyLayer: Send + Sync + std::fmt::Debug {
     /// Fetches everything missing, pausing while reads wait; the blob file is then whole.
     fn fill(&self) -> io::Result<()>;
     /// Whether the index's entries are `entries` (the layer's own, decoded from its verified
-    /// blob); if not, the layer is refused from now on, and `false` is returned.
-    fn entries_match(&self, entries: &LayerIndex) -> bool;
+    /// blob into the tar at `content`); if not, the layer is refused from now on, and `false`
+    /// is returned.
+    fn entries_match(&self, entries: &LayerIndex, content: &Path) -> bool;
 }
 
 /// Where the compressed spans come from (a registry, by `Range`).
@@ -160,17 +161,7 @@ impl IndexedLayer {
         let headers = Headers::of(&index);
         let prefetch = crate::layer::estargz::prefetch_end(&index.entries.entries).unwrap_or(0);
         let entries = entries_digest(&std::mem::take(&mut index.entries));
-        let sparse = |file: &str, len: u64| -> Result<(File, PathBuf)> {
-            let path = dir.join(file);
-            let f = File::options()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .at(&path)?;
-            f.set_len(len).at(&path)?;
-            Ok((f, path))
-        };
+        let sparse = |file: &str, len: u64| sparse_file(&dir.join(file), len);
         let (blob, blob_path) = sparse("blob.partial", index.size)?;
         let (content, content_path) =
             sparse(crate::cache::layers::CONTENT_FILE, index.content_size)?;
@@ -464,7 +455,7 @@ impl LazyLayer for IndexedLayer {
 
     /// Whether the index's entries are `entries` (the layer's own, decoded from its verified
     /// blob); if not, the layer is refused from now on, and `false` is returned.
-    fn entries_match(&self, entries: &LayerIndex) -> bool {
+    fn entries_match(&self, entries: &LayerIndex, _content: &Path) -> bool {
         let same = entries_digest(entries) == self.entries;
         if !same {
             self.refused.store(true, Ordering::SeqCst);
@@ -574,6 +565,18 @@ impl LazyLayer for IndexedLayer {
                 Err(self.refused("decoding failed: the lazy index is damaged".into()))
             })
     }
+}
+
+/// A new empty sparse file of `len` bytes at `path`, open to read and write.
+pub(crate) fn sparse_file(path: &Path, len: u64) -> Result<(File, PathBuf)> {
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .at(path)?;
+    f.set_len(len).at(path)?;
+    Ok((f, path.to_owned()))
 }
 
 /// What the index's entries are compared by.

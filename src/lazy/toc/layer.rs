@@ -1,11 +1,13 @@
-//! An eStargz layer served from its own table of contents ([`TocIndex`]). A read makes the
-//! chunks of its range present: each chunk's gzip member is fetched by `Range` (with the
-//! members after it, up to a read-ahead, in the same request), decoded, and its bytes checked
-//! against the chunk's digest in the table before they are written to the served file; the
-//! member's compressed bytes are kept, for the whole blob, only then. The background pass
+//! An eStargz or zstd:chunked layer served from its own table of contents ([`TocIndex`]). A
+//! read makes the chunks of its range present: each chunk's gzip member or zstd frame is
+//! fetched by `Range` (with the members after it, up to a read-ahead, in the same request),
+//! decoded, and its bytes checked against the chunk's digest in the table before they are
+//! written to the served file; the member's compressed bytes are kept, for the whole blob,
+//! only then. A zstd:chunked run of zeros has no frame: it is checked against its digest. The background pass
 //! ([`TocLayer::fill`]) does the same for every chunk, in the blob's order, then fetches the
 //! bytes no chunk covers (the first headers, the table and footer); the whole blob is then
-//! checked against the layer digest and decoded into the cache by the caller.
+//! checked against the layer digest and decoded into the cache by the caller, and then every
+//! entry and every file's bytes served must be the decoded tar's.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -15,12 +17,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::TocIndex;
-use crate::error::{IoContext, Result};
+use super::{Format, TocIndex};
+use crate::error::Result;
 use crate::layer::estargz::{added, clean};
 use crate::layer::{Entry, EntryKind, LayerIndex};
 use crate::lazy::index::sha256;
-use crate::lazy::layer::{LazyLayer, Spans};
+use crate::lazy::layer::{LazyLayer, Spans, sparse_file};
 use crate::lazy::reads::Reads;
 use crate::oci::digest::Digest;
 
@@ -76,17 +78,7 @@ impl TocLayer {
         spans: Box<dyn Spans>,
         reads: Arc<Reads>,
     ) -> Result<Self> {
-        let sparse = |file: &str, len: u64| -> Result<(File, PathBuf)> {
-            let path = dir.join(file);
-            let f = File::options()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .at(&path)?;
-            f.set_len(len).at(&path)?;
-            Ok((f, path))
-        };
+        let sparse = |file: &str, len: u64| sparse_file(&dir.join(file), len);
         let (blob, blob_path) = sparse("blob.partial", index.size)?;
         let (content, content_path) = sparse("served", index.content_size)?;
         let prefetch = crate::layer::estargz::prefetch_end(&index.entries.entries).unwrap_or(0);
@@ -150,26 +142,35 @@ impl TocLayer {
             let limit = chunks[c].member.saturating_add(reach);
             let last = (c + 1..chunks.len())
                 .take_while(|&i| {
-                    chunks[i].end <= limit && !present.chunks[i] && !present.fetching.contains(&i)
+                    let free = !present.chunks[i] && !present.fetching.contains(&i);
+                    free && !chunks[c].zeros && !chunks[i].zeros && chunks[i].end <= limit
                 })
                 .last()
                 .unwrap_or(c);
             present.fetching.extend(c..=last);
             c..last + 1
         };
-        let fetched = self.fetch_group(group.clone());
-        let mut present = self.present.lock().expect("not poisoned");
-        for i in group {
-            present.fetching.remove(&i);
-        }
-        drop(present);
-        self.fetched_some.notify_all();
-        fetched
+        let _fetching = Fetching {
+            layer: self,
+            group: group.clone(),
+        };
+        self.fetch_group(group)
     }
 
     /// Fetches the members of chunks `group` in one request; checks, writes and marks each.
+    /// A run of zeros (a group of its own) is only checked: the served file has it already.
     fn fetch_group(&self, group: std::ops::Range<usize>) -> io::Result<()> {
         let chunks = &self.index.chunks[group.clone()];
+        if chunks[0].zeros {
+            if sha256(&vec![0; chunks[0].len as usize]) != chunks[0].digest {
+                return Err(self.error(format!(
+                    "its table says the bytes at {} are zeros, but gives another digest; they are not served",
+                    chunks[0].at
+                )));
+            }
+            self.mark(group.start);
+            return Ok(());
+        }
         let (start, end) = (chunks[0].member, chunks[chunks.len() - 1].end);
         let bytes = self
             .spans
@@ -181,25 +182,40 @@ impl TocLayer {
             let member = bytes
                 .get((chunk.member - start) as usize..(chunk.end - start) as usize)
                 .ok_or_else(|| self.error("the registry sent fewer bytes than asked".into()))?;
-            let mut data = Vec::with_capacity(chunk.len as usize);
-            let decoded = flate2::read::GzDecoder::new(member)
-                .take(chunk.len)
-                .read_to_end(&mut data);
-            if decoded.is_err() || data.len() as u64 != chunk.len || sha256(&data) != chunk.digest {
+            let data = self.decode(member, chunk.len);
+            let Some(data) = data.filter(|data| sha256(data) == chunk.digest) else {
                 return Err(self.error(format!(
-                    "the gzip member at {} from the registry does not give the bytes its table of contents has the digest of; they are not served",
+                    "the compressed bytes at {} from the registry do not give the bytes its table of contents has the digest of; they are not served",
                     chunk.member
                 )));
-            }
+            };
             self.content.write_all_at(&data, chunk.at)?;
             self.blob.write_all_at(member, chunk.member)?;
-            let mut present = self.present.lock().expect("not poisoned");
-            if !present.chunks[i] {
-                present.chunks[i] = true;
-                present.missing -= 1;
-            }
+            self.mark(i);
         }
         Ok(())
+    }
+
+    /// The first `len` bytes `member` (a gzip member or zstd frame) decodes to, if it
+    /// decodes to as many.
+    fn decode(&self, member: &[u8], len: u64) -> Option<Vec<u8>> {
+        let mut data = Vec::with_capacity(len as usize);
+        let read = match self.index.table.format {
+            Format::Estargz => flate2::read::GzDecoder::new(member)
+                .take(len)
+                .read_to_end(&mut data),
+            Format::ZstdChunked => zstd::stream::read::Decoder::new(member)
+                .and_then(|d| d.single_frame().take(len).read_to_end(&mut data)),
+        };
+        (read.is_ok() && data.len() as u64 == len).then_some(data)
+    }
+
+    fn mark(&self, c: usize) {
+        let mut present = self.present.lock().expect("not poisoned");
+        if !present.chunks[c] {
+            present.chunks[c] = true;
+            present.missing -= 1;
+        }
     }
 
     /// Fetches compressed bytes `start..end` (no chunk's: headers, the table, the footer)
@@ -221,6 +237,24 @@ impl TocLayer {
             at += len;
         }
         Ok(())
+    }
+}
+
+/// Chunks a read is fetching: released when it ends, however it ends (a panic too), so
+/// that reads waiting for them go on.
+struct Fetching<'a> {
+    layer: &'a TocLayer,
+    group: std::ops::Range<usize>,
+}
+
+impl Drop for Fetching<'_> {
+    fn drop(&mut self) {
+        let mut present = self.layer.present.lock().unwrap_or_else(|e| e.into_inner());
+        for i in self.group.clone() {
+            present.fetching.remove(&i);
+        }
+        drop(present);
+        self.layer.fetched_some.notify_all();
     }
 }
 
@@ -299,15 +333,23 @@ impl LazyLayer for TocLayer {
             self.reads.wait_quiet();
             self.ensure_chunks(c..c + 1, BACKGROUND_GROUP)?;
         }
-        let first = self.index.chunks.first();
-        self.fetch_raw(0, first.map_or(self.index.toc_offset, |c| c.member))?;
-        self.fetch_raw(self.index.toc_offset, self.index.size)
+        let table = self.index.table.offset;
+        let first = self.index.chunks.iter().find(|c| !c.zeros);
+        self.fetch_raw(0, first.map_or(table, |c| c.member))?;
+        self.fetch_raw(table, self.index.size)
     }
 
     /// The table's entries must be the layer's own (decoded from its verified blob), but for
-    /// where the data lies and the nanoseconds of times, which a table does not hold.
-    fn entries_match(&self, entries: &LayerIndex) -> bool {
-        let same = comparable(entries) == comparable(&self.index.entries);
+    /// where the data lies and the nanoseconds of times, which a table does not hold; and each
+    /// file's bytes served must be those in the decoded tar at `content` (a table may say
+    /// other bytes than its tar: each reader would then see another tree).
+    fn entries_match(&self, entries: &LayerIndex, content: &Path) -> bool {
+        let (ours, theirs) = (comparable(&self.index.entries), comparable(entries));
+        let same = ours
+            .iter()
+            .map(|(e, _)| e)
+            .eq(theirs.iter().map(|(e, _)| e))
+            && self.same_bytes(&ours, &theirs, content).unwrap_or(false);
         if !same {
             self.refused.store(true, Ordering::SeqCst);
         }
@@ -315,9 +357,39 @@ impl LazyLayer for TocLayer {
     }
 }
 
-/// A layer's entries as a table and its tar can both say them: paths cleaned, no offsets, no
-/// nanoseconds, without what eStargz adds.
-fn comparable(entries: &LayerIndex) -> Vec<Entry> {
+impl TocLayer {
+    /// Whether each file's bytes in the served space (`ours`, at their offsets there) are
+    /// those of the tar at `content` (`theirs`, at theirs).
+    fn same_bytes(
+        &self,
+        ours: &[(Entry, u64)],
+        theirs: &[(Entry, u64)],
+        content: &Path,
+    ) -> io::Result<bool> {
+        let tar = File::open(content)?;
+        let (mut a, mut b) = (vec![0; 1 << 20], vec![0; 1 << 20]);
+        for ((entry, at), (_, from)) in ours.iter().zip(theirs) {
+            let EntryKind::File { size, .. } = entry.kind else {
+                continue;
+            };
+            let mut done = 0;
+            while done < size {
+                let n = (size - done).min(a.len() as u64) as usize;
+                self.content.read_exact_at(&mut a[..n], at + done)?;
+                tar.read_exact_at(&mut b[..n], from + done)?;
+                if a[..n] != b[..n] {
+                    return Ok(false);
+                }
+                done += n as u64;
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// A layer's entries as a table and its tar can both say them (paths cleaned, no offsets, no
+/// nanoseconds, without what eStargz adds), each with where its data was.
+fn comparable(entries: &LayerIndex) -> Vec<(Entry, u64)> {
     let entries = &entries.entries;
     entries
         .iter()
@@ -327,12 +399,13 @@ fn comparable(entries: &LayerIndex) -> Vec<Entry> {
             let mut entry = entry.clone();
             entry.path = clean(&entry.path);
             entry.meta.mtime_nsec = 0;
+            let mut at = 0;
             match &mut entry.kind {
-                EntryKind::File { offset, .. } => *offset = 0,
+                EntryKind::File { offset, .. } => at = std::mem::take(offset),
                 EntryKind::Hardlink { target } => *target = clean(target),
                 _ => {}
             }
-            entry
+            (entry, at)
         })
         .collect()
 }

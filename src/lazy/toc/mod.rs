@@ -1,8 +1,10 @@
-//! An eStargz layer's own table of contents (`stargz.index.json`) as what a lazy mount serves
-//! it from, with no index of jkmount's: the footer says where the table's gzip member starts,
-//! the table (checked against the `toc.digest` annotation of the verified manifest) lists every
-//! entry and, for each file, the gzip members its data starts in, each chunk with the SHA-256
-//! of its bytes. The table does not say where in the uncompressed tar a file's data lies (that
+//! A layer's own table of contents as what a lazy mount serves it from, with no index of
+//! jkmount's: an eStargz layer's `stargz.index.json` (its footer says where the table's gzip
+//! member starts; the layer's `toc.digest` annotation is the table's digest) or a
+//! zstd:chunked layer's (in a skippable zstd frame whose place and digest its annotations
+//! give). Both list every entry and, for each file, the gzip members or zstd frames its data
+//! starts in, each chunk with the SHA-256 of its bytes; the annotations are in the verified
+//! manifest, so the chain of digests holds from it to every byte served. The table does not say where in the uncompressed tar a file's data lies (that
 //! needs the headers, spread over the whole stream), so [`TocIndex`] lays the files' data out
 //! one after another in a space of its own, the sparse file the mount serves from; `layer`
 //! serves it. The table is untrusted beyond its digest: [`TocIndex::decode`] bounds it and
@@ -13,9 +15,10 @@ use std::io::Read;
 use base64::Engine as _;
 
 use crate::error::{Error, Result};
-use crate::layer::estargz::{MAX_TOC, TOC_NAME, Toc, TocEntry};
+use crate::layer::estargz::{MAX_TOC, TOC_DIGEST_ANNOTATION, TOC_NAME, Toc, TocEntry};
 use crate::layer::{Entry, EntryKind, LayerIndex, Meta};
 use crate::oci::digest::Digest;
+use crate::oci::image::Compression;
 
 pub mod layer;
 #[cfg(test)]
@@ -30,6 +33,142 @@ pub const FOOTER_SIZE: u64 = 51;
 /// member (with the headers that follow it in the member) may take.
 pub const MAX_CHUNK: u64 = 64 << 20;
 
+/// The annotations that place a zstd:chunked layer's table and give its digest (that of the
+/// compressed frame), as containers/storage writes them now and wrote them before.
+const ZSTD_CHUNKED_ANNOTATIONS: [(&str, &str); 2] = [
+    (
+        "io.github.containers.zstd-chunked.manifest-checksum",
+        "io.github.containers.zstd-chunked.manifest-position",
+    ),
+    (
+        "io.containers.zstd-chunked.manifest-checksum",
+        "io.containers.zstd-chunked.manifest-position",
+    ),
+];
+
+/// The magic numbers of zstd's skippable frames (the low four bits are free).
+const SKIPPABLE_MAGIC: u32 = 0x184D_2A50;
+
+/// Which format a layer's own table is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// eStargz: gzip members, the table in the tar's last entry.
+    Estargz,
+    /// zstd:chunked: zstd frames, the table in a skippable frame outside the tar.
+    ZstdChunked,
+}
+
+impl Format {
+    /// The layer's compression.
+    pub fn compression(self) -> Compression {
+        match self {
+            Format::Estargz => Compression::Gzip,
+            Format::ZstdChunked => Compression::Zstd,
+        }
+    }
+
+    /// The name users know it by.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Estargz => "eStargz",
+            Format::ZstdChunked => "zstd:chunked",
+        }
+    }
+}
+
+/// What a layer descriptor's annotations say of its own table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Announced {
+    /// An eStargz table of this digest (of its JSON); the footer says where it is.
+    Estargz {
+        /// The table's digest.
+        toc: Digest,
+    },
+    /// A zstd:chunked table: its compressed frame's digest, where that starts, its length
+    /// and its length uncompressed.
+    ZstdChunked {
+        /// The compressed frame's digest.
+        checksum: Digest,
+        /// Where the frame's content starts in the blob.
+        offset: u64,
+        /// Its length.
+        length: u64,
+        /// Its length uncompressed.
+        uncompressed: u64,
+    },
+}
+
+/// What the annotations of a layer of `compression` announce of its own table, if anything.
+pub fn announced(
+    compression: Option<Compression>,
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+) -> Option<Announced> {
+    let annotations = annotations?;
+    match compression? {
+        Compression::Gzip => Some(Announced::Estargz {
+            toc: annotations.get(TOC_DIGEST_ANNOTATION)?.parse().ok()?,
+        }),
+        Compression::Zstd => ZSTD_CHUNKED_ANNOTATIONS.iter().find_map(|(sum, position)| {
+            let checksum = annotations.get(*sum)?.parse().ok()?;
+            let fields: Vec<u64> = (annotations.get(*position)?.split(':'))
+                .map(|n| n.parse().ok())
+                .collect::<Option<_>>()?;
+            let [offset, length, uncompressed, ..] = fields[..] else {
+                return None;
+            };
+            Some(Announced::ZstdChunked {
+                checksum,
+                offset,
+                length,
+                uncompressed,
+            })
+        }),
+        Compression::None => None,
+    }
+}
+
+/// A layer's own table, found: its format and where it starts in the blob (where the last
+/// chunk's member or frame ends).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Table {
+    /// Its format.
+    pub format: Format,
+    /// Where it starts: the eStargz table's gzip member, the zstd:chunked skippable frame.
+    pub offset: u64,
+}
+
+impl Table {
+    /// The table's JSON from what the cache keeps of it: an eStargz table's JSON itself, a
+    /// zstd:chunked table's frame (decompressed here, to at most [`MAX_TOC`] bytes).
+    pub fn json(self, stored: &[u8]) -> std::io::Result<Vec<u8>> {
+        match self.format {
+            Format::Estargz => Ok(stored.to_vec()),
+            Format::ZstdChunked => {
+                let mut json = Vec::new();
+                zstd::stream::read::Decoder::new(stored)?
+                    .take(MAX_TOC + 1)
+                    .read_to_end(&mut json)?;
+                match json.len() as u64 > MAX_TOC {
+                    true => Err(std::io::Error::other(format!(
+                        "it is larger than {MAX_TOC} bytes"
+                    ))),
+                    false => Ok(json),
+                }
+            }
+        }
+    }
+}
+
+/// The zstd:chunked table's frame from the blob's bytes at its announced offset less 8 (the
+/// skippable frame's header, which must announce `length` bytes).
+pub fn zstd_chunked_frame(bytes: &[u8], length: u64) -> Option<&[u8]> {
+    let (header, frame) = bytes.split_at_checked(8)?;
+    let magic = u32::from_le_bytes(header[..4].try_into().ok()?);
+    let size = u32::from_le_bytes(header[4..].try_into().ok()?);
+    (magic & !0xf == SKIPPABLE_MAGIC && u64::from(size) >= length)
+        .then(|| frame.get(..length as usize))?
+}
+
 /// One chunk of a file: where its bytes go in the served space, and where its gzip member is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chunk {
@@ -43,6 +182,8 @@ pub struct Chunk {
     pub end: u64,
     /// The SHA-256 of its bytes.
     pub digest: [u8; 32],
+    /// A run of zeros with no member (zstd:chunked), checked against the digest when read.
+    pub zeros: bool,
 }
 
 /// What a lazy mount serves an eStargz layer from.
@@ -52,10 +193,10 @@ pub struct TocIndex {
     pub layer: Digest,
     /// Its size.
     pub size: u64,
-    /// Where the table's gzip member starts.
-    pub toc_offset: u64,
-    /// The layer's entries, files' data at offsets of the served space; the table itself
-    /// last, without data, so the merge hides it and the landmarks as in an eager mount.
+    /// The table's format and place.
+    pub table: Table,
+    /// The layer's entries, files' data at offsets of the served space; an eStargz table
+    /// itself last, without data, so the merge hides it and the landmarks as in an eager mount.
     pub entries: LayerIndex,
     /// Every chunk, in order of both the served space and the blob.
     pub chunks: Vec<Chunk>,
@@ -102,8 +243,9 @@ pub fn toc_json(member: &[u8]) -> std::io::Result<Vec<u8>> {
 
 impl TocIndex {
     /// Reads the table `json` (its digest checked by the caller) of the layer `layer` of
-    /// `size` bytes whose table's member starts at `toc_offset`.
-    pub fn decode(json: &[u8], layer: &Digest, size: u64, toc_offset: u64) -> Result<TocIndex> {
+    /// `size` bytes whose table is `table`.
+    pub fn decode(json: &[u8], layer: &Digest, size: u64, table: Table) -> Result<TocIndex> {
+        let toc_offset = table.offset;
         let bad = |detail: String| Error::BadToc {
             layer: layer.clone(),
             detail,
@@ -112,9 +254,7 @@ impl TocIndex {
             return Err(bad(format!("it is larger than {MAX_TOC} bytes")));
         }
         if toc_offset >= size {
-            return Err(bad(format!(
-                "its footer puts it at {toc_offset}, past the blob"
-            )));
+            return Err(bad(format!("it is placed at {toc_offset}, past the blob")));
         }
         let toc: Toc = serde_json::from_slice(json).map_err(|e| bad(format!("not valid: {e}")))?;
         let mut laid = Layout::default();
@@ -124,8 +264,9 @@ impl TocIndex {
         }
         laid.end_file().map_err(bad)?;
         let mut chunks = laid.chunks;
-        for i in 0..chunks.len() {
-            let end = chunks.get(i + 1).map_or(toc_offset, |c| c.member);
+        let framed: Vec<usize> = (0..chunks.len()).filter(|&i| !chunks[i].zeros).collect();
+        for (n, &i) in framed.iter().enumerate() {
+            let end = framed.get(n + 1).map_or(toc_offset, |&j| chunks[j].member);
             let chunk = &mut chunks[i];
             if end <= chunk.member || end - chunk.member > MAX_CHUNK {
                 return Err(bad(format!(
@@ -136,19 +277,21 @@ impl TocIndex {
             chunk.end = end;
         }
         let mut entries = laid.entries;
-        entries.push(Entry {
-            path: TOC_NAME.as_bytes().to_vec(),
-            kind: EntryKind::File {
-                offset: laid.at,
-                size: 0,
-            },
-            meta: Meta::IMPLIED_DIR,
-            xattrs: Vec::new(),
-        });
+        if table.format == Format::Estargz {
+            entries.push(Entry {
+                path: TOC_NAME.as_bytes().to_vec(),
+                kind: EntryKind::File {
+                    offset: laid.at,
+                    size: 0,
+                },
+                meta: Meta::IMPLIED_DIR,
+                xattrs: Vec::new(),
+            });
+        }
         Ok(TocIndex {
             layer: layer.clone(),
             size,
-            toc_offset,
+            table,
             entries: LayerIndex { entries },
             chunks,
             content_size: laid.at,
@@ -230,17 +373,27 @@ impl Layout {
             0 => *size - *done,
             n => n.min(*size - *done),
         };
-        let member = toc.offset;
-        let after = self.chunks.last().map_or(0, |c| c.member);
-        if len == 0 || len > MAX_CHUNK || member <= after {
+        let (member, zeros) = (toc.offset, toc.chunk_type == "zeros");
+        let framed = self.chunks.iter().rev().find(|c| !c.zeros);
+        let after = framed.map_or(0, |c| c.member);
+        if !matches!(toc.chunk_type.as_str(), "" | "zeros") {
+            return Err(format!(
+                "chunkType {:?} is not one jkmount reads",
+                toc.chunk_type
+            ));
+        }
+        if len == 0 || len > MAX_CHUNK || (!zeros && member <= after) {
             return Err(format!(
                 "its chunk at {done} has {len} bytes at blob offset {member}: chunks must have 1 to {MAX_CHUNK} bytes each, in blob order"
             ));
         }
-        let digest = toc
-            .chunk_digest
-            .parse::<Digest>()
-            .ok()
+        // A file of one chunk may give only its own digest (zstd:chunked does).
+        let whole = *done == 0 && len == *size;
+        let digest = match (toc.chunk_digest.as_str(), whole) {
+            ("", true) => toc.digest.as_str(),
+            (digest, _) => digest,
+        };
+        let digest = (digest.parse::<Digest>().ok())
             .and_then(|d| hex::decode(d.hex()).ok()?.try_into().ok())
             .ok_or_else(|| format!("its chunk at {done} has no SHA-256 chunkDigest"))?;
         self.chunks.push(Chunk {
@@ -249,6 +402,7 @@ impl Layout {
             member,
             end: 0,
             digest,
+            zeros,
         });
         self.names.push(name.clone());
         *done += len;

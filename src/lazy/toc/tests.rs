@@ -77,9 +77,16 @@ fn table_of(blob: &[u8]) -> (Vec<u8>, u64) {
     (toc_json(&blob[at as usize..footer_at]).unwrap(), at)
 }
 
+fn table(offset: u64) -> Table {
+    Table {
+        format: Format::Estargz,
+        offset,
+    }
+}
+
 fn index_of(blob: &[u8]) -> TocIndex {
     let (json, at) = table_of(blob);
-    TocIndex::decode(&json, &Digest::of(blob), blob.len() as u64, at).unwrap()
+    TocIndex::decode(&json, &Digest::of(blob), blob.len() as u64, table(at)).unwrap()
 }
 
 fn served(dir: &Path, blob: &[u8], flip: Option<std::ops::Range<usize>>) -> TocLayer {
@@ -98,6 +105,13 @@ fn served(dir: &Path, blob: &[u8], flip: Option<std::ops::Range<usize>>) -> TocL
         Arc::default(),
     )
     .unwrap()
+}
+
+/// `tar` in a file in `dir`, as the cache keeps a decoded layer.
+fn tar_file(dir: &Path, tar: &[u8]) -> std::path::PathBuf {
+    let path = dir.join("content.tar");
+    std::fs::write(&path, tar).unwrap();
+    path
 }
 
 /// The layer's own entries, decoded from its tar.
@@ -175,7 +189,7 @@ fn each_file_is_served_from_its_own_members_byte_for_byte() {
         blob,
         "the blob is whole"
     );
-    assert!(layer.entries_match(&entries(&tar)));
+    assert!(layer.entries_match(&entries(&tar), &tar_file(dir.path(), &tar)));
     assert!(!layer.is_refused());
 }
 
@@ -196,7 +210,7 @@ fn a_member_changed_in_the_registry_is_refused_and_never_served() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("does not give the bytes its table of contents has the digest of"),
+        err.contains("do not give the bytes its table of contents has the digest of"),
         "{err}"
     );
     assert!(!layer.is_local(second.at, second.at + second.len));
@@ -225,10 +239,27 @@ fn a_table_that_is_not_the_layers_is_refused_once_the_layer_is_whole() {
         .find(|e| e.path == b"lib/a.js")
         .unwrap();
     entry.meta.mode = 0o4755;
-    assert!(!layer.entries_match(&other));
+    assert!(!layer.entries_match(&other, &tar_file(dir.path(), &tar)));
     assert!(layer.is_refused());
     let index = index_of(&blob);
     assert!(read(&layer, file(&index, "lib/a.js")).is_err());
+}
+
+#[test]
+fn a_table_whose_files_bytes_are_not_the_tars_is_refused_once_the_layer_is_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let (blob, tar, _) = estargz(dir.path());
+    let layer = served(dir.path(), &blob, None);
+    layer.fill().unwrap();
+    // The same entries, but one byte of lib/b.js's data is another in the tar.
+    let mut other = tar.clone();
+    let at = other
+        .windows(22)
+        .position(|w| w == b"module.exports = 'b';\n")
+        .unwrap();
+    other[at + 18] = b'c';
+    assert!(!layer.entries_match(&entries(&other), &tar_file(dir.path(), &other)));
+    assert!(layer.is_refused());
 }
 
 /// The table of `blob` with `change` made to its JSON.
@@ -237,7 +268,7 @@ fn changed(blob: &[u8], change: impl Fn(&mut serde_json::Value)) -> Result<TocIn
     let mut toc: serde_json::Value = serde_json::from_slice(&json).unwrap();
     change(&mut toc);
     let json = serde_json::to_vec(&toc).unwrap();
-    TocIndex::decode(&json, &Digest::of(blob), blob.len() as u64, at)
+    TocIndex::decode(&json, &Digest::of(blob), blob.len() as u64, table(at))
 }
 
 fn entry_named<'a>(toc: &'a mut serde_json::Value, name: &str) -> &'a mut serde_json::Value {
@@ -287,6 +318,6 @@ fn tables_whose_chunks_do_not_tile_their_files_in_blob_order_are_refused() {
     for (expected, change) in cases {
         let err = changed(&blob, change).unwrap_err().to_string();
         assert!(err.contains(expected), "{expected}: {err}");
-        assert!(err.contains("it is pulled whole"), "{err}");
+        assert!(err.contains("the table of contents of layer"), "{err}");
     }
 }

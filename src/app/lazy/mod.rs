@@ -15,7 +15,10 @@ use crate::app::pull::{PullOptions, PulledImage, PulledLayer};
 use crate::cache::{Cache, TempDir};
 use crate::error::{Error, Result};
 use crate::layer::{self, LayerSpec, Limits};
-use crate::lazy::{IndexedLayer, LazyIndex, LazyLayer, Spans, TocIndex, TocLayer, toc};
+use crate::lazy::toc::{self, Announced, Table};
+use crate::lazy::{IndexedLayer, LazyIndex, LazyLayer, Spans, TocLayer};
+
+mod tables;
 use crate::oci::digest::Digest;
 use crate::oci::image::{self, Compression};
 use crate::oci::reference::ImageRef;
@@ -43,17 +46,18 @@ pub struct Found {
     pub size: u64,
     /// The index blob's digest (in the cache).
     pub index: Digest,
-    /// `None`: `index` is a jkmount lazy index. `Some(at)`: it is the layer's own eStargz
-    /// table of contents, whose gzip member starts at `at` in the blob.
-    pub toc_offset: Option<u64>,
+    /// `None`: `index` is a jkmount lazy index. `Some(table)`: it is the layer's own table
+    /// of contents (eStargz, zstd:chunked), as the cache keeps it.
+    pub table: Option<Table>,
 }
 
-/// A gzip layer a lazy mount would serve, before its index is found.
+/// A layer a lazy mount would serve, before its index is found.
 struct Wanted {
     size: u64,
     diff_id: Digest,
-    /// The `toc.digest` annotation of an eStargz layer.
-    toc: Option<Digest>,
+    compression: Compression,
+    /// What its annotations say of its own table of contents.
+    announced: Option<Announced>,
 }
 
 /// The lazy indexes found for an image's layers, by diff_id, and the artifact they are from.
@@ -81,16 +85,21 @@ pub async fn find_indexes(
     let (subject, doc) = manifest;
     let mut wanted = HashMap::new();
     for (descriptor, diff_id) in doc.layers.iter().zip(diff_ids) {
-        let gzip = image::layer_compression(&descriptor.media_type) == Some(Compression::Gzip);
-        if gzip && !layer::is_decoded(cache, diff_id) {
+        let compression = image::layer_compression(&descriptor.media_type);
+        let Some(compression) = compression.filter(|c| *c != Compression::None) else {
+            continue;
+        };
+        if !layer::is_decoded(cache, diff_id) {
             let (digest, size) = image::descriptor_digest(descriptor, "layer", shown)?;
-            let toc = descriptor
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(layer::estargz::TOC_DIGEST_ANNOTATION))
-                .and_then(|d| d.parse().ok());
+            let announced = toc::announced(Some(compression), descriptor.annotations.as_ref());
             let diff_id = diff_id.clone();
-            wanted.insert(digest, Wanted { size, diff_id, toc });
+            let wanted_layer = Wanted {
+                size,
+                diff_id,
+                compression,
+                announced,
+            };
+            wanted.insert(digest, wanted_layer);
         }
     }
     let mut indexes = Indexes::default();
@@ -128,43 +137,52 @@ pub async fn find_indexes(
             };
             // Read (bounded, checked against the layer) once, when the mount opens it.
             let index = fetch_index(cache, origin, blob, shown).await?;
-            let (size, toc_offset) = (*size, None);
+            let (size, table) = (*size, None);
             let found = Found {
                 layer,
                 size,
                 index,
-                toc_offset,
+                table,
             };
             indexes.found.insert(diff_id.clone(), found);
         }
         indexes.artifact = (!indexes.found.is_empty()).then_some(digest);
     }
-    let tables: Vec<(&Digest, &Wanted)> = (wanted.iter())
-        .filter(|(_, w)| w.toc.is_some() && !indexes.found.contains_key(&w.diff_id))
+    let tables: Vec<(&Digest, &Wanted, &Announced)> = (wanted.iter())
+        .filter(|(_, w)| !indexes.found.contains_key(&w.diff_id))
+        .filter_map(|(digest, w)| Some((digest, w, w.announced.as_ref()?)))
         .collect();
     // Asked only when there is something to serve lazily.
     let probe = (indexes.found.values().map(|f| &f.layer))
-        .chain(tables.iter().map(|(digest, _)| *digest))
+        .chain(tables.iter().map(|(digest, ..)| *digest))
         .next();
     if probe.is_some() && !serves_ranges(&registry, probe, shown).await? {
         return Ok(Indexes::default());
     }
-    for (layer, wanted) in tables {
-        match find_toc(cache, &registry, layer, wanted, shown).await {
+    for (layer, wanted, announced) in tables {
+        let size = wanted.size;
+        match tables::find_table(cache, &registry, (layer, size), announced, shown).await {
             Ok(found) => {
+                let format = found.table.map_or("", |t| t.format.name());
                 tracing::info!(
-                    "{shown}: layer {layer} has no jkmount lazy index; it is served from its eStargz table of contents"
+                    "{shown}: layer {layer} has no jkmount lazy index; it is served from its {format} table of contents"
                 );
                 indexes.found.insert(wanted.diff_id.clone(), found);
             }
-            Err(e) => tracing::warn!("{shown}: {e}"),
+            Err(e) => tracing::warn!("{shown}: {e}; pulling it whole"),
         }
     }
-    for (digest, Wanted { diff_id, .. }) in &wanted {
-        if !indexes.found.contains_key(diff_id) {
-            tracing::warn!(
+    for (digest, wanted) in &wanted {
+        if indexes.found.contains_key(&wanted.diff_id) || wanted.announced.is_some() {
+            continue;
+        }
+        match wanted.compression {
+            Compression::Zstd => tracing::warn!(
+                "{shown}: layer {digest} is zstd without a zstd:chunked table of contents, so it cannot be read before it is whole; pulling it whole"
+            ),
+            _ => tracing::warn!(
                 "{shown}: layer {digest} has no lazy index (make one with `jkmount index {shown} --push`); pulling it whole"
-            );
+            ),
         }
     }
     Ok(indexes)
@@ -197,65 +215,12 @@ async fn first_artifact(
     Ok(None)
 }
 
-/// An eStargz layer's own table of contents as its index: the footer fetched for where the
-/// table starts, the table fetched (unless the cache has it), checked against the layer's
-/// `toc.digest` annotation and stored by that digest.
-async fn find_toc(
-    cache: &Cache,
-    registry: &RegistrySource,
-    layer: &Digest,
-    wanted: &Wanted,
-    shown: &str,
-) -> Result<Found> {
-    let toc = wanted
-        .toc
-        .clone()
-        .expect("only layers with a table are asked");
-    let bad = |detail: String| Error::BadToc {
-        layer: layer.clone(),
-        detail,
-    };
-    let footer_at = (wanted.size.checked_sub(toc::FOOTER_SIZE))
-        .ok_or_else(|| bad("the layer is smaller than its footer".into()))?;
-    let footer = registry
-        .fetch_range(layer, footer_at, toc::FOOTER_SIZE)
-        .await?;
-    let toc_offset = toc::toc_offset(&footer)
-        .filter(|&at| at < footer_at && footer_at - at <= layer::estargz::MAX_TOC)
-        .ok_or_else(|| bad("its footer is not an eStargz footer in bounds".into()))?;
-    if !cache.has_blob(&toc) {
-        let member = registry
-            .fetch_range(layer, toc_offset, footer_at - toc_offset)
-            .await?;
-        let json = toc::toc_json(&member).map_err(|e| bad(format!("its gzip member: {e}")))?;
-        let found = Digest::of(&json);
-        if found != toc {
-            return Err(bad(format!(
-                "its digest is {found}, not the {toc} its annotation in the manifest says; it is not used"
-            )));
-        }
-        let mut writer = cache.blob_writer(&toc)?;
-        std::io::Write::write_all(&mut writer, &json).map_err(|e| Error::io(cache.root(), e))?;
-        let label = crate::cache::BlobLabel {
-            what: "eStargz table of contents",
-            reference: shown,
-        };
-        writer.commit(Some(json.len() as u64), label)?;
-    }
-    Ok(Found {
-        layer: layer.clone(),
-        size: wanted.size,
-        index: toc,
-        toc_offset: Some(toc_offset),
-    })
-}
-
 /// The entries of a lazily served layer, from its index.
 pub fn entries_of(cache: &Cache, found: &Found, diff_id: &Digest) -> Result<Vec<layer::Entry>> {
     let bytes = cache.read_stored_blob(&found.index)?;
-    Ok(match found.toc_offset {
+    Ok(match found.table {
         None => LazyIndex::decode(&bytes, &found.layer, found.size, diff_id)?.entries,
-        Some(at) => TocIndex::decode(&bytes, &found.layer, found.size, at)?.entries,
+        Some(table) => tables::decode(&bytes, found, table)?.entries,
     }
     .entries)
 }
@@ -351,6 +316,8 @@ struct Completion {
     layer: Arc<dyn LazyLayer>,
     diff_id: Digest,
     shown: String,
+    /// The layer's own table of contents, if it is served from that.
+    table: Option<Table>,
 }
 
 /// Fetches spans of one blob from a registry, on the mount's runtime.
@@ -407,13 +374,13 @@ pub fn open_layers(
             crate::cache::private_dir_all(&own)?;
             let bytes = cache.read_stored_blob(&found.index)?;
             let reads = Arc::clone(&reads);
-            let layer: Arc<dyn LazyLayer> = match found.toc_offset {
+            let layer: Arc<dyn LazyLayer> = match found.table {
                 None => {
                     let index = LazyIndex::decode(&bytes, &found.layer, found.size, diff_id)?;
                     Arc::new(IndexedLayer::new(&own, index, name, spans, reads)?)
                 }
-                Some(at) => {
-                    let index = TocIndex::decode(&bytes, &found.layer, found.size, at)?;
+                Some(table) => {
+                    let index = tables::decode(&bytes, found, table)?;
                     Arc::new(TocLayer::new(&own, index, name, spans, reads)?)
                 }
             };
@@ -421,6 +388,7 @@ pub fn open_layers(
                 layer: layer.clone(),
                 diff_id: diff_id.clone(),
                 shown: image.shown.clone(),
+                table: found.table,
             });
             layers.push(Some(layer));
         }
@@ -506,18 +474,25 @@ fn adopt(cache: &Cache, job: &Completion, limits: &Limits) -> Result<()> {
             store_and_decode(cache, job, limits)?;
         }
     }
-    if !job
+    let content = layer::content_path(cache, &job.diff_id);
+    if job
         .layer
-        .entries_match(&layer::load_index(cache, &job.diff_id)?)
+        .entries_match(&layer::load_index(cache, &job.diff_id)?, &content)
     {
-        return Err(Error::BadLazyIndex {
-            layer: digest.clone(),
-            detail: "its entries are not the layer's (the layer is in the cache as it is; this \
-                     mount refuses it from now on: mount again)"
-                .into(),
-        });
+        return Ok(());
     }
-    Ok(())
+    let detail = "its entries are not the layer's (the layer is in the cache as it is; this \
+                  mount refuses it from now on: mount again)";
+    Err(match job.table {
+        None => Error::BadLazyIndex {
+            layer: digest.clone(),
+            detail: detail.into(),
+        },
+        Some(_) => Error::BadToc {
+            layer: digest.clone(),
+            detail: detail.replace("entries are", "entries or files' bytes are"),
+        },
+    })
 }
 
 fn store_and_decode(cache: &Cache, job: &Completion, limits: &Limits) -> Result<()> {
@@ -536,7 +511,9 @@ fn store_and_decode(cache: &Cache, job: &Completion, limits: &Limits) -> Result<
         digest,
         size,
         diff_id: &job.diff_id,
-        compression: Compression::Gzip,
+        compression: job
+            .table
+            .map_or(Compression::Gzip, |t| t.format.compression()),
         reference: &job.shown,
     };
     let file = std::fs::File::open(&stored).map_err(|e| Error::io(&stored, e))?;

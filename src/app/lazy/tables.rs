@@ -1,0 +1,128 @@
+//! A layer's own table of contents (eStargz, zstd:chunked) found for a lazy mount: placed by
+//! the footer or the annotations, fetched by `Range`, checked against the digest the
+//! manifest's annotations give, kept in the cache by that digest, and read back from there as
+//! a [`TocIndex`].
+
+use super::Found;
+use crate::cache::Cache;
+use crate::error::{Error, Result};
+use crate::layer::estargz::MAX_TOC;
+use crate::lazy::TocIndex;
+use crate::lazy::toc::{self, Announced, Format, Table};
+use crate::oci::digest::Digest;
+use crate::source::registry::RegistrySource;
+
+/// Finds the table `announced` of `layer` (digest and size): where it is, and its bytes in
+/// the cache (fetched unless the cache has them), checked against the announced digest and
+/// read once, so that a table that cannot serve the layer is found now and the layer pulled
+/// whole.
+pub(super) async fn find_table(
+    cache: &Cache,
+    registry: &RegistrySource,
+    (layer, size): (&Digest, u64),
+    announced: &Announced,
+    shown: &str,
+) -> Result<Found> {
+    let bad = |detail: String| Error::BadToc {
+        layer: layer.clone(),
+        detail,
+    };
+    let (table, digest, fetched) = match announced {
+        Announced::Estargz { toc } => {
+            let footer_at = (size.checked_sub(toc::FOOTER_SIZE))
+                .ok_or_else(|| bad("the layer is smaller than an eStargz footer".into()))?;
+            let footer = registry
+                .fetch_range(layer, footer_at, toc::FOOTER_SIZE)
+                .await?;
+            let offset = toc::toc_offset(&footer)
+                .filter(|&at| at < footer_at && footer_at - at <= MAX_TOC)
+                .ok_or_else(|| bad("its footer is not an eStargz footer in bounds".into()))?;
+            let table = Table {
+                format: Format::Estargz,
+                offset,
+            };
+            let fetched = match cache.has_blob(toc) {
+                true => None,
+                false => {
+                    let member = registry
+                        .fetch_range(layer, offset, footer_at - offset)
+                        .await?;
+                    let json =
+                        toc::toc_json(&member).map_err(|e| bad(format!("its gzip member: {e}")))?;
+                    Some(json)
+                }
+            };
+            (table, toc, fetched)
+        }
+        Announced::ZstdChunked {
+            checksum,
+            offset,
+            length,
+            uncompressed,
+        } => {
+            let fits = offset.checked_add(*length).is_some_and(|end| end <= size);
+            if *offset < 8 || !fits || *length > MAX_TOC || *uncompressed > MAX_TOC {
+                return Err(bad(format!(
+                    "its annotations place it at {offset}+{length} ({uncompressed} bytes uncompressed): outside the layer of {size} bytes, or over {MAX_TOC} bytes"
+                )));
+            }
+            let table = Table {
+                format: Format::ZstdChunked,
+                offset: offset - 8,
+            };
+            let fetched = match cache.has_blob(checksum) {
+                true => None,
+                false => {
+                    let bytes = registry.fetch_range(layer, offset - 8, length + 8).await?;
+                    let frame = toc::zstd_chunked_frame(&bytes, *length).ok_or_else(|| {
+                        bad(format!(
+                            "there is no skippable zstd frame at {}",
+                            offset - 8
+                        ))
+                    })?;
+                    Some(frame.to_vec())
+                }
+            };
+            (table, checksum, fetched)
+        }
+    };
+    if let Some(bytes) = fetched {
+        store(cache, digest, &bytes, table.format, shown).map_err(|e| match e {
+            Error::DigestMismatch { found, .. } => bad(format!(
+                "its digest is {found}, not the {digest} its annotation in the manifest says; it is not used"
+            )),
+            e => e,
+        })?;
+    }
+    let found = Found {
+        layer: layer.clone(),
+        size,
+        index: digest.clone(),
+        table: Some(table),
+    };
+    decode(&cache.read_stored_blob(digest)?, &found, table)?;
+    Ok(found)
+}
+
+/// Puts a table's bytes into the cache under `digest`, which they must have.
+fn store(cache: &Cache, digest: &Digest, bytes: &[u8], format: Format, shown: &str) -> Result<()> {
+    let mut writer = cache.blob_writer(digest)?;
+    std::io::Write::write_all(&mut writer, bytes).map_err(|e| Error::io(cache.root(), e))?;
+    let label = crate::cache::BlobLabel {
+        what: match format {
+            Format::Estargz => "eStargz table of contents",
+            Format::ZstdChunked => "zstd:chunked table of contents",
+        },
+        reference: shown,
+    };
+    writer.commit(Some(bytes.len() as u64), label).map(drop)
+}
+
+/// The served layout of `found`'s layer from its table's bytes as the cache keeps them.
+pub(super) fn decode(stored: &[u8], found: &Found, table: Table) -> Result<TocIndex> {
+    let json = table.json(stored).map_err(|e| Error::BadToc {
+        layer: found.layer.clone(),
+        detail: format!("its zstd frame: {e}"),
+    })?;
+    TocIndex::decode(&json, &found.layer, found.size, table)
+}

@@ -53,9 +53,10 @@ pub struct MountArgs {
     #[arg(long)]
     pub passthrough: bool,
     /// Mount before the layers are downloaded: gzip layers that have a lazy index (`jkmount
-    /// index IMAGE --push`) are read by range as files are opened, each span checked, and
-    /// completed in the background; a read may then wait on the network. Layers without an
-    /// index are pulled whole first.
+    /// index IMAGE --push`), and eStargz and zstd:chunked layers (by their own tables of
+    /// contents), are read by range as files are opened, each span checked, and completed in
+    /// the background; a read may then wait on the network. Other layers are pulled whole
+    /// first.
     #[arg(long)]
     pub lazy: bool,
     /// With --lazy: fetch only what is read, never the rest (the layers then never reach the

@@ -368,6 +368,31 @@ fn push_index_with_names_swapped(reference: &str, work: &Path, a: &str, b: &str)
     pushed.artifact.to_string()
 }
 
+/// An index this jkmount cannot use (here one that gives another size for the layer) does not
+/// fail the mount: the layer is pulled whole, with a warning naming the index's fault.
+#[test]
+fn an_index_this_jkmount_cannot_use_leaves_the_layer_to_an_eager_pull() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let (reference, _) = push(&registry, "lazy/unusable:1", &[&spec()]);
+    let indexer = jkmount::cache::Cache::open(&work.join("indexer")).unwrap();
+    let parsed = jkmount::oci::reference::ImageRef::parse(&reference).unwrap();
+    let options = jkmount::app::pull::PullOptions::host();
+    let mut built = jkmount::app::index::build(&indexer, &parsed, &options).unwrap();
+    built.indexes[0].size += 1;
+    jkmount::app::index::push_built(&built, &options).unwrap();
+
+    let mnt = work.join("mnt");
+    let mounted = Foreground::start(&work.join("cache"), &["--lazy"], &reference, &mnt);
+    assert_eq!(read_file(&mnt, 3, 3).unwrap(), content(3, 3));
+    let log = mounted.log();
+    assert!(
+        log.contains("not this one") && log.contains("pulling it whole"),
+        "{log}"
+    );
+}
+
 /// An index that gives two files each other's names: its digests all hold (the
 /// bytes are the layer's own), but the tar headers do not. Neither file is served, nor anything
 /// of the layer after; the log names the layer.
@@ -545,4 +570,4 @@ fn reads_waiting_on_the_network_leave_the_mount_answering() {
 /// members of its own) and indexed: a module costs its own members, a few per cent of what
 /// the same read costs from a plain gzip layer; the tree equals the eager mount's, which
 /// shows neither the table of contents nor the landmark; the background pass completes it.
-mod estargz;
+mod formats;

@@ -7,9 +7,9 @@
 set -euo pipefail
 
 # Debian packages: the registry the integration tests start, FUSE, the peers the tests
-# compare with (umoci, skopeo, GNU tar, nginx, curl), openssl for the TLS tests, g++ for the
+# compare with (umoci, skopeo, GNU tar, nginx, curl; pzstd from zstd), openssl for the TLS tests, g++ for the
 # fuzz build, systemd for systemd-analyze.
-debs=(fuse3 docker-registry tar findutils umoci g++ openssl skopeo nginx-light curl
+debs=(fuse3 docker-registry tar findutils umoci g++ openssl skopeo nginx-light curl zstd
   util-linux mount binutils ca-certificates systemd)
 pip_pkg=kubernetes-validate==1.37.0
 cargo_deb=cargo-deb@3.8.0

@@ -76,7 +76,8 @@ pub fn index(
     }
 }
 
-/// Pulls `image` (a registry reference) and indexes its gzip layers.
+/// Pulls `image` (a registry reference) and indexes its gzip layers and zstd layers of
+/// several frames.
 pub fn build(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Result<Built> {
     let ImageRef::Registry(reference) = image else {
         return Err(Error::Push {
@@ -99,10 +100,11 @@ pub fn build(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Result<B
         let PulledLayer::Tar { diff_id } = pulled_layer else {
             continue;
         };
-        if image::layer_compression(&descriptor.media_type) != Some(Compression::Gzip) {
-            tracing::warn!("{shown}: layer {digest} is not gzip; it stays eager");
+        let compression = image::layer_compression(&descriptor.media_type);
+        let Some(compression) = compression.filter(|c| *c != Compression::None) else {
+            tracing::warn!("{shown}: layer {digest} is not compressed; it stays eager");
             continue;
-        }
+        };
         if !cache.has_blob(&digest) {
             return Err(Error::NotCached {
                 reference: shown.clone(),
@@ -115,7 +117,7 @@ pub fn build(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Result<B
             digest: &digest,
             size,
             diff_id,
-            compression: Compression::Gzip,
+            compression,
             reference: &shown,
         };
         let entries = layer::load_index(cache, diff_id)?;
@@ -131,7 +133,7 @@ pub fn build(cache: &Cache, image: &ImageRef, options: &PullOptions) -> Result<B
     if indexes.is_empty() {
         return Err(Error::Push {
             reference: shown,
-            detail: "none of its layers can be indexed for lazy mounts (only single-member gzip layers can); lazy mounts pull it whole".into(),
+            detail: "none of its layers can be indexed for lazy mounts (gzip layers and zstd layers of several frames can); lazy mounts pull it whole".into(),
         });
     }
     let subject = OciDescriptor {

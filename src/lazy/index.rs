@@ -4,7 +4,9 @@
 //! `indexed_deflate` crate), and a SHA-256 of every compressed chunk and of every uncompressed
 //! block, so each span fetched by `Range` is checked before it is decoded and each decoded block
 //! before it is served. A layer of several gzip members (eStargz, which starts a member at each
-//! file's data; `pigz`-style concatenations) is indexed by where its members start instead:
+//! file's data; `pigz`-style concatenations), or of several zstd frames (`pzstd`; zstd keeps
+//! no decoder state, so a zstd layer of one frame cannot be indexed), is indexed by where its
+//! members or frames start instead:
 //! decoding from a member start needs no window, so those access points cost 16 bytes each and
 //! a read fetches from its file's own member, not from a checkpoint up to 512 KiB before it; and where each entry's tar headers start, so the entry a file is served
 //! under is checked against the layer's own headers before its first byte is. An index is
@@ -20,6 +22,7 @@ use sha2::{Digest as _, Sha256};
 use crate::error::{Error, IoContext, Result};
 use crate::layer::{self, LayerIndex, LayerSpec};
 use crate::oci::digest::Digest;
+use crate::oci::image::Compression;
 
 /// What the artifact's blobs start with, before the zstd frame.
 const MAGIC: &[u8; 8] = b"JKLAZY03";
@@ -109,8 +112,8 @@ pub struct LazyIndex {
     /// The deflate access points, in `indexed_deflate`'s format (a layer of one gzip member).
     #[serde(with = "serde_bytes")]
     pub deflate: Vec<u8>,
-    /// Where each gzip member starts, compressed and uncompressed offsets, in order (a layer
-    /// of several members; then `deflate` is empty).
+    /// Where each gzip member or zstd frame starts, compressed and uncompressed offsets, in
+    /// order (a layer of several; then `deflate` is empty).
     pub members: Vec<(u64, u64)>,
 }
 
@@ -147,14 +150,24 @@ impl LazyIndex {
         // layer of several is decoded again for blocks that end where members do.
         let mut single = BlockDigests::new(BLOCK_SIZE, None);
         let members = member_blocks(blob, spec, &mut single)?;
-        let (chunk_size, blocks) = match members.len() {
-            1 => (CHUNK_SIZE, single),
-            _ => {
+        let one_gzip_member = members.len() == 1 && spec.compression == Compression::Gzip;
+        if members.len() == 1 && !one_gzip_member {
+            return Err(Error::Unindexable {
+                layer: spec.digest.clone(),
+                detail: "it is one zstd frame, and zstd keeps no decoder state to resume from, so \
+                         it cannot be read from the middle (compress it in several frames, with \
+                         `pzstd` say, or as zstd:chunked)"
+                    .into(),
+            });
+        }
+        let (chunk_size, blocks) = match one_gzip_member {
+            true => (CHUNK_SIZE, single),
+            false => {
                 let starts = block_starts(&members, single.total, MEMBER_BLOCK_SIZE);
                 let mut blocks = BlockDigests::new(MEMBER_BLOCK_SIZE, Some(starts));
                 let file = std::fs::File::open(blob).at(blob)?;
-                let mut decoder =
-                    flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(1 << 20, file));
+                let reader = io::BufReader::with_capacity(1 << 20, file);
+                let mut decoder = members_decoder(spec.compression, reader).at(blob)?;
                 io::copy(&mut decoder, &mut blocks).at(blob)?;
                 (MEMBER_CHUNK_SIZE, blocks)
             }
@@ -175,9 +188,9 @@ impl LazyIndex {
                 found,
             });
         }
-        let (deflate, members) = match members.len() {
-            1 => (access_points(blob, spec)?, Vec::new()),
-            _ => (Vec::new(), members),
+        let (deflate, members) = match one_gzip_member {
+            true => (access_points(blob, spec)?, Vec::new()),
+            false => (Vec::new(), members),
         };
         Ok(LazyIndex {
             layer: spec.digest.clone(),
@@ -523,24 +536,34 @@ fn member_blocks(
     let mut members = Vec::new();
     let mut decoded = 0u64;
     let mut buf = vec![0; 1 << 16];
+    let what = match spec.compression {
+        Compression::Zstd => "zstd frame",
+        _ => "gzip member",
+    };
     loop {
         let at = reader.stream_position().at(blob)?;
         if io::BufRead::fill_buf(&mut reader).at(blob)?.is_empty() {
             break;
         }
         members.push((at, decoded));
-        // The bufread decoder consumes exactly its member, leaving the next one's start.
-        let mut member = flate2::bufread::GzDecoder::new(&mut reader);
+        let unindexable = |e: io::Error, n: usize| Error::Unindexable {
+            layer: spec.digest.clone(),
+            detail: format!("{what} {n} at byte {at}: {e}"),
+        };
+        // Either decoder consumes exactly its member or frame, leaving the next one's start.
+        let mut member: Box<dyn Read + '_> = match spec.compression {
+            Compression::Zstd => Box::new(
+                zstd::stream::read::Decoder::with_buffer(&mut reader)
+                    .map_err(|e| unindexable(e, members.len()))?
+                    .single_frame(),
+            ),
+            _ => Box::new(flate2::bufread::GzDecoder::new(&mut reader)),
+        };
         loop {
             let n = match member.read(&mut buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    return Err(Error::Unindexable {
-                        layer: spec.digest.clone(),
-                        detail: format!("gzip member {} at byte {at}: {e}", members.len()),
-                    });
-                }
+                Err(e) => return Err(unindexable(e, members.len())),
             };
             if n == 0 {
                 break;
@@ -550,6 +573,18 @@ fn member_blocks(
         }
     }
     Ok(members)
+}
+
+/// The whole decoded stream of a layer of several gzip members or zstd frames, one after
+/// another.
+pub(crate) fn members_decoder<'a, R: io::BufRead + 'a>(
+    compression: Compression,
+    reader: R,
+) -> io::Result<Box<dyn Read + 'a>> {
+    Ok(match compression {
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(reader)?),
+        _ => Box::new(flate2::bufread::MultiGzDecoder::new(reader)),
+    })
 }
 
 /// The deflate access points of a blob of one gzip member, in `indexed_deflate`'s format.

@@ -49,6 +49,8 @@ pub struct Found {
     /// `None`: `index` is a jkmount lazy index. `Some(table)`: it is the layer's own table
     /// of contents (eStargz, zstd:chunked), as the cache keeps it.
     pub table: Option<Table>,
+    /// The layer's compression, as the manifest says.
+    pub compression: Compression,
 }
 
 /// A layer a lazy mount would serve, before its index is found.
@@ -127,22 +129,37 @@ pub async fn find_indexes(
             }
         },
     };
+    let mut unusable = std::collections::HashSet::new();
     if let Some((digest, artifact)) = chosen {
         for blob in &artifact.layers {
             let Some(layer) = indexed_layer(blob) else {
                 continue;
             };
-            let Some(Wanted { size, diff_id, .. }) = wanted.get(&layer) else {
+            let Some(Wanted {
+                size,
+                diff_id,
+                compression,
+                ..
+            }) = wanted.get(&layer)
+            else {
                 continue;
             };
-            // Read (bounded, checked against the layer) once, when the mount opens it.
             let index = fetch_index(cache, origin, blob, shown).await?;
-            let (size, table) = (*size, None);
+            // Read now (bounded, checked against the layer), so that an index this jkmount
+            // cannot use (another format, a damaged one) leaves the layer to an eager pull.
+            let stored = cache.read_stored_blob(&index)?;
+            if let Err(e) = LazyIndex::decode(&stored, &layer, *size, diff_id) {
+                tracing::warn!("{shown}: {e}; pulling it whole");
+                unusable.insert(diff_id.clone());
+                continue;
+            }
+            let (size, table, compression) = (*size, None, *compression);
             let found = Found {
                 layer,
                 size,
                 index,
                 table,
+                compression,
             };
             indexes.found.insert(diff_id.clone(), found);
         }
@@ -173,7 +190,8 @@ pub async fn find_indexes(
         }
     }
     for (digest, wanted) in &wanted {
-        if indexes.found.contains_key(&wanted.diff_id) || wanted.announced.is_some() {
+        let said = wanted.announced.is_some() || unusable.contains(&wanted.diff_id);
+        if indexes.found.contains_key(&wanted.diff_id) || said {
             continue;
         }
         match wanted.compression {
@@ -318,6 +336,7 @@ struct Completion {
     shown: String,
     /// The layer's own table of contents, if it is served from that.
     table: Option<Table>,
+    compression: Compression,
 }
 
 /// Fetches spans of one blob from a registry, on the mount's runtime.
@@ -377,7 +396,8 @@ pub fn open_layers(
             let layer: Arc<dyn LazyLayer> = match found.table {
                 None => {
                     let index = LazyIndex::decode(&bytes, &found.layer, found.size, diff_id)?;
-                    Arc::new(IndexedLayer::new(&own, index, name, spans, reads)?)
+                    let named = (name, found.compression);
+                    Arc::new(IndexedLayer::new(&own, index, named, spans, reads)?)
                 }
                 Some(table) => {
                     let index = tables::decode(&bytes, found, table)?;
@@ -389,6 +409,7 @@ pub fn open_layers(
                 diff_id: diff_id.clone(),
                 shown: image.shown.clone(),
                 table: found.table,
+                compression: found.compression,
             });
             layers.push(Some(layer));
         }
@@ -511,9 +532,7 @@ fn store_and_decode(cache: &Cache, job: &Completion, limits: &Limits) -> Result<
         digest,
         size,
         diff_id: &job.diff_id,
-        compression: job
-            .table
-            .map_or(Compression::Gzip, |t| t.format.compression()),
+        compression: job.compression,
         reference: &job.shown,
     };
     let file = std::fs::File::open(&stored).map_err(|e| Error::io(&stored, e))?;

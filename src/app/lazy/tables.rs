@@ -99,6 +99,7 @@ pub(super) async fn find_table(
         size,
         index: digest.clone(),
         table: Some(table),
+        compression: table.format.compression(),
     };
     decode(&cache.read_stored_blob(digest)?, &found, table)?;
     Ok(found)

@@ -18,11 +18,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::headers::{Headers, entry_digest};
-use super::index::{LazyIndex, read_full, sha256};
+use super::index::{LazyIndex, members_decoder, read_full, sha256};
 use super::reads::Reads;
 use crate::error::{IoContext, Result};
 use crate::layer::LayerIndex;
 use crate::oci::digest::Digest;
+use crate::oci::image::Compression;
 
 /// A layer served before it is downloaded, as the mount and the background completion use
 /// it: from a jkmount lazy index ([`IndexedLayer`]) or from an eStargz layer's own table of
@@ -137,6 +138,8 @@ pub struct IndexedLayer {
     headers: Headers,
     /// Where the files an eStargz layer lists to prefetch end in the tar (0: none).
     prefetch: u64,
+    /// Gzip, or zstd (then the index gives frames).
+    compression: Compression,
 }
 
 impl std::fmt::Debug for IndexedLayer {
@@ -150,14 +153,21 @@ impl std::fmt::Debug for IndexedLayer {
 impl IndexedLayer {
     /// Sets the layer up in `dir` (the caller's temp space): two empty sparse files of the
     /// blob's and the tar's sizes. The index's entries are dropped here (the tree has them),
-    /// keeping a digest of each to check it against the layer's headers.
+    /// keeping a digest of each to check it against the layer's headers. `compression` is
+    /// the layer's, as its manifest says: an index of a zstd layer must give its frames.
     pub fn new(
         dir: &Path,
         mut index: LazyIndex,
-        name: String,
+        (name, compression): (String, Compression),
         spans: Box<dyn Spans>,
         reads: Arc<Reads>,
     ) -> Result<Self> {
+        if compression == Compression::Zstd && index.members.is_empty() {
+            return Err(crate::error::Error::BadLazyIndex {
+                layer: index.layer.clone(),
+                detail: "the layer is zstd, and it gives no frames".into(),
+            });
+        }
         let headers = Headers::of(&index);
         let prefetch = crate::layer::estargz::prefetch_end(&index.entries.entries).unwrap_or(0);
         let entries = entries_digest(&std::mem::take(&mut index.entries));
@@ -190,6 +200,7 @@ impl IndexedLayer {
             entries,
             headers,
             prefetch,
+            compression,
         })
     }
 
@@ -291,7 +302,7 @@ impl IndexedLayer {
             let ((start, decoded), end) = self.index.member_span(at, at + bytes.len() as u64);
             let ahead = start.saturating_add(READ_AHEAD).min(self.index.size);
             self.ensure_span(start, end.max(ahead))?;
-            let mut members = self.members_from(start, end, GROUP);
+            let mut members = self.members_from(start, end, GROUP)?;
             io::copy(&mut (&mut members).take(at - decoded), &mut io::sink())?;
             read_full(&mut members, &mut bytes)?
         };
@@ -299,16 +310,16 @@ impl IndexedLayer {
         self.store_block(b, &bytes)
     }
 
-    /// The gzip members from compressed offset `start` (a member's start), decoded, reading
-    /// no compressed byte at or after `limit`.
-    fn members_from(&self, start: u64, limit: u64, group: u64) -> impl Read + '_ {
+    /// The gzip members or zstd frames from compressed offset `start` (one's start), decoded,
+    /// reading no compressed byte at or after `limit`.
+    fn members_from(&self, start: u64, limit: u64, group: u64) -> io::Result<Box<dyn Read + '_>> {
         let chunks = Chunks {
             layer: self,
             at: start,
             limit,
             group,
         };
-        flate2::bufread::MultiGzDecoder::new(io::BufReader::new(chunks))
+        members_decoder(self.compression, io::BufReader::new(chunks))
     }
 
     /// Makes compressed bytes `start..end` present, each run of missing chunks fetched in
@@ -412,7 +423,7 @@ impl IndexedLayer {
     fn fill_unguarded(&self) -> io::Result<()> {
         let mut decoder: Box<dyn Read + '_> = match self.index.members.is_empty() {
             true => Box::new(self.decoder(BACKGROUND_GROUP)?),
-            false => Box::new(self.members_from(0, self.index.size, BACKGROUND_GROUP)),
+            false => self.members_from(0, self.index.size, BACKGROUND_GROUP)?,
         };
         for b in 0..self.index.blocks.len() {
             self.reads.wait_quiet();

@@ -48,25 +48,38 @@ fn indexed(dir: &Path) -> (Vec<u8>, Vec<u8>, LazyIndex) {
 /// The gzip blob of `data()`, a new gzip member starting at each of `cuts` (uncompressed
 /// offsets), in a file, and its index.
 fn indexed_in_members(dir: &Path, cuts: &[usize]) -> (Vec<u8>, Vec<u8>, LazyIndex) {
+    let (plain, blob) = in_pieces(cuts, |piece| {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(piece).unwrap();
+        gz.finish().unwrap()
+    });
+    let index = index_of(dir, &blob, &plain, Compression::Gzip).unwrap();
+    (plain, blob, index)
+}
+
+/// `data()`, and its pieces between `cuts` compressed by `compress` one after another.
+fn in_pieces(cuts: &[usize], compress: impl Fn(&[u8]) -> Vec<u8>) -> (Vec<u8>, Vec<u8>) {
     let plain = data();
     let mut blob = Vec::new();
     let mut bounds = vec![0];
     bounds.extend_from_slice(cuts);
     bounds.push(plain.len());
     for piece in bounds.windows(2) {
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        gz.write_all(&plain[piece[0]..piece[1]]).unwrap();
-        blob.extend(gz.finish().unwrap());
+        blob.extend(compress(&plain[piece[0]..piece[1]]));
     }
-    let index = index_of(dir, &blob, &plain);
-    (plain, blob, index)
+    (plain, blob)
 }
 
-/// The index of gzip `blob` (decoding to `plain`), built in `dir/input`.
-fn index_of(dir: &Path, blob: &[u8], plain: &[u8]) -> LazyIndex {
+/// The index of `blob` (decoding to `plain`), built in `dir/input`.
+fn index_of(
+    dir: &Path,
+    blob: &[u8],
+    plain: &[u8],
+    compression: Compression,
+) -> crate::error::Result<LazyIndex> {
     let input = dir.join("input");
     std::fs::create_dir(&input).unwrap();
-    let (path, content) = (input.join("blob.gz"), input.join("content.tar"));
+    let (path, content) = (input.join("blob"), input.join("content.tar"));
     std::fs::write(&path, blob).unwrap();
     std::fs::write(&content, plain).unwrap();
     let (digest, diff_id) = (Digest::of(blob), Digest::of(plain));
@@ -74,11 +87,11 @@ fn index_of(dir: &Path, blob: &[u8], plain: &[u8]) -> LazyIndex {
         digest: &digest,
         size: blob.len() as u64,
         diff_id: &diff_id,
-        compression: Compression::Gzip,
+        compression,
         reference: "test",
     };
     let (entries, _) = crate::layer::read_entries(plain, &spec, &Default::default()).unwrap();
-    LazyIndex::build(&path, &content, &spec, entries).unwrap()
+    LazyIndex::build(&path, &content, &spec, entries)
 }
 
 /// Where the data of entry `path` starts.
@@ -120,16 +133,20 @@ fn layer(
     blob: Vec<u8>,
     flip: Option<std::ops::Range<usize>>,
 ) -> IndexedLayer {
+    compressed_layer(dir, index, blob, flip, Compression::Gzip).unwrap()
+}
+
+fn compressed_layer(
+    dir: &Path,
+    index: LazyIndex,
+    blob: Vec<u8>,
+    flip: Option<std::ops::Range<usize>>,
+    compression: Compression,
+) -> crate::error::Result<IndexedLayer> {
     let delay = Duration::ZERO;
     let spans = Served { blob, flip, delay };
-    IndexedLayer::new(
-        dir,
-        index,
-        "layer of test".into(),
-        Box::new(spans),
-        Arc::default(),
-    )
-    .unwrap()
+    let name = ("layer of test".into(), compression);
+    IndexedLayer::new(dir, index, name, Box::new(spans), Arc::default())
 }
 
 fn content(layer: &IndexedLayer, start: u64, len: usize) -> Vec<u8> {
@@ -361,7 +378,13 @@ fn two_reads_of_one_missing_block_fetch_it_once() {
         flip: None,
         delay,
     };
-    let shared = IndexedLayer::new(&own, index, "test".into(), Box::new(spans), Arc::default());
+    let shared = IndexedLayer::new(
+        &own,
+        index,
+        ("test".into(), Compression::Gzip),
+        Box::new(spans),
+        Arc::default(),
+    );
     let shared = Arc::new(shared.unwrap());
     let readers: Vec<_> = (0..2)
         .map(|_| {
@@ -390,13 +413,23 @@ fn member_cuts() -> Vec<usize> {
 fn a_layer_of_several_gzip_members_is_read_from_the_members_a_read_needs() {
     let dir = tempfile::tempdir().unwrap();
     let (plain, blob, index) = indexed_in_members(dir.path(), &member_cuts());
+    reads_from_the_members_it_needs(dir.path(), (plain, blob, index), Compression::Gzip);
+}
+
+/// A layer of members (or frames) at [`member_cuts`] (`plain`, `blob`, and their index): a
+/// small file costs its member and the read-ahead, not an access span; 1000 bytes in a 1 MiB
+/// member cost that member; completion makes both files whole.
+fn reads_from_the_members_it_needs(
+    dir: &Path,
+    (plain, blob, index): (Vec<u8>, Vec<u8>, LazyIndex),
+    compression: Compression,
+) {
     assert!(index.deflate.is_empty());
     assert_eq!(index.members.len(), member_cuts().len() + 1);
     let (a, at) = (data_of(&index, b"a"), 12_000_000);
-    let served = layer(dir.path(), index, blob.clone(), None);
+    let served = compressed_layer(dir, index, blob.clone(), None, compression).unwrap();
     served.ensure(a, a + 1000).unwrap();
     assert_eq!(content(&served, a, 1000), vec![b'a'; 1000]);
-    // A small file costs its member and the read-ahead after it, not an access span.
     let small = served.progress().0;
     assert!(
         small <= READ_AHEAD + 2 * 16 * 1024,
@@ -490,7 +523,7 @@ fn what_an_estargz_layer_lists_to_prefetch_is_fetched_at_once_and_then_read_loca
         &mut plain,
     )
     .unwrap();
-    let index = index_of(dir.path(), &blob, &plain);
+    let index = index_of(dir.path(), &blob, &plain, Compression::Gzip).unwrap();
     let (listed, other) = (
         data_of(&index, b"jk/modules/p31/index.js"),
         data_of(&index, b"jk/modules/p20/index.js"),
@@ -521,4 +554,30 @@ fn what_an_estargz_layer_lists_to_prefetch_is_fetched_at_once_and_then_read_loca
         content(&served, listed, 1000),
         plain[listed as usize..listed as usize + 1000]
     );
+}
+
+fn zstd_frame(piece: &[u8]) -> Vec<u8> {
+    zstd::bulk::compress(piece, 3).unwrap()
+}
+
+#[test]
+fn a_zstd_layer_of_several_frames_is_read_from_the_frames_a_read_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, blob) = in_pieces(&member_cuts(), zstd_frame);
+    let index = index_of(dir.path(), &blob, &plain, Compression::Zstd).unwrap();
+    reads_from_the_members_it_needs(dir.path(), (plain, blob, index), Compression::Zstd);
+}
+
+#[test]
+fn a_zstd_layer_of_one_frame_cannot_be_indexed_nor_served_without_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, blob) = in_pieces(&[], zstd_frame);
+    let err = index_of(dir.path(), &blob, &plain, Compression::Zstd).unwrap_err();
+    assert!(err.to_string().contains("it is one zstd frame"), "{err}");
+    // An index without frames (a gzip layer's) for a layer the manifest says is zstd.
+    let gzip = dir.path().join("gzip");
+    std::fs::create_dir(&gzip).unwrap();
+    let (_, gz_blob, index) = indexed(&gzip);
+    let err = compressed_layer(dir.path(), index, gz_blob, None, Compression::Zstd).unwrap_err();
+    assert!(err.to_string().contains("it gives no frames"), "{err}");
 }

@@ -1,5 +1,6 @@
-//! eStargz and zstd:chunked layers mounted lazily: from jkmount's index, and from their own
-//! tables of contents.
+//! Layers of other formats mounted lazily: eStargz (from jkmount's index and from its own
+//! table of contents), zstd:chunked (from its table) and zstd of several frames (from
+//! jkmount's index).
 
 use std::process::Command;
 
@@ -260,5 +261,59 @@ fn a_zstd_chunked_image_made_by_skopeo_is_served_from_its_table_of_contents() {
     assert!(zeros.len() == 3 << 20 && zeros[(2 << 20)..].iter().all(|&b| b == 0));
     drop(lazy);
     let through_proxy = reference.replace(&registry.addr, &proxy.addr);
+    completes_as_the_eager_mount(work, &reference, &through_proxy);
+}
+
+#[test]
+fn a_zstd_layer_of_several_frames_made_by_pzstd_is_indexed_and_mounted_lazily() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let text = jkmount::fixture::LayerSpecText(&spec());
+    let tar = jkmount::fixture::build_layer(&text, jkmount::oci::image::Compression::None).unwrap();
+    let (plain, frames) = (work.join("layer.tar"), work.join("layer.tar.zst"));
+    std::fs::write(&plain, &tar.blob).unwrap();
+    // Level 1 makes pzstd cut a frame every 2 MiB or so.
+    let out = Command::new("pzstd")
+        .args(["-q", "-f", "-p", "2", "-1"])
+        .arg(&plain)
+        .arg("-o")
+        .arg(&frames)
+        .output()
+        .expect("pzstd runs (apt-get install zstd)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let blob = std::fs::read(&frames).unwrap();
+    let layer = jkmount::fixture::BuiltLayer {
+        digest: jkmount::oci::digest::Digest::of(&blob),
+        blob,
+        diff_id: tar.diff_id,
+        media_type: jkmount::oci::image::IMAGE_LAYER_ZSTD_MEDIA_TYPE,
+    };
+    let (digest, size) = (layer.digest.to_string(), layer.blob.len() as u64);
+    let image = jkmount::fixture::ImageBuilder::new()
+        .raw_layer(layer)
+        .build();
+    let reference = registry.push("lazy/frames:1", &image);
+    let out = ok(jkmount(
+        &work.join("indexer"),
+        &["index", &reference, "--push"],
+    ));
+    assert!(out.contains(&reference), "{out}");
+
+    let proxy = FaultProxy::start(&registry.addr);
+    let through_proxy = reference.replace(&registry.addr, &proxy.addr);
+    let (lazy, fetched) = require_one_module(work, &through_proxy, &proxy, &digest);
+    assert!(
+        fetched * 4 < size,
+        "{fetched} of the layer's {size} bytes fetched for one module"
+    );
+    eprintln!(
+        "one module of a zstd layer of frames: {fetched} of the layer's {size} bytes fetched"
+    );
+    drop(lazy);
     completes_as_the_eager_mount(work, &reference, &through_proxy);
 }

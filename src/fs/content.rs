@@ -143,6 +143,25 @@ impl Content {
         }
     }
 
+    /// Makes all of a file's stored bytes present, where its layer is served lazily (the
+    /// network then; nothing otherwise).
+    pub fn make_present(&self, data: Option<Data<'_>>) -> io::Result<()> {
+        match data {
+            Some(Data::Run {
+                layer,
+                offset,
+                size,
+            }) => self.present(layer, offset, offset + size),
+            Some(Data::Sparse {
+                layer,
+                size,
+                extents,
+            }) => stored_ranges(extents, 0, size)
+                .try_for_each(|(from, to)| self.present(layer, from, to)),
+            None => Ok(()),
+        }
+    }
+
     /// Makes `start..end` of layer `layer`'s content present, if it is served lazily.
     fn present(&self, layer: u32, start: u64, end: u64) -> io::Result<()> {
         match self.lazy.get(layer as usize) {

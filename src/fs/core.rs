@@ -359,6 +359,16 @@ impl FsCore {
             .unwrap_or(Ok(0))
     }
 
+    /// Makes the file `ino`'s bytes present (a lazy mount's, fetched and checked; nothing to do
+    /// otherwise), so that a copy-up after it finds them here.
+    pub fn fetch_data(&self, ino: u64) -> Result<(), FsError> {
+        let id = self.id(ino)?;
+        let kind = (self.tree.node(id))
+            .and_then(|n| n.kind())
+            .map_err(|e| self.damaged(e))?;
+        Ok(self.content.make_present(Data::of(&kind))?)
+    }
+
     /// Every name of `ino`: (directory inode, name), the first it was merged under first;
     /// none for the root.
     pub fn places(&self, ino: u64) -> Result<Vec<(u64, Vec<u8>)>, FsError> {

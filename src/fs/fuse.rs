@@ -71,9 +71,18 @@ impl FuseFs {
 
     /// Replies to a request that made an entry.
     fn entry(&self, made: Result<Attr, FsError>, reply: ReplyEntry) {
-        match made {
-            Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
-            Err(e) => reply.error(errno(&e)),
+        reply_entry(made, reply)
+    }
+
+    /// Runs `change` — one that may copy a file up, which in a writable lazy mount first
+    /// fetches it — on a [`Waiting`] thread while the lower layers are still arriving, so
+    /// that copy-ups waiting on the network do not hold the FUSE workers; else here.
+    fn change(&self, change: impl FnOnce(&Served) + Send + 'static) {
+        if self.core.changes_may_wait() {
+            let core = self.core.clone();
+            self.waiting.run(move || change(&core));
+        } else {
+            change(&self.core)
         }
     }
 
@@ -111,6 +120,22 @@ impl FuseFs {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
+    }
+}
+
+/// Replies to a request that answers an entry.
+fn reply_entry(made: Result<Attr, FsError>, reply: ReplyEntry) {
+    match made {
+        Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+/// Writes and replies (on a FUSE worker, or on a [`Waiting`] thread).
+fn answer_write(core: &Served, ino: u64, offset: u64, data: &[u8], reply: ReplyWrite) {
+    match (core.writable()).and_then(|fs| fs.write(ino, offset, data)) {
+        Ok(n) => reply.written(n),
+        Err(e) => reply.error(errno(&e)),
     }
 }
 
@@ -560,9 +585,11 @@ impl Filesystem for FuseFs {
         reply: ReplyEntry,
     ) {
         self.stats.count(Op::Change);
-        let made =
-            (self.core.writable()).and_then(|fs| fs.link(ino.0, newparent.0, newname.as_bytes()));
-        self.entry(made, reply);
+        let newname = newname.as_bytes().to_vec();
+        self.change(move |core| {
+            let made = (core.writable()).and_then(|fs| fs.link(ino.0, newparent.0, &newname));
+            reply_entry(made, reply)
+        });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -589,15 +616,17 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         self.stats.count(Op::Change);
-        let done = self.core.writable().and_then(|fs| {
-            if !(flags - RenameFlags::RENAME_NOREPLACE).is_empty() {
-                return Err(FsError::Invalid);
-            }
-            let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
-            let (from, to) = (name.as_bytes(), newname.as_bytes());
-            fs.rename(parent.0, from, newparent.0, to, noreplace)
+        let (from, to) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
+        self.change(move |core| {
+            let done = core.writable().and_then(|fs| {
+                if !(flags - RenameFlags::RENAME_NOREPLACE).is_empty() {
+                    return Err(FsError::Invalid);
+                }
+                let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+                fs.rename(parent.0, &from, newparent.0, &to, noreplace)
+            });
+            Self::done(done, reply)
         });
-        Self::done(done, reply);
     }
 
     /// Owners change only on a root mount; access times are not kept (the mount shows the
@@ -629,16 +658,18 @@ impl Filesystem for FuseFs {
             size,
             mtime: mtime.map(seconds_and_nanos),
         };
-        let changed = match self.core.writable() {
-            Ok(fs) => fs.setattr(ino.0, changes),
-            // Nothing to change: a read-only mount answers what it has.
-            Err(_) if changes == SetAttr::default() => self.core.getattr(ino.0),
-            Err(e) => Err(e),
-        };
-        match changed {
-            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.change(move |core| {
+            let changed = match core.writable() {
+                Ok(fs) => fs.setattr(ino.0, changes),
+                // Nothing to change: a read-only mount answers what it has.
+                Err(_) if changes == SetAttr::default() => core.getattr(ino.0),
+                Err(e) => Err(e),
+            };
+            match changed {
+                Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -655,10 +686,11 @@ impl Filesystem for FuseFs {
         reply: ReplyWrite,
     ) {
         self.stats.count(Op::Write);
-        match (self.core.writable()).and_then(|fs| fs.write(ino.0, offset, data)) {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(errno(&e)),
+        if self.core.changes_may_wait() {
+            let data = data.to_vec();
+            return self.change(move |core| answer_write(core, ino.0, offset, &data, reply));
         }
+        answer_write(&self.core, ino.0, offset, data, reply)
     }
 
     fn fsync(
@@ -686,15 +718,19 @@ impl Filesystem for FuseFs {
         reply: ReplyEmpty,
     ) {
         self.stats.count(Op::Change);
-        let done = (self.core.writable())
-            .and_then(|fs| fs.change_xattr(ino.0, name.as_bytes(), Some(value)));
-        Self::done(done, reply);
+        let (name, value) = (name.as_bytes().to_vec(), value.to_vec());
+        self.change(move |core| {
+            let done = (core.writable()).and_then(|fs| fs.change_xattr(ino.0, &name, Some(&value)));
+            Self::done(done, reply)
+        });
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         self.stats.count(Op::Change);
-        let done =
-            (self.core.writable()).and_then(|fs| fs.change_xattr(ino.0, name.as_bytes(), None));
-        Self::done(done, reply);
+        let name = name.as_bytes().to_vec();
+        self.change(move |core| {
+            let done = (core.writable()).and_then(|fs| fs.change_xattr(ino.0, &name, None));
+            Self::done(done, reply)
+        });
     }
 }

@@ -94,6 +94,12 @@ impl Served {
         }
     }
 
+    /// Whether a change may wait on the network: in a writable mount whose lazy lower layers
+    /// are still arriving, a change copies a file up, which first fetches it.
+    pub fn changes_may_wait(&self) -> bool {
+        matches!(self, Served::Writable(overlay) if overlay.lower().lazy_pending())
+    }
+
     /// An extended attribute's value. The root of a lazy mount answers
     /// [`PROGRESS_XATTR`] with its layers' progress.
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Cow<'_, [u8]>, FsError> {

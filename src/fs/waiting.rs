@@ -1,6 +1,7 @@
-//! Reads that may wait on the network — a lazy mount's blocks not fetched yet — run on a few
-//! threads of their own, off the FUSE workers, so lookups and reads of what is already local go
-//! on while a registry is slow or away. The threads start with the first such read and end
+//! Reads that may wait on the network — a lazy mount's blocks not fetched yet — and, in a
+//! writable lazy mount, changes that may copy such a file up run on a few threads of their
+//! own, off the FUSE workers, so lookups and reads of what is already local go on while a
+//! registry is slow or away. The threads start with the first such read and end
 //! when the mount does (the queue closes).
 
 use std::sync::mpsc::{Receiver, Sender, channel};

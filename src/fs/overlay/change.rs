@@ -138,6 +138,7 @@ impl Overlay {
 
     /// Gives the file `ino` the further name `name` in `parent`.
     pub fn link(&self, ino: u64, parent: u64, name: &[u8]) -> Result<Attr, FsError> {
+        self.fetch_for_copy_up(ino)?;
         let _change = self.change_lock();
         if upper::is_reserved(name) {
             return Err(FsError::Invalid);
@@ -287,6 +288,9 @@ impl Overlay {
 
     /// Applies `changes` to `ino`, copying it up first.
     pub fn setattr(&self, ino: u64, changes: SetAttr) -> Result<Attr, FsError> {
+        if changes != SetAttr::default() {
+            self.fetch_for_copy_up(ino)?;
+        }
         let _change = self.change_lock();
         let attr = self.getattr(ino)?;
         if changes == SetAttr::default() {
@@ -319,6 +323,7 @@ impl Overlay {
     /// Sets (`Some`) or removes (`None`) the extended attribute `name` of `ino`, copying it
     /// up first.
     pub fn change_xattr(&self, ino: u64, name: &[u8], value: Option<&[u8]>) -> Result<(), FsError> {
+        self.fetch_for_copy_up(ino)?;
         let _change = self.change_lock();
         let attr = self.getattr(ino)?;
         match attr.kind {
@@ -348,6 +353,7 @@ impl Overlay {
     /// Writes `data` at `offset` of the file `ino`, copying it up first; how much was written.
     pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
         if self.upper_file(ino)?.is_none() {
+            self.fetch_for_copy_up(ino)?;
             let _change = self.change_lock();
             self.copy_up(ino)?;
         }

@@ -61,6 +61,19 @@ impl Overlay {
         Ok(Arc::new(dir))
     }
 
+    /// Fetches what a copy-up of `ino` would read from a lazy mount's layers, unless the upper
+    /// holds it already: before the change lock, so that a copy-up waiting on the network does
+    /// not hold every other change.
+    pub(super) fn fetch_for_copy_up(&self, ino: u64) -> Result<(), FsError> {
+        if !self.lower.lazy_pending() || self.upper_file(ino)?.is_some() {
+            return Ok(());
+        }
+        match self.lower_ino(ino) {
+            Ok(lower) => self.lower.fetch_data(lower),
+            Err(_) => Ok(()),
+        }
+    }
+
     /// Copies `ino` (anything but a directory) up at each of its places, unless the upper
     /// holds it already. One that was removed while still in use is copied into `work/` and
     /// kept open there, nameless.

@@ -16,23 +16,28 @@ fn write(path: &Path, content: &[u8]) {
     std::fs::write(path, content).unwrap();
 }
 
-#[test]
-fn a_packed_library_pushed_to_a_registry_is_required_by_node() {
-    let registry = Registry::start();
-    let work = tempfile::tempdir().unwrap();
-    let lib = work.path().join("node_modules");
+/// `work/node_modules` holding the package `greet`, whose main module requires a second one
+/// and says "hello, `word`".
+fn greet_library(work: &Path, word: &str) -> std::path::PathBuf {
+    let lib = work.join("node_modules");
     write(
         &lib.join("greet/package.json"),
         br#"{"name": "greet", "main": "lib/main.js"}"#,
     );
-    write(
-        &lib.join("greet/lib/main.js"),
-        b"module.exports = require('./word') + ', packed';\n",
-    );
+    let main = format!("module.exports = require('./word') + ', {word}';\n");
+    write(&lib.join("greet/lib/main.js"), main.as_bytes());
     write(
         &lib.join("greet/lib/word.js"),
         b"module.exports = 'hello';\n",
     );
+    lib
+}
+
+#[test]
+fn a_packed_library_pushed_to_a_registry_is_required_by_node() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let lib = greet_library(work.path(), "packed");
     let cache = work.path().join("cache");
     let reference = registry.reference("libs/greet:1.0.0");
     let out = ok(jkmount(
@@ -184,4 +189,82 @@ fn two_libraries_combined_on_the_registry_mount_as_one() {
     let _m = Mounted::new(&work.path().join("cache2"), &["--modules", &both], &mnt);
     assert_eq!(node_value(&mnt, "lib-a"), "a\n");
     assert_eq!(node_value(&mnt, "lib-b"), "b\n");
+}
+
+/// A run of node against a `--modules --record-reads` mount records the files it reads, each
+/// once, in the order first read; `pack --compression estargz --prefetch-from` that record
+/// writes them first, before `.prefetch.landmark`, and the rest after (as `tar` lists them).
+#[test]
+fn a_recorded_run_is_the_prefetch_list_of_an_estargz_pack() {
+    let registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let lib = greet_library(work.path(), "recorded");
+    write(&lib.join("aside/index.js"), b"module.exports = 'unread';\n");
+    let cache = work.path().join("cache");
+    let reference = registry.reference("libs/recorded:1");
+    ok(jkmount(
+        &cache,
+        &["pack", lib.to_str().unwrap(), "--tag", &reference],
+    ));
+
+    let record = work.path().join("reads.txt");
+    let project = work.path().join("project/node_modules");
+    let record_arg = record.to_str().unwrap();
+    let mounted = Mounted::new(
+        &cache,
+        &["--modules", "--record-reads", record_arg, &reference],
+        &project,
+    );
+    assert_eq!(node_value(&project, "greet"), "hello, recorded\n");
+    drop(mounted);
+    let recorded = std::fs::read_to_string(&record).unwrap();
+    let lines: Vec<&str> = recorded.lines().collect();
+    let at = |path: &str| lines.iter().position(|l| *l == path);
+    let (main, word) = (at("greet/lib/main.js"), at("greet/lib/word.js"));
+    assert!(main.is_some() && main < word, "{recorded}");
+    assert_eq!(at("aside/index.js"), None, "{recorded}");
+    assert_eq!(
+        lines.len(),
+        recorded
+            .lines()
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    );
+
+    let layout = work.path().join("layout");
+    let output = format!("oci:{}:1", layout.display());
+    let lib_arg = lib.to_str().unwrap();
+    let pack = [
+        "pack",
+        lib_arg,
+        "--compression",
+        "estargz",
+        "--prefetch-from",
+        record_arg,
+    ];
+    ok(jkmount(
+        &cache,
+        &[&pack[..], &["--output", &output]].concat(),
+    ));
+    let blobs = layout.join("blobs/sha256");
+    let read_json = |digest: &str| -> serde_json::Value {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        serde_json::from_slice(&std::fs::read(blobs.join(hex)).unwrap()).unwrap()
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let manifest = read_json(index["manifests"][0]["digest"].as_str().unwrap());
+    let layer = manifest["layers"][0]["digest"].as_str().unwrap();
+    let listed = run(Command::new("tar")
+        .arg("-tzf")
+        .arg(blobs.join(layer.strip_prefix("sha256:").unwrap())));
+    let order: Vec<&str> = listed.lines().collect();
+    let at = |path: &str| order.iter().position(|l| l.trim_end_matches('/') == path);
+    let landmark = at(".prefetch.landmark").expect("a prefetch landmark");
+    assert!(
+        at("jk/modules/greet/lib/main.js").unwrap() < landmark
+            && at("jk/modules/greet/lib/word.js").unwrap() < landmark
+            && at("jk/modules/aside/index.js").unwrap() > landmark,
+        "{listed}"
+    );
 }

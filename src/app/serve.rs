@@ -49,7 +49,10 @@ pub fn serve(
         since: now(),
     })?;
     drop(using);
-    let core = FsCore::new(mountable)?;
+    let mut core = FsCore::new(mountable)?;
+    if let Some(path) = &request.record_reads {
+        core = core.with_record(crate::fs::record::Recorder::create(path).at(path)?);
+    }
     if let Some(lazy) = &mut lazy {
         lazy.complete_in_background(&cache);
     }

@@ -63,6 +63,11 @@ pub struct MountArgs {
     /// cache whole, and every first read of a file may wait on the registry).
     #[arg(long)]
     pub no_background_fetch: bool,
+    /// Write to FILE the path (from the mount's root) of each file the first time it is read,
+    /// in that order: after a run of a workload, the list `jkmount pack --compression estargz
+    /// --prefetch-from FILE` puts first for lazy mounts.
+    #[arg(long, value_name = "FILE")]
+    pub record_reads: Option<PathBuf>,
     /// Stay in the foreground and serve until unmounted or sent SIGTERM/SIGINT; under
     /// systemd (NOTIFY_SOCKET set) report readiness with sd_notify.
     #[arg(short, long)]
@@ -125,6 +130,11 @@ impl MountArgs {
         if self.passthrough && (self.writable || self.upper.is_some()) {
             anyhow::bail!(
                 "passthrough serves read-only mounts (the kernel would write into the cache's backing files): drop passthrough or writable"
+            );
+        }
+        if self.passthrough && self.record_reads.is_some() {
+            anyhow::bail!(
+                "--record-reads does not go with passthrough (the kernel reads big files without asking jkmount): drop one"
             );
         }
         if self.passthrough && !nix::unistd::Uid::effective().is_root() {
@@ -267,6 +277,7 @@ impl Mounting {
             noexec: mount_options.noexec,
             writable: writable.is_some(),
             passthrough: args.passthrough,
+            record_reads: args.record_reads.clone(),
             stats: Default::default(),
         };
         Ok(Mounting {

@@ -128,6 +128,8 @@ pub struct FsCore {
     tree: TreeFile,
     content: Content,
     stats: FsStats,
+    /// Where the files read are recorded (`--record-reads`).
+    record: Option<super::record::Recorder>,
 }
 
 fn ino_of(id: NodeId) -> u64 {
@@ -147,7 +149,28 @@ impl FsCore {
             tree,
             content,
             stats,
+            record: None,
         })
+    }
+
+    /// Records each file's path the first time its bytes are read.
+    pub fn with_record(mut self, recorder: super::record::Recorder) -> Self {
+        self.record = Some(recorder);
+        self
+    }
+
+    /// The path of `ino` from the root (by its first place), without a leading `/`.
+    fn path_of(&self, ino: u64) -> Option<Vec<u8>> {
+        let mut names = Vec::new();
+        let mut at = ino;
+        // Bounded as the tree's depth is; a loop in a damaged tree ends here too.
+        while at != ino_of(ROOT) && names.len() < 4096 {
+            let (dir, name) = self.places(at).ok()?.into_iter().next()?;
+            names.push(name);
+            at = dir;
+        }
+        names.reverse();
+        Some(names.join(&b'/'))
     }
 
     fn id(&self, ino: u64) -> Result<NodeId, FsError> {
@@ -251,6 +274,9 @@ impl FsCore {
     /// Reads up to `size` bytes at `offset`; fewer only at the end of the file.
     pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
         let (_, kind) = self.node(self.id(ino)?)?;
+        if let Some(record) = &self.record {
+            record.note(ino, || self.path_of(ino));
+        }
         match self.content.read(Data::of(&kind), offset, u64::from(size)) {
             Some(read) => Ok(read?),
             None if matches!(kind, Kind::Dir { .. }) => Err(FsError::IsADirectory),

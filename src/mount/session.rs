@@ -30,6 +30,8 @@ pub struct MountRequest {
     pub writable: bool,
     /// Let the kernel read big files from backing files in the cache (read-only mounts).
     pub passthrough: bool,
+    /// Where to record the files read, in the order first read (`--record-reads`).
+    pub record_reads: Option<std::path::PathBuf>,
     /// Where to count the requests served (`--stats`).
     pub stats: Arc<crate::fs::stats::Stats>,
 }

@@ -212,9 +212,14 @@ fn pack_estargz(dir: &Path, options: &LayerOptions, dest: &Path) -> Result<Packe
     };
     let packed = pack_dir(dir, &tar_options, plain.path())?;
     let prefix = options.prefix.trim_matches('/');
+    // Relative to DIR, or already under the prefix (as `--record-reads` of a mount that is not
+    // `--modules` writes them).
     let inside = |path: &String| {
         let path = path.trim_start_matches("./").trim_start_matches('/');
-        match prefix.is_empty() || prefix == "." {
+        let under = path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('/'));
+        match prefix.is_empty() || prefix == "." || under {
             true => path.to_owned(),
             false => format!("{prefix}/{path}"),
         }

@@ -94,6 +94,24 @@ def big_files(dest):
     return dest
 
 
+def media_site(dest):
+    """The static site with 512 MiB of media beside it (incompressible: video and images are
+    compressed already): the lazy rows' image of over 500 MB."""
+    if dest.is_dir():
+        return dest
+    tmp = dest.with_suffix(".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(static_site(WORK / "src-site"), tmp)
+    for i in range(32):
+        path = tmp / "media" / f"clip{i:02}.mp4"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            for _ in range(16):
+                f.write(os.urandom(1 << 20))
+    tmp.rename(dest)
+    return dest
+
+
 def static_site(dest, pages=3000):
     if dest.is_dir():
         return dest
@@ -529,6 +547,11 @@ def node_workload(root):
     return lambda: sh(*argv, env=env)
 
 
+def page_workload(root):
+    """What a web server does first: the site's front page."""
+    return lambda: (root / "jk" / "modules" / "index.html").read_bytes()
+
+
 def find_workload(root):
     return lambda: sh("find", root, "-type", "f", stdout=subprocess.DEVNULL)
 
@@ -949,6 +972,35 @@ def lazy_rows(registry, large, estargz_images, index_cache):
             rows += link.first_result_rows(shaped, large_chunked, lambda ref: [
                 EagerChunked(ref, "link-chunked"), LazyChunked(ref, "link-lazy-chunked")],
                 node_workload, RUNS)
+            rows += link.first_result_rows(shaped, large, lambda ref: [
+                Jkmount(ref, "link"), Lazy(ref, "link-lazy")], find_workload, RUNS,
+                what="a full find of the tree")
+    rows += media_rows(registry, index_cache)
+    return rows
+
+
+def media_rows(registry, index_cache):
+    """The image of over 500 MB (the static site and 512 MiB of media) over the 100 Mbit/s
+    link: from nothing to its front page and to a full find, eager and --lazy against
+    skopeo+umoci and podman, with the bytes over the link by then."""
+    log("the static site with 512 MiB of media, packed and indexed")
+    media = pack_layers([media_site(WORK / "src-media")], f"{registry.addr}/bench/media:1",
+                        WORK / "pack-cache")
+    index_bytes, layer_bytes = index_for_lazy(media, index_cache)
+    rows = [("the media site image's compressed layers",
+             {"jkmount": Result([layer_bytes / 2**20], unit="MiB")}),
+            ("lazy index of the media site image: % of its compressed layers",
+             {"jkmount": Result([100 * index_bytes / layer_bytes], unit="%")})]
+    log("the media site over a 100 Mbit/s link with 20 ms RTT: front page, then a full find")
+    shaped = link.Link(registry.dir / "storage", rate_mbit=100)
+    with shaped.inside():
+        rows += link.first_result_rows(shaped, media, lambda ref: [
+            Jkmount(ref, "link-media"), Lazy(ref, "link-lazy-media"),
+            SkopeoUmoci(ref, "link-media"), Podman(ref, "link-media")],
+            page_workload, RUNS, what="the media site's front page")
+        rows += link.first_result_rows(shaped, media, lambda ref: [
+            Jkmount(ref, "link-media"), Lazy(ref, "link-lazy-media")],
+            find_workload, RUNS, what="a full find of the media site")
     return rows
 
 

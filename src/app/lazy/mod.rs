@@ -176,9 +176,15 @@ pub async fn find_indexes(
     if probe.is_some() && !serves_ranges(&registry, probe, shown).await? {
         return Ok(Indexes::default());
     }
-    for (layer, wanted, announced) in tables {
-        let size = wanted.size;
-        match tables::find_table(cache, &registry, (layer, size), announced, shown).await {
+    // Every layer's table at once: each costs a round trip or two before the mount is live.
+    let registry = &registry;
+    let finding = tables.iter().map(|&(layer, wanted, announced)| async move {
+        let place = (layer, wanted.size);
+        let found = tables::find_table(cache, registry, place, announced, shown).await;
+        (layer, wanted, found)
+    });
+    for (layer, wanted, found) in futures_util::future::join_all(finding).await {
+        match found {
             Ok(found) => {
                 let format = found.table.map_or("", |t| t.format.name());
                 tracing::info!(

@@ -71,11 +71,11 @@ pub struct Indexes {
     pub artifact: Option<Digest>,
 }
 
-/// Looks for lazy indexes of the gzip layers of `manifest` that are not decoded yet: in the
+/// Looks for lazy indexes of the layers of `manifest` that are not decoded yet: in the
 /// artifact `pinned` (a lockfile's) if given, else in the one `jkmount lock` would pin
-/// ([`find_artifact`]); an eStargz layer without one is served from its own table of contents
-/// ([`find_toc`]). Nothing found (no referrer, a pinned artifact gone, another source) is
-/// not an error: those layers are pulled eagerly, with a warning.
+/// ([`find_artifact`]); an eStargz or zstd:chunked layer without one is served from its own
+/// table of contents (`tables`). Nothing found (no referrer, a pinned artifact gone, another
+/// source) is not an error: those layers are pulled eagerly, with a warning.
 pub async fn find_indexes(
     cache: &Cache,
     origin: &Arc<dyn Source>,
@@ -85,25 +85,7 @@ pub async fn find_indexes(
     shown: &str,
 ) -> Result<Indexes> {
     let (subject, doc) = manifest;
-    let mut wanted = HashMap::new();
-    for (descriptor, diff_id) in doc.layers.iter().zip(diff_ids) {
-        let compression = image::layer_compression(&descriptor.media_type);
-        let Some(compression) = compression.filter(|c| *c != Compression::None) else {
-            continue;
-        };
-        if !layer::is_decoded(cache, diff_id) {
-            let (digest, size) = image::descriptor_digest(descriptor, "layer", shown)?;
-            let announced = toc::announced(Some(compression), descriptor.annotations.as_ref());
-            let diff_id = diff_id.clone();
-            let wanted_layer = Wanted {
-                size,
-                diff_id,
-                compression,
-                announced,
-            };
-            wanted.insert(digest, wanted_layer);
-        }
-    }
+    let wanted = wanted_layers(cache, doc, diff_ids, shown)?;
     let mut indexes = Indexes::default();
     let Some(registry) = origin.clone().registry() else {
         return Ok(indexes);
@@ -132,36 +114,11 @@ pub async fn find_indexes(
     let mut unusable = std::collections::HashSet::new();
     if let Some((digest, artifact)) = chosen {
         for blob in &artifact.layers {
-            let Some(layer) = indexed_layer(blob) else {
-                continue;
-            };
-            let Some(Wanted {
-                size,
-                diff_id,
-                compression,
-                ..
-            }) = wanted.get(&layer)
-            else {
-                continue;
-            };
-            let index = fetch_index(cache, origin, blob, shown).await?;
-            // Read now (bounded, checked against the layer), so that an index this jkmount
-            // cannot use (another format, a damaged one) leaves the layer to an eager pull.
-            let stored = cache.read_stored_blob(&index)?;
-            if let Err(e) = LazyIndex::decode(&stored, &layer, *size, diff_id) {
-                tracing::warn!("{shown}: {e}; pulling it whole");
-                unusable.insert(diff_id.clone());
-                continue;
+            match from_artifact(cache, origin, blob, &wanted, shown).await? {
+                Some(Ok((diff_id, found))) => drop(indexes.found.insert(diff_id, found)),
+                Some(Err(diff_id)) => drop(unusable.insert(diff_id)),
+                None => {}
             }
-            let (size, table, compression) = (*size, None, *compression);
-            let found = Found {
-                layer,
-                size,
-                index,
-                table,
-                compression,
-            };
-            indexes.found.insert(diff_id.clone(), found);
         }
         indexes.artifact = (!indexes.found.is_empty()).then_some(digest);
     }
@@ -176,26 +133,84 @@ pub async fn find_indexes(
     if probe.is_some() && !serves_ranges(&registry, probe, shown).await? {
         return Ok(Indexes::default());
     }
-    // Every layer's table at once: each costs a round trip or two before the mount is live.
-    let registry = &registry;
-    let finding = tables.iter().map(|&(layer, wanted, announced)| async move {
-        let place = (layer, wanted.size);
-        let found = tables::find_table(cache, registry, place, announced, shown).await;
-        (layer, wanted, found)
-    });
-    for (layer, wanted, found) in futures_util::future::join_all(finding).await {
-        match found {
-            Ok(found) => {
-                let format = found.table.map_or("", |t| t.format.name());
-                tracing::info!(
-                    "{shown}: layer {layer} has no jkmount lazy index; it is served from its {format} table of contents"
-                );
-                indexes.found.insert(wanted.diff_id.clone(), found);
-            }
-            Err(e) => tracing::warn!("{shown}: {e}; pulling it whole"),
+    for (diff_id, found) in tables::find_tables(cache, &registry, &tables, shown).await {
+        indexes.found.insert(diff_id, found);
+    }
+    warn_whole(&wanted, &indexes, &unusable, shown);
+    Ok(indexes)
+}
+
+/// The compressed layers of `doc` not decoded yet, by layer digest.
+fn wanted_layers(
+    cache: &Cache,
+    doc: &OciImageManifest,
+    diff_ids: &[Digest],
+    shown: &str,
+) -> Result<HashMap<Digest, Wanted>> {
+    let mut wanted = HashMap::new();
+    for (descriptor, diff_id) in doc.layers.iter().zip(diff_ids) {
+        let compression = image::layer_compression(&descriptor.media_type);
+        let Some(compression) = compression.filter(|c| *c != Compression::None) else {
+            continue;
+        };
+        if !layer::is_decoded(cache, diff_id) {
+            let (digest, size) = image::descriptor_digest(descriptor, "layer", shown)?;
+            let announced = toc::announced(Some(compression), descriptor.annotations.as_ref());
+            let diff_id = diff_id.clone();
+            let wanted_layer = Wanted {
+                size,
+                diff_id,
+                compression,
+                announced,
+            };
+            wanted.insert(digest, wanted_layer);
         }
     }
-    for (digest, wanted) in &wanted {
+    Ok(wanted)
+}
+
+/// The index blob `blob` of an artifact, if it indexes a wanted layer: fetched and read now
+/// (bounded, checked against the layer), so that an index this jkmount cannot use (another
+/// format, a damaged one) leaves the layer to an eager pull (`Err`, with a warning).
+async fn from_artifact(
+    cache: &Cache,
+    origin: &Arc<dyn Source>,
+    blob: &OciDescriptor,
+    wanted: &HashMap<Digest, Wanted>,
+    shown: &str,
+) -> Result<Option<std::result::Result<(Digest, Found), Digest>>> {
+    let Some(layer) = indexed_layer(blob) else {
+        return Ok(None);
+    };
+    let Some(wanted) = wanted.get(&layer) else {
+        return Ok(None);
+    };
+    let index = fetch_index(cache, origin, blob, shown).await?;
+    let stored = cache.read_stored_blob(&index)?;
+    let diff_id = wanted.diff_id.clone();
+    if let Err(e) = LazyIndex::decode(&stored, &layer, wanted.size, &diff_id) {
+        tracing::warn!("{shown}: {e}; pulling it whole");
+        return Ok(Some(Err(diff_id)));
+    }
+    let found = Found {
+        layer,
+        size: wanted.size,
+        index,
+        table: None,
+        compression: wanted.compression,
+    };
+    Ok(Some(Ok((diff_id, found))))
+}
+
+/// Says why each wanted layer that has nothing to be served lazily from is pulled whole
+/// (unless that was said already: an unusable index, a table refused).
+fn warn_whole(
+    wanted: &HashMap<Digest, Wanted>,
+    indexes: &Indexes,
+    unusable: &std::collections::HashSet<Digest>,
+    shown: &str,
+) {
+    for (digest, wanted) in wanted {
         let said = wanted.announced.is_some() || unusable.contains(&wanted.diff_id);
         if indexes.found.contains_key(&wanted.diff_id) || said {
             continue;
@@ -209,7 +224,6 @@ pub async fn find_indexes(
             ),
         }
     }
-    Ok(indexes)
 }
 
 /// The digest of the jkmount lazy index artifact of `subject` at the registry, if there is

@@ -129,8 +129,10 @@ def link_bytes():
     return 0
 
 
-def first_result_rows(link, large, tools_for, workload_for, runs,
-                      what="first node require of 5 packages"):
+FIRST_REQUIRE = "first node require of 5 packages"
+
+
+def first_result_rows(link, large, tools_for, workload_for, runs, what=FIRST_REQUIRE):
     """Time from nothing (empty cache) to the first result of `workload_for(root)` (`what`)
     through each tool, and the compressed bytes that had crossed the link by then (half the
     loopback's count: registry → proxy → client)."""
@@ -146,12 +148,13 @@ def first_result_rows(link, large, tools_for, workload_for, runs,
             moved.append((link_bytes() - before) / 2 / 2**20)
             tool.stop()
         out.append((first_result_row(label, tool.name, what), {"jkmount": Result(took)}))
-        out.append((f"link {label}: MiB over the link by that first result ({tool.name})",
+        by = "that first result" if what == FIRST_REQUIRE else f"the end of {what}"
+        out.append((f"link {label}: MiB over the link by {by} ({tool.name})",
                      {"jkmount": Result(moved, unit="MiB")}))
     return out
 
 
-def first_result_row(label, tool, what="first node require of 5 packages"):
+def first_result_row(label, tool, what=FIRST_REQUIRE):
     return f"link {label}: empty cache → {what} ({tool})"
 
 

@@ -51,6 +51,9 @@ pub struct Found {
     pub table: Option<Table>,
     /// The layer's compression, as the manifest says.
     pub compression: Compression,
+    /// A table as read when it was found, so that the merge and the mount do not parse it
+    /// again (a large image's tables are megabytes of JSON).
+    pub read: Option<tables::Read>,
 }
 
 /// A layer a lazy mount would serve, before its index is found.
@@ -198,6 +201,7 @@ async fn from_artifact(
         index,
         table: None,
         compression: wanted.compression,
+        read: None,
     };
     Ok(Some(Ok((diff_id, found))))
 }
@@ -255,10 +259,12 @@ async fn first_artifact(
 
 /// The entries of a lazily served layer, from its index.
 pub fn entries_of(cache: &Cache, found: &Found, diff_id: &Digest) -> Result<Vec<layer::Entry>> {
-    let bytes = cache.read_stored_blob(&found.index)?;
     Ok(match found.table {
-        None => LazyIndex::decode(&bytes, &found.layer, found.size, diff_id)?.entries,
-        Some(table) => tables::decode(&bytes, found, table)?.entries,
+        None => {
+            let bytes = cache.read_stored_blob(&found.index)?;
+            LazyIndex::decode(&bytes, &found.layer, found.size, diff_id)?.entries
+        }
+        Some(table) => tables::decoded(cache, found, table)?.entries,
     }
     .entries)
 }
@@ -411,16 +417,16 @@ pub fn open_layers(
             let name = format!("layer {} of {}", found.layer, image.shown);
             let own = dir.path().join(diff_id.hex());
             crate::cache::private_dir_all(&own)?;
-            let bytes = cache.read_stored_blob(&found.index)?;
             let reads = Arc::clone(&reads);
             let layer: Arc<dyn LazyLayer> = match found.table {
                 None => {
+                    let bytes = cache.read_stored_blob(&found.index)?;
                     let index = LazyIndex::decode(&bytes, &found.layer, found.size, diff_id)?;
                     let named = (name, found.compression);
                     Arc::new(IndexedLayer::new(&own, index, named, spans, reads)?)
                 }
                 Some(table) => {
-                    let index = tables::decode(&bytes, found, table)?;
+                    let index = tables::decoded(cache, found, table)?;
                     Arc::new(TocLayer::new(&own, index, name, spans, reads)?)
                 }
             };

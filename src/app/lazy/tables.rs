@@ -74,14 +74,16 @@ async fn find_table(
             e => e,
         })?;
     }
-    let found = Found {
+    let mut found = Found {
         layer: layer.clone(),
         size,
         index: digest.clone(),
         table: Some(table),
         compression: table.format.compression(),
+        read: None,
     };
-    decode(&cache.read_stored_blob(digest)?, &found, table)?;
+    let read = decode(&cache.read_stored_blob(digest)?, &found, table)?;
+    found.read = Some(Read(std::sync::Arc::new(read)));
     Ok(found)
 }
 
@@ -178,8 +180,30 @@ fn store(cache: &Cache, digest: &Digest, bytes: &[u8], format: Format, shown: &s
     writer.commit(Some(bytes.len() as u64), label).map(drop)
 }
 
+/// A table as read when it was found (compared by the layer it serves: a found table is
+/// the table of its layer's annotated digest).
+#[derive(Debug, Clone)]
+pub struct Read(std::sync::Arc<TocIndex>);
+
+impl PartialEq for Read {
+    fn eq(&self, other: &Read) -> bool {
+        self.0.layer == other.0.layer
+    }
+}
+
+impl Eq for Read {}
+
+/// The served layout of `found`'s layer: as read when it was found, or read again from the
+/// table's bytes as the cache keeps them.
+pub(super) fn decoded(cache: &Cache, found: &Found, table: Table) -> Result<TocIndex> {
+    match &found.read {
+        Some(read) => Ok(TocIndex::clone(&read.0)),
+        None => decode(&cache.read_stored_blob(&found.index)?, found, table),
+    }
+}
+
 /// The served layout of `found`'s layer from its table's bytes as the cache keeps them.
-pub(super) fn decode(stored: &[u8], found: &Found, table: Table) -> Result<TocIndex> {
+fn decode(stored: &[u8], found: &Found, table: Table) -> Result<TocIndex> {
     let json = table.json(stored).map_err(|e| Error::BadToc {
         layer: found.layer.clone(),
         detail: format!("its zstd frame: {e}"),

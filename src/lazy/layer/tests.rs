@@ -581,3 +581,45 @@ fn a_zstd_layer_of_one_frame_cannot_be_indexed_nor_served_without_frames() {
     let err = compressed_layer(dir.path(), index, gz_blob, None, Compression::Zstd).unwrap_err();
     assert!(err.to_string().contains("it gives no frames"), "{err}");
 }
+
+#[test]
+fn an_index_of_data_that_does_not_compress_stays_within_three_percent_of_the_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut x = 11u64;
+    let noise: Vec<u8> = (0..6 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_size(noise.len() as u64);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    b.append_data(&mut h, "clip.mp4", &noise[..]).unwrap();
+    let plain = b.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&plain).unwrap();
+    let blob = gz.finish().unwrap();
+    let index = index_of(dir.path(), &blob, &plain, Compression::Gzip).unwrap();
+    let cost = index.encode().unwrap().len();
+    eprintln!("an index of {cost} bytes for a layer of {}", blob.len());
+    assert!(
+        cost * 100 <= blob.len() * 3,
+        "an index of {cost} bytes for a layer of {}",
+        blob.len()
+    );
+    // Wider spans still serve a read in the middle byte for byte.
+    let at = data_of(&index, b"clip.mp4") + (3 << 20);
+    let served = layer(dir.path(), index, blob, None);
+    served.ensure(at, at + 1000).unwrap();
+    assert_eq!(
+        content(&served, at, 1000),
+        plain[at as usize..at as usize + 1000]
+    );
+}

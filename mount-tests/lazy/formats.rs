@@ -317,3 +317,47 @@ fn a_zstd_layer_of_several_frames_made_by_pzstd_is_indexed_and_mounted_lazily() 
     drop(lazy);
     completes_as_the_eager_mount(work, &reference, &through_proxy);
 }
+
+/// With the registry stopped, a layer served from its own table reads what it has fetched
+/// and fails the rest with EIO and a log line naming the layer and the image, until the
+/// registry is back.
+#[test]
+fn with_the_registry_stopped_a_table_served_layer_reads_what_it_has_until_it_is_back() {
+    let mut registry = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let lib = library(work);
+    let reference = format!("{}/lazy/table-away:1", registry.addr);
+    let pack = [
+        "pack",
+        lib.to_str().unwrap(),
+        "--compression",
+        "estargz",
+        "--tag",
+        &reference,
+    ];
+    ok(jkmount(&work.join("packer"), &pack));
+    let layer = layer_of(&registry, "lazy/table-away", "1");
+    let digest = layer["digest"].as_str().unwrap();
+    let mnt = work.join("mnt");
+    let config = super::super::support::quick_retries_config();
+    let args = [
+        "--config",
+        config.to_str().unwrap(),
+        "--lazy",
+        "--no-background-fetch",
+    ];
+    let lazy = Foreground::start(&work.join("cache"), &args, &reference, &mnt);
+    assert_eq!(read_file(&mnt, 0, 0).unwrap(), content(0, 0));
+    registry.stop();
+    assert_eq!(read_file(&mnt, 0, 0).unwrap(), content(0, 0));
+    let err = read_file(&mnt, PACKAGES - 1, FILES - 1).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc_eio()), "{err}");
+    let log = lazy.log();
+    assert!(log.contains(digest) && log.contains(&reference), "{log}");
+    registry.restart();
+    assert_eq!(
+        read_file(&mnt, PACKAGES - 1, FILES - 1).unwrap(),
+        content(PACKAGES - 1, FILES - 1)
+    );
+}

@@ -264,7 +264,7 @@ pub fn entries_of(cache: &Cache, found: &Found, diff_id: &Digest) -> Result<Vec<
             let bytes = cache.read_stored_blob(&found.index)?;
             LazyIndex::decode(&bytes, &found.layer, found.size, diff_id)?.entries
         }
-        Some(table) => tables::decoded(cache, found, table)?.entries,
+        Some(table) => tables::decoded(cache, found, table)?.entries.clone(),
     }
     .entries)
 }

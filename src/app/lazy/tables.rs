@@ -195,10 +195,18 @@ impl Eq for Read {}
 
 /// The served layout of `found`'s layer: as read when it was found, or read again from the
 /// table's bytes as the cache keeps them.
-pub(super) fn decoded(cache: &Cache, found: &Found, table: Table) -> Result<TocIndex> {
+pub(super) fn decoded(
+    cache: &Cache,
+    found: &Found,
+    table: Table,
+) -> Result<std::sync::Arc<TocIndex>> {
     match &found.read {
-        Some(read) => Ok(TocIndex::clone(&read.0)),
-        None => decode(&cache.read_stored_blob(&found.index)?, found, table),
+        Some(read) => Ok(read.0.clone()),
+        None => Ok(std::sync::Arc::new(decode(
+            &cache.read_stored_blob(&found.index)?,
+            found,
+            table,
+        )?)),
     }
 }
 

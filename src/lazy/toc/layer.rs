@@ -43,7 +43,7 @@ struct Present {
 
 /// An eStargz layer being served from its table of contents.
 pub struct TocLayer {
-    index: TocIndex,
+    index: Arc<TocIndex>,
     name: String,
     blob: File,
     blob_path: PathBuf,
@@ -73,7 +73,7 @@ impl TocLayer {
     /// and the served space.
     pub fn new(
         dir: &Path,
-        index: TocIndex,
+        index: Arc<TocIndex>,
         name: String,
         spans: Box<dyn Spans>,
         reads: Arc<Reads>,

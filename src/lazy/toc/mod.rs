@@ -316,6 +316,9 @@ struct Layout {
     at: u64,
     /// The file whose chunks are being read: its name, size and bytes listed so far.
     file: Option<(String, u64, u64)>,
+    /// Where the last chunk with a member of its own starts in the blob (the next must start
+    /// after it).
+    last_member: u64,
 }
 
 impl Layout {
@@ -374,15 +377,13 @@ impl Layout {
             n => n.min(*size - *done),
         };
         let (member, zeros) = (toc.offset, toc.chunk_type == "zeros");
-        let framed = self.chunks.iter().rev().find(|c| !c.zeros);
-        let after = framed.map_or(0, |c| c.member);
         if !matches!(toc.chunk_type.as_str(), "" | "zeros") {
             return Err(format!(
                 "chunkType {:?} is not one jkmount reads",
                 toc.chunk_type
             ));
         }
-        if len == 0 || len > MAX_CHUNK || (!zeros && member <= after) {
+        if len == 0 || len > MAX_CHUNK || (!zeros && member <= self.last_member) {
             return Err(format!(
                 "its chunk at {done} has {len} bytes at blob offset {member}: chunks must have 1 to {MAX_CHUNK} bytes each, in blob order"
             ));
@@ -404,6 +405,9 @@ impl Layout {
             digest,
             zeros,
         });
+        if !zeros {
+            self.last_member = member;
+        }
         self.names.push(name.clone());
         *done += len;
         self.at += len;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use super::support::fault_proxy::{Fault, FaultProxy};
 use super::support::registry::Registry;
 use super::support::{jkmount, jkmount_bin, ok, shown};
-use super::{Mounted, describe, is_mounted, push, wait_until};
+use super::{Mounted, describe, is_mounted, push, run, wait_until};
 
 const PACKAGES: usize = 64;
 const FILES: usize = 16;
@@ -212,13 +212,54 @@ fn a_lazy_mount_reads_a_file_from_a_few_spans_and_equals_the_eager_mount() {
     assert!(std::fs::read_dir(&layers).is_ok_and(|mut d| d.next().is_some()));
     let said = ok(jkmount(&cache, &["status", mnt.to_str().unwrap()]));
     assert!(
-        said.contains("(100 %), 1 of 1 lazy layers complete"),
+        said.contains("(100 %), 1 of 1 lazy layers complete, 1 checked and in the cache"),
         "{said}"
     );
+    // The cache's content.tar took over the layer's reads: the mount's own sparse copies are
+    // emptied, and with the page cache dropped the files read from the cache are the same.
+    let own = sparse_copies(&cache);
+    assert_eq!(own.len(), 2, "{own:?}");
+    for (path, len) in &own {
+        assert_eq!(*len, 0, "{path:?} still holds a copy of the layer");
+    }
+    assert!(lazy.log().contains("now read from there"), "{}", lazy.log());
+    drop_page_cache();
+    assert_eq!(describe(&mnt), describe(&eager_mnt));
     drop(lazy);
     let offline_mnt = work.join("offline");
     let _offline = Mounted::new(&cache, &["--offline", &through_proxy], &offline_mnt);
     assert_eq!(describe(&offline_mnt), describe(&eager_mnt));
+}
+
+/// The sparse files lazy mounts of `cache` keep in its temp space, with their sizes.
+fn sparse_copies(cache: &Path) -> Vec<(PathBuf, u64)> {
+    let listing = run(Command::new("find")
+        .arg(cache.join("v1/tmp"))
+        .args([
+            "-type",
+            "f",
+            "(",
+            "-name",
+            "blob.partial",
+            "-o",
+            "-name",
+            "content.tar",
+            ")",
+        ])
+        .args(["-printf", "%p %s\n"]));
+    listing
+        .lines()
+        .map(|line| {
+            let (path, size) = line.rsplit_once(' ').unwrap();
+            (PathBuf::from(path), size.parse().unwrap())
+        })
+        .collect()
+}
+
+/// Drops the page cache, so that the next reads of a mount reach its server.
+fn drop_page_cache() {
+    nix::unistd::sync();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
 }
 
 /// The layer blob's file in the registry's storage.

@@ -170,6 +170,16 @@ impl Content {
         }
     }
 
+    /// Reads `buf.len()` bytes at `at` of layer `layer`'s content: a lazy layer's through it
+    /// (made present first, or from the cache once it has taken over), any other's from its
+    /// file.
+    fn read_at(&self, layer: u32, buf: &mut [u8], at: u64) -> io::Result<()> {
+        match self.lazy.get(layer as usize) {
+            Some(Some(lazy)) => lazy.read_exact_at(buf, at),
+            _ => self.layer(layer)?.read_exact_at(buf, at),
+        }
+    }
+
     /// The open content file of layer `layer`; an index the tree should not hold is an error.
     fn layer(&self, layer: u32) -> io::Result<&File> {
         self.layers.get(layer as usize).ok_or_else(|| {
@@ -196,11 +206,7 @@ impl Content {
             } => {
                 let len = size.saturating_sub(offset).min(len);
                 let mut buf = vec![0; len as usize];
-                let at = start + offset;
-                self.present(layer, at, at + len)
-                    .and_then(|()| self.layer(layer))
-                    .and_then(|file| file.read_exact_at(&mut buf, at))
-                    .map(|()| buf)
+                self.read_at(layer, &mut buf, start + offset).map(|()| buf)
             }
             Data::Sparse {
                 layer,
@@ -208,10 +214,7 @@ impl Content {
                 extents,
             } => {
                 let len = size.saturating_sub(offset).min(len);
-                stored_ranges(extents, offset, len)
-                    .try_for_each(|(from, to)| self.present(layer, from, to))
-                    .and_then(|()| self.layer(layer))
-                    .and_then(|file| read_sparse(file, extents, offset, len))
+                read_sparse(|buf, at| self.read_at(layer, buf, at), extents, offset, len)
             }
         })
     }
@@ -260,10 +263,8 @@ impl Content {
             while done < run.len {
                 let n = (run.len - done).min(CHUNK) as usize;
                 let at = run.offset + done;
-                // A lazy layer's bytes may not be here yet: a copy-up must not copy holes.
-                self.present(layer, at, at + n as u64)
-                    .and_then(|()| self.layer(layer))
-                    .and_then(|file| file.read_exact_at(&mut buf[..n], at))
+                // A lazy layer's bytes may not be here yet: read through it, never its holes.
+                self.read_at(layer, &mut buf[..n], at)
                     .at(&self.paths[layer as usize])?;
                 out.write_all_at(&buf[..n], run.logical + done).at(dest)?;
                 done += n as u64;
@@ -350,8 +351,14 @@ fn stored_ranges(extents: &[Extent], offset: u64, len: u64) -> impl Iterator<Ite
         })
 }
 
-/// Reads `len` bytes at `offset` of a sparse file: zeros, with the stored extents read over them.
-fn read_sparse(file: &File, extents: &[Extent], offset: u64, len: u64) -> io::Result<Vec<u8>> {
+/// Reads `len` bytes at `offset` of a sparse file: zeros, with the stored extents read over
+/// them by `read_at` (bytes at an offset of the content).
+fn read_sparse(
+    read_at: impl Fn(&mut [u8], u64) -> io::Result<()>,
+    extents: &[Extent],
+    offset: u64,
+    len: u64,
+) -> io::Result<Vec<u8>> {
     let end = offset + len;
     let mut buf = vec![0; len as usize];
     let first = extents.partition_point(|e| e.logical + e.len <= offset);
@@ -359,7 +366,7 @@ fn read_sparse(file: &File, extents: &[Extent], offset: u64, len: u64) -> io::Re
         let from = e.logical.max(offset);
         let to = (e.logical + e.len).min(end);
         let into = &mut buf[(from - offset) as usize..(to - offset) as usize];
-        file.read_exact_at(into, e.offset + (from - e.logical))?;
+        read_at(into, e.offset + (from - e.logical))?;
     }
     Ok(buf)
 }
@@ -384,11 +391,12 @@ mod tests {
                 offset: 4,
             },
         ];
-        let all = read_sparse(&file, &extents, 0, 16).unwrap();
+        let read_at = |buf: &mut [u8], at| file.read_exact_at(buf, at);
+        let all = read_sparse(read_at, &extents, 0, 16).unwrap();
         assert_eq!(all, b"\0\0AAAA\0\0\0\0BBBB\0\0");
         for offset in 0..16 {
             for len in 0..=(16 - offset) {
-                let part = read_sparse(&file, &extents, offset, len).unwrap();
+                let part = read_sparse(read_at, &extents, offset, len).unwrap();
                 assert_eq!(part, &all[offset as usize..(offset + len) as usize]);
             }
         }

@@ -31,6 +31,9 @@ pub struct LayerProgress {
     pub complete: bool,
     /// Its index proved wrong: nothing more of it is served.
     pub refused: bool,
+    /// Completed, checked and in the cache (read from there where the layouts agree).
+    #[serde(default)]
+    pub in_cache: bool,
 }
 
 /// The attribute's value for these layers.
@@ -53,8 +56,9 @@ pub fn describe(layers: &[LayerProgress]) -> Vec<String> {
     let sum = |f: fn(&LayerProgress) -> u64| layers.iter().map(f).sum::<u64>();
     let (local, size, fetched) = (sum(|l| l.local), sum(|l| l.size), sum(|l| l.fetched));
     let complete = layers.iter().filter(|l| l.complete).count();
+    let in_cache = layers.iter().filter(|l| l.in_cache).count();
     let mut lines = vec![format!(
-        "lazy: {} of {} local ({}), {complete} of {} lazy layers complete; {} fetched",
+        "lazy: {} of {} local ({}), {complete} of {} lazy layers complete, {in_cache} checked and in the cache; {} fetched",
         human(local),
         human(size),
         percent(local, size),
@@ -101,6 +105,7 @@ mod tests {
             blob_size: 2 << 20,
             complete,
             refused,
+            in_cache: complete,
         };
         let layers = [
             layer(b"a", 4 << 20, true, false),
@@ -112,7 +117,7 @@ mod tests {
         let lines = describe(&layers);
         assert_eq!(lines.len(), 3, "{lines:?}");
         assert!(
-            lines[0].contains("(41 %), 1 of 3 lazy layers complete"),
+            lines[0].contains("(41 %), 1 of 3 lazy layers complete, 1 checked and in the cache"),
             "{lines:?}"
         );
         assert!(lines[1].contains(&Digest::of(b"b").to_string()) && lines[1].ends_with("partial"));

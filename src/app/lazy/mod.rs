@@ -500,8 +500,20 @@ impl LazyLayers {
                     }
                 }
                 let (fetched, size) = job.layer.progress();
+                let content = layer::content_path(&cache, &job.diff_id);
+                let served = match job.layer.hand_over(&content) {
+                    Ok(true) => "now read from there",
+                    Ok(false) => "still read as its table lays it out",
+                    Err(e) => {
+                        tracing::warn!(
+                            "{}: {e}; its reads stay on the mount's own copy",
+                            job.shown
+                        );
+                        "still read from the mount's own copy"
+                    }
+                };
                 tracing::info!(
-                    "{}: layer {} complete and in the cache ({fetched} of {size} compressed bytes fetched)",
+                    "{}: layer {} complete and in the cache ({fetched} of {size} compressed bytes fetched), {served}",
                     job.shown,
                     job.layer.digest()
                 );

@@ -8,19 +8,21 @@
 //! and must give exactly the index's entry, so an index cannot serve one file's genuine bytes
 //! under another's name. Nothing unchecked is ever written to either file. A background pass
 //! ([`LazyLayer::fill`]) decodes the whole stream once, in order, keeping off the link while
-//! reads wait and until they have been quiet a while ([`Reads`]).
+//! reads wait and until they have been quiet a while ([`Reads`]). Once the completed layer is
+//! in the cache and checked, its `content.tar` takes the sparse files' place
+//! ([`LazyLayer::hand_over`]): the mount then reads it as an eager mount does.
 
-use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::headers::{Headers, entry_digest};
 use super::index::{LazyIndex, members_decoder, read_full, sha256};
 use super::reads::Reads;
-use crate::error::{IoContext, Result};
+use super::served::Sparse;
+use crate::error::Result;
 use crate::layer::LayerIndex;
 use crate::oci::digest::Digest;
 use crate::oci::image::Compression;
@@ -57,6 +59,13 @@ pub trait LazyLayer: Send + Sync + std::fmt::Debug {
     /// blob into the tar at `content`); if not, the layer is refused from now on, and `false`
     /// is returned.
     fn entries_match(&self, entries: &LayerIndex, content: &Path) -> bool;
+    /// Reads `at..at + buf.len()` of the served space, making it present first: the one way
+    /// the mount reads a lazy layer.
+    fn read_exact_at(&self, buf: &mut [u8], at: u64) -> io::Result<()>;
+    /// Once the completed layer's `content` (its tar in the cache) is checked against it:
+    /// serves later reads from `content` where the layouts agree (`true`; the mount then reads
+    /// the layer as an eager one does), and empties the sparse files no longer needed.
+    fn hand_over(&self, content: &Path) -> Result<bool>;
 }
 
 /// Where the compressed spans come from (a registry, by `Range`).
@@ -117,10 +126,8 @@ pub struct IndexedLayer {
     starts: Vec<u64>,
     /// The image and layer, for messages.
     name: String,
-    blob: File,
-    blob_path: PathBuf,
-    content: File,
-    content_path: PathBuf,
+    /// The sparse blob and tar, until the cache's content takes over.
+    files: Sparse,
     present: Mutex<Present>,
     /// Signalled when a read ends decoding a block.
     decoded: Condvar,
@@ -171,10 +178,12 @@ impl IndexedLayer {
         let headers = Headers::of(&index);
         let prefetch = crate::layer::estargz::prefetch_end(&index.entries.entries).unwrap_or(0);
         let entries = entries_digest(&std::mem::take(&mut index.entries));
-        let sparse = |file: &str, len: u64| sparse_file(&dir.join(file), len);
-        let (blob, blob_path) = sparse("blob.partial", index.size)?;
-        let (content, content_path) =
-            sparse(crate::cache::layers::CONTENT_FILE, index.content_size)?;
+        let files = Sparse::create(
+            dir,
+            crate::cache::layers::CONTENT_FILE,
+            index.size,
+            index.content_size,
+        )?;
         let present = Present {
             chunks: vec![false; index.chunks.len()],
             blocks: vec![false; index.blocks.len()],
@@ -187,10 +196,7 @@ impl IndexedLayer {
             starts: index.block_starts(),
             index,
             name,
-            blob,
-            blob_path,
-            content,
-            content_path,
+            files,
             present: Mutex::new(present),
             decoded: Condvar::new(),
             spans,
@@ -224,7 +230,7 @@ impl IndexedLayer {
             let check = &self.headers.entries[e];
             self.ensure_blocks(check.header, check.data)?;
             let mut bytes = vec![0; (check.data - check.header) as usize];
-            self.content.read_exact_at(&mut bytes, check.header)?;
+            self.files.read_exact_at(&mut bytes, check.header)?;
             let found = crate::layer::entry_at(&bytes, check.header).ok().flatten();
             let same = found.is_some_and(|entry| entry_digest(&entry) == check.digest);
             if !same {
@@ -370,7 +376,7 @@ impl IndexedLayer {
                 "uncompressed block {b} does not match its digest in the lazy index; it is not served"
             )));
         }
-        self.content.write_all_at(bytes, self.starts[b])?;
+        self.files.write_all_at(bytes, self.starts[b])?;
         self.present.lock().expect("not poisoned").mark_block(b);
         Ok(())
     }
@@ -407,7 +413,7 @@ impl IndexedLayer {
                     piece.len()
                 )));
             }
-            self.blob.write_all_at(piece, chunk as u64 * size)?;
+            self.files.blob().write_all_at(piece, chunk as u64 * size)?;
             self.present.lock().expect("not poisoned").chunks[chunk] = true;
         }
         Ok(())
@@ -480,12 +486,25 @@ impl LazyLayer for IndexedLayer {
 
     /// The sparse uncompressed tar the tree's offsets point into.
     fn content_path(&self) -> &Path {
-        &self.content_path
+        self.files.served_path()
     }
 
     /// The sparse compressed blob, whole once [`fill`](Self::fill) has returned.
     fn blob_path(&self) -> &Path {
-        &self.blob_path
+        self.files.blob_path()
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], at: u64) -> io::Result<()> {
+        if !self.files.is_handed_over() {
+            self.ensure(at, at + buf.len() as u64)?;
+        }
+        self.files.read_exact_at(buf, at)
+    }
+
+    /// The index gives the tar's own offsets: the cache's content takes over as it is.
+    fn hand_over(&self, content: &Path) -> Result<bool> {
+        self.files.hand_over(content, self.index.content_size)?;
+        Ok(true)
     }
 
     /// The layer's digest.
@@ -513,6 +532,7 @@ impl LazyLayer for IndexedLayer {
             blob_size: self.index.size,
             complete: present.missing_blocks == 0,
             refused: self.is_refused(),
+            in_cache: self.files.is_in_cache(),
         }
     }
 
@@ -526,7 +546,7 @@ impl LazyLayer for IndexedLayer {
     /// Whether [`ensure`](Self::ensure) of `start..end` would answer without the network.
     fn is_local(&self, start: u64, end: u64) -> bool {
         let end = end.min(self.index.content_size);
-        if start >= end || self.is_refused() {
+        if start >= end || self.files.is_handed_over() || self.is_refused() {
             return true;
         }
         let present = self.present.lock().expect("not poisoned");
@@ -546,7 +566,7 @@ impl LazyLayer for IndexedLayer {
     /// (fetched, checked, written), once the headers of the entries it belongs to are checked.
     fn ensure(&self, start: u64, end: u64) -> io::Result<()> {
         let end = end.min(self.index.content_size);
-        if start >= end {
+        if start >= end || self.files.is_handed_over() {
             return Ok(());
         }
         if self.refused.load(Ordering::SeqCst) {
@@ -578,18 +598,6 @@ impl LazyLayer for IndexedLayer {
     }
 }
 
-/// A new empty sparse file of `len` bytes at `path`, open to read and write.
-pub(crate) fn sparse_file(path: &Path, len: u64) -> Result<(File, PathBuf)> {
-    let f = File::options()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .at(path)?;
-    f.set_len(len).at(path)?;
-    Ok((f, path.to_owned()))
-}
-
 /// What the index's entries are compared by.
 fn entries_digest(entries: &LayerIndex) -> Digest {
     Digest::of(&postcard::to_stdvec(entries).expect("entries serialize"))
@@ -616,7 +624,7 @@ impl Read for Chunks<'_> {
         self.layer.ensure_chunk(c, self.group)?;
         let chunk_end = ((c as u64 + 1) * size).min(limit);
         let len = buf.len().min((chunk_end - self.at) as usize);
-        let n = self.layer.blob.read_at(&mut buf[..len], self.at)?;
+        let n = self.layer.files.blob().read_at(&mut buf[..len], self.at)?;
         self.at += n as u64;
         Ok(n)
     }

@@ -151,7 +151,7 @@ fn compressed_layer(
 
 fn content(layer: &IndexedLayer, start: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0; len];
-    layer.content.read_exact_at(&mut buf, start).unwrap();
+    layer.files.read_exact_at(&mut buf, start).unwrap();
     buf
 }
 
@@ -183,6 +183,38 @@ fn a_range_is_decoded_from_a_few_chunks_and_the_whole_layer_by_the_fill() {
     assert!(served.is_complete());
     assert_eq!(std::fs::read(served.content_path()).unwrap(), plain);
     assert_eq!(std::fs::read(served.blob_path()).unwrap(), blob);
+}
+
+#[test]
+fn a_completed_layer_hands_its_reads_to_the_cache_and_empties_its_own_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, blob, index) = indexed(dir.path());
+    let served = layer(dir.path(), index, blob, None);
+    served.fill().unwrap();
+    let at = 12_000_000;
+    let read = |served: &IndexedLayer| {
+        let mut buf = vec![0; 1000];
+        served.read_exact_at(&mut buf, at).unwrap();
+        buf
+    };
+    let tar = dir.path().join("cached.tar");
+    std::fs::write(&tar, &plain[..100]).unwrap();
+    let err = served.hand_over(&tar).unwrap_err().to_string();
+    assert!(
+        err.contains("cached.tar") && err.contains("100 bytes"),
+        "{err}"
+    );
+    assert_eq!(read(&served), plain[at as usize..at as usize + 1000]);
+    // The cache's tar, one byte marked: a read shows which file answered it.
+    let mut cached = plain.clone();
+    cached[at as usize] ^= 0xff;
+    std::fs::write(&tar, &cached).unwrap();
+    assert!(served.hand_over(&tar).unwrap());
+    assert_eq!(read(&served), cached[at as usize..at as usize + 1000]);
+    assert!(served.is_local(0, plain.len() as u64));
+    for sparse in [served.content_path(), served.blob_path()] {
+        assert_eq!(std::fs::metadata(sparse).unwrap().len(), 0, "{sparse:?}");
+    }
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -22,8 +22,9 @@ use crate::error::Result;
 use crate::layer::estargz::{added, clean};
 use crate::layer::{Entry, EntryKind, LayerIndex};
 use crate::lazy::index::sha256;
-use crate::lazy::layer::{LazyLayer, Spans, sparse_file};
+use crate::lazy::layer::{LazyLayer, Spans};
 use crate::lazy::reads::Reads;
+use crate::lazy::served::Sparse;
 use crate::oci::digest::Digest;
 
 /// Compressed bytes a read fetches from its chunk's member on, at least: the members after
@@ -45,10 +46,8 @@ struct Present {
 pub struct TocLayer {
     index: Arc<TocIndex>,
     name: String,
-    blob: File,
-    blob_path: PathBuf,
-    content: File,
-    content_path: PathBuf,
+    /// The sparse blob and served space.
+    files: Sparse,
     present: Mutex<Present>,
     /// Signalled when a read ends fetching chunks.
     fetched_some: Condvar,
@@ -78,9 +77,7 @@ impl TocLayer {
         spans: Box<dyn Spans>,
         reads: Arc<Reads>,
     ) -> Result<Self> {
-        let sparse = |file: &str, len: u64| sparse_file(&dir.join(file), len);
-        let (blob, blob_path) = sparse("blob.partial", index.size)?;
-        let (content, content_path) = sparse("served", index.content_size)?;
+        let files = Sparse::create(dir, "served", index.size, index.content_size)?;
         let prefetch = crate::layer::estargz::prefetch_end(&index.entries.entries).unwrap_or(0);
         let present = Present {
             chunks: vec![false; index.chunks.len()],
@@ -90,10 +87,7 @@ impl TocLayer {
         Ok(TocLayer {
             index,
             name,
-            blob,
-            blob_path,
-            content,
-            content_path,
+            files,
             present: Mutex::new(present),
             fetched_some: Condvar::new(),
             spans,
@@ -189,8 +183,8 @@ impl TocLayer {
                     chunk.member
                 )));
             };
-            self.content.write_all_at(&data, chunk.at)?;
-            self.blob.write_all_at(member, chunk.member)?;
+            self.files.write_all_at(&data, chunk.at)?;
+            self.files.blob().write_all_at(member, chunk.member)?;
             self.mark(i);
         }
         Ok(())
@@ -233,7 +227,7 @@ impl TocLayer {
                 return Err(self.error("the registry sent fewer bytes than asked".into()));
             }
             self.fetched.fetch_add(len, Ordering::Relaxed);
-            self.blob.write_all_at(&bytes, at)?;
+            self.files.blob().write_all_at(&bytes, at)?;
             at += len;
         }
         Ok(())
@@ -260,11 +254,23 @@ impl Drop for Fetching<'_> {
 
 impl LazyLayer for TocLayer {
     fn content_path(&self) -> &Path {
-        &self.content_path
+        self.files.served_path()
     }
 
     fn blob_path(&self) -> &Path {
-        &self.blob_path
+        self.files.blob_path()
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], at: u64) -> io::Result<()> {
+        self.ensure(at, at + buf.len() as u64)?;
+        self.files.read_exact_at(buf, at)
+    }
+
+    /// The table lays files out end to end, not as the tar does: the served space stays (and
+    /// answers as it did); only the sparse blob, now in the cache, is emptied.
+    fn hand_over(&self, _content: &Path) -> Result<bool> {
+        self.files.release_blob()?;
+        Ok(false)
     }
 
     fn digest(&self) -> &Digest {
@@ -289,6 +295,7 @@ impl LazyLayer for TocLayer {
             blob_size: self.index.size,
             complete: present.missing == 0,
             refused: self.is_refused(),
+            in_cache: self.files.is_in_cache(),
         }
     }
 
@@ -375,7 +382,7 @@ impl TocLayer {
             let mut done = 0;
             while done < size {
                 let n = (size - done).min(a.len() as u64) as usize;
-                self.content.read_exact_at(&mut a[..n], at + done)?;
+                self.files.read_exact_at(&mut a[..n], at + done)?;
                 tar.read_exact_at(&mut b[..n], from + done)?;
                 if a[..n] != b[..n] {
                     return Ok(false);

@@ -190,8 +190,16 @@ fn each_file_is_served_from_its_own_members_byte_for_byte() {
         blob,
         "the blob is whole"
     );
-    assert!(layer.entries_match(&entries(&tar), &tar_file(dir.path(), &tar)));
+    let cached = tar_file(dir.path(), &tar);
+    assert!(layer.entries_match(&entries(&tar), &cached));
     assert!(!layer.is_refused());
+    // Laid out otherwise than the tar, the served space stays; the blob copy is given back.
+    assert!(!layer.hand_over(&cached).unwrap());
+    assert_eq!(std::fs::metadata(layer.blob_path()).unwrap().len(), 0);
+    let mut bytes = vec![0; noise().len()];
+    let (at, _) = file(&index, "big.bin");
+    layer.read_exact_at(&mut bytes, at).unwrap();
+    assert_eq!(bytes, noise());
 }
 
 #[test]

@@ -6,6 +6,7 @@
 mod conformance;
 mod csi;
 mod deploy;
+mod host;
 mod kernel_cache;
 mod lazy;
 mod lifecycle;

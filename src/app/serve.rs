@@ -13,6 +13,7 @@ use crate::error::{IoContext, Result};
 use crate::fs::FsCore;
 use crate::fs::overlay::Overlay;
 use crate::fs::served::Served;
+use crate::mount::host::{self, Hosting, Template};
 use crate::mount::{self, MountRequest};
 use crate::upper::{MadeOver, Upper};
 
@@ -41,7 +42,26 @@ pub fn serve(
         mountable,
         mut lazy,
     } = prepared;
-    let _registration = cache.register_mount(&MountRecord {
+    let host = match request.share && lazy.is_none() && writable.is_none() {
+        false => None,
+        true => {
+            let template = Template {
+                key: mountable.key.clone(),
+                tree: cache.tree_path(&mountable.key),
+                layers: mountable.layers.clone(),
+                images: pulled.iter().map(|p| p.manifest.clone()).collect(),
+            };
+            match host::join_or_host(&cache, &template, request)? {
+                Hosting::Joined => {
+                    drop(using);
+                    return on_ready().at(&request.mountpoint.path);
+                }
+                Hosting::Host(host) => Some(host),
+                Hosting::Alone => None,
+            }
+        }
+    };
+    let registration = cache.register_mount(&MountRecord {
         pid: std::process::id(),
         mountpoint: request.mountpoint.path.clone(),
         images: pulled.iter().map(|p| p.manifest.clone()).collect(),
@@ -89,12 +109,24 @@ pub fn serve(
         true => Some(cache.temp_dir("backing")?),
         false => None,
     };
-    mount::serve(
+    let served = mount::serve(
         served,
         request,
         backing_work.as_ref().map(|dir| dir.path()),
-        on_ready,
-    )?;
+        || {
+            if let Some(host) = &host
+                && let Err(e) = host.accept()
+            {
+                tracing::warn!("not taking other mounts of the tree: {e}");
+            }
+            on_ready()
+        },
+    );
     drop(control);
-    Ok(())
+    drop(registration);
+    if let Some(host) = host {
+        // The mounts taken from other commands go on: the process ends with the last.
+        host.finish();
+    }
+    Ok(served?)
 }

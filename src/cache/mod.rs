@@ -9,13 +9,13 @@
 //!     blobs/sha256/<hex>        manifests, indexes, configs, compressed layers, verified
 //!     layers/sha256/<diff_id>/  one decoded layer: content.tar (the verified uncompressed
 //!                               layer, read in place) and index.bin (its entries)
-//!     trees/<key>.bin           merged trees, key = sha256 of the diff_id list
 //!     trees/<key>.bin           merged trees, key = sha256 of the layer list and subdir
 //!     refs/<registry>/<repo>/<tag>.json           what a tag resolved to, and when
 //!     refs/<registry>/<repo>/@sha256:<hex>.json   an image pulled by digest
 //!     images/<manifest-hex>.json  what one pulled image needs, and when it was last used
-//!     mounts/<session>.json     one live mount, locked by its server while it runs
+//!     mounts/<session>-mount-N.json  one live mount, locked by its server while it runs
 //!     roots/<hash>              symlinks to lockfiles whose pins `gc` keeps
+//!     run/<tree key>.sock       a live server taking further mounts of its tree (mount::host)
 //!     locks/                    lock files (see [`lock`])
 //!     tmp/<session>/            work in progress, on the same filesystem so rename is atomic
 //! ```

@@ -198,14 +198,19 @@ impl Cache {
         let tmp = self.temp_path("mount");
         std::io::Write::write_all(&mut super::private_file(&tmp)?, &json).at(&tmp)?;
         let held = lock::exclusive(&tmp, || {})?;
-        let name = tmp
-            .parent()
-            .and_then(Path::file_name)
-            .expect("the work directory has a name");
-        let path = self
-            .root
-            .join("mounts")
-            .join(format!("{}.json", name.to_string_lossy()));
+        // Named by the process's work directory and the record's own name in it: one server
+        // may hold several mounts.
+        let name = |p: Option<&Path>| {
+            p.and_then(Path::file_name)
+                .expect("the work directory and its entries have names")
+                .to_string_lossy()
+                .into_owned()
+        };
+        let path = self.root.join("mounts").join(format!(
+            "{}-{}.json",
+            name(tmp.parent()),
+            name(Some(&tmp))
+        ));
         fs::rename(&tmp, &path).at(&path)?;
         Ok(MountRegistration { path, _lock: held })
     }

@@ -25,6 +25,7 @@ const SUBDIRS: &[&str] = &[
     "images",
     "mounts",
     "roots",
+    "run",
     "locks/entries",
     "tmp",
 ];

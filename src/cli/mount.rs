@@ -224,7 +224,15 @@ pub fn run(mut args: MountArgs, mut global: GlobalArgs) -> anyhow::Result<()> {
         }
     };
     let writable = args.writable || args.upper.is_some();
-    let mounting = Mounting::prepare(&args, &mount_options, global, writable)?;
+    let mut mounting = Mounting::prepare(&args, &mount_options, global, writable)?;
+    // A background read-only mount may be served by a running server of the same tree; one
+    // counted, recorded, lazy or passthrough, or in the foreground, keeps a server of its own.
+    mounting.request.share = !args.foreground
+        && !writable
+        && !args.lazy
+        && !args.passthrough
+        && args.record_reads.is_none()
+        && args.stats.is_none();
     let path = mounting.request.mountpoint.path.clone();
     let status = format!("serving {} at {}", mounting.request.fsname, path.display());
     mounting.serve(|| readiness.report(&status), args.stats.as_deref())
@@ -279,6 +287,8 @@ impl Mounting {
             passthrough: args.passthrough,
             record_reads: args.record_reads.clone(),
             stats: Default::default(),
+            share: false,
+            others: Default::default(),
         };
         Ok(Mounting {
             prepared,

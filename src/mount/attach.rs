@@ -202,10 +202,7 @@ fn detach_where_it_went(request: &MountRequest) {
 /// rather than by `fuser`, which gives up where `/dev/fuse` is not open to users (mode 0600)
 /// instead of leaving the opening to the helper.
 fn mount_with_fusermount(request: &MountRequest) -> io::Result<OwnedFd> {
-    use rustix::net::{
-        AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SocketFlags,
-        SocketType, recvmsg, socketpair,
-    };
+    use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
     // Ours is close-on-exec; the helper's end is inherited by it alone, then closed here.
     let (ours, theirs) = socketpair(
         AddressFamily::UNIX,
@@ -242,21 +239,7 @@ fn mount_with_fusermount(request: &MountRequest) -> io::Result<OwnedFd> {
         .stderr(std::process::Stdio::piped())
         .spawn()?;
     drop(theirs);
-    let mut byte = [0u8; 1];
-    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let received = recvmsg(
-        &ours,
-        &mut [io::IoSliceMut::new(&mut byte)],
-        &mut control,
-        RecvFlags::empty(),
-    )
-    .map(|_| {
-        control.drain().find_map(|message| match message {
-            RecvAncillaryMessage::ScmRights(mut fds) => fds.next(),
-            _ => None,
-        })
-    });
+    let received = receive_fds(&ours, &mut [0u8; 1]).map(|(_, fds)| fds.into_iter().next());
     let output = child.wait_with_output()?;
     let said = String::from_utf8_lossy(&output.stderr).trim().to_owned();
     match received? {
@@ -267,6 +250,28 @@ fn mount_with_fusermount(request: &MountRequest) -> io::Result<OwnedFd> {
             output.status
         ))),
     }
+}
+
+/// Receives at most `buf.len()` bytes from `socket` and the descriptors sent with them (at
+/// most two kept, each closed on exec): how a FUSE connection comes from `fusermount3`, and
+/// from a command handing its mount to a running server ([`host`](super::host)).
+pub(super) fn receive_fds(socket: impl AsFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, recvmsg};
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let got = recvmsg(
+        socket,
+        &mut [io::IoSliceMut::new(buf)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(sent) = message {
+            fds.extend(sent);
+        }
+    }
+    Ok((got.bytes, fds))
 }
 
 /// Escapes `\` and `,` in a mount option value, as libfuse does for fusermount3.

@@ -49,7 +49,7 @@ pub struct Control {
 /// Listens on `dir/control` for holds of `overlay`'s writes.
 pub fn listen(dir: &Path, overlay: Arc<Overlay>) -> io::Result<Control> {
     let handle = open_dir(dir)?;
-    let path = through(&handle);
+    let path = through(&handle, SOCKET);
     match rustix::fs::unlinkat(&handle, SOCKET, rustix::fs::AtFlags::empty()) {
         Ok(()) | Err(rustix::io::Errno::NOENT) => {}
         Err(e) => return Err(e.into()),
@@ -205,7 +205,7 @@ impl LiveMount {
     pub fn hold(&self) -> Result<Hold, MountError> {
         let connect = || -> io::Result<BufReader<UnixStream>> {
             let handle = open_dir(&self.upper)?;
-            let stream = UnixStream::connect(through(&handle))?;
+            let stream = UnixStream::connect(through(&handle, SOCKET))?;
             // The directory was named by whatever serves the mountpoint; only a server of
             // root or of this user is believed, so nobody else's filesystem can point a
             // commit at a directory it should not read.
@@ -256,21 +256,26 @@ fn hold_failed(path: &Path, detail: impl Into<String>) -> MountError {
     }
 }
 
-/// The upper's directory, by handle (not through a link).
-fn open_dir(dir: &Path) -> io::Result<OwnedFd> {
+/// A directory, by handle (not through a link).
+pub(super) fn open_dir(dir: &Path) -> io::Result<OwnedFd> {
     let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     Ok(rustix::fs::open(dir, flags, Mode::empty())?)
 }
 
-/// The socket's path through the directory's handle.
-fn through(dir: &OwnedFd) -> PathBuf {
-    PathBuf::from(format!("/proc/self/fd/{}/{SOCKET}", dir.as_raw_fd()))
+/// The path of socket `name` through its directory's handle, whatever the directory's length.
+pub(super) fn through(dir: &OwnedFd, name: &str) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}/{name}", dir.as_raw_fd()))
 }
 
-/// One line, without its newline; empty at the end of the stream.
+/// One line of at most [`MAX_LINE`] bytes, without its newline; empty at the end of the stream.
 fn read_line(reader: &mut impl BufRead) -> io::Result<String> {
+    read_line_within(reader, MAX_LINE)
+}
+
+/// One line of at most `max` bytes, without its newline; empty at the end of the stream.
+pub(super) fn read_line_within(reader: &mut impl BufRead, max: u64) -> io::Result<String> {
     let mut line = String::new();
-    reader.take(MAX_LINE).read_line(&mut line)?;
+    reader.take(max).read_line(&mut line)?;
     Ok(line.trim_end_matches('\n').to_owned())
 }
 

@@ -3,12 +3,14 @@
 //! source = the image references), serving until unmounted or signalled, and `unmount`.
 //! As root the mount is made with mount(2) directly; otherwise through `fusermount3`.
 //! [`mountinfo`] reads what is mounted, [`preflight`] checks, [`session`] mounts and serves,
-//! [`unmount`] takes mounts away, [`daemon`] runs the server in the background. The
+//! [`unmount`] takes mounts away, [`daemon`] runs the server in the background, [`host`]
+//! lets one server serve many mounts of one tree. The
 //! error type, [`MountError`], is shared by all of them.
 
 mod attach;
 pub mod control;
 pub mod daemon;
+pub mod host;
 pub mod mountinfo;
 pub mod preflight;
 pub mod session;

@@ -34,6 +34,12 @@ pub struct MountRequest {
     pub record_reads: Option<std::path::PathBuf>,
     /// Where to count the requests served (`--stats`).
     pub stats: Arc<crate::fs::stats::Stats>,
+    /// Whether a running server of the same tree may take this mount, or this process host
+    /// later ones ([`host`](super::host)): background read-only mounts, neither lazy nor
+    /// passthrough, recorded nor counted.
+    pub share: bool,
+    /// The mounts this server took from other commands, unmounted with its own on a signal.
+    pub others: Arc<super::host::Others>,
 }
 
 /// Mounts `core` and serves it until the filesystem is unmounted (by `jkmount unmount`,
@@ -59,37 +65,23 @@ pub fn serve(
     if let Some(work) = backing_work {
         fs = fs.with_passthrough(work.to_owned());
     }
-    let mut config = Config::default();
-    config.n_threads = Some(request.threads);
-    // A cloned connection per worker thread needs /dev/fuse opened again, which an ordinary
-    // user may not do where the device is root's alone (0600, as in many containers); there
-    // the threads share the one connection fusermount3 handed over.
-    config.clone_fd = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(DEV_FUSE)
-        .is_ok();
     let mountpoint = request.mountpoint.path.clone();
-    let root = Uid::effective().is_root();
-    let acl = if root || request.allow_other {
-        SessionACL::All
-    } else {
-        SessionACL::Owner
-    };
-    config.acl = acl;
     let fd = attach(request)?;
-    let session = Session::from_fd(fs, fd, acl, config).map_err(|e| {
+    let session = session(fs, fd, request.threads, request.allow_other).map_err(|e| {
         detach(&mountpoint);
         mount_failed(request, e)
     })?;
+    let others = request.others.clone();
     std::thread::Builder::new()
         .name("jkmount-signals".into())
         .spawn(move || {
             if let Ok(signal) = signals.wait() {
-                tracing::info!("{signal} received: unmounting {}", mountpoint.display());
-                if let Err(e) = unmount(&mountpoint, false) {
-                    tracing::warn!("{e}; detaching it instead");
-                    detach(&mountpoint);
+                for path in std::iter::once(mountpoint).chain(others.paths()) {
+                    tracing::info!("{signal} received: unmounting {}", path.display());
+                    if let Err(e) = unmount(&path, false) {
+                        tracing::warn!("{e}; detaching it instead");
+                        detach(&path);
+                    }
                 }
             }
         })
@@ -111,6 +103,33 @@ pub fn serve(
         }
     }
     session.run().map_err(|e| mount_failed(request, e))
+}
+
+/// A fuser session serving `fs` on the FUSE connection `fd` with `threads` workers, answering
+/// only the mounting user unless `allow_other` (or root).
+pub(super) fn session(
+    fs: FuseFs,
+    fd: std::os::fd::OwnedFd,
+    threads: usize,
+    allow_other: bool,
+) -> io::Result<Session<FuseFs>> {
+    let mut config = Config::default();
+    config.n_threads = Some(threads);
+    // A cloned connection per worker thread needs /dev/fuse opened again, which an ordinary
+    // user may not do where the device is root's alone (0600, as in many containers); there
+    // the threads share the one connection fusermount3 handed over.
+    config.clone_fd = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(DEV_FUSE)
+        .is_ok();
+    let acl = if Uid::effective().is_root() || allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.acl = acl;
+    Session::from_fd(fs, fd, acl, config)
 }
 
 pub(super) fn mount_failed(request: &MountRequest, cause: io::Error) -> MountError {

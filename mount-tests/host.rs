@@ -154,19 +154,13 @@ if said == "attach" and sys.argv[3] == "1":
         }
         false => Command::new(PYTHON),
     };
-    let out = command
+    ok(command
         .args(["-c", script])
         .arg(socket)
         .arg(line)
         .arg(if with_pipe { "1" } else { "0" })
         .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+        .unwrap())
 }
 
 #[test]

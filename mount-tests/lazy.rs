@@ -231,8 +231,9 @@ fn a_lazy_mount_reads_a_file_from_a_few_spans_and_equals_the_eager_mount() {
     assert_eq!(describe(&offline_mnt), describe(&eager_mnt));
 }
 
-/// The sparse files lazy mounts of `cache` keep in its temp space, with their sizes.
-fn sparse_copies(cache: &Path) -> Vec<(PathBuf, u64)> {
+/// The sparse files lazy mounts of `cache` keep in its temp space (a blob, and a tar or a
+/// table's served space), with their sizes.
+pub(super) fn sparse_copies(cache: &Path) -> Vec<(PathBuf, u64)> {
     let listing = run(Command::new("find")
         .arg(cache.join("v1/tmp"))
         .args([
@@ -244,6 +245,9 @@ fn sparse_copies(cache: &Path) -> Vec<(PathBuf, u64)> {
             "-o",
             "-name",
             "content.tar",
+            "-o",
+            "-name",
+            "served",
             ")",
         ])
         .args(["-printf", "%p %s\n"]));
@@ -257,7 +261,7 @@ fn sparse_copies(cache: &Path) -> Vec<(PathBuf, u64)> {
 }
 
 /// Drops the page cache, so that the next reads of a mount reach its server.
-fn drop_page_cache() {
+pub(super) fn drop_page_cache() {
     nix::unistd::sync();
     std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
 }

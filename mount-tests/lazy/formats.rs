@@ -156,6 +156,14 @@ fn completes_as_the_eager_mount(work: &Path, reference: &str, through_proxy: &st
         lazy.log().contains("complete and in the cache")
     });
     assert_eq!(describe(&mnt), describe(&eager_mnt));
+    // Its reads now go to the cache's tar through each file's run: the mount's own copies
+    // are emptied, and the tree read again from there is the same.
+    let own = sparse_copies(&cache);
+    assert_eq!(own.len(), 2, "{own:?}");
+    assert!(own.iter().all(|(_, len)| *len == 0), "{own:?}");
+    assert!(lazy.log().contains("now read from there"), "{}", lazy.log());
+    drop_page_cache();
+    assert_eq!(describe(&mnt), describe(&eager_mnt));
     drop(lazy);
     let offline_mnt = work.join("offline");
     let _offline = Mounted::new(&cache, &["--offline", through_proxy], &offline_mnt);

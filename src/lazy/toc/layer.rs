@@ -24,7 +24,7 @@ use crate::layer::{Entry, EntryKind, LayerIndex};
 use crate::lazy::index::sha256;
 use crate::lazy::layer::{LazyLayer, Spans};
 use crate::lazy::reads::Reads;
-use crate::lazy::served::Sparse;
+use crate::lazy::served::{Run, Sparse};
 use crate::oci::digest::Digest;
 
 /// Compressed bytes a read fetches from its chunk's member on, at least: the members after
@@ -57,6 +57,8 @@ pub struct TocLayer {
     refused: AtomicBool,
     /// Where the files the layer lists to prefetch end in the served space (0: none).
     prefetch: u64,
+    /// Each file's run in the served space and in the tar, once completion found them equal.
+    runs: std::sync::OnceLock<Vec<Run>>,
 }
 
 impl std::fmt::Debug for TocLayer {
@@ -95,6 +97,7 @@ impl TocLayer {
             fetched: AtomicU64::new(0),
             refused: AtomicBool::new(false),
             prefetch,
+            runs: Default::default(),
         })
     }
 
@@ -262,15 +265,20 @@ impl LazyLayer for TocLayer {
     }
 
     fn read_exact_at(&self, buf: &mut [u8], at: u64) -> io::Result<()> {
-        self.ensure(at, at + buf.len() as u64)?;
+        if !self.files.is_handed_over() {
+            self.ensure(at, at + buf.len() as u64)?;
+        }
         self.files.read_exact_at(buf, at)
     }
 
-    /// The table lays files out end to end, not as the tar does: the served space stays (and
-    /// answers as it did); only the sparse blob, now in the cache, is emptied.
-    fn hand_over(&self, _content: &Path) -> Result<bool> {
-        self.files.release_blob()?;
-        Ok(false)
+    /// The table lays files out end to end, not as the tar does: reads go to the tar through
+    /// each file's run, as [`entries_match`](LazyLayer::entries_match) found them equal.
+    fn hand_over(&self, content: &Path) -> Result<bool> {
+        match self.runs.get() {
+            Some(runs) => self.files.hand_over_mapped(content, runs.clone())?,
+            None => self.files.release_blob()?,
+        }
+        Ok(self.runs.get().is_some())
     }
 
     fn digest(&self) -> &Digest {
@@ -359,8 +367,21 @@ impl LazyLayer for TocLayer {
             && self.same_bytes(&ours, &theirs, content).unwrap_or(false);
         if !same {
             self.refused.store(true, Ordering::SeqCst);
+            return false;
         }
-        same
+        let runs = ours
+            .iter()
+            .zip(&theirs)
+            .filter_map(|((entry, served), (_, tar))| match entry.kind {
+                EntryKind::File { size, .. } if size > 0 => Some(Run {
+                    served: *served,
+                    len: size,
+                    tar: *tar,
+                }),
+                _ => None,
+            });
+        let _ = self.runs.set(runs.collect());
+        true
     }
 }
 

@@ -193,13 +193,24 @@ fn each_file_is_served_from_its_own_members_byte_for_byte() {
     let cached = tar_file(dir.path(), &tar);
     assert!(layer.entries_match(&entries(&tar), &cached));
     assert!(!layer.is_refused());
-    // Laid out otherwise than the tar, the served space stays; the blob copy is given back.
-    assert!(!layer.hand_over(&cached).unwrap());
-    assert_eq!(std::fs::metadata(layer.blob_path()).unwrap().len(), 0);
-    let mut bytes = vec![0; noise().len()];
-    let (at, _) = file(&index, "big.bin");
-    layer.read_exact_at(&mut bytes, at).unwrap();
-    assert_eq!(bytes, noise());
+    // Laid out otherwise than the tar, reads go to the tar through each file's run, and both
+    // sparse copies are given back.
+    assert!(layer.hand_over(&cached).unwrap());
+    for sparse in [layer.blob_path(), layer.content_path()] {
+        assert_eq!(std::fs::metadata(sparse).unwrap().len(), 0, "{sparse:?}");
+    }
+    let read = |path: &str| {
+        let (at, size) = file(&index, path);
+        let mut bytes = vec![0; size as usize];
+        layer.read_exact_at(&mut bytes, at).map(|()| bytes)
+    };
+    assert_eq!(read("big.bin").unwrap(), noise());
+    assert_eq!(read("lib/a.js").unwrap(), b"module.exports = 'a';\n");
+    assert_eq!(read("empty").unwrap(), b"");
+    // A range across two files' runs is none of them.
+    let (a, a_size) = file(&index, "lib/a.js");
+    let mut across = vec![0; a_size as usize + 1];
+    assert!(layer.read_exact_at(&mut across, a).is_err());
 }
 
 #[test]

@@ -18,7 +18,6 @@
 use std::io::{self, BufReader, IoSlice, Write};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -283,12 +282,13 @@ fn receive_fd(stream: &UnixStream) -> io::Result<OwnedFd> {
         ));
     }
     let fd = fds.pop().expect("one");
-    let meta = std::fs::File::from(fd.try_clone()?).metadata()?;
+    let stat = rustix::fs::fstat(&fd)?;
     let device = (
-        rustix::fs::major(meta.rdev()),
-        rustix::fs::minor(meta.rdev()),
+        rustix::fs::major(stat.st_rdev),
+        rustix::fs::minor(stat.st_rdev),
     );
-    if !meta.file_type().is_char_device() || device != FUSE_DEVICE {
+    let kind = rustix::fs::FileType::from_raw_mode(stat.st_mode);
+    if kind != rustix::fs::FileType::CharacterDevice || device != FUSE_DEVICE {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "the descriptor is not a FUSE connection",

@@ -31,10 +31,16 @@ use crate::oci::image::Compression;
 /// it: from a jkmount lazy index ([`IndexedLayer`]) or from an eStargz layer's own table of
 /// contents ([`crate::lazy::toc::TocLayer`]). Offsets are those of the tree's file nodes.
 pub trait LazyLayer: Send + Sync + std::fmt::Debug {
+    /// Its sparse blob and served copy, and the hand-over to the cache's content.
+    fn files(&self) -> &Sparse;
     /// The sparse file the tree's offsets point into.
-    fn content_path(&self) -> &Path;
+    fn content_path(&self) -> &Path {
+        self.files().served_path()
+    }
     /// The sparse compressed blob, whole once [`fill`](Self::fill) has returned.
-    fn blob_path(&self) -> &Path;
+    fn blob_path(&self) -> &Path {
+        self.files().blob_path()
+    }
     /// The layer's digest.
     fn digest(&self) -> &Digest;
     /// Compressed bytes fetched so far, and the blob's size.
@@ -59,9 +65,14 @@ pub trait LazyLayer: Send + Sync + std::fmt::Debug {
     /// blob into the tar at `content`); if not, the layer is refused from now on, and `false`
     /// is returned.
     fn entries_match(&self, entries: &LayerIndex, content: &Path) -> bool;
-    /// Reads `at..at + buf.len()` of the served space, making it present first: the one way
-    /// the mount reads a lazy layer.
-    fn read_exact_at(&self, buf: &mut [u8], at: u64) -> io::Result<()>;
+    /// Reads `at..at + buf.len()` of the served space, making it present first (once handed
+    /// over, it is all in the cache): the one way the mount reads a lazy layer.
+    fn read_exact_at(&self, buf: &mut [u8], at: u64) -> io::Result<()> {
+        if !self.files().is_handed_over() {
+            self.ensure(at, at + buf.len() as u64)?;
+        }
+        self.files().read_exact_at(buf, at)
+    }
     /// Once the completed layer's `content` (its tar in the cache) is checked against it:
     /// serves later reads from `content` where the layouts agree (`true`; the mount then reads
     /// the layer as an eager one does), and empties the sparse files no longer needed.
@@ -484,21 +495,8 @@ impl LazyLayer for IndexedLayer {
         same
     }
 
-    /// The sparse uncompressed tar the tree's offsets point into.
-    fn content_path(&self) -> &Path {
-        self.files.served_path()
-    }
-
-    /// The sparse compressed blob, whole once [`fill`](Self::fill) has returned.
-    fn blob_path(&self) -> &Path {
-        self.files.blob_path()
-    }
-
-    fn read_exact_at(&self, buf: &mut [u8], at: u64) -> io::Result<()> {
-        if !self.files.is_handed_over() {
-            self.ensure(at, at + buf.len() as u64)?;
-        }
-        self.files.read_exact_at(buf, at)
+    fn files(&self) -> &Sparse {
+        &self.files
     }
 
     /// The index gives the tar's own offsets: the cache's content takes over as it is.

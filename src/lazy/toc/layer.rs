@@ -256,19 +256,8 @@ impl Drop for Fetching<'_> {
 }
 
 impl LazyLayer for TocLayer {
-    fn content_path(&self) -> &Path {
-        self.files.served_path()
-    }
-
-    fn blob_path(&self) -> &Path {
-        self.files.blob_path()
-    }
-
-    fn read_exact_at(&self, buf: &mut [u8], at: u64) -> io::Result<()> {
-        if !self.files.is_handed_over() {
-            self.ensure(at, at + buf.len() as u64)?;
-        }
-        self.files.read_exact_at(buf, at)
+    fn files(&self) -> &Sparse {
+        &self.files
     }
 
     /// The table lays files out end to end, not as the tar does: reads go to the tar through

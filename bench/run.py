@@ -10,7 +10,8 @@ writes docs/benchmarks.md. Timings are medians of BENCH_RUNS runs (default 3) wi
 Environment: BENCH_RUNS, BENCH_SKIP_INSTALL=1 (use what is installed), BENCH_OUT (markdown),
 BENCH_ONLY=lazy (only the lazy-mount rows and targets, printed, docs left alone), BENCH_ONLY=mounts
 (only the 5 and 50 mounts rows, printed), BENCH_ONLY=completed (only the rows read through lazy
-mounts once complete, beside eager ones, printed).
+mounts once complete, beside eager ones, printed), BENCH_ONLY=warm (only the warm-mount rows and
+their targets, printed).
 """
 
 import json
@@ -781,6 +782,18 @@ def main():
             finally:
                 jk.stop()
             return
+        if os.environ.get("BENCH_ONLY") == "warm":
+            rows, tools = warm_rows(large, reg, cache)
+            try:
+                for label, cells in rows:
+                    print(label, {k: v.shown() for k, v in cells.items()})
+                for text, figure, ok in targets(rows, 0):
+                    if "warm" in text:
+                        print(f"target: {text}: {figure} ({'met' if ok else 'missed'})")
+            finally:
+                for t in tools:
+                    attempt(f"stopping {t.name}", t.stop)
+            return
         log("packing the same layers as eStargz")
         large_estargz = pack_layers(layers, f"{reg}/bench/large-estargz:1", cache, "estargz")
         log("packing them as eStargz again, the files the require workload reads listed first")
@@ -1037,6 +1050,30 @@ def targets(rows, n_entries):
     lazy_targets(by, add)
     writes.targets(by, ratio, add)
     return out_
+
+
+def warm_rows(large, reg, cache):
+    """Only the warm-mount rows (BENCH_ONLY=warm): the large image through jkmount and
+    fuse-overlayfs, the tree file evicted, and the 1k- and 100k-file images. Returns (rows,
+    the tools to stop)."""
+    jk, fo = Jkmount(large, "large"), FuseOverlayfs(large, "large")
+    tools = [jk, fo]
+    for t in tools:
+        t.cold(PROBE)
+    rows = [("warm mount (all cached → mount live)",
+             {t.name: samples(lambda t=t: t.warm(PROBE)) for t in tools}),
+            ("warm mount, tree file evicted from the page cache",
+             {"jkmount": samples(lambda: jk.warm_evicted(PROBE))})]
+    probe = "jk/modules/d000/f0000.js"
+    for label, src, dirs, files in [("1k-file image", "src-1k", 10, 100),
+                                    ("100k-file image", "src-100k", 100, 1000)]:
+        ref = pack_layers([generated_tree(WORK / src, dirs, files)],
+                          f"{reg}/bench/{label.split('-')[0]}:1", cache)
+        t = Jkmount(ref, label.split()[0])
+        t.cold(probe)
+        tools.append(t)
+        rows.append((f"{label}: warm mount", {"jkmount": samples(lambda: t.warm(probe))}))
+    return rows, tools
 
 
 def mounts_rows(jk):

@@ -203,8 +203,13 @@ fn leftovers(cache: &Path) -> Vec<PathBuf> {
 
 /// The largest file named `name*` under the cache's `tmp/` (0 while there is none).
 fn largest_temp(cache: &Path, name: &str) -> u64 {
+    largest_under(&cache.join("v1/tmp"), name)
+}
+
+/// The largest file named `name*` under `dir` (0 while there is none).
+fn largest_under(dir: &Path, name: &str) -> u64 {
     let mut largest = 0;
-    let mut dirs = vec![cache.join("v1/tmp")];
+    let mut dirs = vec![dir.to_owned()];
     while let Some(dir) = dirs.pop() {
         for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
             let Ok(meta) = entry.metadata() else { continue };
@@ -268,7 +273,7 @@ fn a_pull_killed_in_a_layer_download_is_completed_by_the_next_run() {
     let cache = work.path().join("cache");
     let child = spawn_jkmount(&cache, &["pull", &reference]);
     kill_when(child, "128 KiB of the layer are written", || {
-        largest_temp(&cache, "blob") >= 128 * 1024
+        largest_under(&cache.join("v1/partial"), "") >= 128 * 1024
     });
     assert!(
         !cache
@@ -284,6 +289,12 @@ fn a_pull_killed_in_a_layer_download_is_completed_by_the_next_run() {
     );
     ok(jkmount(&cache, &["pull", &reference]));
     assert_eq!(leftovers(&cache), Vec::<PathBuf>::new());
+    let partial = cache.join("v1/partial");
+    assert_eq!(
+        std::fs::read_dir(&partial).unwrap().count(),
+        0,
+        "resumed into the blob"
+    );
     let mnt = work.path().join("mnt");
     let _m = super::Mounted::new(&cache, &["--offline", &reference], &mnt);
     assert_eq!(std::fs::read(mnt.join("noise")).unwrap().len(), 20_000 * 65);

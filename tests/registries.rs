@@ -186,6 +186,99 @@ fn a_layer_is_decoded_while_it_downloads() {
     assert!(verified.ends_with(": 0 damaged\n"), "{verified}");
 }
 
+/// A pull killed halfway through a layer (`SIGKILL`, as a reboot or the OOM killer would)
+/// leaves its bytes in `partial/`; the next process asks only for the rest. Then the attacks:
+/// bytes of the kept file changed (the blob is refused at its digest and fetched again from its
+/// start, never kept wrong), and a link planted in its place (removed, never written through).
+#[test]
+fn a_pull_killed_halfway_resumes_in_the_next_process() {
+    let registry = Registry::start();
+    let image = ImageBuilder::new()
+        .layer(&format!("f /noise 644 {}", noise(20_000)))
+        .build();
+    registry.push("libs/a:1", &image);
+    let proxy = FaultProxy::start(&registry.addr);
+    let layer = image.layers[0].digest.to_string();
+    let setup = Setup::new(QUICK);
+    let reference = format!("{}/libs/a:1", proxy.addr);
+    let partial = setup
+        .path("cache/v1/partial")
+        .join(image.layers[0].digest.hex());
+    let ranges = |proxy: &FaultProxy| -> Vec<(u16, Option<String>)> {
+        let seen = proxy.seen(&layer);
+        seen.iter().map(|s| (s.status, s.range.clone())).collect()
+    };
+
+    kill_halfway(&setup, &reference, &proxy, &layer, &partial);
+    ok(setup.run(&["pull", &reference]));
+    let seen = ranges(&proxy);
+    assert_eq!(seen[1..], [(206, Some("bytes=300000-".into()))], "{seen:?}");
+    assert!(!partial.exists(), "the partial file became the blob");
+    let verified = ok(setup.run(&["cache", "verify"]));
+    assert!(verified.ends_with(": 0 damaged\n"), "{verified}");
+
+    // Bytes of the kept file changed: resumed, refused at the digest, fetched from its start.
+    std::fs::remove_dir_all(setup.path("cache")).unwrap();
+    let proxy = FaultProxy::start(&registry.addr);
+    let reference = format!("{}/libs/a:1", proxy.addr);
+    kill_halfway(&setup, &reference, &proxy, &layer, &partial);
+    let planned = ok(setup.run(&["cache", "gc", "--dry-run"]));
+    assert!(
+        planned.contains(&format!("partial download of blob {layer}")),
+        "{planned}"
+    );
+    let mut kept = std::fs::read(&partial).unwrap();
+    kept[1000..2000].fill(b'x');
+    std::fs::write(&partial, &kept).unwrap();
+    let out = setup.run(&["pull", &reference]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(out);
+    assert!(err.contains("was not of this blob"), "{err}");
+    let seen = ranges(&proxy);
+    assert_eq!(
+        seen[1..],
+        [(206, Some("bytes=300000-".into())), (200, None)],
+        "{seen:?}"
+    );
+    let verified = ok(setup.run(&["cache", "verify"]));
+    assert!(verified.ends_with(": 0 damaged\n"), "{verified}");
+
+    // A link where the partial file belongs is removed, never followed.
+    std::fs::remove_dir_all(setup.path("cache")).unwrap();
+    ok(setup.run(&["cache", "ls"])); // makes the cache's directories
+    let victim = setup.path("victim");
+    std::fs::write(&victim, "not the cache's").unwrap();
+    std::os::unix::fs::symlink(&victim, &partial).unwrap();
+    ok(setup.run(&["pull", &reference]));
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "not the cache's");
+    assert!(std::fs::symlink_metadata(&partial).is_err());
+    let gc = ok(setup.run(&["cache", "gc"]));
+    assert!(!gc.contains("partial"), "{gc}");
+}
+
+/// Starts a pull whose layer transfer the proxy holds after 300,000 bytes, and kills it
+/// (`SIGKILL`) once those bytes are in the partial file.
+fn kill_halfway(setup: &Setup, reference: &str, proxy: &FaultProxy, layer: &str, partial: &Path) {
+    proxy.fail(
+        layer,
+        Fault::PauseAfter(300_000, Duration::from_secs(20)),
+        1,
+    );
+    let mut pull = setup
+        .command(&["pull", reference])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let held = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        std::fs::metadata(partial).is_ok_and(|m| m.len() == 300_000)
+    });
+    pull.kill().unwrap();
+    pull.wait().unwrap();
+    assert!(held, "the partial file never held the first 300,000 bytes");
+}
+
 /// The biggest `content.tar` under `dir`.
 fn largest_content(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {

@@ -7,8 +7,9 @@
 //! manifest or the index it came from; a kept image keeps its manifest, index, config, layer
 //! blobs and decoded layers, and a merged tree is kept while all the layers it was merged from
 //! are. Everything else — images nothing names, blobs and layers no kept image uses, trees of
-//! layers that go, lock files — is removed. `prune` removes chosen images (least recently used
-//! first) and the tags that name them, never one a live mount uses, then collects the same way.
+//! layers that go, partial downloads, lock files — is removed. `prune` removes chosen images
+//! (least recently used first) and the tags that name them, never one a live mount uses, then
+//! collects the same way.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
@@ -36,6 +37,8 @@ pub struct Inventory {
     blobs: BTreeMap<Digest, u64>,
     layers: BTreeMap<Digest, u64>,
     trees: Vec<StoredTree>,
+    /// Partial downloads: `(blob, bytes)`.
+    partials: BTreeMap<Digest, u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -169,6 +172,10 @@ impl Inventory {
         for (diff_id, path) in cache.named_entries("layers/sha256")? {
             inventory.layers.insert(diff_id, dir_size(&path)?);
         }
+        for (digest, path) in cache.named_entries(super::blob::PARTIAL_DIR)? {
+            let size = fs::symlink_metadata(&path).at(&path)?.len();
+            inventory.partials.insert(digest, size);
+        }
         for (key, path) in cache.named_entries("trees")? {
             inventory.trees.push(StoredTree {
                 key,
@@ -180,9 +187,10 @@ impl Inventory {
         Ok(inventory)
     }
 
-    /// Bytes held by blobs, layers and trees.
+    /// Bytes held by blobs, layers, trees and partial downloads.
     pub fn total_size(&self) -> u64 {
-        self.blobs.values().sum::<u64>()
+        self.partials.values().sum::<u64>()
+            + self.blobs.values().sum::<u64>()
             + self.layers.values().sum::<u64>()
             + self.trees.iter().map(|t| t.size).sum::<u64>()
     }
@@ -345,6 +353,14 @@ impl Inventory {
             plan.remove.push((
                 format!("layer {diff_id}"),
                 self.root.join("layers/sha256").join(diff_id.hex()),
+                *size,
+            ));
+        }
+        // Nothing downloads while `gc` runs (it holds the cache alone): what is there stopped.
+        for (digest, size) in &self.partials {
+            plan.remove.push((
+                format!("partial download of blob {digest}"),
+                self.root.join(super::blob::PARTIAL_DIR).join(digest.hex()),
                 *size,
             ));
         }

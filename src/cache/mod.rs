@@ -17,6 +17,7 @@
 //!     roots/<hash>              symlinks to lockfiles whose pins `gc` keeps
 //!     run/<tree key>.sock       a live server taking further mounts of its tree (mount::host)
 //!     locks/                    lock files (see [`lock`])
+//!     partial/<hex>             a blob download that stopped, resumed by the next (see [`blob`])
 //!     tmp/<session>/            work in progress, on the same filesystem so rename is atomic
 //! ```
 //! Readers never see a half-written file: everything is renamed in whole. Layers, blobs and
@@ -25,6 +26,7 @@
 //! [`gc`]; [`verify`] re-hashes it all; [`persist`] is the versioned form of derived files;
 //! [`trust`] checks that the cache is this user's alone.
 
+mod blob;
 pub mod gc;
 pub mod growing;
 pub mod layers;
@@ -36,7 +38,7 @@ mod trust;
 pub mod verify;
 
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -46,7 +48,8 @@ use serde::{Deserialize, Serialize};
 use bytesize::ByteSize;
 
 use crate::error::{Error, IoContext, Result};
-use crate::oci::digest::{Digest, HashingWriter};
+use crate::oci::digest::Digest;
+pub use blob::BlobWriter;
 use lock::{LockGuard, Session};
 
 /// The directory inside the cache that holds this version of the layout.
@@ -220,41 +223,6 @@ impl Cache {
         })
     }
 
-    /// Starts writing a blob that must hash to `expected`.
-    pub fn blob_writer(&self, expected: &Digest) -> Result<BlobWriter> {
-        self.new_blob_writer(expected, None)
-    }
-
-    /// A blob writer whose bytes `growing` can be read while they are written: each write
-    /// reaches the file at once and is published. The reader gets the open file, not its
-    /// name, so it reads on after the blob is renamed in or the temp file removed.
-    pub fn followed_blob_writer(
-        &self,
-        expected: &Digest,
-        growing: Arc<growing::Growing>,
-    ) -> Result<BlobWriter> {
-        self.new_blob_writer(expected, Some(growing))
-    }
-
-    fn new_blob_writer(
-        &self,
-        expected: &Digest,
-        growing: Option<Arc<growing::Growing>>,
-    ) -> Result<BlobWriter> {
-        let tmp = self.temp_path("blob");
-        let file = private_file(&tmp)?;
-        if let Some(growing) = &growing {
-            growing.started(file.try_clone().at(&tmp)?);
-        }
-        Ok(BlobWriter {
-            out: Some(HashingWriter::new(BufWriter::new(file))),
-            tmp,
-            dest: self.blob_path(expected),
-            expected: expected.clone(),
-            followed: growing.map(|g| (g, 0)),
-        })
-    }
-
     /// Stores a blob held in memory after checking its digest and size.
     pub fn insert_blob(
         &self,
@@ -264,7 +232,7 @@ impl Cache {
         label: BlobLabel<'_>,
     ) -> Result<()> {
         let mut writer = self.blob_writer(digest)?;
-        writer.write_all(bytes).at(&writer.tmp)?;
+        writer.write_all(bytes).at(writer.path())?;
         writer.commit(size, label).map(drop)
     }
 
@@ -412,76 +380,6 @@ impl Cache {
             remove_quietly(&tmp);
         }
         written
-    }
-}
-
-/// A blob being written; its bytes become visible only through [`BlobWriter::commit`].
-#[derive(Debug)]
-pub struct BlobWriter {
-    out: Option<HashingWriter<BufWriter<File>>>,
-    tmp: PathBuf,
-    dest: PathBuf,
-    expected: Digest,
-    /// Who reads it while it is written, and how many bytes are in the file.
-    followed: Option<(Arc<growing::Growing>, u64)>,
-}
-
-impl BlobWriter {
-    /// Checks digest and size and renames the blob into place, returning its path. On any
-    /// mismatch the temp file is removed and nothing is cached.
-    pub fn commit(mut self, size: Option<u64>, label: BlobLabel<'_>) -> Result<PathBuf> {
-        let out = self.out.take().expect("commit consumes the writer");
-        let (file, found, count) = out.finish().at(&self.tmp)?;
-        let file = file
-            .into_inner()
-            .map_err(|e| Error::io(&self.tmp, e.into_error()))?;
-        file.sync_data().at(&self.tmp)?;
-        if found != self.expected {
-            return Err(Error::DigestMismatch {
-                what: label.what,
-                reference: label.reference.to_owned(),
-                expected: self.expected.clone(),
-                found,
-            });
-        }
-        if let Some(expected) = size.filter(|&s| s != count) {
-            return Err(Error::SizeMismatch {
-                what: label.what,
-                reference: label.reference.to_owned(),
-                digest: self.expected.clone(),
-                expected,
-                found: count,
-            });
-        }
-        fs::rename(&self.tmp, &self.dest).at(&self.dest)?;
-        Ok(self.dest.clone())
-    }
-}
-
-impl Write for BlobWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let out = self.out.as_mut().expect("writer is open until commit");
-        let n = out.write(buf)?;
-        if let Some((growing, written)) = &mut self.followed {
-            out.flush()?;
-            *written += n as u64;
-            growing.wrote(*written);
-        }
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.out
-            .as_mut()
-            .expect("writer is open until commit")
-            .flush()
-    }
-}
-
-impl Drop for BlobWriter {
-    fn drop(&mut self) {
-        if self.tmp.exists() {
-            remove_quietly(&self.tmp);
-        }
     }
 }
 

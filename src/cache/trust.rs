@@ -26,6 +26,7 @@ const SUBDIRS: &[&str] = &[
     "mounts",
     "roots",
     "run",
+    "partial",
     "locks/entries",
     "tmp",
 ];

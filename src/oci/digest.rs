@@ -161,6 +161,24 @@ impl<W: Write> HashingWriter<W> {
         }
     }
 
+    /// Wraps `inner`, which holds already the bytes `held` reads: they are hashed and counted
+    /// as if written (a download continued where an earlier one stopped).
+    pub fn continuing(inner: W, mut held: impl io::Read) -> io::Result<Self> {
+        let mut writer = Self::new(inner);
+        let mut buf = vec![0; 256 << 10];
+        loop {
+            match held.read(&mut buf) {
+                Ok(0) => return Ok(writer),
+                Ok(n) => {
+                    writer.hasher.update(&buf[..n]);
+                    writer.count += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Bytes written so far.
     pub fn count(&self) -> u64 {
         self.count

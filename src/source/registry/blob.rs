@@ -17,21 +17,37 @@ use crate::cache::{BlobLabel, BlobWriter, Cache};
 use crate::error::{Error, IoContext, Result};
 use crate::oci::digest::Digest;
 
-/// The bytes received so far, whichever endpoint sent them.
+/// The bytes received so far, whichever endpoint (or earlier process) sent them.
 struct Download {
     writer: Option<BlobWriter>,
     received: u64,
+    /// The first bytes came from a partial download an earlier fetch left in the cache.
+    from_disk: bool,
     /// Who reads the bytes as they arrive, if anyone.
     follow: Option<Arc<Growing>>,
 }
 
 impl Download {
-    fn start_over(&mut self, cache: &Cache, digest: &Digest) -> Result<()> {
-        self.writer = Some(match &self.follow {
-            Some(growing) => cache.followed_blob_writer(digest, growing.clone())?,
-            None => cache.blob_writer(digest)?,
-        });
+    /// Opens the writer, continuing the partial download the cache holds of the blob unless
+    /// `fresh`.
+    fn open(&mut self, cache: &Cache, blob: &Blob<'_>, fresh: bool) -> Result<()> {
+        self.writer = None; // lets go of the partial file first
+        let follow = self.follow.clone();
+        let (writer, held) = cache.resumable_blob_writer(blob.digest, blob.size, follow, fresh)?;
+        self.writer = Some(writer);
+        self.received = held;
+        self.from_disk = held > 0;
+        Ok(())
+    }
+
+    /// Empties the download, to take the blob from its first byte.
+    fn start_over(&mut self, cache: &Cache, blob: &Blob<'_>) -> Result<()> {
+        match &mut self.writer {
+            Some(writer) => writer.start_over().at(writer.path())?,
+            None => return self.open(cache, blob, true),
+        }
         self.received = 0;
+        self.from_disk = false;
         Ok(())
     }
 }
@@ -83,39 +99,71 @@ impl RegistrySource {
         let mut download = Download {
             writer: None,
             received: 0,
+            from_disk: false,
             follow,
         };
-        download.start_over(cache, blob.digest)?;
-        let mut failure = None;
+        download.open(cache, blob, false)?;
         let what = format!("{} {} of {}", blob.what, blob.digest, self.shown());
+        if download.from_disk {
+            tracing::info!(
+                "{what}: resuming the download an earlier one left, from byte {}",
+                download.received
+            );
+            self.registries
+                .progress
+                .resumed(blob.digest, download.received);
+        }
+        let mut failure = None;
         for remote in &self.remotes().await?.by_digest {
-            let mut tries = self.tries_at(remote, &what);
-            let transferred = loop {
-                let outcome = self.transfer(cache, remote, blob, &mut download).await;
-                if let std::ops::ControlFlow::Break(answer) = tries.judge(outcome).await {
-                    break answer;
+            let error = loop {
+                let from_disk = download.from_disk;
+                match self
+                    .transfer_whole(cache, remote, blob, &mut download)
+                    .await
+                {
+                    Ok(()) => return Ok(()),
+                    // The kept bytes were not the start of this blob: once more from nothing.
+                    Err(Error::DigestMismatch { .. }) if from_disk => tracing::warn!(
+                        "{what}: the partial download kept in the cache was not of this blob; fetching it again from its start"
+                    ),
+                    Err(e) => break e,
                 }
-            };
-            let error = match transferred {
-                Ok(()) => {
-                    let writer = download.writer.take().expect("a writer is open");
-                    let label = BlobLabel {
-                        what: blob.what,
-                        reference: &self.shown(),
-                    };
-                    match writer.commit(Some(blob.size), label) {
-                        Ok(_) => return Ok(()),
-                        Err(e) => {
-                            download.start_over(cache, blob.digest)?;
-                            e
-                        }
-                    }
-                }
-                Err(e) => e,
             };
             failure = Some(super::pass_over(remote, error)?);
         }
         Err(failure.expect("the registry itself is always the last endpoint"))
+    }
+
+    /// The blob from one endpoint, with its retries, checked and renamed into the cache. A
+    /// blob that does not match its digest leaves the download empty, to start over.
+    async fn transfer_whole(
+        &self,
+        cache: &Cache,
+        remote: &Remote,
+        blob: &Blob<'_>,
+        download: &mut Download,
+    ) -> Result<()> {
+        let what = format!("{} {} of {}", blob.what, blob.digest, self.shown());
+        let mut tries = self.tries_at(remote, &what);
+        loop {
+            let outcome = self.transfer(cache, remote, blob, download).await;
+            if let std::ops::ControlFlow::Break(answer) = tries.judge(outcome).await {
+                answer?;
+                break;
+            }
+        }
+        let writer = download.writer.take().expect("a writer is open");
+        let label = BlobLabel {
+            what: blob.what,
+            reference: &self.shown(),
+        };
+        match writer.commit(Some(blob.size), label) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                download.start_over(cache, blob)?;
+                Err(e)
+            }
+        }
     }
 
     /// One try at one endpoint, continuing from `download.received`.
@@ -132,6 +180,9 @@ impl RegistrySource {
             registry: registry.clone(),
             detail: format!("{} {}: {detail}", blob.what, blob.digest),
         };
+        if download.received == blob.size {
+            return Ok(()); // all there already (a partial download cut short of its rename)
+        }
         let authorization = self.authorization(remote).await?;
         let url = format!(
             "{}/v2/{}/blobs/{}",
@@ -154,7 +205,7 @@ impl RegistrySource {
         let status = response.status().as_u16();
         let start_over = |download: &mut Download| {
             download
-                .start_over(cache, blob.digest)
+                .start_over(cache, blob)
                 .map_err(Failure::Final)
                 .map(|()| self.registries.progress.resumed(blob.digest, 0))
         };

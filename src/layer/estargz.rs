@@ -99,10 +99,52 @@ pub(crate) struct TocEntry {
     pub(crate) chunk_type: String,
 }
 
+/// The most entries (files, directories, links and later chunks) a table of contents may
+/// list: as many as a layer may have by default. Parsed entries take about 250 bytes each, so
+/// a table of minimal entries (`{}`, 3 bytes of JSON) cannot make 64 MiB of JSON into many
+/// gigabytes of memory.
+pub const MAX_TOC_ENTRIES: usize = super::DEFAULT_MAX_ENTRIES as usize;
+
 /// A table of contents.
 #[derive(Debug, serde::Deserialize)]
 pub(crate) struct Toc {
+    #[serde(deserialize_with = "at_most_max_entries")]
     pub(crate) entries: Vec<TocEntry>,
+}
+
+fn at_most_max_entries<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<TocEntry>, D::Error> {
+    deserializer.deserialize_seq(AtMost::<MAX_TOC_ENTRIES>)
+}
+
+/// A list of at most `N` entries, refused at entry `N + 1` (before it is parsed).
+struct AtMost<const N: usize>;
+
+impl<'de, const N: usize> serde::de::Visitor<'de> for AtMost<N> {
+    type Value = Vec<TocEntry>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a list of at most {N} entries")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut entries = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+        loop {
+            if entries.len() == N {
+                return match seq.next_element::<serde::de::IgnoredAny>()? {
+                    None => Ok(entries),
+                    Some(_) => Err(serde::de::Error::custom(format!(
+                        "it lists more than {N} entries"
+                    ))),
+                };
+            }
+            match seq.next_element()? {
+                Some(entry) => entries.push(entry),
+                None => return Ok(entries),
+            }
+        }
+    }
 }
 
 /// What an entry is, as a table of contents and a tar both say it.
@@ -273,6 +315,28 @@ fn positioned(content: &std::fs::File, offset: u64) -> std::io::Result<std::fs::
 mod tests {
     use super::*;
     use std::io::{Read, Write};
+
+    /// A table of minimal entries is refused at entry `MAX_TOC_ENTRIES + 1`; exactly the bound
+    /// is taken.
+    #[test]
+    fn a_table_listing_more_than_the_bound_is_refused() {
+        let json = |n: usize| format!("{{\"entries\":[{}]}}", vec!["{}"; n].join(","));
+        let err = serde_json::from_str::<Toc>(&json(MAX_TOC_ENTRIES + 1)).unwrap_err();
+        assert!(
+            err.to_string().contains("more than 2000000 entries"),
+            "{err}"
+        );
+        let three = |n: usize| {
+            let json = format!("[{}]", vec!["{}"; n].join(","));
+            serde::Deserializer::deserialize_seq(
+                &mut serde_json::Deserializer::from_str(&json),
+                AtMost::<3>,
+            )
+            .map(|entries| entries.len())
+        };
+        assert_eq!(three(3).unwrap(), 3);
+        assert!(three(4).is_err());
+    }
 
     /// An eStargz layer's tar as `pack --compression estargz` writes it.
     fn estargz_tar(dir: &std::path::Path) -> Vec<u8> {

@@ -81,7 +81,7 @@ fn mounts_of_one_tree_share_one_server_which_ends_with_the_last() {
     let mounted_a = Mounted::new(&cache, &[&reference], &a);
     let mounted_b = Mounted::new(&cache, &[&reference], &b);
     let _c = Mounted::new(&cache, &["--modules", &reference], &c);
-    let _d = Mounted::new(&cache, &["--writable", &reference], &d);
+    let mounted_d = Mounted::new(&cache, &["--writable", &reference], &d);
     let host = server_of(&cache, &a);
     let socket = socket_of(&cache, &a);
     assert!(socket.exists());
@@ -121,8 +121,30 @@ fn mounts_of_one_tree_share_one_server_which_ends_with_the_last() {
 
     // A new mount of the tree has a new server.
     let _a = Mounted::new(&cache, &[&reference], &a);
-    assert_ne!(server_of(&cache, &a), host);
+    let killed = server_of(&cache, &a);
+    assert_ne!(killed, host);
     assert_eq!(read(&a), "module.exports = 'b';");
+
+    // A server killed leaves its socket, which `cache gc` removes once nothing mounts the tree
+    // (and not while a live server's mount does, nor while the writable mount of the same
+    // tree, served by a process of its own, lives).
+    let gc = || ok(super::support::jkmount(&cache, &["cache", "gc"]));
+    assert!(!gc().contains("socket"));
+    drop(mounted_d);
+    assert!(socket.exists());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(killed as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until("the killed server is gone", || is_gone(killed));
+    assert!(socket.exists());
+    unmount(&a);
+    // The writable mount's server may still be ending (its record is live until it has).
+    wait_until("gc removes the dead server's socket", || {
+        gc().contains("socket of a server of tree")
+    });
+    assert!(!socket.exists());
 }
 
 /// Runs python3 connected to the server's socket at `socket` (as `user` when given), sending

@@ -7,9 +7,9 @@
 //! manifest or the index it came from; a kept image keeps its manifest, index, config, layer
 //! blobs and decoded layers, and a merged tree is kept while all the layers it was merged from
 //! are. Everything else — images nothing names, blobs and layers no kept image uses, trees of
-//! layers that go, partial downloads, lock files — is removed. `prune` removes chosen images
-//! (least recently used first) and the tags that name them, never one a live mount uses, then
-//! collects the same way.
+//! layers that go, partial downloads, sockets of servers that are gone, lock files — is
+//! removed. `prune` removes chosen images (least recently used first) and the tags that name
+//! them, never one a live mount uses, then collects the same way.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
@@ -39,6 +39,8 @@ pub struct Inventory {
     trees: Vec<StoredTree>,
     /// Partial downloads: `(blob, bytes)`.
     partials: BTreeMap<Digest, u64>,
+    /// The trees whose servers have a socket in `run/` (see `mount::host`).
+    sockets: Vec<Digest>,
 }
 
 #[derive(Debug, Clone)]
@@ -172,6 +174,9 @@ impl Inventory {
         for (diff_id, path) in cache.named_entries("layers/sha256")? {
             inventory.layers.insert(diff_id, dir_size(&path)?);
         }
+        inventory.sockets = (cache.named_entries("run")?.into_iter())
+            .map(|(key, _)| key)
+            .collect();
         for (digest, path) in cache.named_entries(super::blob::PARTIAL_DIR)? {
             let size = fs::symlink_metadata(&path).at(&path)?.len();
             inventory.partials.insert(digest, size);
@@ -356,6 +361,17 @@ impl Inventory {
                 *size,
             ));
         }
+        // A live server has a live mount of its tree (it registers its own before it lets go
+        // of the cache, and each it takes): a socket of a tree nothing mounts is a dead one's.
+        for key in &self.sockets {
+            if !self.mounts.iter().any(|m| m.tree == *key) {
+                plan.remove.push((
+                    format!("socket of a server of tree {key} that is gone"),
+                    self.root.join("run").join(format!("{}.sock", key.hex())),
+                    0,
+                ));
+            }
+        }
         // Nothing downloads while `gc` runs (it holds the cache alone): what is there stopped.
         for (digest, size) in &self.partials {
             plan.remove.push((
@@ -443,6 +459,22 @@ mod tests {
             .collect();
         inventory.images = images;
         inventory
+    }
+
+    #[test]
+    fn gc_removes_the_sockets_of_servers_that_are_gone_only() {
+        let a = image("a", 10);
+        let mut inv = inventory(vec![a.clone()], &[&a]);
+        inv.sockets = vec![d("tree"), d("gone")];
+        let plan = inv.garbage();
+        let sockets: Vec<&PathBuf> = plan
+            .remove
+            .iter()
+            .filter(|(what, _, _)| what.starts_with("socket"))
+            .map(|(_, path, _)| path)
+            .collect();
+        let gone = PathBuf::from(format!("/cache/v1/run/{}.sock", d("gone").hex()));
+        assert_eq!(sockets, [&gone]);
     }
 
     fn removed(plan: &Plan) -> Vec<&str> {

@@ -255,6 +255,7 @@ impl FsCore {
         offset: u64,
     ) -> Result<impl Iterator<Item = Result<DirEntry<'_>, FsError>>, FsError> {
         let id = self.id(ino)?;
+        self.tree.listing();
         let (entries, parent) = self.dir(id)?;
         let dots = [
             Ok((&b"."[..], id)),

@@ -59,6 +59,10 @@ pub struct TreeFile {
     sections: Sections,
     nodes: u32,
     blocks: u64,
+    /// The file mapped, to read ahead ([`TreeFile::listing`]).
+    file: Option<File>,
+    /// Set once the whole file has been asked for.
+    read_ahead: std::sync::Once,
 }
 
 /// Why a file could not be used as a tree: another format (rebuild it) or an I/O error.
@@ -81,7 +85,13 @@ impl TreeFile {
             Err(e) => return Err(Unusable::Io(e)),
         };
         let map = map_immutable(&file).map_err(Unusable::Io)?;
-        Self::parse(path, Bytes::Mapped(map)).map(Some)
+        // A fault reads only its page (not the device's read-ahead, 2 MiB on some disks),
+        // so that a warm mount whose tree is not in memory reads the few pages of the path it
+        // is first asked for; a listing reads the rest ([`TreeFile::listing`]).
+        let _ = map.advise(memmap2::Advice::Random);
+        let mut tree = Self::parse(path, Bytes::Mapped(map))?;
+        tree.file = Some(file);
+        Ok(Some(tree))
     }
 
     /// `tree` laid out in memory, for a mount that needs no file (tests, tools).
@@ -113,7 +123,26 @@ impl TreeFile {
             blocks: header.blocks.get(),
             sections,
             bytes,
+            file: None,
+            read_ahead: std::sync::Once::new(),
         })
+    }
+
+    /// Told that a directory is being listed: whatever lists one (`find`, `tar`, a bundler's
+    /// scan) will likely list many, so from the first listing on the whole file is read ahead,
+    /// once, in the background, instead of a fault per page.
+    pub fn listing(&self) {
+        self.read_ahead.call_once(|| {
+            let (Bytes::Mapped(map), Some(file)) = (&self.bytes, &self.file) else {
+                return;
+            };
+            let _ = map.advise(memmap2::Advice::Normal);
+            let Ok(file) = file.try_clone() else { return };
+            let len = map.len() as u64;
+            let _ = std::thread::Builder::new()
+                .name("jkmount-tree-ahead".into())
+                .spawn(move || read_ahead(&file, len));
+        });
     }
 
     /// The file it was mapped from; empty if it was encoded in this process.
@@ -327,6 +356,27 @@ impl TreeFile {
         }
         self.layers()?;
         Ok(())
+    }
+}
+
+/// Asks the kernel to read `len` bytes of `file` into the page cache, without waiting for
+/// them. One request reads at most the device's read-ahead or largest I/O (128 KiB by default),
+/// so the file is asked for in pieces of that size.
+fn read_ahead(file: &File, len: u64) {
+    use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
+    const PIECE: u64 = 128 << 10;
+    for at in (0..len).step_by(PIECE as usize) {
+        let piece = PIECE.min(len - at) as i64;
+        if posix_fadvise(
+            file,
+            at as i64,
+            piece,
+            PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+        )
+        .is_err()
+        {
+            return;
+        }
     }
 }
 

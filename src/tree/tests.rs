@@ -291,3 +291,74 @@ fn a_forged_reference_answers_an_error_naming_the_node_never_another_file() {
     assert!(matches!(fs.getattr(6), Err(FsError::Damaged(_))));
     assert!(fs.tree().check().is_err());
 }
+
+/// One directory of `n` empty files: a tree file of many pages.
+fn wide(n: u32) -> Tree {
+    let entries = (1..=n)
+        .map(|i| (format!("f{i:06}").into_bytes(), i))
+        .collect();
+    let mut nodes = vec![node(NodeKind::Dir { entries, parent: 0 }, 2)];
+    let empty = NodeKind::File {
+        layer: 0,
+        offset: 0,
+        size: 0,
+    };
+    nodes.extend((0..n).map(|_| node(empty.clone(), 1)));
+    Tree { nodes }
+}
+
+/// Bytes of `path` in the page cache (whoever read them), as `mincore(2)` reports them.
+#[allow(unsafe_code)]
+fn resident(path: &std::path::Path) -> u64 {
+    let file = std::fs::File::open(path).unwrap();
+    // SAFETY: a read-only mapping of a file nothing writes while the test runs, never read
+    // here: mincore only looks its pages up.
+    let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+    let mut pages = vec![0u8; map.len().div_ceil(4096)];
+    // SAFETY: `pages` holds one byte for each page of the mapping, as mincore writes.
+    let rc = unsafe { libc::mincore(map.as_ptr() as *mut _, map.len(), pages.as_mut_ptr()) };
+    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+    pages.iter().filter(|&&p| p & 1 == 1).count() as u64 * 4096
+}
+
+#[test]
+fn a_mapped_tree_reads_only_the_pages_asked_for_until_a_directory_is_listed() {
+    // Under target/, on a disk: the page cache of a tmpfs cannot be dropped.
+    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+    let dir = tempfile::tempdir_in(target).unwrap();
+    let path = dir.path().join("tree.bin");
+    let bytes = layout::encode(&wide(100_000), &[Digest::of(b"layer")]).unwrap();
+    std::fs::write(&path, &bytes).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    file.sync_all().unwrap();
+    use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
+    posix_fadvise(&file, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED).unwrap();
+    assert_eq!(
+        resident(&path),
+        0,
+        "{path:?} was not evicted: this test needs a disk"
+    );
+
+    // A lookup reads the pages of its binary search, not the device's read-ahead around each.
+    let tree = TreeFile::map(&path).unwrap().unwrap();
+    assert_eq!(tree.lookup_path("/f050000").unwrap(), Some(50_000));
+    let read = resident(&path);
+    assert!(
+        read <= 40 * 4096,
+        "one lookup read {read} bytes of a {} byte tree",
+        bytes.len()
+    );
+
+    // A listing reads the rest ahead, in the background.
+    tree.listing();
+    let whole = (bytes.len() as u64).next_multiple_of(4096);
+    let start = std::time::Instant::now();
+    while resident(&path) < whole {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "after a listing, {} of {whole} bytes were read in 10 s",
+            resident(&path)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}

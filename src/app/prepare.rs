@@ -22,7 +22,11 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
         .at("cannot start the async runtime")
 }
 
-/// Pulls every image (in parallel; pinned ones at their pins), returning them in order.
+/// Pulls every image (concurrently; pinned ones at their pins), returning them in order, on a
+/// runtime of the calling thread alone: layers decode on blocking threads of their own, and a
+/// warm mount, whose pulls the cache answers, starts no thread for them (the two workers of a
+/// multi-threaded runtime, and the unmapping of their stacks when it ends, took 0.5 ms of a
+/// 5 ms warm mount; a cold mount from the loopback registry took the same time either way).
 pub fn pull_all(
     cache: &Cache,
     images: &[ImageRef],
@@ -33,7 +37,11 @@ pub fn pull_all(
         .iter()
         .zip(pins)
         .map(|(image, pin)| pull::pull_pinned(cache, image, pin.as_ref(), options));
-    runtime()?.block_on(futures_util::future::try_join_all(pulls))
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .at("cannot start the async runtime")?;
+    runtime.block_on(futures_util::future::try_join_all(pulls))
 }
 
 /// The images pulled and merged, with the cache held in use.

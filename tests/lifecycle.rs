@@ -323,6 +323,10 @@ fn set_last_used(cache: &Path, image: &BuiltImage, seconds_ago: u64) {
         .as_secs();
     record["last_used"] = (now - seconds_ago).into();
     std::fs::write(&path, serde_json::to_vec(&record).unwrap()).unwrap();
+    // A mount of an image whose record is unchanged sets only the file's mtime to its use.
+    let then = std::time::SystemTime::now() - std::time::Duration::from_secs(seconds_ago);
+    let file = std::fs::File::options().write(true).open(&path).unwrap();
+    file.set_modified(then).unwrap();
 }
 
 fn listed(cache: &Path) -> Vec<serde_json::Value> {

@@ -121,10 +121,32 @@ impl Cache {
             .join(format!("{}.json", manifest.hex()))
     }
 
-    /// Stores (or refreshes, with `last_used` now) the record of a pulled image.
+    /// Stores (or refreshes, with `last_used` now) the record of a pulled image. When the stored
+    /// record says the same but for its last use, only the file's mtime is set to it (what
+    /// [`image_records`](Self::image_records) reads as the last use when later): a warm mount
+    /// renames no file over another, which cost 0.3 ms of its 4.4.
     pub fn write_image_record(&self, record: &ImageRecord) -> Result<()> {
+        let path = self.image_record_path(&record.manifest);
+        let same_but_when = |stored: ImageRecord| {
+            let when = record.last_used;
+            ImageRecord {
+                last_used: when,
+                ..stored
+            } == *record
+        };
+        if let Ok(Some(stored)) = read_json::<ImageRecord>(&path)
+            && same_but_when(stored)
+        {
+            let when = UNIX_EPOCH + std::time::Duration::from_secs(record.last_used);
+            if fs::File::open(&path)
+                .and_then(|f| f.set_modified(when))
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
         let json = serde_json::to_vec_pretty(record).expect("an image record always serializes");
-        self.write_file_atomic(&self.image_record_path(&record.manifest), &json)
+        self.write_file_atomic(&path, &json)
     }
 
     /// Every image record. A damaged one is skipped with a warning (it only costs `gc` the
@@ -133,7 +155,12 @@ impl Cache {
         let mut out = Vec::new();
         for path in json_files(&self.root.join("images"))? {
             match read_json::<ImageRecord>(&path) {
-                Ok(Some(record)) => out.push(record),
+                Ok(Some(mut record)) => {
+                    let touched = fs::metadata(&path).and_then(|m| m.modified()).ok();
+                    let touched = touched.and_then(|t| t.duration_since(UNIX_EPOCH).ok());
+                    record.last_used = record.last_used.max(touched.map_or(0, |t| t.as_secs()));
+                    out.push(record)
+                }
                 Ok(None) => {}
                 Err(e) => tracing::warn!("{e}"),
             }
@@ -264,5 +291,57 @@ impl Cache {
         }
         out.sort();
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    fn record(name: &str, last_used: u64) -> ImageRecord {
+        ImageRecord {
+            name: name.to_owned(),
+            manifest: Digest::of(b"manifest"),
+            index: None,
+            platform: None,
+            config: Some(Digest::of(b"config")),
+            blobs: vec![Digest::of(b"blob")],
+            layers: vec![Digest::of(b"layer")],
+            lazy: None,
+            last_used,
+        }
+    }
+
+    #[test]
+    fn a_use_of_an_unchanged_image_moves_its_record_s_mtime_not_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let path = cache.image_record_path(&Digest::of(b"manifest"));
+        let inode = || fs::metadata(&path).unwrap().ino();
+        let last_used = || cache.image_records().unwrap()[0].last_used;
+
+        cache.write_image_record(&record("a:1", 1_000)).unwrap();
+        let first = inode();
+        assert_eq!(last_used(), 1_000.max(now_of(&path)));
+        // A later use: the same file, its mtime the last use.
+        let later = now_of(&path) + 3_600;
+        cache.write_image_record(&record("a:1", later)).unwrap();
+        assert_eq!(inode(), first);
+        assert_eq!(last_used(), later);
+        // Anything else changed: a new record, renamed in.
+        cache.write_image_record(&record("a:2", later + 1)).unwrap();
+        assert_ne!(inode(), first);
+        let records = cache.image_records().unwrap();
+        assert_eq!(
+            (records[0].name.as_str(), records[0].last_used),
+            ("a:2", later + 1)
+        );
+    }
+
+    /// The mtime of `path` in seconds since the epoch.
+    fn now_of(path: &Path) -> u64 {
+        fs::metadata(path).unwrap().mtime() as u64
     }
 }

@@ -241,6 +241,7 @@ impl FsCore {
     /// Looks `name` up in directory `parent`: `Ok(None)` when absent, which the kernel may
     /// cache as a negative entry.
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<Attr>, FsError> {
+        self.tree.looked_up();
         let (entries, _) = self.dir(self.id(parent)?)?;
         match entries.find(name).map_err(|e| self.damaged(e))? {
             Some(child) => self.attr(child).map(Some),

@@ -321,44 +321,68 @@ fn resident(path: &std::path::Path) -> u64 {
     pages.iter().filter(|&&p| p & 1 == 1).count() as u64 * 4096
 }
 
+/// The tree file at `path`, evicted from the page cache, served by a core.
+fn served_evicted(path: &std::path::Path) -> FsCore {
+    let file = std::fs::File::open(path).unwrap();
+    file.sync_all().unwrap();
+    use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
+    posix_fadvise(&file, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED).unwrap();
+    let read = resident(path);
+    assert_eq!(read, 0, "{path:?} was not evicted: this test needs a disk");
+    let mountable = Mountable {
+        tree: TreeFile::map(path).unwrap().unwrap(),
+        layers: vec![path.to_owned()],
+        name: "t".into(),
+        key: Digest::of(b"t"),
+        lazy: Vec::new(),
+    };
+    FsCore::new(mountable).unwrap()
+}
+
+/// Waits (10 s at most) until all of `path` is in the page cache.
+fn read_whole(path: &std::path::Path, after: &str) {
+    let whole = std::fs::metadata(path)
+        .unwrap()
+        .len()
+        .next_multiple_of(4096);
+    let start = std::time::Instant::now();
+    while resident(path) < whole {
+        let read = resident(path);
+        let waited = start.elapsed();
+        assert!(
+            waited < std::time::Duration::from_secs(10),
+            "after {after}, {read} of {whole} bytes were read in 10 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 #[test]
-fn a_mapped_tree_reads_only_the_pages_asked_for_until_a_directory_is_listed() {
+fn a_mapped_tree_reads_only_the_pages_asked_for_until_the_mount_is_in_use() {
     // Under target/, on a disk: the page cache of a tmpfs cannot be dropped.
     let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
     let dir = tempfile::tempdir_in(target).unwrap();
     let path = dir.path().join("tree.bin");
     let bytes = layout::encode(&wide(100_000), &[Digest::of(b"layer")]).unwrap();
     std::fs::write(&path, &bytes).unwrap();
-    let file = std::fs::File::open(&path).unwrap();
-    file.sync_all().unwrap();
-    use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
-    posix_fadvise(&file, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED).unwrap();
-    assert_eq!(
-        resident(&path),
-        0,
-        "{path:?} was not evicted: this test needs a disk"
-    );
+    let name = |i: u32| format!("f{i:06}").into_bytes();
 
-    // A lookup reads the pages of its binary search, not the device's read-ahead around each.
-    let tree = TreeFile::map(&path).unwrap().unwrap();
-    assert_eq!(tree.lookup_path("/f050000").unwrap(), Some(50_000));
-    let read = resident(&path);
-    assert!(
-        read <= 40 * 4096,
-        "one lookup read {read} bytes of a {} byte tree",
-        bytes.len()
-    );
-
-    // A listing reads the rest ahead, in the background.
-    tree.listing();
-    let whole = (bytes.len() as u64).next_multiple_of(4096);
-    let start = std::time::Instant::now();
-    while resident(&path) < whole {
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(10),
-            "after a listing, {} of {whole} bytes were read in 10 s",
-            resident(&path)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
+    // A few lookups read the pages of their binary searches, not the device's read-ahead
+    // around each.
+    let fs = served_evicted(&path);
+    for i in 1..super::file::LOOKUPS_BEFORE_READ_AHEAD {
+        assert!(fs.lookup(1, &name(i * 3_000)).unwrap().is_some());
     }
+    let read = resident(&path);
+    let len = bytes.len();
+    assert!(read <= 400 * 4096, "31 lookups read {read} bytes of {len}");
+    // One more, and the mount is in use: the rest is read ahead, in the background.
+    assert!(fs.lookup(1, &name(99_999)).unwrap().is_some());
+    read_whole(&path, "32 lookups");
+
+    // A listing does the same at once.
+    drop(fs);
+    let fs = served_evicted(&path);
+    assert_eq!(fs.readdir(1, 0).unwrap().take(3).count(), 3);
+    read_whole(&path, "a listing");
 }

@@ -96,14 +96,21 @@ fn assert_auth_file(auth_file: &Path, user: &str, password: &str) {
 
 const QUICK: &str = "[network]\nretries = 4\nretry-delay = \"50ms\"\n";
 
-#[test]
-fn transient_failures_are_retried_and_a_cut_layer_resumes_with_range() {
+/// A registry holding `libs/a:1`, one layer of 20,000 noise lines (over 600 kB compressed),
+/// and a fault proxy in front of it.
+fn noise_behind_a_proxy() -> (Registry, jkmount::fixture::BuiltImage, FaultProxy) {
     let registry = Registry::start();
     let image = ImageBuilder::new()
         .layer(&format!("f /noise 644 {}", noise(20_000)))
         .build();
     registry.push("libs/a:1", &image);
     let proxy = FaultProxy::start(&registry.addr);
+    (registry, image, proxy)
+}
+
+#[test]
+fn transient_failures_are_retried_and_a_cut_layer_resumes_with_range() {
+    let (_registry, image, proxy) = noise_behind_a_proxy();
     let layer = image.layers[0].digest.to_string();
     assert!(image.layers[0].blob.len() > 600_000);
     proxy.fail("/manifests/", Fault::Status(503, None), 1);
@@ -192,12 +199,7 @@ fn a_layer_is_decoded_while_it_downloads() {
 /// start, never kept wrong), and a link planted in its place (removed, never written through).
 #[test]
 fn a_pull_killed_halfway_resumes_in_the_next_process() {
-    let registry = Registry::start();
-    let image = ImageBuilder::new()
-        .layer(&format!("f /noise 644 {}", noise(20_000)))
-        .build();
-    registry.push("libs/a:1", &image);
-    let proxy = FaultProxy::start(&registry.addr);
+    let (registry, image, proxy) = noise_behind_a_proxy();
     let layer = image.layers[0].digest.to_string();
     let setup = Setup::new(QUICK);
     let reference = format!("{}/libs/a:1", proxy.addr);

@@ -46,7 +46,7 @@ test-property:
 # Integration: the CLI against a real docker-registry on 127.0.0.1. The limits tests run one
 # at a time: their peak-memory check sees every child of the test binary.
 test-integration:
-	$(CARGO) test --features test-support --test pull --test lying --test lifecycle --test registries --test pack --test extract
+	$(CARGO) test --features test-support --test pull --test lying --test lifecycle --test registries --test transfers --test pack --test extract
 	$(CARGO) test --features test-support --test limits -- --test-threads=1
 
 # Packaging: make install, the Debian package, the systemd units and the Kubernetes manifests

@@ -7,11 +7,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use jkmount::fixture::ImageBuilder;
-use sha2::{Digest as _, Sha256};
 
 use super::support::lying_registry::{Answer, LyingRegistry};
 use super::support::registry::Registry;
-use super::support::{fails, jkmount, jkmount_bin, ok};
+use super::support::{fails, jkmount, jkmount_bin, noise, ok};
 use super::{
     Mounted, WAIT, describe, extract_with_tar, is_mounted, node_value, push, run, wait_until,
 };
@@ -183,14 +182,6 @@ fn eight_mounts_at_once_beside_a_gc_loop_fetch_each_layer_once() {
         "{out}"
     );
     assert_eq!(listed(&cache), [(next.manifest.digest.to_string(), 0)]);
-}
-
-/// Text of `lines` lines of hex that gzip cannot shrink much, so layers are large on the wire.
-fn noise(lines: usize) -> String {
-    let text: String = (0..lines)
-        .map(|i| format!("{}\n", hex::encode(Sha256::digest(i.to_le_bytes()))))
-        .collect();
-    serde_json::to_string(&text).unwrap()
 }
 
 /// Every file under the cache's work area (the `tmp/` of every process).

@@ -6,6 +6,7 @@
 pub mod file;
 pub mod layout;
 pub mod merge;
+mod runs;
 
 use std::path::PathBuf;
 

@@ -6,6 +6,7 @@ pub mod fault_proxy;
 pub mod http_head;
 pub mod lying_registry;
 pub mod registry;
+pub mod setup;
 pub mod swapper;
 pub mod tls;
 pub mod token_server;
@@ -106,4 +107,19 @@ pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
         .build()
         .expect("runtime")
         .block_on(future)
+}
+
+/// Text of `lines` lines of hex (gzip shrinks it to about half), as a JSON string for a fixture
+/// spec: layers of some size on the wire.
+pub fn noise(lines: usize) -> String {
+    use sha2::Digest as _;
+    let text: String = (0..lines)
+        .map(|i| {
+            format!(
+                "{}\n",
+                hex::encode(sha2::Sha256::digest((i as u64).to_le_bytes()))
+            )
+        })
+        .collect();
+    serde_json::to_string(&text).unwrap()
 }

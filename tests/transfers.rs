@@ -15,12 +15,12 @@ use support::registry::Registry;
 use support::setup::{QUICK, Setup};
 use support::{fails, noise, ok};
 
-/// A registry holding `libs/a:1`, one layer of 20,000 noise lines (over 600 kB compressed),
-/// and a fault proxy in front of it.
-fn noise_behind_a_proxy() -> (Registry, jkmount::fixture::BuiltImage, FaultProxy) {
+/// A registry holding `libs/a:1`, one layer of `lines` noise lines (20,000 are over 600 kB
+/// compressed), and a fault proxy in front of it.
+fn noise_behind_a_proxy(lines: usize) -> (Registry, jkmount::fixture::BuiltImage, FaultProxy) {
     let registry = Registry::start();
     let image = ImageBuilder::new()
-        .layer(&format!("f /noise 644 {}", noise(20_000)))
+        .layer(&format!("f /noise 644 {}", noise(lines)))
         .build();
     registry.push("libs/a:1", &image);
     let proxy = FaultProxy::start(&registry.addr);
@@ -29,7 +29,7 @@ fn noise_behind_a_proxy() -> (Registry, jkmount::fixture::BuiltImage, FaultProxy
 
 #[test]
 fn transient_failures_are_retried_and_a_cut_layer_resumes_with_range() {
-    let (_registry, image, proxy) = noise_behind_a_proxy();
+    let (_registry, image, proxy) = noise_behind_a_proxy(20_000);
     let layer = image.layers[0].digest.to_string();
     assert!(image.layers[0].blob.len() > 600_000);
     proxy.fail("/manifests/", Fault::Status(503, None), 1);
@@ -72,12 +72,7 @@ fn transient_failures_are_retried_and_a_cut_layer_resumes_with_range() {
 /// whole and verified once the rest arrives.
 #[test]
 fn a_layer_is_decoded_while_it_downloads() {
-    let registry = Registry::start();
-    let image = ImageBuilder::new()
-        .layer(&format!("f /noise 644 {}", noise(120_000)))
-        .build();
-    registry.push("libs/a:1", &image);
-    let proxy = FaultProxy::start(&registry.addr);
+    let (_registry, image, proxy) = noise_behind_a_proxy(120_000);
     let layer = &image.layers[0];
     let half = layer.blob.len() / 2;
     assert!(half > 1_000_000, "{half}");
@@ -118,7 +113,7 @@ fn a_layer_is_decoded_while_it_downloads() {
 /// start, never kept wrong), and a link planted in its place (removed, never written through).
 #[test]
 fn a_pull_killed_halfway_resumes_in_the_next_process() {
-    let (registry, image, proxy) = noise_behind_a_proxy();
+    let (registry, image, proxy) = noise_behind_a_proxy(20_000);
     let layer = image.layers[0].digest.to_string();
     let setup = Setup::new(QUICK);
     let reference = format!("{}/libs/a:1", proxy.addr);

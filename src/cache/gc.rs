@@ -39,8 +39,8 @@ pub struct Inventory {
     trees: Vec<StoredTree>,
     /// Partial downloads: `(blob, bytes)`.
     partials: BTreeMap<Digest, u64>,
-    /// The trees whose servers have a socket in `run/` (see `mount::host`).
-    sockets: Vec<Digest>,
+    /// The sockets in `run/` (see `mount::host`), by the tree their server serves.
+    sockets: Vec<(Digest, PathBuf)>,
 }
 
 #[derive(Debug, Clone)]
@@ -174,9 +174,7 @@ impl Inventory {
         for (diff_id, path) in cache.named_entries("layers/sha256")? {
             inventory.layers.insert(diff_id, dir_size(&path)?);
         }
-        inventory.sockets = (cache.named_entries("run")?.into_iter())
-            .map(|(key, _)| key)
-            .collect();
+        inventory.sockets = cache.named_entries("run")?;
         for (digest, path) in cache.named_entries(super::blob::PARTIAL_DIR)? {
             let size = fs::symlink_metadata(&path).at(&path)?.len();
             inventory.partials.insert(digest, size);
@@ -363,11 +361,11 @@ impl Inventory {
         }
         // A live server has a live mount of its tree (it registers its own before it lets go
         // of the cache, and each it takes): a socket of a tree nothing mounts is a dead one's.
-        for key in &self.sockets {
+        for (key, path) in &self.sockets {
             if !self.mounts.iter().any(|m| m.tree == *key) {
                 plan.remove.push((
                     format!("socket of a server of tree {key} that is gone"),
-                    self.root.join("run").join(format!("{}.sock", key.hex())),
+                    path.clone(),
                     0,
                 ));
             }
@@ -465,7 +463,8 @@ mod tests {
     fn gc_removes_the_sockets_of_servers_that_are_gone_only() {
         let a = image("a", 10);
         let mut inv = inventory(vec![a.clone()], &[&a]);
-        inv.sockets = vec![d("tree"), d("gone")];
+        let run = |key: &str| PathBuf::from(format!("/cache/v1/run/{}.sock", d(key).hex()));
+        inv.sockets = vec![(d("tree"), run("tree")), (d("gone"), run("gone"))];
         let plan = inv.garbage();
         let sockets: Vec<&PathBuf> = plan
             .remove
@@ -473,8 +472,7 @@ mod tests {
             .filter(|(what, _, _)| what.starts_with("socket"))
             .map(|(_, path, _)| path)
             .collect();
-        let gone = PathBuf::from(format!("/cache/v1/run/{}.sock", d("gone").hex()));
-        assert_eq!(sockets, [&gone]);
+        assert_eq!(sockets, [&run("gone")]);
     }
 
     fn removed(plan: &Plan) -> Vec<&str> {

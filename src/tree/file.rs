@@ -34,8 +34,9 @@ pub(super) fn damaged(what: impl Into<String>) -> Damaged {
 /// The bytes of a tree file.
 #[derive(Debug)]
 enum Bytes {
-    /// The file in the cache, shared with every other process that maps it.
-    Mapped(memmap2::Mmap),
+    /// The file in the cache, shared with every other process that maps it; the file kept
+    /// open to read it ahead ([`TreeFile::listing`]).
+    Mapped(memmap2::Mmap, File),
     /// Encoded in this process (a merge just now, or a test).
     Owned(Vec<u8>),
 }
@@ -44,7 +45,7 @@ impl Deref for Bytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         match self {
-            Bytes::Mapped(map) => map,
+            Bytes::Mapped(map, _) => map,
             Bytes::Owned(vec) => vec,
         }
     }
@@ -59,11 +60,9 @@ pub struct TreeFile {
     sections: Sections,
     nodes: u32,
     blocks: u64,
-    /// The file mapped, to read ahead ([`TreeFile::listing`]).
-    file: Option<File>,
     /// Set once the whole file has been asked for.
     read_ahead: std::sync::Once,
-    /// Lookups told of, up to [`LOOKUPS_BEFORE_READ_AHEAD`].
+    /// Lookups told of, counted up to [`LOOKUPS_BEFORE_READ_AHEAD`] (a few more when they race).
     lookups: std::sync::atomic::AtomicU32,
 }
 
@@ -91,9 +90,7 @@ impl TreeFile {
         // so that a warm mount whose tree is not in memory reads the few pages of the path it
         // is first asked for; a listing reads the rest ([`TreeFile::listing`]).
         let _ = map.advise(memmap2::Advice::Random);
-        let mut tree = Self::parse(path, Bytes::Mapped(map))?;
-        tree.file = Some(file);
-        Ok(Some(tree))
+        Self::parse(path, Bytes::Mapped(map, file)).map(Some)
     }
 
     /// `tree` laid out in memory, for a mount that needs no file (tests, tools).
@@ -125,7 +122,6 @@ impl TreeFile {
             blocks: header.blocks.get(),
             sections,
             bytes,
-            file: None,
             read_ahead: std::sync::Once::new(),
             lookups: Default::default(),
         })
@@ -142,17 +138,19 @@ impl TreeFile {
     /// `require` makes hundreds), and the whole file is read ahead as for a listing; before, a
     /// lookup reads only the pages it touches (a warm mount's first path).
     pub fn looked_up(&self) {
-        let seen = self
-            .lookups
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if seen == LOOKUPS_BEFORE_READ_AHEAD - 1 {
+        use std::sync::atomic::Ordering::Relaxed;
+        // Only read once past the count: the workers' lookups then share the line unwritten.
+        if self.lookups.load(Relaxed) >= LOOKUPS_BEFORE_READ_AHEAD {
+            return;
+        }
+        if self.lookups.fetch_add(1, Relaxed) == LOOKUPS_BEFORE_READ_AHEAD - 1 {
             self.read_all_ahead();
         }
     }
 
     fn read_all_ahead(&self) {
         self.read_ahead.call_once(|| {
-            let (Bytes::Mapped(map), Some(file)) = (&self.bytes, &self.file) else {
+            let Bytes::Mapped(map, file) = &self.bytes else {
                 return;
             };
             let _ = map.advise(memmap2::Advice::Normal);

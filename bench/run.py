@@ -9,9 +9,9 @@ writes docs/benchmarks.md. Timings are medians of BENCH_RUNS runs (default 3) wi
 
 Environment: BENCH_RUNS, BENCH_SKIP_INSTALL=1 (use what is installed), BENCH_OUT (markdown),
 BENCH_ONLY=lazy (only the lazy-mount rows and targets, printed, docs left alone), BENCH_ONLY=mounts
-(only the 5 and 50 mounts rows, printed), BENCH_ONLY=completed (only the rows read through lazy
-mounts once complete, beside eager ones, printed), BENCH_ONLY=warm (only the warm-mount rows and
-their targets, printed).
+(only the 5 and 50 mounts rows and the keeper's 1, 10 and 50 volumes, printed),
+BENCH_ONLY=completed (only the rows read through lazy mounts once complete, beside eager ones,
+printed), BENCH_ONLY=warm (only the warm-mount rows and their targets, printed).
 """
 
 import json
@@ -278,7 +278,8 @@ class Jkmount(MountTool):
     def volumes(self, n, probe):
         """n CSI volumes of the image held by `jkmount keeper` (what the CSI plugin asks it
         for, over its socket): (seconds to mount them all, total Pss in MiB of the keeper and
-        the volumes' servers). The plugin itself is one process whatever n is."""
+        the volumes' servers, how many server processes). The plugin itself is one process
+        whatever n is."""
         socket_path = self.dir / "keeper.sock"
         targets = [self.dir / "volumes" / str(i) / "mount" for i in range(n)]
         keeper = subprocess.Popen([JK, "-q", "--cache-dir", self.cache, "keeper", "--listen",
@@ -310,10 +311,12 @@ class Jkmount(MountTool):
             took = timed(mount_all)
             for t in targets:
                 (t / probe).stat()
-            pss = smaps(keeper.pid)["Pss"] + sum(smaps(self.server_pid(t))["Pss"] for t in targets)
+            # One server may serve many volumes: each process counted once.
+            pids = {self.server_pid(t) for t in targets}
+            pss = smaps(keeper.pid)["Pss"] + sum(smaps(pid)["Pss"] for pid in pids)
             for t in targets:
                 ask({"op": "unmount", "target": str(t)})
-            return took, pss
+            return took, pss, len(pids)
         finally:
             for t in targets:
                 unmount(t)
@@ -886,14 +889,6 @@ def main():
 
         rows += mounts_rows(jk)
 
-        log("1, 10 and 50 CSI volumes of one image, held by the keeper")
-        for n in (1, 10, 50):
-            took, pss = jk.volumes(n, PROBE)
-            rows.append((f"{n} CSI volumes of the large image: time to mount all (keeper)",
-                         {"jkmount": Result([took])}))
-            rows.append((f"{n} CSI volumes of the large image: total Pss of keeper and servers",
-                         {"jkmount": Result([pss], unit="MiB")}))
-
         log("writes into a writable node_modules")
         rows += writes.measure(jk, peers[1], umoci.root(), tree.parent,
                                generated_tree(WORK / "src-5k", 50, 100))
@@ -1077,8 +1072,9 @@ def warm_rows(large, reg, cache):
 
 
 def mounts_rows(jk):
-    """5 and 50 mounts of one image from `jk`'s warm cache: the time to mount them all, the
-    total Pss of the server processes, and how many processes serve them."""
+    """5 and 50 mounts of one image from `jk`'s warm cache, and 1, 10 and 50 CSI volumes of
+    it held by the keeper: the time to mount them all, the total Pss of the server processes
+    (and the keeper), and how many processes serve them."""
     log("5 and 50 mounts of one image")
     # Its own mount unmounted first: the mounts below would be served by its server otherwise,
     # which has read the whole tree (the rows above) and is no measure of a mount's cost.
@@ -1091,6 +1087,15 @@ def mounts_rows(jk):
         rows.append((f"{n} mounts of the large image: total Pss of the servers",
                      {"jkmount": Result([pss], unit="MiB")}))
         rows.append((f"{n} mounts of the large image: server processes",
+                     {"jkmount": Result([servers], unit="")}))
+    log("1, 10 and 50 CSI volumes of one image, held by the keeper")
+    for n in (1, 10, 50):
+        took, pss, servers = jk.volumes(n, PROBE)
+        rows.append((f"{n} CSI volumes of the large image: time to mount all (keeper)",
+                     {"jkmount": Result([took])}))
+        rows.append((f"{n} CSI volumes of the large image: total Pss of keeper and servers",
+                     {"jkmount": Result([pss], unit="MiB")}))
+        rows.append((f"{n} CSI volumes of the large image: server processes",
                      {"jkmount": Result([servers], unit="")}))
     return rows
 

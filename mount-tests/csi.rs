@@ -21,6 +21,8 @@ use super::support::registry::Registry;
 use super::support::{jkmount_bin, quick_retries_config};
 use super::{WAIT, is_mounted, node_value, run};
 
+mod servers;
+
 const A: &str = "f /jk/modules/a/index.js 644 \"module.exports = 'a';\"";
 const B: &str = "f /jk/modules/b/index.js 644 \"module.exports = 'b from ' + require('a');\"";
 
@@ -684,89 +686,6 @@ fn a_pull_that_outlasts_the_callers_deadline_goes_on_and_the_retry_finds_it() {
         "the layer was fetched once, not again: {fetched:?}"
     );
     kubelet.unpublish("vol-1", &target).unwrap();
-}
-
-/// The PID of the jkmount server serving `target` (a child of the keeper).
-fn server_of(target: &Path) -> i32 {
-    let wanted = target.to_str().unwrap();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-        if args.contains(&&b"--foreground"[..]) && args.contains(&wanted.as_bytes()) {
-            return pid;
-        }
-    }
-    panic!("no server of {wanted}");
-}
-
-#[test]
-fn volumes_outlive_the_plugins_process_tree_and_a_dead_server_is_reported_and_republished() {
-    let mut node = Node::new(Registry::start());
-    let (a, _, _) = push_libraries(&node.registry);
-    node.start_keeper();
-    let kubelet = node.start_plugin(true);
-    let target = node.target("pod-1", "libs");
-    let call = Publish::new("vol-1", &target, &[("image", &a), ("modules", "true")]);
-    kubelet
-        .publish(&call)
-        .unwrap_or_else(|e| panic!("{e:?}\n{}", node.logs()));
-    drop(kubelet);
-
-    // The plugin's container restarts: everything in its PID namespace is killed.
-    node.plugin.as_mut().unwrap().kill();
-    assert_eq!(
-        read_elsewhere(&target.join("a/index.js")),
-        "module.exports = 'a';"
-    );
-    let kubelet = node.start_plugin(true);
-
-    // The volume's server dies: reported, and the kubelet's republish serves it again.
-    let server = server_of(&target);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(server),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let start = Instant::now();
-    let condition = loop {
-        let condition = kubelet
-            .stats("vol-1", &target)
-            .unwrap()
-            .volume_condition
-            .unwrap();
-        if condition.abnormal || start.elapsed() > WAIT {
-            break condition;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(condition.abnormal, "{condition:?}");
-    assert!(
-        condition.message.contains("server exited"),
-        "{}",
-        condition.message
-    );
-    kubelet
-        .publish(&call)
-        .unwrap_or_else(|e| panic!("{e:?}\n{}", node.logs()));
-    assert_eq!(
-        read_elsewhere(&target.join("a/index.js")),
-        "module.exports = 'a';"
-    );
-    assert!(
-        !kubelet
-            .stats("vol-1", &target)
-            .unwrap()
-            .volume_condition
-            .unwrap()
-            .abnormal
-    );
-
-    // The restarted plugin unpublishes what its predecessor published.
-    kubelet.unpublish("vol-1", &target).unwrap();
-    assert!(!is_mounted(&target));
 }
 
 #[test]

@@ -13,7 +13,7 @@ use crate::error::{IoContext, Result};
 use crate::fs::FsCore;
 use crate::fs::overlay::Overlay;
 use crate::fs::served::Served;
-use crate::mount::host::{self, Hosting, Template};
+use crate::mount::host::{self, Hosting, Sharing, Template};
 use crate::mount::{self, MountRequest};
 use crate::upper::{MadeOver, Upper};
 
@@ -28,12 +28,13 @@ pub struct Writable {
 
 /// Serves `prepared` at the request's mountpoint until it is unmounted or signalled;
 /// `on_ready` tells whoever waits (the starting command, systemd, `jkmount run`) once the
-/// mount is live.
+/// mount is live, with the PID of the running server that took it when that is not this
+/// process (which then returns at once).
 pub fn serve(
     prepared: Prepared,
     request: &MountRequest,
     writable: Option<&Writable>,
-    on_ready: impl FnOnce() -> std::io::Result<()>,
+    on_ready: impl FnOnce(Option<u32>) -> std::io::Result<()>,
 ) -> Result<()> {
     let Prepared {
         cache,
@@ -42,7 +43,7 @@ pub fn serve(
         mountable,
         mut lazy,
     } = prepared;
-    let host = match request.share && lazy.is_none() && writable.is_none() {
+    let host = match request.share != Sharing::Alone && lazy.is_none() && writable.is_none() {
         false => None,
         true => {
             let template = Template {
@@ -52,9 +53,9 @@ pub fn serve(
                 images: pulled.iter().map(|p| p.manifest.clone()).collect(),
             };
             match host::join_or_host(&cache, &template, request)? {
-                Hosting::Joined => {
+                Hosting::Joined { server } => {
                     drop(using);
-                    return on_ready().at(&request.mountpoint.path);
+                    return on_ready(Some(server)).at(&request.mountpoint.path);
                 }
                 Hosting::Host(host) => Some(host),
                 Hosting::Alone => None,
@@ -119,7 +120,7 @@ pub fn serve(
             {
                 tracing::warn!("not taking other mounts of the tree: {e}");
             }
-            on_ready()
+            on_ready(None)
         },
     );
     drop(control);

@@ -134,6 +134,26 @@ pub fn remove(
     })
 }
 
+/// The sockets of servers in `run/` (`mount::host`), by the tree each serves: named
+/// `<tree hex>.sock`, or `<tree hex>.<parent PID>.sock` for a supervisor's servers.
+fn sockets(cache: &Cache) -> Result<Vec<(Digest, PathBuf)>> {
+    let dir = cache.root().join("run");
+    let mut out = Vec::new();
+    for entry in fs::read_dir(&dir).at(&dir)? {
+        let path = entry.at(&dir)?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let tree = name
+            .strip_suffix(".sock")
+            .and_then(|stem| stem.split('.').next())
+            .and_then(|hex| format!("sha256:{hex}").parse().ok());
+        if let Some(tree) = tree {
+            out.push((tree, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// The bytes of a layer directory's files, its backing files (`files/`) included.
 fn dir_size(dir: &Path) -> Result<u64> {
     let mut total = 0;
@@ -174,7 +194,7 @@ impl Inventory {
         for (diff_id, path) in cache.named_entries("layers/sha256")? {
             inventory.layers.insert(diff_id, dir_size(&path)?);
         }
-        inventory.sockets = cache.named_entries("run")?;
+        inventory.sockets = sockets(cache)?;
         for (digest, path) in cache.named_entries(super::blob::PARTIAL_DIR)? {
             let size = fs::symlink_metadata(&path).at(&path)?.len();
             inventory.partials.insert(digest, size);
@@ -473,6 +493,33 @@ mod tests {
             .map(|(_, path, _)| path)
             .collect();
         assert_eq!(sockets, [&run("gone")]);
+    }
+
+    #[test]
+    fn the_sockets_of_plain_and_of_a_supervisors_servers_are_both_found_by_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let run = cache.root().join("run");
+        let (plain, scoped) = (d("plain"), d("scoped"));
+        for name in [
+            format!("{}.sock", plain.hex()),
+            format!("{}.4242.sock", scoped.hex()),
+            format!("{}.bin", plain.hex()),
+            "not-a-tree.sock".to_owned(),
+        ] {
+            fs::write(run.join(name), b"").unwrap();
+        }
+        let mut found = sockets(&cache).unwrap();
+        found.sort_by(|a, b| a.1.cmp(&b.1));
+        let mut want = vec![
+            (plain.clone(), run.join(format!("{}.sock", plain.hex()))),
+            (
+                scoped.clone(),
+                run.join(format!("{}.4242.sock", scoped.hex())),
+            ),
+        ];
+        want.sort_by(|a, b| a.1.cmp(&b.1));
+        assert_eq!(found, want);
     }
 
     fn removed(plan: &Plan) -> Vec<&str> {

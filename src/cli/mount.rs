@@ -9,6 +9,7 @@ use clap::Args;
 use jkmount::app::prepare::{Request, prepare};
 use jkmount::app::pull::Lazy;
 use jkmount::app::serve::Writable;
+use jkmount::mount::host::Sharing;
 use jkmount::mount::{self, MountRequest, daemon};
 use jkmount::oci::reference::ImageRef;
 
@@ -72,6 +73,12 @@ pub struct MountArgs {
     /// systemd (NOTIFY_SOCKET set) report readiness with sd_notify.
     #[arg(short, long)]
     foreground: bool,
+    /// With --foreground, for a supervisor that follows MAINPID (the CSI keeper): hand this
+    /// read-only mount to a running server of the same tree that the same parent started (then
+    /// exit, after telling NOTIFY_SOCKET that server's PID as MAINPID), or serve later such
+    /// mounts here too.
+    #[arg(long, requires = "foreground")]
+    share_server: bool,
     /// Mount options, comma-separated (as mount -t fuse.jkmount and fstab give them):
     /// modules, subdir=PATH, cache_dir=DIR, platform=P, lockfile=FILE, pull=POLICY, offline,
     /// config=FILE, authfile=FILE, writable, upper=DIR, passthrough, lazy, no_background_fetch, allow_other, noexec, nonempty (mount over a directory that
@@ -226,16 +233,24 @@ pub fn run(mut args: MountArgs, mut global: GlobalArgs) -> anyhow::Result<()> {
     let writable = args.writable || args.upper.is_some();
     let mut mounting = Mounting::prepare(&args, &mount_options, global, writable)?;
     // A background read-only mount may be served by a running server of the same tree; one
-    // counted, recorded, lazy or passthrough, or in the foreground, keeps a server of its own.
-    mounting.request.share = !args.foreground
-        && !writable
+    // counted, recorded, lazy or passthrough, or in the foreground (unless asked to share),
+    // keeps a server of its own.
+    let shareable = !writable
         && !args.lazy
         && !args.passthrough
         && args.record_reads.is_none()
         && args.stats.is_none();
+    mounting.request.share = match (shareable, args.foreground, args.share_server) {
+        (false, _, _) | (true, true, false) => Sharing::Alone,
+        (true, false, _) => Sharing::Any,
+        (true, true, true) => Sharing::Siblings,
+    };
     let path = mounting.request.mountpoint.path.clone();
     let status = format!("serving {} at {}", mounting.request.fsname, path.display());
-    mounting.serve(|| readiness.report(&status), args.stats.as_deref())
+    mounting.serve(
+        |server| readiness.report(&status, server),
+        args.stats.as_deref(),
+    )
 }
 
 /// A mount ready to be served: the mountpoint checked and held, the images pulled and merged.
@@ -287,7 +302,7 @@ impl Mounting {
             passthrough: args.passthrough,
             record_reads: args.record_reads.clone(),
             stats: Default::default(),
-            share: false,
+            share: Sharing::Alone,
             others: Default::default(),
         };
         Ok(Mounting {
@@ -297,11 +312,12 @@ impl Mounting {
         })
     }
 
-    /// Serves until unmounted; `on_ready` runs once the mount is live. The requests served
+    /// Serves until unmounted; `on_ready` runs once the mount is live (given the PID of the
+    /// running server that took it, if another one did). The requests served
     /// are logged, and written to `stats` if given (`-` for stderr).
     pub fn serve(
         self,
-        on_ready: impl FnOnce() -> std::io::Result<()>,
+        on_ready: impl FnOnce(Option<u32>) -> std::io::Result<()>,
         stats: Option<&std::path::Path>,
     ) -> anyhow::Result<()> {
         let Mounting {

@@ -49,7 +49,7 @@ pub fn run(mut args: RunArgs, mut global: GlobalArgs) -> anyhow::Result<()> {
     let server = std::thread::Builder::new()
         .name("jkmount-server".into())
         .spawn(move || {
-            let ready = move || ready_tx.send(()).map_err(std::io::Error::other);
+            let ready = move |_| ready_tx.send(()).map_err(std::io::Error::other);
             mounting.serve(ready, stats.as_deref())
         })
         .context("cannot start the mount's thread")?;

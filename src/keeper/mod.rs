@@ -2,35 +2,29 @@
 //! the plugin. Restarting or upgrading a container kills every process in it; a FUSE mount
 //! whose server dies answers "transport endpoint is not connected". So the plugin pulls
 //! (credentials stay with it), and asks the keeper to mount what is then all in the cache;
-//! the keeper runs one `jkmount --foreground --pull never` server per volume as its own child
-//! and answers for them: mount, unmount, and which volumes it serves and whether their server
-//! still runs. A plugin without a keeper holds the same [`Keeper`] in its own process.
+//! the keeper runs `jkmount --foreground --pull never` servers as its own children
+//! ([`process`]) and answers for them: mount, unmount, and which volumes it serves and whether
+//! their server still runs. A writable volume has a server of its own; read-only volumes of
+//! one tree share one (`--share-server`: the second volume's command hands its mount to the
+//! first one's server and exits), so fifty pods of one image cost one server, not fifty.
+//! A plugin without a keeper holds the same [`Keeper`] in its own process.
 //!
 //! The keeper knows only what it was asked since it started; restarting it ends its servers
 //! with it (its children), which is why it is upgraded rarely and by draining the node.
 //! [`server`] puts a keeper on a unix socket, one JSON request and reply per line.
 
+mod process;
 pub mod server;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::cache::Cache;
 use crate::mount::{self, Status};
-
-/// How long a volume's server may take to show its mount live (everything is in the cache).
-const MOUNT_TIME: Duration = Duration::from_secs(60);
-/// How long each wait for the server's word lasts, between looks at whether it exited.
-const POLL: Duration = Duration::from_millis(20);
-/// How long a server may take to exit once its mount is gone.
-const EXIT_TIME: Duration = Duration::from_secs(10);
+use process::{Server, Started};
 
 /// One volume to mount: images already in the cache, at their manifest digests.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,12 +100,27 @@ fn refused(why: Refusal, message: impl Into<String>) -> Reply {
     }
 }
 
-/// One volume's server.
+/// A volume and the server that serves it (several read-only volumes of one tree may share one).
 struct Held {
     spec: MountSpec,
-    server: Child,
-    /// The last line the server wrote to stderr.
-    said: Arc<Mutex<String>>,
+    server: Arc<Server>,
+}
+
+/// The volumes held, by target.
+#[derive(Default)]
+struct Volumes {
+    by_target: BTreeMap<PathBuf, Held>,
+}
+
+impl Volumes {
+    /// The live server of PID `pid` among those of the volumes held.
+    fn server(&self, pid: u32) -> Option<Arc<Server>> {
+        self.by_target
+            .values()
+            .map(|volume| &volume.server)
+            .find(|server| server.pid() == pid && server.gone().is_none())
+            .cloned()
+    }
 }
 
 /// Mounts volumes as children of this process and answers for them.
@@ -121,7 +130,7 @@ pub struct Keeper {
     /// The cache every volume is served from; its work directory holds the servers'
     /// readiness sockets.
     cache: Cache,
-    held: Mutex<BTreeMap<PathBuf, Held>>,
+    held: Mutex<Volumes>,
 }
 
 impl Keeper {
@@ -134,7 +143,7 @@ impl Keeper {
         }
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, BTreeMap<PathBuf, Held>> {
+    fn held(&self) -> std::sync::MutexGuard<'_, Volumes> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -151,7 +160,7 @@ impl Keeper {
         // One mount or unmount at a time: they are short (nothing is downloaded here), and a
         // second request for the same target must see the first one's outcome.
         let mut held = self.held();
-        if let Some(volume) = held.get_mut(&spec.target) {
+        if let Some(volume) = held.by_target.get(&spec.target) {
             if volume.spec.volume != spec.volume {
                 let message = format!(
                     "{} is volume {}'s mountpoint already",
@@ -160,13 +169,16 @@ impl Keeper {
                 );
                 return refused(Refusal::Taken, message);
             }
-            if server_gone(volume).is_none() && volume.spec == spec {
+            if volume.server.gone().is_none() && volume.spec == spec {
                 return Reply::Done;
             }
             // Its server is gone (the kubelet republishes a broken volume), or it is asked
             // for otherwise: mounted again.
-            let old = held.remove(&spec.target);
-            if let Err(message) = take_down(&spec.target, old) {
+            let taken = take_down(&spec.target);
+            if let Some(old) = held.by_target.remove(&spec.target) {
+                release(old.server);
+            }
+            if let Err(message) = taken {
                 return refused(Refusal::Taken, message);
             }
         }
@@ -185,69 +197,51 @@ impl Keeper {
             Err(mount::MountError::Missing(_)) => {}
             Err(e) => return refused(Refusal::Failed, e.to_string()),
         }
-        match self.start(&spec) {
-            Ok(volume) => {
-                held.insert(spec.target.clone(), volume);
+        match self.start(&spec, &held) {
+            Ok(server) => {
+                tracing::info!(
+                    "volume {} mounted at {} (server PID {})",
+                    spec.volume,
+                    spec.target.display(),
+                    server.pid()
+                );
+                held.by_target
+                    .insert(spec.target.clone(), Held { spec, server });
                 Reply::Done
             }
             Err(message) => refused(Refusal::Failed, message),
         }
     }
 
-    /// Starts a server for `spec` and waits until its mount is live: the server says so on
-    /// a datagram socket, as it would tell systemd (`NOTIFY_SOCKET`).
-    fn start(&self, spec: &MountSpec) -> Result<Held, String> {
+    /// Runs a server for `spec` and waits until its mount is live; a read-only volume of a
+    /// tree one of this keeper's servers serves is handed to that server.
+    fn start(&self, spec: &MountSpec, held: &Volumes) -> Result<Arc<Server>, String> {
         if let Err(e) = std::fs::create_dir_all(&spec.target) {
             return Err(format!("cannot create {}: {e}", spec.target.display()));
         }
-        let ready = Readiness::new(&self.cache)?;
         let cache_dir = self.cache.root().parent().unwrap_or(self.cache.root());
-        let mut command = Command::new(&self.exe);
-        command
-            .args(server_args(cache_dir, spec))
-            .env("NOTIFY_SOCKET", &ready.path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut server = command
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", self.exe.display()))?;
-        let said = relay_stderr(&mut server, &spec.volume);
-        let mut volume = Held {
-            spec: spec.clone(),
-            server,
-            said,
-        };
-        let started = Instant::now();
-        let mut told = false;
-        loop {
-            if let Some(gone) = server_gone(&mut volume) {
-                return Err(format!("volume {}: {gone}", spec.volume));
-            }
-            told = told || ready.said_ready();
-            if told && matches!(mount::status(&spec.target), Ok(Status::Live(_))) {
-                tracing::info!(
-                    "volume {} mounted at {}",
-                    spec.volume,
-                    spec.target.display()
-                );
-                return Ok(volume);
-            }
-            if started.elapsed() > MOUNT_TIME {
-                retire(volume);
-                return Err(format!(
-                    "volume {}: its mount was not live after {}s",
-                    spec.volume,
-                    MOUNT_TIME.as_secs()
-                ));
-            }
+        let args = server_args(cache_dir, spec);
+        match process::start(&self.exe, args, &self.cache, &spec.volume, &spec.target)? {
+            Started::Own(server) => Ok(Arc::new(server)),
+            Started::Joined(pid) => held.server(pid).ok_or_else(|| {
+                // `--share-server` joins only a sibling, on a socket of this keeper's: this
+                // cannot be, but if it were, the keeper could not watch the volume.
+                detach(&spec.target);
+                format!(
+                    "volume {}: its mount went to PID {pid}, which is not this keeper's server",
+                    spec.volume
+                )
+            }),
         }
     }
 
     fn unmount(&self, target: &Path) -> Reply {
         let mut held = self.held();
-        let volume = held.remove(target);
-        if let Err(message) = take_down(target, volume) {
+        let taken = take_down(target);
+        if let Some(volume) = held.by_target.remove(target) {
+            release(volume.server);
+        }
+        if let Err(message) = taken {
             return refused(Refusal::Taken, message);
         }
         match std::fs::remove_dir(target) {
@@ -260,50 +254,20 @@ impl Keeper {
     }
 
     fn list(&self) -> Vec<VolumeState> {
-        let mut held = self.held();
-        held.values_mut()
+        let held = self.held();
+        held.by_target
+            .values()
             .map(|volume| VolumeState {
-                gone: server_gone(volume),
+                gone: volume.server.gone(),
                 spec: volume.spec.clone(),
             })
             .collect()
     }
 }
 
-/// The socket a server says `READY=1` on, removed when dropped.
-struct Readiness {
-    socket: UnixDatagram,
-    path: PathBuf,
-}
-
-impl Readiness {
-    fn new(cache: &Cache) -> Result<Readiness, String> {
-        let path = cache.temp_path("notify");
-        let socket = UnixDatagram::bind(&path)
-            .and_then(|s| s.set_read_timeout(Some(POLL)).map(|()| s))
-            .map_err(|e| format!("cannot make a readiness socket at {}: {e}", path.display()))?;
-        Ok(Readiness { socket, path })
-    }
-
-    /// Waits up to [`POLL`] for the server's `READY=1`.
-    fn said_ready(&self) -> bool {
-        let mut message = [0; 512];
-        match self.socket.recv(&mut message) {
-            Ok(n) => message[..n].split(|&b| b == b'\n').any(|l| l == b"READY=1"),
-            Err(_) => false,
-        }
-    }
-}
-
-impl Drop for Readiness {
-    fn drop(&mut self) {
-        let _gone = std::fs::remove_file(&self.path);
-    }
-}
-
-/// Unmounts the jkmount mount at `target`, if any (detached if busy or its server is gone),
-/// and waits for `volume`'s server to exit. Another filesystem there is left alone.
-fn take_down(target: &Path, volume: Option<Held>) -> Result<(), String> {
+/// Unmounts the jkmount mount at `target`, if any (detached if busy or its server is gone).
+/// Another filesystem there is left alone.
+fn take_down(target: &Path) -> Result<(), String> {
     match mount::status(target) {
         Ok(Status::Live(_)) => {
             if let Err(e) = mount::unmount(target, false) {
@@ -323,9 +287,6 @@ fn take_down(target: &Path, volume: Option<Held>) -> Result<(), String> {
         Ok(Status::NotMounted) | Err(mount::MountError::Missing(_)) => {}
         Err(e) => return Err(e.to_string()),
     }
-    if let Some(volume) = volume {
-        retire(volume);
-    }
     Ok(())
 }
 
@@ -343,6 +304,8 @@ fn server_args(cache_dir: &Path, spec: &MountSpec) -> Vec<std::ffi::OsString> {
     }
     if spec.writable {
         args.push("--writable".into());
+    } else {
+        args.push("--share-server".into());
     }
     args.push("--".into());
     args.push(spec.images.join("+").into());
@@ -350,60 +313,11 @@ fn server_args(cache_dir: &Path, spec: &MountSpec) -> Vec<std::ffi::OsString> {
     args
 }
 
-/// Whether the volume's server has exited, and how, with its last word.
-fn server_gone(volume: &mut Held) -> Option<String> {
-    let said = volume
-        .said
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    let ended = match volume.server.try_wait() {
-        Ok(None) => return None,
-        Ok(Some(status)) => format!("its server exited ({status})"),
-        Err(e) => format!("its server cannot be waited for: {e}"),
-    };
-    Some(if said.is_empty() {
-        ended
-    } else {
-        format!("{ended}: {said}")
-    })
-}
-
-/// Passes a server's stderr on to this process's log, keeping its last line.
-fn relay_stderr(server: &mut Child, volume: &str) -> Arc<Mutex<String>> {
-    let said = Arc::new(Mutex::new(String::new()));
-    if let Some(stderr) = server.stderr.take() {
-        let (said, volume) = (said.clone(), volume.to_owned());
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                tracing::info!("volume {volume}: {line}");
-                let line = line.strip_prefix("jkmount: error: ").unwrap_or(&line);
-                *said.lock().unwrap_or_else(|e| e.into_inner()) = line.to_owned();
-            }
-        });
+/// Lets go of a volume's server: retired if no other volume holds it.
+fn release(server: Arc<Server>) {
+    if let Ok(server) = Arc::try_unwrap(server) {
+        process::retire(server);
     }
-    said
-}
-
-/// Waits for a volume's server to exit (its mount is gone or going); ends it, by its PID,
-/// if it does not.
-fn retire(mut volume: Held) {
-    let started = Instant::now();
-    while started.elapsed() < EXIT_TIME {
-        if !matches!(volume.server.try_wait(), Ok(None)) {
-            return;
-        }
-        std::thread::sleep(POLL);
-    }
-    tracing::warn!(
-        "volume {}: its server did not exit; ending it",
-        volume.spec.volume
-    );
-    if let Err(e) = volume.server.kill() {
-        tracing::warn!("volume {}: cannot end its server: {e}", volume.spec.volume);
-    }
-    let _reaped = volume.server.wait();
 }
 
 /// Detaches a mount whose server is gone, so that the target can be mounted again.
@@ -442,6 +356,7 @@ mod tests {
                 "allow_other",
                 "--subdir=/jk,upper=/etc",
                 "--platform=linux/amd64,writable",
+                "--share-server",
                 "--",
                 "r/a@sha256:1+r/b@sha256:2",
                 "/k/pods/u/volumes/kubernetes.io~csi/v/mount",

@@ -120,9 +120,11 @@ impl Readiness {
     /// command: stdout and stderr go to /dev/null so nothing holds the caller's pipes open, and
     /// it no longer dies with it. An error means the command is gone, and the mount is taken
     /// down.
-    pub fn report(self, status: &str) -> io::Result<()> {
+    /// `server`: the PID of the running server that took the mount, when not this process;
+    /// a service manager is told it is the service's main process now.
+    pub fn report(self, status: &str, server: Option<u32>) -> io::Result<()> {
         let Some(pipe) = self.0 else {
-            notify_service_manager(status);
+            notify_service_manager(status, server);
             return Ok(());
         };
         let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
@@ -138,10 +140,13 @@ impl Readiness {
 }
 
 /// Tells systemd (when it started us with `NOTIFY_SOCKET`, as `Type=notify` does) that the
-/// mount is live. Without `NOTIFY_SOCKET` this does nothing.
-fn notify_service_manager(status: &str) {
+/// mount is live, and which process serves it when another one does (`MAINPID=`). Without
+/// `NOTIFY_SOCKET` this does nothing.
+fn notify_service_manager(status: &str, server: Option<u32>) {
     use sd_notify::NotifyState;
-    if let Err(e) = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(status)]) {
+    let mut states = vec![NotifyState::Ready, NotifyState::Status(status)];
+    states.extend(server.map(NotifyState::MainPid));
+    if let Err(e) = sd_notify::notify(&states) {
         // The mount is live either way; a service manager that cannot be told will time out.
         tracing::warn!("cannot notify the service manager that the mount is ready: {e}");
     }

@@ -12,8 +12,11 @@
 //! a host serves only its own user's mounts, and a mount is handed only to a host of its own
 //! user. A host ends when its last mount does; one that is ending refuses new mounts, whose
 //! commands then serve them themselves, as they do when anything in the exchange fails.
-//! Writable, lazy, passthrough, recorded and counted mounts, and those in the foreground
-//! (systemd, the CSI keeper), always have a server of their own.
+//! Writable, lazy, passthrough, recorded and counted mounts always have a server of their own;
+//! so do those in the foreground (systemd), unless asked to share (`--share-server`, as the CSI
+//! keeper does): such mounts meet only their siblings, on a socket named by the tree and their
+//! parent's PID, and a command that joins a host tells its supervisor the host's PID
+//! (`MAINPID=`), as a service that hands its work to another process does.
 
 use std::io::{self, BufReader, IoSlice, Write};
 use std::mem::MaybeUninit;
@@ -113,11 +116,27 @@ struct Ask {
     allow_other: bool,
 }
 
+/// Whether a mount may be served by a running server of its tree, and by which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sharing {
+    /// By its own process only.
+    #[default]
+    Alone,
+    /// By any running server of the tree that is this user's (background mounts).
+    Any,
+    /// Only by one whose parent is this process's parent: a supervisor's own servers, which it
+    /// can watch and end (the CSI keeper's, `--share-server`).
+    Siblings,
+}
+
 /// How handing a mount to a host went.
 #[derive(Debug)]
 pub enum Hosting {
-    /// A host serves it now: this command's work is done.
-    Joined,
+    /// A host serves it now, the process `server`: this command's work is done.
+    Joined {
+        /// The host's PID (as this process's PID namespace numbers it).
+        server: u32,
+    },
     /// This process serves it, and hosts later mounts of the tree.
     Host(Host),
     /// This process serves it alone (a host could not be set up; said why in the log).
@@ -145,9 +164,17 @@ pub fn join_or_host(
             return Ok(Hosting::Alone);
         }
     };
-    let name = socket_name(&template.key);
-    if join(&dir, &name, template, request)? {
-        return Ok(Hosting::Joined);
+    let name = socket_name(&template.key, request.share);
+    match join(&dir, &name, template, request)? {
+        Joining::Joined(server) => return Ok(Hosting::Joined { server }),
+        Joining::NoHost => {}
+        Joining::NotSibling(server) => {
+            tracing::info!(
+                "serving {} alone: the running server of its tree (PID {server}) is not one of this supervisor's",
+                request.mountpoint.path.display()
+            );
+            return Ok(Hosting::Alone);
+        }
     }
     match Host::listen(cache, dir, name, template, request) {
         Ok(host) => Ok(Hosting::Host(host)),
@@ -166,29 +193,46 @@ fn run_dir(cache: &Cache) -> io::Result<OwnedFd> {
     open_dir(&cache.root().join(RUN_DIR))
 }
 
-fn socket_name(key: &Digest) -> String {
-    format!("{}.sock", key.hex())
+/// The socket's name: `<tree hex>.sock`; for a supervisor's servers ([`Sharing::Siblings`])
+/// `<tree hex>.<parent PID>.sock`, so that they and other servers of the tree never meet.
+fn socket_name(key: &Digest, share: Sharing) -> String {
+    match share {
+        Sharing::Siblings => format!("{}.{}.sock", key.hex(), std::os::unix::process::parent_id()),
+        Sharing::Alone | Sharing::Any => format!("{}.sock", key.hex()),
+    }
 }
 
-/// Asks the host listening on `name` in `dir` to take the mount; `false` when there is none,
-/// it refuses, or the exchange fails before it took the connection (the mount, if it was made,
-/// is taken down again, and the caller serves it alone).
+/// What asking the tree's host came to.
+enum Joining {
+    /// The host, this PID, serves the mount.
+    Joined(u32),
+    /// There is none, it refused, or the exchange failed before it took the connection (the
+    /// mount, if it was made, is taken down again).
+    NoHost,
+    /// The host, this PID, is not a sibling, and [`Sharing::Siblings`] was asked for.
+    NotSibling(u32),
+}
+
+/// Asks the host listening on `name` in `dir` to take the mount.
 fn join(
     dir: &OwnedFd,
     name: &str,
     template: &Template,
     request: &MountRequest,
-) -> Result<bool, MountError> {
+) -> Result<Joining, MountError> {
     let path = &request.mountpoint.path;
-    let stream = match connect(dir, name) {
-        Ok(stream) => stream,
+    let (stream, server) = match connect(dir, name) {
+        Ok(connected) => connected,
         Err(e) => {
             if e.kind() != io::ErrorKind::NotFound && e.kind() != io::ErrorKind::ConnectionRefused {
                 tracing::warn!("not handing {} to a running server: {e}", path.display());
             }
-            return Ok(false);
+            return Ok(Joining::NoHost);
         }
     };
+    if request.share == Sharing::Siblings && !is_sibling(server) {
+        return Ok(Joining::NotSibling(server));
+    }
     let ask = Ask {
         tree: template.key.clone(),
         mountpoint: path.clone(),
@@ -197,7 +241,7 @@ fn join(
     };
     let mut reader = BufReader::new(match stream.try_clone() {
         Ok(s) => s,
-        Err(_) => return Ok(false),
+        Err(_) => return Ok(Joining::NoHost),
     });
     let asked = serde_json::to_vec(&ask)
         .map_err(io::Error::other)
@@ -210,11 +254,11 @@ fn join(
         Ok(line) if line == "attach" => {}
         Ok(line) => {
             tracing::debug!("the running server of the tree said {line:?}");
-            return Ok(false);
+            return Ok(Joining::NoHost);
         }
         Err(e) => {
             tracing::debug!("the running server of the tree: {e}");
-            return Ok(false);
+            return Ok(Joining::NoHost);
         }
     }
     let fd = attach(request)?;
@@ -222,10 +266,10 @@ fn join(
     match handed {
         Ok(line) if line == "serving" => {
             tracing::info!(
-                "{} is served by the running server of its tree",
+                "{} is served by the running server of its tree (PID {server})",
                 path.display()
             );
-            Ok(true)
+            Ok(Joining::Joined(server))
         }
         other => {
             tracing::warn!(
@@ -234,24 +278,40 @@ fn join(
             );
             drop(fd);
             detach(path);
-            Ok(false)
+            Ok(Joining::NoHost)
         }
     }
 }
 
-/// Connects to the socket, believed only if it is served by this user.
-fn connect(dir: &OwnedFd, name: &str) -> io::Result<UnixStream> {
+/// Whether the process `pid` has this process's parent (read from `/proc`, where a process of
+/// another PID namespace is not found).
+fn is_sibling(pid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    let parent = status
+        .lines()
+        .find_map(|line| line.strip_prefix("PPid:"))
+        .and_then(|value| value.trim().parse::<u32>().ok());
+    parent.is_some_and(|parent| parent != 0 && parent == std::os::unix::process::parent_id())
+}
+
+/// Connects to the socket, believed only if it is served by this user; with the server's PID.
+fn connect(dir: &OwnedFd, name: &str) -> io::Result<(UnixStream, u32)> {
     let stream = UnixStream::connect(through(dir, name))?;
-    let server = rustix::net::sockopt::socket_peercred(&stream)?.uid.as_raw();
-    if server != rustix::process::geteuid().as_raw() {
+    let server = rustix::net::sockopt::socket_peercred(&stream)?;
+    if server.uid != rustix::process::geteuid() {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
-            format!("its server is user {server}'s, not this user's"),
+            format!(
+                "its server is user {}'s, not this user's",
+                server.uid.as_raw()
+            ),
         ));
     }
     stream.set_read_timeout(Some(ANSWER_TIME))?;
     stream.set_write_timeout(Some(ANSWER_TIME))?;
-    Ok(stream)
+    Ok((stream, server.pid.as_raw_pid().unsigned_abs()))
 }
 
 fn send_fd(stream: &UnixStream, fd: &OwnedFd) -> io::Result<()> {

@@ -34,10 +34,10 @@ pub struct MountRequest {
     pub record_reads: Option<std::path::PathBuf>,
     /// Where to count the requests served (`--stats`).
     pub stats: Arc<crate::fs::stats::Stats>,
-    /// Whether a running server of the same tree may take this mount, or this process host
-    /// later ones ([`host`](super::host)): background read-only mounts, neither lazy nor
-    /// passthrough, recorded nor counted.
-    pub share: bool,
+    /// Whether a running server of the same tree may take this mount, and this process host
+    /// later ones ([`host`](super::host)): background read-only mounts (and the CSI keeper's),
+    /// neither lazy nor passthrough, recorded nor counted.
+    pub share: super::host::Sharing,
     /// The mounts this server took from other commands, unmounted with its own on a signal.
     pub others: Arc<super::host::Others>,
 }

@@ -8,19 +8,26 @@
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, Generation, INodeNo, InitFlags,
-    KernelConfig, OpenFlags, RenameFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    Errno, FileHandle, Filesystem, Generation, INodeNo, InitFlags, KernelConfig, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
 };
 
-use super::core::{Attr, BLOCK_SIZE, FileKind, FsError};
+mod values;
+
+pub use values::errno;
+use values::{
+    file_attr, file_type, libc_type_mask, negative_entry, owner, reply_xattr, seconds_and_nanos,
+};
+
+use super::core::{Attr, FsError};
 use super::overlay::{NewEntry, SetAttr};
 use super::passthrough::{Opened, Passthrough};
 use super::served::Served;
@@ -147,130 +154,6 @@ fn answer_read(core: &Served, stats: &Stats, ino: u64, offset: u64, size: u32, r
             reply.data(&data)
         }
         Err(e) => reply.error(errno(&e)),
-    }
-}
-
-/// The one mapping from errors to errno.
-pub fn errno(e: &FsError) -> Errno {
-    match e {
-        FsError::NotFound => Errno::ENOENT,
-        FsError::NotADirectory => Errno::ENOTDIR,
-        FsError::IsADirectory => Errno::EISDIR,
-        FsError::NotASymlink => Errno::EINVAL,
-        FsError::NoXattr => Errno::ENODATA,
-        FsError::Exists => Errno::EEXIST,
-        FsError::NotEmpty => Errno::ENOTEMPTY,
-        FsError::Invalid => Errno::EINVAL,
-        FsError::ReadOnly => Errno::EROFS,
-        FsError::Damaged(_) => {
-            tracing::error!("{e}");
-            Errno::EIO
-        }
-        FsError::Io(io) => {
-            tracing::error!("{e}");
-            io.raw_os_error().map_or(Errno::EIO, Errno::from_i32)
-        }
-    }
-}
-
-fn file_type(kind: FileKind) -> FileType {
-    match kind {
-        FileKind::Directory => FileType::Directory,
-        FileKind::RegularFile => FileType::RegularFile,
-        FileKind::Symlink => FileType::Symlink,
-        FileKind::CharDevice => FileType::CharDevice,
-        FileKind::BlockDevice => FileType::BlockDevice,
-        FileKind::NamedPipe => FileType::NamedPipe,
-    }
-}
-
-fn file_attr(a: &Attr) -> FileAttr {
-    let whole = if a.mtime >= 0 {
-        UNIX_EPOCH + Duration::from_secs(a.mtime as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_secs(a.mtime.unsigned_abs())
-    };
-    let time = whole + Duration::from_nanos(u64::from(a.mtime_nsec));
-    FileAttr {
-        ino: INodeNo(a.ino),
-        size: a.size,
-        blocks: a.blocks,
-        atime: time,
-        mtime: time,
-        ctime: time,
-        crtime: time,
-        kind: file_type(a.kind),
-        perm: a.perm,
-        nlink: a.nlink,
-        uid: a.uid,
-        gid: a.gid,
-        rdev: a.rdev,
-        blksize: BLOCK_SIZE,
-        flags: 0,
-    }
-}
-
-/// The requester, as the owner of what it makes (a root mount's; an ordinary user's mount owns
-/// all it makes).
-fn owner(req: &Request) -> (u32, u32) {
-    (req.uid(), req.gid())
-}
-
-/// The file-type bits of a mode (`S_IFMT`).
-const fn libc_type_mask() -> u32 {
-    0o170000
-}
-
-/// A time the kernel gives, as seconds and nanoseconds since the epoch.
-fn seconds_and_nanos(time: TimeOrNow) -> (i64, u32) {
-    let time = match time {
-        TimeOrNow::SpecificTime(time) => time,
-        TimeOrNow::Now => SystemTime::now(),
-    };
-    match time.duration_since(UNIX_EPOCH) {
-        Ok(after) => (after.as_secs() as i64, after.subsec_nanos()),
-        Err(before) => {
-            let (seconds, nanos) = (
-                before.duration().as_secs() as i64,
-                before.duration().subsec_nanos(),
-            );
-            match nanos {
-                0 => (-seconds, 0),
-                n => (-seconds - 1, 1_000_000_000 - n),
-            }
-        }
-    }
-}
-
-/// A lookup answer for a name that does not exist: inode 0 with a timeout, which the kernel
-/// caches as a negative entry (an `ENOENT` reply would not be cached).
-fn negative_entry() -> FileAttr {
-    let mut attr = file_attr(&Attr {
-        ino: 0,
-        kind: FileKind::RegularFile,
-        size: 0,
-        perm: 0,
-        nlink: 0,
-        uid: 0,
-        gid: 0,
-        rdev: 0,
-        mtime: 0,
-        mtime_nsec: 0,
-        blocks: 0,
-    });
-    attr.ino = INodeNo(0);
-    attr
-}
-
-/// Answers an xattr request: the length when asked with size 0, `ERANGE` when the caller's
-/// buffer is too small, else the bytes.
-fn reply_xattr(value: &[u8], size: u32, reply: ReplyXattr) {
-    if size == 0 {
-        reply.size(value.len() as u32);
-    } else if (size as usize) < value.len() {
-        reply.error(Errno::ERANGE);
-    } else {
-        reply.data(value);
     }
 }
 

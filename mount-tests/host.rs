@@ -240,10 +240,20 @@ fn a_server_takes_only_its_own_users_fuse_connections_for_its_own_tree() {
     );
 
     // None of it cost the server its mount, nor left it counting a mount it does not serve:
-    // it still takes a real one, and ends with its last.
+    // it still takes a real one, and ends with its last. Nor does a connection that says
+    // nothing hold up the commands behind it: the real one is taken while that one still
+    // waits for its line (it would be given up on, and closed, only after 10 s).
+    let stalled = std::os::unix::net::UnixStream::connect(&socket).unwrap();
     let b = work.join("b");
     let mounted_b = Mounted::new(&cache, &[&reference], &b);
     assert_eq!(server_of(&cache, &b), host);
+    stalled.set_nonblocking(true).unwrap();
+    let waiting = std::io::Read::read(&mut &stalled, &mut [0; 64]);
+    assert!(
+        matches!(&waiting, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the server is done with the silent connection ({waiting:?}): it took the real mount only after it"
+    );
+    drop(stalled);
     assert_eq!(describe(&a), describe(&b));
     unmount(&a);
     drop(mounted);

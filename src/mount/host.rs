@@ -48,6 +48,10 @@ const RUN_DIR: &str = "run";
 const MAX_LINE: u64 = 8192;
 /// How long either end waits for the other's next line.
 const ANSWER_TIME: Duration = Duration::from_secs(10);
+/// The most hand-overs a host works on at once, each on a thread of its own (one that stalls
+/// costs its thread until [`ANSWER_TIME`], not every command behind it); more are turned away,
+/// and their commands serve their mounts themselves.
+const MAX_TAKING: usize = 16;
 /// The character device of `/dev/fuse` (major 10, minor 229).
 const FUSE_DEVICE: (u32, u32) = (10, 229);
 
@@ -371,6 +375,8 @@ struct State {
     cache: Cache,
     template: Template,
     threads: usize,
+    /// Hand-overs being worked on now.
+    taking: std::sync::atomic::AtomicUsize,
     others: Arc<Others>,
     /// The socket's directory, name and inode: removed when the host ends, if still its own.
     dir: OwnedFd,
@@ -411,6 +417,7 @@ impl Host {
             cache: cache.clone(),
             template: template.clone(),
             threads: request.threads,
+            taking: Default::default(),
             others: request.others.clone(),
             dir,
             name,
@@ -432,11 +439,7 @@ impl Host {
             .spawn(move || {
                 for stream in accepting.incoming() {
                     match stream {
-                        Ok(stream) => {
-                            if let Err(e) = take(stream, &serving) {
-                                tracing::warn!("taking a mount of the tree: {e}");
-                            }
-                        }
+                        Ok(stream) => take_on_a_thread(stream, &serving),
                         Err(e) if e.kind() == io::ErrorKind::InvalidInput => break,
                         Err(e) => tracing::warn!("taking mounts of the tree: {e}"),
                     }
@@ -521,6 +524,30 @@ impl Drop for Reserved {
         if let Some(state) = self.0.take() {
             state.release();
         }
+    }
+}
+
+/// Works on one command's hand-over on a thread of its own, unless [`MAX_TAKING`] are.
+fn take_on_a_thread(stream: UnixStream, state: &Arc<State>) {
+    use std::sync::atomic::Ordering;
+    if state.taking.fetch_add(1, Ordering::SeqCst) >= MAX_TAKING {
+        state.taking.fetch_sub(1, Ordering::SeqCst);
+        let _ = stream.set_write_timeout(Some(ANSWER_TIME));
+        let _ = (&stream).write_all(b"refused: this server is busy\n");
+        return;
+    }
+    let serving = state.clone();
+    let spawned = std::thread::Builder::new()
+        .name("jkmount-take".into())
+        .spawn(move || {
+            if let Err(e) = take(stream, &serving) {
+                tracing::warn!("taking a mount of the tree: {e}");
+            }
+            serving.taking.fetch_sub(1, Ordering::SeqCst);
+        });
+    if let Err(e) = spawned {
+        state.taking.fetch_sub(1, Ordering::SeqCst);
+        tracing::warn!("taking a mount of the tree: {e}");
     }
 }
 

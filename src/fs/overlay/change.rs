@@ -211,6 +211,16 @@ impl Overlay {
         new_name: &[u8],
         noreplace: bool,
     ) -> Result<(), FsError> {
+        // What the copy-up below reads of a lazy mount, fetched before the change lock.
+        if let Some(source) = self.find(parent, name)? {
+            match source.kind {
+                FileKind::Directory if self.shows_image(source.ino)? => {
+                    self.fetch_tree_for_copy_up(source.ino, 0)?
+                }
+                FileKind::Directory => {}
+                _ => self.fetch_for_copy_up(source.ino)?,
+            }
+        }
         let _change = self.change_lock();
         if upper::is_reserved(new_name) {
             return Err(FsError::Invalid);

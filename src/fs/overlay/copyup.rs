@@ -74,6 +74,26 @@ impl Overlay {
         }
     }
 
+    /// Fetches what copying the directory `ino` up whole ([`copy_up_tree`](Self::copy_up_tree),
+    /// a rename of it) would read from a lazy mount's layers, before the change lock: the
+    /// subtree's files that the upper does not hold, one after another.
+    pub(super) fn fetch_tree_for_copy_up(&self, ino: u64, depth: usize) -> Result<(), FsError> {
+        if !self.lower.lazy_pending() {
+            return Ok(());
+        }
+        if depth > super::MAX_DEPTH {
+            return Err(FsError::Invalid);
+        }
+        for (_, child) in self.readdir(ino)?.into_iter().skip(2) {
+            match child.kind {
+                FileKind::Directory => self.fetch_tree_for_copy_up(child.ino, depth + 1)?,
+                FileKind::RegularFile => self.fetch_for_copy_up(child.ino)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Copies `ino` (anything but a directory) up at each of its places, unless the upper
     /// holds it already. One that was removed while still in use is copied into `work/` and
     /// kept open there, nameless.

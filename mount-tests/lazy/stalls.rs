@@ -3,25 +3,50 @@
 
 use super::*;
 
+/// A `--lazy --no-background-fetch` mount (`--writable` too if asked) of the indexed test
+/// image, reached through a fault proxy that the test can make stall; all ended on drop.
+/// Fields drop in order: the mount first, the directory it is in last.
+struct Stalled {
+    _lazy: Foreground,
+    proxy: FaultProxy,
+    layer: String,
+    mnt: PathBuf,
+    _registry: Registry,
+    _work: tempfile::TempDir,
+}
+
+impl Stalled {
+    fn mount(name: &str, writable: bool) -> Stalled {
+        let registry = Registry::start();
+        let work = tempfile::tempdir().unwrap();
+        let (reference, layer, _) = indexed_image(&registry, name, work.path());
+        let proxy = FaultProxy::start(&registry.addr);
+        let through_proxy = reference.replace(&registry.addr, &proxy.addr);
+        let mnt = work.path().join("mnt");
+        let mut args = vec!["--lazy", "--no-background-fetch"];
+        if writable {
+            args.push("--writable");
+        }
+        let lazy = Foreground::start(&work.path().join("cache"), &args, &through_proxy, &mnt);
+        Stalled {
+            _lazy: lazy,
+            proxy,
+            layer,
+            mnt,
+            _registry: registry,
+            _work: work,
+        }
+    }
+}
+
 /// Reads waiting on a stalled registry do not hold the FUSE workers: with more of them waiting
 /// than the mount has workers, lookups and reads of what is already local are answered while
 /// they all still wait; then they complete with the right bytes.
 #[test]
 fn reads_waiting_on_the_network_leave_the_mount_answering() {
-    let registry = Registry::start();
-    let work = tempfile::tempdir().unwrap();
-    let work = work.path();
-    let (reference, layer, _) = indexed_image(&registry, "lazy/stalled:1", work);
-    let proxy = FaultProxy::start(&registry.addr);
-    let through_proxy = reference.replace(&registry.addr, &proxy.addr);
-    let mnt = work.join("mnt");
-    let _lazy = Foreground::start(
-        &work.join("cache"),
-        &["--lazy", "--no-background-fetch"],
-        &through_proxy,
-        &mnt,
-    );
-    stalled_work_leaves_the_mount_answering(&proxy, &layer, &mnt, |mnt, p| {
+    let stalled = Stalled::mount("lazy/stalled:1", false);
+    let (proxy, layer, mnt) = (&stalled.proxy, &stalled.layer, &stalled.mnt);
+    stalled_work_leaves_the_mount_answering(proxy, layer, mnt, |mnt, p| {
         assert_eq!(read_file(&mnt, p, 5).unwrap(), content(p, 5));
     });
 }
@@ -30,20 +55,9 @@ fn reads_waiting_on_the_network_leave_the_mount_answering() {
 /// it first: such copy-ups waiting on the network leave the mount answering too.
 #[test]
 fn copy_ups_waiting_on_the_network_leave_the_mount_answering() {
-    let registry = Registry::start();
-    let work = tempfile::tempdir().unwrap();
-    let work = work.path();
-    let (reference, layer, _) = indexed_image(&registry, "lazy/stalled-changes:1", work);
-    let proxy = FaultProxy::start(&registry.addr);
-    let through_proxy = reference.replace(&registry.addr, &proxy.addr);
-    let mnt = work.join("mnt");
-    let _lazy = Foreground::start(
-        &work.join("cache"),
-        &["--lazy", "--no-background-fetch", "--writable"],
-        &through_proxy,
-        &mnt,
-    );
-    stalled_work_leaves_the_mount_answering(&proxy, &layer, &mnt, |mnt, p| {
+    let stalled = Stalled::mount("lazy/stalled-changes:1", true);
+    let (proxy, layer, mnt) = (&stalled.proxy, &stalled.layer, &stalled.mnt);
+    stalled_work_leaves_the_mount_answering(proxy, layer, mnt, |mnt, p| {
         let path = mnt.join(format!("jk/modules/pkg{p}/f5.js"));
         let mut file = std::fs::OpenOptions::new()
             .append(true)
@@ -107,21 +121,10 @@ fn stalled_work_leaves_the_mount_answering(
 /// change lock, so other changes go on while it waits on the registry.
 #[test]
 fn a_directory_rename_waiting_on_the_network_holds_up_no_other_change() {
-    let registry = Registry::start();
-    let work = tempfile::tempdir().unwrap();
-    let work = work.path();
-    let (reference, layer, _) = indexed_image(&registry, "lazy/stalled-rename:1", work);
-    let proxy = FaultProxy::start(&registry.addr);
-    let through_proxy = reference.replace(&registry.addr, &proxy.addr);
-    let mnt = work.join("mnt");
-    let _lazy = Foreground::start(
-        &work.join("cache"),
-        &["--lazy", "--no-background-fetch", "--writable"],
-        &through_proxy,
-        &mnt,
-    );
+    let stalled = Stalled::mount("lazy/stalled-rename:1", true);
+    let (proxy, layer, mnt) = (&stalled.proxy, &stalled.layer, &stalled.mnt);
     let modules = mnt.join("jk/modules");
-    assert_eq!(read_file(&mnt, 0, 0).unwrap(), content(0, 0));
+    assert_eq!(read_file(mnt, 0, 0).unwrap(), content(0, 0));
     // Looked up now: later lookups in jk/modules would wait for the kernel's lock on it, which
     // the rename holds throughout.
     assert!(modules.join("pkg1").is_dir());

@@ -6,12 +6,13 @@
 //! Each (volume, target) has at most one operation. It runs on its own thread, so it goes on
 //! when the kubelet's call gives up at its deadline; the kubelet's retry waits for that same
 //! operation instead of starting over. A second call while one is waiting is `ABORTED`, as the
-//! CSI spec asks.
+//! CSI spec asks, but only after a short hand-over: a kubelet retries the moment its deadline
+//! passes, which can be before this server has seen the earlier call go.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use zeroize::Zeroizing;
@@ -74,10 +75,39 @@ pub struct Publish {
 
 type Outcome = Result<(), Arc<PluginError>>;
 
+/// How long a call waits for the call before it to stop waiting before it is `ABORTED`: the
+/// earlier call's caller may have given up already, unseen by this server so far.
+const HAND_OVER: Duration = Duration::from_secs(1);
+
 /// One operation on a volume, and whether a call is waiting for it.
 struct Operation {
     outcome: watch::Sender<Option<Outcome>>,
-    waiting: AtomicBool,
+    waiting: watch::Sender<bool>,
+}
+
+impl Operation {
+    fn new() -> Operation {
+        Operation {
+            outcome: watch::Sender::new(None),
+            waiting: watch::Sender::new(false),
+        }
+    }
+
+    /// Becomes the call that waits, once no other call does, within `patience`.
+    async fn take_turn(&self, patience: Duration) -> Option<Waiting<'_>> {
+        let mut waiting = self.waiting.subscribe();
+        let turn = async {
+            while !self
+                .waiting
+                .send_if_modified(|w| !std::mem::replace(w, true))
+            {
+                // The sender lives in `self`, so this wait ends only when the value changes.
+                let _ = waiting.wait_for(|w| !*w).await;
+            }
+        };
+        tokio::time::timeout(patience, turn).await.ok()?;
+        Some(Waiting(self))
+    }
 }
 
 /// The volumes of this node.
@@ -92,7 +122,7 @@ struct Waiting<'a>(&'a Operation);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.waiting.store(false, Ordering::SeqCst);
+        self.0.waiting.send_replace(false);
     }
 }
 
@@ -124,10 +154,9 @@ impl Volumes {
                 }
             }
         };
-        if operation.waiting.swap(true, Ordering::SeqCst) {
+        let Some(_waiting) = operation.take_turn(HAND_OVER).await else {
             return Err(Arc::new(PluginError::Busy(key.0)));
-        }
-        let _waiting = Waiting(&operation);
+        };
         let mut outcome = operation.outcome.subscribe();
         let outcome = match outcome.wait_for(Option::is_some).await {
             Ok(outcome) => outcome.clone().expect("waited for an outcome"),
@@ -145,10 +174,7 @@ impl Volumes {
 
     /// Starts a publish on its own thread.
     fn start(&self, publish: Publish) -> Arc<Operation> {
-        let operation = Arc::new(Operation {
-            outcome: watch::Sender::new(None),
-            waiting: AtomicBool::new(false),
-        });
+        let operation = Arc::new(Operation::new());
         let (settings, mounter, op) = (
             self.settings.clone(),
             self.mounter.clone(),
@@ -319,5 +345,35 @@ fn pinned(image: &ImageRef, pulled: &PulledImage) -> String {
     match image {
         ImageRef::Registry(r) => format!("{}/{}@{}", r.registry(), r.repository(), pulled.manifest),
         ImageRef::Layout { .. } => unreachable!("a volume names registry images only"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_call_takes_over_from_one_that_lets_go_within_the_hand_over_and_no_later() {
+        runtime().block_on(async {
+            let operation = Operation::new();
+            let first = operation.take_turn(HAND_OVER).await.expect("no one waits");
+            let second = async { operation.take_turn(Duration::from_secs(5)).await.is_some() };
+            let let_go = async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                drop(first);
+            };
+            let (second, ()) = tokio::join!(second, let_go);
+            assert!(second, "the turn passes once the first call lets go");
+            let _held = operation.take_turn(HAND_OVER).await.expect("free again");
+            let third = operation.take_turn(Duration::from_millis(200)).await;
+            assert!(third.is_none(), "a turn held past the hand-over is refused");
+        });
     }
 }

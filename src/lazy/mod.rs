@@ -4,10 +4,11 @@
 //! [`layer`] the layer served from it, each span fetched by `Range` and checked before use,
 //! each file's tar headers ([`headers`]) checked before its data is served.
 //! [`toc`] serves an eStargz layer from its own table of contents instead, when no index of
-//! jkmount's is at hand. [`progress`] is how much of it is local, as `jkmount status` shows it; [`served`] holds its
+//! jkmount's is at hand. [`claims`] keeps two reads from fetching one chunk twice. [`progress`] is how much of it is local, as `jkmount status` shows it; [`served`] holds its
 //! sparse files and hands reads over to the cache's content once the layer is complete. Finding indexes and
 //! completing layers in the background is `app::lazy`'s.
 
+mod claims;
 mod headers;
 pub mod index;
 pub mod layer;

@@ -374,9 +374,16 @@ struct RegistrySpans {
 
 impl Spans for RegistrySpans {
     fn fetch(&self, start: u64, len: u64) -> std::result::Result<Vec<u8>, String> {
-        self.runtime
-            .block_on(self.registry.fetch_range(&self.digest, start, len))
-            .map_err(|e| e.to_string())
+        let began = std::time::Instant::now();
+        let fetched = self.registry.fetch_range(&self.digest, start, len);
+        let fetched = self.runtime.block_on(fetched).map_err(|e| e.to_string());
+        tracing::debug!(
+            "{}: bytes {start}..{} in {} ms",
+            self.digest,
+            start + len,
+            began.elapsed().as_millis()
+        );
+        fetched
     }
 }
 

@@ -432,6 +432,40 @@ fn two_reads_of_one_missing_block_fetch_it_once() {
     assert_eq!(together, once, "the block was fetched by both reads");
 }
 
+#[test]
+fn two_reads_of_blocks_in_one_member_fetch_its_chunks_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, blob, index) = indexed_in_members(dir.path(), &member_cuts());
+    let starts = [12_000_000, 12_000_000 + 2 * u64::from(index.block_size)];
+    let alone = layer(dir.path(), index.clone(), blob.clone(), None);
+    for at in starts {
+        alone.ensure(at, at + 10).unwrap();
+    }
+    let (once, _) = alone.progress();
+    let own = dir.path().join("together");
+    std::fs::create_dir(&own).unwrap();
+    let delay = Duration::from_millis(200);
+    let spans = Box::new(Served {
+        blob,
+        flip: None,
+        delay,
+    });
+    let name = ("test".into(), Compression::Gzip);
+    let shared = Arc::new(IndexedLayer::new(&own, index, name, spans, Arc::default()).unwrap());
+    let readers = starts.map(|at| {
+        let shared = shared.clone();
+        std::thread::spawn(move || shared.ensure(at, at + 10))
+    });
+    for reader in readers {
+        reader.join().unwrap().unwrap();
+    }
+    let (together, _) = shared.progress();
+    assert_eq!(
+        together, once,
+        "the member's chunks were fetched by both reads"
+    );
+}
+
 /// Where `data()` starts a member per file's data and per MiB of `big`, as eStargz does.
 fn member_cuts() -> Vec<usize> {
     // Header, a's data (1000 bytes, padded to 1024), header, b's, header, big's data.

@@ -9,7 +9,6 @@
 //! checked against the layer digest and decoded into the cache by the caller, and then every
 //! entry and every file's bytes served must be the decoded tar's.
 
-use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
@@ -21,6 +20,7 @@ use super::{Format, TocIndex};
 use crate::error::Result;
 use crate::layer::estargz::{added, clean};
 use crate::layer::{Entry, EntryKind, LayerIndex};
+use crate::lazy::claims::{Claimed, Claiming, Claims, wait_unclaimed};
 use crate::lazy::index::sha256;
 use crate::lazy::layer::{LazyLayer, Spans};
 use crate::lazy::reads::Reads;
@@ -31,6 +31,10 @@ use crate::oci::digest::Digest;
 /// it (a package's other files) come in the same round trip.
 const READ_AHEAD: u64 = 64 << 10;
 
+/// Compressed bytes of missing members before its chunk's that a read fetches too: node reads
+/// a package's `package.json` first, which sorts after the files it then requires.
+const READ_BEHIND: u64 = 16 << 10;
+
 /// Most compressed bytes one request of the prefetch or background pass asks for.
 const BACKGROUND_GROUP: u64 = 1 << 20;
 
@@ -39,7 +43,13 @@ const BACKGROUND_GROUP: u64 = 1 << 20;
 struct Present {
     chunks: Vec<bool>,
     missing: usize,
-    fetching: HashSet<usize>,
+    claims: Claims,
+}
+
+impl Claiming for Present {
+    fn claims(&mut self) -> &mut Claims {
+        &mut self.claims
+    }
 }
 
 /// An eStargz layer being served from its table of contents.
@@ -84,7 +94,7 @@ impl TocLayer {
         let present = Present {
             chunks: vec![false; index.chunks.len()],
             missing: index.chunks.len(),
-            fetching: HashSet::new(),
+            claims: Claims::default(),
         };
         Ok(TocLayer {
             index,
@@ -108,50 +118,61 @@ impl TocLayer {
         )
     }
 
-    /// Makes chunks `range` present, each missing one fetched with the missing ones after it
-    /// up to `reach` compressed bytes from its member.
-    fn ensure_chunks(&self, range: std::ops::Range<usize>, reach: u64) -> io::Result<()> {
+    /// Makes chunks `range` present, each missing one fetched with the missing ones around it
+    /// from `behind` compressed bytes before its member to `reach` bytes after its start.
+    fn ensure_chunks(
+        &self,
+        range: std::ops::Range<usize>,
+        behind: u64,
+        reach: u64,
+    ) -> io::Result<()> {
         for c in range {
             if self.is_refused() {
                 return Err(self.error("its table proved not to describe it".into()));
             }
-            self.fetch_from(c, reach)?;
+            self.fetch_around(c, behind, reach)?;
         }
         Ok(())
     }
 
     /// Fetches chunk `c` unless it is here (waiting for a read fetching it), with the chunks
-    /// after it that are missing and no other read fetches, while their members end within
-    /// `reach` bytes of `c`'s.
-    fn fetch_from(&self, c: usize, reach: u64) -> io::Result<()> {
-        let group = {
-            let mut present = self.present.lock().expect("not poisoned");
-            loop {
-                if present.chunks[c] {
-                    return Ok(());
-                }
-                if !present.fetching.contains(&c) {
-                    break;
-                }
-                present = self.fetched_some.wait(present).expect("not poisoned");
+    /// around it that are missing and no other read fetches, while their members start within
+    /// `behind` bytes before `c`'s and end within `reach` bytes after its start.
+    fn fetch_around(&self, c: usize, behind: u64, reach: u64) -> io::Result<()> {
+        let claimed = {
+            let present = self.present.lock().expect("not poisoned");
+            let mut present = wait_unclaimed(present, &self.fetched_some, c);
+            if present.chunks[c] {
+                return Ok(());
             }
             let chunks = &self.index.chunks;
-            let limit = chunks[c].member.saturating_add(reach);
-            let last = (c + 1..chunks.len())
-                .take_while(|&i| {
-                    let free = !present.chunks[i] && !present.fetching.contains(&i);
-                    free && !chunks[c].zeros && !chunks[i].zeros && chunks[i].end <= limit
-                })
+            let free = |i: usize| {
+                !present.chunks[i]
+                    && !present.claims.is_claimed(i)
+                    && !chunks[c].zeros
+                    && !chunks[i].zeros
+            };
+            let (from, limit) = (
+                chunks[c].member.saturating_sub(behind),
+                chunks[c].member.saturating_add(reach),
+            );
+            let first = (0..c)
+                .rev()
+                .take_while(|&i| free(i) && chunks[i].member >= from)
                 .last()
                 .unwrap_or(c);
-            present.fetching.extend(c..=last);
-            c..last + 1
+            let last = (c + 1..chunks.len())
+                .take_while(|&i| free(i) && chunks[i].end <= limit)
+                .last()
+                .unwrap_or(c);
+            Claimed::new(
+                &self.present,
+                &mut present,
+                &self.fetched_some,
+                first..last + 1,
+            )
         };
-        let _fetching = Fetching {
-            layer: self,
-            group: group.clone(),
-        };
-        self.fetch_group(group)
+        self.fetch_group(claimed.group())
     }
 
     /// Fetches the members of chunks `group` in one request; checks, writes and marks each.
@@ -237,24 +258,6 @@ impl TocLayer {
     }
 }
 
-/// Chunks a read is fetching: released when it ends, however it ends (a panic too), so
-/// that reads waiting for them go on.
-struct Fetching<'a> {
-    layer: &'a TocLayer,
-    group: std::ops::Range<usize>,
-}
-
-impl Drop for Fetching<'_> {
-    fn drop(&mut self) {
-        let mut present = self.layer.present.lock().unwrap_or_else(|e| e.into_inner());
-        for i in self.group.clone() {
-            present.fetching.remove(&i);
-        }
-        drop(present);
-        self.layer.fetched_some.notify_all();
-    }
-}
-
 impl LazyLayer for TocLayer {
     fn files(&self) -> &Sparse {
         &self.files
@@ -321,21 +324,21 @@ impl LazyLayer for TocLayer {
             };
         }
         let _waiting = self.reads.begin();
-        self.ensure_chunks(self.index.chunks_of(start, end), READ_AHEAD)
+        self.ensure_chunks(self.index.chunks_of(start, end), READ_BEHIND, READ_AHEAD)
     }
 
     fn prefetch(&self) -> io::Result<u64> {
         if self.prefetch == 0 || self.is_refused() {
             return Ok(0);
         }
-        self.ensure_chunks(self.index.chunks_of(0, self.prefetch), BACKGROUND_GROUP)?;
+        self.ensure_chunks(self.index.chunks_of(0, self.prefetch), 0, BACKGROUND_GROUP)?;
         Ok(self.prefetch)
     }
 
     fn fill(&self) -> io::Result<()> {
         for c in 0..self.index.chunks.len() {
             self.reads.wait_quiet();
-            self.ensure_chunks(c..c + 1, BACKGROUND_GROUP)?;
+            self.ensure_chunks(c..c + 1, 0, BACKGROUND_GROUP)?;
         }
         let table = self.index.table.offset;
         let first = self.index.chunks.iter().find(|c| !c.zeros);

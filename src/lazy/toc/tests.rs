@@ -165,6 +165,22 @@ fn the_footer_and_table_are_found_and_match_the_annotated_digest() {
 }
 
 #[test]
+fn a_read_brings_the_small_files_just_before_its_own_in_the_same_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let (blob, _, _) = estargz(dir.path());
+    let layer = served(dir.path(), &blob, None);
+    let index = index_of(&blob);
+    let (a, b) = (file(&index, "lib/a.js"), file(&index, "lib/b.js"));
+    assert!(!layer.is_local(a.0, a.0 + a.1));
+    assert_eq!(read(&layer, b).unwrap(), b"module.exports = 'b';\n");
+    assert!(
+        layer.is_local(a.0, a.0 + a.1),
+        "lib/a.js, before lib/b.js in the blob, came with it"
+    );
+    assert!(!layer.is_settled(), "but not the whole layer");
+}
+
+#[test]
 fn each_file_is_served_from_its_own_members_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap();
     let (blob, tar, _) = estargz(dir.path());
@@ -179,10 +195,10 @@ fn each_file_is_served_from_its_own_members_byte_for_byte() {
         fetched < size / 4,
         "one small file fetched {fetched} of {size} bytes"
     );
+    // Most of big.bin is not read yet.
+    assert!(!layer.is_settled() && !layer.report().complete);
     assert_eq!(read(&layer, file(&index, "big.bin")).unwrap(), noise());
     assert_eq!(read(&layer, file(&index, "empty")).unwrap(), b"");
-    // lib/b.js and the landmark are not read yet.
-    assert!(!layer.is_settled() && !layer.report().complete);
     layer.fill().unwrap();
     assert!(layer.is_settled() && layer.report().complete);
     assert_eq!(

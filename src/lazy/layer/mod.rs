@@ -459,6 +459,9 @@ impl IndexedLayer {
     }
 
     fn fill_unguarded(&self) -> io::Result<()> {
+        // Before the decoder: making one reads the stream's first bytes, a whole background
+        // request, which the mount's first read would otherwise wait behind.
+        self.reads.wait_quiet();
         let mut decoder: Box<dyn Read + '_> = match self.index.members.is_empty() {
             true => Box::new(self.decoder(BACKGROUND_GROUP)?),
             false => self.members_from(0, self.index.size, BACKGROUND_GROUP)?,

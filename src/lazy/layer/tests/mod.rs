@@ -1,5 +1,7 @@
 //! A lazy layer against a gzip tar served from memory: honest, lying and damaged.
 
+mod background;
+
 use std::io::Write;
 use std::time::Duration;
 

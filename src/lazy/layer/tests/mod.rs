@@ -395,56 +395,19 @@ fn one_files_bytes_are_not_served_under_another_files_name() {
     assert!(served.ensure(a, a + 10).is_err());
 }
 
-#[test]
-fn two_reads_of_one_missing_block_fetch_it_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let (plain, blob, index) = indexed(dir.path());
-    let at = 12_000_000;
-    let alone = layer(dir.path(), index.clone(), blob.clone(), None);
-    alone.ensure(at, at + 10).unwrap();
-    let (once, _) = alone.progress();
-
-    let own = dir.path().join("together");
-    std::fs::create_dir(&own).unwrap();
-    let delay = Duration::from_millis(200);
-    let spans = Served {
-        blob,
-        flip: None,
-        delay,
-    };
-    let shared = IndexedLayer::new(
-        &own,
-        index,
-        ("test".into(), Compression::Gzip),
-        Box::new(spans),
-        Arc::default(),
-    );
-    let shared = Arc::new(shared.unwrap());
-    let readers: Vec<_> = (0..2)
-        .map(|_| {
-            let shared = shared.clone();
-            std::thread::spawn(move || shared.ensure(at, at + 10))
-        })
-        .collect();
-    for reader in readers {
-        reader.join().unwrap().unwrap();
-    }
-    assert_eq!(content(&shared, at, 10), plain[at as usize..][..10]);
-    let (together, _) = shared.progress();
-    assert_eq!(together, once, "the block was fetched by both reads");
-}
-
-#[test]
-fn two_reads_of_blocks_in_one_member_fetch_its_chunks_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_, blob, index) = indexed_in_members(dir.path(), &member_cuts());
-    let starts = [12_000_000, 12_000_000 + 2 * u64::from(index.block_size)];
-    let alone = layer(dir.path(), index.clone(), blob.clone(), None);
+/// Bytes fetched by reads at `starts` of `index`'s layer one after another, and the layer
+/// after the same reads at once, each request answered 200 ms late so that they overlap.
+fn read_alone_then_together(
+    dir: &Path,
+    index: LazyIndex,
+    blob: Vec<u8>,
+    starts: [u64; 2],
+) -> (u64, Arc<IndexedLayer>) {
+    let alone = layer(dir, index.clone(), blob.clone(), None);
     for at in starts {
         alone.ensure(at, at + 10).unwrap();
     }
-    let (once, _) = alone.progress();
-    let own = dir.path().join("together");
+    let own = dir.join("together");
     std::fs::create_dir(&own).unwrap();
     let delay = Duration::from_millis(200);
     let spans = Box::new(Served {
@@ -461,6 +424,26 @@ fn two_reads_of_blocks_in_one_member_fetch_its_chunks_once() {
     for reader in readers {
         reader.join().unwrap().unwrap();
     }
+    (alone.progress().0, shared)
+}
+
+#[test]
+fn two_reads_of_one_missing_block_fetch_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, blob, index) = indexed(dir.path());
+    let at = 12_000_000;
+    let (once, shared) = read_alone_then_together(dir.path(), index, blob, [at, at]);
+    assert_eq!(content(&shared, at, 10), plain[at as usize..][..10]);
+    let (together, _) = shared.progress();
+    assert_eq!(together, once, "the block was fetched by both reads");
+}
+
+#[test]
+fn two_reads_of_blocks_in_one_member_fetch_its_chunks_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, blob, index) = indexed_in_members(dir.path(), &member_cuts());
+    let starts = [12_000_000, 12_000_000 + 2 * u64::from(index.block_size)];
+    let (once, shared) = read_alone_then_together(dir.path(), index, blob, starts);
     let (together, _) = shared.progress();
     assert_eq!(
         together, once,

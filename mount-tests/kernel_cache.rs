@@ -85,8 +85,10 @@ fn a_second_stat_of_a_missing_path_or_read_of_a_file_reaches_the_daemon_not_at_a
         );
     }
 
-    let once = counted(&image, work, "read-once", &[], read_big);
-    let twice = counted(&image, work, "read-twice", &[], |m| {
+    // Without prefilling, which would hand big.txt to the kernel before its first read (the
+    // test below).
+    let once = counted(&image, work, "read-once", &["--no-prefill"], read_big);
+    let twice = counted(&image, work, "read-twice", &["--no-prefill"], |m| {
         read_big(m);
         read_big(m);
     });
@@ -107,4 +109,88 @@ fn a_second_stat_of_a_missing_path_or_read_of_a_file_reaches_the_daemon_not_at_a
         );
     }
     assert!(once["open"].as_u64().unwrap() <= 1, "{once}");
+}
+
+/// Bytes of `path` in the page cache, as `fincore` (util-linux) counts them: whole pages.
+fn resident(path: &Path) -> u64 {
+    let out = Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "fincore {}: {out:?}", path.display());
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A small file's bytes reach the kernel's page cache with its lookup, so that reading it
+/// after a `stat` sends no `read`; a file of 1 MiB or more (huge.txt), an empty
+/// one and a mount with `--no-prefill` are read as before. The bytes read are the image's.
+#[test]
+fn a_small_file_is_in_the_page_cache_from_its_lookup_and_read_with_no_request() {
+    let registry = Registry::start();
+    let small: String = (0..3_000).map(|i| format!("m{i:04}\n")).collect();
+    let huge: String = (0..200_000).map(|i| format!("{i:06}\n")).collect();
+    let json = |s: &str| serde_json::to_string(s).unwrap();
+    let (image, _) = push(
+        &registry,
+        "prefilled:1",
+        &[&format!(
+            "d /lib 755\nf /lib/a.js 644 {}\nf /lib/b.js 644 \"module.exports = 1\\n\"\nf /lib/empty.js 644 \"\"\nf /lib/big.txt 644 {}\nf /lib/huge.txt 644 {}",
+            json(&small),
+            json(&big_content()),
+            json(&huge)
+        )],
+    );
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let files = [
+        ("a.js", small.clone()),
+        ("b.js", "module.exports = 1\n".to_owned()),
+        ("empty.js", String::new()),
+        ("big.txt", big_content()),
+        ("huge.txt", huge.clone()),
+    ];
+    let files = &files;
+    let stat_then_read = |prefilled: bool| {
+        move |root: &Path| {
+            for (name, _) in files {
+                std::fs::metadata(root.join("lib").join(name)).unwrap();
+            }
+            if prefilled {
+                for (name, content) in &files[..4] {
+                    let path = root.join("lib").join(name);
+                    wait_until(&format!("{name} is in the page cache"), || {
+                        resident(&path) >= content.len() as u64
+                    });
+                }
+            }
+            for (name, content) in files {
+                let out = Command::new("cat")
+                    .arg(root.join("lib").join(name))
+                    .output()
+                    .unwrap();
+                assert_eq!(String::from_utf8(out.stdout).unwrap(), *content, "{name}");
+            }
+        }
+    };
+    let small_bytes = small.len() + "module.exports = 1\n".len() + big_content().len();
+
+    let on = counted(&image, work, "prefilled", &[], stat_then_read(true));
+    assert_eq!(on["prefilled"], 3, "{on}");
+    assert_eq!(on["prefilled_bytes"], small_bytes, "{on}");
+    assert_eq!(on["read_bytes"], huge.len(), "only huge.txt read: {on}");
+
+    let off = counted(
+        &image,
+        work,
+        "not-prefilled",
+        &["--no-prefill"],
+        stat_then_read(false),
+    );
+    assert_eq!(off["prefilled"], 0, "{off}");
+    assert_eq!(off["read_bytes"], small_bytes + huge.len(), "{off}");
 }

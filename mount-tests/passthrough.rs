@@ -70,10 +70,17 @@ fn big_files_are_read_by_the_kernel_from_backing_files_and_equal_the_image() {
     let work = tempfile::tempdir().unwrap();
     let work = work.path();
     let cache = work.join("cache");
-    // Only the small and the sparse file are read through the daemon, each once.
+    // Only the small and the sparse file are read through the daemon, each once (not
+    // prefilled at their lookup, which would race the reads counted here).
     let served_by_reads = (SMALL.len() + SPARSE_SIZE) as u64;
 
-    let first = counted(&image, work, "first", &["--passthrough"], read_all);
+    let first = counted(
+        &image,
+        work,
+        "first",
+        &["--passthrough", "--no-prefill"],
+        read_all,
+    );
     assert_eq!(first["read_bytes"], served_by_reads, "{first}");
     let backing = backing_files(&cache);
     assert_eq!(
@@ -87,7 +94,13 @@ fn big_files_are_read_by_the_kernel_from_backing_files_and_equal_the_image() {
     let made = std::fs::metadata(path).unwrap();
 
     // The next mount uses the same backing file, not a new copy.
-    let again = counted(&image, work, "again", &["-o", "passthrough"], read_all);
+    let again = counted(
+        &image,
+        work,
+        "again",
+        &["-o", "passthrough,no_prefill"],
+        read_all,
+    );
     assert_eq!(again["read_bytes"], served_by_reads, "{again}");
     let now = std::fs::metadata(path).unwrap();
     use std::os::unix::fs::MetadataExt;
@@ -100,7 +113,13 @@ fn big_files_are_read_by_the_kernel_from_backing_files_and_equal_the_image() {
     let cut = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     cut.set_len(1000).unwrap();
     drop(cut);
-    let remade = counted(&image, work, "remade", &["--passthrough"], read_all);
+    let remade = counted(
+        &image,
+        work,
+        "remade",
+        &["--passthrough", "--no-prefill"],
+        read_all,
+    );
     assert_eq!(remade["read_bytes"], served_by_reads, "{remade}");
     assert_eq!(std::fs::read_to_string(path).unwrap(), big());
 
@@ -126,7 +145,7 @@ fn big_files_are_read_by_the_kernel_from_backing_files_and_equal_the_image() {
     assert!(!path.exists());
     assert_eq!(backing_files(&cache), []);
     // Without passthrough the big file's bytes are the daemon's to serve.
-    let plain = counted(&image, work, "plain", &[], read_all);
+    let plain = counted(&image, work, "plain", &["--no-prefill"], read_all);
     assert_eq!(
         plain["read_bytes"],
         served_by_reads + big().len() as u64,

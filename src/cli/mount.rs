@@ -53,6 +53,12 @@ pub struct MountArgs {
     /// Every file opened then costs an open and a release round trip.
     #[arg(long)]
     pub passthrough: bool,
+    /// Do not hand the kernel a small file's bytes (under 1 MiB) as soon as the file is
+    /// looked up; every first read of a file then waits on a request to jkmount. Prefilling
+    /// spares the read that follows a lookup its round trip, at the cost of a copy for a
+    /// lookup that is never read.
+    #[arg(long)]
+    pub no_prefill: bool,
     /// Mount before the layers are downloaded: gzip layers that have a lazy index (`jkmount
     /// index IMAGE --push`), and eStargz and zstd:chunked layers (by their own tables of
     /// contents), are read by range as files are opened, each span checked, and completed in
@@ -81,7 +87,7 @@ pub struct MountArgs {
     share_server: bool,
     /// Mount options, comma-separated (as mount -t fuse.jkmount and fstab give them):
     /// modules, subdir=PATH, cache_dir=DIR, platform=P, lockfile=FILE, pull=POLICY, offline,
-    /// config=FILE, authfile=FILE, writable, upper=DIR, passthrough, lazy, no_background_fetch, allow_other, noexec, nonempty (mount over a directory that
+    /// config=FILE, authfile=FILE, writable, upper=DIR, passthrough, no_prefill, lazy, no_background_fetch, allow_other, noexec, nonempty (mount over a directory that
     /// has entries, hiding them; refused otherwise), allow_shared_parent (mount although
     /// another user may change the mountpoint's parent; refused otherwise); ro, nosuid, nodev,
     /// _netdev, noauto, x-systemd.* and the like are accepted and passed over.
@@ -124,6 +130,7 @@ impl MountArgs {
             self.upper.clone_from(&o.upper);
         }
         self.passthrough |= o.passthrough;
+        self.no_prefill |= o.no_prefill;
         self.lazy |= o.lazy;
         self.no_background_fetch |= o.no_background_fetch;
         if self.no_background_fetch && !self.lazy {
@@ -233,11 +240,12 @@ pub fn run(mut args: MountArgs, mut global: GlobalArgs) -> anyhow::Result<()> {
     let writable = args.writable || args.upper.is_some();
     let mut mounting = Mounting::prepare(&args, &mount_options, global, writable)?;
     // A background read-only mount may be served by a running server of the same tree; one
-    // counted, recorded, lazy or passthrough, or in the foreground (unless asked to share),
-    // keeps a server of its own.
+    // counted, recorded, lazy, passthrough or not prefilled, or in the foreground (unless asked
+    // to share), keeps a server of its own.
     let shareable = !writable
         && !args.lazy
         && !args.passthrough
+        && !args.no_prefill
         && args.record_reads.is_none()
         && args.stats.is_none();
     mounting.request.share = match (shareable, args.foreground, args.share_server) {
@@ -300,6 +308,7 @@ impl Mounting {
             noexec: mount_options.noexec,
             writable: writable.is_some(),
             passthrough: args.passthrough,
+            prefill: !args.no_prefill,
             record_reads: args.record_reads.clone(),
             stats: Default::default(),
             share: Sharing::Alone,

@@ -36,6 +36,8 @@ pub struct MountOptions {
     pub upper: Option<PathBuf>,
     /// `passthrough`: the kernel reads big files from backing files in the cache.
     pub passthrough: bool,
+    /// `no_prefill`: the kernel asks for every file's bytes, small ones too.
+    pub no_prefill: bool,
     /// `lazy`: serve layers that have a lazy index before they are downloaded.
     pub lazy: bool,
     /// `no_background_fetch`: with `lazy`, fetch only what is read.
@@ -138,6 +140,7 @@ impl MountOptions {
             "offline" => self.offline = true,
             "writable" => self.writable = true,
             "passthrough" => self.passthrough = true,
+            "no_prefill" => self.no_prefill = true,
             "lazy" => self.lazy = true,
             "no_background_fetch" => self.no_background_fetch = true,
             "upper" => self.upper = Some(value("DIR")?.into()),
@@ -152,7 +155,7 @@ impl MountOptions {
             _ if name.starts_with("x-") || name.starts_with("comment") => {}
             _ if name == "fsname" || name == "subtype" => {}
             _ => anyhow::bail!(
-                "unknown mount option {option:?}; jkmount takes modules, offline, writable, passthrough, lazy, no_background_fetch, allow_other, noexec, nonempty, allow_shared_parent, {}=…, and the standard ro, nosuid, nodev, _netdev, noauto, x-systemd.*",
+                "unknown mount option {option:?}; jkmount takes modules, offline, writable, passthrough, no_prefill, lazy, no_background_fetch, allow_other, noexec, nonempty, allow_shared_parent, {}=…, and the standard ro, nosuid, nodev, _netdev, noauto, x-systemd.*",
                 OWN_WITH_VALUE.join("=…, ")
             ),
         }
@@ -188,7 +191,7 @@ mod tests {
     #[test]
     fn own_options_are_read() {
         let got = parse(
-            "ro,allow_other,modules,cache_dir=/var/cache/jk,platform=linux/arm64,lockfile=/etc/jk.lock,pull=always,noexec,config=/c.toml,authfile=/a.json,offline,nonempty,allow_shared_parent,writable,upper=/var/lib/up,passthrough,lazy,no_background_fetch",
+            "ro,allow_other,modules,cache_dir=/var/cache/jk,platform=linux/arm64,lockfile=/etc/jk.lock,pull=always,noexec,config=/c.toml,authfile=/a.json,offline,nonempty,allow_shared_parent,writable,upper=/var/lib/up,passthrough,no_prefill,lazy,no_background_fetch",
         )
         .unwrap();
         assert_eq!(
@@ -206,6 +209,7 @@ mod tests {
                 writable: true,
                 upper: Some("/var/lib/up".into()),
                 passthrough: true,
+                no_prefill: true,
                 lazy: true,
                 no_background_fetch: true,
                 allow_other: true,

@@ -286,6 +286,20 @@ impl FsCore {
         }
     }
 
+    /// The whole of a regular file of `attr` smaller than `below` bytes, if it can be read at
+    /// once: not while a lazy layer has yet to fetch it, nor while `--record-reads` lists what
+    /// a run reads (prefilled bytes would show as read). `None` too on any error: the read
+    /// that follows then meets it.
+    pub fn prefill(&self, attr: &Attr, below: u64) -> Option<Vec<u8>> {
+        let fits = attr.kind == FileKind::RegularFile && attr.size > 0 && attr.size < below;
+        let size = u32::try_from(attr.size).ok()?;
+        if !fits || self.record.is_some() || self.read_may_wait(attr.ino, 0, size) {
+            return None;
+        }
+        let bytes = self.read(attr.ino, 0, size).ok()?;
+        (bytes.len() as u64 == attr.size).then_some(bytes)
+    }
+
     /// Whether reading `size` bytes of `ino` at `offset` may wait on the network (a lazy
     /// layer's blocks not here yet); `false` is certain, `true` may be cautious.
     pub fn read_may_wait(&self, ino: u64, offset: u64, size: u32) -> bool {

@@ -85,6 +85,15 @@ impl Served {
         }
     }
 
+    /// A small file's bytes for the kernel's page cache ([`prefill`](super::prefill)): the
+    /// read-only core's; a writable mount's pages are the kernel's own as they are written.
+    pub fn prefill(&self, attr: &Attr, below: u64) -> Option<Vec<u8>> {
+        match self {
+            Served::ReadOnly(core) => core.prefill(attr, below),
+            Served::Writable(_) => None,
+        }
+    }
+
     /// Whether reading `size` bytes of `ino` at `offset` may wait on the network; `false` is
     /// certain. A writable mount says so for every read while a lazy layer is incomplete.
     pub fn read_may_wait(&self, ino: u64, offset: u64, size: u32) -> bool {

@@ -98,12 +98,18 @@ impl Op {
     }
 }
 
-/// Request counts, and the bytes `read` returned.
+/// Request counts, the bytes `read` returned, and the files prefilled (not requests: pages
+/// jkmount sent the kernel unasked, [`prefill`](super::prefill)).
 #[derive(Debug, Default)]
 pub struct Stats {
     counts: [AtomicU64; ALL.len()],
     read_bytes: AtomicU64,
+    prefilled: AtomicU64,
+    prefilled_bytes: AtomicU64,
 }
+
+/// The figures in a snapshot that do not count requests.
+const NOT_REQUESTS: [&str; 3] = ["read_bytes", "prefilled", "prefilled_bytes"];
 
 impl Stats {
     /// Counts one request.
@@ -116,13 +122,25 @@ impl Stats {
         self.read_bytes.fetch_add(n as u64, Ordering::Relaxed);
     }
 
-    /// Every kind with its count (zeros included), then `read_bytes`.
+    /// Counts a file whose `n` bytes went to the kernel's page cache after its lookup.
+    pub fn prefilled(&self, n: usize) {
+        self.prefilled.fetch_add(1, Ordering::Relaxed);
+        self.prefilled_bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Every kind with its count (zeros included), then `read_bytes`, `prefilled` and
+    /// `prefilled_bytes`.
     pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
         let mut out: Vec<(&'static str, u64)> = ALL
             .iter()
             .map(|op| (op.name(), self.counts[*op as usize].load(Ordering::Relaxed)))
             .collect();
-        out.push(("read_bytes", self.read_bytes.load(Ordering::Relaxed)));
+        let others = [&self.read_bytes, &self.prefilled, &self.prefilled_bytes];
+        out.extend(
+            NOT_REQUESTS
+                .into_iter()
+                .zip(others.map(|n| n.load(Ordering::Relaxed))),
+        );
         out
     }
 
@@ -131,7 +149,7 @@ impl Stats {
         let snapshot = self.snapshot();
         let requests: u64 = snapshot
             .iter()
-            .filter(|(name, _)| *name != "read_bytes")
+            .filter(|(name, _)| !NOT_REQUESTS.contains(name))
             .map(|(_, n)| n)
             .sum();
         let mut map: serde_json::Map<String, serde_json::Value> = snapshot
@@ -154,11 +172,15 @@ mod tests {
         stats.count(Op::Lookup);
         stats.count(Op::Read);
         stats.read_bytes(4096);
+        stats.prefilled(100);
+        stats.prefilled(20);
         let json = stats.to_json();
         assert_eq!(json["lookup"], 2);
         assert_eq!(json["read"], 1);
         assert_eq!(json["getattr"], 0);
         assert_eq!(json["read_bytes"], 4096);
+        assert_eq!(json["prefilled"], 2);
+        assert_eq!(json["prefilled_bytes"], 120);
         assert_eq!(json["requests"], 3);
         assert_eq!(
             ALL.iter().map(|op| *op as usize).collect::<Vec<_>>(),

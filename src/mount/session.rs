@@ -30,13 +30,15 @@ pub struct MountRequest {
     pub writable: bool,
     /// Let the kernel read big files from backing files in the cache (read-only mounts).
     pub passthrough: bool,
+    /// Hand small files' bytes to the kernel as they are looked up (not `--no-prefill`).
+    pub prefill: bool,
     /// Where to record the files read, in the order first read (`--record-reads`).
     pub record_reads: Option<std::path::PathBuf>,
     /// Where to count the requests served (`--stats`).
     pub stats: Arc<crate::fs::stats::Stats>,
     /// Whether a running server of the same tree may take this mount, and this process host
     /// later ones ([`host`](super::host)): background read-only mounts (and the CSI keeper's),
-    /// neither lazy nor passthrough, recorded nor counted.
+    /// neither lazy nor passthrough, recorded, counted nor `--no-prefill`.
     pub share: super::host::Sharing,
     /// The mounts this server took from other commands, unmounted with its own on a signal.
     pub others: Arc<super::host::Others>,
@@ -65,6 +67,9 @@ pub fn serve(
     let mut fs = FuseFs::new(core, request.stats.clone());
     if let Some(work) = backing_work {
         fs = fs.with_passthrough(work.to_owned());
+    }
+    if !request.prefill {
+        fs = fs.without_prefill();
     }
     let mountpoint = request.mountpoint.path.clone();
     let fd = attach(request)?;
@@ -145,6 +150,9 @@ pub(super) fn session(
         SessionACL::Owner
     };
     config.acl = acl;
+    if let Some(prefill) = fs.prefill() {
+        prefill.connect(fd.try_clone()?);
+    }
     Session::from_fd(fs, fd, acl, config)
 }
 

@@ -30,6 +30,7 @@ use values::{
 use super::core::{Attr, FsError};
 use super::overlay::{NewEntry, SetAttr};
 use super::passthrough::{Opened, Passthrough};
+use super::prefill::Prefill;
 use super::served::Served;
 use super::stats::{Op, Stats};
 use super::waiting::Waiting;
@@ -54,6 +55,8 @@ pub struct FuseFs {
     passthrough: Option<Passthrough>,
     /// Where reads that may wait on the network run.
     waiting: Waiting,
+    /// Hands small files' bytes to the kernel as they are looked up (unless `--no-prefill`).
+    prefill: Option<Arc<Prefill>>,
 }
 
 impl FuseFs {
@@ -64,7 +67,19 @@ impl FuseFs {
             stats,
             passthrough: None,
             waiting: Waiting::default(),
+            prefill: Some(Arc::default()),
         }
+    }
+
+    /// Leaves the kernel to ask for every file's bytes (`--no-prefill`).
+    pub fn without_prefill(mut self) -> Self {
+        self.prefill = None;
+        self
+    }
+
+    /// What needs the session's notifier once the session exists.
+    pub fn prefill(&self) -> Option<Arc<Prefill>> {
+        self.prefill.clone()
     }
 
     /// Hands big files of a read-only mount to the kernel in passthrough, their backing files
@@ -181,7 +196,12 @@ impl Filesystem for FuseFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.stats.count(Op::Lookup);
         match self.core.lookup(parent.0, name.as_bytes()) {
-            Ok(Some(attr)) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+            Ok(Some(attr)) => {
+                reply.entry(&TTL, &file_attr(&attr), Generation(0));
+                if let Some(prefill) = &self.prefill {
+                    prefill.after_lookup(&self.core, &attr, &self.stats);
+                }
+            }
             Ok(None) => reply.entry(&TTL, &negative_entry(), Generation(0)),
             Err(e) => reply.error(errno(&e)),
         }

@@ -100,7 +100,7 @@ pub fn extract(mountable: &Mountable, dest: &Path, options: &Options) -> Result<
         ));
     }
     let replaces_empty_dir = check_destination(&parent, name, dest)?;
-    let (work_name, work) = create_work_dir(&parent, name).map_err(|e| Error::io(dest, e))?;
+    let (work_name, work) = create_work_dir(&parent, name, dest)?;
     let privileged = rustix::process::geteuid().is_root();
     let mut writer = Writer {
         mountable,
@@ -146,20 +146,49 @@ fn check_destination(parent: &Dir, name: &OsStr, dest: &Path) -> Result<bool> {
     }
 }
 
-/// Creates and opens `.NAME.jkmount-RANDOM` (mode 0700) in `parent`.
-fn create_work_dir(parent: &Dir, name: &OsStr) -> io::Result<(OsString, Dir)> {
+/// Creates and opens `.NAME.jkmount-RANDOM` (mode 0700) in `parent`. Where another user may
+/// write `parent`, what is opened may not be what was made: a symlink swapped in (refused by
+/// the open, which follows none) or a directory of theirs (not ours to own) is a replacement,
+/// refused as one.
+fn create_work_dir(parent: &Dir, name: &OsStr, dest: &Path) -> Result<(OsString, Dir)> {
     for attempt in 0u32..16 {
         let random = RandomState::new().hash_one((std::process::id(), attempt));
         let mut work_name = OsString::from(".");
         work_name.push(name);
         work_name.push(format!(".jkmount-{:012x}", random & 0xffff_ffff_ffff));
-        match parent.create_dir(&work_name, 0o700) {
-            Ok(dir) => return Ok((work_name, dir)),
+        let dir = match parent.create_dir(&work_name, 0o700) {
+            Ok(dir) => dir,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
+            Err(e) if swapped_in(&e) => return Err(replaced(dest)),
+            Err(e) => return Err(Error::io(dest, e)),
+        };
+        let owner = dir.stat().map_err(|e| Error::io(dest, e))?.st_uid;
+        if owner != rustix::process::geteuid().as_raw() {
+            return Err(replaced(dest));
         }
+        return Ok((work_name, dir));
     }
-    Err(io::Error::other("no free name for a work directory"))
+    Err(Error::io(
+        dest,
+        io::Error::other("no free name for a work directory"),
+    ))
+}
+
+/// Whether opening a name without following links met a link or something not a directory.
+fn swapped_in(e: &io::Error) -> bool {
+    let errno = e.raw_os_error().map(rustix::io::Errno::from_raw_os_error);
+    matches!(
+        errno,
+        Some(rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP)
+    )
+}
+
+/// The refusal when what the tree is written into, or renamed as, was replaced meanwhile.
+fn replaced(dest: &Path) -> Error {
+    refused(
+        dest,
+        "it was replaced while the tree was written (another user can write its parent); nothing was left there",
+    )
 }
 
 /// Renames the finished work directory onto `name` and checks that what is there now is it.
@@ -171,12 +200,7 @@ fn put_in_place(
     replaces_empty_dir: bool,
     dest: &Path,
 ) -> Result<()> {
-    let swapped = || {
-        refused(
-            dest,
-            "it was replaced while the tree was written (another user can write its parent); nothing was left there",
-        )
-    };
+    let swapped = || replaced(dest);
     if !parent.names(work_name, work).unwrap_or(false) {
         return Err(swapped());
     }

@@ -17,6 +17,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use zerocopy::{Immutable, IntoBytes};
+
 use super::core::Attr;
 use super::served::Served;
 use super::stats::Stats;
@@ -94,16 +96,33 @@ fn store_once_held(channel: &OwnedFd, ino: u64, bytes: &[u8]) -> io::Result<()> 
     }
 }
 
-/// Writes one `FUSE_NOTIFY_STORE` of `bytes` at offset 0 of inode `ino`: the 16-byte
-/// `fuse_out_header` (length, code, unique 0) and the 24-byte `fuse_notify_store_out` (node
-/// id, offset, size, padding), in the kernel's byte order, then the bytes, in one `writev`.
+/// `fuse_out_header` then `fuse_notify_store_out`, as the kernel reads them (its byte order).
+#[derive(IntoBytes, Immutable)]
+#[repr(C)]
+struct StoreHead {
+    len: u32,
+    code: i32,
+    unique: u64,
+    nodeid: u64,
+    offset: u64,
+    size: u32,
+    padding: u32,
+}
+
+/// Writes one `FUSE_NOTIFY_STORE` of `bytes` at offset 0 of inode `ino`, head and bytes in
+/// one `writev`.
 fn store(channel: &OwnedFd, ino: u64, bytes: &[u8]) -> io::Result<()> {
     let size = u32::try_from(bytes.len()).map_err(io::Error::other)?;
-    let mut head = [0u8; 40];
-    head[0..4].copy_from_slice(&(40 + size).to_ne_bytes());
-    head[4..8].copy_from_slice(&FUSE_NOTIFY_STORE.to_ne_bytes());
-    head[16..24].copy_from_slice(&ino.to_ne_bytes());
-    head[32..36].copy_from_slice(&size.to_ne_bytes());
-    rustix::io::writev(channel.as_fd(), &[IoSlice::new(&head), IoSlice::new(bytes)])?;
+    let head = StoreHead {
+        len: (std::mem::size_of::<StoreHead>() as u32) + size,
+        code: FUSE_NOTIFY_STORE,
+        unique: 0,
+        nodeid: ino,
+        offset: 0,
+        size,
+        padding: 0,
+    };
+    let parts = [IoSlice::new(head.as_bytes()), IoSlice::new(bytes)];
+    rustix::io::writev(channel.as_fd(), &parts)?;
     Ok(())
 }

@@ -77,7 +77,7 @@ impl FuseFs {
         self
     }
 
-    /// What needs the session's notifier once the session exists.
+    /// The prefill, to be given the session's `/dev/fuse` connection once the session exists.
     pub fn prefill(&self) -> Option<Arc<Prefill>> {
         self.prefill.clone()
     }

@@ -129,17 +129,22 @@ fn resident(path: &Path) -> u64 {
 /// A small file's bytes reach the kernel's page cache with its lookup, so that reading it
 /// after a `stat` sends no `read`; a file of 1 MiB or more (huge.txt), an empty
 /// one and a mount with `--no-prefill` are read as before. The bytes read are the image's.
+/// A walk that lists a directory of 300 files and `stat`s each (`find -printf %s`) prefills
+/// none of them.
 #[test]
 fn a_small_file_is_in_the_page_cache_from_its_lookup_and_read_with_no_request() {
     let registry = Registry::start();
     let small: String = (0..3_000).map(|i| format!("m{i:04}\n")).collect();
     let huge: String = (0..200_000).map(|i| format!("{i:06}\n")).collect();
     let json = |s: &str| serde_json::to_string(s).unwrap();
+    let walked: String = (0..300)
+        .map(|i| format!("\nf /walk/f{i:03}.js 644 \"x\""))
+        .collect();
     let (image, _) = push(
         &registry,
         "prefilled:1",
         &[&format!(
-            "d /lib 755\nf /lib/a.js 644 {}\nf /lib/b.js 644 \"module.exports = 1\\n\"\nf /lib/empty.js 644 \"\"\nf /lib/big.txt 644 {}\nf /lib/huge.txt 644 {}",
+            "d /lib 755\nf /lib/a.js 644 {}\nf /lib/b.js 644 \"module.exports = 1\\n\"\nf /lib/empty.js 644 \"\"\nf /lib/big.txt 644 {}\nf /lib/huge.txt 644 {}\nd /walk 755{walked}",
             json(&small),
             json(&big_content()),
             json(&huge)
@@ -175,12 +180,22 @@ fn a_small_file_is_in_the_page_cache_from_its_lookup_and_read_with_no_request() 
                     .unwrap();
                 assert_eq!(String::from_utf8(out.stdout).unwrap(), *content, "{name}");
             }
+            // `find -printf %s` lists, then `stat`s every entry.
+            let sizes = Command::new("find")
+                .arg(root.join("walk"))
+                .args(["-type", "f", "-printf", "%s\n"])
+                .output()
+                .unwrap();
+            assert_eq!(String::from_utf8(sizes.stdout).unwrap(), "1\n".repeat(300));
         }
     };
     let small_bytes = small.len() + "module.exports = 1\n".len() + big_content().len();
 
     let on = counted(&image, work, "prefilled", &[], stat_then_read(true));
-    assert_eq!(on["prefilled"], 3, "{on}");
+    assert_eq!(on["prefilled"], 3, "only the small files of lib: {on}");
+    // The walk did look entries up (the kernel lists a big directory partly without their
+    // attributes), so that it prefilled none is the listing's doing.
+    assert!(on["lookup"].as_u64().unwrap() > 50, "{on}");
     assert_eq!(on["prefilled_bytes"], small_bytes, "{on}");
     assert_eq!(on["read_bytes"], huge.len(), "only huge.txt read: {on}");
 

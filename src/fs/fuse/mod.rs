@@ -199,7 +199,7 @@ impl Filesystem for FuseFs {
             Ok(Some(attr)) => {
                 reply.entry(&TTL, &file_attr(&attr), Generation(0));
                 if let Some(prefill) = &self.prefill {
-                    prefill.after_lookup(&self.core, &attr, &self.stats);
+                    prefill.after_lookup(&self.core, parent.0, &attr, &self.stats);
                 }
             }
             Ok(None) => reply.entry(&TTL, &negative_entry(), Generation(0)),
@@ -301,6 +301,9 @@ impl Filesystem for FuseFs {
         mut reply: ReplyDirectory,
     ) {
         self.stats.count(Op::Readdir);
+        if let Some(prefill) = &self.prefill {
+            prefill.listed(ino.0);
+        }
         let listed = self.each_entry(ino.0, offset, |attr, next, name| {
             reply.add(INodeNo(attr.ino), next, file_type(attr.kind), name)
         });
@@ -319,6 +322,9 @@ impl Filesystem for FuseFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         self.stats.count(Op::Readdirplus);
+        if let Some(prefill) = &self.prefill {
+            prefill.listed(ino.0);
+        }
         let listed = self.each_entry(ino.0, offset, |attr, next, name| {
             let shown = file_attr(attr);
             let full = reply.add(INodeNo(attr.ino), next, name, &TTL, &shown, Generation(0));

@@ -21,7 +21,7 @@
 use std::collections::HashSet;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use zerocopy::{Immutable, IntoBytes};
@@ -34,9 +34,9 @@ use super::stats::Stats;
 /// which holds nearly every module of a `node_modules` tree. Node's first `require` of five big
 /// packages after `drop_caches`, medians of 9 runs interleaved with native's: 1.23× native
 /// without prefilling (520 reads), 1.13× with it (388 files prefilled, 277 reads left, all of
-/// files of 1 MiB or more); in a second such run, 1.14× and 1.09×. A first trial bounded at 128 KiB gained less than one at 1 MiB
-/// (1.12× against 1.10×, same run). The cost is a copy, and pages the kernel may reclaim, for
-/// a lookup that is never read (a `stat` by path).
+/// files of 1 MiB or more); in a second such run, 1.14× and 1.09×. A first trial bounded at
+/// 128 KiB gained less than one at 1 MiB (1.12× against 1.10×, same run). The cost is a copy,
+/// and pages the kernel may reclaim, for a lookup that is never read (a `stat` by path).
 pub const PREFILL_BELOW: u64 = super::content::PASSTHROUGH_MIN;
 
 /// `FUSE_NOTIFY_STORE`, from the kernel's `include/uapi/linux/fuse.h`: a notification (unique
@@ -54,23 +54,25 @@ const RETRY_WAITS: [Duration; 5] = [
     Duration::from_micros(2_000),
 ];
 
-/// The connection to the kernel that stored pages go through, set once the session exists:
-/// a second descriptor of the session's `/dev/fuse` connection. The notification is written
-/// here rather than through `fuser::Notifier::store`, which takes the kernel's `ENOENT` (no
-/// such inode yet) for success and so hides the one answer that calls for trying again.
-#[derive(Debug, Default)]
+/// Prefilling over one mount's connection to the kernel: a second descriptor of the session's
+/// `/dev/fuse` connection. The notification is written here rather than through
+/// `fuser::Notifier::store`, which takes the kernel's `ENOENT` (no such inode yet) for success
+/// and so hides the one answer that calls for trying again.
+#[derive(Debug)]
 pub struct Prefill {
-    channel: OnceLock<OwnedFd>,
+    channel: OwnedFd,
     /// The directories the kernel has listed (their inode numbers): at most one per directory
     /// of the tree.
     listed: Mutex<HashSet<u64>>,
 }
 
 impl Prefill {
-    /// Sends stored pages through `channel` from now on.
-    pub fn connect(&self, channel: OwnedFd) {
-        // A second connection of the same filesystem does not happen; the first one stays.
-        let _ = self.channel.set(channel);
+    /// Sends stored pages through `channel`, a descriptor of the mount's FUSE connection.
+    pub fn new(channel: OwnedFd) -> Self {
+        Prefill {
+            channel,
+            listed: Mutex::default(),
+        }
     }
 
     /// Notes that the kernel listed directory `ino`: lookups in it are a walk's, not prefilled.
@@ -83,16 +85,13 @@ impl Prefill {
     /// [`Served::prefill`]). A failure costs only the read it would have saved, and is logged
     /// at debug level.
     pub fn after_lookup(&self, core: &Served, parent: u64, attr: &Attr, stats: &Stats) {
-        let Some(channel) = self.channel.get() else {
-            return;
-        };
         if self.listed.lock().expect("not poisoned").contains(&parent) {
             return;
         }
         let Some(bytes) = core.prefill(attr, PREFILL_BELOW) else {
             return;
         };
-        match store_once_held(channel, attr.ino, &bytes) {
+        match store_once_held(&self.channel, attr.ino, &bytes) {
             Ok(()) => stats.prefilled(bytes.len()),
             Err(e) => tracing::debug!("prefilling inode {}: {e}", attr.ino),
         }

@@ -583,7 +583,8 @@ fn take(stream: UnixStream, state: &Arc<State>) -> io::Result<()> {
     )
     .map_err(io::Error::other)?;
     let fs = FuseFs::new(Served::ReadOnly(Box::new(core)), Default::default());
-    let session = session(fs, fd, state.threads, ask.allow_other)?;
+    // Hosted mounts are never `--no-prefill` (such a mount keeps a server of its own).
+    let session = session(fs, fd, state.threads, ask.allow_other, true)?;
     let registration = {
         let _using = state.cache.begin_use().map_err(io::Error::other)?;
         state

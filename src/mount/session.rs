@@ -11,6 +11,7 @@ use nix::unistd::Uid;
 
 use super::*;
 use crate::fs::fuse::FuseFs;
+use crate::fs::prefill::Prefill;
 use crate::fs::served::Served;
 
 /// How to mount.
@@ -68,12 +69,16 @@ pub fn serve(
     if let Some(work) = backing_work {
         fs = fs.with_passthrough(work.to_owned());
     }
-    if !request.prefill {
-        fs = fs.without_prefill();
-    }
     let mountpoint = request.mountpoint.path.clone();
     let fd = attach(request)?;
-    let session = session(fs, fd, request.threads, request.allow_other).map_err(|e| {
+    let session = session(
+        fs,
+        fd,
+        request.threads,
+        request.allow_other,
+        request.prefill,
+    )
+    .map_err(|e| {
         detach(&mountpoint);
         mount_failed(request, e)
     })?;
@@ -127,12 +132,14 @@ fn fixed_mmap_threshold() {
 }
 
 /// A fuser session serving `fs` on the FUSE connection `fd` with `threads` workers, answering
-/// only the mounting user unless `allow_other` (or root).
+/// only the mounting user unless `allow_other` (or root), prefilling small files over a second
+/// descriptor of `fd` if `prefill`.
 pub(super) fn session(
-    fs: FuseFs,
+    mut fs: FuseFs,
     fd: std::os::fd::OwnedFd,
     threads: usize,
     allow_other: bool,
+    prefill: bool,
 ) -> io::Result<Session<FuseFs>> {
     let mut config = Config::default();
     config.n_threads = Some(threads);
@@ -150,8 +157,8 @@ pub(super) fn session(
         SessionACL::Owner
     };
     config.acl = acl;
-    if let Some(prefill) = fs.prefill() {
-        prefill.connect(fd.try_clone()?);
+    if prefill {
+        fs = fs.with_prefill(Prefill::new(fd.try_clone()?));
     }
     Session::from_fd(fs, fd, acl, config)
 }

@@ -56,7 +56,7 @@ pub struct FuseFs {
     /// Where reads that may wait on the network run.
     waiting: Waiting,
     /// Hands small files' bytes to the kernel as they are looked up (unless `--no-prefill`).
-    prefill: Option<Arc<Prefill>>,
+    prefill: Option<Prefill>,
 }
 
 impl FuseFs {
@@ -67,19 +67,14 @@ impl FuseFs {
             stats,
             passthrough: None,
             waiting: Waiting::default(),
-            prefill: Some(Arc::default()),
+            prefill: None,
         }
     }
 
-    /// Leaves the kernel to ask for every file's bytes (`--no-prefill`).
-    pub fn without_prefill(mut self) -> Self {
-        self.prefill = None;
+    /// Hands small files' bytes to the kernel through `prefill` as they are looked up.
+    pub fn with_prefill(mut self, prefill: Prefill) -> Self {
+        self.prefill = Some(prefill);
         self
-    }
-
-    /// The prefill, to be given the session's `/dev/fuse` connection once the session exists.
-    pub fn prefill(&self) -> Option<Arc<Prefill>> {
-        self.prefill.clone()
     }
 
     /// Hands big files of a read-only mount to the kernel in passthrough, their backing files

@@ -58,10 +58,11 @@ test-packaging: release
 test-mount:
 	$(CARGO) test --features test-support --test mount
 
-# The cargo-fuzz targets compile with the stable toolchain; running them needs nightly:
+# The cargo-fuzz targets compile with the stable toolchain, into the main target/ so they
+# share its dependencies (fuzz/Cargo.toml has the same dev profile); running them needs nightly:
 #   cd fuzz && cargo +nightly fuzz run layer_index
 fuzz-build:
-	$(CARGO) build --manifest-path fuzz/Cargo.toml
+	$(CARGO) build --manifest-path fuzz/Cargo.toml --target-dir target
 
 # jkmount against native disk, skopeo+umoci, podman, fuse-overlayfs and ratarmount, side by
 # side in one run (root; installs the peers from Debian and PyPI); writes docs/benchmarks.md.

@@ -31,7 +31,8 @@ command -v cargo-deb >/dev/null 2>&1 || need_deb=true
 
 # The Node toolchain the writable mount tests run, pinned by tests/toolchain/package-lock.json
 # (installed from the npm registry here, in the set-up, so that the tests contact nothing).
-toolchain="$(cd "$(dirname "$0")/.." && pwd)/tests/toolchain"
+root="$(cd "$(dirname "$0")/.." && pwd)"
+toolchain="$root/tests/toolchain"
 toolchain_stamp="$(sha256sum "$toolchain/package-lock.json" | cut -d' ' -f1)"
 need_toolchain=false
 [ "$(cat "$toolchain/node_modules/.jkmount-stamp" 2>/dev/null)" = "$toolchain_stamp" ] || need_toolchain=true
@@ -43,6 +44,16 @@ $need_pip && lines+=("python3 -m pip install $pip_pkg")
 $need_deb && lines+=("cargo install --locked $cargo_deb")
 [ -e /dev/fuse ] || lines+=("modprobe fuse   # /dev/fuse is missing; the mount tests need it")
 $need_toolchain && lines+=("npm ci --ignore-scripts --no-audit --no-fund --prefix $toolchain")
+
+# Disk: a clean run grows target/ to about 2.4 GB, the fuzz targets included (docs/testing.md).
+# Say so now, in one line, rather than fail with ENOSPC twenty minutes in.
+need_mib=3072
+held_mib=$(du -sm "$root/target" 2>/dev/null | cut -f1 || true)
+free_mib=$(df -Pm "$root" | awk 'NR == 2 {print $4}')
+if [ $((free_mib + ${held_mib:-0})) -lt $need_mib ]; then
+  echo "make test needs about $need_mib MiB for $root/target: $free_mib MiB free there and target/ holds ${held_mib:-0} MiB; free some space first" >&2
+  exit 1
+fi
 
 if [ "${#lines[@]}" -eq 0 ]; then
   exit 0

@@ -48,7 +48,8 @@ $need_toolchain && lines+=("npm ci --ignore-scripts --no-audit --no-fund --prefi
 # Disk: a clean run grows target/ to about 2.4 GB, the fuzz targets included (docs/testing.md).
 # Say so now, in one line, rather than fail with ENOSPC twenty minutes in.
 need_mib=3072
-held_mib=$(du -sm "$root/target" 2>/dev/null | cut -f1 || true)
+# What earlier builds left counts as room (not target/bench, the benchmark's own trees).
+held_mib=$(du -smc "$root"/target/{debug,release,*-linux-*} 2>/dev/null | awk 'END {print $1}' || true)
 free_mib=$(df -Pm "$root" | awk 'NR == 2 {print $4}')
 if [ $((free_mib + ${held_mib:-0})) -lt $need_mib ]; then
   echo "make test needs about $need_mib MiB for $root/target: $free_mib MiB free there and target/ holds ${held_mib:-0} MiB; free some space first" >&2
